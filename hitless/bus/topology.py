@@ -1,0 +1,86 @@
+"""Every exchange, queue and binding of the bus, declared in this one module.
+
+    hitless.commands (topic)  gateway.<id>                 -> hitless.gateway.<id>  (one per gateway)
+    hitless.reports  (topic)  gateway.<id>.<kind>          -> hitless.controller.reports
+    hitless.events   (topic)  release.published | job.*   -> hitless.notifier.events
+    hitless.jobs     (topic)  any key                      -> hitless.controller.jobs
+    hitless.dlx      (fanout)                              -> hitless.dead
+
+Every queue dead-letters into hitless.dlx. A message a consumer cannot take is published
+there with its body untouched and the reason in the ``x-hitless-reason`` header.
+This module only describes; ``hitless.bus.amqp`` declares it on the broker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+REASON_HEADER = "x-hitless-reason"
+SOURCE_QUEUE_HEADER = "x-hitless-source-queue"
+
+
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    kind: str  # topic | fanout | direct
+
+
+@dataclass(frozen=True)
+class Binding:
+    exchange: Exchange
+    routing_key: str
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    bindings: tuple[Binding, ...] = ()
+    arguments: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+
+COMMANDS = Exchange("hitless.commands", "topic")
+REPORTS = Exchange("hitless.reports", "topic")
+EVENTS = Exchange("hitless.events", "topic")
+JOBS = Exchange("hitless.jobs", "topic")
+DLX = Exchange("hitless.dlx", "fanout")
+
+EXCHANGES = (COMMANDS, REPORTS, EVENTS, JOBS, DLX)
+
+_DEAD_LETTERED = {"x-dead-letter-exchange": DLX.name}
+
+DEAD_LETTERS = Queue("hitless.dead", (Binding(DLX, ""),))
+CONTROLLER_REPORTS = Queue("hitless.controller.reports", (Binding(REPORTS, "#"),), _DEAD_LETTERED)
+CONTROLLER_JOBS = Queue("hitless.controller.jobs", (Binding(JOBS, "#"),), _DEAD_LETTERED)
+NOTIFIER_EVENTS = Queue("hitless.notifier.events", (Binding(EVENTS, "#"),), _DEAD_LETTERED)
+
+# Report kinds, the last part of a report's routing key.
+STATUS = "status"
+HELLO = "hello"
+HEARTBEAT = "heartbeat"
+
+# Event routing keys.
+RELEASE_PUBLISHED = "release.published"
+JOB_FINISHED = "job.finished"
+JOB_REJECTED = "job.rejected"
+
+
+def command_key(gateway_id: str) -> str:
+    return f"gateway.{gateway_id}"
+
+
+def report_key(gateway_id: str, kind: str) -> str:
+    return f"gateway.{gateway_id}.{kind}"
+
+
+def gateway_queue(gateway_id: str) -> Queue:
+    """The durable command queue of one gateway; it exists before the gateway first runs
+    once the controller knows of it, so commands wait there while the gateway is away."""
+    return Queue(
+        f"hitless.gateway.{gateway_id}",
+        (Binding(COMMANDS, command_key(gateway_id)),),
+        _DEAD_LETTERED,
+    )
+
+
+BASE_QUEUES = (DEAD_LETTERS,)

@@ -1,0 +1,44 @@
+"""Logging for every hitless process: structlog, one line per meaningful event.
+
+Services log JSON to stderr; a terminal gets readable key=value lines. Bind context
+(``gateway_id``, ``job_id``) with ``log.bind(...)`` where it is known.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+
+def configure(service: str, *, json: bool | None = None, level: str = "INFO") -> None:
+    """Set up structlog for this process. ``json=None`` picks JSON unless stderr is a tty."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+    # pika and grpc log through the standard library; keep their warnings only.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
+
+
+def get(name: str) -> structlog.stdlib.BoundLogger:
+    logger: structlog.stdlib.BoundLogger = structlog.get_logger(name)
+    return logger

@@ -1,0 +1,79 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from hitless.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class UpgradeCommand(_message.Message):
+    __slots__ = ("command_id", "job_id", "gateway_id", "target_version", "artifact_sha256", "artifact_size", "deadline")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    job_id: str
+    gateway_id: str
+    target_version: str
+    artifact_sha256: str
+    artifact_size: int
+    deadline: _timestamp_pb2.Timestamp
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., target_version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class StatusReport(_message.Message):
+    __slots__ = ("report_id", "command_id", "job_id", "gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "at")
+    REPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    report_id: str
+    command_id: str
+    job_id: str
+    gateway_id: str
+    state: _common_pb2.GatewayJobState
+    from_version: str
+    to_version: str
+    error: str
+    bytes_done: int
+    bytes_total: int
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, report_id: _Optional[str] = ..., command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GatewayHello(_message.Message):
+    __slots__ = ("gateway_id", "version", "pid", "listen", "at")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    LISTEN_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    version: str
+    pid: int
+    listen: _containers.RepeatedScalarFieldContainer[str]
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., listen: _Optional[_Iterable[str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GatewayHeartbeat(_message.Message):
+    __slots__ = ("gateway_id", "version", "at")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    version: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,63 @@
+"""Fixtures shared by the whole suite: a throwaway RabbitMQ vhost and PostgreSQL database
+per test, and the path of the project's interpreter for spawning real processes."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from hitless.config import BusConfig
+from tests.support.rabbit import Management, amqp_url
+
+IN_CI = os.environ.get("CI") == "true"
+PG_ADMIN_URL = os.environ.get("HITLESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(scope="session")
+def rabbit() -> Management:
+    mgmt = Management()
+    if not mgmt.available():
+        pytest.fail(
+            "RabbitMQ's management API does not answer on 127.0.0.1:15672: start the broker "
+            "(rabbitmq-server -detached) and enable the plugin "
+            "(rabbitmq-plugins enable rabbitmq_management)"
+        )
+    return mgmt
+
+
+@pytest.fixture
+def vhost(rabbit: Management) -> Iterator[str]:
+    """A vhost of this test's own, deleted afterwards with everything in it."""
+    name = f"hitless-test-{uuid.uuid4().hex[:12]}"
+    rabbit.create_vhost(name)
+    try:
+        yield name
+    finally:
+        rabbit.delete_vhost(name)
+
+
+@pytest.fixture
+def bus(vhost: str) -> BusConfig:
+    return BusConfig(amqp_url(vhost))
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test, dropped afterwards."""
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI and does not answer: {exc}")
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
+    name = f"hitless_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
