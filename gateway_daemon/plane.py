@@ -1,0 +1,63 @@
+"""What the handoff needs from a gateway's data plane, whatever it carries.
+
+The running version passes its sockets and state to the next version of itself
+(``gateway_daemon.handoff``). Any data plane that implements ``Plane`` can be handed off:
+
+    old process                               new process
+    -----------                               -----------
+    sockets(), describe(), snapshot()  --->   Plane.adopt(description, sockets, snapshot)
+                                              (loaded and checked, not serving yet)
+                                       <---   ready
+    pause(); final_state()             --->   start(final_state)   (serving from here)
+    close()                                   ...
+
+``resume()`` undoes ``pause()`` on the old side when the new process fails before it
+starts serving (rollback). Between ``pause()`` in the old process and ``start()`` in the
+new one nobody reads or sends: packets wait in the kernel's buffers of the shared
+sockets, and no two processes ever send under the same key and counter.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Protocol
+
+
+class Plane(Protocol):
+    def sockets(self) -> list[socket.socket]:
+        """Every socket to pass, in the order ``describe()`` names them."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description of ``sockets()`` (roles, addresses), sent with them."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """State the new process may load before cutover (keys, routes) while this one
+        goes on serving."""
+        ...
+
+    def pause(self) -> None:
+        """Stop reading and sending; return once no thread touches the sockets."""
+        ...
+
+    def final_state(self) -> bytes:
+        """After pause(): what changed since snapshot() (counters, replay windows,
+        partly read records)."""
+        ...
+
+    def resume(self) -> None:
+        """Undo pause(): the handoff was abandoned and this process goes on serving."""
+        ...
+
+    def start(self, final_state: bytes) -> None:
+        """New process: apply the final state and begin serving."""
+        ...
+
+    def close(self) -> None:
+        """Stop for good and close every socket of this process's copy."""
+        ...
+
+    def endpoints(self) -> list[str]:
+        """The addresses served, for the gateway's hello message."""
+        ...
