@@ -1,0 +1,126 @@
+"""Release artifacts built for real, and run for real in fresh interpreters."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from hitless.errors import ConfigError
+from upgradectl.build import PACKAGES, build_release
+from upgradectl.cli import main
+from upgradectl.errors import ExitCode
+
+VERSION = "7.3.1"
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("release") / "hitless.pyz"
+    built = build_release(VERSION, path)
+    data = path.read_bytes()
+    assert built.size == len(data)
+    assert built.sha256 == hashlib.sha256(data).hexdigest()
+    return path
+
+
+def _python(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_artifact_holds_every_package_the_stamp_and_an_entry_point(artifact: Path) -> None:
+    with zipfile.ZipFile(artifact) as zf:
+        names = set(zf.namelist())
+        release = zf.read("hitless/RELEASE").decode()
+    for package in PACKAGES:
+        assert f"{package}/__init__.py" in names, f"{package} missing from {sorted(names)}"
+    assert "hitless/v1/controller_pb2.py" in names
+    assert "upgradectl/cli.py" in names
+    assert "__main__.py" in names
+    assert release.strip() == VERSION
+    compiled = [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    assert compiled == []
+
+
+def test_artifact_runs_upgradectl(artifact: Path, tmp_path: Path) -> None:
+    proc = _python(str(artifact), "upgradectl", "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: upgradectl" in proc.stdout
+    assert "releases" in proc.stdout
+
+
+def test_artifact_reports_its_version_and_rejects_unknown_commands(
+    artifact: Path, tmp_path: Path
+) -> None:
+    proc = _python(str(artifact), "--version", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout.strip()) == (0, VERSION), proc.stderr
+    proc = _python(str(artifact), "frobnicate", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "gateway-daemon" in proc.stderr
+
+
+def test_stamp_shadows_the_installed_package(artifact: Path, tmp_path: Path) -> None:
+    code = (
+        f"import sys; sys.path.insert(0, {str(artifact)!r}); "
+        "from hitless import version; print(version.current()); print(version.__file__)"
+    )
+    proc = _python("-c", code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    current, where = proc.stdout.split()
+    assert current == VERSION
+    assert where.startswith(str(artifact)), f"hitless.version came from {where}"
+
+
+def test_builds_are_reproducible_from_source_and_from_inside_a_release(
+    artifact: Path, tmp_path: Path
+) -> None:
+    again = tmp_path / "again.pyz"
+    build_release(VERSION, again)
+    assert again.read_bytes() == artifact.read_bytes()
+
+    # The release builds its successor from its own zipped code: same code, same bytes.
+    from_release = tmp_path / "from-release.pyz"
+    proc = _python(
+        str(artifact), "upgradectl", "releases", "build", "--version", VERSION,
+        "-o", str(from_release), cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert from_release.read_bytes() == artifact.read_bytes()
+
+
+def test_another_version_differs_only_in_its_stamp(artifact: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other.pyz"
+    build_release("7.4.0", other)
+    with zipfile.ZipFile(artifact) as a, zipfile.ZipFile(other) as b:
+        assert a.namelist() == b.namelist()
+        differing = [n for n in a.namelist() if a.read(n) != b.read(n)]
+    assert differing == ["hitless/RELEASE"]
+
+
+def test_bad_version_is_a_usage_error_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bad.pyz"
+    with pytest.raises(ConfigError):
+        build_release("1.2", out)
+    code = main(["releases", "build", "--version", "v1.2", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == ExitCode.USAGE
+    assert "upgradectl: error: invalid version 'v1.2': expected MAJOR.MINOR.PATCH" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_output_is_reported_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["releases", "build", "--version", VERSION, "-o", str(tmp_path / "no" / "x")])
+    err = capsys.readouterr().err
+    assert code == ExitCode.INTERNAL
+    assert err.startswith("upgradectl: error: cannot write ")
+    assert "Traceback" not in err

@@ -1,0 +1,484 @@
+"""The CLI and its gRPC client against a real gRPC server with canned answers.
+
+The servicer below stands in for controller_svc: it speaks the real protocol over a real
+socket, and aborts with the status codes the real controller uses, so what is tested is
+the client's translation, retries, resumption and the CLI's output and exit codes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from hitless.config import ENV_CONTROLLER
+from hitless.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from upgradectl.cli import main, run
+from upgradectl.client import CHUNK_SIZE, RetryPolicy
+from upgradectl.errors import ExitCode
+
+FAST_RETRY = RetryPolicy(budget_s=0.5, base_s=0.01, cap_s=0.05)
+T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+GS = common_pb2.GatewayJobState
+JS = common_pb2.JobState
+
+
+def _ts(seconds: int = 0) -> dict[str, int]:
+    return {"seconds": int(T0.timestamp()) + seconds}
+
+
+def _job(state: int, gw: Iterable[tuple[str, int, str]], job_id: str = "job-1") -> Any:
+    return controller_pb2.Job(
+        job_id=job_id,
+        state=state,
+        target_version="1.2.0",
+        created_at=_ts(),
+        source="cli",
+        gateways=[
+            controller_pb2.GatewayJob(
+                gateway_id=gid, state=s, from_version="1.1.0", to_version="1.2.0", error=e
+            )
+            for gid, s, e in gw
+        ],
+    )
+
+
+def _event(seq: int, gid: str = "", gstate: int = 0, jstate: int = 0, **kw: Any) -> Any:
+    return controller_pb2.JobEvent(
+        seq=seq, at=_ts(seq), gateway_id=gid, gateway_state=gstate, job_state=jstate, **kw
+    )
+
+
+@dataclass
+class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[misc]
+    """Canned answers, a record of what arrived, and failures on demand."""
+
+    started: Any = None
+    final: Any = None
+    events: list[Any] = field(default_factory=list)
+    # Per method: how many calls to answer with UNAVAILABLE before behaving.
+    unavailable: dict[str, int] = field(default_factory=dict)
+    # Cut the first WatchJob stream with UNAVAILABLE after this many events.
+    cut_watch_after: int | None = None
+    crash: bool = False
+    start_requests: list[Any] = field(default_factory=list)
+    watch_requests: list[Any] = field(default_factory=list)
+    job_requests: list[Any] = field(default_factory=list)
+    published: list[tuple[Any, bytes, int]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _maybe_unavailable(self, method: str, context: Any) -> None:
+        with self.lock:
+            left = self.unavailable.get(method, 0)
+            self.unavailable[method] = max(0, left - 1)
+        if left:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "controller is restarting")
+
+    def ListGateways(self, request: Any, context: Any) -> Any:
+        self._maybe_unavailable("ListGateways", context)
+        return controller_pb2.ListGatewaysResponse(
+            gateways=[
+                controller_pb2.Gateway(id="gw-1", version="1.1.0", state="ONLINE",
+                                       last_seen=_ts()),
+                controller_pb2.Gateway(id="gw-22", version="1.0.0", state="OFFLINE"),
+            ]
+        )
+
+    def ListReleases(self, request: Any, context: Any) -> Any:
+        if self.crash:
+            raise RuntimeError("database is on fire")  # grpc answers UNKNOWN
+        return controller_pb2.ListReleasesResponse(
+            releases=[
+                controller_pb2.Release(version="1.2.0", sha256="ab" * 32, size=3 * 2**20,
+                                       published_at=_ts(), notes="Faster rekeying.\nMore."),
+                controller_pb2.Release(version="1.1.0", sha256="cd" * 32, size=900,
+                                       published_at=_ts(-86400), notes=""),
+            ]
+        )
+
+    def PublishRelease(self, request_iterator: Iterator[Any], context: Any) -> Any:
+        first = next(request_iterator)
+        meta = first.metadata
+        data = bytearray()
+        biggest = 0
+        for req in request_iterator:
+            data += req.chunk
+            biggest = max(biggest, len(req.chunk))
+        self.published.append((meta, bytes(data), biggest))
+        if meta.version == "1.1.0":
+            context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                          "release 1.1.0 is already published with another digest")
+        return controller_pb2.Release(version=meta.version, sha256=hashlib.sha256(data).hexdigest(),
+                                      size=len(data), published_at=_ts(), notes=meta.notes)
+
+    def StartUpgrade(self, request: Any, context: Any) -> Any:
+        self.start_requests.append(request)
+        self._maybe_unavailable("StartUpgrade", context)
+        if request.WhichOneof("target") == "version" and request.version != "1.2.0":
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"unknown version {request.version}; available: 1.2.0, 1.1.0")
+        return self.started
+
+    def GetJob(self, request: Any, context: Any) -> Any:
+        self.job_requests.append(request)
+        if request.job_id not in ("", "job-1"):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id}")
+        return self.final if self.watch_requests or self.started is None else self.started
+
+    def WatchJob(self, request: Any, context: Any) -> Iterator[Any]:
+        with self.lock:
+            first_call = not self.watch_requests
+            self.watch_requests.append(request)
+        sent = 0
+        for event in self.events:
+            if event.seq <= request.after_seq:
+                continue
+            if first_call and self.cut_watch_after is not None and sent == self.cut_watch_after:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "controller is restarting")
+            yield event
+            sent += 1
+
+
+@pytest.fixture
+def fake() -> FakeController:
+    return FakeController()
+
+
+@pytest.fixture
+def addr(fake: FakeController) -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    controller_pb2_grpc.add_ControllerServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None).wait()
+
+
+def cli(addr: str, *args: str) -> tuple[int, str, str]:
+    """Run upgradectl's real entry point against ``addr``; exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    code = run(["--controller", addr, *args], env={}, out=out, err=err, retry=FAST_RETRY)
+    return code, out.getvalue(), err.getvalue()
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def _running_job(fake: FakeController, *, gw2_final: int, gw2_error: str = "") -> None:
+    fake.started = _job(JS.JOB_STATE_PENDING, [("gw-1", GS.GATEWAY_JOB_STATE_QUEUED, ""),
+                                              ("gw-2", GS.GATEWAY_JOB_STATE_QUEUED, "")])
+    job_final = JS.JOB_STATE_SUCCEEDED if gw2_final == GS.GATEWAY_JOB_STATE_SUCCEEDED \
+        else JS.JOB_STATE_PARTIAL
+    fake.final = _job(job_final, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
+                                  ("gw-2", gw2_final, gw2_error)])
+    fake.events = [
+        _event(1, jstate=JS.JOB_STATE_RUNNING),
+        _event(2, "gw-1", GS.GATEWAY_JOB_STATE_DOWNLOADING, bytes_done=50, bytes_total=100),
+        _event(3, "gw-2", GS.GATEWAY_JOB_STATE_DOWNLOADING, bytes_done=100, bytes_total=100),
+        _event(4, "gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED),
+        _event(5, "gw-2", gw2_final, error=gw2_error),
+        _event(6, jstate=job_final),
+    ]
+
+
+def test_gateways_list_json_shape(addr: str) -> None:
+    code, out, err = cli(addr, "gateways", "list", "--json")
+    assert (code, err) == (ExitCode.OK, "")
+    assert json.loads(out) == [
+        {"id": "gw-1", "version": "1.1.0", "state": "ONLINE", "last_seen": "2025-03-01T12:00:00Z"},
+        {"id": "gw-22", "version": "1.0.0", "state": "OFFLINE", "last_seen": None},
+    ]
+
+
+def test_gateways_list_table(addr: str) -> None:
+    code, out, _ = cli(addr, "gateways", "list")
+    lines = out.splitlines()
+    assert code == ExitCode.OK
+    assert lines[0] == "ID     VERSION  STATE    LAST SEEN"
+    assert lines[1].startswith("gw-1   1.1.0    ONLINE   ") and lines[1].endswith(" ago")
+    assert lines[2] == "gw-22  1.0.0    OFFLINE  never"
+
+
+def test_releases_list_json_and_table(addr: str) -> None:
+    code, out, _ = cli(addr, "releases", "list", "--json")
+    assert code == ExitCode.OK
+    assert json.loads(out)[0] == {
+        "version": "1.2.0", "sha256": "ab" * 32, "size": 3 * 2**20,
+        "published_at": "2025-03-01T12:00:00Z", "notes": "Faster rekeying.\nMore.",
+    }
+    assert [r["version"] for r in json.loads(out)] == ["1.2.0", "1.1.0"]
+    code, out, _ = cli(addr, "releases", "list")
+    assert [line.split()[:3] for line in out.splitlines()[1:]] == [
+        ["1.2.0", "3.0", "MiB"], ["1.1.0", "900", "B"]
+    ]
+    assert out.splitlines()[1].endswith("Faster rekeying.")
+
+
+def test_unknown_version_is_rejected_with_the_servers_words(
+    addr: str, fake: FakeController
+) -> None:
+    code, out, err = cli(addr, "upgrade", "--version", "9.9.9", "--yes")
+    assert code == ExitCode.REJECTED
+    assert out == ""
+    assert err == "upgradectl: error: unknown version 9.9.9; available: 1.2.0, 1.1.0\n"
+
+
+def test_upgrade_json_without_waiting(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    code, out, _ = cli(addr, "upgrade", "--latest", "--gateways", "gw-1, gw-2,", "--json")
+    assert code == ExitCode.OK
+    assert json.loads(out) == {
+        "job_id": "job-1", "target_version": "1.2.0", "state": "PENDING",
+        "gateways": [
+            {"id": g, "state": "QUEUED", "from_version": "1.1.0", "to_version": "1.2.0",
+             "error": None}
+            for g in ("gw-1", "gw-2")
+        ],
+    }
+    (request,) = fake.start_requests
+    assert request.WhichOneof("target") == "latest" and request.latest
+    assert list(request.gateway_ids) == ["gw-1", "gw-2"]
+    assert uuid.UUID(request.request_id).version == 4
+    assert fake.watch_requests == []
+
+
+def test_upgrade_wait_exits_zero_when_every_gateway_succeeded(
+    addr: str, fake: FakeController
+) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    code, out, err = cli(addr, "upgrade", "--version", "1.2.0", "--wait", "--json")
+    assert (code, err) == (ExitCode.OK, "")
+    data = json.loads(out)
+    assert data["state"] == "SUCCEEDED"
+    assert [g["state"] for g in data["gateways"]] == ["SUCCEEDED", "SUCCEEDED"]
+    assert [(r.job_id, r.after_seq) for r in fake.watch_requests] == [("job-1", 0)]
+    assert [r.job_id for r in fake.job_requests] == ["job-1"]
+
+
+def test_upgrade_wait_exits_one_when_a_gateway_failed(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_FAILED, gw2_error="sha256 mismatch")
+    code, out, err = cli(addr, "upgrade", "--latest", "--wait", "--json")
+    assert code == ExitCode.JOB_NOT_SUCCEEDED
+    data = json.loads(out)
+    assert data["state"] == "PARTIAL"
+    assert data["gateways"][1] == {"id": "gw-2", "state": "FAILED", "from_version": "1.1.0",
+                                   "to_version": "1.2.0", "error": "sha256 mismatch"}
+    assert err == (
+        "upgradectl: error: job job-1 ended PARTIAL: gw-2 FAILED (sha256 mismatch); "
+        "see upgradectl status job-1\n"
+    )
+
+
+def test_upgrade_wait_for_people_prints_one_line_per_event(
+    addr: str, fake: FakeController
+) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    code, out, _ = cli(addr, "upgrade", "--latest", "--wait")
+    assert code == ExitCode.OK
+    lines = out.splitlines()
+    assert lines[0] == "watching job job-1 (target 1.2.0, PENDING)"
+    assert lines[1:7] == [
+        "12:00:01  job RUNNING",
+        "12:00:02  gw-1  DOWNLOADING  50% of 100 B",
+        "12:00:03  gw-2  DOWNLOADING  100% of 100 B",
+        "12:00:04  gw-1  SUCCEEDED",
+        "12:00:05  gw-2  SUCCEEDED",
+        "12:00:06  job SUCCEEDED",
+    ]
+    assert lines[7] == "job job-1  target 1.2.0  SUCCEEDED  (2/2 gateways succeeded)"
+    assert "\x1b" not in out
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_status_watch_on_a_terminal_redraws_the_table(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    out, err = _Terminal(), io.StringIO()
+    code = run(["--controller", addr, "status", "--watch"], env={}, out=out, err=err,
+               retry=FAST_RETRY)
+    assert (code, err.getvalue()) == (ExitCode.OK, "")
+    frames = out.getvalue().split("\x1b[J")
+    # A first frame, one per event, and the final picture; each after moving up 4 lines.
+    assert len(frames) == 1 + 1 + len(fake.events) + 1
+    assert all(frame.endswith("\x1b[4F") for frame in frames[2:-1])
+    assert frames[-1].startswith("job job-1  target 1.2.0  SUCCEEDED  (2/2")
+    assert "50%" in frames[3]
+
+
+def test_status_without_job_shows_the_most_recent(addr: str, fake: FakeController) -> None:
+    fake.final = _job(JS.JOB_STATE_FAILED, [("gw-1", GS.GATEWAY_JOB_STATE_ROLLED_BACK,
+                                             "new version missed its ready deadline")])
+    code, out, _ = cli(addr, "status", "--json")
+    assert code == ExitCode.OK  # a query: the job's outcome is in the output, not the code
+    assert list(json.loads(out)) == ["job_id", "state", "target_version", "gateways"]
+    assert json.loads(out)["gateways"][0]["state"] == "ROLLED_BACK"
+    assert [r.job_id for r in fake.job_requests] == [""]
+
+    code, out, _ = cli(addr, "status")
+    assert out.splitlines()[0] == "job job-1  target 1.2.0  FAILED  (0/1 gateways succeeded)"
+    assert out.splitlines()[2].endswith("new version missed its ready deadline")
+
+
+def test_status_of_an_unknown_job_is_rejected(addr: str) -> None:
+    code, _, err = cli(addr, "status", "nope")
+    assert (code, err) == (ExitCode.REJECTED, "upgradectl: error: no job nope\n")
+
+
+def test_watch_cut_by_unavailable_resumes_after_the_last_event(
+    addr: str, fake: FakeController
+) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.cut_watch_after = 3
+    fake.final = _job(JS.JOB_STATE_SUCCEEDED, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
+                                               ("gw-2", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])
+    code, out, err = cli(addr, "upgrade", "--latest", "--wait")
+    assert (code, err) == (ExitCode.OK, "")
+    assert [r.after_seq for r in fake.watch_requests] == [0, 3]
+    event_lines = [line for line in out.splitlines() if line.startswith("12:00:")]
+    assert [line.split()[0] for line in event_lines] == [f"12:00:0{i}" for i in range(1, 7)]
+
+
+def test_status_watch_of_a_finished_job_does_not_watch(addr: str, fake: FakeController) -> None:
+    fake.final = _job(JS.JOB_STATE_SUCCEEDED, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])
+    code, out, _ = cli(addr, "status", "job-1", "--watch", "--json")
+    assert code == ExitCode.OK
+    assert json.loads(out)["state"] == "SUCCEEDED"
+    assert fake.watch_requests == []
+
+
+def test_start_upgrade_retries_unavailable_with_the_same_request_id(
+    addr: str, fake: FakeController
+) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.unavailable["StartUpgrade"] = 2
+    code, _, err = cli(addr, "upgrade", "--latest", "--json")
+    assert (code, err) == (ExitCode.OK, "")
+    ids = {r.request_id for r in fake.start_requests}
+    assert len(fake.start_requests) == 3 and len(ids) == 1
+
+
+def test_unavailable_beyond_the_retry_budget_is_unreachable(
+    addr: str, fake: FakeController
+) -> None:
+    fake.unavailable["ListGateways"] = 1000
+    code, _, err = cli(addr, "gateways", "list")
+    assert code == ExitCode.UNREACHABLE
+    assert f"cannot reach the controller at {addr}: controller is restarting;" in err
+
+
+def test_publish_streams_the_file_in_chunks_with_its_digest(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    artifact = tmp_path / "hitless.pyz"
+    payload = os.urandom(2 * CHUNK_SIZE + 12345)
+    artifact.write_bytes(payload)
+    notes = tmp_path / "NOTES"
+    notes.write_text("Restarts the VPN service.\n", encoding="utf-8")
+    code, out, err = cli(addr, "releases", "publish", "--version", "1.3.0",
+                         "--artifact", str(artifact), "--notes", str(notes))
+    assert (code, err) == (ExitCode.OK, "")
+    ((meta, received, biggest),) = fake.published
+    assert received == payload
+    assert biggest == CHUNK_SIZE
+    assert (meta.version, meta.notes) == ("1.3.0", "Restarts the VPN service.\n")
+    assert (meta.sha256, meta.size) == (hashlib.sha256(payload).hexdigest(), len(payload))
+    assert out == f"published 1.3.0: 524.1 KiB, sha256 {meta.sha256}\n"
+
+
+def test_publish_refused_and_missing_artifact(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    artifact = tmp_path / "a.pyz"
+    artifact.write_bytes(b"zip")
+    code, _, err = cli(addr, "releases", "publish", "--version", "1.1.0",
+                       "--artifact", str(artifact))
+    assert code == ExitCode.REJECTED
+    assert err == "upgradectl: error: release 1.1.0 is already published with another digest\n"
+    code, _, err = cli(addr, "releases", "publish", "--version", "1.1.0",
+                       "--artifact", str(tmp_path / "missing.pyz"))
+    assert code == ExitCode.USAGE
+    assert "no artifact at" in err
+    assert len(fake.published) == 1
+
+
+def test_controller_failure_is_internal(addr: str, fake: FakeController) -> None:
+    fake.crash = True
+    code, _, err = cli(addr, "releases", "list")
+    assert code == ExitCode.INTERNAL
+    assert err.startswith(f"upgradectl: error: the controller failed on ListReleases at {addr}: ")
+
+
+def test_no_controller_listening_is_unreachable_with_a_hint() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    port = closed_port()
+    # The address comes from the environment when --controller is absent.
+    code = run(["gateways", "list"], env={ENV_CONTROLLER: f"127.0.0.1:{port}"},
+               out=out, err=err, retry=FAST_RETRY)
+    assert code == ExitCode.UNREACHABLE
+    message = err.getvalue()
+    assert message.startswith(
+        f"upgradectl: error: cannot reach the controller at 127.0.0.1:{port}: "
+    )
+    assert message.endswith(
+        "; is controller-svc running? (set --controller or HITLESS_CONTROLLER)\n"
+    )
+
+
+def test_main_reads_the_environment(
+    addr: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(ENV_CONTROLLER, addr)
+    assert main(["gateways", "list", "--json"]) == ExitCode.OK
+    assert [g["id"] for g in json.loads(capsys.readouterr().out)] == ["gw-1", "gw-22"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--controller", "nohost", "gateways", "list"], "invalid controller address 'nohost'"),
+        (["upgrade", "--gateways", "gw-1"], "one of the arguments --latest --version is required"),
+        (["upgrade", "--latest", "--version", "1.2.0"], "not allowed with argument"),
+        (["upgrade", "--latest", "--gateways", " , "], "--gateways needs at least one gateway id"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_usage_errors(args: list[str], expected: str) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(args, env={}, out=out, err=err, retry=FAST_RETRY)
+    assert code == ExitCode.USAGE
+    assert expected in err.getvalue()
+    assert "upgradectl: error: " in err.getvalue()
+
+
+def test_python_dash_m_runs_the_cli_without_tracebacks(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "upgradectl", "--controller", "bad", "status"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert proc.returncode == ExitCode.USAGE
+    assert proc.stderr.startswith("upgradectl: error: invalid controller address 'bad'")
+    assert "Traceback" not in proc.stderr

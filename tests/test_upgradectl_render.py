@@ -1,0 +1,124 @@
+"""The shapes people see, from plain data."""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime, timedelta
+
+from upgradectl import render
+from upgradectl.model import GatewayInfo, GatewayProgress, JobEvent, JobView, ReleaseInfo
+
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def _job(state: str = "RUNNING", gw2: str = "QUEUED") -> JobView:
+    return JobView(
+        job_id="j-1",
+        state=state,
+        target_version="1.2.0",
+        gateways=(
+            GatewayProgress("gw-1", "DOWNLOADING", "1.1.0", "1.2.0", "", 512, 2048),
+            GatewayProgress("gw-22", gw2, "1.1.0", "1.2.0"),
+        ),
+    )
+
+
+def test_table_aligns_columns_without_trailing_space() -> None:
+    lines = render.table(["ID", "STATE"], [["gw-1", "ONLINE"], ["gateway-22", ""]])
+    assert lines == ["ID          STATE", "gw-1        ONLINE", "gateway-22"]
+
+
+def test_human_sizes() -> None:
+    assert render.human_size(0) == "0 B"
+    assert render.human_size(1023) == "1023 B"
+    assert render.human_size(1536) == "1.5 KiB"
+    assert render.human_size(5 * 1024 * 1024) == "5.0 MiB"
+    assert render.human_size(3 * 1024**4) == "3.0 TiB"
+
+
+def test_relative_times() -> None:
+    assert render.ago(None, NOW) == "never"
+    assert render.ago(NOW - timedelta(seconds=12), NOW) == "12s ago"
+    assert render.ago(NOW - timedelta(minutes=5, seconds=3), NOW) == "5m ago"
+    assert render.ago(NOW - timedelta(hours=3), NOW) == "3h ago"
+    assert render.ago(NOW - timedelta(days=2, hours=1), NOW) == "2d ago"
+    assert render.ago(NOW + timedelta(seconds=2), NOW) == "just now"
+
+
+def test_gateways_and_releases_tables() -> None:
+    gws = [GatewayInfo("gw-1", "1.1.0", "ONLINE", NOW - timedelta(seconds=4))]
+    assert render.gateways_table(gws, NOW) == [
+        "ID    VERSION  STATE   LAST SEEN",
+        "gw-1  1.1.0    ONLINE  4s ago",
+    ]
+    assert render.gateways_table([], NOW) == ["no gateways known to the controller yet"]
+    notes = "Restarts the VPN service. " + "x" * 80 + "\nsecond line"
+    rels = [ReleaseInfo("1.2.0", "ab" * 32, 3 * 1024 * 1024, NOW, notes)]
+    header, row = render.releases_table(rels)
+    assert header.split() == ["VERSION", "SIZE", "PUBLISHED", "SHA256", "NOTES"]
+    assert row.startswith("1.2.0    3.0 MiB  2025-03-01 12:00 UTC  abababababab  Restarts the VPN")
+    assert row.endswith("…") and len(row.split("  ")[-1]) == render.NOTES_WIDTH
+
+
+def test_job_lines_show_progress_and_errors() -> None:
+    job = _job(gw2="FAILED")
+    failed = GatewayProgress("gw-22", "FAILED", "1.1.0", "1.2.0", "disk full")
+    job = JobView(job.job_id, job.state, job.target_version, (job.gateways[0], failed))
+    lines = render.job_lines(job)
+    assert lines[0] == "job j-1  target 1.2.0  RUNNING  (0/2 gateways succeeded)"
+    assert lines[1].split() == ["GATEWAY", "STATE", "FROM", "TO", "PROGRESS", "ERROR"]
+    assert lines[2].split() == ["gw-1", "DOWNLOADING", "1.1.0", "1.2.0", "25%"]
+    assert lines[3].split()[:4] == ["gw-22", "FAILED", "1.1.0", "1.2.0"]
+    assert lines[3].endswith("disk full")
+
+
+def test_event_lines() -> None:
+    at = NOW + timedelta(seconds=7)
+    dl = JobEvent(3, at, "gw-1", "DOWNLOADING", "", "", 1024 * 1024, 4 * 1024 * 1024)
+    assert render.event_line(dl) == "12:00:07  gw-1  DOWNLOADING  25% of 4.0 MiB"
+    failed = JobEvent(4, at, "gw-2", "ROLLED_BACK", "", "missed its deadline")
+    assert render.event_line(failed) == "12:00:07  gw-2  ROLLED_BACK  missed its deadline"
+    done = JobEvent(5, at, "", "", "PARTIAL")
+    assert render.event_line(done) == "12:00:07  job PARTIAL"
+
+
+def test_apply_event_moves_one_gateway_and_the_job() -> None:
+    job = _job()
+    job = job.apply(JobEvent(1, NOW, "gw-22", "DOWNLOADING", "", "", 10, 100))
+    assert [g.state for g in job.gateways] == ["DOWNLOADING", "DOWNLOADING"]
+    assert render.progress(job.gateways[1]) == "10%"
+    job = job.apply(JobEvent(2, NOW, "", "", "FAILED"))
+    assert job.state == "FAILED" and job.finished and not job.succeeded
+
+
+def test_live_display_redraws_in_place_on_a_terminal() -> None:
+    out = io.StringIO()
+    display = render.LiveDisplay(out, tty=True)
+    job = _job()
+    display.start(job)
+    first = out.getvalue()
+    assert first == "\x1b[J" + "".join(f"{line}\n" for line in render.job_lines(job))
+    job = job.apply(JobEvent(1, NOW, "gw-22", "SWAPPING", ""))
+    display.update(job, JobEvent(1, NOW, "gw-22", "SWAPPING", ""))
+    second = out.getvalue()[len(first):]
+    # Up over the four lines drawn before, clear, draw again.
+    assert second.startswith("\x1b[4F\x1b[J")
+    assert ["gw-22", "SWAPPING", "1.1.0", "1.2.0"] in [line.split() for line in second.splitlines()]
+
+
+def test_live_display_writes_one_line_per_event_elsewhere() -> None:
+    out = io.StringIO()
+    display = render.LiveDisplay(out, tty=False)
+    job = _job()
+    display.start(job)
+    for seq, state in enumerate(["DOWNLOADING", "VERIFYING"], start=1):
+        event = JobEvent(seq, NOW, "gw-22", state, "")
+        job = job.apply(event)
+        display.update(job, event)
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "watching job j-1 (target 1.2.0, RUNNING)",
+        "12:00:00  gw-22  DOWNLOADING",
+        "12:00:00  gw-22  VERIFYING",
+    ]
+    assert "\x1b" not in out.getvalue()

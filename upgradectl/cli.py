@@ -1,0 +1,308 @@
+"""``upgradectl``: the operator's command line over the controller's gRPC API.
+
+    upgradectl [--controller HOST:PORT] gateways list [--json]
+    upgradectl releases list [--json]
+    upgradectl releases build --version V -o FILE
+    upgradectl releases publish --version V --artifact FILE [--notes FILE]
+    upgradectl upgrade (--latest | --version V) [--gateways ID,...] [--wait] [--yes] [--json]
+    upgradectl status [JOB] [--watch] [--json]
+
+The controller is ``--controller``, else ``$HITLESS_CONTROLLER``, else 127.0.0.1:50051;
+this module is the only place that reads flags and the environment. Expected failures print
+``upgradectl: error: <message>`` and exit with a code named in ``upgradectl.errors.ExitCode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
+from hitless.errors import HitlessError
+from upgradectl import render
+from upgradectl.build import build_release
+from upgradectl.client import ControllerClient, RetryPolicy
+from upgradectl.errors import ExitCode, JobNotSucceeded, UsageError, exit_code_for
+from upgradectl.model import JobView
+
+PROG = "upgradectl"
+CALL_TIMEOUT_S = 10.0
+
+
+class _ArgumentError(Exception):
+    """argparse's complaint, raised instead of exiting so ``main`` stays in control."""
+
+    def __init__(self, usage: str, message: str) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _ArgumentError(self.format_usage(), message)
+
+
+@dataclass
+class _Context:
+    """What a command needs from outside: where to write and how to reach the controller."""
+
+    args: argparse.Namespace
+    out: TextIO
+    connect: Callable[[], ControllerClient]
+
+    def emit_json(self, data: Any) -> None:
+        self.out.write(json.dumps(data, indent=2) + "\n")
+
+    def emit_lines(self, lines: Sequence[str]) -> None:
+        self.out.write("".join(f"{line}\n" for line in lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``upgradectl`` with ``argv`` (default: the process's arguments); the exit code."""
+    return run(argv)
+
+
+def run(
+    argv: Sequence[str] | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    retry: RetryPolicy | None = None,
+) -> int:
+    """``main`` with its surroundings passed in, for tests and embedding."""
+    env = os.environ if env is None else env
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except _ArgumentError as exc:
+        err.write(exc.usage)
+        err.write(f"{PROG}: error: {exc.message}\n")
+        return ExitCode.USAGE
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+
+    try:
+        controller = HostPort.parse(
+            args.controller or env.get(ENV_CONTROLLER) or DEFAULT_CONTROLLER,
+            what="controller address",
+        )
+
+        def connect() -> ControllerClient:
+            return ControllerClient(controller, CALL_TIMEOUT_S, retry=retry)
+
+        handler: Callable[[_Context], ExitCode] = args.handler
+        return int(handler(_Context(args, out, connect)))
+    except HitlessError as exc:
+        out.flush()
+        err.write(f"{PROG}: error: {exc}\n")
+        return exit_code_for(exc)
+    except KeyboardInterrupt:
+        # Jobs run in the controller: stopping the watch stops nothing else.
+        err.write(f"\n{PROG}: interrupted; jobs already started go on in the controller\n")
+        return ExitCode.INTERRUPTED
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(prog=PROG, description="Hitless software upgrades for a gateway fleet.")
+    parser.add_argument(
+        "--controller",
+        metavar="HOST:PORT",
+        help=f"the controller's gRPC address (default: ${ENV_CONTROLLER}, "
+        f"else {DEFAULT_CONTROLLER})",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gateways = commands.add_parser("gateways", help="the gateways the controller knows")
+    gateways_sub = gateways.add_subparsers(dest="action", required=True, metavar="ACTION")
+    gw_list = gateways_sub.add_parser("list", help="list gateways, their versions and state")
+    gw_list.add_argument("--json", action="store_true", help="print JSON for machines")
+    gw_list.set_defaults(handler=_gateways_list)
+
+    releases = commands.add_parser("releases", help="release artifacts")
+    releases_sub = releases.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rel_list = releases_sub.add_parser("list", help="list published releases, newest first")
+    rel_list.add_argument("--json", action="store_true", help="print JSON for machines")
+    rel_list.set_defaults(handler=_releases_list)
+    rel_build = releases_sub.add_parser(
+        "build", help="build a release artifact from the running code"
+    )
+    rel_build.add_argument("--version", required=True, help="the release version, e.g. 1.4.0")
+    rel_build.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    rel_build.set_defaults(handler=_releases_build)
+    rel_pub = releases_sub.add_parser("publish", help="upload a release artifact")
+    rel_pub.add_argument("--version", required=True, help="the release version, e.g. 1.4.0")
+    rel_pub.add_argument("--artifact", required=True, type=Path, metavar="FILE")
+    rel_pub.add_argument("--notes", type=Path, metavar="FILE", help="release notes, as text")
+    rel_pub.set_defaults(handler=_releases_publish)
+
+    upgrade = commands.add_parser("upgrade", help="start upgrading gateways to a release")
+    target = upgrade.add_mutually_exclusive_group(required=True)
+    target.add_argument("--latest", action="store_true", help="the newest published release")
+    target.add_argument("--version", help="a named published release")
+    upgrade.add_argument(
+        "--gateways", metavar="ID,...", help="only these gateways (default: every gateway)"
+    )
+    upgrade.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    upgrade.add_argument(
+        "--yes", action="store_true", help="do not ask for confirmation (none is asked yet)"
+    )
+    upgrade.add_argument("--json", action="store_true", help="print JSON for machines")
+    upgrade.set_defaults(handler=_upgrade)
+
+    status = commands.add_parser("status", help="show a job (default: the most recent)")
+    status.add_argument("job", nargs="?", default="", metavar="JOB")
+    status.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    status.add_argument("--json", action="store_true", help="print JSON for machines")
+    status.set_defaults(handler=_status)
+    return parser
+
+
+def _gateways_list(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        gateways = client.list_gateways()
+    if ctx.args.json:
+        ctx.emit_json([g.to_json() for g in gateways])
+    else:
+        ctx.emit_lines(render.gateways_table(gateways, datetime.now(UTC)))
+    return ExitCode.OK
+
+
+def _releases_list(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        releases = client.list_releases()
+    if ctx.args.json:
+        ctx.emit_json([r.to_json() for r in releases])
+    else:
+        ctx.emit_lines(render.releases_table(releases))
+    return ExitCode.OK
+
+
+def _releases_build(ctx: _Context) -> ExitCode:
+    output: Path = ctx.args.output
+    built = build_release(ctx.args.version, output)
+    ctx.emit_lines(
+        [f"built {output}: release {ctx.args.version}, {render.human_size(built.size)}, "
+         f"sha256 {built.sha256}"]
+    )
+    return ExitCode.OK
+
+
+def _releases_publish(ctx: _Context) -> ExitCode:
+    artifact: Path = ctx.args.artifact
+    if not artifact.is_file():
+        raise UsageError(f"no artifact at {artifact}: build one with 'upgradectl releases build'")
+    notes = ""
+    if ctx.args.notes is not None:
+        try:
+            notes = ctx.args.notes.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read the release notes {ctx.args.notes}: {exc}") from exc
+    with ctx.connect() as client:
+        release = client.publish_release(ctx.args.version, artifact, notes)
+    ctx.emit_lines(
+        [f"published {release.version}: {render.human_size(release.size)}, "
+         f"sha256 {release.sha256}"]
+    )
+    return ExitCode.OK
+
+
+def _upgrade(ctx: _Context) -> ExitCode:
+    gateway_ids = _gateway_ids(ctx.args.gateways)
+    # One id per invocation: the client's retries of this call then start one job, not two.
+    request_id = str(uuid.uuid4())
+    with ctx.connect() as client:
+        job = client.start_upgrade(
+            latest=ctx.args.latest,
+            version=ctx.args.version or "",
+            gateway_ids=gateway_ids,
+            request_id=request_id,
+        )
+        if not ctx.args.wait:
+            if ctx.args.json:
+                ctx.emit_json(job.to_json())
+            else:
+                ctx.emit_lines(
+                    [*render.job_lines(job), "",
+                     f"follow it with: {PROG} status {job.job_id} --watch"]
+                )
+            return ExitCode.OK
+        job, shown = _follow(ctx, client, job)
+    return _finish(ctx, job, upgrade_shape=True, shown=shown)
+
+
+def _status(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        job = client.get_job(ctx.args.job)
+        if not ctx.args.watch:
+            _show(ctx, job, upgrade_shape=False)
+            return ExitCode.OK
+        job, shown = _follow(ctx, client, job)
+    return _finish(ctx, job, upgrade_shape=False, shown=shown)
+
+
+def _follow(ctx: _Context, client: ControllerClient, job: JobView) -> tuple[JobView, bool]:
+    """Watch ``job`` to its end, showing progress to people.
+
+    Returns the controller's final picture of the job, and whether it is already on screen.
+    """
+    if job.finished:
+        return job, False
+    display = None if ctx.args.json else render.LiveDisplay(ctx.out, _isatty(ctx.out))
+    if display:
+        display.start(job)
+    for event in client.watch_job(job.job_id):
+        job = job.apply(event)
+        if display:
+            display.update(job, event)
+    # Events carry changes only; the job itself is the authoritative final picture.
+    job = client.get_job(job.job_id)
+    if display:
+        display.finish(job)
+    return job, display is not None
+
+
+def _finish(ctx: _Context, job: JobView, *, upgrade_shape: bool, shown: bool) -> ExitCode:
+    if not shown:
+        _show(ctx, job, upgrade_shape=upgrade_shape)
+    if not job.succeeded:
+        raise JobNotSucceeded(render.job_outcome(job))
+    return ExitCode.OK
+
+
+def _show(ctx: _Context, job: JobView, *, upgrade_shape: bool) -> None:
+    if not ctx.args.json:
+        ctx.emit_lines(render.job_lines(job))
+        return
+    data = job.to_json()
+    if not upgrade_shape:
+        # status lists state before target_version; keep the documented key order.
+        data = {k: data[k] for k in ("job_id", "state", "target_version", "gateways")}
+    ctx.emit_json(data)
+
+
+def _gateway_ids(text: str | None) -> list[str]:
+    if text is None:
+        return []
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids:
+        raise UsageError("--gateways needs at least one gateway id, e.g. --gateways gw-1,gw-2")
+    return ids
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

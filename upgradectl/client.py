@@ -1,0 +1,244 @@
+"""The controller's gRPC API as the CLI uses it: the only module that imports grpc.
+
+``ControllerClient`` turns every RPC into plain values (``upgradectl.model``) and every
+``grpc.RpcError`` into an ``upgradectl.errors`` error:
+
+| gRPC status                                     | error                                   |
+|-------------------------------------------------|-----------------------------------------|
+| UNAVAILABLE, DEADLINE_EXCEEDED                  | Unreachable                             |
+| NOT_FOUND, INVALID_ARGUMENT, ALREADY_EXISTS,    | Rejected, with the server's details     |
+| FAILED_PRECONDITION                             | verbatim                                |
+| anything else                                   | ControllerFailed                        |
+
+The controller upgrades itself by starting a new process on the same port and stopping the
+old one, so a client may meet UNAVAILABLE for a moment. Idempotent unary calls are retried
+then, with bounded exponential backoff and jitter; ``StartUpgrade`` counts as idempotent
+because it carries the caller's request id. ``watch_job`` resumes after the last sequence
+number it saw.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from hitless.config import ENV_CONTROLLER, HostPort
+from hitless.v1 import controller_pb2, controller_pb2_grpc
+from upgradectl.errors import CliError, ControllerFailed, Rejected, Unreachable, UsageError
+from upgradectl.model import GatewayInfo, JobEvent, JobView, ReleaseInfo
+
+CHUNK_SIZE = 256 * 1024
+# A watch stream is reopened at this interval even when quiet, so a half-open connection
+# is noticed; reopening is free thanks to after_seq.
+WATCH_STREAM_S = 60.0
+# Uploads get the unary timeout plus this much per byte (a floor of 1 MiB/s).
+UPLOAD_SECONDS_PER_BYTE = 1.0 / (1024 * 1024)
+
+_REFUSED = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    }
+)
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long to keep retrying UNAVAILABLE: ``budget_s`` in all, doubling delays."""
+
+    budget_s: float = 10.0
+    base_s: float = 0.1
+    cap_s: float = 2.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """The pause before retry number ``attempt`` (0-based): half fixed, half jitter."""
+        ceiling = min(self.cap_s, self.base_s * 2**attempt)
+        return float(ceiling / 2 + ceiling / 2 * rand())
+
+
+class ControllerClient:
+    """A connection to the controller's ``hitless.v1.Controller`` service."""
+
+    def __init__(
+        self,
+        target: HostPort,
+        timeout: float,
+        *,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._retry = retry or RetryPolicy()
+        self._sleep = sleep
+        self._clock = clock
+        self._channel = grpc.insecure_channel(str(target))
+        self._stub = controller_pb2_grpc.ControllerStub(self._channel)  # type: ignore[no-untyped-call]
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ControllerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def list_gateways(self) -> list[GatewayInfo]:
+        """Every gateway the controller knows."""
+        resp = self._unary("ListGateways", self._stub.ListGateways,
+                           controller_pb2.ListGatewaysRequest())
+        return [GatewayInfo.from_proto(g) for g in resp.gateways]
+
+    def list_releases(self) -> list[ReleaseInfo]:
+        """Every published release, newest version first."""
+        resp = self._unary("ListReleases", self._stub.ListReleases,
+                           controller_pb2.ListReleasesRequest())
+        return [ReleaseInfo.from_proto(r) for r in resp.releases]
+
+    def publish_release(self, version: str, path: Path, notes: str) -> ReleaseInfo:
+        """Upload the artifact at ``path`` as release ``version``.
+
+        The digest and size are computed here first and sent as metadata, so the controller
+        rejects an upload that arrived damaged. Not retried: the stream is not resumable.
+        """
+        try:
+            sha256, size = _digest(path)
+        except OSError as exc:
+            raise UsageError(f"cannot read the artifact {path}: {exc.strerror or exc}") from exc
+        metadata = controller_pb2.ReleaseMetadata(
+            version=version, notes=notes, sha256=sha256, size=size
+        )
+
+        def requests() -> Iterator[controller_pb2.PublishReleaseRequest]:
+            yield controller_pb2.PublishReleaseRequest(metadata=metadata)
+            with path.open("rb") as fh:
+                while chunk := fh.read(CHUNK_SIZE):
+                    yield controller_pb2.PublishReleaseRequest(chunk=chunk)
+
+        timeout = self.timeout + size * UPLOAD_SECONDS_PER_BYTE
+        try:
+            release = self._stub.PublishRelease(requests(), timeout=timeout)
+        except grpc.RpcError as exc:
+            raise self._translate("PublishRelease", exc) from exc
+        return ReleaseInfo.from_proto(release)
+
+    def start_upgrade(
+        self,
+        *,
+        latest: bool = False,
+        version: str = "",
+        gateway_ids: Sequence[str] = (),
+        request_id: str,
+    ) -> JobView:
+        """Start a job upgrading ``gateway_ids`` (empty: all) to the latest or a named version.
+
+        Retrying is safe because the controller answers a repeated ``request_id`` with the
+        job it already started.
+        """
+        if latest == bool(version):
+            raise UsageError("choose exactly one of --latest and --version")
+        if latest:
+            request = controller_pb2.StartUpgradeRequest(
+                latest=True, gateway_ids=list(gateway_ids), request_id=request_id
+            )
+        else:
+            request = controller_pb2.StartUpgradeRequest(
+                version=version, gateway_ids=list(gateway_ids), request_id=request_id
+            )
+        return JobView.from_proto(self._unary("StartUpgrade", self._stub.StartUpgrade, request))
+
+    def get_job(self, job_id: str = "") -> JobView:
+        """The job ``job_id``; the most recent job when it is empty."""
+        request = controller_pb2.GetJobRequest(job_id=job_id)
+        return JobView.from_proto(self._unary("GetJob", self._stub.GetJob, request))
+
+    def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[JobEvent]:
+        """The job's events after ``after_seq``, until the event that finishes the job.
+
+        A stream cut by UNAVAILABLE is reopened after the last event seen; the retry budget
+        restarts whenever an event arrives, so a long job survives several controller
+        restarts but a controller that stays away ends the watch with ``Unreachable``.
+        """
+        last = after_seq
+        attempt = 0
+        give_up_at = self._clock() + self._retry.budget_s
+        while True:
+            request = controller_pb2.WatchJobRequest(job_id=job_id, after_seq=last)
+            try:
+                for msg in self._stub.WatchJob(request, timeout=WATCH_STREAM_S):
+                    attempt = 0
+                    give_up_at = self._clock() + self._retry.budget_s
+                    if msg.seq <= last:
+                        continue  # a duplicate from an overlap after resuming
+                    last = msg.seq
+                    yield JobEvent.from_proto(msg)
+                return
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue  # our own periodic reopen, not a failure
+                if code != grpc.StatusCode.UNAVAILABLE:
+                    raise self._translate("WatchJob", exc) from exc
+                delay = self._retry.delay(attempt)
+                if self._clock() + delay > give_up_at:
+                    raise self._translate("WatchJob", exc) from exc
+                self._sleep(delay)
+                attempt += 1
+
+    def _unary(self, method: str, call: Callable[..., T], request: Any) -> T:
+        """Call ``method``, retrying UNAVAILABLE within the retry budget."""
+        give_up_at = self._clock() + self._retry.budget_s
+        attempt = 0
+        while True:
+            try:
+                return call(request, timeout=self.timeout)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    delay = self._retry.delay(attempt)
+                    if self._clock() + delay <= give_up_at:
+                        self._sleep(delay)
+                        attempt += 1
+                        continue
+                raise self._translate(method, exc) from exc
+
+    def _translate(self, method: str, exc: grpc.RpcError) -> CliError:
+        code = exc.code()
+        details = exc.details() or ""
+        if code in _UNREACHABLE:
+            reason = details or code.name
+            return Unreachable(
+                f"cannot reach the controller at {self.target}: {reason}; "
+                f"is controller-svc running? (set --controller or {ENV_CONTROLLER})"
+            )
+        if code in _REFUSED:
+            # The controller words these for the operator; add nothing.
+            return Rejected(details or f"the controller refused {method} ({code.name})")
+        return ControllerFailed(
+            f"the controller failed on {method} at {self.target}: {code.name}: {details}; "
+            "see the controller's log"
+        )
+
+
+def _digest(path: Path) -> tuple[str, int]:
+    """The sha256 (lowercase hex) and size of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK_SIZE):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size

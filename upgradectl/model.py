@@ -1,0 +1,224 @@
+"""The CLI's plain view of the controller's answers, decoded once from protobuf.
+
+Rendering and JSON output work on these frozen dataclasses, never on protobuf messages,
+so they are easy to build in tests. States are the enum names without their prefix
+(``RUNNING``, ``DOWNLOADING``), which is also what the JSON output shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from hitless.v1 import common_pb2, controller_pb2
+
+JOB_TERMINAL = frozenset({"SUCCEEDED", "PARTIAL", "FAILED", "CANCELLED"})
+GATEWAY_TERMINAL = frozenset({"SUCCEEDED", "FAILED", "ROLLED_BACK", "UNREACHABLE"})
+
+
+class _Timestamp(Protocol):
+    """The fields of ``google.protobuf.Timestamp`` we read (protobuf ships no stubs)."""
+
+    seconds: int
+    nanos: int
+
+
+def job_state_name(value: int) -> str:
+    """``JOB_STATE_RUNNING`` → ``RUNNING``; an unknown number stays visible as is."""
+    try:
+        name = common_pb2.JobState.Name(value)
+    except ValueError:
+        return f"UNKNOWN({value})"
+    return str(name).removeprefix("JOB_STATE_")
+
+
+def gateway_state_name(value: int) -> str:
+    """``GATEWAY_JOB_STATE_SWAPPING`` → ``SWAPPING``."""
+    try:
+        name = common_pb2.GatewayJobState.Name(value)
+    except ValueError:
+        return f"UNKNOWN({value})"
+    return str(name).removeprefix("GATEWAY_JOB_STATE_")
+
+
+def timestamp(ts: _Timestamp) -> datetime | None:
+    """A protobuf Timestamp as an aware UTC datetime; unset (the epoch) is None."""
+    if ts.seconds == 0 and ts.nanos == 0:
+        return None
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
+
+
+def iso(value: datetime | None) -> str | None:
+    """ISO-8601 in UTC with a ``Z``, as the JSON output shows instants."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class GatewayInfo:
+    """A gateway the controller knows, as ``gateways list`` shows it."""
+
+    id: str
+    version: str
+    state: str
+    last_seen: datetime | None
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.Gateway) -> GatewayInfo:
+        return cls(msg.id, msg.version, msg.state, timestamp(msg.last_seen))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "version": self.version,
+            "state": self.state,
+            "last_seen": iso(self.last_seen),
+        }
+
+
+@dataclass(frozen=True)
+class ReleaseInfo:
+    """A published release."""
+
+    version: str
+    sha256: str
+    size: int
+    published_at: datetime | None
+    notes: str
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.Release) -> ReleaseInfo:
+        return cls(msg.version, msg.sha256, msg.size, timestamp(msg.published_at), msg.notes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "sha256": self.sha256,
+            "size": self.size,
+            "published_at": iso(self.published_at),
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class GatewayProgress:
+    """One gateway within a job."""
+
+    id: str
+    state: str
+    from_version: str
+    to_version: str
+    error: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.GatewayJob) -> GatewayProgress:
+        return cls(
+            id=msg.gateway_id,
+            state=gateway_state_name(msg.state),
+            from_version=msg.from_version,
+            to_version=msg.to_version,
+            error=msg.error,
+            bytes_done=msg.bytes_done,
+            bytes_total=msg.bytes_total,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        # An absent reason is null rather than "" so scripts can test it plainly.
+        return {
+            "id": self.id,
+            "state": self.state,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "error": self.error or None,
+        }
+
+
+@dataclass(frozen=True)
+class JobView:
+    """An upgrade job and its gateways."""
+
+    job_id: str
+    state: str
+    target_version: str
+    gateways: tuple[GatewayProgress, ...]
+    created_at: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.Job) -> JobView:
+        return cls(
+            job_id=msg.job_id,
+            state=job_state_name(msg.state),
+            target_version=msg.target_version,
+            gateways=tuple(GatewayProgress.from_proto(g) for g in msg.gateways),
+            created_at=timestamp(msg.created_at),
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.state in JOB_TERMINAL
+
+    @property
+    def succeeded(self) -> bool:
+        """True only when the job and every one of its gateways SUCCEEDED."""
+        return self.state == "SUCCEEDED" and all(g.state == "SUCCEEDED" for g in self.gateways)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "target_version": self.target_version,
+            "state": self.state,
+            "gateways": [g.to_json() for g in self.gateways],
+        }
+
+    def apply(self, event: JobEvent) -> JobView:
+        """This job with ``event`` applied, for the live display between two GetJobs."""
+        if not event.gateway_id:
+            return dataclasses.replace(self, state=event.job_state or self.state)
+        gateways = list(self.gateways)
+        index = next((i for i, g in enumerate(gateways) if g.id == event.gateway_id), None)
+        if index is None:
+            gateways.append(GatewayProgress(event.gateway_id, "", "", self.target_version))
+            index = len(gateways) - 1
+        old = gateways[index]
+        gateways[index] = dataclasses.replace(
+            old,
+            state=event.gateway_state or old.state,
+            error=event.error or old.error,
+            bytes_done=event.bytes_done or old.bytes_done,
+            bytes_total=event.bytes_total or old.bytes_total,
+        )
+        state = event.job_state or self.state
+        return dataclasses.replace(self, state=state, gateways=tuple(gateways))
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One progress event of a job; ``seq`` orders them and resumes a watch."""
+
+    seq: int
+    at: datetime | None
+    gateway_id: str
+    gateway_state: str
+    job_state: str
+    error: str = ""
+    bytes_done: int = 0
+    bytes_total: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.JobEvent) -> JobEvent:
+        # UNSPECIFIED means "this event does not change that state": keep it empty.
+        return cls(
+            seq=msg.seq,
+            at=timestamp(msg.at),
+            gateway_id=msg.gateway_id,
+            gateway_state=gateway_state_name(msg.gateway_state) if msg.gateway_state else "",
+            job_state=job_state_name(msg.job_state) if msg.job_state else "",
+            error=msg.error,
+            bytes_done=msg.bytes_done,
+            bytes_total=msg.bytes_total,
+        )

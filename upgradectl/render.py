@@ -1,0 +1,181 @@
+"""What people see: tables, sizes, times, and the live progress of a job.
+
+Pure functions from plain data (``upgradectl.model``) to lines of text, so every shape is
+unit-testable; ``LiveDisplay`` is the one piece that writes, and it writes only to the
+stream it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TextIO
+
+from upgradectl.model import GatewayInfo, GatewayProgress, JobEvent, JobView, ReleaseInfo
+
+# Cursor to the start of the line N lines up, then clear to the end of the screen.
+_UP = "\x1b[{n}F"
+_CLEAR_DOWN = "\x1b[J"
+NOTES_WIDTH = 48
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart; no trailing spaces."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def human_size(size: int) -> str:
+    """``1536`` → ``1.5 KiB``; bytes below 1 KiB stay exact."""
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"
+
+
+def ago(when: datetime | None, now: datetime) -> str:
+    """How long before ``now``: ``12s ago``, ``5m ago``, ``3h ago``, ``2d ago``; ``never``."""
+    if when is None:
+        return "never"
+    seconds = int((now - when).total_seconds())
+    if seconds < 0:
+        return "just now"  # a clock slightly ahead of ours
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def short_time(when: datetime | None) -> str:
+    """``2024-05-01 12:00 UTC``: the date and minute, enough for a release list."""
+    if when is None:
+        return "-"
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def first_line(text: str, width: int = NOTES_WIDTH) -> str:
+    """The first line of ``text``, cut to ``width`` with an ellipsis."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def gateways_table(gateways: Sequence[GatewayInfo], now: datetime) -> list[str]:
+    if not gateways:
+        return ["no gateways known to the controller yet"]
+    rows = [[g.id, g.version, g.state, ago(g.last_seen, now)] for g in gateways]
+    return table(["ID", "VERSION", "STATE", "LAST SEEN"], rows)
+
+
+def releases_table(releases: Sequence[ReleaseInfo]) -> list[str]:
+    if not releases:
+        return ["no releases published yet (upgradectl releases publish)"]
+    rows = [
+        [r.version, human_size(r.size), short_time(r.published_at), r.sha256[:12],
+         first_line(r.notes)]
+        for r in releases
+    ]
+    return table(["VERSION", "SIZE", "PUBLISHED", "SHA256", "NOTES"], rows)
+
+
+def progress(g: GatewayProgress) -> str:
+    """Download percentage while it means something, else nothing."""
+    if g.bytes_total <= 0 or g.state not in ("DOWNLOADING", "VERIFYING"):
+        return ""
+    return f"{min(100, g.bytes_done * 100 // g.bytes_total)}%"
+
+
+def job_lines(job: JobView) -> list[str]:
+    """A job's header line and a table of its gateways."""
+    done = sum(1 for g in job.gateways if g.state == "SUCCEEDED")
+    header = (
+        f"job {job.job_id}  target {job.target_version}  {job.state}  "
+        f"({done}/{len(job.gateways)} gateways succeeded)"
+    )
+    rows = [
+        [g.id, g.state, g.from_version or "-", g.to_version or "-", progress(g), g.error]
+        for g in job.gateways
+    ]
+    return [header, *table(["GATEWAY", "STATE", "FROM", "TO", "PROGRESS", "ERROR"], rows)]
+
+
+def event_line(event: JobEvent) -> str:
+    """One event as one line, for logs and non-terminals."""
+    when = event.at.astimezone(UTC).strftime("%H:%M:%S") if event.at else "--:--:--"
+    if not event.gateway_id:
+        return f"{when}  job {event.job_state}" + (f"  {event.error}" if event.error else "")
+    parts = [when, event.gateway_id, event.gateway_state or "-"]
+    if event.gateway_state == "DOWNLOADING" and event.bytes_total > 0:
+        pct = min(100, event.bytes_done * 100 // event.bytes_total)
+        parts.append(f"{pct}% of {human_size(event.bytes_total)}")
+    if event.error:
+        parts.append(event.error)
+    if event.job_state:
+        parts.append(f"(job {event.job_state})")
+    return "  ".join(parts)
+
+
+def job_outcome(job: JobView) -> str:
+    """Why a finished job is not a success, in one sentence."""
+    bad = [g for g in job.gateways if g.state != "SUCCEEDED"]
+    detail = "; ".join(
+        f"{g.id} {g.state}" + (f" ({g.error})" if g.error else "") for g in bad
+    )
+    return (
+        f"job {job.job_id} ended {job.state}"
+        + (f": {detail}" if detail else "")
+        + f"; see upgradectl status {job.job_id}"
+    )
+
+
+class LiveDisplay:
+    """Progress of a job as it happens.
+
+    On a terminal the job table is redrawn in place; anywhere else each event becomes one
+    line, so a log or a CI transcript stays readable.
+    """
+
+    def __init__(self, out: TextIO, tty: bool) -> None:
+        self._out = out
+        self._tty = tty
+        self._drawn = 0
+
+    def start(self, job: JobView) -> None:
+        if self._tty:
+            self._draw(job)
+        else:
+            self._write([f"watching job {job.job_id} (target {job.target_version}, {job.state})"])
+
+    def update(self, job: JobView, event: JobEvent) -> None:
+        if self._tty:
+            self._draw(job)
+        else:
+            self._write([event_line(event)])
+
+    def finish(self, job: JobView) -> None:
+        """Show the final picture: in place on a terminal, after the events elsewhere."""
+        if self._tty:
+            self._draw(job)
+        else:
+            self._write(job_lines(job))
+
+    def _draw(self, job: JobView) -> None:
+        lines = job_lines(job)
+        prefix = (_UP.format(n=self._drawn) if self._drawn else "") + _CLEAR_DOWN
+        self._out.write(prefix)
+        self._write(lines)
+        self._drawn = len(lines)
+
+    def _write(self, lines: list[str]) -> None:
+        self._out.write("".join(f"{line}\n" for line in lines))
+        self._out.flush()
