@@ -75,6 +75,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     unavailable: dict[str, int] = field(default_factory=dict)
     # Cut the first WatchJob stream with UNAVAILABLE after this many events.
     cut_watch_after: int | None = None
+    cut_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     crash: bool = False
     start_requests: list[Any] = field(default_factory=list)
     watch_requests: list[Any] = field(default_factory=list)
@@ -149,7 +150,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
             if event.seq <= request.after_seq:
                 continue
             if first_call and self.cut_watch_after is not None and sent == self.cut_watch_after:
-                context.abort(grpc.StatusCode.UNAVAILABLE, "controller is restarting")
+                context.abort(self.cut_code, "controller is restarting")
             yield event
             sent += 1
 
@@ -348,11 +349,13 @@ def test_status_of_an_unknown_job_is_rejected(addr: str) -> None:
     assert (code, err) == (ExitCode.REJECTED, "upgradectl: error: no job nope\n")
 
 
-def test_watch_cut_by_unavailable_resumes_after_the_last_event(
-    addr: str, fake: FakeController
+@pytest.mark.parametrize("cut", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+def test_watch_cut_midway_resumes_after_the_last_event(
+    addr: str, fake: FakeController, cut: grpc.StatusCode
 ) -> None:
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     fake.cut_watch_after = 3
+    fake.cut_code = cut
     fake.final = _job(JS.JOB_STATE_SUCCEEDED, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
                                                ("gw-2", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])
     code, out, err = cli(addr, "upgrade", "--latest", "--wait")

@@ -169,7 +169,7 @@ class ControllerClient:
     def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[JobEvent]:
         """The job's events after ``after_seq``, until the event that finishes the job.
 
-        A stream cut by UNAVAILABLE is reopened after the last event seen; the retry budget
+        A stream cut by UNAVAILABLE (or CANCELLED) is reopened after the last event seen; the retry budget
         restarts whenever an event arrives, so a long job survives several controller
         restarts but a controller that stays away ends the watch with ``Unreachable``.
         """
@@ -191,7 +191,9 @@ class ControllerClient:
                 code = exc.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue  # our own periodic reopen, not a failure
-                if code != grpc.StatusCode.UNAVAILABLE:
+                # A controller that stops mid-stream may end it CANCELLED rather than
+                # UNAVAILABLE; we never cancel our own calls, so both mean "it went away".
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise self._translate("WatchJob", exc) from exc
                 delay = self._retry.delay(attempt)
                 if self._clock() + delay > give_up_at:
