@@ -169,9 +169,10 @@ class ControllerClient:
     def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[JobEvent]:
         """The job's events after ``after_seq``, until the event that finishes the job.
 
-        A stream cut by UNAVAILABLE (or CANCELLED) is reopened after the last event seen; the retry budget
-        restarts whenever an event arrives, so a long job survives several controller
-        restarts but a controller that stays away ends the watch with ``Unreachable``.
+        A stream cut by UNAVAILABLE (or CANCELLED) is reopened after the last event seen;
+        the retry budget restarts whenever an event arrives, so a long job survives several
+        controller restarts but a controller that stays away ends the watch with
+        ``Unreachable``.
         """
         last = after_seq
         attempt = 0
