@@ -1,0 +1,81 @@
+"""One controller process: database, artifact store, bus, job engine and gRPC server,
+started in order and stopped in reverse."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+from controller_svc import db
+from controller_svc.engine import Engine
+from controller_svc.repository import Repository
+from controller_svc.server import ArtifactsService, ControllerService, build_server
+from controller_svc.store import ArtifactStore
+from hitless import logs
+from hitless.bus import topology
+from hitless.bus.amqp import Consumer, Publisher
+from hitless.config import ControllerConfig
+
+log = logs.get(__name__)
+
+SWEEP_INTERVAL_S = 1.0
+STOP_GRACE_S = 5.0
+BUS_WAIT_S = 30.0
+
+# Queues the controller publishes into: declared so that mandatory publishing succeeds
+# and messages wait there while their consumer is away.
+PUBLISHED_QUEUES = (topology.CONTROLLER_REPORTS, topology.NOTIFIER_EVENTS, topology.CONTROLLER_JOBS)
+
+
+class ControllerApp:
+    def __init__(self, config: ControllerConfig) -> None:
+        self.config = config
+        self._stop = threading.Event()
+        self.port: int | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        engine_db = db.make_engine(config.db_url)
+        migrated = db.migrate(engine_db)
+        log.info("database_ready", migrated=migrated)
+        store = ArtifactStore(config.artifact_dir)
+        publisher = Publisher(config.bus, queues=PUBLISHED_QUEUES, name="controller-publisher")
+        publisher.start()
+        engine = Engine(
+            Repository(engine_db),
+            publisher,
+            command_deadline=timedelta(seconds=config.command_deadline_s),
+        )
+        consumer = Consumer(
+            config.bus,
+            topology.CONTROLLER_REPORTS,
+            engine.on_report,
+            queues=PUBLISHED_QUEUES,
+            prefetch=32,
+            workers=4,
+            name="controller-reports",
+        )
+        server, self.port = build_server(
+            config.listen,
+            ControllerService(engine, store, publisher, self._stop),
+            ArtifactsService(store),
+        )
+        try:
+            consumer.start()
+            server.start()
+            log.info("controller_serving", listen=f"{config.listen.host}:{self.port}")
+            if publisher.wait_connected(BUS_WAIT_S):
+                engine.resume_pending()
+            while not self._stop.wait(SWEEP_INTERVAL_S):
+                engine.sweep()
+        finally:
+            log.info("controller_stopping")
+            server.stop(STOP_GRACE_S).wait(STOP_GRACE_S + 1)
+            consumer.stop()
+            publisher.close()
+            engine_db.dispose()
+        return 0

@@ -1,0 +1,65 @@
+"""``controller-svc``: the controller's command line. Flags and environment are read here only.
+
+controller-svc serve [--listen HOST:PORT] [--db URL] [--amqp URL] [--data-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from controller_svc.app import ControllerApp
+from hitless import config, logs
+from hitless.errors import ConfigError, HitlessError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="controller-svc", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the controller")
+    serve.add_argument("--listen", help=f"gRPC HOST:PORT (default {config.DEFAULT_CONTROLLER})")
+    serve.add_argument("--db", help=f"database URL (env {config.ENV_DB_URL})")
+    serve.add_argument("--amqp", help=f"broker URL (env {config.ENV_AMQP_URL})")
+    serve.add_argument("--data-dir", help=f"artifacts and SQLite file (env {config.ENV_DATA_DIR})")
+    serve.add_argument(
+        "--command-deadline", type=int, default=config.DEFAULT_COMMAND_DEADLINE_S, metavar="S",
+        help="seconds a gateway has to take an upgrade command",
+    )  # fmt: skip
+    return parser
+
+
+def _config(args: argparse.Namespace) -> config.ControllerConfig:
+    data = config.data_dir(args.data_dir)
+    return config.ControllerConfig(
+        listen=config.HostPort.parse(
+            args.listen or config.DEFAULT_CONTROLLER, what="listen address"
+        ),
+        db_url=args.db or os.environ.get(config.ENV_DB_URL) or config.default_db_url(data),
+        bus=config.BusConfig(
+            args.amqp or os.environ.get(config.ENV_AMQP_URL) or config.DEFAULT_AMQP_URL
+        ),
+        data_dir=data,
+        command_deadline_s=args.command_deadline,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logs.configure("controller-svc", json=True)
+    try:
+        app = ControllerApp(_config(args))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: app.stop())
+        return app.run()
+    except ConfigError as exc:
+        print(f"controller-svc: error: {exc}", file=sys.stderr)
+        return 2
+    except (HitlessError, OSError) as exc:
+        print(f"controller-svc: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

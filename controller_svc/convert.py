@@ -1,0 +1,111 @@
+"""Between the repository's records and the API's protobuf messages, in one place."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from controller_svc.records import (
+    EventRecord,
+    GatewayJobRecord,
+    GatewayRecord,
+    JobRecord,
+    ReleaseRecord,
+    ReportIn,
+)
+from controller_svc.states import GatewayState, JobState
+from hitless.v1 import bus_pb2, common_pb2, controller_pb2
+
+
+def timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def job_state(state: JobState) -> int:
+    return common_pb2.JobState.Value(f"JOB_STATE_{state.value}")
+
+
+def gateway_state(state: GatewayState) -> int:
+    return common_pb2.GatewayJobState.Value(f"GATEWAY_JOB_STATE_{state.value}")
+
+
+def gateway_state_from(value: int) -> GatewayState:
+    name = common_pb2.GatewayJobState.Name(value)
+    return GatewayState(name.removeprefix("GATEWAY_JOB_STATE_"))
+
+
+def release(record: ReleaseRecord) -> controller_pb2.Release:
+    return controller_pb2.Release(
+        version=record.version,
+        sha256=record.sha256,
+        size=record.size,
+        published_at=timestamp(record.published_at),
+        notes=record.notes,
+    )
+
+
+def gateway(record: GatewayRecord, state: str) -> controller_pb2.Gateway:
+    return controller_pb2.Gateway(
+        id=record.id, version=record.version, state=state, last_seen=timestamp(record.last_seen)
+    )
+
+
+def gateway_job(record: GatewayJobRecord) -> controller_pb2.GatewayJob:
+    return controller_pb2.GatewayJob(
+        gateway_id=record.gateway_id,
+        state=gateway_state(record.state),
+        from_version=record.from_version,
+        to_version=record.to_version,
+        error=record.error,
+        bytes_done=record.bytes_done,
+        bytes_total=record.bytes_total,
+        updated_at=timestamp(record.updated_at),
+    )
+
+
+def job(record: JobRecord) -> controller_pb2.Job:
+    return controller_pb2.Job(
+        job_id=record.id,
+        state=job_state(record.state),
+        target_version=record.target_version,
+        created_at=timestamp(record.created_at),
+        updated_at=timestamp(record.updated_at),
+        gateways=[gateway_job(g) for g in record.gateways],
+        source=record.source,
+    )
+
+
+def event(record: EventRecord) -> controller_pb2.JobEvent:
+    message = controller_pb2.JobEvent(
+        seq=record.seq,
+        at=timestamp(record.at),
+        gateway_id=record.gateway_id or "",
+        error=record.error,
+        bytes_done=record.bytes_done,
+        bytes_total=record.bytes_total,
+    )
+    if record.gateway_state is not None:
+        message.gateway_state = gateway_state(record.gateway_state)
+    if record.job_state is not None:
+        message.job_state = job_state(record.job_state)
+    return message
+
+
+def report(message: bus_pb2.StatusReport, report_id: str) -> ReportIn:
+    return ReportIn(
+        report_id=report_id,
+        job_id=message.job_id,
+        command_id=message.command_id,
+        gateway_id=message.gateway_id,
+        state=gateway_state_from(message.state),
+        from_version=message.from_version,
+        to_version=message.to_version,
+        error=message.error,
+        bytes_done=message.bytes_done,
+        bytes_total=message.bytes_total,
+        at=message.at.ToDatetime(tzinfo=UTC),
+    )
+

@@ -1,0 +1,244 @@
+"""The job engine: turns "upgrade to X" into one command per gateway, and gateway reports
+into recorded state changes.
+
+Every change is a database row first and a message second, so a restarted controller
+picks up where it was: jobs still PENDING (commands maybe not all published) are
+dispatched again on start, and gateways answer a command they already ran from their own
+records.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+
+from controller_svc import convert
+from controller_svc.errors import FailedPrecondition, NotFound
+from controller_svc.records import JobRecord, ReleaseRecord, ReportIn
+from controller_svc.repository import Repository
+from controller_svc.states import GatewayState, JobState
+from hitless import logs
+from hitless.bus import codec, topology
+from hitless.bus.amqp import DeadLetter, Delivery, Publisher
+from hitless.errors import BusError, DecodeError
+from hitless.v1 import bus_pb2
+
+log = logs.get(__name__)
+
+Clock = Callable[[], datetime]
+
+# A gateway that was sent a command and went silent is failed this long after the
+# deadline; one that never took the command is UNREACHABLE at the deadline.
+DEADLINE_GRACE = timedelta(seconds=60)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Engine:
+    def __init__(
+        self,
+        repo: Repository,
+        publisher: Publisher,
+        *,
+        command_deadline: timedelta,
+        clock: Clock = utc_now,
+    ) -> None:
+        self.repo = repo
+        self._publisher = publisher
+        self._deadline = command_deadline
+        self._clock = clock
+        self._changed = threading.Condition()
+
+    # Watching ---------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until something changed here, or ``timeout`` (changes made by another
+        controller process are seen by polling)."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    # Starting jobs ---------------------------------------------------------------------
+
+    def resolve_release(self, version: str | None) -> ReleaseRecord:
+        """The release named, or the latest for None; NotFound lists what exists."""
+        release = self.repo.latest_release() if version is None else self.repo.get_release(version)
+        if release is not None:
+            return release
+        available = ", ".join(r.version for r in self.repo.list_releases()) or "none"
+        if version is None:
+            raise NotFound(
+                "no release has been published yet: publish one with "
+                "`upgradectl releases publish --version V --artifact FILE`"
+            )
+        raise NotFound(f"unknown version {version}; available: {available}")
+
+    def start_upgrade(
+        self,
+        *,
+        version: str | None,
+        gateway_ids: Sequence[str] = (),
+        request_id: str | None = None,
+        source: str = "cli",
+        deadline: timedelta | None = None,
+    ) -> JobRecord:
+        release = self.resolve_release(version)
+        known = {g.id: g for g in self.repo.list_gateways()}
+        if gateway_ids:
+            unknown = sorted(set(gateway_ids) - known.keys())
+            if unknown:
+                raise NotFound(
+                    f"unknown gateway(s): {', '.join(unknown)}; "
+                    f"known: {', '.join(sorted(known)) or 'none'}"
+                )
+            chosen = list(dict.fromkeys(gateway_ids))
+        else:
+            chosen = sorted(known)
+        if not chosen:
+            raise FailedPrecondition(
+                "no gateways are known yet: a gateway registers when `gateway-daemon run` "
+                "starts and reaches the broker"
+            )
+        now = self._clock()
+        job, created = self.repo.create_job(
+            release.version,
+            [(gid, known[gid].version) for gid in chosen],
+            deadline=now + (deadline or self._deadline),
+            source=source,
+            request_id=request_id,
+            now=now,
+        )
+        if not created:
+            return job
+        log.info("job_created", job_id=job.id, target_version=release.version, gateways=chosen)
+        return self.dispatch(job)
+
+    def dispatch(self, job: JobRecord) -> JobRecord:
+        """Publish the command of every gateway still QUEUED, then mark the job RUNNING."""
+        release = self.resolve_release(job.target_version)
+        queued = [g for g in job.gateways if g.state is GatewayState.QUEUED]
+        self._publisher.declare([topology.gateway_queue(g.gateway_id) for g in queued])
+        deadline = convert.timestamp(job.deadline)
+        for row in queued:
+            command = bus_pb2.UpgradeCommand(
+                command_id=row.command_id,
+                job_id=job.id,
+                gateway_id=row.gateway_id,
+                target_version=release.version,
+                artifact_sha256=release.sha256,
+                artifact_size=release.size,
+                deadline=deadline,
+            )
+            ttl_ms = max(1, int((job.deadline - self._clock()).total_seconds() * 1000))
+            try:
+                self._publisher.publish(
+                    topology.COMMANDS,
+                    topology.command_key(row.gateway_id),
+                    command,
+                    message_id=row.command_id,
+                    expiration_ms=ttl_ms,
+                )
+            except BusError as exc:
+                self._record_local_failure(
+                    job, row.gateway_id, row.command_id, f"could not publish the command: {exc}"
+                )
+        updated = self.repo.mark_running(job.id, self._clock())
+        self.notify()
+        return updated
+
+    def resume_pending(self) -> None:
+        """Dispatch jobs a previous controller created but did not finish dispatching."""
+        for job in self.repo.list_jobs(limit=1000):
+            if job.state is JobState.PENDING:
+                log.info("job_resumed", job_id=job.id)
+                self.dispatch(job)
+
+    def _record_local_failure(
+        self, job: JobRecord, gateway_id: str, command_id: str, error: str
+    ) -> None:
+        outcome = self.repo.apply_report(
+            ReportIn(
+                report_id=f"controller-{uuid.uuid4()}",
+                job_id=job.id,
+                command_id=command_id,
+                gateway_id=gateway_id,
+                state=GatewayState.FAILED,
+                from_version="",
+                to_version=job.target_version,
+                error=error,
+                bytes_done=0,
+                bytes_total=0,
+                at=self._clock(),
+            )
+        )
+        self._after_change(outcome.job)
+
+    # Reports ---------------------------------------------------------------------------
+
+    def on_report(self, delivery: Delivery) -> None:
+        """Consumer handler for the controller's reports queue."""
+        kind = delivery.routing_key.rsplit(".", 1)[-1]
+        try:
+            if kind == topology.STATUS:
+                self._on_status(delivery)
+            elif kind == topology.HELLO:
+                hello = codec.decode(bus_pb2.GatewayHello, delivery.body)
+                self._seen(hello.gateway_id, hello.version, pid=hello.pid, listen=hello.listen)
+                log.info("gateway_hello", gateway_id=hello.gateway_id, version=hello.version)
+            elif kind == topology.HEARTBEAT:
+                beat = codec.decode(bus_pb2.GatewayHeartbeat, delivery.body)
+                self._seen(beat.gateway_id, beat.version)
+            else:
+                raise DeadLetter(f"unknown report kind {kind!r} in key {delivery.routing_key!r}")
+        except DecodeError as exc:
+            raise DeadLetter(str(exc)) from exc
+        self.notify()
+
+    def _seen(self, gateway_id: str, version: str, **extra: object) -> None:
+        if not gateway_id or not version:
+            raise DeadLetter("a gateway announcement needs gateway_id and version")
+        self.repo.record_gateway_seen(gateway_id, version, self._clock(), **extra)  # type: ignore[arg-type]
+
+    def _on_status(self, delivery: Delivery) -> None:
+        message = codec.decode(bus_pb2.StatusReport, delivery.body)
+        if message.state == 0 or not message.job_id or not message.command_id:
+            raise DeadLetter("a status report needs job_id, command_id and a state")
+        report_id = delivery.message_id or message.report_id
+        outcome = self.repo.apply_report(convert.report(message, report_id))
+        if not outcome.applied and not outcome.duplicate:
+            log.info(
+                "report_ignored",
+                job_id=message.job_id,
+                gateway_id=message.gateway_id,
+                reason=outcome.reason,
+            )
+        if outcome.job_finished is not None:
+            self._after_change(outcome.job)
+
+    def _after_change(self, job: JobRecord | None) -> None:
+        if job is not None and job.state.terminal:
+            log.info("job_finished", job_id=job.id, state=job.state.value)
+            self._announce(topology.JOB_FINISHED, job)
+
+    def _announce(self, key: str, job: JobRecord) -> None:
+        try:
+            self._publisher.publish(
+                topology.EVENTS, key, convert.job(job), message_id=f"{key}:{job.id}"
+            )
+        except BusError as exc:
+            log.warning("event_not_published", key=key, job_id=job.id, error=str(exc))
+
+    # Deadlines ---------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Expire what passed its deadline; called periodically."""
+        for job in self.repo.expire_overdue(self._clock(), grace=DEADLINE_GRACE):
+            self._after_change(job)
+        self.notify()

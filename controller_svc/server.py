@@ -1,0 +1,257 @@
+"""The controller's gRPC API: ``hitless.v1.Controller`` and ``hitless.v1.Artifacts``,
+plus health checking and reflection. The only module of the controller that imports grpc.
+
+Domain errors become status codes here, in one place; the details carry the full
+sentence, which upgradectl shows as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from controller_svc import convert
+from controller_svc.engine import Engine
+from controller_svc.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+)
+from controller_svc.store import ArtifactStore
+from hitless import logs, semver
+from hitless.bus import topology
+from hitless.bus.amqp import Publisher
+from hitless.config import HEARTBEAT_INTERVAL_S, HostPort
+from hitless.errors import BusError, ConfigError, HitlessError
+from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc, controller_pb2, controller_pb2_grpc
+
+log = logs.get(__name__)
+
+CHUNK_SIZE = 512 * 1024
+WATCH_POLL_S = 0.5
+OFFLINE_AFTER = timedelta(seconds=3 * HEARTBEAT_INTERVAL_S)
+
+_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (Conflict, grpc.StatusCode.ALREADY_EXISTS),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (BusError, grpc.StatusCode.UNAVAILABLE),
+    (HitlessError, grpc.StatusCode.INTERNAL),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _status_of(exc: Exception) -> grpc.StatusCode:
+    return next(code for kind, code in _CODES if isinstance(exc, kind))
+
+
+def _translated(method: F) -> F:
+    """Abort the call with the status code of a domain error (unary methods)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except HitlessError as exc:
+            context.abort(_status_of(exc), str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _translated_stream(method: F) -> F:
+    """The same for server-streaming methods."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from method(self, request, context)
+        except HitlessError as exc:
+            context.abort(_status_of(exc), str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class ControllerService(controller_pb2_grpc.ControllerServicer):
+    def __init__(
+        self, engine: Engine, store: ArtifactStore, publisher: Publisher, stopping: threading.Event
+    ) -> None:
+        self._engine = engine
+        self._repo = engine.repo
+        self._store = store
+        self._publisher = publisher
+        self._stopping = stopping
+
+    @_translated
+    def ListGateways(self, request: Any, context: grpc.ServicerContext) -> Any:
+        now = datetime.now(UTC)
+        gateways = []
+        for record in self._repo.list_gateways():
+            if record.busy:
+                state = "UPGRADING"
+            elif now - record.last_seen <= OFFLINE_AFTER:
+                state = "ONLINE"
+            else:
+                state = "OFFLINE"
+            gateways.append(convert.gateway(record, state))
+        return controller_pb2.ListGatewaysResponse(gateways=gateways)
+
+    @_translated
+    def ListReleases(self, request: Any, context: grpc.ServicerContext) -> Any:
+        releases = [convert.release(r) for r in self._repo.list_releases()]
+        return controller_pb2.ListReleasesResponse(releases=releases)
+
+    @_translated
+    def PublishRelease(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "metadata":
+            raise InvalidRequest("the first message of PublishRelease must carry the metadata")
+        meta = first.metadata
+        version = str(semver.parse(meta.version))
+
+        def chunks() -> Iterator[bytes]:
+            for part in request_iterator:
+                if part.WhichOneof("part") != "chunk":
+                    raise InvalidRequest("after the metadata, PublishRelease takes only chunks")
+                yield part.chunk
+
+        stored = self._store.put(
+            chunks(),
+            expected_sha256=meta.sha256 or None,
+            expected_size=meta.size or None,
+        )
+        record, created = self._repo.add_release(
+            version, stored.sha256, stored.size, meta.notes, datetime.now(UTC)
+        )
+        message = convert.release(record)
+        if created:
+            log.info("release_published", version=version, sha256=stored.sha256, size=stored.size)
+            try:
+                self._publisher.publish(
+                    topology.EVENTS,
+                    topology.RELEASE_PUBLISHED,
+                    message,
+                    message_id=f"{topology.RELEASE_PUBLISHED}:{version}",
+                )
+            except BusError as exc:
+                log.warning("event_not_published", key=topology.RELEASE_PUBLISHED, error=str(exc))
+        return message
+
+    @_translated
+    def StartUpgrade(self, request: Any, context: grpc.ServicerContext) -> Any:
+        target = request.WhichOneof("target")
+        if target is None:
+            raise InvalidRequest("say which release: latest, or a version")
+        version = None if target == "latest" else str(semver.parse(request.version))
+        if target == "latest" and not request.latest:
+            raise InvalidRequest("latest must be true when given")
+        deadline = (
+            timedelta(seconds=request.deadline_seconds) if request.deadline_seconds > 0 else None
+        )
+        job = self._engine.start_upgrade(
+            version=version,
+            gateway_ids=list(request.gateway_ids),
+            request_id=request.request_id or None,
+            source="cli",
+            deadline=deadline,
+        )
+        return convert.job(job)
+
+    @_translated
+    def GetJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return convert.job(self._job(request.job_id))
+
+    def _job(self, job_id: str) -> Any:
+        if not job_id:
+            job = self._repo.latest_job()
+            if job is None:
+                raise NotFound("no upgrade job has run yet: start one with `upgradectl upgrade`")
+            return job
+        job = self._repo.get_job(job_id)
+        if job is None:
+            raise NotFound(f"no job with id {job_id}")
+        return job
+
+    @_translated_stream
+    def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        job_id = self._job(request.job_id).id
+        seq = request.after_seq
+        while context.is_active() and not self._stopping.is_set():
+            events = self._repo.events_after(job_id, seq)
+            for event in events:
+                yield convert.event(event)
+                seq = event.seq
+                if event.job_state is not None and event.job_state.terminal:
+                    return
+            if not events:
+                if self._job(job_id).state.terminal and not self._repo.events_after(job_id, seq):
+                    return
+                self._engine.wait_for_change(WATCH_POLL_S)
+
+
+class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):
+    def __init__(self, store: ArtifactStore) -> None:
+        self._store = store
+
+    @_translated_stream
+    def Download(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        total = self._store.size(request.sha256)
+        offset = request.offset
+        if offset < 0 or offset > total:
+            context.abort(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"offset {offset} is outside the artifact's {total} bytes",
+            )
+        with self._store.open_at(request.sha256, offset) as f:
+            while context.is_active():
+                data = f.read(CHUNK_SIZE)
+                if not data:
+                    return
+                yield artifacts_pb2.Chunk(offset=offset, data=data, total_size=total)
+                offset += len(data)
+
+
+def build_server(
+    listen: HostPort,
+    controller: ControllerService,
+    artifacts: ArtifactsService,
+    *,
+    max_workers: int = 32,
+) -> tuple[grpc.Server, int]:
+    """A gRPC server bound to ``listen`` (SO_REUSEPORT on, so a new controller version can
+    bind the same port beside this one). Returns it and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=[("grpc.so_reuseport", 1)],
+    )
+    controller_pb2_grpc.add_ControllerServicer_to_server(controller, server)
+    artifacts_pb2_grpc.add_ArtifactsServicer_to_server(artifacts, server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [
+        controller_pb2.DESCRIPTOR.services_by_name["Controller"].full_name,
+        artifacts_pb2.DESCRIPTOR.services_by_name["Artifacts"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ]
+    reflection.enable_server_reflection(names, server)
+    for name in ("", *names[:2]):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    try:
+        port = server.add_insecure_port(str(listen))
+    except RuntimeError as exc:
+        raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
+    if port == 0:
+        raise ConfigError(f"cannot listen on {listen}: the address is not available")
+    return server, port

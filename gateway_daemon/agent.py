@@ -1,0 +1,135 @@
+"""The gateway's upgrade agent: takes one command and carries it through
+
+    DOWNLOADING -> VERIFYING -> (staged) -> SWAPPING -> handoff -> SUCCEEDED (new process)
+                                                              -> ROLLED_BACK (this process)
+
+Every outcome is written to disk before the command is acked, so a redelivered command
+is answered from there and never run twice. The command is acked when ``handle`` returns.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from gateway_daemon.download import download
+from gateway_daemon.errors import DownloadFailed, HandoffFailed, VerificationFailed
+from gateway_daemon.reporter import Reporter
+from gateway_daemon.state import AgentState, Outcome
+from gateway_daemon.verify import verify
+from hitless import logs
+from hitless.bus import codec
+from hitless.bus.amqp import DeadLetter, Delivery
+from hitless.config import GatewayConfig
+from hitless.errors import DecodeError
+from hitless.v1 import bus_pb2
+
+log = logs.get(__name__)
+
+Swap = Callable[[bus_pb2.UpgradeCommand, Path], None]
+PROGRESS_INTERVAL_S = 0.5
+
+
+class Agent:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        version: str,
+        state: AgentState,
+        reporter: Reporter,
+        swap: Swap,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._config = config
+        self._version = version
+        self._state = state
+        self._reporter = reporter
+        self._swap = swap
+        self._clock = clock
+
+    def handle(self, delivery: Delivery) -> None:
+        try:
+            command = codec.decode(bus_pb2.UpgradeCommand, delivery.body)
+        except DecodeError as exc:
+            raise DeadLetter(f"not an upgrade command: {exc}") from exc
+        if command.gateway_id != self._config.gateway_id:
+            raise DeadLetter(
+                f"command for gateway {command.gateway_id!r} reached {self._config.gateway_id!r}"
+            )
+        bound = log.bind(job_id=command.job_id, command_id=command.command_id)
+        done = self._state.outcome(command.command_id)
+        if done is not None:
+            bound.info("command_already_done", state=done.state)
+            self._report(command, done)
+            return
+        if command.HasField("deadline") and command.deadline.ToDatetime(UTC) < self._clock():
+            bound.warning("command_expired")
+            self._finish(
+                command,
+                Outcome("UNREACHABLE", command.target_version, self._version,
+                        "the command expired before the gateway took it"),
+            )
+            return
+        if command.target_version == self._version:
+            self._finish(command, Outcome("SUCCEEDED", self._version, self._version))
+            return
+        bound.info("upgrade_started", target_version=command.target_version)
+        self._upgrade(command)
+
+    def _upgrade(self, command: bus_pb2.UpgradeCommand) -> None:
+        sha, size, target = command.artifact_sha256, command.artifact_size, command.target_version
+        partial = self._state.downloads_dir / f"{sha}.pyz"
+        last_report = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal last_report
+            now = time.monotonic()
+            if now - last_report >= PROGRESS_INTERVAL_S or done == total:
+                last_report = now
+                self._status(command, "DOWNLOADING", bytes_done=done, bytes_total=total,
+                             required=False)
+
+        self._status(command, "DOWNLOADING", bytes_done=0, bytes_total=size, required=False)
+        try:
+            download(self._config.controller, sha, size, partial, progress=progress)
+            self._status(command, "VERIFYING", bytes_done=size, bytes_total=size)
+            verify(partial, sha256=sha, size=size)
+        except (DownloadFailed, VerificationFailed) as exc:
+            partial.unlink(missing_ok=True)
+            self._finish(command, Outcome("FAILED", target, self._version, str(exc)))
+            return
+        staged = self._state.releases_dir / f"{target}-{sha[:12]}.pyz"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        partial.replace(staged)
+        self._status(command, "SWAPPING")
+        try:
+            self._swap(command, staged)
+        except HandoffFailed as exc:
+            self._finish(
+                command,
+                Outcome("ROLLED_BACK", target, self._version, f"handoff to {target} failed: {exc}"),
+            )
+
+    def _status(self, command: bus_pb2.UpgradeCommand, state: str, **extra: object) -> None:
+        self._reporter.status(
+            command,
+            state,
+            from_version=self._version,
+            to_version=command.target_version,
+            **extra,  # type: ignore[arg-type]
+        )
+
+    def _finish(self, command: bus_pb2.UpgradeCommand, outcome: Outcome) -> None:
+        self._state.record_outcome(command.command_id, outcome)
+        self._report(command, outcome)
+
+    def _report(self, command: bus_pb2.UpgradeCommand, outcome: Outcome) -> None:
+        self._reporter.status(
+            command,
+            outcome.state,
+            from_version=outcome.from_version,
+            to_version=outcome.to_version,
+            error=outcome.error,
+        )

@@ -1,0 +1,80 @@
+"""``gateway-daemon``: the gateway's command line. Flags and environment are read here only.
+
+    gateway-daemon run --id ID [--controller HOST:PORT] [--amqp URL] [--state-dir DIR]
+                       [--listen HOST:PORT]...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gateway_daemon import daemon
+from gateway_daemon.handoff import child
+from hitless import config, logs
+from hitless.errors import ConfigError, HitlessError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway-daemon", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run a gateway")
+    run.add_argument("--id", required=True, help="this gateway's id, e.g. gw-1")
+    run.add_argument("--controller", help=f"controller HOST:PORT (env {config.ENV_CONTROLLER})")
+    run.add_argument("--amqp", help=f"broker URL (env {config.ENV_AMQP_URL})")
+    run.add_argument("--state-dir", help="where downloads, releases and agent state live")
+    run.add_argument(
+        "--listen", action="append", default=[], metavar="HOST:PORT",
+        help="a TCP address to serve (repeatable)",
+    )  # fmt: skip
+    # Internal: set by the old version when it hands its sockets to this process.
+    run.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> config.GatewayConfig:
+    state_dir = (
+        config.data_dir(args.state_dir)
+        if args.state_dir
+        else config.data_dir() / "gateways" / args.id
+    )
+    return config.GatewayConfig(
+        gateway_id=args.id,
+        controller=config.HostPort.parse(
+            args.controller or os.environ.get(config.ENV_CONTROLLER) or config.DEFAULT_CONTROLLER,
+            what="controller address",
+        ),
+        bus=config.BusConfig(
+            args.amqp or os.environ.get(config.ENV_AMQP_URL) or config.DEFAULT_AMQP_URL
+        ),
+        state_dir=state_dir,
+        listen=tuple(config.HostPort.parse(a, what="listen address") for a in args.listen),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    logs.configure("gateway-daemon", json=True)
+    try:
+        if args.handoff_fd is not None:
+            inheritance = child.accept(args.handoff_fd)
+            gateway = daemon.GatewayDaemon(daemon.config_from_context(inheritance.context))
+            daemon.install_signal_handlers(gateway)
+            return gateway.run_inherited(inheritance)
+        cfg = _config(args)
+        daemon.exec_current_release(daemon.AgentState(cfg.state_dir), argv)
+        gateway = daemon.GatewayDaemon(cfg)
+        daemon.install_signal_handlers(gateway)
+        return gateway.run_fresh()
+    except ConfigError as exc:
+        print(f"gateway-daemon: error: {exc}", file=sys.stderr)
+        return 2
+    except (HitlessError, OSError) as exc:
+        print(f"gateway-daemon: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""One gateway process: its data plane, its upgrade agent, and its place on the bus.
+
+A process starts either fresh (binding its listeners) or from a handoff (adopting the
+sockets and state of the version before it). It serves until it is told to stop or has
+handed everything to the next version, and then exits.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from gateway_daemon import listeners
+from gateway_daemon.agent import Agent
+from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.handoff import child, parent
+from gateway_daemon.reporter import Reporter
+from gateway_daemon.state import AgentState, Outcome
+from hitless import logs, version
+from hitless.bus import codec, topology
+from hitless.bus.amqp import Consumer, Publisher
+from hitless.config import BusConfig, GatewayConfig, HostPort
+from hitless.errors import BusError
+from hitless.v1 import bus_pb2
+
+log = logs.get(__name__)
+
+BUS_READY_TIMEOUT_S = 20.0
+
+
+def config_to_context(config: GatewayConfig) -> dict[str, Any]:
+    return {
+        "gateway_id": config.gateway_id,
+        "controller": str(config.controller),
+        "amqp_url": config.bus.url,
+        "state_dir": str(config.state_dir),
+        "listen": [str(a) for a in config.listen],
+        "heartbeat_interval_s": config.heartbeat_interval_s,
+    }
+
+
+def config_from_context(context: dict[str, Any]) -> GatewayConfig:
+    return GatewayConfig(
+        gateway_id=context["gateway_id"],
+        controller=HostPort.parse(context["controller"]),
+        bus=BusConfig(context["amqp_url"]),
+        state_dir=Path(context["state_dir"]),
+        listen=tuple(HostPort.parse(a) for a in context["listen"]),
+        heartbeat_interval_s=float(context["heartbeat_interval_s"]),
+    )
+
+
+class GatewayDaemon:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.version = version.current()
+        self.state = AgentState(config.state_dir)
+        self._stop = threading.Event()
+        self._swapped = False
+        self._plane: listeners.Listeners | None = None
+        log.info("gateway_starting", gateway_id=config.gateway_id, version=self.version)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _greeting(self) -> bytes:
+        return f"hitless-gateway {self.config.gateway_id} {self.version}\n".encode()
+
+    def run_fresh(self) -> int:
+        plane = listeners.Listeners.bind(self.config.listen, self._greeting())
+        plane.start()
+        return self._serve(plane, handed_over=None)
+
+    def run_inherited(self, inheritance: child.Inheritance) -> int:
+        """Take over from the old process; on any failure before serving, leave it to it."""
+        publisher = self._publisher()
+        try:
+            plane = listeners.adopt(inheritance.description, inheritance.sockets, self._greeting())
+            if not publisher.wait_connected(BUS_READY_TIMEOUT_S):
+                raise HandoffFailed(f"cannot reach the broker at {self.config.bus.safe_url}")
+            final_state = inheritance.ready()
+            plane.start(final_state)
+        except Exception as exc:
+            log.error("takeover_failed", error=str(exc))
+            inheritance.abort(f"the new version could not take over: {exc}")
+            for sock in inheritance.sockets:
+                sock.close()
+            publisher.close()
+            return 1
+        context = inheritance.context
+        command = codec.decode(bus_pb2.UpgradeCommand, context["command"].encode())
+        outcome = Outcome("SUCCEEDED", self.version, context["from_version"])
+        self.state.record_outcome(command.command_id, outcome)
+        self.state.set_current_release(self.version, Path(context["artifact"]))
+        inheritance.started()
+        return self._serve(plane, handed_over=(command, outcome), publisher=publisher)
+
+    def _publisher(self) -> Publisher:
+        queues = [topology.gateway_queue(self.config.gateway_id), topology.CONTROLLER_REPORTS]
+        return Publisher(self.config.bus, queues=queues, name="gateway-publisher").start()
+
+    def _serve(
+        self,
+        plane: listeners.Listeners,
+        handed_over: tuple[bus_pb2.UpgradeCommand, Outcome] | None,
+        publisher: Publisher | None = None,
+    ) -> int:
+        self._plane = plane
+        publisher = publisher or self._publisher()
+        reporter = Reporter(publisher, self.config.gateway_id, self.version)
+        agent = Agent(self.config, self.version, self.state, reporter, self._swap)
+        consumer = Consumer(
+            self.config.bus,
+            topology.gateway_queue(self.config.gateway_id),
+            agent.handle,
+            queues=[topology.CONTROLLER_REPORTS],
+            name="gateway-commands",
+        )
+        log.info("gateway_serving", endpoints=plane.endpoints(), pid=os.getpid())
+        try:
+            if handed_over is not None:
+                command, outcome = handed_over
+                reporter.status(command, outcome.state, from_version=outcome.from_version,
+                                to_version=outcome.to_version)
+            self._announce(reporter, plane)
+            consumer.start()
+            while not self._stop.wait(self.config.heartbeat_interval_s):
+                try:
+                    reporter.heartbeat()
+                except BusError as exc:
+                    log.warning("heartbeat_failed", error=str(exc))
+        finally:
+            consumer.stop()
+            plane.close()
+            publisher.close()
+        log.info("gateway_exiting", handed_over=self._swapped)
+        return 0
+
+    def _announce(self, reporter: Reporter, plane: listeners.Listeners) -> None:
+        try:
+            reporter.hello(plane.endpoints())
+        except BusError as exc:
+            log.warning("hello_failed", error=str(exc))
+
+    def _swap(self, command: bus_pb2.UpgradeCommand, artifact: Path) -> None:
+        """Hand the data plane to ``artifact``'s version; return once it serves."""
+        assert self._plane is not None
+        context = {
+            **config_to_context(self.config),
+            "command": codec.encode(command).decode(),
+            "from_version": self.version,
+            "artifact": str(artifact),
+        }
+
+        def argv_for(control_fd: int) -> list[str]:
+            return [
+                sys.executable, str(artifact), "gateway-daemon", "run",
+                "--id", self.config.gateway_id,
+                "--state-dir", str(self.config.state_dir),
+                "--handoff-fd", str(control_fd),
+            ]  # fmt: skip
+
+        parent.hand_off(self._plane, argv_for, context)
+        self._swapped = True
+        self._stop.set()
+
+
+def exec_current_release(state: AgentState, argv: list[str]) -> None:
+    """A daemon started from the installed package runs the release staged by its last
+    upgrade instead, so a restart does not silently downgrade the gateway."""
+    current = state.current_release()
+    if current is None:
+        return
+    staged_version, artifact = current
+    if staged_version == version.current() or not artifact.is_file():
+        return
+    log.info("exec_staged_release", version=staged_version, artifact=str(artifact))
+    os.execv(sys.executable, [sys.executable, str(artifact), "gateway-daemon", *argv])
+
+
+def install_signal_handlers(daemon: GatewayDaemon) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.stop())

@@ -1,0 +1,33 @@
+"""Errors of the gateway daemon.
+
+    HitlessError
+    └── GatewayError
+        ├── DownloadFailed        the artifact could not be fetched (after retries)
+        ├── VerificationFailed    the artifact's size or sha256 is not what the command says
+        └── HandoffFailed         the new version did not take over; the old one serves on
+            └── HandoffTimeout    a handoff step missed its deadline
+"""
+
+from __future__ import annotations
+
+from hitless.errors import HitlessError
+
+
+class GatewayError(HitlessError):
+    """Base of the gateway daemon's errors."""
+
+
+class DownloadFailed(GatewayError):
+    """The artifact could not be downloaded."""
+
+
+class VerificationFailed(GatewayError):
+    """The downloaded artifact does not match the command's digest or size."""
+
+
+class HandoffFailed(GatewayError):
+    """The new process did not take over; the old one goes on serving (rollback)."""
+
+
+class HandoffTimeout(HandoffFailed):
+    """A step of the handoff missed its deadline."""

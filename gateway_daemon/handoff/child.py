@@ -1,0 +1,75 @@
+"""The new process's side of the handoff.
+
+    accept():   HELLO, descriptors, SNAPSHOT   -> Inheritance (the plane is not serving)
+    ready():    READY, wait CUTOVER            -> the old process's final state
+    started():  STARTED                        -> the old process exits
+
+Leaving without ``started()`` (crash, exception, deadline) closes the control socket,
+which the old process reads as failure: it kills this process and serves on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.handoff import wire
+
+
+@dataclass
+class Inheritance:
+    """What the old process handed over, and the channel to finish the handoff on."""
+
+    description: dict[str, Any]
+    sockets: list[socket.socket]
+    snapshot: bytes
+    context: dict[str, Any]
+    channel: wire.Channel = field(repr=False)
+
+    def ready(self, timeout_s: float = 10.0) -> bytes:
+        """Say ready; return the final state once the old process has paused."""
+        self.channel.send(wire.READY)
+        kind, payload = self.channel.receive(
+            time.monotonic() + timeout_s, "the old process to cut over"
+        )
+        if kind != wire.CUTOVER:
+            raise HandoffFailed(f"protocol error: expected CUTOVER, got frame kind {kind}")
+        return payload
+
+    def started(self) -> None:
+        """Say this process serves now; the handoff is over."""
+        self.channel.send(wire.STARTED)
+        self.channel.close()
+
+    def abort(self, reason: str) -> None:
+        """Tell the old process to go on serving, and why."""
+        with contextlib.suppress(OSError):
+            self.channel.send_json(wire.ABORT, {"reason": reason})
+        self.channel.close()
+
+
+def accept(control_fd: int, timeout_s: float = 10.0) -> Inheritance:
+    """Take over from the old process through the inherited control socket."""
+    channel = wire.Channel(socket.socket(fileno=control_fd))
+    deadline = time.monotonic() + timeout_s
+    try:
+        kind, payload = channel.receive(deadline, "the handoff's HELLO")
+        if kind != wire.HELLO:
+            raise HandoffFailed(f"protocol error: expected HELLO, got frame kind {kind}")
+        hello = json.loads(payload)
+        fds = channel.receive_fds(int(hello["fds"]), deadline)
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+        kind, snapshot = channel.receive(deadline, "the data plane's snapshot")
+        if kind != wire.SNAPSHOT:
+            for sock in sockets:
+                sock.close()
+            raise HandoffFailed(f"protocol error: expected SNAPSHOT, got frame kind {kind}")
+    except BaseException:
+        channel.close()
+        raise
+    return Inheritance(hello["description"], sockets, snapshot, hello["context"], channel)

@@ -1,0 +1,161 @@
+"""The old process's side of the handoff.
+
+    spawn new version (exec, with one end of a socketpair)
+    HELLO (description, context) + descriptors in batches + SNAPSHOT
+    wait READY  ........................ deadline: ready_s; EOF or ABORT = failed
+    plane.pause(); CUTOVER(final state)
+    wait STARTED ....................... deadline: started_s
+    done: the caller closes its copy of the plane and exits
+
+Any failure before STARTED kills the new process, waits for it to be gone, and resumes the
+plane: the old version goes on serving, and the two never send at the same time.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.handoff import wire
+from gateway_daemon.plane import Plane
+from hitless import logs
+
+log = logs.get(__name__)
+
+
+class ChildProcess(Protocol):
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def kill(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+Spawn = Callable[[Sequence[str], int], ChildProcess]
+
+
+def spawn_process(argv: Sequence[str], control_fd: int) -> ChildProcess:
+    """Start the new version by exec (never a bare fork: gRPC does not survive fork)."""
+    return subprocess.Popen(list(argv), pass_fds=(control_fd,), stdin=subprocess.DEVNULL)
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    ready_s: float = 30.0  # spawn to READY: the new interpreter starts and loads
+    started_s: float = 5.0  # CUTOVER to STARTED
+
+
+@dataclass(frozen=True)
+class HandoffReport:
+    """How long each phase took, in milliseconds, and what was passed."""
+
+    child_pid: int
+    descriptors: int
+    spawn_to_ready_ms: float
+    descriptors_ms: float
+    state_ms: float
+    cutover_ms: float
+
+
+def hand_off(
+    plane: Plane,
+    argv_for: Callable[[int], Sequence[str]],
+    context: dict[str, Any],
+    *,
+    spawn: Spawn = spawn_process,
+    deadlines: Deadlines = Deadlines(),
+    clock: Callable[[], float] = time.monotonic,
+) -> HandoffReport:
+    """Pass ``plane`` to a new process started from ``argv_for(control_fd)``.
+
+    Returns once the new process serves. Raises HandoffFailed (the new process is dead
+    and ``plane`` serves again) otherwise.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = wire.Channel(ours)
+    try:
+        started_at = clock()
+        try:
+            child = spawn(argv_for(theirs.fileno()), theirs.fileno())
+        except OSError as exc:
+            raise HandoffFailed(f"could not start the new version: {exc}") from exc
+        finally:
+            theirs.close()
+        try:
+            return _run(plane, channel, child, context, deadlines, clock, started_at)
+        except BaseException as exc:
+            _kill(child)
+            if isinstance(exc, HandoffFailed):
+                code = child.poll()
+                if code is not None and code != -9:
+                    raise HandoffFailed(f"{exc} (the new process exited with {code})") from exc
+            raise
+    finally:
+        channel.close()
+
+
+def _run(
+    plane: Plane,
+    channel: wire.Channel,
+    child: ChildProcess,
+    context: dict[str, Any],
+    deadlines: Deadlines,
+    clock: Callable[[], float],
+    started_at: float,
+) -> HandoffReport:
+    sockets = plane.sockets()
+    channel.send_json(
+        wire.HELLO, {"description": plane.describe(), "fds": len(sockets), "context": context}
+    )
+    fds_at = clock()
+    channel.send_fds([s.fileno() for s in sockets])
+    state_at = clock()
+    channel.send(wire.SNAPSHOT, plane.snapshot())
+    snapshot_done = clock()
+    _expect(channel, wire.READY, started_at + deadlines.ready_s, "the new process to say ready")
+    ready_at = clock()
+    plane.pause()
+    paused_at = clock()
+    try:
+        channel.send(wire.CUTOVER, plane.final_state())
+        _expect(
+            channel, wire.STARTED, clock() + deadlines.started_s, "the new process to start"
+        )
+    except BaseException:
+        # It may have started serving: it must be dead before this process sends again.
+        _kill(child)
+        plane.resume()
+        raise
+    started = clock()
+    report = HandoffReport(
+        child_pid=child.pid,
+        descriptors=len(sockets),
+        spawn_to_ready_ms=(ready_at - started_at) * 1000,
+        descriptors_ms=(state_at - fds_at) * 1000,
+        state_ms=(snapshot_done - state_at) * 1000,
+        cutover_ms=(started - paused_at) * 1000,
+    )
+    log.info("handoff_done", **report.__dict__)
+    return report
+
+
+def _expect(channel: wire.Channel, kind: int, deadline: float, what: str) -> None:
+    got, _ = channel.receive(deadline, what)
+    if got != kind:
+        raise HandoffFailed(f"protocol error while waiting for {what}: got frame kind {got}")
+
+
+def _kill(child: ChildProcess) -> None:
+    if child.poll() is None:
+        child.kill()
+    try:
+        child.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log.error("handoff_child_unkillable", pid=child.pid)

@@ -1,0 +1,144 @@
+"""Framing on the handoff's control socket, with file descriptors passed by SCM_RIGHTS.
+
+A frame is one byte of kind, four bytes of big-endian length, then the payload. A frame of
+kind FDS carries a JSON count in its payload and the descriptors in ancillary data of
+the same ``sendmsg``: at most ``MAX_FDS_PER_MESSAGE`` (253, the kernel's SCM_MAX_FD) per
+message, so many sockets go in several batches. EOF on the socket means the other side is
+gone, which every step treats as failure.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import json
+import os
+import select
+import socket
+import struct
+import time
+from typing import Any
+
+from gateway_daemon.errors import HandoffFailed, HandoffTimeout
+
+MAX_FDS_PER_MESSAGE = 253
+_HEADER = struct.Struct(">BI")
+MAX_PAYLOAD = 64 * 1024 * 1024
+
+# Frame kinds, in the order the protocol uses them.
+HELLO = 1  # parent -> child: JSON with what the child takes over (description, context)
+FDS = 2  # parent -> child: a batch of descriptors
+SNAPSHOT = 3  # parent -> child: the data plane's snapshot (bytes)
+READY = 4  # child -> parent: loaded and checked
+CUTOVER = 5  # parent -> child: the data plane's final state (bytes); parent has paused
+STARTED = 6  # child -> parent: serving
+ABORT = 7  # either way: give up, with a JSON reason
+
+
+class Channel:
+    """One end of the control socket, with a deadline on every receive."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, kind: int, payload: bytes = b"") -> None:
+        self.sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+
+    def send_json(self, kind: int, value: Any) -> None:
+        self.send(kind, json.dumps(value).encode())
+
+    def send_fds(self, fds: list[int]) -> None:
+        """Send every descriptor, in batches the kernel accepts."""
+        for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
+            batch = fds[start : start + MAX_FDS_PER_MESSAGE]
+            payload = json.dumps({"count": len(batch)}).encode()
+            frame = _HEADER.pack(FDS, len(payload)) + payload
+            # The descriptors ride on the frame's first byte; sendmsg on a stream socket
+            # may send fewer bytes, so the rest follows with sendall.
+            sent = socket.send_fds(self.sock, [frame], batch)
+            if sent < len(frame):
+                self.sock.sendall(frame[sent:])
+
+    def receive(self, deadline: float, what: str) -> tuple[int, bytes]:
+        """The next frame, or HandoffTimeout at ``deadline`` (a time.monotonic value)."""
+        while True:
+            frame = self._take_frame()
+            if frame is not None:
+                return frame
+            self._read(deadline, what)
+
+    def receive_fds(self, count: int, deadline: float) -> list[int]:
+        """Receive ``count`` descriptors sent by send_fds(), consuming their frames."""
+        try:
+            announced = 0
+            while announced < count:
+                kind, payload = self.receive(deadline, "descriptors")
+                if kind != FDS:
+                    raise HandoffFailed(f"expected a descriptor frame, got kind {kind}")
+                announced += int(json.loads(payload)["count"])
+            if len(self._fds) != count:
+                raise HandoffFailed(f"{count} descriptors announced, {len(self._fds)} arrived")
+        except BaseException:
+            self.close_received()
+            raise
+        fds, self._fds = self._fds, []
+        return fds
+
+    def close_received(self) -> None:
+        """Close descriptors received but not yet taken (on failure)."""
+        for fd in self._fds:
+            _close_fd(fd)
+        self._fds = []
+
+    def _take_frame(self) -> tuple[int, bytes] | None:
+        if len(self._buffer) < _HEADER.size:
+            return None
+        kind, length = _HEADER.unpack_from(self._buffer)
+        if length > MAX_PAYLOAD:
+            raise HandoffFailed(f"control frame of {length} bytes exceeds {MAX_PAYLOAD}")
+        end = _HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        payload = bytes(self._buffer[_HEADER.size : end])
+        del self._buffer[:end]
+        if kind == ABORT:
+            raise HandoffFailed(f"the other side gave up: {json.loads(payload)['reason']}")
+        return kind, payload
+
+    def _read(self, deadline: float, what: str) -> None:
+        """Read what is there; descriptors may arrive with any read, so every read is a
+        recvmsg with room for a full batch, and they are kept until asked for."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise HandoffTimeout(f"timed out waiting for {what} on the control socket")
+        ready, _, _ = select.select([self.sock], [], [], remaining)
+        if not ready:
+            raise HandoffTimeout(f"timed out waiting for {what} on the control socket")
+        space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+        data, ancdata, flags, _ = self.sock.recvmsg(65536, space)
+        for level, kind, cdata in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                self._fds.extend(_unpack_fds(cdata))
+        if flags & socket.MSG_CTRUNC:
+            self.close_received()
+            raise HandoffFailed("descriptors were truncated in transit (MSG_CTRUNC)")
+        if not data:
+            raise HandoffFailed(f"the other side closed the control socket while awaiting {what}")
+        self._buffer += data
+
+
+def _unpack_fds(cdata: bytes) -> list[int]:
+    fds = array.array("i")
+    usable = len(cdata) - (len(cdata) % fds.itemsize)
+    fds.frombytes(cdata[:usable])
+    return list(fds)
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)

@@ -1,0 +1,89 @@
+"""What the gateway tells the controller: status reports, hello and heartbeats."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hitless import logs
+from hitless.bus import topology
+from hitless.bus.amqp import Publisher
+from hitless.errors import BusError
+from hitless.v1 import bus_pb2, common_pb2
+
+log = logs.get(__name__)
+
+
+def _now() -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(datetime.now(UTC))
+    return stamp
+
+
+class Reporter:
+    def __init__(self, publisher: Publisher, gateway_id: str, version: str) -> None:
+        self._publisher = publisher
+        self._gateway_id = gateway_id
+        self._version = version
+
+    def status(
+        self,
+        command: bus_pb2.UpgradeCommand,
+        state: str,
+        *,
+        from_version: str,
+        to_version: str,
+        error: str = "",
+        bytes_done: int = 0,
+        bytes_total: int = 0,
+        required: bool = True,
+    ) -> None:
+        """Report ``state`` (a GatewayJobState name such as "SUCCEEDED") for a command.
+
+        A required report that cannot be published raises, so the command is redelivered
+        and the outcome (kept on disk) reported again; progress reports are best effort.
+        """
+        report = bus_pb2.StatusReport(
+            report_id=str(uuid.uuid4()),
+            command_id=command.command_id,
+            job_id=command.job_id,
+            gateway_id=self._gateway_id,
+            state=common_pb2.GatewayJobState.Value(f"GATEWAY_JOB_STATE_{state}"),
+            from_version=from_version,
+            to_version=to_version,
+            error=error,
+            bytes_done=bytes_done,
+            bytes_total=bytes_total,
+            at=_now(),
+        )
+        key = topology.report_key(self._gateway_id, topology.STATUS)
+        try:
+            self._publisher.publish(topology.REPORTS, key, report, message_id=report.report_id)
+        except BusError as exc:
+            if required:
+                raise
+            log.warning("progress_report_dropped", state=state, error=str(exc))
+            return
+        log.info("reported", job_id=command.job_id, state=state, error=error or None)
+
+    def hello(self, endpoints: Sequence[str]) -> None:
+        message = bus_pb2.GatewayHello(
+            gateway_id=self._gateway_id,
+            version=self._version,
+            pid=os.getpid(),
+            listen=list(endpoints),
+            at=_now(),
+        )
+        key = topology.report_key(self._gateway_id, topology.HELLO)
+        self._publisher.publish(topology.REPORTS, key, message)
+
+    def heartbeat(self) -> None:
+        message = bus_pb2.GatewayHeartbeat(
+            gateway_id=self._gateway_id, version=self._version, at=_now()
+        )
+        key = topology.report_key(self._gateway_id, topology.HEARTBEAT)
+        self._publisher.publish(topology.REPORTS, key, message, timeout=5)

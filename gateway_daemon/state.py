@@ -1,0 +1,86 @@
+"""The gateway's state on disk, so an upgrade is resumable across processes and crashes.
+
+``agent.json`` in the state directory records the release this gateway runs (so a
+restarted daemon starts the staged artifact, not the installed package) and the outcome of
+the latest commands (so a redelivered command is answered, never run twice). Writes are
+atomic: temp file, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+KEEP_OUTCOMES = 200
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: str
+    to_version: str
+    from_version: str
+    error: str = ""
+
+
+class AgentState:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir
+        self.path = state_dir / "agent.json"
+        self._lock = threading.Lock()
+        state_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def releases_dir(self) -> Path:
+        return self.dir / "releases"
+
+    @property
+    def downloads_dir(self) -> Path:
+        return self.dir / "downloads"
+
+    def _load(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {"current": None, "outcomes": {}}
+        return data
+
+    def _save(self, data: dict[str, Any]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def current_release(self) -> tuple[str, Path] | None:
+        """(version, artifact) of the release this gateway runs, if it runs a staged one."""
+        current = self._load().get("current")
+        if not current:
+            return None
+        return current["version"], Path(current["artifact"])
+
+    def set_current_release(self, version: str, artifact: Path) -> None:
+        with self._lock:
+            data = self._load()
+            data["current"] = {"version": version, "artifact": str(artifact)}
+            self._save(data)
+
+    def outcome(self, command_id: str) -> Outcome | None:
+        found = self._load()["outcomes"].get(command_id)
+        return Outcome(**found["outcome"]) if found else None
+
+    def record_outcome(self, command_id: str, outcome: Outcome) -> None:
+        with self._lock:
+            data = self._load()
+            outcomes = data["outcomes"]
+            serial = max((o["serial"] for o in outcomes.values()), default=0) + 1
+            outcomes[command_id] = {"serial": serial, "outcome": outcome.__dict__}
+            if len(outcomes) > KEEP_OUTCOMES:
+                oldest = sorted(outcomes, key=lambda k: outcomes[k]["serial"])
+                for key in oldest[: len(outcomes) - KEEP_OUTCOMES]:
+                    del outcomes[key]
+            self._save(data)

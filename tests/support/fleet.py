@@ -1,0 +1,123 @@
+"""A controller and gateway daemons as real processes on a test's own vhost, driven
+through the real ``upgradectl``."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.support.procs import Proc, Procs, command, free_port
+from tests.support.wait import wait_for
+
+CLI_TIMEOUT_S = 120
+
+
+class Fleet:
+    def __init__(self, procs: Procs, root: Path, amqp_url: str) -> None:
+        self.procs = procs
+        self.root = root
+        self.amqp_url = amqp_url
+        self.controller_port = free_port()
+        self.controller: Proc | None = None
+        self.gateway_ports: dict[str, int] = {}
+
+    @property
+    def controller_address(self) -> str:
+        return f"127.0.0.1:{self.controller_port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"HITLESS_CONTROLLER": self.controller_address, "HITLESS_AMQP_URL": self.amqp_url}
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "controller"
+
+    def start_controller(self, db_url: str | None = None, *extra: str) -> Proc:
+        argv = [
+            command("controller-svc"), "serve",
+            "--listen", self.controller_address,
+            "--data-dir", str(self.data_dir),
+            "--amqp", self.amqp_url,
+            *extra,
+        ]  # fmt: skip
+        if db_url:
+            argv += ["--db", db_url]
+        self.controller = self.procs.start("controller", argv)
+        wait_for(
+            lambda: self.cli("releases", "list", "--json", check=False).returncode == 0,
+            timeout=30,
+            what="the controller to answer",
+            interval=0.2,
+            describe=self.procs.dump_logs,
+        )
+        return self.controller
+
+    def start_gateway(self, gateway_id: str) -> Proc:
+        port = self.gateway_ports.setdefault(gateway_id, free_port())
+        argv = [
+            command("gateway-daemon"), "run",
+            "--id", gateway_id,
+            "--controller", self.controller_address,
+            "--amqp", self.amqp_url,
+            "--state-dir", str(self.root / gateway_id),
+            "--listen", f"127.0.0.1:{port}",
+        ]  # fmt: skip
+        return self.procs.start(gateway_id, argv)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [command("upgradectl"), *args],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"upgradectl {' '.join(args)} exited {result.returncode}\n"
+                f"stdout: {result.stdout}\nstderr: {result.stderr}\n{self.procs.dump_logs()}"
+            )
+        return result
+
+    def cli_json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def gateways(self) -> dict[str, dict[str, Any]]:
+        return {g["id"]: g for g in self.cli_json("gateways", "list")}
+
+    def wait_gateways(self, versions: dict[str, str], timeout: float = 30) -> None:
+        """Wait until every named gateway is known, online and on the given version."""
+
+        def ready() -> bool:
+            seen = self.gateways()
+            return all(
+                gid in seen and seen[gid]["version"] == version and seen[gid]["state"] == "ONLINE"
+                for gid, version in versions.items()
+            )
+
+        wait_for(ready, timeout=timeout, what=f"gateways {versions}", interval=0.2,
+                 describe=lambda: f"{self.gateways()}\n{self.procs.dump_logs()}")
+
+    def release(self, version: str) -> Path:
+        """Build and publish a release of the code under test stamped ``version``."""
+        artifact = self.root / f"release-{version}.pyz"
+        self.cli("releases", "build", "--version", version, "-o", str(artifact))
+        self.cli("releases", "publish", "--version", version, "--artifact", str(artifact))
+        return artifact
+
+    def greeting(self, gateway_id: str) -> str:
+        """What the gateway's listener says: 'hitless-gateway ID VERSION'."""
+        port = self.gateway_ports[gateway_id]
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(256)
+                if not chunk:
+                    break
+                data += chunk
+        return data.decode().strip()
