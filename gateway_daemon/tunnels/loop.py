@@ -1,0 +1,189 @@
+"""The data plane's event loop: one thread, one selector, and a freeze for the handoff.
+
+Every socket of the data plane is read and written on this thread only, so pausing the
+thread is enough to guarantee that nothing touches the sockets: ``pause()`` returns once
+the thread is parked between two rounds of events, and nothing is sent until
+``resume()`` (rollback) or ``stop()``. Handlers may register and modify sockets only from
+the loop thread, or while the loop is parked or not yet started.
+
+The owner of a ``Reactor`` (the ``TunnelPlane``) starts it and stops it; ``stop()``
+joins the thread with a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from gateway_daemon.tunnels.errors import PlaneStateError
+from hitless import logs
+
+Handler = Callable[[int], None]
+
+EVENT_READ = selectors.EVENT_READ
+EVENT_WRITE = selectors.EVENT_WRITE
+# The loop re-checks its commands at least this often even when no wake-up arrives.
+_IDLE_SELECT_S = 0.5
+TICK_S = 0.5
+
+log = logs.get(__name__)
+
+
+class _Want(enum.Enum):
+    RUN = "run"
+    PAUSE = "pause"
+    STOP = "stop"
+
+
+class Reactor:
+    """A selectors loop on a thread of its own that can be frozen and thawed."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, EVENT_READ, self._drain_wake)
+        self._cond = threading.Condition()
+        self._want = _Want.RUN
+        self._parked = False
+        self._thread: threading.Thread | None = None
+        self._calls: list[tuple[Callable[[], None], threading.Event]] = []
+        self._ticks: list[Callable[[], None]] = []
+        self._next_tick = 0.0
+        self.handler_errors = 0
+
+    # -- registration (loop thread, or while parked / not started) -------------------
+
+    def register(self, sock: socket.socket, events: int, handler: Handler) -> None:
+        self._selector.register(sock, events, handler)
+
+    def modify(self, sock: socket.socket, events: int, handler: Handler) -> None:
+        self._selector.modify(sock, events, handler)
+
+    def unregister(self, sock: socket.socket) -> None:
+        self._selector.unregister(sock)
+
+    def every_tick(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the loop thread about every ``TICK_S`` seconds (housekeeping)."""
+        self._ticks.append(fn)
+
+    # -- control (any thread) ----------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise PlaneStateError(f"{self._name}: the loop was already started")
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def pause(self, timeout: float) -> None:
+        """Park the loop thread; return once it touches no socket. Raises
+        PlaneStateError if it does not park within ``timeout`` seconds."""
+        with self._cond:
+            if self._want is _Want.STOP:
+                raise PlaneStateError(f"{self._name}: cannot pause a stopped loop")
+            self._want = _Want.PAUSE
+            if self._thread is None:
+                return
+            self._wake()
+            if not self._cond.wait_for(lambda: self._parked, timeout=timeout):
+                raise PlaneStateError(
+                    f"{self._name}: the loop did not park within {timeout}s; a handler is "
+                    "stuck, the handoff must be abandoned"
+                )
+
+    def resume(self) -> None:
+        with self._cond:
+            if self._want is _Want.PAUSE:
+                self._want = _Want.RUN
+                self._cond.notify_all()
+
+    def call(self, fn: Callable[[], None], timeout: float) -> None:
+        """Run ``fn`` on the loop thread (directly when the loop is parked or not
+        running) and return once it ran; raises PlaneStateError past ``timeout``."""
+        with self._cond:
+            direct = self._thread is None or self._parked or not self._thread.is_alive()
+            if not direct:
+                done = threading.Event()
+                self._calls.append((fn, done))
+                self._wake()
+        if direct:
+            fn()
+            return
+        if not done.wait(timeout):
+            raise PlaneStateError(f"{self._name}: the loop did not run a call within {timeout}s")
+
+    def stop(self, timeout: float) -> None:
+        """Stop the thread for good and close the selector; idempotent."""
+        with self._cond:
+            self._want = _Want.STOP
+            self._cond.notify_all()
+            self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise PlaneStateError(f"{self._name}: the loop did not stop within {timeout}s")
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # -- the loop thread ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        # A full buffer means a wake-up is already pending; a closed one, that the loop ended.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _drain_wake(self, _mask: int) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._cond:
+            calls, self._calls = self._calls, []
+        for fn, done in calls:
+            try:
+                fn()
+            finally:
+                done.set()
+
+    def _hold(self) -> bool:
+        """Wait while paused; False when the loop must end."""
+        with self._cond:
+            while self._want is _Want.PAUSE:
+                self._parked = True
+                self._cond.notify_all()
+                self._cond.wait()
+            self._parked = False
+            return self._want is _Want.RUN
+
+    def _run(self) -> None:
+        select = self._selector.select
+        clock = time.monotonic
+        while True:
+            # Read without the lock on the fast path; a stale RUN costs one more round.
+            if self._want is not _Want.RUN and not self._hold():
+                return
+            for key, mask in select(_IDLE_SELECT_S):
+                try:
+                    key.data(mask)
+                except Exception:
+                    # One broken handler must not take the gateway down: count it, log it
+                    # with its traceback, and go on serving the other sockets.
+                    self.handler_errors += 1
+                    log.exception("tunnel_handler_failed", loop=self._name)
+            if self._ticks and clock() >= self._next_tick:
+                self._next_tick = clock() + TICK_S
+                for fn in self._ticks:
+                    fn()

@@ -1,0 +1,422 @@
+"""``TunnelPlane``: the gateway's encrypted tunnels as a ``gateway_daemon.plane.Plane``.
+
+One reactor thread serves three shared sockets (the UDP tunnel socket, the plain UDP
+socket, the TCP tunnel listener) and every relayed TCP connection pair. The handoff
+drives it through the ``Plane`` methods; ``adopt()`` builds the next process's copy.
+
+Life of a plane::
+
+    from_config()  ──▶ SERVING ◀── start(final) ── LOADED ◀── adopt()
+                        │   ▲
+                pause() ▼   │ resume()
+                       PAUSED ── close() ──▶ CLOSED   (from any state)
+
+Counters on import. The new process continues every send counter exactly where the old
+one stopped, with no safety margin: after ``pause()`` the old process cannot send (its
+only sending thread is parked), so the final counters are exact. A margin would protect
+against nothing that can happen, and it would cost: receivers slide their replay windows
+forward by the margin, so old packets still in flight and reordered behind the first new
+one fall out of the window and are lost. The one case where two processes could both
+send from the same counters is a rollback after the next process already started; the
+handoff must make sure the next process is gone before it calls ``resume()``. As defence
+in depth, ``resume()`` after ``final_state()`` moves every UDP send counter forward by
+``RESUME_COUNTER_SKIP`` (receivers accept the jump; a TCP stream cannot skip a record,
+so TCP relies on the handoff's guarantee alone).
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from gateway_daemon.tunnels import state as st
+from gateway_daemon.tunnels.config import Address, TunnelsConfig, format_address
+from gateway_daemon.tunnels.errors import PlaneStateError, StateError
+from gateway_daemon.tunnels.loop import Reactor
+from gateway_daemon.tunnels.tcp import TcpConn, TcpPlane, TcpTunnel
+from gateway_daemon.tunnels.udp import UdpPlane, UdpTunnel
+from hitless import logs
+
+DESCRIPTION_FORMAT: Final = "hitless.tunnels.sockets"
+RESUME_COUNTER_SKIP: Final = 1 << 32
+# Shared UDP sockets hold what arrives while the loop is frozen: ~100 ms at 40 kpps.
+UDP_BUFFER_BYTES: Final = 4 * 1024 * 1024
+PAUSE_TIMEOUT_S: Final = 2.0
+# How long the export freeze holds when the handoff neither pauses nor resumes.
+FREEZE_TIMEOUT_S: Final = 60.0
+
+log = logs.get(__name__)
+
+
+class Phase(enum.Enum):
+    LOADED = "loaded"
+    SERVING = "serving"
+    PAUSED = "paused"
+    CLOSED = "closed"
+
+
+def resolve(addr: Address) -> Address:
+    """A configured address as ``recvfrom`` reports it (numeric IPv4)."""
+    info = socket.getaddrinfo(addr[0], addr[1], socket.AF_INET, socket.SOCK_DGRAM)
+    host, port = info[0][4][:2]
+    return str(host), int(port)
+
+
+def bind_sockets(config: TunnelsConfig) -> list[socket.socket]:
+    """Fresh sockets for ``config``: UDP tunnel, UDP plain, TCP listener."""
+    made: list[socket.socket] = []
+    try:
+        for addr in (config.udp_listen, config.udp_plain):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            made.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_BUFFER_BYTES)
+            sock.bind(addr)
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        made.append(listener)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(config.tcp_listen)
+        listener.listen(512)
+    except OSError:
+        for sock in made:
+            sock.close()
+        raise
+    for sock in made:
+        sock.setblocking(False)
+    return made
+
+
+class TunnelPlane:
+    """The tunnels data plane of one gateway process."""
+
+    def __init__(
+        self,
+        config: TunnelsConfig,
+        udp_sock: socket.socket,
+        plain_sock: socket.socket,
+        listen_sock: socket.socket,
+        *,
+        name: str = "tunnels",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        static = config.private()
+        udp, tcp = [], []
+        for spec in config.tunnels:
+            fwd = spec.forward
+            if spec.protocol == "udp":
+                plain = resolve(fwd.addr) if fwd.addr is not None else None
+                udp.append(UdpTunnel(spec, plain))
+            else:
+                assert fwd.addr is not None
+                tcp.append(TcpTunnel(spec, resolve(fwd.addr)))
+        self.udp = UdpPlane(udp, static, udp_sock, plain_sock)
+        self.tcp = TcpPlane(tcp, static, listen_sock)
+        self._reactor = Reactor(name)
+        self._clock = clock
+        self._phase = Phase.LOADED
+        self._exported: list[tuple[dict[str, Any], socket.socket]] | None = None
+        self._freeze_until = 0.0
+        self._final_taken = False
+
+    # -- standalone use ----------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: TunnelsConfig, *, name: str = "tunnels") -> TunnelPlane:
+        """Bind fresh sockets for ``config`` and start serving."""
+        plane = cls(config, *bind_sockets(config), name=name)
+        plane._serve()
+        return plane
+
+    def __enter__(self) -> TunnelPlane:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    @property
+    def udp_address(self) -> Address:
+        return _name(self.udp.tunnel_sock)
+
+    @property
+    def plain_address(self) -> Address:
+        return _name(self.udp.plain_sock)
+
+    @property
+    def tcp_address(self) -> Address:
+        return _name(self.tcp.listen_sock)
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the operator (a copy; racy reads of plain ints are fine)."""
+        out = {f"udp_{k}": v for k, v in vars(self.udp.stats).items()}
+        out.update({f"tcp_{k}": v for k, v in vars(self.tcp.stats).items()})
+        out["tcp_connections"] = len(self.tcp.conns)
+        out["handler_errors"] = self._reactor.handler_errors
+        return out
+
+    # -- Plane: old process ------------------------------------------------------------
+
+    def sockets(self) -> list[socket.socket]:
+        """Every socket, in ``describe()`` order. From here on no new socket appears (no
+        accepts, no handshakes on TCP) until ``resume()`` or the freeze times out."""
+        self._require(Phase.SERVING, Phase.PAUSED, what="sockets()")
+        self._reactor.call(lambda: self.tcp.set_frozen(True), PAUSE_TIMEOUT_S)
+        self._freeze_until = self._clock() + FREEZE_TIMEOUT_S
+        exported: list[tuple[dict[str, Any], socket.socket]] = [
+            (
+                {"role": "udp_tunnel", "addr": format_address(self.udp_address)},
+                self.udp.tunnel_sock,
+            ),
+            (
+                {"role": "udp_plain", "addr": format_address(self.plain_address)},
+                self.udp.plain_sock,
+            ),
+            (
+                {"role": "tcp_listen", "addr": format_address(self.tcp_address)},
+                self.tcp.listen_sock,
+            ),
+        ]
+        for conn in list(self.tcp.conns.values()):
+            exported.append(({"role": "tcp_tunnel", "conn": conn.cid}, conn.tsock))
+            if conn.psock is not None:
+                exported.append(({"role": "tcp_plain", "conn": conn.cid}, conn.psock))
+        self._exported = exported
+        return [sock for _, sock in exported]
+
+    def describe(self) -> dict[str, Any]:
+        if self._exported is None:
+            self.sockets()
+        assert self._exported is not None
+        return {
+            "format": DESCRIPTION_FORMAT,
+            "version": st.STATE_VERSION,
+            "sockets": [role for role, _ in self._exported],
+            "endpoints": self.endpoints(),
+        }
+
+    def snapshot(self) -> bytes:
+        box: list[bytes] = []
+        self._reactor.call(
+            lambda: box.append(st.encode_snapshot(st.Snapshot(self.config, self._udp_states()))),
+            PAUSE_TIMEOUT_S,
+        )
+        return box[0]
+
+    def pause(self) -> None:
+        self._require(Phase.SERVING, what="pause()")
+        self._reactor.pause(PAUSE_TIMEOUT_S)
+        self._phase = Phase.PAUSED
+        self._final_taken = False
+
+    def final_state(self) -> bytes:
+        self._require(Phase.PAUSED, what="final_state()")
+        if self._exported is None or self._clock() > self._freeze_until:
+            raise PlaneStateError(
+                "final_state(): the sockets were not exported, or the export freeze timed "
+                "out; call sockets() again and resend them"
+            )
+        exported = {id(sock) for _, sock in self._exported}
+        for conn in self.tcp.conns.values():
+            if id(conn.tsock) not in exported or (
+                conn.psock is not None and id(conn.psock) not in exported
+            ):
+                raise PlaneStateError(
+                    f"final_state(): TCP connection {conn.cid} has a socket that was not "
+                    "exported; call sockets() again"
+                )
+        final = st.FinalState(
+            udp=self._udp_states(),
+            udp_pending=list(self.udp.pending),
+            tcp_timestamps={tid: t.last_timestamp for tid, t in self.tcp.tunnels.items()},
+            tcp=[_conn_state(c) for c in self.tcp.conns.values()],
+        )
+        self._final_taken = True
+        return st.encode_final(final)
+
+    def resume(self) -> None:
+        """Undo ``pause()``; also lifts the export freeze of ``sockets()`` when the
+        handoff is abandoned before it paused."""
+        self._require(Phase.PAUSED, Phase.SERVING, what="resume()")
+        if self._phase is Phase.SERVING:
+            self._reactor.call(self._thaw, PAUSE_TIMEOUT_S)
+            return
+        if self._final_taken:
+            for tunnel in self.udp.tunnels.values():
+                if tunnel.session is not None:
+                    tunnel.session.send_counter += RESUME_COUNTER_SKIP
+        self._thaw()  # the loop is parked: safe to touch its selector
+        self._phase = Phase.SERVING
+        self._reactor.resume()
+
+    # -- Plane: new process ------------------------------------------------------------
+
+    def start(self, final_state: bytes) -> None:
+        self._require(Phase.LOADED, what="start()")
+        final = st.decode_final(final_state)
+        self._apply(final)
+        self._serve()
+
+    def close(self) -> None:
+        """Stop the loop and close this process's copy of every socket (no FIN, no RST:
+        after a handoff the next process owns the connections)."""
+        if self._phase is Phase.CLOSED:
+            return
+        self._phase = Phase.CLOSED
+        self._reactor.stop(PAUSE_TIMEOUT_S)
+        self.tcp.close_all()
+        for sock in (self.udp.tunnel_sock, self.udp.plain_sock, self.tcp.listen_sock):
+            sock.close()
+
+    def endpoints(self) -> list[str]:
+        return [
+            f"udp://{format_address(self.udp_address)}",
+            f"tcp://{format_address(self.tcp_address)}",
+        ]
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _thaw(self) -> None:
+        self.tcp.set_frozen(False)
+        self._exported = None
+
+    def _expire_freeze(self) -> None:
+        if self.tcp.frozen and self._clock() > self._freeze_until:
+            log.warning("tunnels_export_freeze_expired", timeout_s=FREEZE_TIMEOUT_S)
+            self._thaw()
+
+    def _serve(self) -> None:
+        self.udp.attach(self._reactor)
+        self.tcp.attach(self._reactor)
+        self._reactor.every_tick(self._expire_freeze)
+        self._reactor.start()
+        self._phase = Phase.SERVING
+
+    def _require(self, *phases: Phase, what: str) -> None:
+        if self._phase not in phases:
+            raise PlaneStateError(
+                f"{what} in phase {self._phase.value}; allowed in "
+                f"{', '.join(p.value for p in phases)}"
+            )
+
+    def _udp_states(self) -> list[st.UdpTunnelState]:
+        return [
+            st.UdpTunnelState(t.spec.id, t.session, t.endpoint, t.last_timestamp)
+            for t in self.udp.tunnels.values()
+        ]
+
+    def _apply(self, final: st.FinalState) -> None:
+        for item in final.udp:
+            tunnel = self.udp.tunnels.get(item.id)
+            if tunnel is None:
+                raise StateError(f"final state: UDP tunnel {item.id} is not in the config")
+            tunnel.session, tunnel.endpoint = item.session, item.endpoint
+            tunnel.last_timestamp = item.last_timestamp
+        self.udp.pending.extend(final.udp_pending)
+        for tid, stamp in final.tcp_timestamps.items():
+            if tid in self.tcp.tunnels:
+                self.tcp.tunnels[tid].last_timestamp = stamp
+        live = {c.cid: c for c in final.tcp}
+        for cid, conn in list(self.tcp.conns.items()):
+            saved = live.pop(cid, None)
+            if saved is None:
+                # The old process closed it after exporting it: ours is the last copy.
+                self.tcp.close_conn(conn)
+                continue
+            if saved.has_plain != (conn.psock is not None):
+                raise StateError(f"final state: TCP connection {cid} sockets do not match")
+            conn.session = saved.session
+            conn.t_in, conn.t_out, conn.p_out = (
+                bytearray(saved.t_in),
+                bytearray(saved.t_out),
+                bytearray(saved.p_out),
+            )
+            conn.p_connected, conn.t_eof, conn.p_eof = saved.p_connected, saved.t_eof, saved.p_eof
+            conn.t_shut, conn.p_shut = saved.t_shut, saved.p_shut
+        if live:
+            raise StateError(f"final state: TCP connections {sorted(live)} came without sockets")
+
+
+def _name(sock: socket.socket) -> Address:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+def _conn_state(c: TcpConn) -> st.TcpConnState:
+    return st.TcpConnState(
+        cid=c.cid,
+        session=c.session,
+        t_in=bytes(c.t_in),
+        t_out=bytes(c.t_out),
+        p_out=bytes(c.p_out),
+        has_plain=c.psock is not None,
+        p_connected=c.p_connected,
+        t_eof=c.t_eof,
+        p_eof=c.p_eof,
+        t_shut=c.t_shut,
+        p_shut=c.p_shut,
+    )
+
+
+def adopt(
+    description: dict[str, Any], sockets: list[socket.socket], snapshot: bytes
+) -> TunnelPlane:
+    """Build the next process's plane from what the old one sent: loaded and checked,
+    not serving until ``start(final_state)``. Raises StateError when the pieces do not
+    fit together (the handoff then rolls back)."""
+    if description.get("format") != DESCRIPTION_FORMAT:
+        raise StateError(f"description: not a {DESCRIPTION_FORMAT} document")
+    if description.get("version") != st.STATE_VERSION:
+        raise StateError(
+            f"description: version {description.get('version')!r}, this version reads "
+            f"{st.STATE_VERSION}"
+        )
+    roles = description.get("sockets")
+    if not isinstance(roles, list) or len(roles) != len(sockets):
+        raise StateError(
+            f"description names {len(roles) if isinstance(roles, list) else 'no'} sockets, "
+            f"{len(sockets)} arrived"
+        )
+    snap = st.decode_snapshot(snapshot)
+    shared: dict[str, socket.socket] = {}
+    conns: dict[int, TcpConn] = {}
+    for i, (role, sock) in enumerate(zip(roles, sockets, strict=True)):
+        kind = role.get("role") if isinstance(role, dict) else None
+        want = socket.SOCK_DGRAM if kind in ("udp_tunnel", "udp_plain") else socket.SOCK_STREAM
+        if sock.type != want:
+            raise StateError(f"socket {i} ({kind}): expected type {want!r}, got {sock.type!r}")
+        sock.setblocking(False)
+        if kind in ("udp_tunnel", "udp_plain", "tcp_listen"):
+            if format_address(_name(sock)) != role.get("addr"):
+                raise StateError(
+                    f"socket {i} ({kind}): bound to {_name(sock)}, not {role.get('addr')}"
+                )
+            shared[kind] = sock
+        elif kind in ("tcp_tunnel", "tcp_plain"):
+            cid = role.get("conn")
+            if not isinstance(cid, int):
+                raise StateError(f"socket {i} ({kind}): missing its connection id")
+            if kind == "tcp_tunnel":
+                conns[cid] = TcpConn(cid, sock)
+            elif cid in conns:
+                conns[cid].psock = sock
+            else:
+                raise StateError(f"socket {i}: plain side of unknown connection {cid}")
+        else:
+            raise StateError(f"socket {i}: unknown role {kind!r}")
+    missing = {"udp_tunnel", "udp_plain", "tcp_listen"} - set(shared)
+    if missing:
+        raise StateError(f"description: no socket for {sorted(missing)}")
+    plane = TunnelPlane(
+        snap.config, shared["udp_tunnel"], shared["udp_plain"], shared["tcp_listen"]
+    )
+    plane._apply(st.FinalState(udp=snap.udp))
+    for conn in conns.values():
+        plane.tcp.add(conn)
+    return plane
