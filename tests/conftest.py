@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from hitless.config import BusConfig
+from tests.support.fleet import Fleet
+from tests.support.procs import Procs
 from tests.support.rabbit import Management, amqp_url
 
 IN_CI = os.environ.get("CI") == "true"
@@ -61,3 +64,21 @@ def pg_url() -> Iterator[str]:
             yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Real processes, each stopped with all its descendants at the end of the test."""
+    group = Procs(tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+@pytest.fixture
+def fleet(vhost: str, tmp_path: Path, procs: Procs) -> Fleet:
+    """A running controller (SQLite) on this test's vhost; gateways are started by the test."""
+    fleet = Fleet(procs, tmp_path, amqp_url(vhost))
+    fleet.start_controller()
+    return fleet

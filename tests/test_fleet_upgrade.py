@@ -5,28 +5,12 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
+import json
 
 from tests.support.fleet import Fleet
-from tests.support.procs import Procs
-from tests.support.rabbit import amqp_url
 from tests.support.wait import wait_for
 
 BASE = "1.0.0"  # the version of the installed package (pyproject.toml)
-
-
-@pytest.fixture
-def fleet(vhost: str, tmp_path: Path) -> Iterator[Fleet]:
-    procs = Procs(tmp_path)
-    fleet = Fleet(procs, tmp_path, amqp_url(vhost))
-    try:
-        fleet.start_controller()
-        yield fleet
-    finally:
-        procs.stop_all()
 
 
 class Prober:
@@ -121,8 +105,6 @@ def test_corrupted_artifact_is_rejected_before_the_swap(fleet: Fleet) -> None:
 
     result = fleet.cli("upgrade", "--version", "1.1.0", "--wait", "--yes", "--json", check=False)
     assert result.returncode == 1, result.stderr
-    import json
-
     job = json.loads(result.stdout)
     assert job["state"] == "FAILED"
     (gateway,) = job["gateways"]

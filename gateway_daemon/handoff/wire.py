@@ -47,7 +47,10 @@ class Channel:
         self.sock.close()
 
     def send(self, kind: int, payload: bytes = b"") -> None:
-        self.sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+        try:
+            self.sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+        except OSError as exc:
+            raise HandoffFailed(f"the control socket failed while sending: {exc}") from exc
 
     def send_json(self, kind: int, value: Any) -> None:
         self.send(kind, json.dumps(value).encode())
@@ -60,9 +63,12 @@ class Channel:
             frame = _HEADER.pack(FDS, len(payload)) + payload
             # The descriptors ride on the frame's first byte; sendmsg on a stream socket
             # may send fewer bytes, so the rest follows with sendall.
-            sent = socket.send_fds(self.sock, [frame], batch)
-            if sent < len(frame):
-                self.sock.sendall(frame[sent:])
+            try:
+                sent = socket.send_fds(self.sock, [frame], batch)
+                if sent < len(frame):
+                    self.sock.sendall(frame[sent:])
+            except OSError as exc:
+                raise HandoffFailed(f"passing descriptors failed: {exc}") from exc
 
     def receive(self, deadline: float, what: str) -> tuple[int, bytes]:
         """The next frame, or HandoffTimeout at ``deadline`` (a time.monotonic value)."""
@@ -116,11 +122,15 @@ class Channel:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise HandoffTimeout(f"timed out waiting for {what} on the control socket")
-        ready, _, _ = select.select([self.sock], [], [], remaining)
-        if not ready:
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        if not poller.poll(remaining * 1000):
             raise HandoffTimeout(f"timed out waiting for {what} on the control socket")
         space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
-        data, ancdata, flags, _ = self.sock.recvmsg(65536, space)
+        try:
+            data, ancdata, flags, _ = self.sock.recvmsg(65536, space)
+        except OSError as exc:
+            raise HandoffFailed(f"the control socket failed while awaiting {what}: {exc}") from exc
         for level, kind, cdata in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 self._fds.extend(_unpack_fds(cdata))

@@ -85,15 +85,13 @@ class Procs:
         return proc
 
     def stop(self, proc: Proc, timeout: float = 10.0) -> None:
-        if not proc.group_alive():
-            return
-        os.killpg(proc.pgid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.group_alive():
-                return
-            time.sleep(0.05)
-        os.killpg(proc.pgid, signal.SIGKILL)
+        if proc.group_alive():
+            os.killpg(proc.pgid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while proc.group_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if proc.group_alive():
+                os.killpg(proc.pgid, signal.SIGKILL)
         proc.popen.wait(timeout=5)
 
     def stop_all(self) -> None:

@@ -1,0 +1,72 @@
+"""A TCP proxy on loopback that can cut a connection after a number of bytes: a real
+broken stream, as a flaky network gives one."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+
+
+class CuttingProxy:
+    """Forwards 127.0.0.1:<port> to ``upstream``; the first ``cuts`` connections are reset
+    once ``cut_after`` bytes have gone from upstream to the client."""
+
+    def __init__(self, upstream: tuple[str, int], cut_after: int, cuts: int = 1) -> None:
+        self.upstream = upstream
+        self.cut_after = cut_after
+        self.cuts_left = cuts
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._stop = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> CuttingProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._listener.close()
+        self._thread.join(5)
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self.connections += 1
+                cut = self.cut_after if self.cuts_left > 0 else None
+                self.cuts_left -= 1
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, cut), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, cut_after: int | None) -> None:
+        moved = 0
+        try:
+            while data := src.recv(65536):
+                if cut_after is not None and moved + len(data) >= cut_after:
+                    dst.sendall(data[: cut_after - moved])
+                    # SO_LINGER 0: close with a reset, like a dropped link.
+                    for sock in (src, dst):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                        sock.close()
+                    return
+                dst.sendall(data)
+                moved += len(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)

@@ -1,0 +1,89 @@
+"""The handoff protocol with real processes and real sockets: descriptors in batches,
+rollback on every kind of failure before the new process serves."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway_daemon.errors import HandoffFailed, HandoffTimeout
+from gateway_daemon.handoff import parent
+from gateway_daemon.handoff.parent import Deadlines
+from gateway_daemon.listeners import Listeners
+from hitless.config import HostPort
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = Deadlines(ready_s=3.0, started_s=3.0)
+
+
+def _greeting(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        return sock.recv(64)
+
+
+@pytest.fixture
+def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
+    children: list[subprocess.Popen[bytes]] = []
+    yield children
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+        child.wait(timeout=10)
+
+
+def _spawner(children: list[subprocess.Popen[bytes]]) -> parent.Spawn:
+    def spawn(argv: object, control_fd: int) -> subprocess.Popen[bytes]:
+        child = subprocess.Popen(list(argv), pass_fds=(control_fd,), cwd=ROOT)  # type: ignore[call-overload]
+        children.append(child)
+        return child
+
+    return spawn
+
+
+def _argv(mode: str):  # type: ignore[no-untyped-def]
+    return lambda fd: [sys.executable, "-m", "tests.support.handoff_child", str(fd), mode]
+
+
+def _plane(count: int) -> Listeners:
+    plane = Listeners.bind(tuple(HostPort("127.0.0.1", 0) for _ in range(count)), b"parent\n")
+    plane.start()
+    return plane
+
+
+def test_more_than_253_sockets_are_handed_over(spawned: list[subprocess.Popen[bytes]]) -> None:
+    plane = _plane(300)
+    ports = [s.getsockname()[1] for s in plane.sockets()]
+    try:
+        report = parent.hand_off(plane, _argv("ok"), {}, spawn=_spawner(spawned), deadlines=FAST)
+    finally:
+        plane.close()  # the parent's copies; the child's stay open
+    assert report.descriptors == 300
+    assert [_greeting(port) for port in ports] == [b"child\n"] * 300
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "message"),
+    [
+        ("crash", HandoffFailed, "exited with 3"),
+        ("hang", HandoffTimeout, "timed out waiting for the new process to say ready"),
+        ("abort", HandoffFailed, "self-check failed: config checksum mismatch"),
+        ("die-after-ready", HandoffFailed, "control socket"),
+    ],
+)
+def test_a_failed_new_version_is_rolled_back(
+    spawned: list[subprocess.Popen[bytes]], mode: str, error: type[Exception], message: str
+) -> None:
+    plane = _plane(2)
+    ports = [s.getsockname()[1] for s in plane.sockets()]
+    try:
+        with pytest.raises(error, match=message):
+            parent.hand_off(plane, _argv(mode), {}, spawn=_spawner(spawned), deadlines=FAST)
+        assert all(child.poll() is not None for child in spawned), "the new process must be dead"
+        assert [_greeting(port) for port in ports] == [b"parent\n"] * 2
+    finally:
+        plane.close()

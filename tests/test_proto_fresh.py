@@ -1,0 +1,28 @@
+"""The checked-in generated code is exactly what `make proto` produces from proto/."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_generated_code_is_fresh(tmp_path: Path) -> None:
+    protos = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto").rglob("*.proto"))
+    subprocess.run(
+        [
+            sys.executable, "-m", "grpc_tools.protoc", "-I", "proto",
+            f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+            *protos,
+        ],  # fmt: skip
+        cwd=ROOT,
+        check=True,
+    )
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
+    checked_in = sorted(p.relative_to(ROOT) for p in (ROOT / "hitless").rglob("*_pb2*.py*"))
+    assert fresh == checked_in, "generated files differ in name: run `make proto`"
+    stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False)]
+    assert stale == [], f"stale generated code in {stale}: run `make proto` and commit"
