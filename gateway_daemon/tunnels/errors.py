@@ -5,6 +5,7 @@
         ├── TunnelConfigError       a tunnels config is malformed (also a ConfigError)
         ├── StateError              a snapshot, final state or description cannot be loaded
         ├── HandshakeError          a handshake message is malformed, stale or not authentic
+        ├── RecordRejected          a TCP record does not authenticate or is out of order
         ├── CounterExhausted        a session sent as many packets as its key may protect
         └── PlaneStateError         a Plane method was called in the wrong order or timed out
 
@@ -32,6 +33,10 @@ class StateError(TunnelError):
 
 class HandshakeError(TunnelError):
     """A handshake message is malformed, replayed or does not authenticate."""
+
+
+class RecordRejected(TunnelError):
+    """A TCP record does not authenticate, is out of order, or is malformed."""
 
 
 class CounterExhausted(TunnelError):

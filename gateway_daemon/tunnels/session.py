@@ -63,7 +63,7 @@ class Session:
         self._seal_nonce = bytearray(NONCE.size)
         self._open_nonce = bytearray(NONCE.size)
 
-    def seal_into(self, out: memoryview, payload: memoryview | bytes) -> int:
+    def seal_into(self, out: memoryview, payload: bytes | bytearray | memoryview) -> int:
         """Write header + ciphertext of ``payload`` to the start of ``out``; return the
         length written. ``out`` must hold ``len(payload) + OVERHEAD`` bytes."""
         counter = self.send_counter
