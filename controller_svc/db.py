@@ -1,0 +1,311 @@
+"""The controller's database: engine setup, the schema as typed models, and migrations.
+
+SQLite (one file, the default on one machine) and PostgreSQL (via psycopg 3) are both
+first-class. The schema changes only through Alembic revisions in the top-level
+``migrations`` package; :func:`migrate` applies them under a lock so that two controllers
+starting together (the controller's own hitless upgrade) migrate exactly once.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    create_engine,
+    event,
+    func,
+    make_url,
+    select,
+)
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+import migrations
+from controller_svc.errors import StorageError
+
+# How long a SQLite writer waits for another one before giving up. Generous: a migration
+# or a long sweep may hold the write lock for a while, and giving up means a failed RPC.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+# Any fixed 64-bit number, shared by every controller version: the advisory lock key.
+_PG_MIGRATION_LOCK = 0x6869746C657373  # "hitless"
+# Execution option read by the "begin" hook below: which BEGIN a SQLite transaction uses.
+SQLITE_BEGIN = "hitless_sqlite_begin"
+# Alembic's ``context`` and ``op`` are module-level proxies, so two threads of one process
+# must not run it at once, whatever the database lock says.
+_ALEMBIC_IN_PROCESS = threading.Lock()
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that always comes back tz-aware in UTC.
+
+    SQLite stores no zone, so values are converted to UTC on the way in and labelled UTC
+    on the way out; PostgreSQL's ``timestamptz`` gets the same treatment for uniformity.
+    Naive datetimes are refused: guessing their zone is how timestamps go wrong silently.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value.isoformat()} given: pass a tz-aware one")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# Named constraints, so every database and every Alembic revision agree on the names and a
+# later revision can drop or alter them by name.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Release(Base):
+    __tablename__ = "releases"
+
+    version: Mapped[str] = mapped_column(String(64), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    notes: Mapped[str] = mapped_column(Text, server_default="")
+    published_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Gateway(Base):
+    __tablename__ = "gateways"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(64))
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    listen: Mapped[list[str]] = mapped_column(JSON)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    target_version: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16), server_default="cli")
+    request_id: Mapped[str | None] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class JobGateway(Base):
+    __tablename__ = "job_gateways"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True)
+    gateway_id: Mapped[str] = mapped_column(String(64), primary_key=True, index=True)
+    command_id: Mapped[str] = mapped_column(String(36), unique=True)
+    state: Mapped[str] = mapped_column(String(16))
+    from_version: Mapped[str] = mapped_column(String(64))
+    to_version: Mapped[str] = mapped_column(String(64))
+    error: Mapped[str] = mapped_column(Text, server_default="")
+    bytes_done: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    bytes_total: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class JobEvent(Base):
+    """One row per change of a job or of a gateway in it; ``seq`` lets a stream resume."""
+
+    __tablename__ = "job_events"
+    # AUTOINCREMENT on SQLite so a seq is never reused after the newest row is deleted.
+    __table_args__ = (
+        Index("ix_job_events_job_id_seq", "job_id", "seq"),
+        {"sqlite_autoincrement": True},
+    )
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"))
+    gateway_id: Mapped[str | None] = mapped_column(String(64))
+    gateway_state: Mapped[str | None] = mapped_column(String(16))
+    job_state: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str] = mapped_column(Text, server_default="")
+    bytes_done: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    bytes_total: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class SeenMessage(Base):
+    """Ids of bus messages already applied, so a redelivered report changes nothing."""
+
+    __tablename__ = "seen_messages"
+
+    message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``sqlite:///path`` or ``postgresql+psycopg://...``, safe across threads.
+
+    SQLite gets WAL (readers never block the writer), foreign keys, a busy timeout, and
+    explicit BEGINs so a transaction can ask for ``BEGIN IMMEDIATE`` (see ``SQLITE_BEGIN``).
+    """
+    try:
+        parsed = make_url(url)
+    except SQLAlchemyError as exc:
+        raise StorageError(
+            f"invalid database URL {url!r}: expected sqlite:///path/controller.db or "
+            "postgresql+psycopg://user@host/db"
+        ) from exc
+    if parsed.get_backend_name() == "sqlite":
+        return _sqlite_engine(url, parsed.database)
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    raise StorageError(
+        f"unsupported database {parsed.get_backend_name()!r} in {url!r}: use sqlite or postgresql"
+    )
+
+
+def _sqlite_engine(url: str, database: str | None) -> Engine:
+    if not database or database == ":memory:":
+        raise StorageError(
+            f"the SQLite database in {url!r} must be a file: an in-memory one is private to "
+            "one connection and lost on exit; use sqlite:///path/controller.db"
+        )
+    path = Path(database).expanduser()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the database directory {path.parent}: {exc.strerror}; "
+            "check the data directory's permissions"
+        ) from exc
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Hand transaction control to SQLAlchemy's "begin" hook: pysqlite's own implicit
+        # BEGIN is always DEFERRED, which turns read-then-write into SQLITE_BUSY under load.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            _enable_wal(cursor)
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        mode = connection.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")
+
+    return engine
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch the database to WAL (a no-op once it is: the mode is stored in the file).
+
+    The switch needs an exclusive lock and SQLite reports "locked" at once instead of
+    calling the busy handler, so two controllers creating the database together retry.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def alembic_config(url: str) -> Config:
+    """Alembic's configuration for the database at ``url``, built in code (no alembic.ini):
+    for migrate() and for making new revisions (see migrations/README.md)."""
+    config = Config()
+    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    # ConfigParser interpolation would choke on '%' in URL-encoded passwords.
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _is_newer(scripts: ScriptDirectory, revision: str | None) -> bool:
+    """Whether the database carries a revision this code does not know: a newer
+    controller migrated it. Expand-only migrations make that schema safe to run on."""
+    if revision is None:
+        return False
+    try:
+        scripts.get_revision(revision)
+    except CommandError:
+        return True
+    return False
+
+
+def migrate(engine: Engine) -> bool:
+    """Bring the schema to the newest revision; True when this call changed it.
+
+    Safe to call from several controllers at once: the first takes a database-wide lock
+    (a PostgreSQL advisory lock, SQLite's write lock) and migrates; the others wait, then
+    find the schema current and return False.
+    """
+    config = alembic_config(engine.url.render_as_string(hide_password=False))
+    scripts = ScriptDirectory.from_config(config)
+    head = scripts.get_current_head()
+    locking = engine
+    if engine.dialect.name == "sqlite":
+        locking = engine.execution_options(**{SQLITE_BEGIN: "EXCLUSIVE"})
+    try:
+        with _ALEMBIC_IN_PROCESS, locking.begin() as connection:
+            if engine.dialect.name == "postgresql":
+                # Transaction-scoped, so a crash mid-migration cannot leave it held.
+                connection.execute(select(func.pg_advisory_xact_lock(_PG_MIGRATION_LOCK)))
+            current = MigrationContext.configure(connection).get_current_revision()
+            if current == head or _is_newer(scripts, current):
+                return False
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            return True
+    except SQLAlchemyError as exc:
+        raise StorageError(
+            f"migrating the database {engine.url.render_as_string()} to {head} failed: {exc}; "
+            "check the database is reachable and writable, then restart the controller"
+        ) from exc

@@ -1,0 +1,185 @@
+"""What the repository takes and returns: plain frozen values, never ORM objects, and how
+they are read from rows.
+
+Callers (gRPC handlers, the job engine, bus consumers) hold these across threads and after
+the transaction that produced them has ended, so they carry no session and no lazy loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from controller_svc.db import Gateway, Job, JobEvent, JobGateway, Release
+from controller_svc.states import GatewayState, JobState
+
+
+@dataclass(frozen=True)
+class ReleaseRecord:
+    version: str
+    sha256: str
+    size: int
+    notes: str
+    published_at: datetime
+
+
+@dataclass(frozen=True)
+class GatewayRecord:
+    id: str
+    version: str
+    first_seen: datetime
+    last_seen: datetime
+    # In a job that has not finished, in a state that has not finished.
+    busy: bool
+    pid: int | None = None
+    listen: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GatewayJobRecord:
+    gateway_id: str
+    command_id: str
+    state: GatewayState
+    from_version: str
+    to_version: str
+    error: str
+    bytes_done: int
+    bytes_total: int
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: str
+    state: JobState
+    target_version: str
+    source: str
+    request_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    deadline: datetime
+    # Sorted by gateway id.
+    gateways: tuple[GatewayJobRecord, ...]
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One change: of a gateway in the job (gateway_id set) or of the job (job_state set)."""
+
+    seq: int
+    job_id: str
+    gateway_id: str | None
+    gateway_state: GatewayState | None
+    job_state: JobState | None
+    error: str
+    bytes_done: int
+    bytes_total: int
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ReportIn:
+    """A gateway's report, decoded from the bus. ``report_id`` is the message's own id."""
+
+    report_id: str
+    job_id: str
+    command_id: str
+    gateway_id: str
+    state: GatewayState
+    from_version: str
+    to_version: str
+    error: str
+    bytes_done: int
+    bytes_total: int
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What applying a report did.
+
+    ``applied`` False with ``duplicate`` False means the report was refused; ``reason``
+    says why (unknown job or command, a transition the state machine forbids).
+    ``job_finished`` is set on exactly one report per job: the one that finished it.
+    """
+
+    applied: bool
+    duplicate: bool
+    reason: str
+    job_finished: JobState | None
+    job: JobRecord | None
+
+
+def job_record(session: Session, job: Job) -> JobRecord:
+    """The job with its gateways sorted by id, as the session sees it now."""
+    session.flush()
+    rows = session.scalars(
+        select(JobGateway).where(JobGateway.job_id == job.id).order_by(JobGateway.gateway_id)
+    ).all()
+    return JobRecord(
+        id=job.id,
+        state=JobState(job.state),
+        target_version=job.target_version,
+        source=job.source,
+        request_id=job.request_id,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        deadline=job.deadline,
+        gateways=tuple(_gatewayjob_record(row) for row in rows),
+    )
+
+
+def _gatewayjob_record(row: JobGateway) -> GatewayJobRecord:
+    return GatewayJobRecord(
+        gateway_id=row.gateway_id,
+        command_id=row.command_id,
+        state=GatewayState(row.state),
+        from_version=row.from_version,
+        to_version=row.to_version,
+        error=row.error,
+        bytes_done=row.bytes_done,
+        bytes_total=row.bytes_total,
+        updated_at=row.updated_at,
+    )
+
+
+def gateway_record(row: Gateway, busy: bool) -> GatewayRecord:
+    """The row as a plain value."""
+    return GatewayRecord(
+        id=row.id,
+        version=row.version,
+        first_seen=row.first_seen,
+        last_seen=row.last_seen,
+        busy=busy,
+        pid=row.pid,
+        listen=tuple(row.listen),
+    )
+
+
+def release_record(row: Release) -> ReleaseRecord:
+    """The row as a plain value."""
+    return ReleaseRecord(
+        version=row.version,
+        sha256=row.sha256,
+        size=row.size,
+        notes=row.notes,
+        published_at=row.published_at,
+    )
+
+
+def event_record(row: JobEvent) -> EventRecord:
+    """The row as a plain value."""
+    return EventRecord(
+        seq=row.seq,
+        job_id=row.job_id,
+        gateway_id=row.gateway_id,
+        gateway_state=GatewayState(row.gateway_state) if row.gateway_state else None,
+        job_state=JobState(row.job_state) if row.job_state else None,
+        error=row.error,
+        bytes_done=row.bytes_done,
+        bytes_total=row.bytes_total,
+        at=row.at,
+    )

@@ -1,0 +1,454 @@
+"""The controller's domain operations on the database, one transaction each.
+
+Every state change is a row (and a ``job_events`` row beside it), so a restarted
+controller picks up where it was. Writers that read before they write take the job's row
+lock first (``SELECT ... FOR UPDATE`` on PostgreSQL; on SQLite every write transaction
+starts with ``BEGIN IMMEDIATE``, which serialises writers up front instead of failing
+when a reader tries to become one). That lock is what makes "the job finished" happen
+exactly once when the last two reports race, across threads and across controllers,
+and it keeps a job's event ``seq`` in commit order, so a client resuming after a seq
+never misses an event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from controller_svc.db import (
+    SQLITE_BEGIN,
+    Base,
+    Gateway,
+    Job,
+    JobEvent,
+    JobGateway,
+    Release,
+    SeenMessage,
+)
+from controller_svc.errors import Conflict, InvalidRequest, NotFound, StorageError
+from controller_svc.records import (
+    EventRecord,
+    GatewayJobRecord,
+    GatewayRecord,
+    JobRecord,
+    ReleaseRecord,
+    ReportIn,
+    ReportOutcome,
+    event_record,
+    gateway_record,
+    job_record,
+    release_record,
+)
+from controller_svc.states import GatewayState, JobState, can_move
+from controller_svc.store import check_digest
+from controller_svc.transitions import (
+    apply_to_row,
+    expire_rows,
+    finish_if_done,
+    gateway_event,
+    set_job_state,
+)
+from hitless import semver
+from hitless.errors import ConfigError
+
+__all__ = [
+    "EventRecord",
+    "GatewayJobRecord",
+    "GatewayRecord",
+    "JobRecord",
+    "ReleaseRecord",
+    "ReportIn",
+    "ReportOutcome",
+    "Repository",
+]
+
+SOURCES = frozenset({"cli", "management"})
+_ACTIVE_GATEWAY = [s.value for s in GatewayState if not s.terminal]
+_ACTIVE_JOB = [s.value for s in JobState if not s.terminal]
+
+
+class Repository:
+    """The controller's persistent state. Thread-safe: each call has its own session."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._dialect = engine.dialect.name
+        writer, reader = engine, engine
+        if self._dialect == "sqlite":
+            writer = engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+        elif self._dialect == "postgresql":
+            # A record is read in several statements (a job, then its gateways): one snapshot.
+            reader = engine.execution_options(isolation_level="REPEATABLE READ")
+        self._writer = writer
+        self._reader = reader
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        try:
+            with Session(self._writer, expire_on_commit=False) as session, session.begin():
+                yield session
+        except SQLAlchemyError as exc:
+            raise _storage_error(exc) from exc
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        try:
+            with Session(self._reader) as session, session.begin():
+                yield session
+        except SQLAlchemyError as exc:
+            raise _storage_error(exc) from exc
+
+    def _insert(self, model: type[Base]) -> Any:
+        """An INSERT that can say ON CONFLICT DO NOTHING, in this database's dialect."""
+        if self._dialect == "postgresql":
+            return postgresql.insert(model)
+        return sqlite.insert(model)
+
+    # Gateways
+
+    def record_gateway_seen(
+        self,
+        gateway_id: str,
+        version: str,
+        at: datetime,
+        *,
+        pid: int | None = None,
+        listen: Sequence[str] = (),
+    ) -> bool:
+        """Note a hello or heartbeat; True when the gateway was not known before.
+
+        A message older than the last one seen changes nothing, so a delayed heartbeat
+        cannot roll a gateway's recorded version back.
+        """
+        _require_aware(at, "at")
+        if not gateway_id:
+            raise InvalidRequest("a gateway id is required")
+        with self._write() as session:
+            stmt = (
+                self._insert(Gateway)
+                .values(
+                    id=gateway_id,
+                    version=version,
+                    first_seen=at,
+                    last_seen=at,
+                    pid=pid,
+                    listen=list(listen),
+                )
+                .on_conflict_do_nothing(index_elements=[Gateway.id])
+                .returning(Gateway.id)
+            )
+            created = session.execute(stmt).scalar_one_or_none() is not None
+            if not created:
+                session.execute(
+                    update(Gateway)
+                    .where(Gateway.id == gateway_id, Gateway.last_seen <= at)
+                    .values(version=version, last_seen=at, pid=pid, listen=list(listen))
+                )
+            return created
+
+    def list_gateways(self) -> list[GatewayRecord]:
+        """Every gateway ever seen, sorted by id."""
+        with self._read() as session:
+            busy = _busy_gateways(session)
+            rows = session.scalars(select(Gateway).order_by(Gateway.id)).all()
+            return [gateway_record(row, row.id in busy) for row in rows]
+
+    def get_gateway(self, gateway_id: str) -> GatewayRecord | None:
+        """One gateway, or None when it has never been seen."""
+        with self._read() as session:
+            row = session.get(Gateway, gateway_id)
+            if row is None:
+                return None
+            return gateway_record(row, gateway_id in _busy_gateways(session, gateway_id))
+
+    # Releases
+
+    def add_release(
+        self, version: str, sha256: str, size: int, notes: str, published_at: datetime
+    ) -> tuple[ReleaseRecord, bool]:
+        """Record a published release; True when it is new.
+
+        Publishing the same version with the same digest again is a no-op (a retried
+        upload); with another digest it is a Conflict, since a version names one build.
+        """
+        version = _parse_version(version)
+        check_digest(sha256)
+        _require_aware(published_at, "published_at")
+        if size < 0:
+            raise InvalidRequest(f"invalid size {size} for release {version}: must be >= 0")
+        with self._write() as session:
+            stmt = (
+                self._insert(Release)
+                .values(
+                    version=version,
+                    sha256=sha256,
+                    size=size,
+                    notes=notes,
+                    published_at=published_at,
+                )
+                .on_conflict_do_nothing(index_elements=[Release.version])
+                .returning(Release.version)
+            )
+            created = session.execute(stmt).scalar_one_or_none() is not None
+            row = session.get_one(Release, version)
+            if row.sha256 != sha256:
+                raise Conflict(
+                    f"release {version} already exists with sha256 {row.sha256}, not {sha256}: "
+                    "a version names one build; publish the new build under a new version"
+                )
+            return release_record(row), created
+
+    def list_releases(self) -> list[ReleaseRecord]:
+        """All releases, newest semantic version first (1.10.0 before 1.9.0)."""
+        with self._read() as session:
+            rows = session.scalars(select(Release)).all()
+            records = [release_record(row) for row in rows]
+        return sorted(records, key=lambda r: semver.parse(r.version), reverse=True)
+
+    def get_release(self, version: str) -> ReleaseRecord | None:
+        """The release ``version``, or None."""
+        with self._read() as session:
+            row = session.get(Release, version.strip())
+            return release_record(row) if row else None
+
+    def latest_release(self) -> ReleaseRecord | None:
+        """The release with the highest semantic version, or None when there is none."""
+        releases = self.list_releases()
+        return releases[0] if releases else None
+
+    # Jobs
+
+    def create_job(
+        self,
+        target_version: str,
+        targets: Sequence[tuple[str, str]],
+        *,
+        deadline: datetime,
+        source: str = "cli",
+        request_id: str | None = None,
+        now: datetime,
+    ) -> tuple[JobRecord, bool]:
+        """Create a PENDING job with one QUEUED command per ``(gateway_id, from_version)``.
+
+        With a ``request_id`` already used, returns that job and False, creating nothing:
+        a retried request (CLI retry, redelivered management message) makes one job.
+        The release must exist, or NotFound says to publish it first.
+        """
+        target_version = _parse_version(target_version)
+        _require_aware(deadline, "deadline")
+        _require_aware(now, "now")
+        if source not in SOURCES:
+            raise InvalidRequest(
+                f"invalid job source {source!r}: expected one of {sorted(SOURCES)}"
+            )
+        gateway_ids = [gateway_id for gateway_id, _ in targets]
+        if not gateway_ids:
+            raise InvalidRequest("a job needs at least one target gateway")
+        if len(set(gateway_ids)) != len(gateway_ids):
+            raise InvalidRequest(f"a gateway is named twice in the targets {gateway_ids}")
+        job_id = str(uuid.uuid4())
+        with self._write() as session:
+            if request_id is not None:
+                existing = _job_by_request(session, request_id)
+                if existing is not None:
+                    return job_record(session, existing), False
+            if session.get(Release, target_version) is None:
+                raise NotFound(
+                    f"no release {target_version}: publish it before starting a job to it"
+                )
+            stmt = (
+                self._insert(Job)
+                .values(
+                    id=job_id,
+                    target_version=target_version,
+                    state=JobState.PENDING.value,
+                    source=source,
+                    request_id=request_id,
+                    created_at=now,
+                    updated_at=now,
+                    deadline=deadline,
+                )
+                .on_conflict_do_nothing(index_elements=[Job.request_id])
+                .returning(Job.id)
+            )
+            if session.execute(stmt).scalar_one_or_none() is None:
+                # Another controller committed the same request_id since we looked; on
+                # PostgreSQL the insert waited for it, and this new statement sees it.
+                raced = _job_by_request(session, request_id) if request_id else None
+                if raced is None:
+                    raise StorageError(f"job {job_id} was not created and no job holds its key")
+                return job_record(session, raced), False
+            session.add(JobEvent(job_id=job_id, job_state=JobState.PENDING.value, at=now))
+            for gateway_id, from_version in targets:
+                row = JobGateway(
+                    job_id=job_id,
+                    gateway_id=gateway_id,
+                    command_id=str(uuid.uuid4()),
+                    state=GatewayState.QUEUED.value,
+                    from_version=from_version,
+                    to_version=target_version,
+                    error="",
+                    bytes_done=0,
+                    bytes_total=0,
+                    updated_at=now,
+                )
+                session.add(row)
+                session.add(gateway_event(row, now))
+            session.flush()
+            return job_record(session, session.get_one(Job, job_id)), True
+
+    def mark_running(self, job_id: str, now: datetime) -> JobRecord:
+        """Move a PENDING job to RUNNING (its commands are out); otherwise change nothing."""
+        _require_aware(now, "now")
+        with self._write() as session:
+            job = _lock_job(session, job_id)
+            if job is None:
+                raise NotFound(f"no job {job_id}: list jobs to find its id")
+            if job.state == JobState.PENDING.value:
+                set_job_state(session, job, JobState.RUNNING, now)
+            return job_record(session, job)
+
+    def apply_report(self, report: ReportIn) -> ReportOutcome:
+        """Apply one gateway report; see ReportOutcome for what can come of it."""
+        _require_aware(report.at, "report.at")
+        with self._write() as session:
+            job = _lock_job(session, report.job_id)
+            # Checked under the job lock, so two deliveries of one report cannot both pass.
+            if session.get(SeenMessage, report.report_id) is not None:
+                record = job_record(session, job) if job else None
+                return ReportOutcome(False, True, "report already applied", None, record)
+            if job is None:
+                return ReportOutcome(False, False, f"unknown job {report.job_id}", None, None)
+            row = session.scalars(
+                select(JobGateway).where(JobGateway.command_id == report.command_id)
+            ).one_or_none()
+            if row is None or row.job_id != job.id or row.gateway_id != report.gateway_id:
+                reason = (
+                    f"unknown command {report.command_id} for gateway {report.gateway_id} "
+                    f"in job {job.id}"
+                )
+                return ReportOutcome(False, False, reason, None, job_record(session, job))
+            session.add(SeenMessage(message_id=report.report_id, at=report.at))
+            current = GatewayState(row.state)
+            if not can_move(current, report.state):
+                reason = f"gateway {row.gateway_id} cannot move from {current} to {report.state}"
+                return ReportOutcome(False, False, reason, None, job_record(session, job))
+            if job.state == JobState.PENDING.value:
+                # A report can overtake mark_running; the job is running either way.
+                set_job_state(session, job, JobState.RUNNING, report.at)
+            apply_to_row(session, row, report)
+            job.updated_at = report.at
+            finished = finish_if_done(session, job, report.at)
+            return ReportOutcome(True, False, "", finished, job_record(session, job))
+
+    def get_job(self, job_id: str) -> JobRecord | None:
+        """One job with its gateways, or None."""
+        with self._read() as session:
+            job = session.get(Job, job_id)
+            return job_record(session, job) if job else None
+
+    def latest_job(self) -> JobRecord | None:
+        """The most recently created job, or None."""
+        jobs = self.list_jobs(limit=1)
+        return jobs[0] if jobs else None
+
+    def list_jobs(self, limit: int = 50) -> list[JobRecord]:
+        """The ``limit`` most recently created jobs, newest first."""
+        if limit <= 0:
+            raise InvalidRequest(f"invalid limit {limit}: must be a positive number")
+        with self._read() as session:
+            jobs = session.scalars(
+                select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
+            ).all()
+            return [job_record(session, job) for job in jobs]
+
+    def events_after(self, job_id: str, after_seq: int, limit: int = 500) -> list[EventRecord]:
+        """The job's events with ``seq > after_seq``, oldest first (0 for all of them)."""
+        if limit <= 0:
+            raise InvalidRequest(f"invalid limit {limit}: must be a positive number")
+        with self._read() as session:
+            rows = session.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+                .order_by(JobEvent.seq)
+                .limit(limit)
+            ).all()
+            return [event_record(row) for row in rows]
+
+    def expire_overdue(self, now: datetime, *, grace: timedelta) -> list[JobRecord]:
+        """Close what the deadline has passed on; return the jobs that finished because of it.
+
+        A command still QUEUED at the deadline was never taken: UNREACHABLE. A gateway
+        that took it gets ``grace`` more to report (a swap in progress is not cut short).
+        """
+        _require_aware(now, "now")
+        with self._write() as session:
+            jobs = session.scalars(
+                select(Job)
+                .where(Job.state.in_(_ACTIVE_JOB), Job.deadline < now)
+                .order_by(Job.id)  # one lock order for every sweeper: no deadlocks
+                .with_for_update()
+            ).all()
+            finished: list[Job] = []
+            for job in jobs:
+                if expire_rows(session, job, now, grace):
+                    job.updated_at = now
+                if finish_if_done(session, job, now) is not None:
+                    finished.append(job)
+            return [job_record(session, job) for job in finished]
+
+    def prune_seen(self, before: datetime) -> int:
+        """Forget de-duplication ids older than ``before`` (no redelivery comes that late)."""
+        _require_aware(before, "before")
+        with self._write() as session:
+            rows = session.scalars(select(SeenMessage).where(SeenMessage.at < before)).all()
+            for row in rows:
+                session.delete(row)
+            return len(rows)
+
+
+def _storage_error(exc: SQLAlchemyError) -> StorageError:
+    detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    return StorageError(
+        f"database operation failed: {detail}; "
+        "check the database is reachable and not full, then retry"
+    )
+
+
+def _require_aware(value: datetime, name: str) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise InvalidRequest(f"{name} must be a tz-aware datetime, got naive {value.isoformat()}")
+
+
+def _parse_version(text: str) -> str:
+    try:
+        return str(semver.parse(text))
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def _lock_job(session: Session, job_id: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.id == job_id).with_for_update()).one_or_none()
+
+
+def _job_by_request(session: Session, request_id: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.request_id == request_id)).one_or_none()
+
+
+def _busy_gateways(session: Session, gateway_id: str | None = None) -> set[str]:
+    stmt = (
+        select(JobGateway.gateway_id)
+        .join(Job, Job.id == JobGateway.job_id)
+        .where(JobGateway.state.in_(_ACTIVE_GATEWAY), Job.state.in_(_ACTIVE_JOB))
+    )
+    if gateway_id is not None:
+        stmt = stmt.where(JobGateway.gateway_id == gateway_id)
+    return set(session.scalars(stmt).all())

@@ -1,0 +1,96 @@
+"""Moving a job and its gateways through their state machines, on ORM rows.
+
+Each function works inside the caller's transaction and expects it to hold the job's row
+lock (see repository.py), and each change it makes adds a ``job_events`` row beside it.
+The rules themselves (which moves are legal, what a set of final states adds up to) live
+in states.py; this module only applies them to rows.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from controller_svc.db import Gateway, Job, JobEvent, JobGateway
+from controller_svc.records import ReportIn
+from controller_svc.states import NEEDS_REASON, GatewayState, JobState, job_outcome
+
+NO_REASON = "no reason given by the gateway"
+EXPIRED_QUEUED = "the command expired before the gateway took it"
+EXPIRED_ACTIVE = "no report from the gateway before the deadline"
+
+
+def apply_to_row(session: Session, row: JobGateway, report: ReportIn) -> None:
+    """Apply a report the state machine allows; FAILED/ROLLED_BACK always get a reason."""
+    row.state = report.state.value
+    row.from_version = report.from_version or row.from_version
+    row.to_version = report.to_version or row.to_version
+    error = report.error
+    if report.state in NEEDS_REASON and not error:
+        error = NO_REASON
+    row.error = error
+    # A report without progress (e.g. SWAPPING) keeps the last progress known.
+    if report.bytes_total > 0:
+        row.bytes_done, row.bytes_total = report.bytes_done, report.bytes_total
+    row.updated_at = report.at
+    session.add(gateway_event(row, report.at))
+    if report.state is GatewayState.SUCCEEDED:
+        session.execute(
+            update(Gateway).where(Gateway.id == row.gateway_id).values(version=row.to_version)
+        )
+
+
+def expire_rows(session: Session, job: Job, now: datetime, grace: timedelta) -> bool:
+    """Close the job's gateways its deadline (plus ``grace`` once taken) has passed on;
+    True when any changed."""
+    changed = False
+    rows = session.scalars(
+        select(JobGateway).where(JobGateway.job_id == job.id).order_by(JobGateway.gateway_id)
+    ).all()
+    for row in rows:
+        state = GatewayState(row.state)
+        if state is GatewayState.QUEUED:
+            row.state, row.error = GatewayState.UNREACHABLE.value, EXPIRED_QUEUED
+        elif not state.terminal and now > job.deadline + grace:
+            row.state, row.error = GatewayState.FAILED.value, EXPIRED_ACTIVE
+        else:
+            continue
+        row.updated_at = now
+        session.add(gateway_event(row, now))
+        changed = True
+    return changed
+
+
+def finish_if_done(session: Session, job: Job, at: datetime) -> JobState | None:
+    """Set the job's final state once all its gateways are final. The caller holds the job
+    lock, so of two transactions racing here only the first sees a non-final job."""
+    if JobState(job.state).terminal:
+        return None
+    session.flush()
+    states = session.scalars(select(JobGateway.state).where(JobGateway.job_id == job.id)).all()
+    outcome = job_outcome(GatewayState(state) for state in states)
+    if outcome is not None:
+        set_job_state(session, job, outcome, at)
+    return outcome
+
+
+def set_job_state(session: Session, job: Job, state: JobState, at: datetime) -> None:
+    """Move the job to ``state`` and record the job-level event."""
+    job.state = state.value
+    job.updated_at = at
+    session.add(JobEvent(job_id=job.id, job_state=state.value, at=at))
+
+
+def gateway_event(row: JobGateway, at: datetime) -> JobEvent:
+    """The event recording the row's current state."""
+    return JobEvent(
+        job_id=row.job_id,
+        gateway_id=row.gateway_id,
+        gateway_state=row.state,
+        error=row.error,
+        bytes_done=row.bytes_done,
+        bytes_total=row.bytes_total,
+        at=at,
+    )

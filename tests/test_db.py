@@ -1,0 +1,206 @@
+"""The database layer on real SQLite files and real PostgreSQL: engine settings, UTC
+timestamps, migrations that match the models, and concurrent migrate running once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from importlib import resources
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy.orm import Session
+
+from controller_svc.db import Base, Release, make_engine, migrate
+from controller_svc.errors import StorageError
+from tests.support.databases import BACKENDS, database_url
+from tests.support.wait import wait_for
+
+TABLES = {"releases", "gateways", "jobs", "job_gateways", "job_events", "seen_messages"}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return database_url(request, tmp_path)
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    engine = make_engine(db_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def _revision(engine: Engine) -> str | None:
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def test_migrate_creates_the_schema_once(engine: Engine) -> None:
+    assert _revision(engine) is None
+    assert migrate(engine) is True
+    assert set(inspect(engine).get_table_names()) >= TABLES
+    assert _revision(engine) == "0001"
+    assert migrate(engine) is False
+    assert _revision(engine) == "0001"
+
+
+def test_models_and_migrations_agree(engine: Engine) -> None:
+    migrate(engine)
+    # Alembic reads SQLite's '' defaults back as text it cannot compare: defaults are
+    # checked on PostgreSQL, everything else on both.
+    defaults = engine.dialect.name == "postgresql"
+    with engine.connect() as connection:
+        context = MigrationContext.configure(
+            connection, opts={"compare_type": True, "compare_server_default": defaults}
+        )
+        diff = compare_metadata(context, Base.metadata)
+    assert diff == [], f"models and migrations differ; add a revision for: {diff}"
+
+
+def test_migrate_leaves_a_newer_schema_alone(engine: Engine) -> None:
+    migrate(engine)
+    # What a newer controller leaves behind: a revision this code does not know.
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    assert migrate(engine) is False
+    assert _revision(engine) == "9999"
+
+
+def test_timestamps_come_back_tz_aware_utc(engine: Engine) -> None:
+    migrate(engine)
+    local = datetime(2030, 5, 1, 14, 30, 15, 123456, tzinfo=timezone(timedelta(hours=2)))
+    with Session(engine) as session, session.begin():
+        session.add(Release(version="1.0.0", sha256="a" * 64, size=1, notes="", published_at=local))
+    with Session(engine) as session:
+        stored = session.scalars(select(Release.published_at)).one()
+    assert stored == local
+    assert stored.tzinfo is UTC
+    assert stored.hour == 12
+
+
+def test_naive_timestamps_are_refused(engine: Engine) -> None:
+    migrate(engine)
+    naive = datetime(2030, 5, 1, 14, 30)
+    with Session(engine) as session, session.begin(), pytest.raises(Exception, match="naive"):
+        session.add(Release(version="1.0.0", sha256="a" * 64, size=1, notes="", published_at=naive))
+        session.flush()
+
+
+def test_concurrent_migrate_in_threads_runs_once(db_url: str) -> None:
+    engines = [make_engine(db_url), make_engine(db_url)]
+    start = threading.Barrier(2, timeout=30)
+    results: list[bool | Exception] = []
+
+    def run(engine: Engine) -> None:
+        start.wait()
+        try:
+            results.append(migrate(engine))
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=run, args=(engine,)) for engine in engines]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert sorted(results, key=str) == [False, True], f"migrate results: {results}"
+        assert _revision(engines[0]) == "0001"
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+_MIGRATE_WHEN_TOLD = """
+import sys, time
+from pathlib import Path
+from controller_svc.db import make_engine, migrate
+go, url = Path(sys.argv[1]), sys.argv[2]
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+while not go.exists():
+    if time.monotonic() > deadline:
+        sys.exit("never told to go")
+    time.sleep(0.005)
+engine = make_engine(url)
+try:
+    print(migrate(engine), flush=True)
+finally:
+    engine.dispose()
+"""
+
+
+def test_concurrent_migrate_in_processes_runs_once(db_url: str, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", _MIGRATE_WHEN_TOLD, str(go), db_url],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for process in processes:
+            assert process.stdout is not None
+            assert process.stdout.readline().strip() == "ready"
+        go.touch()
+        outputs = [process.communicate(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    for (_, err), process in zip(outputs, processes, strict=True):
+        assert process.returncode == 0, f"migrate failed in a process: {err}"
+    assert sorted(out.strip() for out, _ in outputs) == ["False", "True"], outputs
+    engine = make_engine(db_url)
+    try:
+        assert _revision(engine) == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_engine_settings(tmp_path: Path) -> None:
+    path = tmp_path / "not" / "yet" / "there.db"
+    engine = make_engine(f"sqlite:///{path}")
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
+        wait_for(path.exists, timeout=5, what=f"the database file {path}")
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("url", "complaint"),
+    [
+        ("sqlite://", "must be a file"),
+        ("sqlite:///:memory:", "must be a file"),
+        ("mysql://root@localhost/x", "unsupported database"),
+        ("not a url", "invalid database URL"),
+    ],
+)
+def test_make_engine_refuses_what_it_cannot_serve(url: str, complaint: str) -> None:
+    with pytest.raises(StorageError, match=complaint):
+        make_engine(url)
+
+
+def test_migrations_ship_as_package_data() -> None:
+    root = resources.files("migrations")
+    assert root.joinpath("env.py").is_file()
+    assert root.joinpath("script.py.mako").is_file()
+    assert root.joinpath("versions", "0001_initial.py").is_file()
