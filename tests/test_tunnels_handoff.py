@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from gateway_daemon.tunnels.errors import StateError
 from gateway_daemon.tunnels.lab import Sites, make_lab
 from gateway_daemon.tunnels.plane import RESUME_COUNTER_SKIP, Phase, TunnelPlane, adopt
 from gateway_daemon.tunnels.report import TrafficReport
@@ -194,3 +195,23 @@ def test_resume_after_pause_goes_on_serving(lab: tuple[TunnelPlane, Sites]) -> N
         assert site.session.open(packet) == b"after rollback"
         counter = int.from_bytes(packet[8:16], "big")
         assert counter >= RESUME_COUNTER_SKIP  # never reuses what the new side may have used
+
+
+def test_adopt_refuses_pieces_that_do_not_fit(lab: tuple[TunnelPlane, Sites]) -> None:
+    old, _ = lab
+    description, received = pass_sockets(old.sockets(), old.describe())
+    try:
+        with pytest.raises(StateError, match="3 sockets, 2 arrived"):
+            adopt(description, received[:2], old.snapshot())
+        with pytest.raises(StateError, match="version"):
+            adopt({**description, "version": 99}, received, old.snapshot())
+        with pytest.raises(StateError, match="snapshot"):
+            adopt(description, received, b"{}")
+        swapped = [received[1], received[0], received[2]]
+        with pytest.raises(StateError, match="bound to"):
+            adopt(description, swapped, old.snapshot())
+    finally:
+        for sock in received:
+            sock.close()
+    old.resume()  # the handoff was abandoned before pause(): the freeze is lifted
+    assert old.phase is Phase.SERVING and not old.tcp.frozen

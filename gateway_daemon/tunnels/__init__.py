@@ -12,5 +12,7 @@ Where things are:
 - ``state``      the snapshot and final state, encoded for the next process
 - ``plane``      ``TunnelPlane`` (a ``gateway_daemon.plane.Plane``) and ``adopt()``
 - ``site``       the remote end of a tunnel, as the traffic tool plays it
-- ``traffic``    the traffic tool (``gateway-daemon traffic``)
+- ``lab``        a gateway config and its matching sites file, generated together
+- ``traffic``    the traffic tool (``gateway-daemon traffic``); ``report`` what it measured
+- ``serve``      run the data plane alone (lab, benchmarks)
 """

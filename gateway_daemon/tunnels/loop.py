@@ -186,4 +186,8 @@ class Reactor:
             if self._ticks and clock() >= self._next_tick:
                 self._next_tick = clock() + TICK_S
                 for fn in self._ticks:
-                    fn()
+                    try:
+                        fn()
+                    except Exception:
+                        self.handler_errors += 1
+                        log.exception("tunnel_tick_failed", loop=self._name)

@@ -369,7 +369,7 @@ def adopt(
 ) -> TunnelPlane:
     """Build the next process's plane from what the old one sent: loaded and checked,
     not serving until ``start(final_state)``. Raises StateError when the pieces do not
-    fit together (the handoff then rolls back)."""
+    fit together (the handoff then rolls back); the caller still owns the sockets then."""
     if description.get("format") != DESCRIPTION_FORMAT:
         raise StateError(f"description: not a {DESCRIPTION_FORMAT} document")
     if description.get("version") != st.STATE_VERSION:
