@@ -21,8 +21,15 @@ def configure(service: str, *, json: bool | None = None, level: str = "INFO") ->
         if json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    def add_service(
+        _logger: object, _method: str, event: structlog.typing.EventDict
+    ) -> structlog.typing.EventDict:
+        event.setdefault("service", service)
+        return event
+
     structlog.configure(
         processors=[
+            add_service,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -33,7 +40,6 @@ def configure(service: str, *, json: bool | None = None, level: str = "INFO") ->
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    structlog.contextvars.bind_contextvars(service=service)
     # pika and grpc log through the standard library; keep their warnings only.
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     logging.getLogger("pika").setLevel(logging.CRITICAL)

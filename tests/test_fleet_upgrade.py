@@ -6,8 +6,11 @@ from __future__ import annotations
 import socket
 import threading
 import json
+from pathlib import Path
 
 from tests.support.fleet import Fleet
+from tests.support.procs import Procs
+from tests.support.rabbit import amqp_url
 from tests.support.wait import wait_for
 
 BASE = "1.0.0"  # the version of the installed package (pyproject.toml)
@@ -124,3 +127,18 @@ def test_unknown_version_is_refused_and_nothing_starts(fleet: Fleet) -> None:
     status = fleet.cli("status", check=False)
     assert status.returncode == 4
     assert "no upgrade job has run yet" in status.stderr
+
+
+def test_fleet_upgrade_with_the_controller_on_postgresql(
+    vhost: str, tmp_path: Path, procs: Procs, pg_url: str
+) -> None:
+    fleet = Fleet(procs, tmp_path, amqp_url(vhost))
+    fleet.start_controller(pg_url)
+    for gid in ("gw-1", "gw-2"):
+        fleet.start_gateway(gid)
+    fleet.wait_gateways({"gw-1": BASE, "gw-2": BASE})
+    fleet.release("1.1.0")
+    job = fleet.cli_json("upgrade", "--latest", "--wait", "--yes")
+    assert job["state"] == "SUCCEEDED"
+    assert [g["state"] for g in job["gateways"]] == ["SUCCEEDED", "SUCCEEDED"]
+    fleet.wait_gateways({"gw-1": "1.1.0", "gw-2": "1.1.0"})
