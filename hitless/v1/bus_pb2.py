@@ -24,21 +24,28 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from hitless.v1 import common_pb2 as hitless_dot_v1_dot_common__pb2
+from hitless.v1 import controller_pb2 as hitless_dot_v1_dot_controller__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hitless/v1/bus.proto\x12\nhitless.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17hitless/v1/common.proto\"\xbe\x01\n\x0eUpgradeCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngateway_id\x18\x03 \x01(\t\x12\x16\n\x0etarget_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x05 \x01(\t\x12\x15\n\rartifact_size\x18\x06 \x01(\x03\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x02\n\x0cStatusReport\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.hitless.v1.GatewayJobState\x12\x14\n\x0c\x66rom_version\x18\x06 \x01(\t\x12\x12\n\nto_version\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nbytes_done\x18\t \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x03\x12&\n\x02\x61t\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\x0cGatewayHello\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06listen\x18\x04 \x03(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x10GatewayHeartbeat\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hitless/v1/bus.proto\x12\nhitless.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17hitless/v1/common.proto\x1a\x1bhitless/v1/controller.proto\"\xdc\x01\n\x0eUpgradeCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngateway_id\x18\x03 \x01(\t\x12\x16\n\x0etarget_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x05 \x01(\t\x12\x15\n\rartifact_size\x18\x06 \x01(\x03\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14restarts_vpn_service\x18\x08 \x01(\x08\"\xad\x02\n\x0cStatusReport\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.hitless.v1.GatewayJobState\x12\x14\n\x0c\x66rom_version\x18\x06 \x01(\t\x12\x12\n\nto_version\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nbytes_done\x18\t \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x03\x12&\n\x02\x61t\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14vpn_sessions_dropped\x18\x0c \x01(\x05\"x\n\x0cGatewayHello\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06listen\x18\x04 \x03(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x10GatewayHeartbeat\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cvpn_sessions\x18\x04 \x01(\x05\"\x8a\x01\n\rManagementJob\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08gateways\x18\x04 \x03(\t\x12\x1d\n\x15\x61\x63\x63\x65pt_vpn_disruption\x18\x05 \x01(\x08\x12\x17\n\x0f\x61llow_downgrade\x18\x06 \x01(\x08\"x\n\x0bJobRejected\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe5\x01\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x64mins\x18\x03 \x03(\t\x12\x30\n\x11release_published\x18\n \x01(\x0b\x32\x13.hitless.v1.ReleaseH\x00\x12\'\n\x0cjob_finished\x18\x0b \x01(\x0b\x32\x0f.hitless.v1.JobH\x00\x12/\n\x0cjob_rejected\x18\x0c \x01(\x0b\x32\x17.hitless.v1.JobRejectedH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hitless.v1.bus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPGRADECOMMAND']._serialized_start=95
-  _globals['_UPGRADECOMMAND']._serialized_end=285
-  _globals['_STATUSREPORT']._serialized_start=288
-  _globals['_STATUSREPORT']._serialized_end=559
-  _globals['_GATEWAYHELLO']._serialized_start=561
-  _globals['_GATEWAYHELLO']._serialized_end=681
-  _globals['_GATEWAYHEARTBEAT']._serialized_start=683
-  _globals['_GATEWAYHEARTBEAT']._serialized_end=778
+  _globals['_UPGRADECOMMAND']._serialized_start=124
+  _globals['_UPGRADECOMMAND']._serialized_end=344
+  _globals['_STATUSREPORT']._serialized_start=347
+  _globals['_STATUSREPORT']._serialized_end=648
+  _globals['_GATEWAYHELLO']._serialized_start=650
+  _globals['_GATEWAYHELLO']._serialized_end=770
+  _globals['_GATEWAYHEARTBEAT']._serialized_start=772
+  _globals['_GATEWAYHEARTBEAT']._serialized_end=889
+  _globals['_MANAGEMENTJOB']._serialized_start=892
+  _globals['_MANAGEMENTJOB']._serialized_end=1030
+  _globals['_JOBREJECTED']._serialized_start=1032
+  _globals['_JOBREJECTED']._serialized_end=1152
+  _globals['_EVENT']._serialized_start=1155
+  _globals['_EVENT']._serialized_end=1384
 # @@protoc_insertion_point(module_scope)

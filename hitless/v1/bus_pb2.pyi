@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from hitless.v1 import common_pb2 as _common_pb2
+from hitless.v1 import controller_pb2 as _controller_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -11,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UpgradeCommand(_message.Message):
-    __slots__ = ("command_id", "job_id", "gateway_id", "target_version", "artifact_sha256", "artifact_size", "deadline")
+    __slots__ = ("command_id", "job_id", "gateway_id", "target_version", "artifact_sha256", "artifact_size", "deadline", "restarts_vpn_service")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +20,7 @@ class UpgradeCommand(_message.Message):
     ARTIFACT_SHA256_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     gateway_id: str
@@ -26,10 +28,11 @@ class UpgradeCommand(_message.Message):
     artifact_sha256: str
     artifact_size: int
     deadline: _timestamp_pb2.Timestamp
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., target_version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    restarts_vpn_service: bool
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., target_version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts_vpn_service: _Optional[bool] = ...) -> None: ...
 
 class StatusReport(_message.Message):
-    __slots__ = ("report_id", "command_id", "job_id", "gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "at")
+    __slots__ = ("report_id", "command_id", "job_id", "gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "at", "vpn_sessions_dropped")
     REPORT_ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +44,7 @@ class StatusReport(_message.Message):
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    VPN_SESSIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     report_id: str
     command_id: str
     job_id: str
@@ -52,7 +56,8 @@ class StatusReport(_message.Message):
     bytes_done: int
     bytes_total: int
     at: _timestamp_pb2.Timestamp
-    def __init__(self, report_id: _Optional[str] = ..., command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    vpn_sessions_dropped: int
+    def __init__(self, report_id: _Optional[str] = ..., command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ...) -> None: ...
 
 class GatewayHello(_message.Message):
     __slots__ = ("gateway_id", "version", "pid", "listen", "at")
@@ -69,11 +74,59 @@ class GatewayHello(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., listen: _Optional[_Iterable[str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GatewayHeartbeat(_message.Message):
-    __slots__ = ("gateway_id", "version", "at")
+    __slots__ = ("gateway_id", "version", "at", "vpn_sessions")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
+    VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     version: str
     at: _timestamp_pb2.Timestamp
-    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    vpn_sessions: int
+    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions: _Optional[int] = ...) -> None: ...
+
+class ManagementJob(_message.Message):
+    __slots__ = ("action", "target", "version", "gateways", "accept_vpn_disruption", "allow_downgrade")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_VPN_DISRUPTION_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
+    action: str
+    target: str
+    version: str
+    gateways: _containers.RepeatedScalarFieldContainer[str]
+    accept_vpn_disruption: bool
+    allow_downgrade: bool
+    def __init__(self, action: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., gateways: _Optional[_Iterable[str]] = ..., accept_vpn_disruption: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
+
+class JobRejected(_message.Message):
+    __slots__ = ("message_id", "reason", "body", "user_id", "at")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    message_id: str
+    reason: str
+    body: str
+    user_id: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, message_id: _Optional[str] = ..., reason: _Optional[str] = ..., body: _Optional[str] = ..., user_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class Event(_message.Message):
+    __slots__ = ("event_id", "at", "admins", "release_published", "job_finished", "job_rejected")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    ADMINS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    JOB_FINISHED_FIELD_NUMBER: _ClassVar[int]
+    JOB_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    at: _timestamp_pb2.Timestamp
+    admins: _containers.RepeatedScalarFieldContainer[str]
+    release_published: _controller_pb2.Release
+    job_finished: _controller_pb2.Job
+    job_rejected: JobRejected
+    def __init__(self, event_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., admins: _Optional[_Iterable[str]] = ..., release_published: _Optional[_Union[_controller_pb2.Release, _Mapping]] = ..., job_finished: _Optional[_Union[_controller_pb2.Job, _Mapping]] = ..., job_rejected: _Optional[_Union[JobRejected, _Mapping]] = ...) -> None: ...

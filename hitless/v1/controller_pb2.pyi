@@ -11,16 +11,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Gateway(_message.Message):
-    __slots__ = ("id", "version", "state", "last_seen")
+    __slots__ = ("id", "version", "state", "last_seen", "vpn_sessions")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: str
     state: str
     last_seen: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    vpn_sessions: int
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions: _Optional[int] = ...) -> None: ...
 
 class ListGatewaysRequest(_message.Message):
     __slots__ = ()
@@ -33,18 +35,20 @@ class ListGatewaysResponse(_message.Message):
     def __init__(self, gateways: _Optional[_Iterable[_Union[Gateway, _Mapping]]] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("version", "sha256", "size", "published_at", "notes")
+    __slots__ = ("version", "sha256", "size", "published_at", "notes", "restarts_vpn_service")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
     version: str
     sha256: str
     size: int
     published_at: _timestamp_pb2.Timestamp
     notes: str
-    def __init__(self, version: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notes: _Optional[str] = ...) -> None: ...
+    restarts_vpn_service: bool
+    def __init__(self, version: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notes: _Optional[str] = ..., restarts_vpn_service: _Optional[bool] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
@@ -57,16 +61,18 @@ class ListReleasesResponse(_message.Message):
     def __init__(self, releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ...) -> None: ...
 
 class ReleaseMetadata(_message.Message):
-    __slots__ = ("version", "notes", "sha256", "size")
+    __slots__ = ("version", "notes", "sha256", "size", "restarts_vpn_service")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
     version: str
     notes: str
     sha256: str
     size: int
-    def __init__(self, version: _Optional[str] = ..., notes: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+    restarts_vpn_service: bool
+    def __init__(self, version: _Optional[str] = ..., notes: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., restarts_vpn_service: _Optional[bool] = ...) -> None: ...
 
 class PublishReleaseRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
@@ -77,21 +83,47 @@ class PublishReleaseRequest(_message.Message):
     def __init__(self, metadata: _Optional[_Union[ReleaseMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class StartUpgradeRequest(_message.Message):
-    __slots__ = ("latest", "version", "gateway_ids", "request_id", "deadline_seconds")
+    __slots__ = ("latest", "version", "gateway_ids", "request_id", "deadline_seconds", "allow_downgrade", "accept_vpn_disruption")
     LATEST_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_VPN_DISRUPTION_FIELD_NUMBER: _ClassVar[int]
     latest: bool
     version: str
     gateway_ids: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
     deadline_seconds: int
-    def __init__(self, latest: _Optional[bool] = ..., version: _Optional[str] = ..., gateway_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., deadline_seconds: _Optional[int] = ...) -> None: ...
+    allow_downgrade: bool
+    accept_vpn_disruption: bool
+    def __init__(self, latest: _Optional[bool] = ..., version: _Optional[str] = ..., gateway_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., deadline_seconds: _Optional[int] = ..., allow_downgrade: _Optional[bool] = ..., accept_vpn_disruption: _Optional[bool] = ...) -> None: ...
+
+class PlannedGateway(_message.Message):
+    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    from_version: str
+    action: str
+    vpn_sessions: int
+    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ...) -> None: ...
+
+class UpgradePlan(_message.Message):
+    __slots__ = ("release", "gateways", "vpn_sessions_affected")
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    GATEWAYS_FIELD_NUMBER: _ClassVar[int]
+    VPN_SESSIONS_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    release: Release
+    gateways: _containers.RepeatedCompositeFieldContainer[PlannedGateway]
+    vpn_sessions_affected: int
+    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[PlannedGateway, _Mapping]]] = ..., vpn_sessions_affected: _Optional[int] = ...) -> None: ...
 
 class GatewayJob(_message.Message):
-    __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at")
+    __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at", "vpn_sessions_dropped")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +132,7 @@ class GatewayJob(_message.Message):
     BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    VPN_SESSIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     state: _common_pb2.GatewayJobState
     from_version: str
@@ -108,10 +141,11 @@ class GatewayJob(_message.Message):
     bytes_done: int
     bytes_total: int
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    vpn_sessions_dropped: int
+    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "target_version", "created_at", "updated_at", "gateways", "source")
+    __slots__ = ("job_id", "state", "target_version", "created_at", "updated_at", "gateways", "source", "requested_by")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +153,7 @@ class Job(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.JobState
     target_version: str
@@ -126,7 +161,8 @@ class Job(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     gateways: _containers.RepeatedCompositeFieldContainer[GatewayJob]
     source: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., target_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[GatewayJob, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+    requested_by: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., target_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[GatewayJob, _Mapping]]] = ..., source: _Optional[str] = ..., requested_by: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -161,3 +197,71 @@ class JobEvent(_message.Message):
     bytes_done: int
     bytes_total: int
     def __init__(self, seq: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gateway_id: _Optional[str] = ..., gateway_state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., job_state: _Optional[_Union[_common_pb2.JobState, str]] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...
+
+class RejectedJob(_message.Message):
+    __slots__ = ("message_id", "reason", "body", "user_id", "at")
+    MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    message_id: str
+    reason: str
+    body: str
+    user_id: str
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, message_id: _Optional[str] = ..., reason: _Optional[str] = ..., body: _Optional[str] = ..., user_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListRejectedJobsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRejectedJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[RejectedJob]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[RejectedJob, _Mapping]]] = ...) -> None: ...
+
+class SyncReleasesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SyncReleasesResponse(_message.Message):
+    __slots__ = ("imported",)
+    IMPORTED_FIELD_NUMBER: _ClassVar[int]
+    imported: _containers.RepeatedCompositeFieldContainer[Release]
+    def __init__(self, imported: _Optional[_Iterable[_Union[Release, _Mapping]]] = ...) -> None: ...
+
+class Admin(_message.Message):
+    __slots__ = ("email",)
+    EMAIL_FIELD_NUMBER: _ClassVar[int]
+    email: str
+    def __init__(self, email: _Optional[str] = ...) -> None: ...
+
+class AdminRequest(_message.Message):
+    __slots__ = ("email",)
+    EMAIL_FIELD_NUMBER: _ClassVar[int]
+    email: str
+    def __init__(self, email: _Optional[str] = ...) -> None: ...
+
+class ListAdminsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListAdminsResponse(_message.Message):
+    __slots__ = ("admins",)
+    ADMINS_FIELD_NUMBER: _ClassVar[int]
+    admins: _containers.RepeatedCompositeFieldContainer[Admin]
+    def __init__(self, admins: _Optional[_Iterable[_Union[Admin, _Mapping]]] = ...) -> None: ...

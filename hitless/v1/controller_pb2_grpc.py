@@ -64,6 +64,41 @@ class ControllerStub:
                 request_serializer=hitless_dot_v1_dot_controller__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=hitless_dot_v1_dot_controller__pb2.JobEvent.FromString,
                 _registered_method=True)
+        self.PlanUpgrade = channel.unary_unary(
+                '/hitless.v1.Controller/PlanUpgrade',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.StartUpgradeRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.UpgradePlan.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/hitless.v1.Controller/ListJobs',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.ListRejectedJobs = channel.unary_unary(
+                '/hitless.v1.Controller/ListRejectedJobs',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListRejectedJobsRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListRejectedJobsResponse.FromString,
+                _registered_method=True)
+        self.SyncReleases = channel.unary_unary(
+                '/hitless.v1.Controller/SyncReleases',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.SyncReleasesRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.SyncReleasesResponse.FromString,
+                _registered_method=True)
+        self.AddAdmin = channel.unary_unary(
+                '/hitless.v1.Controller/AddAdmin',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.AdminRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Admin.FromString,
+                _registered_method=True)
+        self.RemoveAdmin = channel.unary_unary(
+                '/hitless.v1.Controller/RemoveAdmin',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.AdminRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Admin.FromString,
+                _registered_method=True)
+        self.ListAdmins = channel.unary_unary(
+                '/hitless.v1.Controller/ListAdmins',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListAdminsRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListAdminsResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -108,6 +143,51 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanUpgrade(self, request, context):
+        """What StartUpgrade would do, without doing it: the release and its notes, and per
+        gateway the change and its connected VPN users. For the operator's confirmation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRejectedJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SyncReleases(self, request, context):
+        """Check the release feed now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AddAdmin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAdmin(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdmins(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +220,41 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=hitless_dot_v1_dot_controller__pb2.WatchJobRequest.FromString,
                     response_serializer=hitless_dot_v1_dot_controller__pb2.JobEvent.SerializeToString,
+            ),
+            'PlanUpgrade': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanUpgrade,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.StartUpgradeRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.UpgradePlan.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListJobsRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'ListRejectedJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRejectedJobs,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListRejectedJobsRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListRejectedJobsResponse.SerializeToString,
+            ),
+            'SyncReleases': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncReleases,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.SyncReleasesRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.SyncReleasesResponse.SerializeToString,
+            ),
+            'AddAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddAdmin,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.AdminRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Admin.SerializeToString,
+            ),
+            'RemoveAdmin': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAdmin,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.AdminRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Admin.SerializeToString,
+            ),
+            'ListAdmins': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdmins,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListAdminsRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListAdminsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +419,195 @@ class Controller:
             '/hitless.v1.Controller/WatchJob',
             hitless_dot_v1_dot_controller__pb2.WatchJobRequest.SerializeToString,
             hitless_dot_v1_dot_controller__pb2.JobEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanUpgrade(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/PlanUpgrade',
+            hitless_dot_v1_dot_controller__pb2.StartUpgradeRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.UpgradePlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListJobs',
+            hitless_dot_v1_dot_controller__pb2.ListJobsRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRejectedJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListRejectedJobs',
+            hitless_dot_v1_dot_controller__pb2.ListRejectedJobsRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListRejectedJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncReleases(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/SyncReleases',
+            hitless_dot_v1_dot_controller__pb2.SyncReleasesRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.SyncReleasesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/AddAdmin',
+            hitless_dot_v1_dot_controller__pb2.AdminRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Admin.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAdmin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/RemoveAdmin',
+            hitless_dot_v1_dot_controller__pb2.AdminRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Admin.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdmins(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListAdmins',
+            hitless_dot_v1_dot_controller__pb2.ListAdminsRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListAdminsResponse.FromString,
             options,
             channel_credentials,
             insecure,
