@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -24,15 +25,16 @@ def timestamp(value: datetime) -> Timestamp:
     return stamp
 
 
-def job_state(state: JobState) -> int:
-    return common_pb2.JobState.Value(f"JOB_STATE_{state.value}")
+def job_state(state: JobState) -> common_pb2.JobState:
+    return cast(common_pb2.JobState, common_pb2.JobState.Value(f"JOB_STATE_{state.value}"))
 
 
-def gateway_state(state: GatewayState) -> int:
-    return common_pb2.GatewayJobState.Value(f"GATEWAY_JOB_STATE_{state.value}")
+def gateway_state(state: GatewayState) -> common_pb2.GatewayJobState:
+    value = common_pb2.GatewayJobState.Value(f"GATEWAY_JOB_STATE_{state.value}")
+    return cast(common_pb2.GatewayJobState, value)
 
 
-def gateway_state_from(value: int) -> GatewayState:
+def gateway_state_from(value: common_pb2.GatewayJobState) -> GatewayState:
     name = common_pb2.GatewayJobState.Name(value)
     return GatewayState(name.removeprefix("GATEWAY_JOB_STATE_"))
 
@@ -108,4 +110,3 @@ def report(message: bus_pb2.StatusReport, report_id: str) -> ReportIn:
         bytes_total=message.bytes_total,
         at=message.at.ToDatetime(tzinfo=UTC),
     )
-

@@ -83,7 +83,7 @@ def _translated_stream(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class ControllerService(controller_pb2_grpc.ControllerServicer):
+class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def __init__(
         self, engine: Engine, store: ArtifactStore, publisher: Publisher, stopping: threading.Event
     ) -> None:
@@ -200,7 +200,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):
                 self._engine.wait_for_change(WATCH_POLL_S)
 
 
-class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):
+class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[misc]
     def __init__(self, store: ArtifactStore) -> None:
         self._store = store
 

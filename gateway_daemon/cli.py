@@ -12,6 +12,7 @@ import sys
 
 from gateway_daemon import daemon
 from gateway_daemon.handoff import child
+from gateway_daemon.state import AgentState
 from hitless import config, logs
 from hitless.errors import ConfigError, HitlessError
 
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             daemon.install_signal_handlers(gateway)
             return gateway.run_inherited(inheritance)
         cfg = _config(args)
-        daemon.exec_current_release(daemon.AgentState(cfg.state_dir), argv)
+        daemon.exec_current_release(AgentState(cfg.state_dir), argv)
         gateway = daemon.GatewayDaemon(cfg)
         daemon.install_signal_handlers(gateway)
         return gateway.run_fresh()

@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -52,7 +53,10 @@ class Reporter:
             command_id=command.command_id,
             job_id=command.job_id,
             gateway_id=self._gateway_id,
-            state=common_pb2.GatewayJobState.Value(f"GATEWAY_JOB_STATE_{state}"),
+            state=cast(
+                common_pb2.GatewayJobState,
+                common_pb2.GatewayJobState.Value(f"GATEWAY_JOB_STATE_{state}"),
+            ),
             from_version=from_version,
             to_version=to_version,
             error=error,

@@ -10,6 +10,7 @@ a private RabbitMQ node when `rabbitmq-server` is installed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -96,7 +97,10 @@ class Demo:
             f"http://{url.hostname}:15672/api{path}",
             data=json.dumps(body or {}).encode() if method == "PUT" else None,
             method=method,
-            headers={"Authorization": f"Basic {token.decode()}", "content-type": "application/json"},
+            headers={
+                "Authorization": f"Basic {token.decode()}",
+                "content-type": "application/json",
+            },
         )
         try:
             with urllib.request.urlopen(request, timeout=5):
@@ -133,16 +137,24 @@ class Demo:
         self.cleanups.append(("node", node))
         self.cleanups.append(("dir", base))
         self.amqp = f"amqp://guest:guest@127.0.0.1:{port}/%2F"
-        wait(lambda: reachable("127.0.0.1", port), f"the private RabbitMQ node (logs in {base})",
-             timeout=90)
+        wait(
+            lambda: reachable("127.0.0.1", port),
+            f"the private RabbitMQ node (logs in {base})",
+            timeout=90,
+        )
 
     # Processes -------------------------------------------------------------------------
 
     def start(self, name: str, *argv: str) -> None:
         log = (self.root / f"{name}.log").open("ab")
         self.procs.append(
-            subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True,
-                             env={**os.environ, "HITLESS_AMQP_URL": self.amqp})
+            subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env={**os.environ, "HITLESS_AMQP_URL": self.amqp},
+            )
         )
 
     def ctl(self, *args: str, show: bool = True) -> subprocess.CompletedProcess[str]:
@@ -163,12 +175,29 @@ class Demo:
     def run(self) -> int:
         self.prepare_broker()
         self.say(f"starting a controller on {self.controller} and {len(GATEWAYS)} gateways")
-        self.start("controller", str(BIN / "controller-svc"), "serve", "--listen", self.controller,
-                   "--data-dir", str(self.root / "controller"))
+        self.start(
+            "controller",
+            str(BIN / "controller-svc"),
+            "serve",
+            "--listen",
+            self.controller,
+            "--data-dir",
+            str(self.root / "controller"),
+        )
         for gid in GATEWAYS:
-            self.start(gid, str(BIN / "gateway-daemon"), "run", "--id", gid,
-                       "--controller", self.controller, "--state-dir", str(self.root / gid),
-                       "--listen", f"127.0.0.1:{free_port()}")
+            self.start(
+                gid,
+                str(BIN / "gateway-daemon"),
+                "run",
+                "--id",
+                gid,
+                "--controller",
+                self.controller,
+                "--state-dir",
+                str(self.root / gid),
+                "--listen",
+                f"127.0.0.1:{free_port()}",
+            )
         wait(lambda: self.gateways_on("1.0.0"), "the gateways to register")
         self.ctl("gateways", "list")
 
@@ -178,8 +207,16 @@ class Demo:
             notes = self.root / f"notes-{version}.md"
             notes.write_text(f"# hitless {version}\n\nGateway software {version}.\n")
             self.ctl("releases", "build", "--version", version, "-o", str(artifact))
-            self.ctl("releases", "publish", "--version", version, "--artifact", str(artifact),
-                     "--notes", str(notes))
+            self.ctl(
+                "releases",
+                "publish",
+                "--version",
+                version,
+                "--artifact",
+                str(artifact),
+                "--notes",
+                str(notes),
+            )
         self.ctl("releases", "list")
 
         self.say("upgrading the fleet to the latest release")
@@ -191,10 +228,8 @@ class Demo:
 
     def stop(self) -> None:
         for proc in self.procs:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
         for proc in self.procs:
             try:
                 proc.wait(timeout=15)

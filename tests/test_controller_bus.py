@@ -15,11 +15,16 @@ from tests.support.wait import wait_for
 def test_malformed_report_is_dead_lettered_and_the_consumer_goes_on(
     fleet: Fleet, rabbit: Management, vhost: str
 ) -> None:
-    assert rabbit.publish(vhost, "hitless.reports", "gateway.gw-x.status", "{not json",
-                          message_id="bad-1")
-    assert rabbit.publish(vhost, "hitless.reports", "gateway.gw-x.heartbeat",
-                          json.dumps({"gateway_id": "gw-x", "version": "1.0.0", "flavour": 1}),
-                          message_id="bad-2")
+    assert rabbit.publish(
+        vhost, "hitless.reports", "gateway.gw-x.status", "{not json", message_id="bad-1"
+    )
+    assert rabbit.publish(
+        vhost,
+        "hitless.reports",
+        "gateway.gw-x.heartbeat",
+        json.dumps({"gateway_id": "gw-x", "version": "1.0.0", "flavour": 1}),
+        message_id="bad-2",
+    )
     now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
     good = json.dumps({"gateway_id": "gw-ok", "version": "1.0.0", "at": now})
     assert rabbit.publish(vhost, "hitless.reports", "gateway.gw-ok.heartbeat", good)
@@ -36,8 +41,10 @@ def test_malformed_report_is_dead_lettered_and_the_consumer_goes_on(
     reasons = wait_for(dead, timeout=15, what="both bad reports dead-lettered")
     assert "hitless.v1.StatusReport" in reasons["bad-1"]
     assert "flavour" in reasons["bad-2"]
-    bodies = {m["properties"]["message_id"]: m["payload"]
-              for m in rabbit.get_messages(vhost, "hitless.dead")}
+    bodies = {
+        m["properties"]["message_id"]: m["payload"]
+        for m in rabbit.get_messages(vhost, "hitless.dead")
+    }
     assert bodies["bad-1"] == "{not json", "the body must reach the dead-letter queue untouched"
     assert "gw-x" not in fleet.gateways()
 
@@ -46,8 +53,16 @@ def test_gateway_retries_an_unreachable_broker_and_says_so(procs: Procs, tmp_pat
     dead_broker = f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F"
     gateway = procs.start(
         "gw-1",
-        [command("gateway-daemon"), "run", "--id", "gw-1", "--amqp", dead_broker,
-         "--state-dir", str(tmp_path / "gw-1")],
+        [
+            command("gateway-daemon"),
+            "run",
+            "--id",
+            "gw-1",
+            "--amqp",
+            dead_broker,
+            "--state-dir",
+            str(tmp_path / "gw-1"),
+        ],
     )
 
     def retries() -> int:

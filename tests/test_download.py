@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from concurrent import futures
 from collections.abc import Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc

@@ -3,9 +3,9 @@ daemons -> gRPC download -> verify -> handoff to the new version -> reports -> d
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
-import json
 from pathlib import Path
 
 from tests.support.fleet import Fleet
@@ -61,8 +61,11 @@ def test_fleet_upgrades_to_latest_and_no_connection_is_refused(fleet: Fleet) -> 
         wait_for(lambda: all(p.versions for p in probers), timeout=10, what="probes answered")
         job = fleet.cli_json("upgrade", "--latest", "--wait", "--yes")
         for prober in probers:
-            wait_for(lambda p=prober: p.versions[-1] == "1.1.0", timeout=10,  # type: ignore[misc]
-                     what="the listener to answer with the new version")
+            wait_for(
+                lambda p=prober: p.versions[-1] == "1.1.0",
+                timeout=10,  # type: ignore[misc]
+                what="the listener to answer with the new version",
+            )
     finally:
         for prober in probers:
             prober.__exit__()

@@ -86,7 +86,7 @@ class ControllerClient:
         self._sleep = sleep
         self._clock = clock
         self._channel = grpc.insecure_channel(str(target))
-        self._stub = controller_pb2_grpc.ControllerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = controller_pb2_grpc.ControllerStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()

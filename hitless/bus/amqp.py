@@ -16,6 +16,8 @@ after every reconnect.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import functools
 import queue
 import random
 import threading
@@ -74,7 +76,9 @@ class Backoff:
         return random.uniform(0, min(self.max_s, self.initial_s * 2**attempt))
 
 
-def _connect(bus: BusConfig, queues: Iterable[Queue]) -> tuple[pika.BlockingConnection, BlockingChannel]:
+def _connect(
+    bus: BusConfig, queues: Iterable[Queue]
+) -> tuple[pika.BlockingConnection, BlockingChannel]:
     params = pika.URLParameters(bus.url)
     params.heartbeat = 30
     params.blocked_connection_timeout = 30
@@ -105,10 +109,8 @@ def declare(channel: BlockingChannel, queues: Iterable[Queue]) -> None:
 def _close_quietly(connection: pika.BlockingConnection | None) -> None:
     if connection is None or connection.is_closed:
         return
-    try:
+    with contextlib.suppress(*_CONNECT_ERRORS):
         connection.close()
-    except _CONNECT_ERRORS:
-        pass
 
 
 @dataclass
@@ -333,9 +335,7 @@ class Consumer:
                 channel.basic_qos(prefetch_count=self._prefetch)
                 channel.basic_consume(
                     queue=self._source.name,
-                    on_message_callback=lambda ch, method, props, body: self._on_message(
-                        connection, ch, method, props, body
-                    ),
+                    on_message_callback=functools.partial(self._on_message, connection),
                 )
                 attempt = 0
                 self._consuming.set()

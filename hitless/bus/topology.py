@@ -1,6 +1,6 @@
 """Every exchange, queue and binding of the bus, declared in this one module.
 
-    hitless.commands (topic)  gateway.<id>                 -> hitless.gateway.<id>  (one per gateway)
+    hitless.commands (topic)  gateway.<id>                 -> hitless.gateway.<id> (each)
     hitless.reports  (topic)  gateway.<id>.<kind>          -> hitless.controller.reports
     hitless.events   (topic)  release.published | job.*   -> hitless.notifier.events
     hitless.jobs     (topic)  any key                      -> hitless.controller.jobs

@@ -100,8 +100,13 @@ class Fleet:
                 for gid, version in versions.items()
             )
 
-        wait_for(ready, timeout=timeout, what=f"gateways {versions}", interval=0.2,
-                 describe=lambda: f"{self.gateways()}\n{self.procs.dump_logs()}")
+        wait_for(
+            ready,
+            timeout=timeout,
+            what=f"gateways {versions}",
+            interval=0.2,
+            describe=lambda: f"{self.gateways()}\n{self.procs.dump_logs()}",
+        )
 
     def release(self, version: str) -> Path:
         """Build and publish a release of the code under test stamped ``version``."""

@@ -67,9 +67,7 @@ class Procs:
         self._log_dir = log_dir
         self._procs: list[Proc] = []
 
-    def start(
-        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None
-    ) -> Proc:
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
         log_path = self._log_dir / f"{name}.log"
         with log_path.open("ab") as log:
             popen = subprocess.Popen(
