@@ -62,6 +62,7 @@ class GatewayDaemon:
         self._stop = threading.Event()
         self._swapped = False
         self._plane: listeners.Listeners | None = None
+        logs.bind_process(gateway_id=config.gateway_id)
         log.info("gateway_starting", gateway_id=config.gateway_id, version=self.version)
 
     def stop(self) -> None:

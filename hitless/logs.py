@@ -12,6 +12,24 @@ import sys
 import structlog
 
 
+# Context true for every line of this process, whatever the thread (contextvars are
+# per thread): the service's name, and e.g. the gateway's id once it is known.
+_process_context: dict[str, object] = {}
+
+
+def _add_process_context(
+    _logger: object, _method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    for key, value in _process_context.items():
+        event.setdefault(key, value)
+    return event
+
+
+def bind_process(**context: object) -> None:
+    """Add ``context`` to every later log line of this process, from any thread."""
+    _process_context.update(context)
+
+
 def configure(service: str, *, json: bool | None = None, level: str = "INFO") -> None:
     """Set up structlog for this process. ``json=None`` picks JSON unless stderr is a tty."""
     if json is None:
@@ -20,15 +38,11 @@ def configure(service: str, *, json: bool | None = None, level: str = "INFO") ->
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )
 
-    def add_service(
-        _logger: object, _method: str, event: structlog.typing.EventDict
-    ) -> structlog.typing.EventDict:
-        event.setdefault("service", service)
-        return event
-
+    _process_context.clear()
+    _process_context["service"] = service
     structlog.configure(
         processors=[
-            add_service,
+            _add_process_context,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
