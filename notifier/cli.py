@@ -1,9 +1,11 @@
-"""``notifier``: consumes release and job events from the bus.
+"""``notifier``: emails the admins about releases and upgrade jobs, once per event and admin.
 
-    notifier run [--amqp URL] [--smtp HOST:PORT]
+    notifier run [--amqp URL] [--smtp HOST:PORT] [--smtp-starttls] [--smtp-user USER]
+                 [--from ADDRESS] [--state FILE]
 
-This version records each event in its log; email delivery to the admins is built on
-this consumer.
+The SMTP password comes from the environment (HITLESS_SMTP_PASSWORD), never from a flag.
+Exit codes: 0 stopped by a signal; 2 bad configuration; 3 the delivery ledger cannot be
+opened.
 """
 
 from __future__ import annotations
@@ -13,48 +15,105 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from hitless import config, logs
-from hitless.bus import topology
-from hitless.bus.amqp import Consumer, Delivery
 from hitless.errors import ConfigError
+from notifier import config as notifier_config
+from notifier.errors import LedgerError
+from notifier.service import Notifier
 
-log = logs.get(__name__)
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_LEDGER = 3
+
+_TRUE = {"1", "true", "yes", "on"}
 
 
 def _parser() -> argparse.ArgumentParser:
+    env = notifier_config
     parser = argparse.ArgumentParser(prog="notifier", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the notifier")
     run.add_argument("--amqp", help=f"broker URL (env {config.ENV_AMQP_URL})")
-    run.add_argument("--smtp", default="127.0.0.1:25", help="SMTP server HOST:PORT")
+    run.add_argument(
+        "--smtp", help=f"SMTP server HOST:PORT (env {env.ENV_SMTP}; default {env.DEFAULT_SMTP})"
+    )
+    run.add_argument(
+        "--smtp-starttls",
+        action="store_true",
+        default=None,
+        help=f"upgrade the SMTP connection with STARTTLS (env {env.ENV_SMTP_STARTTLS}=1)",
+    )
+    run.add_argument(
+        "--smtp-user",
+        help=f"log in as USER; the password is read from {env.ENV_SMTP_PASSWORD} "
+        f"(env {env.ENV_SMTP_USER})",
+    )
+    run.add_argument(
+        "--from",
+        dest="sender",
+        help=f"sender address (env {env.ENV_SMTP_FROM}; default {env.DEFAULT_SENDER})",
+    )
+    run.add_argument(
+        "--state",
+        help=f"the delivery ledger, a SQLite file (env {env.ENV_STATE}; default "
+        f"<data dir>/{env.STATE_FILE})",
+    )
     return parser
 
 
-def _on_event(delivery: Delivery) -> None:
-    log.info("event_received", key=delivery.routing_key, message_id=delivery.message_id)
+def build_config(
+    args: argparse.Namespace, environ: dict[str, str]
+) -> notifier_config.NotifierConfig:
+    """Flags first, then the environment, then the defaults; raises ConfigError."""
+    env = notifier_config
+    bus = config.BusConfig(args.amqp or environ.get(config.ENV_AMQP_URL) or config.DEFAULT_AMQP_URL)
+    server = config.HostPort.parse(
+        args.smtp or environ.get(env.ENV_SMTP) or env.DEFAULT_SMTP, what="SMTP address"
+    )
+    starttls = (
+        args.smtp_starttls
+        if args.smtp_starttls is not None
+        else environ.get(env.ENV_SMTP_STARTTLS, "").strip().lower() in _TRUE
+    )
+    smtp = env.SmtpConfig(
+        server=server,
+        starttls=starttls,
+        user=args.smtp_user or environ.get(env.ENV_SMTP_USER) or None,
+        password=environ.get(env.ENV_SMTP_PASSWORD) or None,
+    )
+    state = args.state or environ.get(env.ENV_STATE)
+    return env.NotifierConfig(
+        bus=bus,
+        smtp=smtp,
+        state_path=Path(state).expanduser() if state else config.data_dir() / env.STATE_FILE,
+        sender=args.sender or environ.get(env.ENV_SMTP_FROM) or env.DEFAULT_SENDER,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-    logs.configure("notifier", json=True)
     try:
-        bus = config.BusConfig(
-            args.amqp or os.environ.get(config.ENV_AMQP_URL) or config.DEFAULT_AMQP_URL
-        )
-        config.HostPort.parse(args.smtp, what="SMTP address")
+        settings = build_config(args, dict(os.environ))
     except ConfigError as exc:
         print(f"notifier: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    logs.configure("notifier", json=True)
+    try:
+        notifier = Notifier(settings)
+    except LedgerError as exc:
+        print(f"notifier: error: {exc}", file=sys.stderr)
+        return EXIT_LEDGER
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    consumer = Consumer(bus, topology.NOTIFIER_EVENTS, _on_event, name="notifier-events").start()
+    notifier.start()
     try:
         stop.wait()
     finally:
-        consumer.stop()
-    return 0
+        notifier.stop()
+    return EXIT_OK
 
 
 if __name__ == "__main__":

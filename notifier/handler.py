@@ -1,0 +1,207 @@
+"""The event handler: one bus message in, one email per admin out, each exactly once.
+
+For an event, every admin address is settled in the ledger (SENT or FAILED) before the
+handler returns, and only then does the consumer ack the message. Pairs already settled are
+skipped, so a redelivered event, or one delivered again after a restart, mails nobody twice.
+
+While the SMTP server is unreachable the handler keeps the message and retries with
+bounded exponential backoff and jitter, without a time limit: raising would requeue the
+message, and the consumer dead-letters a message that fails again on redelivery, so a long
+outage would otherwise lose the event. A recipient refused with 5xx is recorded as FAILED
+and logged; one refused with 4xx is retried until the policy's recipient deadline. When the
+notifier stops with recipients still pending, the handler waits until the consumer has
+closed its connection (so the broker requeues the message untouched) and then gives up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from structlog.stdlib import BoundLogger
+
+from hitless import logs
+from hitless.bus import codec
+from hitless.bus.amqp import DeadLetter, Delivery
+from hitless.errors import ConfigError, DecodeError
+from hitless.v1 import bus_pb2
+from notifier import render
+from notifier.config import RetryPolicy, check_address
+from notifier.errors import DeliveryInterrupted, SmtpUnavailable
+from notifier.ledger import SETTLED, Ledger, State
+from notifier.mailer import Mailer, Outcome, Session
+
+log = logs.get(__name__)
+
+_RELEASE_WAIT_S = 30.0
+
+
+@dataclass
+class Counters:
+    """What this handler has done since it started (for health checks and tests)."""
+
+    sent: int = 0
+    rejected: int = 0
+    deferred: int = 0
+    unavailable: int = 0
+    skipped: int = 0
+
+
+def canonical(address: str) -> str:
+    """The ledger's key for an address: trimmed, domain in lower case. Raises ConfigError
+    for something that is no bare address."""
+    local, _, domain = check_address(address.strip(), what="admin address").rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+class EventHandler:
+    """Handles ``hitless.v1.Event`` deliveries; see the module docstring for the rules."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        mailer: Mailer,
+        *,
+        sender: str,
+        retry: RetryPolicy,
+        stopping: threading.Event,
+        released: threading.Event,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._ledger = ledger
+        self._mailer = mailer
+        self._sender = sender
+        self._retry = retry
+        self._stopping = stopping
+        self._released = released
+        self._clock = clock
+        self.counters = Counters()
+
+    def __call__(self, delivery: Delivery) -> None:
+        try:
+            event = codec.decode(bus_pb2.Event, delivery.body)
+        except DecodeError as exc:
+            raise DeadLetter(f"not a hitless.v1.Event: {exc}") from exc
+        if not event.event_id:
+            raise DeadLetter("the event has no event_id, so it cannot be mailed exactly once")
+        try:
+            rendered = render.render(event)
+        except render.UnknownEvent as exc:
+            raise DeadLetter(str(exc)) from exc
+        kind = event.WhichOneof("kind")
+        bound = log.bind(event_id=event.event_id, kind=kind)
+        recipients = self._recipients(event, bound)
+        if not recipients:
+            bound.warning("event_without_admins", routing_key=delivery.routing_key)
+            return
+        self._deliver(event.event_id, recipients, rendered, bound)
+
+    def _recipients(self, event: bus_pb2.Event, bound: BoundLogger) -> list[str]:
+        """Unique canonical addresses; invalid ones are settled as FAILED right away."""
+        done = self._ledger.states(event.event_id)
+        unique: list[str] = []
+        for raw in event.admins:
+            try:
+                address = canonical(raw)
+            except ConfigError as exc:
+                key = raw.strip()[:320] or "(empty)"
+                if done.get(key) not in SETTLED:
+                    self._ledger.failed(event.event_id, key, str(exc))
+                    self.counters.rejected += 1
+                    bound.warning("email_rejected", to=key, reason=str(exc))
+                continue
+            if address not in unique:
+                unique.append(address)
+        return unique
+
+    def _deliver(
+        self, event_id: str, recipients: list[str], rendered: render.Rendered, bound: BoundLogger
+    ) -> None:
+        attempt = 0
+        first_deferred: dict[str, float] = {}
+        states = self._ledger.states(event_id)
+        self.counters.skipped += sum(1 for a in recipients if states.get(a) in SETTLED)
+        while True:
+            states = self._ledger.states(event_id)
+            pending = [a for a in recipients if states.get(a) not in SETTLED]
+            if not pending:
+                bound.info("event_delivered", recipients=len(recipients))
+                return
+            progressed = False
+            try:
+                with self._mailer.session() as session:
+                    for address in pending:
+                        settled = self._send_one(
+                            session, event_id, address, states.get(address), rendered, bound,
+                            first_deferred,
+                        )  # fmt: skip
+                        progressed = progressed or settled
+            except SmtpUnavailable as exc:
+                self.counters.unavailable += 1
+                error = str(exc)
+            else:
+                error = ""
+            attempt = 0 if progressed else attempt + 1
+            states = self._ledger.states(event_id)
+            if all(states.get(a) in SETTLED for a in recipients):
+                continue
+            delay = self._retry.delay(attempt)
+            if error:
+                bound.warning("smtp_unavailable", error=error, retry_in_s=round(delay, 2))
+            if self._stopping.wait(delay):
+                self._give_up(event_id, bound)
+
+    def _send_one(
+        self,
+        session: Session,
+        event_id: str,
+        address: str,
+        previous: State | None,
+        rendered: render.Rendered,
+        bound: BoundLogger,
+        first_deferred: dict[str, float],
+    ) -> bool:
+        """Send to one address; return whether it is now settled."""
+        message_id = render.message_id(event_id, address, self._sender)
+        message = render.compose(
+            rendered, sender=self._sender, recipient=address, message_id=message_id,
+            event_id=event_id,
+        )  # fmt: skip
+        attempts = self._ledger.begin(event_id, address, message_id)
+        if previous is State.SENDING:
+            # A send began before and its outcome was never recorded (a crash, or the
+            # server went away mid-message): the admin may already have it.
+            bound.warning("email_resent_possible_duplicate", to=address, message_id=message_id)
+        result = session.send(message, self._sender, address)
+        if result.outcome is Outcome.SENT:
+            self._ledger.sent(event_id, address)
+            self.counters.sent += 1
+            bound.info("email_sent", to=address, message_id=message_id, attempts=attempts)
+            return True
+        if result.outcome is Outcome.REJECTED:
+            self._ledger.failed(event_id, address, result.detail, message_id)
+            self.counters.rejected += 1
+            bound.warning("email_rejected", to=address, reason=result.detail)
+            return True
+        self.counters.deferred += 1
+        since = first_deferred.setdefault(address, self._clock())
+        if self._clock() - since >= self._retry.recipient_deadline_s:
+            detail = f"still refused after {self._retry.recipient_deadline_s:.0f}s: {result.detail}"
+            self._ledger.failed(event_id, address, detail, message_id)
+            self.counters.rejected += 1
+            bound.warning("email_rejected", to=address, reason=detail)
+            return True
+        bound.info("email_deferred", to=address, reason=result.detail)
+        return False
+
+    def _give_up(self, event_id: str, bound: BoundLogger) -> None:
+        """Stopping with recipients pending: let the consumer close first, so the message
+        goes back to the queue untouched rather than being settled as a failure."""
+        bound.warning("delivery_interrupted", detail="the notifier is stopping")
+        self._released.wait(_RELEASE_WAIT_S)
+        raise DeliveryInterrupted(
+            f"stopped before every admin of event {event_id} was mailed; it is delivered again "
+            "when the notifier starts"
+        )
