@@ -60,7 +60,10 @@ class Notifier:
 
     def stop(self) -> None:
         """Stop consuming; an event still waiting for the SMTP server goes back to the queue
-        unacked, and is delivered (to whoever has not had it yet) at the next start."""
+        unacked, and is delivered (to whoever has not had it yet) at the next start.
+        Stopping twice is harmless."""
+        if self._released.is_set():
+            return
         self._stopping.set()
         self._consumer.stop(timeout=_STOP_TIMEOUT_S)
         self._released.set()

@@ -1,0 +1,421 @@
+"""The notifier against a real RabbitMQ and a real SMTP server (aiosmtpd on loopback):
+one email per (event, admin), through redeliveries, restarts, outages and bad addresses."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from hitless.bus import topology
+from hitless.bus.amqp import Publisher
+from hitless.config import BusConfig, HostPort
+from hitless.v1 import bus_pb2, common_pb2, controller_pb2
+from notifier.config import NotifierConfig, RetryPolicy, SmtpConfig
+from notifier.ledger import Ledger, State
+from notifier.render import message_id
+from notifier.service import Notifier
+from tests.support.procs import Procs, command, free_port
+from tests.support.rabbit import Management
+from tests.support.wait import wait_for
+
+SENDER = "hitless@example.com"
+ADMINS = ["alice@example.com", "bob@example.com", "carol@example.com"]
+FAST = RetryPolicy(initial_s=0.05, max_s=0.3, recipient_deadline_s=30)
+
+
+@dataclass
+class Sink:
+    """An aiosmtpd handler that keeps every message, one entry per accepted recipient, and
+    answers RCPT TO with what ``answers`` says for an address (each answer used once)."""
+
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    mails: list[tuple[str, EmailMessage]] = field(default_factory=list)
+    logins: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        queued = self.answers.get(address)
+        if queued:
+            answer = queued.pop(0) if len(queued) > 1 else queued[0]
+            if not answer.startswith("250"):
+                return answer
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        message = message_from_bytes(envelope.content, policy=policy.default)
+        assert isinstance(message, EmailMessage)
+        with self.lock:
+            self.mails += [(rcpt, message) for rcpt in envelope.rcpt_tos]
+        return "250 Message accepted"
+
+    def authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"bot", b"pw")
+        if ok:
+            self.logins.append(data.login.decode())
+        return AuthResult(success=ok)
+
+    def to(self, address: str) -> list[EmailMessage]:
+        with self.lock:
+            return [m for rcpt, m in self.mails if rcpt == address]
+
+    def count(self) -> Counter[str]:
+        with self.lock:
+            return Counter(rcpt for rcpt, _ in self.mails)
+
+
+@pytest.fixture
+def smtp_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def sink() -> Sink:
+    return Sink()
+
+
+@pytest.fixture
+def start_smtp(smtp_port: int, sink: Sink) -> Iterator[Callable[..., Controller]]:
+    """Starts the SMTP server on ``smtp_port`` when the test says so; stops it at the end."""
+    started: list[Controller] = []
+
+    def start(**kwargs: Any) -> Controller:
+        controller = Controller(sink, hostname="127.0.0.1", port=smtp_port, **kwargs)
+        controller.start()
+        started.append(controller)
+        return controller
+
+    yield start
+    for controller in started:
+        controller.stop()
+
+
+@pytest.fixture
+def publisher(bus: BusConfig) -> Iterator[Publisher]:
+    pub = Publisher(bus, queues=(topology.NOTIFIER_EVENTS,), name="test-events").start()
+    assert pub.wait_connected(10), "the test publisher could not reach RabbitMQ"
+    yield pub
+    pub.close()
+
+
+@pytest.fixture
+def make_notifier(
+    bus: BusConfig, smtp_port: int, tmp_path: Path
+) -> Iterator[Callable[..., Notifier]]:
+    running: list[Notifier] = []
+
+    def make(smtp: SmtpConfig | None = None, retry: RetryPolicy = FAST) -> Notifier:
+        config = NotifierConfig(
+            bus=bus,
+            smtp=smtp or SmtpConfig(HostPort("127.0.0.1", smtp_port), timeout_s=5),
+            state_path=tmp_path / "notifier.db",
+            sender=SENDER,
+            retry=retry,
+        )
+        notifier = Notifier(config).start()
+        running.append(notifier)
+        assert notifier.wait_consuming(10), "the notifier did not start consuming"
+        return notifier
+
+    yield make
+    for notifier in running:
+        stop(notifier)
+
+
+def stop(notifier: Notifier) -> None:
+    notifier.stop()
+
+
+def release_event(event_id: str | None = None, *, vpn: bool = True) -> bus_pb2.Event:
+    return bus_pb2.Event(
+        event_id=event_id or f"ev-{uuid.uuid4().hex[:8]}",
+        admins=ADMINS,
+        release_published=controller_pb2.Release(
+            version="1.4.0",
+            sha256="cd" * 32,
+            size=2048,
+            notes="## Changes\n\n- VPN service rebuilt on a **new** TLS stack",
+            restarts_vpn_service=vpn,
+        ),
+    )
+
+
+def publish(publisher: Publisher, event: bus_pb2.Event, key: str) -> None:
+    publisher.publish(topology.EVENTS, key, event, message_id=event.event_id)
+
+
+def assert_queue_settled(rabbit: Management, vhost: str) -> None:
+    """After the notifier stopped: nothing left unacked (it would be back in the queue) and
+    nothing dead-lettered."""
+    left = rabbit.get_messages(vhost, topology.NOTIFIER_EVENTS.name)
+    assert left == [], f"expected the events queue empty, found {len(left)} message(s)"
+    dead = rabbit.get_messages(vhost, topology.DEAD_LETTERS.name)
+    assert dead == [], f"expected no dead letters, found {dead}"
+
+
+def body_text(message: EmailMessage) -> str:
+    part = message.get_body(("plain",))
+    assert part is not None, "expected a text part"
+    return str(part.get_content())
+
+
+def test_release_event_mails_each_admin_once_with_notes_and_vpn_warning(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+) -> None:
+    start_smtp()
+    notifier = make_notifier()
+    event = release_event(vpn=True)
+    publish(publisher, event, topology.RELEASE_PUBLISHED)
+
+    wait_for(lambda: len(sink.mails) >= 3, timeout=10, what="3 emails", describe=sink.count)
+    stop(notifier)
+    assert sink.count() == Counter(ADMINS)
+    for admin in ADMINS:
+        (mail,) = sink.to(admin)
+        assert mail["Subject"] == "[hitless] Release 1.4.0 available — restarts the VPN service"
+        assert mail["Message-ID"] == message_id(event.event_id, admin, SENDER)
+        text = body_text(mail)
+        assert "VPN service rebuilt on a **new** TLS stack" in text
+        assert "must reconnect" in text
+        html = mail.get_body(("html",))
+        assert html is not None and "<strong>new</strong>" in html.get_content()
+    assert_queue_settled(rabbit, vhost)
+
+
+def test_the_same_event_delivered_twice_mails_once(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+) -> None:
+    start_smtp()
+    notifier = make_notifier()
+    event = release_event(vpn=False)
+    publish(publisher, event, topology.RELEASE_PUBLISHED)
+    publish(publisher, event, topology.RELEASE_PUBLISHED)
+
+    wait_for(
+        lambda: notifier.counters.skipped >= 3,
+        timeout=10,
+        what="the second delivery to skip all three admins",
+        describe=lambda: f"{notifier.counters}, mails {sink.count()}",
+    )
+    stop(notifier)
+    assert sink.count() == Counter(ADMINS)
+    assert_queue_settled(rabbit, vhost)
+
+
+def test_smtp_down_then_back_delivers_every_email_once(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+) -> None:
+    notifier = make_notifier()  # nothing listens on the SMTP port yet
+    first, second = release_event(), release_event(vpn=False)
+    publish(publisher, first, topology.RELEASE_PUBLISHED)
+    publish(publisher, second, topology.RELEASE_PUBLISHED)
+    wait_for(
+        lambda: notifier.counters.unavailable >= 4,
+        timeout=10,
+        what="the notifier to retry the unreachable SMTP server a few times",
+        describe=lambda: str(notifier.counters),
+    )
+    assert sink.mails == []
+
+    start_smtp()
+    wait_for(lambda: len(sink.mails) >= 6, timeout=10, what="6 emails", describe=sink.count)
+    stop(notifier)
+    assert sink.count() == Counter({admin: 2 for admin in ADMINS})
+    ids = {mail["X-Hitless-Event"] for _, mail in sink.mails}
+    assert ids == {first.event_id, second.event_id}
+    assert_queue_settled(rabbit, vhost)
+
+
+def test_a_rejected_address_does_not_block_the_others(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+    tmp_path: Path,
+) -> None:
+    sink.answers["bob@example.com"] = ["550 5.1.1 <bob@example.com>: no such mailbox"]
+    start_smtp()
+    notifier = make_notifier()
+    job = controller_pb2.Job(
+        job_id="job-1",
+        state=common_pb2.JOB_STATE_PARTIAL,
+        target_version="1.4.0",
+        gateways=[
+            controller_pb2.GatewayJob(
+                gateway_id="gw-1", state=common_pb2.GATEWAY_JOB_STATE_SUCCEEDED,
+                from_version="1.3.0", to_version="1.4.0", vpn_sessions_dropped=3,
+            ),
+            controller_pb2.GatewayJob(
+                gateway_id="gw-2", state=common_pb2.GATEWAY_JOB_STATE_FAILED,
+                from_version="1.3.0", error="sha256 mismatch after download",
+            ),
+        ],
+    )  # fmt: skip
+    event = bus_pb2.Event(event_id="ev-job-1", admins=ADMINS, job_finished=job)
+    publish(publisher, event, topology.JOB_FINISHED)
+
+    wait_for(
+        lambda: notifier.counters.sent + notifier.counters.rejected >= 3,
+        timeout=10,
+        what="every admin settled",
+        describe=lambda: str(notifier.counters),
+    )
+    stop(notifier)
+    assert sink.count() == Counter({"alice@example.com": 1, "carol@example.com": 1})
+    (mail,) = sink.to("alice@example.com")
+    assert mail["Subject"] == "[hitless] Upgrade to 1.4.0 partly failed: 1 of 2 gateways upgraded"
+    text = body_text(mail)
+    assert "- gw-2: FAILED: sha256 mismatch after download" in text
+    assert "VPN sessions dropped: 3" in text
+    assert_queue_settled(rabbit, vhost)
+
+    ledger = Ledger(tmp_path / "notifier.db")
+    try:
+        assert ledger.states("ev-job-1")["bob@example.com"] is State.FAILED
+        assert "550 5.1.1" in (ledger.detail("ev-job-1", "bob@example.com") or "")
+    finally:
+        ledger.close()
+
+
+def test_temporary_refusals_are_retried_until_the_recipient_deadline(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+) -> None:
+    # alice is greylisted twice, then accepted; carol's mailbox stays full.
+    sink.answers["alice@example.com"] = ["451 4.7.1 greylisted", "451 4.7.1 greylisted", "250"]
+    sink.answers["carol@example.com"] = ["452 4.2.2 mailbox full"]
+    start_smtp()
+    notifier = make_notifier(retry=RetryPolicy(0.05, 0.2, recipient_deadline_s=1.0))
+    rejected = bus_pb2.JobRejected(
+        message_id="m-9", reason="unknown version 9.9.9", body='{"version": "9.9.9"}', user_id="eve"
+    )
+    event = bus_pb2.Event(event_id="ev-rej", admins=ADMINS, job_rejected=rejected)
+    publish(publisher, event, topology.JOB_REJECTED)
+
+    wait_for(
+        lambda: notifier.counters.sent >= 2 and notifier.counters.rejected >= 1,
+        timeout=10,
+        what="alice and bob mailed, carol given up on",
+        describe=lambda: f"{notifier.counters}, mails {sink.count()}",
+    )
+    stop(notifier)
+    assert sink.count() == Counter({"alice@example.com": 1, "bob@example.com": 1})
+    (mail,) = sink.to("bob@example.com")
+    assert mail["Subject"] == "[hitless] Upgrade job rejected: unknown version 9.9.9"
+    assert "Published by: eve" in body_text(mail) and '{"version": "9.9.9"}' in body_text(mail)
+    assert_queue_settled(rabbit, vhost)
+
+
+def test_a_send_interrupted_before_the_ledger_commit_is_sent_again_with_the_same_message_id(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    tmp_path: Path,
+) -> None:
+    event = release_event()
+    ledger = Ledger(tmp_path / "notifier.db")
+    for admin in ADMINS[:2]:
+        ledger.begin(event.event_id, admin, message_id(event.event_id, admin, SENDER))
+    ledger.sent(event.event_id, ADMINS[0])  # alice settled; bob left SENDING, as after a crash
+    ledger.close()
+
+    start_smtp()
+    notifier = make_notifier()
+    publish(publisher, event, topology.RELEASE_PUBLISHED)
+    wait_for(lambda: len(sink.mails) >= 2, timeout=10, what="2 emails", describe=sink.count)
+    stop(notifier)
+    assert sink.count() == Counter({"bob@example.com": 1, "carol@example.com": 1})
+    (mail,) = sink.to("bob@example.com")
+    assert mail["Message-ID"] == message_id(event.event_id, "bob@example.com", SENDER)
+
+
+def test_login_on_loopback(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    smtp_port: int,
+) -> None:
+    start_smtp(authenticator=sink.authenticate, auth_require_tls=False)
+    smtp = SmtpConfig(HostPort("127.0.0.1", smtp_port), user="bot", password="pw", timeout_s=5)
+    notifier = make_notifier(smtp=smtp)
+    publish(publisher, release_event(), topology.RELEASE_PUBLISHED)
+    wait_for(lambda: len(sink.mails) >= 3, timeout=10, what="3 emails", describe=sink.count)
+    stop(notifier)
+    assert sink.logins and set(sink.logins) == {"bot"}
+
+
+def test_notifier_process_restart_between_deliveries_mails_once(
+    procs: Procs,
+    bus: BusConfig,
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    smtp_port: int,
+    tmp_path: Path,
+    rabbit: Management,
+    vhost: str,
+) -> None:
+    start_smtp()
+    argv = [
+        command("notifier"), "run", "--amqp", bus.url, "--smtp", f"127.0.0.1:{smtp_port}",
+        "--from", SENDER, "--state", str(tmp_path / "ledger.db"),
+    ]  # fmt: skip
+    event = release_event()
+
+    first = procs.start("notifier-1", argv)
+    publish(publisher, event, topology.RELEASE_PUBLISHED)
+    wait_for(
+        lambda: len(sink.mails) >= 3, timeout=15, what="3 emails",
+        describe=lambda: f"{sink.count()}\n{procs.dump_logs()}",
+    )  # fmt: skip
+    procs.stop(first)
+    assert first.popen.returncode == 0, first.log()
+
+    publish(publisher, event, topology.RELEASE_PUBLISHED)  # waits in the queue meanwhile
+    second = procs.start("notifier-2", argv)
+    wait_for(
+        lambda: "event_delivered" in second.log(), timeout=15,
+        what="the restarted notifier to settle the redelivered event",
+        describe=procs.dump_logs,
+    )  # fmt: skip
+    procs.stop(second)
+    assert sink.count() == Counter(ADMINS)
+    assert_queue_settled(rabbit, vhost)
