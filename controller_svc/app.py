@@ -7,7 +7,11 @@ import threading
 from datetime import timedelta
 
 from controller_svc import db
-from controller_svc.engine import Engine
+from controller_svc.admins import Admins
+from controller_svc.engine import Engine, utc_now
+from controller_svc.events import Announcer
+from controller_svc.jobs import ManagementJobs
+from controller_svc.rejections import Rejections
 from controller_svc.repository import Repository
 from controller_svc.server import ArtifactsService, ControllerService, build_server
 from controller_svc.store import ArtifactStore
@@ -45,10 +49,21 @@ class ControllerApp:
         store = ArtifactStore(config.artifact_dir)
         publisher = Publisher(config.bus, queues=PUBLISHED_QUEUES, name="controller-publisher")
         publisher.start()
+        repo = Repository(engine_db)
+        admins = Admins(repo.sessions)
         engine = Engine(
-            Repository(engine_db),
+            repo,
             publisher,
+            Announcer(publisher, admins),
             command_deadline=timedelta(seconds=config.command_deadline_s),
+        )
+        rejections = Rejections(repo.sessions)
+        jobs = Consumer(
+            config.bus,
+            topology.CONTROLLER_JOBS,
+            ManagementJobs(engine, rejections, utc_now).handle,
+            queues=PUBLISHED_QUEUES,
+            name="controller-jobs",
         )
         consumer = Consumer(
             config.bus,
@@ -61,11 +76,12 @@ class ControllerApp:
         )
         server, self.port = build_server(
             config.listen,
-            ControllerService(engine, store, publisher, self._stop),
+            ControllerService(engine, store, admins, rejections, self._stop),
             ArtifactsService(store),
         )
         try:
             consumer.start()
+            jobs.start()
             server.start()
             log.info("controller_serving", listen=f"{config.listen.host}:{self.port}")
             if publisher.wait_connected(BUS_WAIT_S):
@@ -75,6 +91,7 @@ class ControllerApp:
         finally:
             log.info("controller_stopping")
             server.stop(STOP_GRACE_S).wait(STOP_GRACE_S + 1)
+            jobs.stop()
             consumer.stop()
             publisher.close()
             engine_db.dispose()

@@ -46,12 +46,17 @@ def release(record: ReleaseRecord) -> controller_pb2.Release:
         size=record.size,
         published_at=timestamp(record.published_at),
         notes=record.notes,
+        restarts_vpn_service=record.restarts_vpn_service,
     )
 
 
 def gateway(record: GatewayRecord, state: str) -> controller_pb2.Gateway:
     return controller_pb2.Gateway(
-        id=record.id, version=record.version, state=state, last_seen=timestamp(record.last_seen)
+        id=record.id,
+        version=record.version,
+        state=state,
+        last_seen=timestamp(record.last_seen),
+        vpn_sessions=record.vpn_sessions,
     )
 
 
@@ -65,6 +70,7 @@ def gateway_job(record: GatewayJobRecord) -> controller_pb2.GatewayJob:
         bytes_done=record.bytes_done,
         bytes_total=record.bytes_total,
         updated_at=timestamp(record.updated_at),
+        vpn_sessions_dropped=record.vpn_sessions_dropped,
     )
 
 
@@ -77,6 +83,7 @@ def job(record: JobRecord) -> controller_pb2.Job:
         updated_at=timestamp(record.updated_at),
         gateways=[gateway_job(g) for g in record.gateways],
         source=record.source,
+        requested_by=record.requested_by,
     )
 
 
@@ -109,4 +116,5 @@ def report(message: bus_pb2.StatusReport, report_id: str) -> ReportIn:
         bytes_done=message.bytes_done,
         bytes_total=message.bytes_total,
         at=message.at.ToDatetime(tzinfo=UTC),
+        vpn_sessions_dropped=message.vpn_sessions_dropped,
     )

@@ -23,6 +23,7 @@ from alembic.util import CommandError
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Engine,
@@ -34,6 +35,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    false,
     func,
     make_url,
     select,
@@ -105,6 +107,7 @@ class Release(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     notes: Mapped[str] = mapped_column(Text, server_default="")
     published_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    restarts_vpn_service: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class Gateway(Base):
@@ -116,6 +119,7 @@ class Gateway(Base):
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     pid: Mapped[int | None] = mapped_column(Integer)
     listen: Mapped[list[str]] = mapped_column(JSON)
+    vpn_sessions: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class Job(Base):
@@ -129,6 +133,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime)
+    requested_by: Mapped[str] = mapped_column(String(128), server_default="")
 
 
 class JobGateway(Base):
@@ -144,6 +149,7 @@ class JobGateway(Base):
     bytes_done: Mapped[int] = mapped_column(BigInteger, server_default="0")
     bytes_total: Mapped[int] = mapped_column(BigInteger, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    vpn_sessions_dropped: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class JobEvent(Base):
@@ -175,6 +181,27 @@ class SeenMessage(Base):
     __tablename__ = "seen_messages"
 
     message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class Admin(Base):
+    """Who gets the notifier's email."""
+
+    __tablename__ = "admins"
+
+    email: Mapped[str] = mapped_column(String(254), primary_key=True)
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class RejectedJob(Base):
+    """A management job the controller refused, as published, with the reason."""
+
+    __tablename__ = "rejected_jobs"
+
+    message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    reason: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    user_id: Mapped[str] = mapped_column(String(128), server_default="")
     at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 

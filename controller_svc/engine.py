@@ -15,10 +15,13 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from controller_svc import convert
-from controller_svc.errors import FailedPrecondition, NotFound
+from controller_svc.errors import NotFound
+from controller_svc.events import Announcer
+from controller_svc.planner import Plan, check, make_plan
 from controller_svc.records import JobRecord, ReleaseRecord, ReportIn
 from controller_svc.repository import Repository
 from controller_svc.states import GatewayState, JobState
+from controller_svc.transitions import EXPIRED_QUEUED
 from hitless import logs
 from hitless.bus import codec, topology
 from hitless.bus.amqp import DeadLetter, Delivery, Publisher
@@ -43,12 +46,14 @@ class Engine:
         self,
         repo: Repository,
         publisher: Publisher,
+        announcer: Announcer,
         *,
         command_deadline: timedelta,
         clock: Clock = utc_now,
     ) -> None:
         self.repo = repo
         self._publisher = publisher
+        self.announcer = announcer
         self._deadline = command_deadline
         self._clock = clock
         self._changed = threading.Condition()
@@ -80,6 +85,12 @@ class Engine:
             )
         raise NotFound(f"unknown version {version}; available: {available}")
 
+    def plan(self, version: str | None, gateway_ids: Sequence[str] = ()) -> Plan:
+        """What an upgrade to ``version`` (None: the latest) would do."""
+        release = self.resolve_release(version)
+        known = {g.id: g for g in self.repo.list_gateways()}
+        return make_plan(release, known, gateway_ids)
+
     def start_upgrade(
         self,
         *,
@@ -87,37 +98,36 @@ class Engine:
         gateway_ids: Sequence[str] = (),
         request_id: str | None = None,
         source: str = "cli",
+        requested_by: str = "",
         deadline: timedelta | None = None,
+        allow_downgrade: bool = False,
+        accept_vpn_disruption: bool = False,
     ) -> JobRecord:
-        release = self.resolve_release(version)
-        known = {g.id: g for g in self.repo.list_gateways()}
-        if gateway_ids:
-            unknown = sorted(set(gateway_ids) - known.keys())
-            if unknown:
-                raise NotFound(
-                    f"unknown gateway(s): {', '.join(unknown)}; "
-                    f"known: {', '.join(sorted(known)) or 'none'}"
-                )
-            chosen = list(dict.fromkeys(gateway_ids))
-        else:
-            chosen = sorted(known)
-        if not chosen:
-            raise FailedPrecondition(
-                "no gateways are known yet: a gateway registers when `gateway-daemon run` "
-                "starts and reaches the broker"
-            )
+        if request_id is not None:
+            existing = self.repo.job_by_request(request_id)
+            if existing is not None:
+                return existing
+        plan = self.plan(version, gateway_ids)
+        check(plan, allow_downgrade=allow_downgrade, accept_vpn_disruption=accept_vpn_disruption)
         now = self._clock()
         job, created = self.repo.create_job(
-            release.version,
-            [(gid, known[gid].version) for gid in chosen],
+            plan.release.version,
+            [(g.gateway_id, g.from_version) for g in plan.changes],
             deadline=now + (deadline or self._deadline),
             source=source,
             request_id=request_id,
+            requested_by=requested_by,
             now=now,
         )
         if not created:
             return job
-        log.info("job_created", job_id=job.id, target_version=release.version, gateways=chosen)
+        log.info(
+            "job_created",
+            job_id=job.id,
+            target_version=job.target_version,
+            gateways=[g.gateway_id for g in job.gateways],
+            source=source,
+        )
         return self.dispatch(job)
 
     def dispatch(self, job: JobRecord) -> JobRecord:
@@ -134,6 +144,7 @@ class Engine:
                 target_version=release.version,
                 artifact_sha256=release.sha256,
                 artifact_size=release.size,
+                restarts_vpn_service=release.restarts_vpn_service,
                 deadline=deadline,
             )
             ttl_ms = max(1, int((job.deadline - self._clock()).total_seconds() * 1000))
@@ -194,7 +205,9 @@ class Engine:
                 log.info("gateway_hello", gateway_id=hello.gateway_id, version=hello.version)
             elif kind == topology.HEARTBEAT:
                 beat = codec.decode(bus_pb2.GatewayHeartbeat, delivery.body)
-                self._seen(beat.gateway_id, beat.version)
+                self._seen(beat.gateway_id, beat.version, vpn_sessions=beat.vpn_sessions)
+            elif kind == topology.EXPIRED:
+                self._on_expired(codec.decode(bus_pb2.UpgradeCommand, delivery.body))
             else:
                 raise DeadLetter(f"unknown report kind {kind!r} in key {delivery.routing_key!r}")
         except DecodeError as exc:
@@ -222,18 +235,31 @@ class Engine:
         if outcome.job_finished is not None:
             self._after_change(outcome.job)
 
+    def _on_expired(self, command: bus_pb2.UpgradeCommand) -> None:
+        """A command's TTL ran out in its gateway's queue: the gateway never took it."""
+        log.info("command_expired", job_id=command.job_id, gateway_id=command.gateway_id)
+        outcome = self.repo.apply_report(
+            ReportIn(
+                report_id=f"expired:{command.command_id}",
+                job_id=command.job_id,
+                command_id=command.command_id,
+                gateway_id=command.gateway_id,
+                state=GatewayState.UNREACHABLE,
+                from_version="",
+                to_version=command.target_version,
+                error=EXPIRED_QUEUED,
+                bytes_done=0,
+                bytes_total=0,
+                at=self._clock(),
+            )
+        )
+        if outcome.job_finished is not None:
+            self._after_change(outcome.job)
+
     def _after_change(self, job: JobRecord | None) -> None:
         if job is not None and job.state.terminal:
             log.info("job_finished", job_id=job.id, state=job.state.value)
-            self._announce(topology.JOB_FINISHED, job)
-
-    def _announce(self, key: str, job: JobRecord) -> None:
-        try:
-            self._publisher.publish(
-                topology.EVENTS, key, convert.job(job), message_id=f"{key}:{job.id}"
-            )
-        except BusError as exc:
-            log.warning("event_not_published", key=key, job_id=job.id, error=str(exc))
+            self.announcer.job_finished(job)
 
     # Deadlines ---------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ class ReleaseRecord:
     size: int
     notes: str
     published_at: datetime
+    restarts_vpn_service: bool = False
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class GatewayRecord:
     busy: bool
     pid: int | None = None
     listen: tuple[str, ...] = ()
+    vpn_sessions: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class GatewayJobRecord:
     bytes_done: int
     bytes_total: int
     updated_at: datetime
+    vpn_sessions_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class JobRecord:
     deadline: datetime
     # Sorted by gateway id.
     gateways: tuple[GatewayJobRecord, ...]
+    requested_by: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ class ReportIn:
     bytes_done: int
     bytes_total: int
     at: datetime
+    vpn_sessions_dropped: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +134,7 @@ def job_record(session: Session, job: Job) -> JobRecord:
         updated_at=job.updated_at,
         deadline=job.deadline,
         gateways=tuple(_gatewayjob_record(row) for row in rows),
+        requested_by=job.requested_by,
     )
 
 
@@ -143,6 +149,7 @@ def _gatewayjob_record(row: JobGateway) -> GatewayJobRecord:
         bytes_done=row.bytes_done,
         bytes_total=row.bytes_total,
         updated_at=row.updated_at,
+        vpn_sessions_dropped=row.vpn_sessions_dropped,
     )
 
 
@@ -156,6 +163,7 @@ def gateway_record(row: Gateway, busy: bool) -> GatewayRecord:
         busy=busy,
         pid=row.pid,
         listen=tuple(row.listen),
+        vpn_sessions=row.vpn_sessions,
     )
 
 
@@ -167,6 +175,7 @@ def release_record(row: Release) -> ReleaseRecord:
         size=row.size,
         notes=row.notes,
         published_at=row.published_at,
+        restarts_vpn_service=row.restarts_vpn_service,
     )
 
 

@@ -13,19 +13,14 @@ never misses an event.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, select, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from controller_svc.db import (
-    SQLITE_BEGIN,
-    Base,
     Gateway,
     Job,
     JobEvent,
@@ -47,6 +42,7 @@ from controller_svc.records import (
     job_record,
     release_record,
 )
+from controller_svc.sessions import Sessions
 from controller_svc.states import GatewayState, JobState, can_move
 from controller_svc.store import check_digest
 from controller_svc.transitions import (
@@ -79,38 +75,10 @@ class Repository:
     """The controller's persistent state. Thread-safe: each call has its own session."""
 
     def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._dialect = engine.dialect.name
-        writer, reader = engine, engine
-        if self._dialect == "sqlite":
-            writer = engine.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
-        elif self._dialect == "postgresql":
-            # A record is read in several statements (a job, then its gateways): one snapshot.
-            reader = engine.execution_options(isolation_level="REPEATABLE READ")
-        self._writer = writer
-        self._reader = reader
-
-    @contextmanager
-    def _write(self) -> Iterator[Session]:
-        try:
-            with Session(self._writer, expire_on_commit=False) as session, session.begin():
-                yield session
-        except SQLAlchemyError as exc:
-            raise _storage_error(exc) from exc
-
-    @contextmanager
-    def _read(self) -> Iterator[Session]:
-        try:
-            with Session(self._reader) as session, session.begin():
-                yield session
-        except SQLAlchemyError as exc:
-            raise _storage_error(exc) from exc
-
-    def _insert(self, model: type[Base]) -> Any:
-        """An INSERT that can say ON CONFLICT DO NOTHING, in this database's dialect."""
-        if self._dialect == "postgresql":
-            return postgresql.insert(model)
-        return sqlite.insert(model)
+        self.sessions = Sessions(engine)
+        self._write = self.sessions.write
+        self._read = self.sessions.read
+        self._insert = self.sessions.insert
 
     # Gateways
 
@@ -122,6 +90,7 @@ class Repository:
         *,
         pid: int | None = None,
         listen: Sequence[str] = (),
+        vpn_sessions: int | None = None,
     ) -> bool:
         """Note a hello or heartbeat; True when the gateway was not known before.
 
@@ -141,6 +110,7 @@ class Repository:
                     last_seen=at,
                     pid=pid,
                     listen=list(listen),
+                    vpn_sessions=vpn_sessions or 0,
                 )
                 .on_conflict_do_nothing(index_elements=[Gateway.id])
                 .returning(Gateway.id)
@@ -150,7 +120,7 @@ class Repository:
                 session.execute(
                     update(Gateway)
                     .where(Gateway.id == gateway_id, Gateway.last_seen <= at)
-                    .values(version=version, last_seen=at, pid=pid, listen=list(listen))
+                    .values(version=version, last_seen=at, **_announced(pid, listen, vpn_sessions))
                 )
             return created
 
@@ -172,7 +142,14 @@ class Repository:
     # Releases
 
     def add_release(
-        self, version: str, sha256: str, size: int, notes: str, published_at: datetime
+        self,
+        version: str,
+        sha256: str,
+        size: int,
+        notes: str,
+        published_at: datetime,
+        *,
+        restarts_vpn_service: bool = False,
     ) -> tuple[ReleaseRecord, bool]:
         """Record a published release; True when it is new.
 
@@ -193,6 +170,7 @@ class Repository:
                     size=size,
                     notes=notes,
                     published_at=published_at,
+                    restarts_vpn_service=restarts_vpn_service,
                 )
                 .on_conflict_do_nothing(index_elements=[Release.version])
                 .returning(Release.version)
@@ -234,6 +212,7 @@ class Repository:
         deadline: datetime,
         source: str = "cli",
         request_id: str | None = None,
+        requested_by: str = "",
         now: datetime,
     ) -> tuple[JobRecord, bool]:
         """Create a PENDING job with one QUEUED command per ``(gateway_id, from_version)``.
@@ -272,6 +251,7 @@ class Repository:
                     state=JobState.PENDING.value,
                     source=source,
                     request_id=request_id,
+                    requested_by=requested_by,
                     created_at=now,
                     updated_at=now,
                     deadline=deadline,
@@ -304,6 +284,12 @@ class Repository:
                 session.add(gateway_event(row, now))
             session.flush()
             return job_record(session, session.get_one(Job, job_id)), True
+
+    def job_by_request(self, request_id: str) -> JobRecord | None:
+        """The job a request id created, if any."""
+        with self._read() as session:
+            job = _job_by_request(session, request_id)
+            return job_record(session, job) if job is not None else None
 
     def mark_running(self, job_id: str, now: datetime) -> JobRecord:
         """Move a PENDING job to RUNNING (its commands are out); otherwise change nothing."""
@@ -415,12 +401,17 @@ class Repository:
             return len(rows)
 
 
-def _storage_error(exc: SQLAlchemyError) -> StorageError:
-    detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    return StorageError(
-        f"database operation failed: {detail}; "
-        "check the database is reachable and not full, then retry"
-    )
+def _announced(pid: int | None, listen: Sequence[str], vpn: int | None) -> dict[str, Any]:
+    """What a hello or heartbeat says beyond the version: a heartbeat leaves the pid and
+    addresses that the last hello gave as they are."""
+    values: dict[str, Any] = {}
+    if pid is not None:
+        values["pid"] = pid
+    if listen:
+        values["listen"] = list(listen)
+    if vpn is not None:
+        values["vpn_sessions"] = vpn
+    return values
 
 
 def _require_aware(value: datetime, name: str) -> None:

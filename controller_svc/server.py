@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller_svc import convert
+from controller_svc.admins import Admins
 from controller_svc.engine import Engine
 from controller_svc.errors import (
     Conflict,
@@ -26,10 +27,9 @@ from controller_svc.errors import (
     InvalidRequest,
     NotFound,
 )
+from controller_svc.rejections import Rejections
 from controller_svc.store import ArtifactStore
 from hitless import logs, semver
-from hitless.bus import topology
-from hitless.bus.amqp import Publisher
 from hitless.config import HEARTBEAT_INTERVAL_S, HostPort
 from hitless.errors import BusError, ConfigError, HitlessError
 from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc, controller_pb2, controller_pb2_grpc
@@ -85,12 +85,18 @@ def _translated_stream(method: F) -> F:
 
 class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore[misc]
     def __init__(
-        self, engine: Engine, store: ArtifactStore, publisher: Publisher, stopping: threading.Event
+        self,
+        engine: Engine,
+        store: ArtifactStore,
+        admins: Admins,
+        rejections: Rejections,
+        stopping: threading.Event,
     ) -> None:
         self._engine = engine
         self._repo = engine.repo
         self._store = store
-        self._publisher = publisher
+        self._admins = admins
+        self._rejections = rejections
         self._stopping = stopping
 
     @_translated
@@ -132,41 +138,88 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             expected_size=meta.size or None,
         )
         record, created = self._repo.add_release(
-            version, stored.sha256, stored.size, meta.notes, datetime.now(UTC)
+            version,
+            stored.sha256,
+            stored.size,
+            meta.notes,
+            datetime.now(UTC),
+            restarts_vpn_service=meta.restarts_vpn_service,
         )
-        message = convert.release(record)
         if created:
             log.info("release_published", version=version, sha256=stored.sha256, size=stored.size)
-            try:
-                self._publisher.publish(
-                    topology.EVENTS,
-                    topology.RELEASE_PUBLISHED,
-                    message,
-                    message_id=f"{topology.RELEASE_PUBLISHED}:{version}",
-                )
-            except BusError as exc:
-                log.warning("event_not_published", key=topology.RELEASE_PUBLISHED, error=str(exc))
-        return message
+            self._engine.announcer.release_published(record)
+        return convert.release(record)
 
     @_translated
     def StartUpgrade(self, request: Any, context: grpc.ServicerContext) -> Any:
-        target = request.WhichOneof("target")
-        if target is None:
-            raise InvalidRequest("say which release: latest, or a version")
-        version = None if target == "latest" else str(semver.parse(request.version))
-        if target == "latest" and not request.latest:
-            raise InvalidRequest("latest must be true when given")
         deadline = (
             timedelta(seconds=request.deadline_seconds) if request.deadline_seconds > 0 else None
         )
         job = self._engine.start_upgrade(
-            version=version,
+            version=_target_version(request),
             gateway_ids=list(request.gateway_ids),
             request_id=request.request_id or None,
             source="cli",
             deadline=deadline,
+            allow_downgrade=request.allow_downgrade,
+            accept_vpn_disruption=request.accept_vpn_disruption,
         )
         return convert.job(job)
+
+    @_translated
+    def PlanUpgrade(self, request: Any, context: grpc.ServicerContext) -> Any:
+        plan = self._engine.plan(_target_version(request), list(request.gateway_ids))
+        return controller_pb2.UpgradePlan(
+            release=convert.release(plan.release),
+            gateways=[
+                controller_pb2.PlannedGateway(
+                    gateway_id=g.gateway_id,
+                    from_version=g.from_version,
+                    action=g.action,
+                    vpn_sessions=g.vpn_sessions,
+                )
+                for g in plan.gateways
+            ],
+            vpn_sessions_affected=plan.vpn_sessions_affected,
+        )
+
+    @_translated
+    def ListJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
+        jobs = self._repo.list_jobs(limit=request.limit or 50)
+        return controller_pb2.ListJobsResponse(jobs=[convert.job(j) for j in jobs])
+
+    @_translated
+    def ListRejectedJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return controller_pb2.ListRejectedJobsResponse(
+            jobs=[
+                controller_pb2.RejectedJob(
+                    message_id=r.message_id,
+                    reason=r.reason,
+                    body=r.body,
+                    user_id=r.user_id,
+                    at=convert.timestamp(r.at),
+                )
+                for r in self._rejections.list()
+            ]
+        )
+
+    @_translated
+    def SyncReleases(self, request: Any, context: grpc.ServicerContext) -> Any:
+        raise FailedPrecondition("this controller has no release feed to check")
+
+    @_translated
+    def AddAdmin(self, request: Any, context: grpc.ServicerContext) -> Any:
+        address, _ = self._admins.add(request.email, datetime.now(UTC))
+        return controller_pb2.Admin(email=address)
+
+    @_translated
+    def RemoveAdmin(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return controller_pb2.Admin(email=self._admins.remove(request.email))
+
+    @_translated
+    def ListAdmins(self, request: Any, context: grpc.ServicerContext) -> Any:
+        admins = [controller_pb2.Admin(email=a) for a in self._admins.list()]
+        return controller_pb2.ListAdminsResponse(admins=admins)
 
     @_translated
     def GetJob(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -198,6 +251,18 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 if self._job(job_id).state.terminal and not self._repo.events_after(job_id, seq):
                     return
                 self._engine.wait_for_change(WATCH_POLL_S)
+
+
+def _target_version(request: Any) -> str | None:
+    """The version a StartUpgradeRequest names; None for the latest."""
+    target = request.WhichOneof("target")
+    if target is None:
+        raise InvalidRequest("say which release: latest, or a version")
+    if target == "latest":
+        if not request.latest:
+            raise InvalidRequest("latest must be true when given")
+        return None
+    return str(semver.parse(request.version))
 
 
 class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[misc]

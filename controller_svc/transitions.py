@@ -34,6 +34,8 @@ def apply_to_row(session: Session, row: JobGateway, report: ReportIn) -> None:
     # A report without progress (e.g. SWAPPING) keeps the last progress known.
     if report.bytes_total > 0:
         row.bytes_done, row.bytes_total = report.bytes_done, report.bytes_total
+    if report.vpn_sessions_dropped:
+        row.vpn_sessions_dropped = report.vpn_sessions_dropped
     row.updated_at = report.at
     session.add(gateway_event(row, report.at))
     if report.state is GatewayState.SUCCEEDED:

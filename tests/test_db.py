@@ -12,17 +12,29 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.orm import Session
 
-from controller_svc.db import Base, Release, make_engine, migrate
+from controller_svc.db import Base, Release, alembic_config, make_engine, migrate
 from controller_svc.errors import StorageError
 from tests.support.databases import BACKENDS, database_url
 from tests.support.wait import wait_for
 
-TABLES = {"releases", "gateways", "jobs", "job_gateways", "job_events", "seen_messages"}
+TABLES = {
+    "releases",
+    "gateways",
+    "jobs",
+    "job_gateways",
+    "job_events",
+    "seen_messages",
+    "admins",
+    "rejected_jobs",
+}
+HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,9 +61,9 @@ def test_migrate_creates_the_schema_once(engine: Engine) -> None:
     assert _revision(engine) is None
     assert migrate(engine) is True
     assert set(inspect(engine).get_table_names()) >= TABLES
-    assert _revision(engine) == "0001"
+    assert _revision(engine) == HEAD
     assert migrate(engine) is False
-    assert _revision(engine) == "0001"
+    assert _revision(engine) == HEAD
 
 
 def test_models_and_migrations_agree(engine: Engine) -> None:
@@ -115,7 +127,7 @@ def test_concurrent_migrate_in_threads_runs_once(db_url: str) -> None:
         for thread in threads:
             thread.join(timeout=60)
         assert sorted(results, key=str) == [False, True], f"migrate results: {results}"
-        assert _revision(engines[0]) == "0001"
+        assert _revision(engines[0]) == HEAD
     finally:
         for engine in engines:
             engine.dispose()
@@ -167,7 +179,7 @@ def test_concurrent_migrate_in_processes_runs_once(db_url: str, tmp_path: Path) 
     assert sorted(out.strip() for out, _ in outputs) == ["False", "True"], outputs
     engine = make_engine(db_url)
     try:
-        assert _revision(engine) == "0001"
+        assert _revision(engine) == HEAD
     finally:
         engine.dispose()
 
@@ -204,3 +216,37 @@ def test_migrations_ship_as_package_data() -> None:
     assert root.joinpath("env.py").is_file()
     assert root.joinpath("script.py.mako").is_file()
     assert root.joinpath("versions", "0001_initial.py").is_file()
+
+
+def test_migrations_are_expand_only(db_url: str) -> None:
+    """Code of the first schema keeps working on the newest: writes that name only the
+    first revision's columns still succeed."""
+    url = db_url
+    engine = make_engine(url)
+    try:
+        config = alembic_config(url)
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0001")
+        migrate(engine)
+        now = datetime.now(UTC)
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO releases (version, sha256, size, notes, published_at) "
+                    "VALUES ('1.0.0', :sha, 1, '', :now)"
+                ),
+                {"sha": "a" * 64, "now": now},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO gateways (id, version, first_seen, last_seen, listen) "
+                    "VALUES ('gw-1', '1.0.0', :now, :now, '[]')"
+                ),
+                {"now": now},
+            )
+        with Session(engine) as session:
+            release = session.get(Release, "1.0.0")
+            assert release is not None and release.restarts_vpn_service is False
+    finally:
+        engine.dispose()

@@ -1,6 +1,7 @@
 """Every exchange, queue and binding of the bus, declared in this one module.
 
     hitless.commands (topic)  gateway.<id>                 -> hitless.gateway.<id> (each)
+                              (expired commands -> hitless.reports, gateway.<id>.expired)
     hitless.reports  (topic)  gateway.<id>.<kind>          -> hitless.controller.reports
     hitless.events   (topic)  release.published | job.*   -> hitless.notifier.events
     hitless.jobs     (topic)  any key                      -> hitless.controller.jobs
@@ -58,6 +59,7 @@ NOTIFIER_EVENTS = Queue("hitless.notifier.events", (Binding(EVENTS, "#"),), _DEA
 STATUS = "status"
 HELLO = "hello"
 HEARTBEAT = "heartbeat"
+EXPIRED = "expired"  # a command whose TTL ran out in its gateway's queue
 
 # Event routing keys.
 RELEASE_PUBLISHED = "release.published"
@@ -75,11 +77,19 @@ def report_key(gateway_id: str, kind: str) -> str:
 
 def gateway_queue(gateway_id: str) -> Queue:
     """The durable command queue of one gateway; it exists before the gateway first runs
-    once the controller knows of it, so commands wait there while the gateway is away."""
+    once the controller knows of it, so commands wait there while the gateway is away.
+
+    A command carries a TTL up to its job's deadline; one that expires in the queue is
+    dead-lettered by the broker back to the controller as an ``expired`` report, and the
+    gateway is marked UNREACHABLE. (Messages a gateway refuses go to hitless.dlx.)
+    """
     return Queue(
         f"hitless.gateway.{gateway_id}",
         (Binding(COMMANDS, command_key(gateway_id)),),
-        _DEAD_LETTERED,
+        {
+            "x-dead-letter-exchange": REPORTS.name,
+            "x-dead-letter-routing-key": report_key(gateway_id, EXPIRED),
+        },
     )
 
 

@@ -1,0 +1,97 @@
+"""Upgrade jobs published by admins to the ``hitless.jobs`` exchange (e.g. from the
+RabbitMQ management UI), validated strictly and run exactly like the CLI's.
+
+The message_id property is the idempotency key: the same job published twice runs once.
+A refused job is kept (``upgradectl jobs rejected``), announced to the admins, and
+dead-lettered with the reason in a header and its body untouched.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+
+from controller_svc.engine import Engine
+from controller_svc.errors import FailedPrecondition, InvalidRequest, NotFound
+from controller_svc.rejections import Rejection, Rejections
+from hitless import logs, semver
+from hitless.bus import codec
+from hitless.bus.amqp import DeadLetter, Delivery
+from hitless.errors import ConfigError, DecodeError
+from hitless.v1 import bus_pb2
+
+log = logs.get(__name__)
+
+ACTIONS = ("upgrade",)
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ManagementJobs:
+    def __init__(self, engine: Engine, rejections: Rejections, clock: Callable[[], datetime]):
+        self._engine = engine
+        self._rejections = rejections
+        self._clock = clock
+
+    def handle(self, delivery: Delivery) -> None:
+        """Consumer handler for hitless.controller.jobs."""
+        try:
+            self._run(delivery)
+        except _Refused as refused:
+            self._reject(delivery, refused.reason)
+            raise DeadLetter(refused.reason) from None
+
+    def _run(self, delivery: Delivery) -> None:
+        if not delivery.message_id:
+            raise _Refused(
+                "the message has no message_id property: set one (in the management UI: "
+                "Properties, message_id) so that a job published twice runs once"
+            )
+        try:
+            job = codec.decode(bus_pb2.ManagementJob, delivery.body)
+        except DecodeError as exc:
+            raise _Refused(f"not a valid job: {exc}") from exc
+        if job.action not in ACTIONS:
+            raise _Refused(f'unknown action {job.action!r}: the only action is "upgrade"')
+        if job.target and job.version:
+            raise _Refused('give either "target": "latest" or a "version", not both')
+        if job.target not in ("", "latest"):
+            raise _Refused(f'unknown target {job.target!r}: use "latest", or name a "version"')
+        if not job.target and not job.version:
+            raise _Refused('say which release: "target": "latest" or "version": "X.Y.Z"')
+        try:
+            version = str(semver.parse(job.version)) if job.version else None
+            record = self._engine.start_upgrade(
+                version=version,
+                gateway_ids=list(job.gateways),
+                request_id=f"management:{delivery.message_id}",
+                source="management",
+                requested_by=delivery.user_id or "",
+                allow_downgrade=job.allow_downgrade,
+                accept_vpn_disruption=job.accept_vpn_disruption,
+            )
+        except (ConfigError, NotFound, FailedPrecondition, InvalidRequest) as exc:
+            raise _Refused(str(exc)) from exc
+        log.info(
+            "management_job_accepted",
+            job_id=record.id,
+            message_id=delivery.message_id,
+            user=delivery.user_id,
+        )
+
+    def _reject(self, delivery: Delivery, reason: str) -> None:
+        rejection = Rejection(
+            message_id=delivery.message_id or f"no-id:{uuid.uuid4()}",
+            reason=reason,
+            body=delivery.body.decode("utf-8", errors="replace"),
+            user_id=delivery.user_id or "",
+            at=self._clock(),
+        )
+        if self._rejections.record(rejection):
+            self._engine.announcer.job_rejected(rejection)
+        log.warning("management_job_rejected", message_id=delivery.message_id, reason=reason)

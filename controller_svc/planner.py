@@ -1,0 +1,92 @@
+"""Deciding what an upgrade will do before doing it: which gateways change, in which
+direction, and whom a VPN-restarting release disconnects. Pure domain logic."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from controller_svc.errors import FailedPrecondition, NotFound
+from controller_svc.records import GatewayRecord, ReleaseRecord
+from hitless import semver
+
+UPGRADE = "UPGRADE"
+DOWNGRADE = "DOWNGRADE"
+NOTHING = "NOTHING"
+
+
+@dataclass(frozen=True)
+class PlannedGateway:
+    gateway_id: str
+    from_version: str
+    action: str
+    vpn_sessions: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    release: ReleaseRecord
+    gateways: tuple[PlannedGateway, ...]
+
+    @property
+    def changes(self) -> tuple[PlannedGateway, ...]:
+        return tuple(g for g in self.gateways if g.action != NOTHING)
+
+    @property
+    def vpn_sessions_affected(self) -> int:
+        if not self.release.restarts_vpn_service:
+            return 0
+        return sum(g.vpn_sessions for g in self.changes)
+
+
+def make_plan(
+    release: ReleaseRecord, known: Mapping[str, GatewayRecord], gateway_ids: Sequence[str]
+) -> Plan:
+    """The plan for ``gateway_ids`` (every known gateway when empty)."""
+    if gateway_ids:
+        unknown = sorted(set(gateway_ids) - known.keys())
+        if unknown:
+            raise NotFound(
+                f"unknown gateway(s): {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(known)) or 'none'}"
+            )
+        chosen = list(dict.fromkeys(gateway_ids))
+    else:
+        chosen = sorted(known)
+    if not chosen:
+        raise FailedPrecondition(
+            "no gateways are known yet: a gateway registers when `gateway-daemon run` "
+            "starts and reaches the broker"
+        )
+    target = semver.parse(release.version)
+    planned = []
+    for gid in chosen:
+        gateway = known[gid]
+        current = semver.parse(gateway.version) if semver.is_valid(gateway.version) else None
+        if gateway.version == release.version:
+            action = NOTHING
+        elif current is not None and target < current:
+            action = DOWNGRADE
+        else:
+            action = UPGRADE
+        planned.append(PlannedGateway(gid, gateway.version, action, gateway.vpn_sessions))
+    return Plan(release, tuple(planned))
+
+
+def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> None:
+    """Refuse, with what to do instead, a plan the operator has not agreed to."""
+    version = plan.release.version
+    if not plan.changes:
+        raise FailedPrecondition(f"nothing to do: every chosen gateway already runs {version}")
+    downgrades = [g for g in plan.changes if g.action == DOWNGRADE]
+    if downgrades and not allow_downgrade:
+        names = ", ".join(f"{g.gateway_id} ({g.from_version})" for g in downgrades)
+        raise FailedPrecondition(
+            f"{version} is older than what {names} run(s): a downgrade needs --allow-downgrade"
+        )
+    if plan.release.restarts_vpn_service and not accept_vpn_disruption:
+        raise FailedPrecondition(
+            f"release {version} restarts the VPN service, disconnecting "
+            f"{plan.vpn_sessions_affected} connected VPN user(s): confirm the disruption "
+            "(accept_vpn_disruption, or answer upgradectl's question / --yes)"
+        )
