@@ -193,8 +193,10 @@ def _releases_build(ctx: _Context) -> ExitCode:
     output: Path = ctx.args.output
     built = build_release(ctx.args.version, output)
     ctx.emit_lines(
-        [f"built {output}: release {ctx.args.version}, {render.human_size(built.size)}, "
-         f"sha256 {built.sha256}"]
+        [
+            f"built {output}: release {ctx.args.version}, {render.human_size(built.size)}, "
+            f"sha256 {built.sha256}"
+        ]
     )
     return ExitCode.OK
 
@@ -212,8 +214,7 @@ def _releases_publish(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         release = client.publish_release(ctx.args.version, artifact, notes)
     ctx.emit_lines(
-        [f"published {release.version}: {render.human_size(release.size)}, "
-         f"sha256 {release.sha256}"]
+        [f"published {release.version}: {render.human_size(release.size)}, sha256 {release.sha256}"]
     )
     return ExitCode.OK
 
@@ -234,8 +235,11 @@ def _upgrade(ctx: _Context) -> ExitCode:
                 ctx.emit_json(job.to_json())
             else:
                 ctx.emit_lines(
-                    [*render.job_lines(job), "",
-                     f"follow it with: {PROG} status {job.job_id} --watch"]
+                    [
+                        *render.job_lines(job),
+                        "",
+                        f"follow it with: {PROG} status {job.job_id} --watch",
+                    ]
                 )
             return ExitCode.OK
         job, shown = _follow(ctx, client, job)

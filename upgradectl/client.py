@@ -99,14 +99,16 @@ class ControllerClient:
 
     def list_gateways(self) -> list[GatewayInfo]:
         """Every gateway the controller knows."""
-        resp = self._unary("ListGateways", self._stub.ListGateways,
-                           controller_pb2.ListGatewaysRequest())
+        resp = self._unary(
+            "ListGateways", self._stub.ListGateways, controller_pb2.ListGatewaysRequest()
+        )
         return [GatewayInfo.from_proto(g) for g in resp.gateways]
 
     def list_releases(self) -> list[ReleaseInfo]:
         """Every published release, newest version first."""
-        resp = self._unary("ListReleases", self._stub.ListReleases,
-                           controller_pb2.ListReleasesRequest())
+        resp = self._unary(
+            "ListReleases", self._stub.ListReleases, controller_pb2.ListReleasesRequest()
+        )
         return [ReleaseInfo.from_proto(r) for r in resp.releases]
 
     def publish_release(self, version: str, path: Path, notes: str) -> ReleaseInfo:

@@ -81,8 +81,13 @@ def releases_table(releases: Sequence[ReleaseInfo]) -> list[str]:
     if not releases:
         return ["no releases published yet (upgradectl releases publish)"]
     rows = [
-        [r.version, human_size(r.size), short_time(r.published_at), r.sha256[:12],
-         first_line(r.notes)]
+        [
+            r.version,
+            human_size(r.size),
+            short_time(r.published_at),
+            r.sha256[:12],
+            first_line(r.notes),
+        ]
         for r in releases
     ]
     return table(["VERSION", "SIZE", "PUBLISHED", "SHA256", "NOTES"], rows)
@@ -128,9 +133,7 @@ def event_line(event: JobEvent) -> str:
 def job_outcome(job: JobView) -> str:
     """Why a finished job is not a success, in one sentence."""
     bad = [g for g in job.gateways if g.state != "SUCCEEDED"]
-    detail = "; ".join(
-        f"{g.id} {g.state}" + (f" ({g.error})" if g.error else "") for g in bad
-    )
+    detail = "; ".join(f"{g.id} {g.state}" + (f" ({g.error})" if g.error else "") for g in bad)
     return (
         f"job {job.job_id} ended {job.state}"
         + (f": {detail}" if detail else "")
