@@ -5,6 +5,8 @@
 
 Every outcome is written to disk before the command is acked, so a redelivered command
 is answered from there and never run twice. The command is acked when ``handle`` returns.
+Once a swap succeeded this process has handed over: it takes no further command (it
+raises ``AgentRetired``, and the command goes back to the queue for the new version).
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway_daemon.download import download
-from gateway_daemon.errors import DownloadFailed, HandoffFailed, VerificationFailed
+from gateway_daemon.errors import (
+    AgentRetired,
+    DownloadFailed,
+    HandoffFailed,
+    VerificationFailed,
+)
 from gateway_daemon.reporter import Reporter
 from gateway_daemon.state import AgentState, Outcome
 from gateway_daemon.verify import verify
@@ -48,8 +55,14 @@ class Agent:
         self._reporter = reporter
         self._swap = swap
         self._clock = clock
+        self._retired = False
 
     def handle(self, delivery: Delivery) -> None:
+        if self._retired:
+            raise AgentRetired(
+                "this process handed the gateway to the next version; the command is "
+                "requeued for it"
+            )
         try:
             command = codec.decode(bus_pb2.UpgradeCommand, delivery.body)
         except DecodeError as exc:
@@ -106,6 +119,7 @@ class Agent:
         self._status(command, "SWAPPING")
         try:
             self._swap(command, staged)
+            self._retired = True
         except HandoffFailed as exc:
             self._finish(
                 command,

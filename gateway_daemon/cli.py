@@ -1,7 +1,8 @@
 """``gateway-daemon``: the gateway's command line. Flags and environment are read here only.
 
     gateway-daemon run --id ID [--controller HOST:PORT] [--amqp URL] [--state-dir DIR]
-                       [--listen HOST:PORT]...
+                       [--listen HOST:PORT]... [--tunnels FILE] [--handoff-timeout S]
+    gateway-daemon traffic (--write-lab DIR | --sites FILE) [--rate PPS] [--duration S] ...
 """
 
 from __future__ import annotations
@@ -9,10 +10,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from gateway_daemon import daemon
 from gateway_daemon.handoff import child
+from gateway_daemon.handoff.parent import Deadlines
 from gateway_daemon.state import AgentState
+from gateway_daemon.tunnels import traffic
+from gateway_daemon.tunnels.config import TunnelsConfig
 from hitless import config, logs
 from hitless.errors import ConfigError, HitlessError
 
@@ -29,8 +34,21 @@ def _parser() -> argparse.ArgumentParser:
         "--listen", action="append", default=[], metavar="HOST:PORT",
         help="a TCP address to serve (repeatable)",
     )  # fmt: skip
+    run.add_argument(
+        "--tunnels", type=Path, metavar="FILE",
+        help="the tunnels config to serve (see gateway_daemon/tunnels/config.py)",
+    )  # fmt: skip
+    run.add_argument(
+        "--handoff-timeout", type=float, default=Deadlines.ready_s, metavar="S",
+        help="how long a new version may take to start and say ready in an upgrade before "
+        f"it is killed and the upgrade rolled back (default {Deadlines.ready_s:g})",
+    )  # fmt: skip
     # Internal: set by the old version when it hands its sockets to this process.
     run.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)
+    tool = commands.add_parser(
+        "traffic", help="play a gateway's remote sites and measure what gets through"
+    )
+    traffic.add_arguments(tool)
     return parser
 
 
@@ -57,16 +75,25 @@ def _config(args: argparse.Namespace) -> config.GatewayConfig:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
+    if args.command == "traffic":
+        return traffic.main(args)
     logs.configure("gateway-daemon", json=True)
     try:
         if args.handoff_fd is not None:
             inheritance = child.accept(args.handoff_fd)
-            gateway = daemon.GatewayDaemon(daemon.config_from_context(inheritance.context))
+            context = inheritance.context
+            gateway = daemon.GatewayDaemon(
+                daemon.config_from_context(context),
+                deadlines=daemon.deadlines_from_context(context),
+            )
             daemon.install_signal_handlers(gateway)
             return gateway.run_inherited(inheritance)
         cfg = _config(args)
+        if args.handoff_timeout <= 0:
+            raise ConfigError(f"--handoff-timeout must be > 0 seconds, got {args.handoff_timeout}")
+        tunnels = TunnelsConfig.load(args.tunnels) if args.tunnels else None
         daemon.exec_current_release(AgentState(cfg.state_dir), argv)
-        gateway = daemon.GatewayDaemon(cfg)
+        gateway = daemon.GatewayDaemon(cfg, tunnels, Deadlines(ready_s=args.handoff_timeout))
         daemon.install_signal_handlers(gateway)
         return gateway.run_fresh()
     except ConfigError as exc:

@@ -1,25 +1,29 @@
 """One gateway process: its data plane, its upgrade agent, and its place on the bus.
 
-A process starts either fresh (binding its listeners) or from a handoff (adopting the
-sockets and state of the version before it). It serves until it is told to stop or has
-handed everything to the next version, and then exits.
+A process starts either fresh (binding its tunnels and listeners: ``dataplane``) or from
+a handoff (adopting the sockets and state of the version before it, checking itself with
+``selfcheck``). It serves until it is told to stop or has handed everything to the next
+version, and then exits.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from gateway_daemon import listeners
+from gateway_daemon import dataplane, selfcheck
 from gateway_daemon.agent import Agent
+from gateway_daemon.dataplane import DataPlane
 from gateway_daemon.errors import HandoffFailed
 from gateway_daemon.handoff import child, parent
 from gateway_daemon.reporter import Reporter
 from gateway_daemon.state import AgentState, Outcome
+from gateway_daemon.tunnels.config import TunnelsConfig
 from hitless import logs, version
 from hitless.bus import codec, topology
 from hitless.bus.amqp import Consumer, Publisher
@@ -30,9 +34,16 @@ from hitless.v1 import bus_pb2
 log = logs.get(__name__)
 
 BUS_READY_TIMEOUT_S = 20.0
+# How long a new version waits for the old process to exit before it reports and consumes.
+PREDECESSOR_EXIT_TIMEOUT_S = 10.0
 
 
-def config_to_context(config: GatewayConfig) -> dict[str, Any]:
+DEFAULT_DEADLINES = parent.Deadlines()
+
+
+def config_to_context(
+    config: GatewayConfig, deadlines: parent.Deadlines = DEFAULT_DEADLINES
+) -> dict[str, Any]:
     return {
         "gateway_id": config.gateway_id,
         "controller": str(config.controller),
@@ -40,6 +51,7 @@ def config_to_context(config: GatewayConfig) -> dict[str, Any]:
         "state_dir": str(config.state_dir),
         "listen": [str(a) for a in config.listen],
         "heartbeat_interval_s": config.heartbeat_interval_s,
+        "handoff_ready_s": deadlines.ready_s,
     }
 
 
@@ -54,14 +66,27 @@ def config_from_context(context: dict[str, Any]) -> GatewayConfig:
     )
 
 
+def deadlines_from_context(context: dict[str, Any]) -> parent.Deadlines:
+    """The handoff deadlines the gateway was started with, kept across upgrades."""
+    ready_s = context.get("handoff_ready_s")
+    return parent.Deadlines(ready_s=float(ready_s)) if ready_s else DEFAULT_DEADLINES
+
+
 class GatewayDaemon:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        tunnels: TunnelsConfig | None = None,
+        deadlines: parent.Deadlines = DEFAULT_DEADLINES,
+    ) -> None:
         self.config = config
         self.version = version.current()
         self.state = AgentState(config.state_dir)
+        self._tunnels = tunnels
+        self._deadlines = deadlines
         self._stop = threading.Event()
         self._swapped = False
-        self._plane: listeners.Listeners | None = None
+        self._plane: DataPlane | None = None
         logs.bind_process(gateway_id=config.gateway_id)
         log.info("gateway_starting", gateway_id=config.gateway_id, version=self.version)
 
@@ -72,17 +97,23 @@ class GatewayDaemon:
         return f"hitless-gateway {self.config.gateway_id} {self.version}\n".encode()
 
     def run_fresh(self) -> int:
-        plane = listeners.Listeners.bind(self.config.listen, self._greeting())
-        plane.start()
+        plane = DataPlane.serve(self.config.listen, self._tunnels, self._greeting())
         return self._serve(plane, handed_over=None)
 
     def run_inherited(self, inheritance: child.Inheritance) -> int:
         """Take over from the old process; on any failure before serving, leave it to it."""
+        predecessor = os.getppid()  # the old version started this process
         publisher = self._publisher()
         try:
-            plane = listeners.adopt(inheritance.description, inheritance.sockets, self._greeting())
+            plane = dataplane.adopt(
+                inheritance.description,
+                inheritance.sockets,
+                inheritance.snapshot,
+                self._greeting(),
+            )
             if not publisher.wait_connected(BUS_READY_TIMEOUT_S):
                 raise HandoffFailed(f"cannot reach the broker at {self.config.bus.safe_url}")
+            selfcheck.run(plane, inheritance.sockets)
             final_state = inheritance.ready()
             plane.start(final_state)
         except Exception as exc:
@@ -98,7 +129,9 @@ class GatewayDaemon:
         self.state.record_outcome(command.command_id, outcome)
         self.state.set_current_release(self.version, Path(context["artifact"]))
         inheritance.started()
-        return self._serve(plane, handed_over=(command, outcome), publisher=publisher)
+        return self._serve(
+            plane, handed_over=(command, outcome), publisher=publisher, predecessor=predecessor
+        )
 
     def _publisher(self) -> Publisher:
         queues = [topology.gateway_queue(self.config.gateway_id), topology.CONTROLLER_REPORTS]
@@ -106,9 +139,10 @@ class GatewayDaemon:
 
     def _serve(
         self,
-        plane: listeners.Listeners,
+        plane: DataPlane,
         handed_over: tuple[bus_pb2.UpgradeCommand, Outcome] | None,
         publisher: Publisher | None = None,
+        predecessor: int | None = None,
     ) -> int:
         self._plane = plane
         publisher = publisher or self._publisher()
@@ -123,6 +157,11 @@ class GatewayDaemon:
         )
         log.info("gateway_serving", endpoints=plane.endpoints(), pid=os.getpid())
         try:
+            if predecessor is not None:
+                # Until the old process is gone it may still hold a consumer on this
+                # gateway's queue: the next command (sent once this one reports SUCCEEDED)
+                # must reach this version, not the one that handed over.
+                _wait_exited(predecessor, PREDECESSOR_EXIT_TIMEOUT_S)
             if handed_over is not None:
                 command, outcome = handed_over
                 reporter.status(command, outcome.state, from_version=outcome.from_version,
@@ -141,7 +180,7 @@ class GatewayDaemon:
         log.info("gateway_exiting", handed_over=self._swapped)
         return 0
 
-    def _announce(self, reporter: Reporter, plane: listeners.Listeners) -> None:
+    def _announce(self, reporter: Reporter, plane: DataPlane) -> None:
         try:
             reporter.hello(plane.endpoints())
         except BusError as exc:
@@ -151,7 +190,7 @@ class GatewayDaemon:
         """Hand the data plane to ``artifact``'s version; return once it serves."""
         assert self._plane is not None
         context = {
-            **config_to_context(self.config),
+            **config_to_context(self.config, self._deadlines),
             "command": codec.encode(command).decode(),
             "from_version": self.version,
             "artifact": str(artifact),
@@ -165,9 +204,21 @@ class GatewayDaemon:
                 "--handoff-fd", str(control_fd),
             ]  # fmt: skip
 
-        parent.hand_off(self._plane, argv_for, context)
+        parent.hand_off(self._plane, argv_for, context, deadlines=self._deadlines)
         self._swapped = True
         self._stop.set()
+
+
+def _wait_exited(pid: int, timeout_s: float) -> None:
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if not select.select([fd], [], [], timeout_s)[0]:
+            log.warning("predecessor_still_running", pid=pid, waited_s=timeout_s)
+    finally:
+        os.close(fd)
 
 
 def exec_current_release(state: AgentState, argv: list[str]) -> None:

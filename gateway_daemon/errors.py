@@ -4,8 +4,11 @@
     └── GatewayError
         ├── DownloadFailed        the artifact could not be fetched (after retries)
         ├── VerificationFailed    the artifact's size or sha256 is not what the command says
-        └── HandoffFailed         the new version did not take over; the old one serves on
-            └── HandoffTimeout    a handoff step missed its deadline
+        ├── AgentRetired          this process handed over; a command is left to the next one
+        ├── HandoffFailed         the new version did not take over; the old one serves on
+        │   ├── HandoffTimeout    a handoff step missed its deadline
+        │   └── SelfCheckFailed   the new version found itself unfit to serve
+        └── tunnels.errors.TunnelError   the data plane (its own subtree there)
 """
 
 from __future__ import annotations
@@ -25,9 +28,17 @@ class VerificationFailed(GatewayError):
     """The downloaded artifact does not match the command's digest or size."""
 
 
+class AgentRetired(GatewayError):
+    """This process has handed the gateway to the next version and takes no command."""
+
+
 class HandoffFailed(GatewayError):
     """The new process did not take over; the old one goes on serving (rollback)."""
 
 
 class HandoffTimeout(HandoffFailed):
     """A step of the handoff missed its deadline."""
+
+
+class SelfCheckFailed(HandoffFailed):
+    """The new version's self-check failed (gateway_daemon.selfcheck): it does not serve."""

@@ -79,7 +79,8 @@ class Listeners:
         self._thread = None
 
     def resume(self) -> None:
-        self.start()
+        if self._thread is None:  # a handoff abandoned before pause() left it serving
+            self.start()
 
     def close(self) -> None:
         self.pause()

@@ -8,7 +8,8 @@
     done: the caller closes its copy of the plane and exits
 
 Any failure before STARTED kills the new process, waits for it to be gone, and resumes the
-plane: the old version goes on serving, and the two never send at the same time.
+plane (which also lifts what ``sockets()`` froze when the handoff fails before the pause):
+the old version goes on serving, and the two never send at the same time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.errors import GatewayError, HandoffFailed
 from gateway_daemon.handoff import wire
 from gateway_daemon.plane import Plane
 from hitless import logs
@@ -62,6 +63,8 @@ class HandoffReport:
     descriptors_ms: float
     state_ms: float
     cutover_ms: float
+    snapshot_bytes: int
+    final_state_bytes: int
 
 
 def hand_off(
@@ -91,11 +94,15 @@ def hand_off(
         try:
             return _run(plane, channel, child, context, deadlines, clock, started_at)
         except BaseException as exc:
+            # It may have started serving: it must be dead before this process goes on.
             _kill(child)
+            plane.resume()
             if isinstance(exc, HandoffFailed):
                 code = child.poll()
                 if code is not None and code != -9:
                     raise HandoffFailed(f"{exc} (the new process exited with {code})") from exc
+            elif isinstance(exc, GatewayError | OSError):
+                raise HandoffFailed(f"the data plane could not be handed off: {exc}") from exc
             raise
     finally:
         channel.close()
@@ -117,22 +124,16 @@ def _run(
     fds_at = clock()
     channel.send_fds([s.fileno() for s in sockets])
     state_at = clock()
-    channel.send(wire.SNAPSHOT, plane.snapshot())
+    snapshot = plane.snapshot()
+    channel.send(wire.SNAPSHOT, snapshot)
     snapshot_done = clock()
     _expect(channel, wire.READY, started_at + deadlines.ready_s, "the new process to say ready")
     ready_at = clock()
     plane.pause()
     paused_at = clock()
-    try:
-        channel.send(wire.CUTOVER, plane.final_state())
-        _expect(
-            channel, wire.STARTED, clock() + deadlines.started_s, "the new process to start"
-        )
-    except BaseException:
-        # It may have started serving: it must be dead before this process sends again.
-        _kill(child)
-        plane.resume()
-        raise
+    final_state = plane.final_state()
+    channel.send(wire.CUTOVER, final_state)
+    _expect(channel, wire.STARTED, clock() + deadlines.started_s, "the new process to start")
     started = clock()
     report = HandoffReport(
         child_pid=child.pid,
@@ -141,6 +142,8 @@ def _run(
         descriptors_ms=(state_at - fds_at) * 1000,
         state_ms=(snapshot_done - state_at) * 1000,
         cutover_ms=(started - paused_at) * 1000,
+        snapshot_bytes=len(snapshot),
+        final_state_bytes=len(final_state),
     )
     log.info("handoff_done", **report.__dict__)
     return report

@@ -1,13 +1,14 @@
 """Errors of the tunnel data plane.
 
     hitless.errors.HitlessError
-    └── TunnelError                 anything the data plane raises on purpose
-        ├── TunnelConfigError       a tunnels config is malformed (also a ConfigError)
-        ├── StateError              a snapshot, final state or description cannot be loaded
-        ├── HandshakeError          a handshake message is malformed, stale or not authentic
-        ├── RecordRejected          a TCP record does not authenticate or is out of order
-        ├── CounterExhausted        a session sent as many packets as its key may protect
-        └── PlaneStateError         a Plane method was called in the wrong order or timed out
+    └── gateway_daemon.errors.GatewayError
+        └── TunnelError             anything the data plane raises on purpose
+            ├── TunnelConfigError   a tunnels config is malformed (also a ConfigError)
+            ├── StateError          a snapshot, final state or description cannot be loaded
+            ├── HandshakeError      a handshake message is malformed, stale or not authentic
+            ├── RecordRejected      a TCP record does not authenticate or is out of order
+            ├── CounterExhausted    a session sent as many packets as its key may protect
+            └── PlaneStateError     a Plane method was called in the wrong order or timed out
 
 Packets that fail authentication or the replay check on the hot path are counted, not
 raised: an attacker must not be able to make the gateway pay for exceptions.
@@ -15,10 +16,11 @@ raised: an attacker must not be able to make the gateway pay for exceptions.
 
 from __future__ import annotations
 
-from hitless.errors import ConfigError, HitlessError
+from gateway_daemon.errors import GatewayError
+from hitless.errors import ConfigError
 
 
-class TunnelError(HitlessError):
+class TunnelError(GatewayError):
     """Base of every error the tunnel data plane raises."""
 
 

@@ -121,6 +121,8 @@ class TunnelPlane:
         self._exported: list[tuple[dict[str, Any], socket.socket]] | None = None
         self._freeze_until = 0.0
         self._final_taken = False
+        self._previous_last_forward = 0.0
+        self.cutover_ms: float | None = None
 
     # -- standalone use ----------------------------------------------------------------
 
@@ -236,6 +238,7 @@ class TunnelPlane:
             udp_pending=list(self.udp.pending),
             tcp_timestamps={tid: t.last_timestamp for tid, t in self.tcp.tunnels.items()},
             tcp=[_conn_state(c) for c in self.tcp.conns.values()],
+            last_forward=self.udp.last_forward,
         )
         self._final_taken = True
         return st.encode_final(final)
@@ -261,6 +264,8 @@ class TunnelPlane:
         self._require(Phase.LOADED, what="start()")
         final = st.decode_final(final_state)
         self._apply(final)
+        self._previous_last_forward = final.last_forward
+        self._reactor.every_tick(self._report_cutover)
         self._serve()
 
     def close(self) -> None:
@@ -290,6 +295,15 @@ class TunnelPlane:
         if self.tcp.frozen and self._clock() > self._freeze_until:
             log.warning("tunnels_export_freeze_expired", timeout_s=FREEZE_TIMEOUT_S)
             self._thaw()
+
+    def _report_cutover(self) -> None:
+        """Once this process forwarded its first datagram after a handoff, log the
+        cutover pause: the old process's last forward to this one's first."""
+        first = self.udp.first_forward
+        if self.cutover_ms is not None or not first or not self._previous_last_forward:
+            return
+        self.cutover_ms = (first - self._previous_last_forward) * 1000
+        log.info("tunnels_cutover", pause_ms=round(self.cutover_ms, 3))
 
     def _serve(self) -> None:
         self.udp.attach(self._reactor)

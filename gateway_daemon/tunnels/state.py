@@ -66,6 +66,9 @@ class FinalState:
     udp_pending: list[tuple[bool, Address, bytes]] = field(default_factory=list)
     tcp_timestamps: dict[int, int] = field(default_factory=dict)
     tcp: list[TcpConnState] = field(default_factory=list)
+    # When the old process last forwarded a datagram (time.monotonic(), machine-wide);
+    # 0.0 when unknown. Only measured, never acted on.
+    last_forward: float = 0.0
 
 
 # -- encoding --------------------------------------------------------------------------
@@ -131,6 +134,7 @@ def encode_final(final: FinalState) -> bytes:
                 }
                 for c in final.tcp
             ],
+            "last_forward": final.last_forward,
         },
         separators=(",", ":"),
     ).encode()
@@ -249,9 +253,13 @@ def decode_final(data: bytes) -> FinalState:
                 p_shut=flags[5],
             )
         )
+    last_forward = raw.get("last_forward", 0.0)  # optional: older versions do not send it
+    if not isinstance(last_forward, int | float) or isinstance(last_forward, bool):
+        raise StateError(f"{where}.last_forward: expected a number")
     return FinalState(
         udp=[_load_udp(t, f"{where}.udp[{i}]") for i, t in enumerate(udp)],
         udp_pending=pending,
         tcp_timestamps=tcp_timestamps,
         tcp=conns,
+        last_forward=float(last_forward),
     )

@@ -13,7 +13,8 @@ Usage (``gateway-daemon traffic`` once wired, or ``python -m gateway_daemon.tunn
     gateway-daemon --tunnels DIR/tunnels.json ...       # or: python -m gateway_daemon.tunnels.serve
     traffic --sites DIR/sites.json --rate 40000 --duration 5 --json
 
-Loopback addresses only. One thread; pacing by the clock, reads until EAGAIN.
+Loopback addresses only. One thread; pacing by the clock, reads until EAGAIN. SIGINT or
+SIGTERM ends the sending early; the tool still drains and reports.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import selectors
+import signal
 import socket
 import struct
 import sys
@@ -119,6 +121,7 @@ class TrafficRun:
         self.config = config
         self._clock = clock
         self.started = threading.Event()
+        self._stopping = threading.Event()
         self._selector = selectors.DefaultSelector()
         self._udp_sites: list[UdpSite] = []
         self._plain_udp: list[socket.socket] = []
@@ -132,6 +135,10 @@ class TrafficRun:
         self._rbuf = bytearray(MAX_DATAGRAM)
         self._rview = memoryview(self._rbuf)
         self._obuf = memoryview(bytearray(MAX_DATAGRAM))
+
+    def stop(self) -> None:
+        """End the sending now (from any thread); ``run()`` drains and reports."""
+        self._stopping.set()
 
     def run(self) -> TrafficReport:
         try:
@@ -201,6 +208,8 @@ class TrafficRun:
         streams = self._streams
         while True:
             now = clock()
+            if self._stopping.is_set() and now < end:
+                end = now
             sending = now < end
             if sending:
                 if streams:
@@ -412,7 +421,10 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
             tcp_rate=args.tcp_rate,
             drain=args.drain,
         )
-        report = run_traffic(config)
+        run = TrafficRun(config)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: run.stop())
+        report = run.run()
     except TunnelConfigError as exc:
         print(f"traffic: {exc}", file=sys.stderr)
         return EXIT_USAGE

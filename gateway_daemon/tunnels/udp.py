@@ -14,6 +14,7 @@ queue is part of the handed-over state: a packet read is a packet forwarded.
 from __future__ import annotations
 
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -54,6 +55,8 @@ class UdpStats:
     handshakes: int = 0
     handshake_failures: int = 0
     dropped: int = 0  # too big to seal, queue full, or the send failed
+
+
 
 
 class UdpTunnel:
@@ -99,6 +102,11 @@ class UdpPlane:
         self._rview = memoryview(self._rbuf)
         self._obuf = memoryview(bytearray(MAX_DATAGRAM))
         self._sbuf = memoryview(bytearray(MAX_DATAGRAM + OVERHEAD))
+        # When this process forwarded its first and (so far) last datagram, in
+        # time.monotonic() seconds (one clock for every process of the machine): the
+        # handoff's cutover pause is the old process's last to the new process's first.
+        self.first_forward = 0.0
+        self.last_forward = 0.0
 
     def attach(self, reactor: Reactor) -> None:
         self._reactor = reactor
@@ -110,16 +118,22 @@ class UdpPlane:
     # -- reading -----------------------------------------------------------------------
 
     def _on_tunnel(self, mask: int) -> None:
+        before = self.stats.forwarded
         if mask & EVENT_WRITE:
             self._flush()
         if mask & EVENT_READ:
             self._read_tunnel()
+        if self.stats.forwarded != before:
+            self.last_forward = time.monotonic()
 
     def _on_plain(self, mask: int) -> None:
+        before = self.stats.forwarded
         if mask & EVENT_WRITE:
             self._flush()
         if mask & EVENT_READ:
             self._read_plain()
+        if self.stats.forwarded != before:
+            self.last_forward = time.monotonic()
 
     def _read_tunnel(self) -> None:
         sock, rbuf, rview, obuf = self.tunnel_sock, self._rbuf, self._rview, self._obuf
@@ -209,6 +223,8 @@ class UdpPlane:
         except OSError:
             self.stats.dropped += 1
             return
+        if not self.first_forward:
+            self.first_forward = time.monotonic()
         self.stats.forwarded += 1
 
     def _queue(self, to_tunnel: bool, data: memoryview, addr: Address) -> None:

@@ -1,0 +1,200 @@
+"""The gateway's data plane: every part a gateway process serves, handed off as one.
+
+A gateway serves encrypted tunnels (``tunnels.TunnelPlane``, from ``--tunnels FILE``)
+and plain TCP listeners (``listeners.Listeners``, from ``--listen``). ``DataPlane`` puts
+the parts behind the one ``gateway_daemon.plane.Plane`` the handoff drives, and tells the
+next version which part is which: its description names every part with its own
+description and how many of the passed sockets are its, in order::
+
+    {"format": "hitless.gateway.dataplane", "version": 1,
+     "parts": [{"name": "tunnels", "sockets": 7, "description": {...}},
+               {"name": "listeners", "sockets": 1, "description": {...}}]}
+
+Snapshots and final states are the parts' own bytes, framed one after another in the
+same order. The tunnels go first: they are paused last and started first, so their
+cutover pause is the shortest the handoff can make it.
+
+The gateway's VPN service is not a part. It runs as a process of its own, which an
+ordinary upgrade does not touch (only a release that says it restarts the VPN service
+does), so nothing of it is passed here.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any, Final
+
+from gateway_daemon import listeners
+from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.plane import Plane
+from gateway_daemon.tunnels import plane as tunnels
+from gateway_daemon.tunnels.config import TunnelsConfig
+from hitless.config import HostPort
+
+DESCRIPTION_FORMAT: Final = "hitless.gateway.dataplane"
+FORMAT_VERSION: Final = 1
+TUNNELS: Final = "tunnels"
+LISTENERS: Final = "listeners"
+_NAME = struct.Struct(">H")
+_LENGTH = struct.Struct(">I")
+
+
+class DataPlane:
+    """Implements ``Plane`` over named parts, each a ``Plane`` of its own."""
+
+    def __init__(self, parts: list[tuple[str, Plane]]) -> None:
+        names = [name for name, _ in parts]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data plane parts must have distinct names, got {names}")
+        self._parts = parts
+        self._counts: dict[str, int] = {}
+
+    @classmethod
+    def serve(
+        cls, listen: tuple[HostPort, ...], tunnels_config: TunnelsConfig | None, greeting: bytes
+    ) -> DataPlane:
+        """Bind fresh sockets for every configured part and start serving them."""
+        parts: list[tuple[str, Plane]] = []
+        try:
+            if tunnels_config is not None:
+                parts.append((TUNNELS, tunnels.TunnelPlane.from_config(tunnels_config)))
+            if listen:
+                plain = listeners.Listeners.bind(listen, greeting)
+                parts.append((LISTENERS, plain))
+                plain.start()
+        except BaseException:
+            for _, part in parts:
+                part.close()
+            raise
+        return cls(parts)
+
+    def part(self, name: str) -> Plane | None:
+        return next((part for n, part in self._parts if n == name), None)
+
+    @property
+    def tunnels(self) -> tunnels.TunnelPlane | None:
+        part = self.part(TUNNELS)
+        return part if isinstance(part, tunnels.TunnelPlane) else None
+
+    # Plane -----------------------------------------------------------------------------
+
+    def sockets(self) -> list[socket.socket]:
+        out: list[socket.socket] = []
+        self._counts = {}
+        for name, part in self._parts:
+            socks = part.sockets()
+            self._counts[name] = len(socks)
+            out += socks
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        if len(self._counts) != len(self._parts):
+            self.sockets()
+        return {
+            "format": DESCRIPTION_FORMAT,
+            "version": FORMAT_VERSION,
+            "parts": [
+                {"name": name, "sockets": self._counts[name], "description": part.describe()}
+                for name, part in self._parts
+            ],
+        }
+
+    def snapshot(self) -> bytes:
+        return _pack([(name, part.snapshot()) for name, part in self._parts])
+
+    def pause(self) -> None:
+        paused: list[Plane] = []
+        try:
+            for _, part in reversed(self._parts):
+                part.pause()
+                paused.append(part)
+        except BaseException:
+            for part in reversed(paused):
+                part.resume()
+            raise
+
+    def final_state(self) -> bytes:
+        return _pack([(name, part.final_state()) for name, part in self._parts])
+
+    def resume(self) -> None:
+        for _, part in self._parts:
+            part.resume()
+
+    def start(self, final_state: bytes) -> None:
+        pieces = _unpack(final_state, [name for name, _ in self._parts], "final state")
+        for name, part in self._parts:
+            part.start(pieces[name])
+
+    def close(self) -> None:
+        for _, part in self._parts:
+            part.close()
+
+    def endpoints(self) -> list[str]:
+        return [endpoint for _, part in self._parts for endpoint in part.endpoints()]
+
+
+def adopt(
+    description: dict[str, Any], sockets: list[socket.socket], snapshot: bytes, greeting: bytes
+) -> DataPlane:
+    """The new process's copy of the old one's data plane: loaded, not serving until
+    ``start()``. Raises HandoffFailed (or a part's own error) when the pieces do not fit;
+    the caller still owns ``sockets`` then."""
+    if description.get("format") != DESCRIPTION_FORMAT:
+        raise HandoffFailed(f"the handoff describes no {DESCRIPTION_FORMAT}: {description!r}")
+    if description.get("version") != FORMAT_VERSION:
+        raise HandoffFailed(
+            f"data plane description version {description.get('version')!r}; this version "
+            f"reads {FORMAT_VERSION}"
+        )
+    entries = description.get("parts")
+    if not isinstance(entries, list) or sum(int(e["sockets"]) for e in entries) != len(sockets):
+        raise HandoffFailed(
+            f"the data plane description does not account for the {len(sockets)} sockets "
+            "that arrived"
+        )
+    snapshots = _unpack(snapshot, [str(e["name"]) for e in entries], "snapshot")
+    parts: list[tuple[str, Plane]] = []
+    offset = 0
+    for entry in entries:
+        name, count, part_description = entry["name"], int(entry["sockets"]), entry["description"]
+        own = sockets[offset : offset + count]
+        offset += count
+        if name == TUNNELS:
+            parts.append((name, tunnels.adopt(part_description, own, snapshots[name])))
+        elif name == LISTENERS:
+            parts.append((name, listeners.adopt(part_description, own, greeting)))
+        else:
+            raise HandoffFailed(f"this version cannot serve the data plane part {name!r}")
+    return DataPlane(parts)
+
+
+def _pack(pieces: list[tuple[str, bytes]]) -> bytes:
+    out = bytearray()
+    for name, data in pieces:
+        raw = name.encode()
+        out += _NAME.pack(len(raw)) + raw + _LENGTH.pack(len(data)) + data
+    return bytes(out)
+
+
+def _unpack(data: bytes, names: list[str], what: str) -> dict[str, bytes]:
+    """The pieces ``_pack`` framed, checked to be exactly ``names`` in that order."""
+    pieces: dict[str, bytes] = {}
+    view, offset = memoryview(data), 0
+    try:
+        for expected in names:
+            (size,) = _NAME.unpack_from(view, offset)
+            offset += _NAME.size
+            name = bytes(view[offset : offset + size]).decode()
+            offset += size
+            (length,) = _LENGTH.unpack_from(view, offset)
+            offset += _LENGTH.size
+            if name != expected or offset + length > len(data):
+                raise HandoffFailed(f"the data plane's {what} holds {name!r}, not {expected!r}")
+            pieces[name] = bytes(view[offset : offset + length])
+            offset += length
+    except (struct.error, UnicodeDecodeError) as exc:
+        raise HandoffFailed(f"the data plane's {what} is malformed: {exc}") from exc
+    if offset != len(data):
+        raise HandoffFailed(f"the data plane's {what} has {len(data) - offset} stray bytes")
+    return pieces
