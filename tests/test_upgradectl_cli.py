@@ -7,6 +7,7 @@ the client's translation, retries, resumption and the CLI's output and exit code
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -58,6 +59,27 @@ def _job(state: int, gw: Iterable[tuple[str, int, str]], job_id: str = "job-1") 
     )
 
 
+def _release(version: str, *, notes: str = "", vpn: bool = False, age: int = 0) -> Any:
+    data = bytes(f"release {version}", "ascii")
+    return controller_pb2.Release(
+        version=version, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+        published_at=_ts(-age), notes=notes, restarts_vpn_service=vpn,
+    )
+
+
+def _releases() -> list[Any]:
+    return [
+        controller_pb2.Release(version="1.2.0", sha256="ab" * 32, size=3 * 2**20,
+                               published_at=_ts(), notes="Faster rekeying.\nMore."),
+        controller_pb2.Release(version="1.1.0", sha256="cd" * 32, size=900,
+                               published_at=_ts(-86400), notes=""),
+    ]
+
+
+def _semver(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
 def _event(seq: int, gid: str = "", gstate: int = 0, jstate: int = 0, **kw: Any) -> Any:
     return controller_pb2.JobEvent(
         seq=seq, at=_ts(seq), gateway_id=gid, gateway_state=gstate, job_state=jstate, **kw
@@ -77,6 +99,16 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     cut_watch_after: int | None = None
     cut_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     crash: bool = False
+    releases: list[Any] = field(default_factory=_releases)  # newest first
+    # What PlanUpgrade sees: gateway id -> (running version, connected VPN users).
+    fleet: dict[str, tuple[str, int]] = field(
+        default_factory=lambda: {"gw-1": ("1.1.0", 3), "gw-2": ("1.1.0", 5)}
+    )
+    jobs: list[Any] = field(default_factory=list)
+    rejected: list[Any] = field(default_factory=list)
+    admins: list[str] = field(default_factory=list)
+    feed: list[Any] | None = None  # None: the controller has no release feed
+    plan_requests: list[Any] = field(default_factory=list)
     start_requests: list[Any] = field(default_factory=list)
     watch_requests: list[Any] = field(default_factory=list)
     job_requests: list[Any] = field(default_factory=list)
@@ -103,14 +135,17 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     def ListReleases(self, request: Any, context: Any) -> Any:
         if self.crash:
             raise RuntimeError("database is on fire")  # grpc answers UNKNOWN
-        return controller_pb2.ListReleasesResponse(
-            releases=[
-                controller_pb2.Release(version="1.2.0", sha256="ab" * 32, size=3 * 2**20,
-                                       published_at=_ts(), notes="Faster rekeying.\nMore."),
-                controller_pb2.Release(version="1.1.0", sha256="cd" * 32, size=900,
-                                       published_at=_ts(-86400), notes=""),
-            ]
-        )
+        return controller_pb2.ListReleasesResponse(releases=self.releases)
+
+    def SyncReleases(self, request: Any, context: Any) -> Any:
+        if self.feed is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this controller has no release feed to check")
+        known = {r.version for r in self.releases}
+        imported = [r for r in self.feed if r.version not in known]
+        self.releases = sorted([*self.releases, *imported], key=lambda r: _semver(r.version),
+                               reverse=True)
+        return controller_pb2.SyncReleasesResponse(imported=imported)
 
     def PublishRelease(self, request_iterator: Iterator[Any], context: Any) -> Any:
         first = next(request_iterator)
@@ -127,13 +162,80 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
         return controller_pb2.Release(version=meta.version, sha256=hashlib.sha256(data).hexdigest(),
                                       size=len(data), published_at=_ts(), notes=meta.notes)
 
+    def _plan(self, request: Any, context: Any) -> Any:
+        """The controller's planner in small: release, then each chosen gateway's change."""
+        if request.WhichOneof("target") == "latest":
+            release = self.releases[0]
+        else:
+            release = next((r for r in self.releases if r.version == request.version), None)
+            if release is None:
+                available = ", ".join(r.version for r in self.releases)
+                context.abort(grpc.StatusCode.NOT_FOUND,
+                              f"unknown version {request.version}; available: {available}")
+        chosen = list(request.gateway_ids) or sorted(self.fleet)
+        unknown = [gid for gid in chosen if gid not in self.fleet]
+        if unknown:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown gateway(s): {', '.join(unknown)}")
+        planned = []
+        for gid in chosen:
+            version, sessions = self.fleet[gid]
+            if version == release.version:
+                action = "NOTHING"
+            elif _semver(release.version) < _semver(version):
+                action = "DOWNGRADE"
+            else:
+                action = "UPGRADE"
+            planned.append(controller_pb2.PlannedGateway(
+                gateway_id=gid, from_version=version, action=action, vpn_sessions=sessions))
+        changing = [g for g in planned if g.action != "NOTHING"]
+        affected = sum(g.vpn_sessions for g in changing) if release.restarts_vpn_service else 0
+        return controller_pb2.UpgradePlan(release=release, gateways=planned,
+                                          vpn_sessions_affected=affected)
+
+    def PlanUpgrade(self, request: Any, context: Any) -> Any:
+        self.plan_requests.append(request)
+        return self._plan(request, context)
+
     def StartUpgrade(self, request: Any, context: Any) -> Any:
         self.start_requests.append(request)
         self._maybe_unavailable("StartUpgrade", context)
-        if request.WhichOneof("target") == "version" and request.version != "1.2.0":
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"unknown version {request.version}; available: 1.2.0, 1.1.0")
+        # The real controller's refusals: a request the CLI got wrong is refused here too.
+        plan = self._plan(request, context)
+        refuse = functools.partial(context.abort, grpc.StatusCode.FAILED_PRECONDITION)
+        if all(g.action == "NOTHING" for g in plan.gateways):
+            refuse("nothing to do")
+        if any(g.action == "DOWNGRADE" for g in plan.gateways) and not request.allow_downgrade:
+            refuse("a downgrade needs --allow-downgrade")
+        if plan.release.restarts_vpn_service and not request.accept_vpn_disruption:
+            refuse("the release restarts the VPN service: confirm the disruption")
         return self.started
+
+    def ListJobs(self, request: Any, context: Any) -> Any:
+        return controller_pb2.ListJobsResponse(jobs=self.jobs)
+
+    def ListRejectedJobs(self, request: Any, context: Any) -> Any:
+        return controller_pb2.ListRejectedJobsResponse(jobs=self.rejected)
+
+    def AddAdmin(self, request: Any, context: Any) -> Any:
+        if "@" not in request.email:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"invalid email address {request.email!r}: expected e.g. ops@example.com")
+        email = request.email.strip().lower()
+        if email not in self.admins:
+            self.admins.append(email)
+        return controller_pb2.Admin(email=email)
+
+    def RemoveAdmin(self, request: Any, context: Any) -> Any:
+        email = request.email.strip().lower()
+        if email not in self.admins:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"{email} is not an admin; `upgradectl admins list` shows who is")
+        self.admins.remove(email)
+        return controller_pb2.Admin(email=email)
+
+    def ListAdmins(self, request: Any, context: Any) -> Any:
+        admins = [controller_pb2.Admin(email=a) for a in sorted(self.admins)]
+        return controller_pb2.ListAdminsResponse(admins=admins)
 
     def GetJob(self, request: Any, context: Any) -> Any:
         self.job_requests.append(request)
@@ -172,10 +274,14 @@ def addr(fake: FakeController) -> Iterator[str]:
         server.stop(grace=None).wait()
 
 
-def cli(addr: str, *args: str) -> tuple[int, str, str]:
-    """Run upgradectl's real entry point against ``addr``; exit code, stdout, stderr."""
+def cli(addr: str, *args: str, stdin: io.StringIO | None = None) -> tuple[int, str, str]:
+    """Run upgradectl's real entry point against ``addr``; exit code, stdout, stderr.
+
+    Standard input is not a terminal unless the test passes one (``_Terminal``).
+    """
     out, err = io.StringIO(), io.StringIO()
-    code = run(["--controller", addr, *args], env={}, out=out, err=err, retry=FAST_RETRY)
+    code = run(["--controller", addr, *args], env={}, out=out, err=err, retry=FAST_RETRY,
+               stdin=io.StringIO() if stdin is None else stdin)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -227,6 +333,7 @@ def test_releases_list_json_and_table(addr: str) -> None:
     assert json.loads(out)[0] == {
         "version": "1.2.0", "sha256": "ab" * 32, "size": 3 * 2**20,
         "published_at": "2025-03-01T12:00:00Z", "notes": "Faster rekeying.\nMore.",
+        "restarts_vpn_service": False,
     }
     assert [r["version"] for r in json.loads(out)] == ["1.2.0", "1.1.0"]
     code, out, _ = cli(addr, "releases", "list")
@@ -253,13 +360,18 @@ def test_upgrade_json_without_waiting(addr: str, fake: FakeController) -> None:
         "job_id": "job-1", "target_version": "1.2.0", "state": "PENDING",
         "gateways": [
             {"id": g, "state": "QUEUED", "from_version": "1.1.0", "to_version": "1.2.0",
-             "error": None}
+             "error": None, "vpn_sessions_dropped": 0}
             for g in ("gw-1", "gw-2")
         ],
     }
+    (plan,) = fake.plan_requests
+    assert plan.WhichOneof("target") == "latest" and plan.latest
     (request,) = fake.start_requests
-    assert request.WhichOneof("target") == "latest" and request.latest
+    # The job starts the release the plan showed, not whatever is latest a moment later.
+    assert request.WhichOneof("target") == "version" and request.version == "1.2.0"
     assert list(request.gateway_ids) == ["gw-1", "gw-2"]
+    assert not request.allow_downgrade and not request.accept_vpn_disruption
+    assert request.deadline_seconds == 0
     assert uuid.UUID(request.request_id).version == 4
     assert fake.watch_requests == []
 
@@ -269,7 +381,8 @@ def test_upgrade_wait_exits_zero_when_every_gateway_succeeded(
 ) -> None:
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     code, out, err = cli(addr, "upgrade", "--version", "1.2.0", "--wait", "--json")
-    assert (code, err) == (ExitCode.OK, "")
+    assert code == ExitCode.OK
+    assert err.startswith("plan: install release 1.2.0")  # for people, beside the JSON
     data = json.loads(out)
     assert data["state"] == "SUCCEEDED"
     assert [g["state"] for g in data["gateways"]] == ["SUCCEEDED", "SUCCEEDED"]
@@ -284,8 +397,9 @@ def test_upgrade_wait_exits_one_when_a_gateway_failed(addr: str, fake: FakeContr
     data = json.loads(out)
     assert data["state"] == "PARTIAL"
     assert data["gateways"][1] == {"id": "gw-2", "state": "FAILED", "from_version": "1.1.0",
-                                   "to_version": "1.2.0", "error": "sha256 mismatch"}
-    assert err == (
+                                   "to_version": "1.2.0", "error": "sha256 mismatch",
+                                   "vpn_sessions_dropped": 0}
+    assert err.splitlines(keepends=True)[-1] == (
         "upgradectl: error: job job-1 ended PARTIAL: gw-2 FAILED (sha256 mismatch); "
         "see upgradectl status job-1\n"
     )
@@ -298,7 +412,7 @@ def test_upgrade_wait_for_people_prints_one_line_per_event(
     code, out, _ = cli(addr, "upgrade", "--latest", "--wait")
     assert code == ExitCode.OK
     lines = out.splitlines()
-    assert lines[0] == "watching job job-1 (target 1.2.0, PENDING)"
+    lines = lines[lines.index("watching job job-1 (target 1.2.0, PENDING)"):]
     assert lines[1:7] == [
         "12:00:01  job RUNNING",
         "12:00:02  gw-1  DOWNLOADING  50% of 100 B",
@@ -378,8 +492,9 @@ def test_start_upgrade_retries_unavailable_with_the_same_request_id(
 ) -> None:
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     fake.unavailable["StartUpgrade"] = 2
-    code, _, err = cli(addr, "upgrade", "--latest", "--json")
-    assert (code, err) == (ExitCode.OK, "")
+    code, out, err = cli(addr, "upgrade", "--latest", "--json")
+    assert code == ExitCode.OK, err
+    assert json.loads(out)["job_id"] == "job-1"
     ids = {r.request_id for r in fake.start_requests}
     assert len(fake.start_requests) == 3 and len(ids) == 1
 

@@ -55,8 +55,8 @@ def test_gateways_and_releases_tables() -> None:
     notes = "Restarts the VPN service. " + "x" * 80 + "\nsecond line"
     rels = [ReleaseInfo("1.2.0", "ab" * 32, 3 * 1024 * 1024, NOW, notes)]
     header, row = render.releases_table(rels)
-    assert header.split() == ["VERSION", "SIZE", "PUBLISHED", "SHA256", "NOTES"]
-    assert row.startswith("1.2.0    3.0 MiB  2025-03-01 12:00 UTC  abababababab  Restarts the VPN")
+    assert header.split() == ["VERSION", "SIZE", "PUBLISHED", "SHA256", "VPN", "NOTES"]
+    assert row.startswith("1.2.0    3.0 MiB  2025-03-01 12:00 UTC  abababababab  -    Restarts the")
     assert row.endswith("…") and len(row.split("  ")[-1]) == render.NOTES_WIDTH
 
 

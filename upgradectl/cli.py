@@ -4,12 +4,23 @@
     upgradectl releases list [--json]
     upgradectl releases build --version V -o FILE
     upgradectl releases publish --version V --artifact FILE [--notes FILE]
-    upgradectl upgrade (--latest | --version V) [--gateways ID,...] [--wait] [--yes] [--json]
+                                [--restarts-vpn-service]
+    upgradectl releases sync [--json]
+    upgradectl upgrade (--latest | --version V) [--gateways ID,...] [--allow-downgrade]
+                       [--deadline SECONDS] [--wait] [--yes] [--json]
     upgradectl status [JOB] [--watch] [--json]
+    upgradectl jobs list [--json]
+    upgradectl jobs rejected [--json]
+    upgradectl admins (add EMAIL | remove EMAIL | list [--json])
 
 The controller is ``--controller``, else ``$HITLESS_CONTROLLER``, else 127.0.0.1:50051;
 this module is the only place that reads flags and the environment. Expected failures print
 ``upgradectl: error: <message>`` and exit with a code named in ``upgradectl.errors.ExitCode``.
+
+``upgrade`` shows the controller's plan (release, notes, each gateway's change) before it
+starts anything, and gets the operator's consent through ``upgradectl.confirm``. Output for
+people goes to stdout; with ``--json`` stdout carries only the JSON document, and the plan
+and any question go to stderr.
 """
 
 from __future__ import annotations
@@ -30,11 +41,13 @@ from hitless.errors import HitlessError
 from upgradectl import render
 from upgradectl.build import build_release
 from upgradectl.client import ControllerClient, RetryPolicy
+from upgradectl.confirm import Terminal, agree
 from upgradectl.errors import ExitCode, JobNotSucceeded, UsageError, exit_code_for
 from upgradectl.model import JobView
 
 PROG = "upgradectl"
 CALL_TIMEOUT_S = 10.0
+MAX_DEADLINE_S = 2**31 - 1  # StartUpgradeRequest.deadline_seconds is an int32
 
 
 class _ArgumentError(Exception):
@@ -57,13 +70,25 @@ class _Context:
 
     args: argparse.Namespace
     out: TextIO
+    err: TextIO
+    stdin: TextIO
     connect: Callable[[], ControllerClient]
+
+    @property
+    def people(self) -> TextIO:
+        """Where words for people go: stdout, except beside ``--json`` output."""
+        return self.err if getattr(self.args, "json", False) else self.out
 
     def emit_json(self, data: Any) -> None:
         self.out.write(json.dumps(data, indent=2) + "\n")
 
     def emit_lines(self, lines: Sequence[str]) -> None:
         self.out.write("".join(f"{line}\n" for line in lines))
+
+    def tell(self, lines: Sequence[str]) -> None:
+        """Lines for people, kept out of the way of JSON output."""
+        self.people.write("".join(f"{line}\n" for line in lines))
+        self.people.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,11 +103,16 @@ def run(
     out: TextIO | None = None,
     err: TextIO | None = None,
     retry: RetryPolicy | None = None,
+    stdin: TextIO | None = None,
 ) -> int:
-    """``main`` with its surroundings passed in, for tests and embedding."""
+    """``main`` with its surroundings passed in, for tests and embedding.
+
+    ``stdin`` is where a question is answered; it is asked only when it is a terminal.
+    """
     env = os.environ if env is None else env
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    stdin = sys.stdin if stdin is None else stdin
     parser = _build_parser()
     try:
         args = parser.parse_args(argv)
@@ -103,7 +133,7 @@ def run(
             return ControllerClient(controller, CALL_TIMEOUT_S, retry=retry)
 
         handler: Callable[[_Context], ExitCode] = args.handler
-        return int(handler(_Context(args, out, connect)))
+        return int(handler(_Context(args, out, err, stdin, connect)))
     except HitlessError as exc:
         out.flush()
         err.write(f"{PROG}: error: {exc}\n")
@@ -145,7 +175,18 @@ def _build_parser() -> _Parser:
     rel_pub.add_argument("--version", required=True, help="the release version, e.g. 1.4.0")
     rel_pub.add_argument("--artifact", required=True, type=Path, metavar="FILE")
     rel_pub.add_argument("--notes", type=Path, metavar="FILE", help="release notes, as text")
+    rel_pub.add_argument(
+        "--restarts-vpn-service",
+        action="store_true",
+        help="installing it restarts the VPN service, disconnecting VPN users "
+        "(upgrade then asks for confirmation)",
+    )
     rel_pub.set_defaults(handler=_releases_publish)
+    rel_sync = releases_sub.add_parser(
+        "sync", help="have the controller check its release feed for new releases now"
+    )
+    rel_sync.add_argument("--json", action="store_true", help="print JSON for machines")
+    rel_sync.set_defaults(handler=_releases_sync)
 
     upgrade = commands.add_parser("upgrade", help="start upgrading gateways to a release")
     target = upgrade.add_mutually_exclusive_group(required=True)
@@ -154,9 +195,24 @@ def _build_parser() -> _Parser:
     upgrade.add_argument(
         "--gateways", metavar="ID,...", help="only these gateways (default: every gateway)"
     )
+    upgrade.add_argument(
+        "--allow-downgrade",
+        action="store_true",
+        help="let gateways on a newer version go back to this one (refused otherwise)",
+    )
+    upgrade.add_argument(
+        "--deadline",
+        type=_seconds,
+        metavar="SECONDS",
+        help="a gateway that has not taken its command by then is UNREACHABLE "
+        "(default: the controller's --command-deadline)",
+    )
     upgrade.add_argument("--wait", action="store_true", help="follow the job until it ends")
     upgrade.add_argument(
-        "--yes", action="store_true", help="do not ask for confirmation (none is asked yet)"
+        "--yes",
+        action="store_true",
+        help="answer yes in advance: accept that a release restarting the VPN service "
+        "disconnects VPN users (needed when standard input is not a terminal)",
     )
     upgrade.add_argument("--json", action="store_true", help="print JSON for machines")
     upgrade.set_defaults(handler=_upgrade)
@@ -166,7 +222,43 @@ def _build_parser() -> _Parser:
     status.add_argument("--watch", action="store_true", help="follow the job until it ends")
     status.add_argument("--json", action="store_true", help="print JSON for machines")
     status.set_defaults(handler=_status)
+
+    jobs = commands.add_parser("jobs", help="upgrade jobs, from upgradectl and management")
+    jobs_sub = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    jobs_list = jobs_sub.add_parser("list", help="recent jobs, newest first")
+    jobs_list.add_argument("--json", action="store_true", help="print JSON for machines")
+    jobs_list.set_defaults(handler=_jobs_list)
+    jobs_rejected = jobs_sub.add_parser(
+        "rejected", help="management jobs the controller refused, and why"
+    )
+    jobs_rejected.add_argument("--json", action="store_true", help="print JSON for machines")
+    jobs_rejected.set_defaults(handler=_jobs_rejected)
+
+    admins = commands.add_parser("admins", help="who the notifier emails")
+    admins_sub = admins.add_subparsers(dest="action", required=True, metavar="ACTION")
+    admin_add = admins_sub.add_parser("add", help="email this address too")
+    admin_add.add_argument("email", metavar="EMAIL")
+    admin_add.set_defaults(handler=_admins_add)
+    admin_remove = admins_sub.add_parser("remove", help="stop emailing this address")
+    admin_remove.add_argument("email", metavar="EMAIL")
+    admin_remove.set_defaults(handler=_admins_remove)
+    admin_list = admins_sub.add_parser("list", help="list the admins")
+    admin_list.add_argument("--json", action="store_true", help="print JSON for machines")
+    admin_list.set_defaults(handler=_admins_list)
     return parser
+
+
+def _seconds(text: str) -> int:
+    """A ``--deadline``: whole seconds, at least one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected whole seconds, e.g. 600, not {text!r}"
+        ) from None
+    if not 0 < value <= MAX_DEADLINE_S:
+        raise argparse.ArgumentTypeError(f"expected 1 to {MAX_DEADLINE_S} seconds, not {value}")
+    return value
 
 
 def _gateways_list(ctx: _Context) -> ExitCode:
@@ -212,10 +304,29 @@ def _releases_publish(ctx: _Context) -> ExitCode:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read the release notes {ctx.args.notes}: {exc}") from exc
     with ctx.connect() as client:
-        release = client.publish_release(ctx.args.version, artifact, notes)
+        release = client.publish_release(
+            ctx.args.version, artifact, notes, restarts_vpn_service=ctx.args.restarts_vpn_service
+        )
     ctx.emit_lines(
         [f"published {release.version}: {render.human_size(release.size)}, sha256 {release.sha256}"]
     )
+    return ExitCode.OK
+
+
+def _releases_sync(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        imported = client.sync_releases()
+    if ctx.args.json:
+        ctx.emit_json([r.to_json() for r in imported])
+    elif not imported:
+        ctx.emit_lines(["no new releases in the feed"])
+    else:
+        ctx.emit_lines(
+            [
+                f"imported {len(imported)} release(s) from the feed:",
+                *render.releases_table(imported),
+            ]
+        )
     return ExitCode.OK
 
 
@@ -224,11 +335,40 @@ def _upgrade(ctx: _Context) -> ExitCode:
     # One id per invocation: the client's retries of this call then start one job, not two.
     request_id = str(uuid.uuid4())
     with ctx.connect() as client:
+        plan = client.plan_upgrade(
+            latest=ctx.args.latest, version=ctx.args.version or "", gateway_ids=gateway_ids
+        )
+        version = plan.release.version
+        ctx.tell([*render.plan_lines(plan), ""])
+        if not plan.changes:
+            ctx.tell([f"nothing to do: every chosen gateway already runs {version}"])
+            if ctx.args.json:
+                ctx.emit_json(
+                    {
+                        "job_id": None,
+                        "target_version": version,
+                        "state": "NOTHING_TO_DO",
+                        "gateways": [],
+                    }
+                )
+            return ExitCode.OK
+        if plan.release.restarts_vpn_service:
+            ctx.tell(render.vpn_warning(plan))
+        consent = agree(
+            plan,
+            allow_downgrade=ctx.args.allow_downgrade,
+            yes=ctx.args.yes,
+            terminal=Terminal(ctx.stdin, ctx.people),
+        )
+        # Start exactly what was shown and agreed to: the planned release (not whatever is
+        # latest a moment later) on the planned gateways (not one that registered since).
         job = client.start_upgrade(
-            latest=ctx.args.latest,
-            version=ctx.args.version or "",
-            gateway_ids=gateway_ids,
+            version=version,
+            gateway_ids=[g.id for g in plan.gateways],
             request_id=request_id,
+            allow_downgrade=consent.allow_downgrade,
+            accept_vpn_disruption=consent.accept_vpn_disruption,
+            deadline_seconds=ctx.args.deadline or 0,
         )
         if not ctx.args.wait:
             if ctx.args.json:
@@ -294,6 +434,50 @@ def _show(ctx: _Context, job: JobView, *, upgrade_shape: bool) -> None:
         # status lists state before target_version; keep the documented key order.
         data = {k: data[k] for k in ("job_id", "state", "target_version", "gateways")}
     ctx.emit_json(data)
+
+
+def _jobs_list(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        jobs = client.list_jobs()
+    if ctx.args.json:
+        ctx.emit_json([j.to_listing_json() for j in jobs])
+    else:
+        ctx.emit_lines(render.jobs_table(jobs))
+    return ExitCode.OK
+
+
+def _jobs_rejected(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        rejected = client.list_rejected_jobs()
+    if ctx.args.json:
+        ctx.emit_json([r.to_json() for r in rejected])
+    else:
+        ctx.emit_lines(render.rejected_table(rejected))
+    return ExitCode.OK
+
+
+def _admins_add(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        email = client.add_admin(ctx.args.email)
+    ctx.emit_lines([f"{email} is an admin: the notifier emails it"])
+    return ExitCode.OK
+
+
+def _admins_remove(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        email = client.remove_admin(ctx.args.email)
+    ctx.emit_lines([f"{email} is no longer an admin"])
+    return ExitCode.OK
+
+
+def _admins_list(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        admins = client.list_admins()
+    if ctx.args.json:
+        ctx.emit_json([{"email": a} for a in admins])
+    else:
+        ctx.emit_lines(render.admins_table(admins))
+    return ExitCode.OK
 
 
 def _gateway_ids(text: str | None) -> list[str]:

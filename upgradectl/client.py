@@ -13,8 +13,8 @@
 The controller upgrades itself by starting a new process on the same port and stopping the
 old one, so a client may meet UNAVAILABLE for a moment. Idempotent unary calls are retried
 then, with bounded exponential backoff and jitter; ``StartUpgrade`` counts as idempotent
-because it carries the caller's request id. ``watch_job`` resumes after the last sequence
-number it saw.
+because it carries the caller's request id, and adding an admin or checking the release feed
+twice changes nothing. ``watch_job`` resumes after the last sequence number it saw.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ import grpc
 from hitless.config import ENV_CONTROLLER, HostPort
 from hitless.v1 import controller_pb2, controller_pb2_grpc
 from upgradectl.errors import CliError, ControllerFailed, Rejected, Unreachable, UsageError
-from upgradectl.model import GatewayInfo, JobEvent, JobView, ReleaseInfo
+from upgradectl.model import (
+    GatewayInfo,
+    JobEvent,
+    JobView,
+    RejectedJob,
+    ReleaseInfo,
+    UpgradePlan,
+)
 
 CHUNK_SIZE = 256 * 1024
 # A watch stream is reopened at this interval even when quiet, so a half-open connection
@@ -111,7 +118,9 @@ class ControllerClient:
         )
         return [ReleaseInfo.from_proto(r) for r in resp.releases]
 
-    def publish_release(self, version: str, path: Path, notes: str) -> ReleaseInfo:
+    def publish_release(
+        self, version: str, path: Path, notes: str, *, restarts_vpn_service: bool = False
+    ) -> ReleaseInfo:
         """Upload the artifact at ``path`` as release ``version``.
 
         The digest and size are computed here first and sent as metadata, so the controller
@@ -122,7 +131,11 @@ class ControllerClient:
         except OSError as exc:
             raise UsageError(f"cannot read the artifact {path}: {exc.strerror or exc}") from exc
         metadata = controller_pb2.ReleaseMetadata(
-            version=version, notes=notes, sha256=sha256, size=size
+            version=version,
+            notes=notes,
+            sha256=sha256,
+            size=size,
+            restarts_vpn_service=restarts_vpn_service,
         )
 
         def requests() -> Iterator[controller_pb2.PublishReleaseRequest]:
@@ -138,6 +151,20 @@ class ControllerClient:
             raise self._translate("PublishRelease", exc) from exc
         return ReleaseInfo.from_proto(release)
 
+    def sync_releases(self) -> list[ReleaseInfo]:
+        """Have the controller check its release feed now; the releases it imported."""
+        resp = self._unary(
+            "SyncReleases", self._stub.SyncReleases, controller_pb2.SyncReleasesRequest()
+        )
+        return [ReleaseInfo.from_proto(r) for r in resp.imported]
+
+    def plan_upgrade(
+        self, *, latest: bool = False, version: str = "", gateway_ids: Sequence[str] = ()
+    ) -> UpgradePlan:
+        """What upgrading ``gateway_ids`` (empty: all) would do, without doing it."""
+        request = _upgrade_request(latest, version, gateway_ids)
+        return UpgradePlan.from_proto(self._unary("PlanUpgrade", self._stub.PlanUpgrade, request))
+
     def start_upgrade(
         self,
         *,
@@ -145,28 +172,56 @@ class ControllerClient:
         version: str = "",
         gateway_ids: Sequence[str] = (),
         request_id: str,
+        allow_downgrade: bool = False,
+        accept_vpn_disruption: bool = False,
+        deadline_seconds: int = 0,
     ) -> JobView:
         """Start a job upgrading ``gateway_ids`` (empty: all) to the latest or a named version.
 
-        Retrying is safe because the controller answers a repeated ``request_id`` with the
-        job it already started.
+        ``deadline_seconds`` 0 leaves the command deadline to the controller. Retrying is
+        safe because the controller answers a repeated ``request_id`` with the job it
+        already started.
         """
-        if latest == bool(version):
-            raise UsageError("choose exactly one of --latest and --version")
-        if latest:
-            request = controller_pb2.StartUpgradeRequest(
-                latest=True, gateway_ids=list(gateway_ids), request_id=request_id
-            )
-        else:
-            request = controller_pb2.StartUpgradeRequest(
-                version=version, gateway_ids=list(gateway_ids), request_id=request_id
-            )
+        request = _upgrade_request(latest, version, gateway_ids)
+        request.request_id = request_id
+        request.allow_downgrade = allow_downgrade
+        request.accept_vpn_disruption = accept_vpn_disruption
+        request.deadline_seconds = deadline_seconds
         return JobView.from_proto(self._unary("StartUpgrade", self._stub.StartUpgrade, request))
 
     def get_job(self, job_id: str = "") -> JobView:
         """The job ``job_id``; the most recent job when it is empty."""
         request = controller_pb2.GetJobRequest(job_id=job_id)
         return JobView.from_proto(self._unary("GetJob", self._stub.GetJob, request))
+
+    def list_jobs(self) -> list[JobView]:
+        """Recent jobs, newest first (as many as the controller keeps by default)."""
+        resp = self._unary("ListJobs", self._stub.ListJobs, controller_pb2.ListJobsRequest())
+        return [JobView.from_proto(j) for j in resp.jobs]
+
+    def list_rejected_jobs(self) -> list[RejectedJob]:
+        """Management jobs the controller refused, newest first."""
+        resp = self._unary(
+            "ListRejectedJobs",
+            self._stub.ListRejectedJobs,
+            controller_pb2.ListRejectedJobsRequest(),
+        )
+        return [RejectedJob.from_proto(j) for j in resp.jobs]
+
+    def add_admin(self, email: str) -> str:
+        """Make ``email`` an admin; the address as the controller stores it."""
+        request = controller_pb2.AdminRequest(email=email)
+        return str(self._unary("AddAdmin", self._stub.AddAdmin, request).email)
+
+    def remove_admin(self, email: str) -> str:
+        """Stop emailing ``email``; the address as the controller stored it."""
+        request = controller_pb2.AdminRequest(email=email)
+        return str(self._unary("RemoveAdmin", self._stub.RemoveAdmin, request).email)
+
+    def list_admins(self) -> list[str]:
+        """The admins' addresses, sorted."""
+        resp = self._unary("ListAdmins", self._stub.ListAdmins, controller_pb2.ListAdminsRequest())
+        return [a.email for a in resp.admins]
 
     def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[JobEvent]:
         """The job's events after ``after_seq``, until the event that finishes the job.
@@ -236,6 +291,17 @@ class ControllerClient:
             f"the controller failed on {method} at {self.target}: {code.name}: {details}; "
             "see the controller's log"
         )
+
+
+def _upgrade_request(
+    latest: bool, version: str, gateway_ids: Sequence[str]
+) -> controller_pb2.StartUpgradeRequest:
+    """The request naming a target, shared by PlanUpgrade and StartUpgrade."""
+    if latest == bool(version):
+        raise UsageError("choose exactly one of --latest and --version")
+    if latest:
+        return controller_pb2.StartUpgradeRequest(latest=True, gateway_ids=list(gateway_ids))
+    return controller_pb2.StartUpgradeRequest(version=version, gateway_ids=list(gateway_ids))
 
 
 def _digest(path: Path) -> tuple[str, int]:

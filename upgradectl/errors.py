@@ -1,16 +1,22 @@
 """Errors of the operator's CLI, and the exit code each one ends the process with.
 
     hitless.errors.HitlessError
-    ├── hitless.errors.ConfigError   bad flag or value (e.g. a version)      → USAGE
-    └── CliError                     root of this package                    → INTERNAL
-        ├── UsageError               the command line asks for the impossible → USAGE
-        ├── Unreachable              the controller cannot be reached         → UNREACHABLE
-        ├── Rejected                 the controller refused the request       → REJECTED
-        │                            (not found, invalid, conflict, precondition)
-        ├── ControllerFailed         the controller failed in an unexpected way → INTERNAL
-        ├── BuildError               a release artifact could not be built   → INTERNAL
-        └── JobNotSucceeded          a watched job ended without every gateway
-                                     succeeding                              → JOB_NOT_SUCCEEDED
+    ├── hitless.errors.ConfigError  bad flag or value (e.g. a version)       → USAGE
+    └── CliError                    root of this package                     → INTERNAL
+        ├── UsageError              the command line asks for the impossible → USAGE
+        ├── Unreachable             the controller cannot be reached         → UNREACHABLE
+        ├── Rejected                the controller refused the request, or   → REJECTED
+        │                           the plan shows it would (not found,
+        │                           invalid, conflict, precondition, a
+        │                           downgrade without --allow-downgrade)
+        ├── NeedsConfirmation       the upgrade disconnects VPN users, and   → NEEDS_CONFIRMATION
+        │                           with no terminal to ask on nor --yes
+        │                           nobody agreed to that
+        ├── Declined                the operator did not answer yes          → DECLINED
+        ├── ControllerFailed        the controller failed unexpectedly       → INTERNAL
+        ├── BuildError              a release artifact could not be built    → INTERNAL
+        └── JobNotSucceeded         a watched job ended without every        → JOB_NOT_SUCCEEDED
+                                    gateway succeeding
 
 Every message is meant for the operator as is: it says what failed, on what, and what to
 do next. ``cli.main`` prints it after ``upgradectl: error:`` and exits with the code.
@@ -32,6 +38,8 @@ class ExitCode(enum.IntEnum):
     UNREACHABLE = 3
     REJECTED = 4
     INTERNAL = 5
+    NEEDS_CONFIRMATION = 6
+    DECLINED = 7
     INTERRUPTED = 130  # the shell's convention for a process stopped by Ctrl-C
 
 
@@ -57,6 +65,18 @@ class Rejected(CliError):
     """The controller answered and refused; the message is the controller's own sentence."""
 
     exit_code = ExitCode.REJECTED
+
+
+class NeedsConfirmation(CliError):
+    """The upgrade needs the operator's yes, and it could neither be asked nor was given."""
+
+    exit_code = ExitCode.NEEDS_CONFIRMATION
+
+
+class Declined(CliError):
+    """The operator was asked to confirm an upgrade and did not say yes."""
+
+    exit_code = ExitCode.DECLINED
 
 
 class ControllerFailed(CliError):

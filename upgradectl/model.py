@@ -88,10 +88,18 @@ class ReleaseInfo:
     size: int
     published_at: datetime | None
     notes: str
+    restarts_vpn_service: bool = False
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.Release) -> ReleaseInfo:
-        return cls(msg.version, msg.sha256, msg.size, timestamp(msg.published_at), msg.notes)
+        return cls(
+            msg.version,
+            msg.sha256,
+            msg.size,
+            timestamp(msg.published_at),
+            msg.notes,
+            msg.restarts_vpn_service,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +108,7 @@ class ReleaseInfo:
             "size": self.size,
             "published_at": iso(self.published_at),
             "notes": self.notes,
+            "restarts_vpn_service": self.restarts_vpn_service,
         }
 
 
@@ -114,6 +123,7 @@ class GatewayProgress:
     error: str = ""
     bytes_done: int = 0
     bytes_total: int = 0
+    vpn_sessions_dropped: int = 0
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.GatewayJob) -> GatewayProgress:
@@ -125,6 +135,7 @@ class GatewayProgress:
             error=msg.error,
             bytes_done=msg.bytes_done,
             bytes_total=msg.bytes_total,
+            vpn_sessions_dropped=msg.vpn_sessions_dropped,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -135,6 +146,7 @@ class GatewayProgress:
             "from_version": self.from_version,
             "to_version": self.to_version,
             "error": self.error or None,
+            "vpn_sessions_dropped": self.vpn_sessions_dropped,
         }
 
 
@@ -147,6 +159,8 @@ class JobView:
     target_version: str
     gateways: tuple[GatewayProgress, ...]
     created_at: datetime | None = None
+    source: str = ""  # "cli" or "management"
+    requested_by: str = ""  # the publishing user, for a management job
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.Job) -> JobView:
@@ -156,6 +170,8 @@ class JobView:
             target_version=msg.target_version,
             gateways=tuple(GatewayProgress.from_proto(g) for g in msg.gateways),
             created_at=timestamp(msg.created_at),
+            source=msg.source,
+            requested_by=msg.requested_by,
         )
 
     @property
@@ -172,6 +188,18 @@ class JobView:
             "job_id": self.job_id,
             "target_version": self.target_version,
             "state": self.state,
+            "gateways": [g.to_json() for g in self.gateways],
+        }
+
+    def to_listing_json(self) -> dict[str, Any]:
+        """The shape of one job in ``jobs list``."""
+        return {
+            "job_id": self.job_id,
+            "state": self.state,
+            "target_version": self.target_version,
+            "source": self.source,
+            "requested_by": self.requested_by or None,
+            "created_at": iso(self.created_at),
             "gateways": [g.to_json() for g in self.gateways],
         }
 
@@ -222,3 +250,72 @@ class JobEvent:
             bytes_done=msg.bytes_done,
             bytes_total=msg.bytes_total,
         )
+
+
+UPGRADE = "UPGRADE"
+DOWNGRADE = "DOWNGRADE"
+NOTHING = "NOTHING"
+
+
+@dataclass(frozen=True)
+class PlannedGateway:
+    """What an upgrade would do to one gateway: ``action`` is UPGRADE, DOWNGRADE or NOTHING."""
+
+    id: str
+    from_version: str
+    action: str
+    vpn_sessions: int
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.PlannedGateway) -> PlannedGateway:
+        return cls(msg.gateway_id, msg.from_version, msg.action, msg.vpn_sessions)
+
+
+@dataclass(frozen=True)
+class UpgradePlan:
+    """The controller's answer to "what would this upgrade do?", before anything starts."""
+
+    release: ReleaseInfo
+    gateways: tuple[PlannedGateway, ...]
+    vpn_sessions_affected: int
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.UpgradePlan) -> UpgradePlan:
+        return cls(
+            ReleaseInfo.from_proto(msg.release),
+            tuple(PlannedGateway.from_proto(g) for g in msg.gateways),
+            msg.vpn_sessions_affected,
+        )
+
+    @property
+    def changes(self) -> tuple[PlannedGateway, ...]:
+        """The gateways that would change version."""
+        return tuple(g for g in self.gateways if g.action != NOTHING)
+
+    @property
+    def downgrades(self) -> tuple[PlannedGateway, ...]:
+        return tuple(g for g in self.gateways if g.action == DOWNGRADE)
+
+
+@dataclass(frozen=True)
+class RejectedJob:
+    """A management job the controller refused, and why."""
+
+    message_id: str
+    reason: str
+    body: str
+    user_id: str
+    at: datetime | None
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.RejectedJob) -> RejectedJob:
+        return cls(msg.message_id, msg.reason, msg.body, msg.user_id, timestamp(msg.at))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "reason": self.reason,
+            "body": self.body,
+            "user_id": self.user_id or None,
+            "at": iso(self.at),
+        }

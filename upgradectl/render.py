@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
-from upgradectl.model import GatewayInfo, GatewayProgress, JobEvent, JobView, ReleaseInfo
+from upgradectl.model import (
+    GatewayInfo,
+    GatewayProgress,
+    JobEvent,
+    JobView,
+    RejectedJob,
+    ReleaseInfo,
+    UpgradePlan,
+)
 
 # Cursor to the start of the line N lines up, then clear to the end of the screen.
 _UP = "\x1b[{n}F"
@@ -86,11 +94,81 @@ def releases_table(releases: Sequence[ReleaseInfo]) -> list[str]:
             human_size(r.size),
             short_time(r.published_at),
             r.sha256[:12],
+            "restarts" if r.restarts_vpn_service else "-",
             first_line(r.notes),
         ]
         for r in releases
     ]
-    return table(["VERSION", "SIZE", "PUBLISHED", "SHA256", "NOTES"], rows)
+    return table(["VERSION", "SIZE", "PUBLISHED", "SHA256", "VPN", "NOTES"], rows)
+
+
+def jobs_table(jobs: Sequence[JobView]) -> list[str]:
+    if not jobs:
+        return ["no upgrade job has run yet (upgradectl upgrade)"]
+    rows = []
+    for job in jobs:
+        done = sum(1 for g in job.gateways if g.state == "SUCCEEDED")
+        rows.append(
+            [
+                job.job_id,
+                job.state,
+                job.target_version,
+                job.source or "-",
+                job.requested_by or "-",
+                short_time(job.created_at),
+                f"{done}/{len(job.gateways)} succeeded",
+            ]
+        )
+    headers = ["JOB", "STATE", "TARGET", "SOURCE", "REQUESTED BY", "CREATED", "GATEWAYS"]
+    return table(headers, rows)
+
+
+def rejected_table(rejected: Sequence[RejectedJob]) -> list[str]:
+    if not rejected:
+        return ["no management job has been rejected"]
+    rows = [[short_time(r.at), r.message_id, r.user_id or "-", r.reason] for r in rejected]
+    return table(["AT", "MESSAGE ID", "USER", "REASON"], rows)
+
+
+def admins_table(admins: Sequence[str]) -> list[str]:
+    if not admins:
+        return ["no admins yet (upgradectl admins add EMAIL)"]
+    return table(["EMAIL"], [[a] for a in admins])
+
+
+def plan_lines(plan: UpgradePlan) -> list[str]:
+    """What an upgrade will install and where: the release, its notes, each gateway's change.
+
+    Connected VPN users are shown only for a release that restarts the VPN service, the one
+    case where they lose their connection.
+    """
+    release = plan.release
+    notes = release.notes.strip().splitlines()
+    lines = [
+        f"plan: install release {release.version} (published {short_time(release.published_at)})",
+        "release notes:" if notes else "release notes: none",
+        *(f"  {line}".rstrip() for line in notes),
+    ]
+    vpn = release.restarts_vpn_service
+    headers = ["GATEWAY", "FROM", "TO", "ACTION"] + (["VPN USERS"] if vpn else [])
+    rows = [
+        [g.id, g.from_version or "-", release.version, g.action]
+        + ([str(g.vpn_sessions)] if vpn else [])
+        for g in plan.gateways
+    ]
+    return [*lines, "", *table(headers, rows)]
+
+
+def vpn_warning(plan: UpgradePlan) -> list[str]:
+    """The warning shown before a release that restarts the VPN service is installed."""
+    names = ", ".join(g.id for g in plan.changes)
+    return [
+        "",
+        f"!! WARNING: release {plan.release.version} restarts the VPN service.",
+        f"!! {plan.vpn_sessions_affected} VPN user(s) connected now to {names} "
+        "will be disconnected.",
+        "",
+    ]
 
 
 def progress(g: GatewayProgress) -> str:
@@ -101,17 +179,25 @@ def progress(g: GatewayProgress) -> str:
 
 
 def job_lines(job: JobView) -> list[str]:
-    """A job's header line and a table of its gateways."""
+    """A job's header line and a table of its gateways.
+
+    A VPN DROPPED column appears only when some gateway disconnected VPN users.
+    """
     done = sum(1 for g in job.gateways if g.state == "SUCCEEDED")
     header = (
         f"job {job.job_id}  target {job.target_version}  {job.state}  "
         f"({done}/{len(job.gateways)} gateways succeeded)"
     )
+    dropped = any(g.vpn_sessions_dropped for g in job.gateways)
     rows = [
-        [g.id, g.state, g.from_version or "-", g.to_version or "-", progress(g), g.error]
+        [g.id, g.state, g.from_version or "-", g.to_version or "-", progress(g)]
+        + ([str(g.vpn_sessions_dropped or "")] if dropped else [])
+        + [g.error]
         for g in job.gateways
     ]
-    return [header, *table(["GATEWAY", "STATE", "FROM", "TO", "PROGRESS", "ERROR"], rows)]
+    headers = ["GATEWAY", "STATE", "FROM", "TO", "PROGRESS"]
+    headers += ["VPN DROPPED"] if dropped else []
+    return [header, *table([*headers, "ERROR"], rows)]
 
 
 def event_line(event: JobEvent) -> str:
