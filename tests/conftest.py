@@ -77,8 +77,11 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 @pytest.fixture
-def fleet(vhost: str, tmp_path: Path, procs: Procs) -> Fleet:
+def fleet(vhost: str, tmp_path: Path, procs: Procs) -> Iterator[Fleet]:
     """A running controller (SQLite) on this test's vhost; gateways are started by the test."""
     fleet = Fleet(procs, tmp_path, amqp_url(vhost))
-    fleet.start_controller()
-    return fleet
+    try:
+        fleet.start_controller()
+        yield fleet
+    finally:
+        fleet.close()

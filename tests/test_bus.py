@@ -12,7 +12,7 @@ from hitless.bus.amqp import Consumer, DeadLetter, Delivery, Publisher
 from hitless.config import BusConfig
 from hitless.errors import DecodeError, PublishFailed
 from hitless.v1 import bus_pb2
-from tests.support.rabbit import Management
+from tests.support.rabbit import Management, amqp_url
 from tests.support.wait import wait_for
 
 
@@ -79,5 +79,38 @@ def test_consumer_acks_and_dead_letters_with_reason(
         bodies = {m["properties"]["message_id"]: m["payload"] for m in messages}
         assert bodies["m-poison"] == codec.encode(_heartbeat("poison")).decode()
     finally:
+        publisher.close()
+        consumer.stop()
+
+
+def test_long_handler_does_not_starve_heartbeats(vhost: str) -> None:
+    """A handler busy for three heartbeat timeouts: the connection stays up (the message
+    is not redelivered) because the I/O thread keeps servicing heartbeats."""
+    bus = BusConfig(amqp_url(vhost) + "?heartbeat=1")
+    handled: list[str] = []
+    release = threading.Event()
+
+    def handle(delivery: Delivery) -> None:
+        gid = codec.decode(bus_pb2.GatewayHeartbeat, delivery.body).gateway_id
+        handled.append(gid)
+        if gid == "slow":
+            release.wait(timeout=30)  # the long work under test, ended by the test
+
+    consumer = Consumer(bus, topology.CONTROLLER_REPORTS, handle, name="slow-consumer").start()
+    publisher = Publisher(bus, queues=[topology.CONTROLLER_REPORTS]).start()
+    try:
+        assert consumer.wait_consuming(10)
+        key = topology.report_key("gw", topology.HEARTBEAT)
+        publisher.publish(topology.REPORTS, key, _heartbeat("slow"))
+        wait_for(lambda: handled == ["slow"], timeout=10, what="the slow message taken")
+        # Three heartbeat timeouts pass while the handler works; a starved connection
+        # would be closed by the broker and the message redelivered.
+        threading.Event().wait(3.5)  # the handler's busy time under test
+        release.set()
+        publisher.publish(topology.REPORTS, key, _heartbeat("next"))
+        wait_for(lambda: "next" in handled, timeout=10, what="the next message handled")
+        assert handled == ["slow", "next"], f"the slow message was redelivered: {handled}"
+    finally:
+        release.set()
         publisher.close()
         consumer.stop()

@@ -80,7 +80,8 @@ def _connect(
     bus: BusConfig, queues: Iterable[Queue]
 ) -> tuple[pika.BlockingConnection, BlockingChannel]:
     params = pika.URLParameters(bus.url)
-    params.heartbeat = 30
+    if "heartbeat=" not in bus.url:
+        params.heartbeat = 30
     params.blocked_connection_timeout = 30
     params.connection_attempts = 1
     params.socket_timeout = 5

@@ -10,6 +10,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import grpc
+
+from hitless.v1 import controller_pb2_grpc
 from tests.support.procs import Proc, Procs, command, free_port
 from tests.support.wait import wait_for
 
@@ -24,6 +27,7 @@ class Fleet:
         self.controller_port = free_port()
         self.controller: Proc | None = None
         self.gateway_ports: dict[str, int] = {}
+        self._channel: grpc.Channel | None = None
 
     @property
     def controller_address(self) -> str:
@@ -57,12 +61,13 @@ class Fleet:
         )
         return self.controller
 
-    def start_gateway(self, gateway_id: str) -> Proc:
+    def start_gateway(self, gateway_id: str, controller: str | None = None) -> Proc:
+        """A gateway daemon; ``controller`` overrides the address it downloads from."""
         port = self.gateway_ports.setdefault(gateway_id, free_port())
         argv = [
             command("gateway-daemon"), "run",
             "--id", gateway_id,
-            "--controller", self.controller_address,
+            "--controller", controller or self.controller_address,
             "--amqp", self.amqp_url,
             "--state-dir", str(self.root / gateway_id),
             "--listen", f"127.0.0.1:{port}",
@@ -114,6 +119,16 @@ class Fleet:
         self.cli("releases", "build", "--version", version, "-o", str(artifact))
         self.cli("releases", "publish", "--version", version, "--artifact", str(artifact))
         return artifact
+
+    def stub(self) -> controller_pb2_grpc.ControllerStub:
+        """A gRPC stub on the controller, for what the CLI does not show."""
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.controller_address)
+        return controller_pb2_grpc.ControllerStub(self._channel)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
 
     def greeting(self, gateway_id: str) -> str:
         """What the gateway's listener says: 'hitless-gateway ID VERSION'."""

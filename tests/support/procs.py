@@ -92,6 +92,9 @@ class Procs:
                 os.killpg(proc.pgid, signal.SIGKILL)
         proc.popen.wait(timeout=5)
 
+    def started(self) -> list[Proc]:
+        return list(self._procs)
+
     def stop_all(self) -> None:
         for proc in reversed(self._procs):
             self.stop(proc)

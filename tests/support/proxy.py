@@ -10,10 +10,18 @@ import threading
 
 class CuttingProxy:
     """Forwards 127.0.0.1:<port> to ``upstream``; the first ``cuts`` connections are reset
-    once ``cut_after`` bytes have gone from upstream to the client."""
+    once ``cut_after`` bytes have gone from upstream to the client. While ``gate`` is
+    clear, nothing goes from upstream to the client (a stalled link)."""
 
-    def __init__(self, upstream: tuple[str, int], cut_after: int, cuts: int = 1) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        cut_after: int | None = None,
+        cuts: int = 1,
+        gate: threading.Event | None = None,
+    ) -> None:
         self.upstream = upstream
+        self.gate = gate
         self.cut_after = cut_after
         self.cuts_left = cuts
         self.connections = 0
@@ -45,16 +53,28 @@ class CuttingProxy:
             server = socket.create_connection(self.upstream)
             with self._lock:
                 self.connections += 1
-                cut = self.cut_after if self.cuts_left > 0 else None
+                cut = self.cut_after if self.cuts_left > 0 and self.cut_after else None
                 self.cuts_left -= 1
                 self._sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, cut), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, server, None, None), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(server, client, cut, self.gate), daemon=True
+            ).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket, cut_after: int | None) -> None:
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        cut_after: int | None,
+        gate: threading.Event | None,
+    ) -> None:
         moved = 0
         try:
             while data := src.recv(65536):
+                if gate is not None:
+                    gate.wait(timeout=120)
                 if cut_after is not None and moved + len(data) >= cut_after:
                     dst.sendall(data[: cut_after - moved])
                     # SO_LINGER 0: close with a reset, like a dropped link.

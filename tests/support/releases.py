@@ -32,8 +32,7 @@ BROKEN: Final[dict[str, tuple[str, str]]] = {
     # Adopts the sockets and then never says ready: for killing it in mid-handoff.
     "stuck-in-selfcheck": (
         "gateway_daemon/selfcheck.py",
-        "\n\ndef run(plane, inherited):\n"
-        "    import threading\n    threading.Event().wait()\n",
+        "\n\ndef run(plane, inherited):\n    import threading\n    threading.Event().wait()\n",
     ),
 }
 

@@ -61,9 +61,7 @@ class TunnelGateway:
         return None
 
 
-def write_lab(
-    directory: Path, udp_tunnels: int, tcp_tunnels: int
-) -> tuple[Path, Sites]:
+def write_lab(directory: Path, udp_tunnels: int, tcp_tunnels: int) -> tuple[Path, Sites]:
     """A tunnels config on free loopback ports and the sites that match it."""
     config, sites = make_lab(
         udp_tunnels,
@@ -91,9 +89,9 @@ def start_gateway(
     """Start a gateway (from ``release``, or the installed package) serving a fresh lab;
     return once it serves."""
     tunnels, sites = write_lab(root, udp_tunnels, tcp_tunnels)
-    program = [sys.executable, str(release), "gateway-daemon"] if release else [
-        command("gateway-daemon")
-    ]
+    program = (
+        [sys.executable, str(release), "gateway-daemon"] if release else [command("gateway-daemon")]
+    )
     argv = [
         *program, "run",
         "--id", GATEWAY_ID,
