@@ -12,6 +12,9 @@ import hashlib
 import io
 import json
 import os
+import pty
+import re
+import select
 import socket
 import subprocess
 import sys
@@ -581,6 +584,9 @@ def test_main_reads_the_environment(
         (["upgrade", "--gateways", "gw-1"], "one of the arguments --latest --version is required"),
         (["upgrade", "--latest", "--version", "1.2.0"], "not allowed with argument"),
         (["upgrade", "--latest", "--gateways", " , "], "--gateways needs at least one gateway id"),
+        (["upgrade", "--latest", "--deadline", "0"], "expected 1 to 2147483647 seconds, not 0"),
+        (["upgrade", "--latest", "--deadline", "soon"], "expected whole seconds, e.g. 600"),
+        (["admins", "add"], "the following arguments are required: EMAIL"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )
@@ -600,3 +606,324 @@ def test_python_dash_m_runs_the_cli_without_tracebacks(tmp_path: Path) -> None:
     assert proc.returncode == ExitCode.USAGE
     assert proc.stderr.startswith("upgradectl: error: invalid controller address 'bad'")
     assert "Traceback" not in proc.stderr
+
+
+# --- Upgrade plans: what the operator sees and agrees to before a job exists -------------
+
+
+class _NoAnswer(io.StringIO):
+    """A terminal nobody should be asked on: reading it fails the test."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def readline(self, size: int | None = -1) -> str:
+        raise AssertionError("upgradectl asked a question it should not have")
+
+
+def _vpn_release(fake: FakeController) -> None:
+    fake.releases[0] = _release("1.2.0", notes="Restarts the VPN service.\nNew ciphers.",
+                                vpn=True)
+
+
+def test_upgrade_shows_the_plan_with_notes_before_starting(
+    addr: str, fake: FakeController
+) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.fleet["gw-3"] = ("1.2.0", 0)
+    code, out, err = cli(addr, "upgrade", "--latest", stdin=_NoAnswer())
+    assert (code, err) == (ExitCode.OK, "")
+    lines = out.splitlines()
+    assert lines[:8] == [
+        "plan: install release 1.2.0 (published 2025-03-01 12:00 UTC)",
+        "release notes:",
+        "  Faster rekeying.",
+        "  More.",
+        "",
+        "GATEWAY  FROM   TO     ACTION",
+        "gw-1     1.1.0  1.2.0  UPGRADE",
+        "gw-2     1.1.0  1.2.0  UPGRADE",
+    ]
+    assert lines[8] == "gw-3     1.2.0  1.2.0  NOTHING"
+    assert lines[10].startswith("job job-1  target 1.2.0  PENDING")
+    (request,) = fake.start_requests
+    assert list(request.gateway_ids) == ["gw-1", "gw-2", "gw-3"]
+    assert not request.accept_vpn_disruption  # no VPN restart, so nothing to accept
+
+
+def test_upgrade_json_keeps_the_plan_on_stderr(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    code, out, err = cli(addr, "upgrade", "--version", "1.2.0", "--deadline", "90", "--json")
+    assert code == ExitCode.OK
+    assert json.loads(out)["job_id"] == "job-1"
+    assert "  Faster rekeying." in err.splitlines()
+    assert fake.start_requests[0].deadline_seconds == 90
+
+
+@pytest.mark.parametrize("json_flag", [False, True])
+def test_nothing_to_do_starts_nothing(addr: str, fake: FakeController, json_flag: bool) -> None:
+    fake.fleet = {"gw-1": ("1.2.0", 0), "gw-2": ("1.2.0", 4)}
+    args = ["upgrade", "--latest", "--yes"] + (["--json"] if json_flag else [])
+    code, out, err = cli(addr, *args)
+    assert code == ExitCode.OK
+    message = "nothing to do: every chosen gateway already runs 1.2.0"
+    if json_flag:
+        assert json.loads(out) == {"job_id": None, "target_version": "1.2.0",
+                                   "state": "NOTHING_TO_DO", "gateways": []}
+        assert err.splitlines()[-1] == message
+    else:
+        assert (out.splitlines()[-1], err) == (message, "")
+    assert len(fake.plan_requests) == 1
+    assert fake.start_requests == []
+
+
+def test_downgrade_is_refused_without_allow_downgrade(addr: str, fake: FakeController) -> None:
+    fake.fleet["gw-2"] = ("1.3.0", 0)
+    code, out, err = cli(addr, "upgrade", "--version", "1.2.0", "--yes")
+    assert code == ExitCode.REJECTED
+    assert "gw-2     1.3.0  1.2.0  DOWNGRADE" in out.splitlines()
+    assert err == (
+        "upgradectl: error: release 1.2.0 would downgrade gw-2 from 1.3.0; nothing was "
+        "started: add --allow-downgrade to downgrade on purpose\n"
+    )
+    assert fake.start_requests == []
+
+
+def test_downgrade_proceeds_with_allow_downgrade(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.fleet["gw-2"] = ("1.3.0", 0)
+    code, _, err = cli(addr, "upgrade", "--version", "1.2.0", "--allow-downgrade", "--json")
+    assert code == ExitCode.OK, err
+    (request,) = fake.start_requests
+    assert request.allow_downgrade and not request.accept_vpn_disruption
+
+
+def test_vpn_release_with_yes_warns_and_accepts(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    _vpn_release(fake)
+    code, out, err = cli(addr, "upgrade", "--latest", "--yes", stdin=_NoAnswer())
+    assert (code, err) == (ExitCode.OK, "")
+    lines = out.splitlines()
+    assert lines[5:8] == [
+        "GATEWAY  FROM   TO     ACTION   VPN USERS",
+        "gw-1     1.1.0  1.2.0  UPGRADE  3",
+        "gw-2     1.1.0  1.2.0  UPGRADE  5",
+    ]
+    assert "!! WARNING: release 1.2.0 restarts the VPN service." in lines
+    assert "!! 8 VPN user(s) connected now to gw-1, gw-2 will be disconnected." in lines
+    assert "Proceed?" not in out
+    (request,) = fake.start_requests
+    assert request.accept_vpn_disruption
+
+
+def test_vpn_release_without_a_terminal_or_yes_is_refused(
+    addr: str, fake: FakeController
+) -> None:
+    _vpn_release(fake)
+    code, out, err = cli(addr, "upgrade", "--latest", "--json")
+    assert code == ExitCode.NEEDS_CONFIRMATION
+    assert out == ""
+    assert err.splitlines()[-1] == (
+        "upgradectl: error: release 1.2.0 restarts the VPN service and would disconnect 8 "
+        "connected VPN user(s); standard input is not a terminal to ask on, so nothing was "
+        "started: add --yes to accept that"
+    )
+    assert "!! WARNING: release 1.2.0 restarts the VPN service." in err.splitlines()
+    assert fake.start_requests == []
+
+
+@pytest.mark.parametrize("answer", ["y\n", "YES\n"])
+def test_vpn_release_on_a_terminal_proceeds_on_yes(
+    addr: str, fake: FakeController, answer: str
+) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    _vpn_release(fake)
+    code, out, err = cli(addr, "upgrade", "--latest", stdin=_Terminal(answer))
+    assert (code, err) == (ExitCode.OK, "")
+    before, after = out.split("Proceed? [y/N] ")
+    assert "!! 8 VPN user(s) connected now to gw-1, gw-2 will be disconnected." in before
+    assert after.startswith("job job-1  target 1.2.0  PENDING")
+    (request,) = fake.start_requests
+    assert request.accept_vpn_disruption
+
+
+@pytest.mark.parametrize("answer", ["n\n", "\n", "sure\n", ""])
+def test_vpn_release_on_a_terminal_aborts_on_anything_else(
+    addr: str, fake: FakeController, answer: str
+) -> None:
+    _vpn_release(fake)
+    code, out, err = cli(addr, "upgrade", "--latest", stdin=_Terminal(answer))
+    assert code == ExitCode.DECLINED
+    assert out.endswith("Proceed? [y/N] ")
+    assert err == "upgradectl: error: the upgrade to 1.2.0 was not confirmed: nothing was started\n"
+    assert fake.start_requests == []
+
+
+def test_vpn_question_on_a_real_terminal(addr: str, fake: FakeController, tmp_path: Path) -> None:
+    """The installed entry point asks on its own stdin when that is a terminal (a pty)."""
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    _vpn_release(fake)
+    controller, terminal = pty.openpty()
+    with subprocess.Popen(
+        [sys.executable, "-m", "upgradectl", "--controller", addr, "upgrade", "--latest",
+         "--json"],
+        stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+    ) as proc:
+        os.close(terminal)
+        assert proc.stderr is not None
+        # With --json the question is on stderr; answer once it has been asked.
+        asked = b""
+        while not asked.endswith(b"Proceed? [y/N] "):
+            ready, _, _ = select.select([proc.stderr], [], [], 30)
+            chunk = os.read(proc.stderr.fileno(), 4096) if ready else b""
+            assert chunk, f"no question within 30 s; stderr so far: {asked!r}"
+            asked += chunk
+        os.write(controller, b"y\n")
+        out, _ = proc.communicate(timeout=30)
+    os.close(controller)
+    assert proc.returncode == ExitCode.OK
+    assert json.loads(out)["job_id"] == "job-1"
+    assert fake.start_requests[0].accept_vpn_disruption
+
+
+# --- Status, jobs, releases and admins ------------------------------------------------------
+
+
+def test_status_shows_dropped_vpn_sessions(addr: str, fake: FakeController) -> None:
+    job = _job(JS.JOB_STATE_SUCCEEDED, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
+                                        ("gw-2", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])
+    job.gateways[1].vpn_sessions_dropped = 7
+    fake.final = job
+    code, out, _ = cli(addr, "status", "--json")
+    assert code == ExitCode.OK
+    assert [g["vpn_sessions_dropped"] for g in json.loads(out)["gateways"]] == [0, 7]
+    code, out, _ = cli(addr, "status")
+    lines = out.splitlines()
+    assert lines[1].split() == ["GATEWAY", "STATE", "FROM", "TO", "PROGRESS", "VPN", "DROPPED",
+                                "ERROR"]
+    assert lines[2].split() == ["gw-1", "SUCCEEDED", "1.1.0", "1.2.0"]
+    assert lines[3].split() == ["gw-2", "SUCCEEDED", "1.1.0", "1.2.0", "7"]
+
+
+def test_jobs_list_json_and_table(addr: str, fake: FakeController) -> None:
+    management = _job(JS.JOB_STATE_RUNNING, [("gw-1", GS.GATEWAY_JOB_STATE_SWAPPING, "")],
+                      job_id="job-2")
+    management.source, management.requested_by = "management", "user-42"
+    fake.jobs = [management, _job(JS.JOB_STATE_SUCCEEDED,
+                                  [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])]
+    code, out, err = cli(addr, "jobs", "list", "--json")
+    assert (code, err) == (ExitCode.OK, "")
+    assert json.loads(out) == [
+        {"job_id": "job-2", "state": "RUNNING", "target_version": "1.2.0",
+         "source": "management", "requested_by": "user-42",
+         "created_at": "2025-03-01T12:00:00Z",
+         "gateways": [{"id": "gw-1", "state": "SWAPPING", "from_version": "1.1.0",
+                       "to_version": "1.2.0", "error": None, "vpn_sessions_dropped": 0}]},
+        {"job_id": "job-1", "state": "SUCCEEDED", "target_version": "1.2.0", "source": "cli",
+         "requested_by": None, "created_at": "2025-03-01T12:00:00Z",
+         "gateways": [{"id": "gw-1", "state": "SUCCEEDED", "from_version": "1.1.0",
+                       "to_version": "1.2.0", "error": None, "vpn_sessions_dropped": 0}]},
+    ]
+    code, out, _ = cli(addr, "jobs", "list")
+    assert out.splitlines() == [
+        "JOB    STATE      TARGET  SOURCE      REQUESTED BY  CREATED               GATEWAYS",
+        "job-2  RUNNING    1.2.0   management  user-42       2025-03-01 12:00 UTC  0/1 succeeded",
+        "job-1  SUCCEEDED  1.2.0   cli         -             2025-03-01 12:00 UTC  1/1 succeeded",
+    ]
+    fake.jobs = []
+    assert cli(addr, "jobs", "list")[1] == "no upgrade job has run yet (upgradectl upgrade)\n"
+
+
+def test_jobs_rejected_json_and_table(addr: str, fake: FakeController) -> None:
+    fake.rejected = [
+        controller_pb2.RejectedJob(message_id="m-2", reason="unknown version 9.9.9",
+                                   body='{"version": "9.9.9"}', user_id="user-42", at=_ts(60)),
+        controller_pb2.RejectedJob(message_id="m-1", reason="not JSON", body="garbage",
+                                   at=_ts()),
+    ]
+    code, out, err = cli(addr, "jobs", "rejected", "--json")
+    assert (code, err) == (ExitCode.OK, "")
+    assert json.loads(out) == [
+        {"message_id": "m-2", "reason": "unknown version 9.9.9", "body": '{"version": "9.9.9"}',
+         "user_id": "user-42", "at": "2025-03-01T12:01:00Z"},
+        {"message_id": "m-1", "reason": "not JSON", "body": "garbage", "user_id": None,
+         "at": "2025-03-01T12:00:00Z"},
+    ]
+    code, out, _ = cli(addr, "jobs", "rejected")
+    assert out.splitlines() == [
+        "AT                    MESSAGE ID  USER     REASON",
+        "2025-03-01 12:01 UTC  m-2         user-42  unknown version 9.9.9",
+        "2025-03-01 12:00 UTC  m-1         -        not JSON",
+    ]
+    fake.rejected = []
+    assert cli(addr, "jobs", "rejected")[1] == "no management job has been rejected\n"
+
+
+def test_releases_show_which_restart_the_vpn_service(addr: str, fake: FakeController) -> None:
+    _vpn_release(fake)
+    code, out, _ = cli(addr, "releases", "list", "--json")
+    assert code == ExitCode.OK
+    assert [r["restarts_vpn_service"] for r in json.loads(out)] == [True, False]
+    _, out, _ = cli(addr, "releases", "list")
+    header, vpn, plain = (re.split(" {2,}", line) for line in out.splitlines())
+    column = header.index("VPN")
+    assert (vpn[column], plain[column]) == ("restarts", "-")
+
+
+def test_publish_marks_a_release_that_restarts_the_vpn_service(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    artifact = tmp_path / "a.pyz"
+    artifact.write_bytes(b"zip")
+    code, _, err = cli(addr, "releases", "publish", "--version", "1.3.0",
+                       "--artifact", str(artifact), "--restarts-vpn-service")
+    assert (code, err) == (ExitCode.OK, "")
+    cli(addr, "releases", "publish", "--version", "1.3.1", "--artifact", str(artifact))
+    assert [meta.restarts_vpn_service for meta, _, _ in fake.published] == [True, False]
+
+
+def test_releases_sync_reports_what_it_imported(addr: str, fake: FakeController) -> None:
+    fake.feed = [_release("1.3.0", notes="From the feed.", vpn=True), _release("1.2.0")]
+    code, out, err = cli(addr, "releases", "sync")
+    assert (code, err) == (ExitCode.OK, "")
+    lines = out.splitlines()
+    assert lines[0] == "imported 1 release(s) from the feed:"
+    assert lines[2].split()[0] == "1.3.0" and lines[2].endswith("restarts  From the feed.")
+    code, out, _ = cli(addr, "releases", "sync")
+    assert (code, out) == (ExitCode.OK, "no new releases in the feed\n")
+    assert json.loads(cli(addr, "releases", "sync", "--json")[1]) == []
+
+
+def test_releases_sync_without_a_feed_is_rejected(addr: str) -> None:
+    code, out, err = cli(addr, "releases", "sync")
+    assert (code, out) == (ExitCode.REJECTED, "")
+    assert err == "upgradectl: error: this controller has no release feed to check\n"
+
+
+def test_admins_add_list_remove(addr: str, fake: FakeController) -> None:
+    assert cli(addr, "admins", "list") == (
+        ExitCode.OK, "no admins yet (upgradectl admins add EMAIL)\n", ""
+    )
+    code, out, _ = cli(addr, "admins", "add", "Ops@Example.com")
+    assert (code, out) == (ExitCode.OK, "ops@example.com is an admin: the notifier emails it\n")
+    cli(addr, "admins", "add", "noc@example.com")
+    code, out, _ = cli(addr, "admins", "list", "--json")
+    assert json.loads(out) == [{"email": "noc@example.com"}, {"email": "ops@example.com"}]
+    assert cli(addr, "admins", "list")[1].splitlines() == [
+        "EMAIL", "noc@example.com", "ops@example.com"
+    ]
+    code, out, _ = cli(addr, "admins", "remove", "noc@example.com")
+    assert (code, out) == (ExitCode.OK, "noc@example.com is no longer an admin\n")
+    assert fake.admins == ["ops@example.com"]
+
+
+def test_admins_refusals_carry_the_controllers_words(addr: str) -> None:
+    code, _, err = cli(addr, "admins", "remove", "ghost@example.com")
+    assert code == ExitCode.REJECTED
+    assert err == (
+        "upgradectl: error: ghost@example.com is not an admin; "
+        "`upgradectl admins list` shows who is\n"
+    )
+    code, _, err = cli(addr, "admins", "add", "not-an-address")
+    assert code == ExitCode.REJECTED
+    assert "invalid email address 'not-an-address'" in err
