@@ -169,8 +169,7 @@ class TunnelPlane:
         """Every socket, in ``describe()`` order. From here on no new socket appears (no
         accepts, no handshakes on TCP) until ``resume()`` or the freeze times out."""
         self._require(Phase.SERVING, Phase.PAUSED, what="sockets()")
-        self._reactor.call(lambda: self.tcp.set_frozen(True), PAUSE_TIMEOUT_S)
-        self._freeze_until = self._clock() + FREEZE_TIMEOUT_S
+        self._reactor.call(self._freeze, PAUSE_TIMEOUT_S)
         exported: list[tuple[dict[str, Any], socket.socket]] = [
             (
                 {"role": "udp_tunnel", "addr": format_address(self.udp_address)},
@@ -286,6 +285,12 @@ class TunnelPlane:
         ]
 
     # -- internals ---------------------------------------------------------------------
+
+    def _freeze(self) -> None:
+        # The deadline first, on the loop thread: the housekeeping tick must never see
+        # the new freeze with an old deadline and lift it at once.
+        self._freeze_until = self._clock() + FREEZE_TIMEOUT_S
+        self.tcp.set_frozen(True)
 
     def _thaw(self) -> None:
         self.tcp.set_frozen(False)
