@@ -146,6 +146,14 @@ def test_a_bad_job_is_dead_lettered_with_its_reason(
     assert [(r.message_id, r.body) for r in rejected] == [("bad-1", body)]
     assert reason in rejected[0].reason
     assert _management_jobs(fleet) == []
+    # The admins are told: a job.rejected event waits for the notifier.
+    events = [
+        json.loads(m["payload"])
+        for m in rabbit.get_messages(vhost, "hitless.notifier.events")
+        if m["routing_key"] == "job.rejected"
+    ]
+    assert [e["job_rejected"]["message_id"] for e in events] == ["bad-1"]
+    assert events[0]["event_id"] == "rejected:bad-1"
 
 
 def test_a_job_without_message_id_is_refused(

@@ -1,0 +1,68 @@
+"""What an upgrade will do: pure rules, checked without a database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from controller_svc.errors import FailedPrecondition, NotFound
+from controller_svc.planner import DOWNGRADE, NOTHING, UPGRADE, check, make_plan
+from controller_svc.records import GatewayRecord, ReleaseRecord
+
+NOW = datetime(2026, 11, 27, tzinfo=UTC)
+
+
+def _release(version: str, vpn: bool = False) -> ReleaseRecord:
+    return ReleaseRecord(version, "a" * 64, 1, "notes", NOW, restarts_vpn_service=vpn)
+
+
+def _gateways(**versions: str) -> dict[str, GatewayRecord]:
+    return {
+        gid.replace("_", "-"): GatewayRecord(
+            gid.replace("_", "-"), v, NOW, NOW, busy=False, vpn_sessions=3
+        )
+        for gid, v in versions.items()
+    }
+
+
+def test_actions_follow_semantic_version_order() -> None:
+    plan = make_plan(_release("1.10.0"), _gateways(gw_1="1.9.0", gw_2="1.10.0", gw_3="2.0.0"), [])
+    assert [(g.gateway_id, g.action) for g in plan.gateways] == [
+        ("gw-1", UPGRADE),
+        ("gw-2", NOTHING),
+        ("gw-3", DOWNGRADE),
+    ]
+    assert [g.gateway_id for g in plan.changes] == ["gw-1", "gw-3"]
+
+
+def test_unknown_gateway_lists_the_known_ones() -> None:
+    with pytest.raises(NotFound, match="unknown gateway\\(s\\): gw-9; known: gw-1"):
+        make_plan(_release("1.1.0"), _gateways(gw_1="1.0.0"), ["gw-9"])
+
+
+def test_no_gateways_known() -> None:
+    with pytest.raises(FailedPrecondition, match="no gateways are known yet"):
+        make_plan(_release("1.1.0"), {}, [])
+
+
+def test_same_version_is_nothing_to_do() -> None:
+    plan = make_plan(_release("1.1.0"), _gateways(gw_1="1.1.0"), [])
+    with pytest.raises(FailedPrecondition, match="nothing to do: every chosen gateway already"):
+        check(plan, allow_downgrade=True, accept_vpn_disruption=True)
+
+
+def test_downgrade_needs_consent() -> None:
+    plan = make_plan(_release("1.0.0"), _gateways(gw_1="1.1.0"), [])
+    with pytest.raises(FailedPrecondition, match=r"gw-1 \(1.1.0\).*--allow-downgrade"):
+        check(plan, allow_downgrade=False, accept_vpn_disruption=False)
+    check(plan, allow_downgrade=True, accept_vpn_disruption=False)
+
+
+def test_vpn_release_needs_consent_and_counts_the_users() -> None:
+    plan = make_plan(_release("2.0.0", vpn=True), _gateways(gw_1="1.0.0", gw_2="2.0.0"), [])
+    assert plan.vpn_sessions_affected == 3  # gw-2 does not change, its users stay
+    with pytest.raises(FailedPrecondition, match="disconnecting 3 connected VPN user"):
+        check(plan, allow_downgrade=False, accept_vpn_disruption=False)
+    check(plan, allow_downgrade=False, accept_vpn_disruption=True)
+    assert make_plan(_release("2.0.0"), _gateways(gw_1="1.0.0"), []).vpn_sessions_affected == 0
