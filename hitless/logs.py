@@ -11,7 +11,6 @@ import sys
 
 import structlog
 
-
 # Context true for every line of this process, whatever the thread (contextvars are
 # per thread): the service's name, and e.g. the gateway's id once it is known.
 _process_context: dict[str, object] = {}

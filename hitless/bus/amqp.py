@@ -334,7 +334,7 @@ class Consumer:
                 connection, channel = _connect(self._bus, self._queues)
                 channel.confirm_delivery()
                 channel.basic_qos(prefetch_count=self._prefetch)
-                channel.basic_consume(
+                tag = channel.basic_consume(
                     queue=self._source.name,
                     on_message_callback=functools.partial(self._on_message, connection),
                 )
@@ -343,6 +343,8 @@ class Consumer:
                 log.info("bus_consuming", role=self._name, queue=self._source.name)
                 while not self._stop.is_set():
                     connection.process_data_events(time_limit=_PUMP_S)
+                # No new deliveries from here; those in flight finish and are settled.
+                channel.basic_cancel(tag)
                 self._drain(connection)
             except _CONNECT_ERRORS as exc:
                 self._consuming.clear()
