@@ -10,6 +10,7 @@ from controller_svc import db
 from controller_svc.admins import Admins
 from controller_svc.engine import Engine, utc_now
 from controller_svc.events import Announcer
+from controller_svc.feed import FeedSync, ReleaseFeed
 from controller_svc.jobs import ManagementJobs
 from controller_svc.rejections import Rejections
 from controller_svc.repository import Repository
@@ -74,15 +75,29 @@ class ControllerApp:
             workers=4,
             name="controller-reports",
         )
+        feed = (
+            FeedSync(ReleaseFeed(config.release_feed), repo, store, engine.announcer)
+            if config.release_feed
+            else None
+        )
         server, self.port = build_server(
             config.listen,
-            ControllerService(engine, store, admins, rejections, self._stop),
+            ControllerService(engine, store, admins, rejections, self._stop, feed),
             ArtifactsService(store),
+        )
+        poller = (
+            threading.Thread(
+                target=feed.run, args=(config.feed_interval_s, self._stop), name="feed", daemon=True
+            )
+            if feed
+            else None
         )
         try:
             consumer.start()
             jobs.start()
             server.start()
+            if poller is not None:
+                poller.start()
             log.info("controller_serving", listen=f"{config.listen.host}:{self.port}")
             if publisher.wait_connected(BUS_WAIT_S):
                 engine.resume_pending()
@@ -91,6 +106,8 @@ class ControllerApp:
         finally:
             log.info("controller_stopping")
             server.stop(STOP_GRACE_S).wait(STOP_GRACE_S + 1)
+            if poller is not None:
+                poller.join(timeout=STOP_GRACE_S)
             jobs.stop()
             consumer.stop()
             publisher.close()

@@ -27,6 +27,14 @@ def _parser() -> argparse.ArgumentParser:
         "--command-deadline", type=int, default=config.DEFAULT_COMMAND_DEADLINE_S, metavar="S",
         help="seconds a gateway has to take an upgrade command",
     )  # fmt: skip
+    serve.add_argument(
+        "--release-feed", metavar="DIR|URL",
+        help="where new releases appear: a directory or an http(s) URL (see README)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--feed-interval", type=float, default=config.DEFAULT_FEED_INTERVAL_S, metavar="S",
+        help="seconds between checks of the release feed",
+    )  # fmt: skip
     return parser
 
 
@@ -42,6 +50,8 @@ def _config(args: argparse.Namespace) -> config.ControllerConfig:
         ),
         data_dir=data,
         command_deadline_s=args.command_deadline,
+        release_feed=args.release_feed,
+        feed_interval_s=args.feed_interval,
     )
 
 

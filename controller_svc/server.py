@@ -27,6 +27,7 @@ from controller_svc.errors import (
     InvalidRequest,
     NotFound,
 )
+from controller_svc.feed import FeedError, FeedSync
 from controller_svc.rejections import Rejections
 from controller_svc.store import ArtifactStore
 from hitless import logs, semver
@@ -42,6 +43,7 @@ OFFLINE_AFTER = timedelta(seconds=3 * HEARTBEAT_INTERVAL_S)
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (FeedError, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),
@@ -91,6 +93,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         admins: Admins,
         rejections: Rejections,
         stopping: threading.Event,
+        feed: FeedSync | None = None,
     ) -> None:
         self._engine = engine
         self._repo = engine.repo
@@ -98,6 +101,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         self._admins = admins
         self._rejections = rejections
         self._stopping = stopping
+        self._feed = feed
 
     @_translated
     def ListGateways(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -205,7 +209,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     @_translated
     def SyncReleases(self, request: Any, context: grpc.ServicerContext) -> Any:
-        raise FailedPrecondition("this controller has no release feed to check")
+        if self._feed is None:
+            raise FailedPrecondition(
+                "this controller has no release feed to check: start it with --release-feed"
+            )
+        imported = self._feed.sync()
+        return controller_pb2.SyncReleasesResponse(imported=[convert.release(r) for r in imported])
 
     @_translated
     def AddAdmin(self, request: Any, context: grpc.ServicerContext) -> Any:

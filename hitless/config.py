@@ -30,6 +30,7 @@ DEFAULT_CONTROLLER = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = Path("~/.local/state/hitless")
 DEFAULT_COMMAND_DEADLINE_S = 600
 HEARTBEAT_INTERVAL_S = 5.0
+DEFAULT_FEED_INTERVAL_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,12 @@ class ControllerConfig:
     bus: BusConfig
     data_dir: Path
     command_deadline_s: int = DEFAULT_COMMAND_DEADLINE_S
+    release_feed: str | None = None  # a directory or an http(s) URL
+    feed_interval_s: float = DEFAULT_FEED_INTERVAL_S
 
     def __post_init__(self) -> None:
+        if self.feed_interval_s <= 0:
+            raise ConfigError("the feed interval must be a positive number of seconds")
         if "://" not in self.db_url:
             raise ConfigError(
                 f"invalid database URL {self.db_url!r}: expected e.g. sqlite:///path/controller.db"

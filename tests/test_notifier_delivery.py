@@ -3,19 +3,15 @@ one email per (event, admin), through redeliveries, restarts, outages and bad ad
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from email import message_from_bytes, policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from hitless.bus import topology
 from hitless.bus.amqp import Publisher
@@ -27,56 +23,12 @@ from notifier.render import message_id
 from notifier.service import Notifier
 from tests.support.procs import Procs, command, free_port
 from tests.support.rabbit import Management
+from tests.support.smtp import Sink
 from tests.support.wait import wait_for
 
 SENDER = "hitless@example.com"
 ADMINS = ["alice@example.com", "bob@example.com", "carol@example.com"]
 FAST = RetryPolicy(initial_s=0.05, max_s=0.3, recipient_deadline_s=30)
-
-
-@dataclass
-class Sink:
-    """An aiosmtpd handler that keeps every message, one entry per accepted recipient, and
-    answers RCPT TO with what ``answers`` says for an address (each answer used once)."""
-
-    answers: dict[str, list[str]] = field(default_factory=dict)
-    mails: list[tuple[str, EmailMessage]] = field(default_factory=list)
-    logins: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: Any
-    ) -> str:
-        queued = self.answers.get(address)
-        if queued:
-            answer = queued.pop(0) if len(queued) > 1 else queued[0]
-            if not answer.startswith("250"):
-                return answer
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        message = message_from_bytes(envelope.content, policy=policy.default)
-        assert isinstance(message, EmailMessage)
-        with self.lock:
-            self.mails += [(rcpt, message) for rcpt in envelope.rcpt_tos]
-        return "250 Message accepted"
-
-    def authenticate(
-        self, server: Any, session: Any, envelope: Any, mechanism: str, data: Any
-    ) -> AuthResult:
-        ok = isinstance(data, LoginPassword) and (data.login, data.password) == (b"bot", b"pw")
-        if ok:
-            self.logins.append(data.login.decode())
-        return AuthResult(success=ok)
-
-    def to(self, address: str) -> list[EmailMessage]:
-        with self.lock:
-            return [m for rcpt, m in self.mails if rcpt == address]
-
-    def count(self) -> Counter[str]:
-        with self.lock:
-            return Counter(rcpt for rcpt, _ in self.mails)
 
 
 @pytest.fixture
