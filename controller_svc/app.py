@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
-from controller_svc import db
+from controller_svc import db, takeover
 from controller_svc.admins import Admins
 from controller_svc.engine import Engine, utc_now
 from controller_svc.events import Announcer
@@ -14,9 +14,10 @@ from controller_svc.feed import FeedSync, ReleaseFeed
 from controller_svc.jobs import ManagementJobs
 from controller_svc.rejections import Rejections
 from controller_svc.repository import Repository
+from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.server import ArtifactsService, ControllerService, build_server
 from controller_svc.store import ArtifactStore
-from hitless import logs
+from hitless import logs, version
 from hitless.bus import topology
 from hitless.bus.amqp import Consumer, Publisher
 from hitless.config import ControllerConfig
@@ -33,8 +34,9 @@ PUBLISHED_QUEUES = (topology.CONTROLLER_REPORTS, topology.NOTIFIER_EVENTS, topol
 
 
 class ControllerApp:
-    def __init__(self, config: ControllerConfig) -> None:
+    def __init__(self, config: ControllerConfig, ready_fd: int | None = None) -> None:
         self.config = config
+        self._ready_fd = ready_fd
         self._stop = threading.Event()
         self.port: int | None = None
 
@@ -52,11 +54,17 @@ class ControllerApp:
         publisher.start()
         repo = Repository(engine_db)
         admins = Admins(repo.sessions)
+        upgrader = (
+            ControllerUpgrader(config, store, hand_over=self._stop.set)
+            if config.self_upgrade
+            else None
+        )
         engine = Engine(
             repo,
             publisher,
             Announcer(publisher, admins),
             command_deadline=timedelta(seconds=config.command_deadline_s),
+            upgrader=upgrader,
         )
         rejections = Rejections(repo.sessions)
         jobs = Consumer(
@@ -82,7 +90,7 @@ class ControllerApp:
         )
         server, self.port = build_server(
             config.listen,
-            ControllerService(engine, store, admins, rejections, self._stop, feed),
+            ControllerService(engine, store, admins, rejections, self._stop, feed, upgrader),
             ArtifactsService(store),
         )
         poller = (
@@ -98,9 +106,15 @@ class ControllerApp:
             server.start()
             if poller is not None:
                 poller.start()
-            log.info("controller_serving", listen=f"{config.listen.host}:{self.port}")
+            log.info(
+                "controller_serving",
+                listen=f"{config.listen.host}:{self.port}",
+                version=version.current(),
+            )
             if publisher.wait_connected(BUS_WAIT_S):
                 engine.resume_pending()
+            consumer.wait_consuming(BUS_WAIT_S)
+            takeover.announce_ready(self._ready_fd, version.current())
             while not self._stop.wait(SWEEP_INTERVAL_S):
                 engine.sweep()
         finally:

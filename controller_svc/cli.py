@@ -10,7 +10,8 @@ import os
 import signal
 import sys
 
-from controller_svc.app import ControllerApp
+from controller_svc import takeover
+from controller_svc.selfupgrade import exec_recorded_release
 from hitless import config, logs
 from hitless.errors import ConfigError, HitlessError
 
@@ -35,6 +36,12 @@ def _parser() -> argparse.ArgumentParser:
         "--feed-interval", type=float, default=config.DEFAULT_FEED_INTERVAL_S, metavar="S",
         help="seconds between checks of the release feed",
     )  # fmt: skip
+    serve.add_argument(
+        "--no-self-upgrade", dest="self_upgrade", action="store_false",
+        help="upgrade only the fleet; never move this controller to the release first",
+    )  # fmt: skip
+    # Internal: set by the controller version that starts this one (inline upgrade).
+    serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -52,23 +59,37 @@ def _config(args: argparse.Namespace) -> config.ControllerConfig:
         command_deadline_s=args.command_deadline,
         release_feed=args.release_feed,
         feed_interval_s=args.feed_interval,
+        self_upgrade=args.self_upgrade,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
     logs.configure("controller-svc", json=True)
     try:
-        app = ControllerApp(_config(args))
+        # Imported here, so that a release whose controller cannot even load still tells
+        # the controller that started it why (through the ready pipe).
+        from controller_svc.app import ControllerApp
+
+        config = _config(args)
+        if args.ready_fd is None and config.self_upgrade:
+            exec_recorded_release(config.data_dir, argv)
+        app = ControllerApp(config, ready_fd=args.ready_fd)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: app.stop())
         return app.run()
     except ConfigError as exc:
+        takeover.report_failure(args.ready_fd, exc)
         print(f"controller-svc: error: {exc}", file=sys.stderr)
         return 2
     except (HitlessError, OSError) as exc:
+        takeover.report_failure(args.ready_fd, exc)
         print(f"controller-svc: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        takeover.report_failure(args.ready_fd, exc)
+        raise
 
 
 if __name__ == "__main__":

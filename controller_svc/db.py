@@ -8,10 +8,16 @@ starting together (the controller's own hitless upgrade) migrate exactly once.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime
+from importlib import resources
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -289,10 +295,35 @@ def alembic_config(url: str) -> Config:
     """Alembic's configuration for the database at ``url``, built in code (no alembic.ini):
     for migrate() and for making new revisions (see migrations/README.md)."""
     config = Config()
-    config.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    config.set_main_option("script_location", str(_migrations_dir()))
     # ConfigParser interpolation would choke on '%' in URL-encoded passwords.
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return config
+
+
+@functools.cache
+def _migrations_dir() -> Path:
+    """Where Alembic finds the revisions. Alembic reads a directory; a controller running
+    from a release artifact (a zipapp) has its migrations inside the zip, so they are
+    copied out once per process."""
+    source = Path(migrations.__file__).parent
+    if source.is_dir():
+        return source
+    target = Path(tempfile.mkdtemp(prefix="hitless-migrations-"))
+    atexit.register(shutil.rmtree, target, ignore_errors=True)
+    _copy_tree(resources.files("migrations"), target)
+    return target
+
+
+def _copy_tree(node: Traversable, target: Path) -> None:
+    for child in node.iterdir():
+        if child.name == "__pycache__":
+            continue
+        if child.is_dir():
+            (target / child.name).mkdir()
+            _copy_tree(child, target / child.name)
+        else:
+            (target / child.name).write_bytes(child.read_bytes())
 
 
 def _is_newer(scripts: ScriptDirectory, revision: str | None) -> bool:

@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from controller_svc import convert
-from controller_svc.errors import NotFound
+from controller_svc.errors import ControllerError, NotFound
 from controller_svc.events import Announcer
 from controller_svc.planner import Plan, check, make_plan
 from controller_svc.records import JobRecord, ReleaseRecord, ReportIn
 from controller_svc.repository import Repository
+from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.states import GatewayState, JobState
 from controller_svc.transitions import EXPIRED_QUEUED
 from hitless import logs
@@ -50,12 +51,14 @@ class Engine:
         *,
         command_deadline: timedelta,
         clock: Clock = utc_now,
+        upgrader: ControllerUpgrader | None = None,
     ) -> None:
         self.repo = repo
         self._publisher = publisher
         self.announcer = announcer
         self._deadline = command_deadline
         self._clock = clock
+        self._upgrader = upgrader
         self._changed = threading.Condition()
 
     # Watching ---------------------------------------------------------------------------
@@ -128,7 +131,31 @@ class Engine:
             gateways=[g.gateway_id for g in job.gateways],
             source=source,
         )
+        if self._upgrader is not None and self._upgrader.needed(plan.release):
+            # The controller moves first; its new version dispatches the PENDING job.
+            threading.Thread(
+                target=self._upgrade_controller_then_fleet,
+                args=(plan.release, job),
+                name="controller-upgrade",
+                daemon=True,
+            ).start()
+            return job
         return self.dispatch(job)
+
+    def _upgrade_controller_then_fleet(self, release: ReleaseRecord, job: JobRecord) -> None:
+        assert self._upgrader is not None
+        try:
+            self._upgrader.upgrade_to(release)
+        except ControllerError as exc:
+            log.error("controller_upgrade_failed", job_id=job.id, error=str(exc))
+            for row in job.gateways:
+                self._record_local_failure(
+                    job,
+                    row.gateway_id,
+                    row.command_id,
+                    f"the controller could not move to {release.version}, so the fleet was "
+                    f"not upgraded: {exc}",
+                )
 
     def dispatch(self, job: JobRecord) -> JobRecord:
         """Publish the command of every gateway still QUEUED, then mark the job RUNNING."""

@@ -8,6 +8,7 @@ sentence, which upgradectl shows as it is.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -29,8 +30,9 @@ from controller_svc.errors import (
 )
 from controller_svc.feed import FeedError, FeedSync
 from controller_svc.rejections import Rejections
+from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.store import ArtifactStore
-from hitless import logs, semver
+from hitless import logs, semver, version
 from hitless.config import HEARTBEAT_INTERVAL_S, HostPort
 from hitless.errors import BusError, ConfigError, HitlessError
 from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc, controller_pb2, controller_pb2_grpc
@@ -94,6 +96,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         rejections: Rejections,
         stopping: threading.Event,
         feed: FeedSync | None = None,
+        upgrader: ControllerUpgrader | None = None,
     ) -> None:
         self._engine = engine
         self._repo = engine.repo
@@ -102,6 +105,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         self._rejections = rejections
         self._stopping = stopping
         self._feed = feed
+        self._upgrader = upgrader
 
     @_translated
     def ListGateways(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -217,6 +221,22 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         return controller_pb2.SyncReleasesResponse(imported=[convert.release(r) for r in imported])
 
     @_translated
+    def GetController(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return controller_pb2.ControllerInfo(version=version.current(), pid=os.getpid())
+
+    @_translated
+    def UpgradeController(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if self._upgrader is None:
+            raise FailedPrecondition("this controller runs with --no-self-upgrade")
+        release = self._engine.resolve_release(str(semver.parse(request.version)))
+        if not self._upgrader.needed(release):
+            raise FailedPrecondition(
+                f"nothing to do: the controller already runs {release.version}"
+            )
+        successor = self._upgrader.upgrade_to(release)
+        return controller_pb2.ControllerInfo(version=successor.version, pid=successor.pid)
+
+    @_translated
     def AddAdmin(self, request: Any, context: grpc.ServicerContext) -> Any:
         address, _ = self._admins.add(request.email, datetime.now(UTC))
         return controller_pb2.Admin(email=address)
@@ -260,6 +280,11 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 if self._job(job_id).state.terminal and not self._repo.events_after(job_id, seq):
                     return
                 self._engine.wait_for_change(WATCH_POLL_S)
+        if self._stopping.is_set():
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the controller is stopping or handing over; resume after event {seq}",
+            )
 
 
 def _target_version(request: Any) -> str | None:

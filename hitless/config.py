@@ -91,6 +91,7 @@ class ControllerConfig:
     command_deadline_s: int = DEFAULT_COMMAND_DEADLINE_S
     release_feed: str | None = None  # a directory or an http(s) URL
     feed_interval_s: float = DEFAULT_FEED_INTERVAL_S
+    self_upgrade: bool = True  # an upgrade moves the controller to the release first
 
     def __post_init__(self) -> None:
         if self.feed_interval_s <= 0:

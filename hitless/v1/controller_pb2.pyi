@@ -265,3 +265,21 @@ class ListAdminsResponse(_message.Message):
     ADMINS_FIELD_NUMBER: _ClassVar[int]
     admins: _containers.RepeatedCompositeFieldContainer[Admin]
     def __init__(self, admins: _Optional[_Iterable[_Union[Admin, _Mapping]]] = ...) -> None: ...
+
+class ControllerInfo(_message.Message):
+    __slots__ = ("version", "pid")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    pid: int
+    def __init__(self, version: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class GetControllerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UpgradeControllerRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    def __init__(self, version: _Optional[str] = ...) -> None: ...

@@ -99,6 +99,16 @@ class ControllerStub:
                 request_serializer=hitless_dot_v1_dot_controller__pb2.ListAdminsRequest.SerializeToString,
                 response_deserializer=hitless_dot_v1_dot_controller__pb2.ListAdminsResponse.FromString,
                 _registered_method=True)
+        self.GetController = channel.unary_unary(
+                '/hitless.v1.Controller/GetController',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.GetControllerRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ControllerInfo.FromString,
+                _registered_method=True)
+        self.UpgradeController = channel.unary_unary(
+                '/hitless.v1.Controller/UpgradeController',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.UpgradeControllerRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ControllerInfo.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -188,6 +198,21 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetController(self, request, context):
+        """The controller serving this call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpgradeController(self, request, context):
+        """Move the controller alone to a published release, inline: returns once the new
+        version serves (this one then finishes its calls and exits).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -255,6 +280,16 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ListAdmins,
                     request_deserializer=hitless_dot_v1_dot_controller__pb2.ListAdminsRequest.FromString,
                     response_serializer=hitless_dot_v1_dot_controller__pb2.ListAdminsResponse.SerializeToString,
+            ),
+            'GetController': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetController,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.GetControllerRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ControllerInfo.SerializeToString,
+            ),
+            'UpgradeController': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpgradeController,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.UpgradeControllerRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ControllerInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -608,6 +643,60 @@ class Controller:
             '/hitless.v1.Controller/ListAdmins',
             hitless_dot_v1_dot_controller__pb2.ListAdminsRequest.SerializeToString,
             hitless_dot_v1_dot_controller__pb2.ListAdminsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/GetController',
+            hitless_dot_v1_dot_controller__pb2.GetControllerRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ControllerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpgradeController(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/UpgradeController',
+            hitless_dot_v1_dot_controller__pb2.UpgradeControllerRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ControllerInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,46 @@
+"""Releases whose controller fails, for inline controller upgrade tests."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from upgradectl.build import build_release
+
+# What to add to a release for each way its controller breaks: file -> appended text
+# (a file the release does not have is created).
+BROKEN = {
+    "crash": {
+        "controller_svc/app.py": '\nraise RuntimeError("this controller crashes at start")\n'
+    },
+    "bad-migration": {
+        "migrations/versions/0099_broken.py": (
+            '"""A revision that fails."""\n'
+            'revision = "0099"\n'
+            'down_revision = "0002"\n'
+            "branch_labels = None\n"
+            "depends_on = None\n\n\n"
+            "def upgrade() -> None:\n"
+            "    from alembic import op\n\n"
+            '    op.execute("CREATE TABLE half_done (id INTEGER)")\n'
+            '    raise RuntimeError("this migration fails half way")\n'
+        )
+    },
+}
+
+
+def build(version: str, output: Path, broken: str) -> Path:
+    """Release ``version`` at ``output`` whose controller breaks as ``broken`` says."""
+    build_release(version, output)
+    additions = dict(BROKEN[broken])
+    original = output.read_bytes()
+    with zipfile.ZipFile(output) as src:
+        entries = [(info, src.read(info)) for info in src.infolist()]
+    with output.open("wb") as fh:
+        fh.write(original[: original.index(b"PK\x03\x04")])  # the shebang line
+        with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as dst:
+            for info, data in entries:
+                dst.writestr(info, data + additions.pop(info.filename, "").encode())
+            for name, text in additions.items():
+                dst.writestr(name, text)
+    return output
