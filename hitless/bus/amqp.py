@@ -107,6 +107,26 @@ def declare(channel: BlockingChannel, queues: Iterable[Queue]) -> None:
             )
 
 
+def _back_off(
+    role: str,
+    bus: BusConfig,
+    backoff: Backoff,
+    attempt: int,
+    error: BaseException,
+    stop: threading.Event,
+) -> None:
+    """Say the broker is unreachable and wait before the next attempt (or until stop)."""
+    delay = backoff.delay(attempt)
+    log.warning(
+        "bus_unreachable",
+        role=role,
+        broker=bus.safe_url,
+        error=str(error) or type(error).__name__,
+        retry_in_s=round(delay, 2),
+    )
+    stop.wait(delay)
+
+
 def _close_quietly(connection: pika.BlockingConnection | None) -> None:
     if connection is None or connection.is_closed:
         return
@@ -230,16 +250,8 @@ class Publisher:
                     pending = None
             except _CONNECT_ERRORS as exc:
                 self._connected.clear()
-                delay = self._backoff.delay(attempt)
+                _back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
                 attempt += 1
-                log.warning(
-                    "bus_unreachable",
-                    role=self._name,
-                    broker=self._bus.safe_url,
-                    error=str(exc) or type(exc).__name__,
-                    retry_in_s=round(delay, 2),
-                )
-                self._stop.wait(delay)
             finally:
                 _close_quietly(connection)
         self._connected.clear()
@@ -348,16 +360,8 @@ class Consumer:
                 self._drain(connection)
             except _CONNECT_ERRORS as exc:
                 self._consuming.clear()
-                delay = self._backoff.delay(attempt)
+                _back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
                 attempt += 1
-                log.warning(
-                    "bus_unreachable",
-                    role=self._name,
-                    broker=self._bus.safe_url,
-                    error=str(exc) or type(exc).__name__,
-                    retry_in_s=round(delay, 2),
-                )
-                self._stop.wait(delay)
             finally:
                 self._consuming.clear()
                 _close_quietly(connection)
