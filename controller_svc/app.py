@@ -12,6 +12,7 @@ from controller_svc.engine import Engine, utc_now
 from controller_svc.events import Announcer
 from controller_svc.feed import FeedSync, ReleaseFeed
 from controller_svc.jobs import ManagementJobs
+from controller_svc.outbox import Outbox
 from controller_svc.rejections import Rejections
 from controller_svc.repository import Repository
 from controller_svc.selfupgrade import ControllerUpgrader
@@ -62,7 +63,7 @@ class ControllerApp:
         engine = Engine(
             repo,
             publisher,
-            Announcer(publisher, admins),
+            Announcer(publisher, admins, Outbox(repo.sessions)),
             command_deadline=timedelta(seconds=config.command_deadline_s),
             upgrader=upgrader,
         )

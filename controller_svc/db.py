@@ -36,6 +36,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -188,6 +189,18 @@ class SeenMessage(Base):
 
     message_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class OutboxEvent(Base):
+    """An event for the notifier, kept until the broker confirmed it."""
+
+    __tablename__ = "outbox"
+
+    event_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    routing_key: Mapped[str] = mapped_column(String(64))
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
 
 
 class Admin(Base):

@@ -291,7 +291,9 @@ class Engine:
     # Deadlines ---------------------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Expire what passed its deadline; called periodically."""
+        """Expire what passed its deadline and send events still waiting; called
+        periodically."""
         for job in self.repo.expire_overdue(self._clock(), grace=DEADLINE_GRACE):
             self._after_change(job)
+        self.announcer.flush()
         self.notify()

@@ -1,5 +1,6 @@
 """What the controller tells the notifier: one ``hitless.v1.Event`` per happening, with
-the admins to tell as they are now, and an id that makes the email go out once."""
+the admins to tell as they are now, and an id that makes the email go out once. Every
+event goes through the outbox, so none is lost while the broker is away."""
 
 from __future__ import annotations
 
@@ -7,21 +8,27 @@ from datetime import UTC, datetime
 
 from controller_svc import convert
 from controller_svc.admins import Admins
+from controller_svc.outbox import Outbox
 from controller_svc.records import JobRecord, ReleaseRecord
 from controller_svc.rejections import Rejection
 from hitless import logs
-from hitless.bus import topology
+from hitless.bus import codec, topology
 from hitless.bus.amqp import Publisher
 from hitless.errors import BusError
 from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
 
+# Short: the caller (an RPC, the sweeper) must not hang while the broker is away; the
+# outbox keeps the event and flush() tries again.
+PUBLISH_TIMEOUT_S = 2.0
+
 
 class Announcer:
-    def __init__(self, publisher: Publisher, admins: Admins) -> None:
+    def __init__(self, publisher: Publisher, admins: Admins, outbox: Outbox) -> None:
         self._publisher = publisher
         self._admins = admins
+        self._outbox = outbox
 
     def release_published(self, release: ReleaseRecord) -> None:
         event = self._event(f"release:{release.version}")
@@ -54,9 +61,24 @@ class Announcer:
         )
 
     def _send(self, key: str, event: bus_pb2.Event) -> None:
-        # Best effort after the state is committed: the state stays right if this fails,
-        # and the log says which event the admins missed.
+        body = codec.encode(event)
+        self._outbox.add(event.event_id, key, body, datetime.now(UTC))
+        self._publish(event.event_id, key, body)
+
+    def flush(self) -> None:
+        """Publish what the broker did not confirm before (called periodically)."""
+        for event_id, key, body in self._outbox.pending(datetime.now(UTC)):
+            if not self._publish(event_id, key, body):
+                return
+
+    def _publish(self, event_id: str, key: str, body: bytes) -> bool:
         try:
-            self._publisher.publish(topology.EVENTS, key, event, message_id=event.event_id)
+            self._publisher.publish(
+                topology.EVENTS, key, body, message_id=event_id, timeout=PUBLISH_TIMEOUT_S
+            )
         except BusError as exc:
-            log.warning("event_not_published", key=key, event_id=event.event_id, error=str(exc))
+            # Kept in the outbox: flush() sends it once the broker is back.
+            log.warning("event_not_published_yet", key=key, event_id=event_id, error=str(exc))
+            return False
+        self._outbox.published(event_id, datetime.now(UTC))
+        return True
