@@ -149,3 +149,23 @@ def test_fleet_upgrade_with_the_controller_on_postgresql(
     assert job["state"] == "SUCCEEDED"
     assert [g["state"] for g in job["gateways"]] == ["SUCCEEDED", "SUCCEEDED"]
     fleet.wait_gateways({"gw-1": "1.1.0", "gw-2": "1.1.0"})
+
+
+def test_downgrade_needs_consent_and_the_same_version_is_nothing_to_do(fleet: Fleet) -> None:
+    fleet.start_gateway("gw-1")
+    fleet.wait_gateways({"gw-1": BASE})
+    fleet.release("1.0.5")
+    fleet.release("1.1.0")
+    assert fleet.cli("upgrade", "--version", "1.1.0", "--wait", "--yes").returncode == 0
+
+    same = fleet.cli_json("upgrade", "--version", "1.1.0", "--yes")
+    assert same["state"] == "NOTHING_TO_DO"
+
+    refused = fleet.cli("upgrade", "--version", "1.0.5", "--yes", check=False)
+    assert refused.returncode == 4
+    assert "--allow-downgrade" in refused.stderr
+    assert fleet.greeting("gw-1").endswith("1.1.0")
+
+    job = fleet.cli_json("upgrade", "--version", "1.0.5", "--allow-downgrade", "--wait", "--yes")
+    assert job["state"] == "SUCCEEDED"
+    assert fleet.greeting("gw-1").endswith("1.0.5")
