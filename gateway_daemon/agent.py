@@ -146,4 +146,5 @@ class Agent:
             from_version=outcome.from_version,
             to_version=outcome.to_version,
             error=outcome.error,
+            vpn_sessions_dropped=outcome.vpn_sessions_dropped,
         )

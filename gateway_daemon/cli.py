@@ -2,6 +2,9 @@
 
     gateway-daemon run --id ID [--controller HOST:PORT] [--amqp URL] [--state-dir DIR]
                        [--listen HOST:PORT]... [--tunnels FILE] [--handoff-timeout S]
+                       [--vpn-listen HOST:PORT] [--vpn-keepalive-timeout S]
+                       [--heartbeat-interval S]
+    gateway-daemon vpn-service --state-dir DIR --listen HOST:PORT [--keepalive-timeout S]
     gateway-daemon traffic (--write-lab DIR | --sites FILE) [--rate PPS] [--duration S] ...
 """
 
@@ -18,6 +21,8 @@ from gateway_daemon.handoff.parent import Deadlines
 from gateway_daemon.state import AgentState
 from gateway_daemon.tunnels import traffic
 from gateway_daemon.tunnels.config import TunnelsConfig
+from gateway_daemon.vpn import service as vpn_service
+from gateway_daemon.vpn.config import DEFAULT_KEEPALIVE_TIMEOUT_S, VpnConfig
 from hitless import config, logs
 from hitless.errors import ConfigError, HitlessError
 
@@ -43,8 +48,26 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a new version may take to start and say ready in an upgrade before "
         f"it is killed and the upgrade rolled back (default {Deadlines.ready_s:g})",
     )  # fmt: skip
+    run.add_argument(
+        "--vpn-listen", metavar="HOST:PORT",
+        help="run the gateway's VPN service (TLS) on this address, in a process of its own",
+    )  # fmt: skip
+    run.add_argument(
+        "--vpn-keepalive-timeout", type=float, default=DEFAULT_KEEPALIVE_TIMEOUT_S, metavar="S",
+        help="the VPN service drops a session silent this long "
+        f"(default {DEFAULT_KEEPALIVE_TIMEOUT_S:g})",
+    )  # fmt: skip
+    run.add_argument(
+        "--heartbeat-interval", type=float, default=config.HEARTBEAT_INTERVAL_S, metavar="S",
+        help="seconds between heartbeats to the controller, which carry the VPN session "
+        f"count (default {config.HEARTBEAT_INTERVAL_S:g})",
+    )  # fmt: skip
     # Internal: set by the old version when it hands its sockets to this process.
     run.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)
+    vpn = commands.add_parser(
+        "vpn-service", help="the VPN service process (normally started by `run --vpn-listen`)"
+    )
+    vpn_service.add_arguments(vpn)
     tool = commands.add_parser(
         "traffic", help="play a gateway's remote sites and measure what gets through"
     )
@@ -69,6 +92,17 @@ def _config(args: argparse.Namespace) -> config.GatewayConfig:
         ),
         state_dir=state_dir,
         listen=tuple(config.HostPort.parse(a, what="listen address") for a in args.listen),
+        heartbeat_interval_s=args.heartbeat_interval,
+    )
+
+
+def _vpn_config(args: argparse.Namespace, state_dir: Path) -> VpnConfig | None:
+    if not args.vpn_listen:
+        return None
+    return VpnConfig(
+        listen=config.HostPort.parse(args.vpn_listen, what="VPN listen address"),
+        state_dir=state_dir,
+        keepalive_timeout_s=args.vpn_keepalive_timeout,
     )
 
 
@@ -77,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "traffic":
         return traffic.main(args)
+    if args.command == "vpn-service":
+        try:
+            return vpn_service.main(args)
+        except ConfigError as exc:
+            print(f"gateway-daemon vpn-service: error: {exc}", file=sys.stderr)
+            return 2
     logs.configure("gateway-daemon", json=True)
     try:
         if args.handoff_fd is not None:
@@ -85,15 +125,23 @@ def main(argv: list[str] | None = None) -> int:
             gateway = daemon.GatewayDaemon(
                 daemon.config_from_context(context),
                 deadlines=daemon.deadlines_from_context(context),
+                vpn=daemon.vpn_from_context(context),
             )
             daemon.install_signal_handlers(gateway)
             return gateway.run_inherited(inheritance)
         cfg = _config(args)
         if args.handoff_timeout <= 0:
             raise ConfigError(f"--handoff-timeout must be > 0 seconds, got {args.handoff_timeout}")
+        if args.heartbeat_interval <= 0:
+            raise ConfigError(
+                f"--heartbeat-interval must be > 0 seconds, got {args.heartbeat_interval}"
+            )
+        vpn = _vpn_config(args, cfg.state_dir)
         tunnels = TunnelsConfig.load(args.tunnels) if args.tunnels else None
         daemon.exec_current_release(AgentState(cfg.state_dir), argv)
-        gateway = daemon.GatewayDaemon(cfg, tunnels, Deadlines(ready_s=args.handoff_timeout))
+        gateway = daemon.GatewayDaemon(
+            cfg, tunnels, Deadlines(ready_s=args.handoff_timeout), vpn=vpn
+        )
         daemon.install_signal_handlers(gateway)
         return gateway.run_fresh()
     except ConfigError as exc:

@@ -8,6 +8,7 @@ version, and then exits.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import signal
@@ -24,6 +25,8 @@ from gateway_daemon.handoff import child, parent
 from gateway_daemon.reporter import Reporter
 from gateway_daemon.state import AgentState, Outcome
 from gateway_daemon.tunnels.config import TunnelsConfig
+from gateway_daemon.vpn.config import VpnConfig
+from gateway_daemon.vpn.supervisor import VpnSupervisor
 from hitless import logs, version
 from hitless.bus import codec, topology
 from hitless.bus.amqp import Consumer, Publisher
@@ -42,9 +45,13 @@ DEFAULT_DEADLINES = parent.Deadlines()
 
 
 def config_to_context(
-    config: GatewayConfig, deadlines: parent.Deadlines = DEFAULT_DEADLINES
+    config: GatewayConfig,
+    deadlines: parent.Deadlines = DEFAULT_DEADLINES,
+    vpn: VpnConfig | None = None,
 ) -> dict[str, Any]:
     return {
+        "vpn_listen": str(vpn.listen) if vpn else None,
+        "vpn_keepalive_timeout_s": vpn.keepalive_timeout_s if vpn else None,
         "gateway_id": config.gateway_id,
         "controller": str(config.controller),
         "amqp_url": config.bus.url,
@@ -66,6 +73,17 @@ def config_from_context(context: dict[str, Any]) -> GatewayConfig:
     )
 
 
+def vpn_from_context(context: dict[str, Any]) -> VpnConfig | None:
+    """The VPN service the gateway was started with, kept across upgrades."""
+    if not context.get("vpn_listen"):
+        return None
+    return VpnConfig(
+        listen=HostPort.parse(context["vpn_listen"]),
+        state_dir=Path(context["state_dir"]),
+        keepalive_timeout_s=float(context["vpn_keepalive_timeout_s"]),
+    )
+
+
 def deadlines_from_context(context: dict[str, Any]) -> parent.Deadlines:
     """The handoff deadlines the gateway was started with, kept across upgrades."""
     ready_s = context.get("handoff_ready_s")
@@ -78,8 +96,10 @@ class GatewayDaemon:
         config: GatewayConfig,
         tunnels: TunnelsConfig | None = None,
         deadlines: parent.Deadlines = DEFAULT_DEADLINES,
+        vpn: VpnConfig | None = None,
     ) -> None:
         self.config = config
+        self._vpn_config = vpn
         self.version = version.current()
         self.state = AgentState(config.state_dir)
         self._tunnels = tunnels
@@ -155,30 +175,59 @@ class GatewayDaemon:
             queues=[topology.CONTROLLER_REPORTS],
             name="gateway-commands",
         )
+        vpn = None
         log.info("gateway_serving", endpoints=plane.endpoints(), pid=os.getpid())
         try:
             if predecessor is not None:
                 # Until the old process is gone it may still hold a consumer on this
                 # gateway's queue: the next command (sent once this one reports SUCCEEDED)
-                # must reach this version, not the one that handed over.
+                # must reach this version, not the one that handed over. It also watches
+                # the VPN service until it exits: only one process may restart it.
                 _wait_exited(predecessor, PREDECESSOR_EXIT_TIMEOUT_S)
+            vpn = self._start_vpn()
             if handed_over is not None:
                 command, outcome = handed_over
+                if command.restarts_vpn_service:
+                    outcome = self._restart_vpn(vpn, command, outcome)
                 reporter.status(command, outcome.state, from_version=outcome.from_version,
-                                to_version=outcome.to_version)
+                                to_version=outcome.to_version,
+                                vpn_sessions_dropped=outcome.vpn_sessions_dropped)  # fmt: skip
             self._announce(reporter, plane)
             consumer.start()
             while not self._stop.wait(self.config.heartbeat_interval_s):
                 try:
-                    reporter.heartbeat()
+                    reporter.heartbeat(vpn_sessions=(vpn.sessions() or 0) if vpn else 0)
                 except BusError as exc:
                     log.warning("heartbeat_failed", error=str(exc))
         finally:
             consumer.stop()
+            if vpn is not None:
+                vpn.close()  # the service itself runs on, for the next process to attach to
             plane.close()
             publisher.close()
         log.info("gateway_exiting", handed_over=self._swapped)
         return 0
+
+    def _start_vpn(self) -> VpnSupervisor | None:
+        if self._vpn_config is None:
+            return None
+        vpn = VpnSupervisor(self._vpn_config, self.config.gateway_id)
+        vpn.start()
+        return vpn
+
+    def _restart_vpn(
+        self, vpn: VpnSupervisor | None, command: bus_pb2.UpgradeCommand, outcome: Outcome
+    ) -> Outcome:
+        """The release restarts the VPN service: this version's replaces the running one
+        now that this version serves, and the count of dropped sessions is kept with the
+        outcome (a redelivered command reports it again)."""
+        if vpn is None:
+            log.info("vpn_restart_skipped", reason="this gateway runs no VPN service")
+            return outcome
+        dropped = vpn.restart()
+        outcome = dataclasses.replace(outcome, vpn_sessions_dropped=dropped)
+        self.state.record_outcome(command.command_id, outcome)
+        return outcome
 
     def _announce(self, reporter: Reporter, plane: DataPlane) -> None:
         try:
@@ -190,7 +239,7 @@ class GatewayDaemon:
         """Hand the data plane to ``artifact``'s version; return once it serves."""
         assert self._plane is not None
         context = {
-            **config_to_context(self.config, self._deadlines),
+            **config_to_context(self.config, self._deadlines, self._vpn_config),
             "command": codec.encode(command).decode(),
             "from_version": self.version,
             "artifact": str(artifact),

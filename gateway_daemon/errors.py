@@ -8,6 +8,7 @@
         ├── HandoffFailed         the new version did not take over; the old one serves on
         │   ├── HandoffTimeout    a handoff step missed its deadline
         │   └── SelfCheckFailed   the new version found itself unfit to serve
+        ├── VpnServiceError       the VPN service could not be started, reached or stopped
         └── tunnels.errors.TunnelError   the data plane (its own subtree there)
 """
 
@@ -42,3 +43,7 @@ class HandoffTimeout(HandoffFailed):
 
 class SelfCheckFailed(HandoffFailed):
     """The new version's self-check failed (gateway_daemon.selfcheck): it does not serve."""
+
+
+class VpnServiceError(GatewayError):
+    """The VPN service (gateway_daemon.vpn) could not be started, reached or stopped."""

@@ -41,6 +41,7 @@ class Reporter:
         error: str = "",
         bytes_done: int = 0,
         bytes_total: int = 0,
+        vpn_sessions_dropped: int = 0,
         required: bool = True,
     ) -> None:
         """Report ``state`` (a GatewayJobState name such as "SUCCEEDED") for a command.
@@ -62,6 +63,7 @@ class Reporter:
             error=error,
             bytes_done=bytes_done,
             bytes_total=bytes_total,
+            vpn_sessions_dropped=vpn_sessions_dropped,
             at=_now(),
         )
         key = topology.report_key(self._gateway_id, topology.STATUS)
@@ -72,7 +74,13 @@ class Reporter:
                 raise
             log.warning("progress_report_dropped", state=state, error=str(exc))
             return
-        log.info("reported", job_id=command.job_id, state=state, error=error or None)
+        log.info(
+            "reported",
+            job_id=command.job_id,
+            state=state,
+            error=error or None,
+            vpn_sessions_dropped=vpn_sessions_dropped or None,
+        )
 
     def hello(self, endpoints: Sequence[str]) -> None:
         message = bus_pb2.GatewayHello(
@@ -85,9 +93,9 @@ class Reporter:
         key = topology.report_key(self._gateway_id, topology.HELLO)
         self._publisher.publish(topology.REPORTS, key, message)
 
-    def heartbeat(self) -> None:
+    def heartbeat(self, vpn_sessions: int = 0) -> None:
         message = bus_pb2.GatewayHeartbeat(
-            gateway_id=self._gateway_id, version=self._version, at=_now()
+            gateway_id=self._gateway_id, version=self._version, at=_now(), vpn_sessions=vpn_sessions
         )
         key = topology.report_key(self._gateway_id, topology.HEARTBEAT)
         self._publisher.publish(topology.REPORTS, key, message, timeout=5)

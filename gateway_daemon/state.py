@@ -24,6 +24,7 @@ class Outcome:
     to_version: str
     from_version: str
     error: str = ""
+    vpn_sessions_dropped: int = 0
 
 
 class AgentState:
@@ -71,14 +72,23 @@ class AgentState:
 
     def outcome(self, command_id: str) -> Outcome | None:
         found = self._load()["outcomes"].get(command_id)
-        return Outcome(**found["outcome"]) if found else None
+        if not found:
+            return None
+        dropped = found.get("vpn_sessions_dropped", 0)
+        return Outcome(**found["outcome"], vpn_sessions_dropped=dropped)
 
     def record_outcome(self, command_id: str, outcome: Outcome) -> None:
         with self._lock:
             data = self._load()
             outcomes = data["outcomes"]
             serial = max((o["serial"] for o in outcomes.values()), default=0) + 1
-            outcomes[command_id] = {"serial": serial, "outcome": outcome.__dict__}
+            fields = dict(outcome.__dict__)
+            # Beside "outcome", not in it: an older release reading this file (after a
+            # downgrade) builds its Outcome from "outcome" and knows no such field.
+            dropped = fields.pop("vpn_sessions_dropped")
+            outcomes[command_id] = {"serial": serial, "outcome": fields}
+            if dropped:
+                outcomes[command_id]["vpn_sessions_dropped"] = dropped
             if len(outcomes) > KEEP_OUTCOMES:
                 oldest = sorted(outcomes, key=lambda k: outcomes[k]["serial"])
                 for key in oldest[: len(outcomes) - KEEP_OUTCOMES]:

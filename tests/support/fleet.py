@@ -61,8 +61,9 @@ class Fleet:
         )
         return self.controller
 
-    def start_gateway(self, gateway_id: str, controller: str | None = None) -> Proc:
-        """A gateway daemon; ``controller`` overrides the address it downloads from."""
+    def start_gateway(self, gateway_id: str, controller: str | None = None, *extra: str) -> Proc:
+        """A gateway daemon; ``controller`` overrides the address it downloads from;
+        ``extra`` are more ``gateway-daemon run`` flags (e.g. ``--vpn-listen``)."""
         port = self.gateway_ports.setdefault(gateway_id, free_port())
         argv = [
             command("gateway-daemon"), "run",
@@ -71,6 +72,7 @@ class Fleet:
             "--amqp", self.amqp_url,
             "--state-dir", str(self.root / gateway_id),
             "--listen", f"127.0.0.1:{port}",
+            *extra,
         ]  # fmt: skip
         return self.procs.start(gateway_id, argv)
 
@@ -113,11 +115,12 @@ class Fleet:
             describe=lambda: f"{self.gateways()}\n{self.procs.dump_logs()}",
         )
 
-    def release(self, version: str) -> Path:
+    def release(self, version: str, *, restarts_vpn_service: bool = False) -> Path:
         """Build and publish a release of the code under test stamped ``version``."""
         artifact = self.root / f"release-{version}.pyz"
         self.cli("releases", "build", "--version", version, "-o", str(artifact))
-        self.cli("releases", "publish", "--version", version, "--artifact", str(artifact))
+        flags = ["--restarts-vpn-service"] if restarts_vpn_service else []
+        self.cli("releases", "publish", "--version", version, "--artifact", str(artifact), *flags)
         return artifact
 
     def stub(self) -> controller_pb2_grpc.ControllerStub:
