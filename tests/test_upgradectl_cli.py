@@ -65,17 +65,27 @@ def _job(state: int, gw: Iterable[tuple[str, int, str]], job_id: str = "job-1") 
 def _release(version: str, *, notes: str = "", vpn: bool = False, age: int = 0) -> Any:
     data = bytes(f"release {version}", "ascii")
     return controller_pb2.Release(
-        version=version, sha256=hashlib.sha256(data).hexdigest(), size=len(data),
-        published_at=_ts(-age), notes=notes, restarts_vpn_service=vpn,
+        version=version,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size=len(data),
+        published_at=_ts(-age),
+        notes=notes,
+        restarts_vpn_service=vpn,
     )
 
 
 def _releases() -> list[Any]:
     return [
-        controller_pb2.Release(version="1.2.0", sha256="ab" * 32, size=3 * 2**20,
-                               published_at=_ts(), notes="Faster rekeying.\nMore."),
-        controller_pb2.Release(version="1.1.0", sha256="cd" * 32, size=900,
-                               published_at=_ts(-86400), notes=""),
+        controller_pb2.Release(
+            version="1.2.0",
+            sha256="ab" * 32,
+            size=3 * 2**20,
+            published_at=_ts(),
+            notes="Faster rekeying.\nMore.",
+        ),
+        controller_pb2.Release(
+            version="1.1.0", sha256="cd" * 32, size=900, published_at=_ts(-86400), notes=""
+        ),
     ]
 
 
@@ -129,8 +139,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
         self._maybe_unavailable("ListGateways", context)
         return controller_pb2.ListGatewaysResponse(
             gateways=[
-                controller_pb2.Gateway(id="gw-1", version="1.1.0", state="ONLINE",
-                                       last_seen=_ts()),
+                controller_pb2.Gateway(id="gw-1", version="1.1.0", state="ONLINE", last_seen=_ts()),
                 controller_pb2.Gateway(id="gw-22", version="1.0.0", state="OFFLINE"),
             ]
         )
@@ -142,12 +151,14 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
 
     def SyncReleases(self, request: Any, context: Any) -> Any:
         if self.feed is None:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                          "this controller has no release feed to check")
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "this controller has no release feed to check"
+            )
         known = {r.version for r in self.releases}
         imported = [r for r in self.feed if r.version not in known]
-        self.releases = sorted([*self.releases, *imported], key=lambda r: _semver(r.version),
-                               reverse=True)
+        self.releases = sorted(
+            [*self.releases, *imported], key=lambda r: _semver(r.version), reverse=True
+        )
         return controller_pb2.SyncReleasesResponse(imported=imported)
 
     def PublishRelease(self, request_iterator: Iterator[Any], context: Any) -> Any:
@@ -160,10 +171,17 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
             biggest = max(biggest, len(req.chunk))
         self.published.append((meta, bytes(data), biggest))
         if meta.version == "1.1.0":
-            context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                          "release 1.1.0 is already published with another digest")
-        return controller_pb2.Release(version=meta.version, sha256=hashlib.sha256(data).hexdigest(),
-                                      size=len(data), published_at=_ts(), notes=meta.notes)
+            context.abort(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "release 1.1.0 is already published with another digest",
+            )
+        return controller_pb2.Release(
+            version=meta.version,
+            sha256=hashlib.sha256(data).hexdigest(),
+            size=len(data),
+            published_at=_ts(),
+            notes=meta.notes,
+        )
 
     def _plan(self, request: Any, context: Any) -> Any:
         """The controller's planner in small: release, then each chosen gateway's change."""
@@ -173,8 +191,10 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
             release = next((r for r in self.releases if r.version == request.version), None)
             if release is None:
                 available = ", ".join(r.version for r in self.releases)
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"unknown version {request.version}; available: {available}")
+                context.abort(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"unknown version {request.version}; available: {available}",
+                )
         chosen = list(request.gateway_ids) or sorted(self.fleet)
         unknown = [gid for gid in chosen if gid not in self.fleet]
         if unknown:
@@ -188,12 +208,16 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
                 action = "DOWNGRADE"
             else:
                 action = "UPGRADE"
-            planned.append(controller_pb2.PlannedGateway(
-                gateway_id=gid, from_version=version, action=action, vpn_sessions=sessions))
+            planned.append(
+                controller_pb2.PlannedGateway(
+                    gateway_id=gid, from_version=version, action=action, vpn_sessions=sessions
+                )
+            )
         changing = [g for g in planned if g.action != "NOTHING"]
         affected = sum(g.vpn_sessions for g in changing) if release.restarts_vpn_service else 0
-        return controller_pb2.UpgradePlan(release=release, gateways=planned,
-                                          vpn_sessions_affected=affected)
+        return controller_pb2.UpgradePlan(
+            release=release, gateways=planned, vpn_sessions_affected=affected
+        )
 
     def PlanUpgrade(self, request: Any, context: Any) -> Any:
         self.plan_requests.append(request)
@@ -221,8 +245,10 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
 
     def AddAdmin(self, request: Any, context: Any) -> Any:
         if "@" not in request.email:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"invalid email address {request.email!r}: expected e.g. ops@example.com")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"invalid email address {request.email!r}: expected e.g. ops@example.com",
+            )
         email = request.email.strip().lower()
         if email not in self.admins:
             self.admins.append(email)
@@ -231,8 +257,10 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     def RemoveAdmin(self, request: Any, context: Any) -> Any:
         email = request.email.strip().lower()
         if email not in self.admins:
-            context.abort(grpc.StatusCode.NOT_FOUND,
-                          f"{email} is not an admin; `upgradectl admins list` shows who is")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"{email} is not an admin; `upgradectl admins list` shows who is",
+            )
         self.admins.remove(email)
         return controller_pb2.Admin(email=email)
 
@@ -283,8 +311,14 @@ def cli(addr: str, *args: str, stdin: io.StringIO | None = None) -> tuple[int, s
     Standard input is not a terminal unless the test passes one (``_Terminal``).
     """
     out, err = io.StringIO(), io.StringIO()
-    code = run(["--controller", addr, *args], env={}, out=out, err=err, retry=FAST_RETRY,
-               stdin=io.StringIO() if stdin is None else stdin)
+    code = run(
+        ["--controller", addr, *args],
+        env={},
+        out=out,
+        err=err,
+        retry=FAST_RETRY,
+        stdin=io.StringIO() if stdin is None else stdin,
+    )
     return code, out.getvalue(), err.getvalue()
 
 
@@ -296,12 +330,18 @@ def closed_port() -> int:
 
 
 def _running_job(fake: FakeController, *, gw2_final: int, gw2_error: str = "") -> None:
-    fake.started = _job(JS.JOB_STATE_PENDING, [("gw-1", GS.GATEWAY_JOB_STATE_QUEUED, ""),
-                                              ("gw-2", GS.GATEWAY_JOB_STATE_QUEUED, "")])
-    job_final = JS.JOB_STATE_SUCCEEDED if gw2_final == GS.GATEWAY_JOB_STATE_SUCCEEDED \
+    fake.started = _job(
+        JS.JOB_STATE_PENDING,
+        [("gw-1", GS.GATEWAY_JOB_STATE_QUEUED, ""), ("gw-2", GS.GATEWAY_JOB_STATE_QUEUED, "")],
+    )
+    job_final = (
+        JS.JOB_STATE_SUCCEEDED
+        if gw2_final == GS.GATEWAY_JOB_STATE_SUCCEEDED
         else JS.JOB_STATE_PARTIAL
-    fake.final = _job(job_final, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
-                                  ("gw-2", gw2_final, gw2_error)])
+    )
+    fake.final = _job(
+        job_final, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""), ("gw-2", gw2_final, gw2_error)]
+    )
     fake.events = [
         _event(1, jstate=JS.JOB_STATE_RUNNING),
         _event(2, "gw-1", GS.GATEWAY_JOB_STATE_DOWNLOADING, bytes_done=50, bytes_total=100),
@@ -316,8 +356,20 @@ def test_gateways_list_json_shape(addr: str) -> None:
     code, out, err = cli(addr, "gateways", "list", "--json")
     assert (code, err) == (ExitCode.OK, "")
     assert json.loads(out) == [
-        {"id": "gw-1", "version": "1.1.0", "state": "ONLINE", "last_seen": "2025-03-01T12:00:00Z"},
-        {"id": "gw-22", "version": "1.0.0", "state": "OFFLINE", "last_seen": None},
+        {
+            "id": "gw-1",
+            "version": "1.1.0",
+            "state": "ONLINE",
+            "last_seen": "2025-03-01T12:00:00Z",
+            "vpn_sessions": 0,
+        },
+        {
+            "id": "gw-22",
+            "version": "1.0.0",
+            "state": "OFFLINE",
+            "last_seen": None,
+            "vpn_sessions": 0,
+        },
     ]
 
 
@@ -325,23 +377,27 @@ def test_gateways_list_table(addr: str) -> None:
     code, out, _ = cli(addr, "gateways", "list")
     lines = out.splitlines()
     assert code == ExitCode.OK
-    assert lines[0] == "ID     VERSION  STATE    LAST SEEN"
-    assert lines[1].startswith("gw-1   1.1.0    ONLINE   ") and lines[1].endswith(" ago")
-    assert lines[2] == "gw-22  1.0.0    OFFLINE  never"
+    assert lines[0] == "ID     VERSION  STATE    VPN USERS  LAST SEEN"
+    assert lines[1].startswith("gw-1   1.1.0    ONLINE   0          ") and lines[1].endswith(" ago")
+    assert lines[2] == "gw-22  1.0.0    OFFLINE  0          never"
 
 
 def test_releases_list_json_and_table(addr: str) -> None:
     code, out, _ = cli(addr, "releases", "list", "--json")
     assert code == ExitCode.OK
     assert json.loads(out)[0] == {
-        "version": "1.2.0", "sha256": "ab" * 32, "size": 3 * 2**20,
-        "published_at": "2025-03-01T12:00:00Z", "notes": "Faster rekeying.\nMore.",
+        "version": "1.2.0",
+        "sha256": "ab" * 32,
+        "size": 3 * 2**20,
+        "published_at": "2025-03-01T12:00:00Z",
+        "notes": "Faster rekeying.\nMore.",
         "restarts_vpn_service": False,
     }
     assert [r["version"] for r in json.loads(out)] == ["1.2.0", "1.1.0"]
     code, out, _ = cli(addr, "releases", "list")
     assert [line.split()[:3] for line in out.splitlines()[1:]] == [
-        ["1.2.0", "3.0", "MiB"], ["1.1.0", "900", "B"]
+        ["1.2.0", "3.0", "MiB"],
+        ["1.1.0", "900", "B"],
     ]
     assert out.splitlines()[1].endswith("Faster rekeying.")
 
@@ -360,10 +416,18 @@ def test_upgrade_json_without_waiting(addr: str, fake: FakeController) -> None:
     code, out, _ = cli(addr, "upgrade", "--latest", "--gateways", "gw-1, gw-2,", "--json")
     assert code == ExitCode.OK
     assert json.loads(out) == {
-        "job_id": "job-1", "target_version": "1.2.0", "state": "PENDING",
+        "job_id": "job-1",
+        "target_version": "1.2.0",
+        "state": "PENDING",
         "gateways": [
-            {"id": g, "state": "QUEUED", "from_version": "1.1.0", "to_version": "1.2.0",
-             "error": None, "vpn_sessions_dropped": 0}
+            {
+                "id": g,
+                "state": "QUEUED",
+                "from_version": "1.1.0",
+                "to_version": "1.2.0",
+                "error": None,
+                "vpn_sessions_dropped": 0,
+            }
             for g in ("gw-1", "gw-2")
         ],
     }
@@ -399,23 +463,26 @@ def test_upgrade_wait_exits_one_when_a_gateway_failed(addr: str, fake: FakeContr
     assert code == ExitCode.JOB_NOT_SUCCEEDED
     data = json.loads(out)
     assert data["state"] == "PARTIAL"
-    assert data["gateways"][1] == {"id": "gw-2", "state": "FAILED", "from_version": "1.1.0",
-                                   "to_version": "1.2.0", "error": "sha256 mismatch",
-                                   "vpn_sessions_dropped": 0}
+    assert data["gateways"][1] == {
+        "id": "gw-2",
+        "state": "FAILED",
+        "from_version": "1.1.0",
+        "to_version": "1.2.0",
+        "error": "sha256 mismatch",
+        "vpn_sessions_dropped": 0,
+    }
     assert err.splitlines(keepends=True)[-1] == (
         "upgradectl: error: job job-1 ended PARTIAL: gw-2 FAILED (sha256 mismatch); "
         "see upgradectl status job-1\n"
     )
 
 
-def test_upgrade_wait_for_people_prints_one_line_per_event(
-    addr: str, fake: FakeController
-) -> None:
+def test_upgrade_wait_for_people_prints_one_line_per_event(addr: str, fake: FakeController) -> None:
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     code, out, _ = cli(addr, "upgrade", "--latest", "--wait")
     assert code == ExitCode.OK
     lines = out.splitlines()
-    lines = lines[lines.index("watching job job-1 (target 1.2.0, PENDING)"):]
+    lines = lines[lines.index("watching job job-1 (target 1.2.0, PENDING)") :]
     assert lines[1:7] == [
         "12:00:01  job RUNNING",
         "12:00:02  gw-1  DOWNLOADING  50% of 100 B",
@@ -436,8 +503,9 @@ class _Terminal(io.StringIO):
 def test_status_watch_on_a_terminal_redraws_the_table(addr: str, fake: FakeController) -> None:
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     out, err = _Terminal(), io.StringIO()
-    code = run(["--controller", addr, "status", "--watch"], env={}, out=out, err=err,
-               retry=FAST_RETRY)
+    code = run(
+        ["--controller", addr, "status", "--watch"], env={}, out=out, err=err, retry=FAST_RETRY
+    )
     assert (code, err.getvalue()) == (ExitCode.OK, "")
     frames = out.getvalue().split("\x1b[J")
     # A first frame, one per event, and the final picture; each after moving up 4 lines.
@@ -448,8 +516,10 @@ def test_status_watch_on_a_terminal_redraws_the_table(addr: str, fake: FakeContr
 
 
 def test_status_without_job_shows_the_most_recent(addr: str, fake: FakeController) -> None:
-    fake.final = _job(JS.JOB_STATE_FAILED, [("gw-1", GS.GATEWAY_JOB_STATE_ROLLED_BACK,
-                                             "new version missed its ready deadline")])
+    fake.final = _job(
+        JS.JOB_STATE_FAILED,
+        [("gw-1", GS.GATEWAY_JOB_STATE_ROLLED_BACK, "new version missed its ready deadline")],
+    )
     code, out, _ = cli(addr, "status", "--json")
     assert code == ExitCode.OK  # a query: the job's outcome is in the output, not the code
     assert list(json.loads(out)) == ["job_id", "state", "target_version", "gateways"]
@@ -473,8 +543,13 @@ def test_watch_cut_midway_resumes_after_the_last_event(
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     fake.cut_watch_after = 3
     fake.cut_code = cut
-    fake.final = _job(JS.JOB_STATE_SUCCEEDED, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
-                                               ("gw-2", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])
+    fake.final = _job(
+        JS.JOB_STATE_SUCCEEDED,
+        [
+            ("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
+            ("gw-2", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
+        ],
+    )
     code, out, err = cli(addr, "upgrade", "--latest", "--wait")
     assert (code, err) == (ExitCode.OK, "")
     assert [r.after_seq for r in fake.watch_requests] == [0, 3]
@@ -519,8 +594,17 @@ def test_publish_streams_the_file_in_chunks_with_its_digest(
     artifact.write_bytes(payload)
     notes = tmp_path / "NOTES"
     notes.write_text("Restarts the VPN service.\n", encoding="utf-8")
-    code, out, err = cli(addr, "releases", "publish", "--version", "1.3.0",
-                         "--artifact", str(artifact), "--notes", str(notes))
+    code, out, err = cli(
+        addr,
+        "releases",
+        "publish",
+        "--version",
+        "1.3.0",
+        "--artifact",
+        str(artifact),
+        "--notes",
+        str(notes),
+    )
     assert (code, err) == (ExitCode.OK, "")
     ((meta, received, biggest),) = fake.published
     assert received == payload
@@ -535,12 +619,20 @@ def test_publish_refused_and_missing_artifact(
 ) -> None:
     artifact = tmp_path / "a.pyz"
     artifact.write_bytes(b"zip")
-    code, _, err = cli(addr, "releases", "publish", "--version", "1.1.0",
-                       "--artifact", str(artifact))
+    code, _, err = cli(
+        addr, "releases", "publish", "--version", "1.1.0", "--artifact", str(artifact)
+    )
     assert code == ExitCode.REJECTED
     assert err == "upgradectl: error: release 1.1.0 is already published with another digest\n"
-    code, _, err = cli(addr, "releases", "publish", "--version", "1.1.0",
-                       "--artifact", str(tmp_path / "missing.pyz"))
+    code, _, err = cli(
+        addr,
+        "releases",
+        "publish",
+        "--version",
+        "1.1.0",
+        "--artifact",
+        str(tmp_path / "missing.pyz"),
+    )
     assert code == ExitCode.USAGE
     assert "no artifact at" in err
     assert len(fake.published) == 1
@@ -557,8 +649,13 @@ def test_no_controller_listening_is_unreachable_with_a_hint() -> None:
     out, err = io.StringIO(), io.StringIO()
     port = closed_port()
     # The address comes from the environment when --controller is absent.
-    code = run(["gateways", "list"], env={ENV_CONTROLLER: f"127.0.0.1:{port}"},
-               out=out, err=err, retry=FAST_RETRY)
+    code = run(
+        ["gateways", "list"],
+        env={ENV_CONTROLLER: f"127.0.0.1:{port}"},
+        out=out,
+        err=err,
+        retry=FAST_RETRY,
+    )
     assert code == ExitCode.UNREACHABLE
     message = err.getvalue()
     assert message.startswith(
@@ -601,7 +698,10 @@ def test_usage_errors(args: list[str], expected: str) -> None:
 def test_python_dash_m_runs_the_cli_without_tracebacks(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "upgradectl", "--controller", "bad", "status"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
     )
     assert proc.returncode == ExitCode.USAGE
     assert proc.stderr.startswith("upgradectl: error: invalid controller address 'bad'")
@@ -622,13 +722,10 @@ class _NoAnswer(io.StringIO):
 
 
 def _vpn_release(fake: FakeController) -> None:
-    fake.releases[0] = _release("1.2.0", notes="Restarts the VPN service.\nNew ciphers.",
-                                vpn=True)
+    fake.releases[0] = _release("1.2.0", notes="Restarts the VPN service.\nNew ciphers.", vpn=True)
 
 
-def test_upgrade_shows_the_plan_with_notes_before_starting(
-    addr: str, fake: FakeController
-) -> None:
+def test_upgrade_shows_the_plan_with_notes_before_starting(addr: str, fake: FakeController) -> None:
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     fake.fleet["gw-3"] = ("1.2.0", 0)
     code, out, err = cli(addr, "upgrade", "--latest", stdin=_NoAnswer())
@@ -668,8 +765,12 @@ def test_nothing_to_do_starts_nothing(addr: str, fake: FakeController, json_flag
     assert code == ExitCode.OK
     message = "nothing to do: every chosen gateway already runs 1.2.0"
     if json_flag:
-        assert json.loads(out) == {"job_id": None, "target_version": "1.2.0",
-                                   "state": "NOTHING_TO_DO", "gateways": []}
+        assert json.loads(out) == {
+            "job_id": None,
+            "target_version": "1.2.0",
+            "state": "NOTHING_TO_DO",
+            "gateways": [],
+        }
         assert err.splitlines()[-1] == message
     else:
         assert (out.splitlines()[-1], err) == (message, "")
@@ -716,9 +817,7 @@ def test_vpn_release_with_yes_warns_and_accepts(addr: str, fake: FakeController)
     assert request.accept_vpn_disruption
 
 
-def test_vpn_release_without_a_terminal_or_yes_is_refused(
-    addr: str, fake: FakeController
-) -> None:
+def test_vpn_release_without_a_terminal_or_yes_is_refused(addr: str, fake: FakeController) -> None:
     _vpn_release(fake)
     code, out, err = cli(addr, "upgrade", "--latest", "--json")
     assert code == ExitCode.NEEDS_CONFIRMATION
@@ -765,9 +864,11 @@ def test_vpn_question_on_a_real_terminal(addr: str, fake: FakeController, tmp_pa
     _vpn_release(fake)
     controller, terminal = pty.openpty()
     with subprocess.Popen(
-        [sys.executable, "-m", "upgradectl", "--controller", addr, "upgrade", "--latest",
-         "--json"],
-        stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+        [sys.executable, "-m", "upgradectl", "--controller", addr, "upgrade", "--latest", "--json"],
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
     ) as proc:
         os.close(terminal)
         assert proc.stderr is not None
@@ -790,8 +891,13 @@ def test_vpn_question_on_a_real_terminal(addr: str, fake: FakeController, tmp_pa
 
 
 def test_status_shows_dropped_vpn_sessions(addr: str, fake: FakeController) -> None:
-    job = _job(JS.JOB_STATE_SUCCEEDED, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
-                                        ("gw-2", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])
+    job = _job(
+        JS.JOB_STATE_SUCCEEDED,
+        [
+            ("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
+            ("gw-2", GS.GATEWAY_JOB_STATE_SUCCEEDED, ""),
+        ],
+    )
     job.gateways[1].vpn_sessions_dropped = 7
     fake.final = job
     code, out, _ = cli(addr, "status", "--json")
@@ -799,30 +905,68 @@ def test_status_shows_dropped_vpn_sessions(addr: str, fake: FakeController) -> N
     assert [g["vpn_sessions_dropped"] for g in json.loads(out)["gateways"]] == [0, 7]
     code, out, _ = cli(addr, "status")
     lines = out.splitlines()
-    assert lines[1].split() == ["GATEWAY", "STATE", "FROM", "TO", "PROGRESS", "VPN", "DROPPED",
-                                "ERROR"]
+    assert lines[1].split() == [
+        "GATEWAY",
+        "STATE",
+        "FROM",
+        "TO",
+        "PROGRESS",
+        "VPN",
+        "DROPPED",
+        "ERROR",
+    ]
     assert lines[2].split() == ["gw-1", "SUCCEEDED", "1.1.0", "1.2.0"]
     assert lines[3].split() == ["gw-2", "SUCCEEDED", "1.1.0", "1.2.0", "7"]
 
 
 def test_jobs_list_json_and_table(addr: str, fake: FakeController) -> None:
-    management = _job(JS.JOB_STATE_RUNNING, [("gw-1", GS.GATEWAY_JOB_STATE_SWAPPING, "")],
-                      job_id="job-2")
+    management = _job(
+        JS.JOB_STATE_RUNNING, [("gw-1", GS.GATEWAY_JOB_STATE_SWAPPING, "")], job_id="job-2"
+    )
     management.source, management.requested_by = "management", "user-42"
-    fake.jobs = [management, _job(JS.JOB_STATE_SUCCEEDED,
-                                  [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])]
+    fake.jobs = [
+        management,
+        _job(JS.JOB_STATE_SUCCEEDED, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")]),
+    ]
     code, out, err = cli(addr, "jobs", "list", "--json")
     assert (code, err) == (ExitCode.OK, "")
     assert json.loads(out) == [
-        {"job_id": "job-2", "state": "RUNNING", "target_version": "1.2.0",
-         "source": "management", "requested_by": "user-42",
-         "created_at": "2025-03-01T12:00:00Z",
-         "gateways": [{"id": "gw-1", "state": "SWAPPING", "from_version": "1.1.0",
-                       "to_version": "1.2.0", "error": None, "vpn_sessions_dropped": 0}]},
-        {"job_id": "job-1", "state": "SUCCEEDED", "target_version": "1.2.0", "source": "cli",
-         "requested_by": None, "created_at": "2025-03-01T12:00:00Z",
-         "gateways": [{"id": "gw-1", "state": "SUCCEEDED", "from_version": "1.1.0",
-                       "to_version": "1.2.0", "error": None, "vpn_sessions_dropped": 0}]},
+        {
+            "job_id": "job-2",
+            "state": "RUNNING",
+            "target_version": "1.2.0",
+            "source": "management",
+            "requested_by": "user-42",
+            "created_at": "2025-03-01T12:00:00Z",
+            "gateways": [
+                {
+                    "id": "gw-1",
+                    "state": "SWAPPING",
+                    "from_version": "1.1.0",
+                    "to_version": "1.2.0",
+                    "error": None,
+                    "vpn_sessions_dropped": 0,
+                }
+            ],
+        },
+        {
+            "job_id": "job-1",
+            "state": "SUCCEEDED",
+            "target_version": "1.2.0",
+            "source": "cli",
+            "requested_by": None,
+            "created_at": "2025-03-01T12:00:00Z",
+            "gateways": [
+                {
+                    "id": "gw-1",
+                    "state": "SUCCEEDED",
+                    "from_version": "1.1.0",
+                    "to_version": "1.2.0",
+                    "error": None,
+                    "vpn_sessions_dropped": 0,
+                }
+            ],
+        },
     ]
     code, out, _ = cli(addr, "jobs", "list")
     assert out.splitlines() == [
@@ -836,18 +980,32 @@ def test_jobs_list_json_and_table(addr: str, fake: FakeController) -> None:
 
 def test_jobs_rejected_json_and_table(addr: str, fake: FakeController) -> None:
     fake.rejected = [
-        controller_pb2.RejectedJob(message_id="m-2", reason="unknown version 9.9.9",
-                                   body='{"version": "9.9.9"}', user_id="user-42", at=_ts(60)),
-        controller_pb2.RejectedJob(message_id="m-1", reason="not JSON", body="garbage",
-                                   at=_ts()),
+        controller_pb2.RejectedJob(
+            message_id="m-2",
+            reason="unknown version 9.9.9",
+            body='{"version": "9.9.9"}',
+            user_id="user-42",
+            at=_ts(60),
+        ),
+        controller_pb2.RejectedJob(message_id="m-1", reason="not JSON", body="garbage", at=_ts()),
     ]
     code, out, err = cli(addr, "jobs", "rejected", "--json")
     assert (code, err) == (ExitCode.OK, "")
     assert json.loads(out) == [
-        {"message_id": "m-2", "reason": "unknown version 9.9.9", "body": '{"version": "9.9.9"}',
-         "user_id": "user-42", "at": "2025-03-01T12:01:00Z"},
-        {"message_id": "m-1", "reason": "not JSON", "body": "garbage", "user_id": None,
-         "at": "2025-03-01T12:00:00Z"},
+        {
+            "message_id": "m-2",
+            "reason": "unknown version 9.9.9",
+            "body": '{"version": "9.9.9"}',
+            "user_id": "user-42",
+            "at": "2025-03-01T12:01:00Z",
+        },
+        {
+            "message_id": "m-1",
+            "reason": "not JSON",
+            "body": "garbage",
+            "user_id": None,
+            "at": "2025-03-01T12:00:00Z",
+        },
     ]
     code, out, _ = cli(addr, "jobs", "rejected")
     assert out.splitlines() == [
@@ -875,8 +1033,16 @@ def test_publish_marks_a_release_that_restarts_the_vpn_service(
 ) -> None:
     artifact = tmp_path / "a.pyz"
     artifact.write_bytes(b"zip")
-    code, _, err = cli(addr, "releases", "publish", "--version", "1.3.0",
-                       "--artifact", str(artifact), "--restarts-vpn-service")
+    code, _, err = cli(
+        addr,
+        "releases",
+        "publish",
+        "--version",
+        "1.3.0",
+        "--artifact",
+        str(artifact),
+        "--restarts-vpn-service",
+    )
     assert (code, err) == (ExitCode.OK, "")
     cli(addr, "releases", "publish", "--version", "1.3.1", "--artifact", str(artifact))
     assert [meta.restarts_vpn_service for meta, _, _ in fake.published] == [True, False]
@@ -902,7 +1068,9 @@ def test_releases_sync_without_a_feed_is_rejected(addr: str) -> None:
 
 def test_admins_add_list_remove(addr: str, fake: FakeController) -> None:
     assert cli(addr, "admins", "list") == (
-        ExitCode.OK, "no admins yet (upgradectl admins add EMAIL)\n", ""
+        ExitCode.OK,
+        "no admins yet (upgradectl admins add EMAIL)\n",
+        "",
     )
     code, out, _ = cli(addr, "admins", "add", "Ops@Example.com")
     assert (code, out) == (ExitCode.OK, "ops@example.com is an admin: the notifier emails it\n")
@@ -910,7 +1078,9 @@ def test_admins_add_list_remove(addr: str, fake: FakeController) -> None:
     code, out, _ = cli(addr, "admins", "list", "--json")
     assert json.loads(out) == [{"email": "noc@example.com"}, {"email": "ops@example.com"}]
     assert cli(addr, "admins", "list")[1].splitlines() == [
-        "EMAIL", "noc@example.com", "ops@example.com"
+        "EMAIL",
+        "noc@example.com",
+        "ops@example.com",
     ]
     code, out, _ = cli(addr, "admins", "remove", "noc@example.com")
     assert (code, out) == (ExitCode.OK, "noc@example.com is no longer an admin\n")

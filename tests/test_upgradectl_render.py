@@ -46,10 +46,10 @@ def test_relative_times() -> None:
 
 
 def test_gateways_and_releases_tables() -> None:
-    gws = [GatewayInfo("gw-1", "1.1.0", "ONLINE", NOW - timedelta(seconds=4))]
+    gws = [GatewayInfo("gw-1", "1.1.0", "ONLINE", NOW - timedelta(seconds=4), 3)]
     assert render.gateways_table(gws, NOW) == [
-        "ID    VERSION  STATE   LAST SEEN",
-        "gw-1  1.1.0    ONLINE  4s ago",
+        "ID    VERSION  STATE   VPN USERS  LAST SEEN",
+        "gw-1  1.1.0    ONLINE  3          4s ago",
     ]
     assert render.gateways_table([], NOW) == ["no gateways known to the controller yet"]
     notes = "Restarts the VPN service. " + "x" * 80 + "\nsecond line"
@@ -100,7 +100,7 @@ def test_live_display_redraws_in_place_on_a_terminal() -> None:
     assert first == "\x1b[J" + "".join(f"{line}\n" for line in render.job_lines(job))
     job = job.apply(JobEvent(1, NOW, "gw-22", "SWAPPING", ""))
     display.update(job, JobEvent(1, NOW, "gw-22", "SWAPPING", ""))
-    second = out.getvalue()[len(first):]
+    second = out.getvalue()[len(first) :]
     # Up over the four lines drawn before, clear, draw again.
     assert second.startswith("\x1b[4F\x1b[J")
     assert ["gw-22", "SWAPPING", "1.1.0", "1.2.0"] in [line.split() for line in second.splitlines()]

@@ -65,10 +65,11 @@ class GatewayInfo:
     version: str
     state: str
     last_seen: datetime | None
+    vpn_sessions: int = 0
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.Gateway) -> GatewayInfo:
-        return cls(msg.id, msg.version, msg.state, timestamp(msg.last_seen))
+        return cls(msg.id, msg.version, msg.state, timestamp(msg.last_seen), msg.vpn_sessions)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,6 +77,7 @@ class GatewayInfo:
             "version": self.version,
             "state": self.state,
             "last_seen": iso(self.last_seen),
+            "vpn_sessions": self.vpn_sessions,
         }
 
 

@@ -81,8 +81,10 @@ def first_line(text: str, width: int = NOTES_WIDTH) -> str:
 def gateways_table(gateways: Sequence[GatewayInfo], now: datetime) -> list[str]:
     if not gateways:
         return ["no gateways known to the controller yet"]
-    rows = [[g.id, g.version, g.state, ago(g.last_seen, now)] for g in gateways]
-    return table(["ID", "VERSION", "STATE", "LAST SEEN"], rows)
+    rows = [
+        [g.id, g.version, g.state, str(g.vpn_sessions), ago(g.last_seen, now)] for g in gateways
+    ]
+    return table(["ID", "VERSION", "STATE", "VPN USERS", "LAST SEEN"], rows)
 
 
 def releases_table(releases: Sequence[ReleaseInfo]) -> list[str]:
