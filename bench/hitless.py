@@ -34,6 +34,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gateway_daemon.tunnels import drops  # noqa: E402
 from tests.support import releases  # noqa: E402
 from tests.support.gateway_upgrades import GatewayUpgrades, state_name  # noqa: E402
 from tests.support.procs import Procs, command  # noqa: E402
@@ -83,6 +84,7 @@ class Bench:
         ]  # fmt: skip
         self.gateway = TunnelGateway(self.procs.start(GATEWAY_ID, argv), sites)
         self.gateway.wait_serving()
+        self.gateway_ports = (sites.udp_gateway[1], sites.plain_gateway[1])
         self._runs = 0
 
     def close(self) -> None:
@@ -124,6 +126,7 @@ class Bench:
 
     def upgrade_run(self) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
         before = rcvbuf_errors()
+        gateway_before = drops.on_ports(self.gateway_ports)
         handoffs_before = len(self.gateway.events("handoff_done"))
         proc = self.traffic(OFFERED_PPS, 3600, TCP_RATE)
         started = time.monotonic()
@@ -141,6 +144,7 @@ class Bench:
         out, _ = proc.communicate(timeout=60)
         result = json.loads(out)
         result["rcvbuf_errors"] = rcvbuf_errors() - before
+        result["gateway_rcvbuf_drops"] = drops.on_ports(self.gateway_ports) - gateway_before
         wait_for(
             lambda: len(self.gateway.events("tunnels_cutover")) >= UPGRADES,
             timeout=5,
@@ -150,11 +154,18 @@ class Bench:
 
     def steady_run(self, duration: float) -> dict[str, Any]:
         before = rcvbuf_errors()
+        gateway_before = drops.on_ports(self.gateway_ports)
         proc = self.traffic(OFFERED_PPS, duration, TCP_RATE)
         out, _ = proc.communicate(timeout=duration + 60)
         result: dict[str, Any] = json.loads(out)
         result["rcvbuf_errors"] = rcvbuf_errors() - before
+        result["gateway_rcvbuf_drops"] = drops.on_ports(self.gateway_ports) - gateway_before
         return result
+
+    def udp_buffers(self) -> dict[str, Any]:
+        """What the gateway's shared UDP sockets really got (it logs getsockopt)."""
+        events = self.gateway.events("tunnels_udp_buffers")
+        return {k: events[-1][k] for k in ("rcvbuf", "rmem_max")} if events else {}
 
 
 def summarize(
@@ -194,7 +205,11 @@ def summarize(
         "steady_tcp_gap_ms_max": round(steady["tcp"]["max_gap_ms"], 2),
         "steady_lost": s["lost"],
         "rcvbuf_errors": upgraded["rcvbuf_errors"],
+        "gateway_rcvbuf_drops": upgraded["gateway_rcvbuf_drops"],
+        "tool_rcvbuf_drops": u.get("rcvbuf_drops", 0),
         "steady_rcvbuf_errors": steady["rcvbuf_errors"],
+        "steady_gateway_rcvbuf_drops": steady["gateway_rcvbuf_drops"],
+        "steady_tool_rcvbuf_drops": s.get("rcvbuf_drops", 0),
         "phases_ms": {
             "spawn_to_ready": phase("spawn_to_ready_ms"),
             "descriptor_transfer": phase("descriptors_ms"),
@@ -215,7 +230,13 @@ def table(r: dict[str, Any]) -> str:
         ("udp sent / received", f"{r['sent']} / {r['received']}", ""),
         ("lost / duplicated", f"{r['lost']} / {r['duplicated']}", "0 / 0"),
         ("tcp resets (byte-exact)", f"{r['tcp_resets']} ({r['tcp_byte_exact']})", "0"),
-        ("rcvbuf drops", f"{r['rcvbuf_errors']}", "0"),
+        ("rcvbuf drops: host / gateway / tool", f"{r['rcvbuf_errors']} / "
+         f"{r['gateway_rcvbuf_drops']} / {r['tool_rcvbuf_drops']}", "0"),
+        ("steady rcvbuf: host / gateway / tool", f"{r['steady_rcvbuf_errors']} / "
+         f"{r['steady_gateway_rcvbuf_drops']} / {r['steady_tool_rcvbuf_drops']}", ""),
+        ("gateway SO_RCVBUF (rmem_max)", f"{r['udp_buffers'].get('rcvbuf')} "
+         f"({r['udp_buffers'].get('rmem_max')})", ""),
+        ("load average start / end", f"{r['load_start']} / {r['load_end']}", ""),
         ("cutover pause p50 / max ms", f"{r['cutover_ms_p50']} / {r['cutover_ms_max']}",
          "<= 1 / <= 5"),
         ("max gap: upgrades / steady ms", f"{r['handoff_gap_ms_max']} / {r['steady_gap_ms_max']}",
@@ -239,12 +260,18 @@ def table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _load() -> str:
+    """The 1, 5 and 15 minute load averages: the machine is shared with other runs."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main() -> int:
     mgmt = Management()
     if not mgmt.available():
         print("bench-hitless: needs RabbitMQ with the management API on 127.0.0.1:15672",
               file=sys.stderr)
         return 2
+    load_start = _load()
     vhost = f"hitless-bench-{uuid.uuid4().hex[:8]}"
     mgmt.create_vhost(vhost)
     try:
@@ -257,14 +284,18 @@ def main() -> int:
                       f"(gateway CPU {cpu:.0%} of a core)", flush=True)
                 print(f"{UPGRADES} upgrades at {OFFERED_PPS} packets/s ...", flush=True)
                 upgraded, took, handoffs = bench.upgrade_run()
-                pauses = [float(e["pause_ms"]) for e in bench.gateway.events("tunnels_cutover")]
+                pauses = [
+                    float(str(e["pause_ms"])) for e in bench.gateway.events("tunnels_cutover")
+                ]
                 print(f"steady state for {took:.1f} s ...", flush=True)
                 steady = bench.steady_run(took)
+                buffers = bench.udp_buffers()
             finally:
                 bench.close()
     finally:
         mgmt.delete_vhost(vhost)
     result = summarize(saturation, cpu, upgraded, took, handoffs, pauses, steady)
+    result.update(udp_buffers=buffers, load_start=load_start, load_end=_load())
     print(table(result))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

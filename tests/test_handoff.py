@@ -3,6 +3,7 @@ rollback on every kind of failure before the new process serves."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -10,15 +11,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from gateway_daemon.errors import HandoffFailed, HandoffTimeout
 from gateway_daemon.handoff import parent
 from gateway_daemon.handoff.parent import Deadlines
 from gateway_daemon.listeners import Listeners
+from gateway_daemon.tunnels.lab import make_lab
+from gateway_daemon.tunnels.plane import TunnelPlane
+from gateway_daemon.tunnels.site import TcpSite, Timestamps
 from hitless.config import HostPort
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = Deadlines(ready_s=3.0, started_s=3.0)
+DEADLINE = 5.0
 
 
 def _greeting(port: int) -> bytes:
@@ -64,6 +70,66 @@ def test_more_than_253_sockets_are_handed_over(spawned: list[subprocess.Popen[by
         plane.close()  # the parent's copies; the child's stay open
     assert report.descriptors == 300
     assert [_greeting(port) for port in ports] == [b"child\n"] * 300
+
+
+def test_260_established_tcp_tunnel_connections_are_handed_over_and_relay_on(
+    spawned: list[subprocess.Popen[bytes]],
+) -> None:
+    """520 descriptors of established connections (site side and plain side of each),
+    three batches: every connection relays both ways in the new process, byte-exact."""
+    count = 260
+    config, sites = make_lab(0, 1)
+    plane = TunnelPlane.from_config(config)
+    sites = sites.at(plane.udp_address, plane.plain_address, plane.tcp_address)
+    spec = sites.sites[0]
+    static = X25519PrivateKey.from_private_bytes(spec.private_key)
+    gateway_key = X25519PublicKey.from_public_bytes(sites.gateway_public)
+    stamps = Timestamps()
+    pairs: list[tuple[TcpSite, socket.socket]] = []
+    with contextlib.ExitStack() as stack:
+        service = stack.enter_context(socket.create_server(spec.plain, backlog=count))
+        service.settimeout(DEADLINE)
+        for _ in range(count):
+            site = TcpSite(spec.tunnel, static, gateway_key, sites.tcp_gateway)
+            stack.enter_context(site.sock)
+            site.connect(stamps, DEADLINE)
+            plain, _ = service.accept()
+            stack.enter_context(plain)
+            plain.settimeout(DEADLINE)
+            pairs.append((site, plain))
+        try:
+            report = parent.hand_off(
+                plane, _argv("tunnels"), {}, spawn=_spawner(spawned), deadlines=FAST
+            )
+        finally:
+            plane.close()  # the parent's copies: no FIN, no RST
+        assert report.descriptors == 3 + 2 * count
+        assert spawned[0].poll() is None, "the new process must serve"
+        for i, (site, plain) in enumerate(pairs):
+            site.sock.sendall(site.seal_record(f"up {i}".encode()))
+            plain.sendall(f"down {i}".encode())
+        for i, (site, plain) in enumerate(pairs):
+            assert _read(plain, len(f"up {i}")) == f"up {i}".encode()
+            assert _read_records(site, len(f"down {i}")) == f"down {i}".encode()
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        chunk = sock.recv(size - len(got))
+        assert chunk, f"connection closed after {got!r}"
+        got += chunk
+    return got
+
+
+def _read_records(site: TcpSite, size: int) -> bytes:
+    site.sock.settimeout(DEADLINE)
+    got = b""
+    while len(got) < size:
+        chunk = site.sock.recv(65536)
+        assert chunk, f"tunnel connection closed after {got!r}"
+        got += site.receive(chunk)
+    return got
 
 
 @pytest.mark.parametrize(

@@ -130,20 +130,38 @@ def test_config_round_trips_and_rejects_mistakes() -> None:
 
 def test_final_state_round_trips_and_bad_state_is_named() -> None:
     _, session = pair()
+    _, fresh = pair()
     session.send_counter = 41
     session.window.mark(17)
+    fresh.send_counter = 7
     final = st.FinalState(
-        udp=[st.UdpTunnelState(1, session, ("127.0.0.1", 5000), 1000)],
+        udp=[
+            st.UdpFinal(1, st.SessionFinal.of(session, session), ("127.0.0.1", 5000), 1000),
+            st.UdpFinal(2, st.SessionFinal.of(fresh, session), None, 0),
+            st.UdpFinal(3, None, None, 0),
+        ],
         udp_pending=[(True, ("127.0.0.1", 5000), b"queued")],
         tcp_timestamps={3: 99},
     )
-    loaded = st.decode_final(st.encode_final(final))
-    got = loaded.udp[0].session
-    assert got is not None and got.send_counter == 41 and not got.window.check(17)
+    data = st.encode_final(final)
+    loaded = st.decode_final(data)
+    # The snapshot's session gets the counters only; a new one comes whole.
+    same, new, none = loaded.udp
+    assert same.session is not None and same.session.new is None
+    _, in_new_process = pair()
+    got = same.session.resolve(in_new_process, "tunnel 1")
+    assert got is in_new_process and got.send_counter == 41 and not got.window.check(17)
+    assert new.session is not None and new.session.new is not None
+    assert new.session.resolve(None, "tunnel 2").send_key == fresh.send_key
+    assert none.session is None and same.endpoint == ("127.0.0.1", 5000)
     assert loaded.udp_pending == final.udp_pending and loaded.tcp_timestamps == {3: 99}
+    with pytest.raises(StateError, match="never had"):
+        st.decode_final(data).udp[0].session.resolve(None, "tunnel 1")  # type: ignore[union-attr]
     with pytest.raises(StateError, match="version"):
-        st.decode_final(st.encode_final(final).replace(b'"version":1', b'"version":9'))
-    with pytest.raises(StateError, match="not JSON"):
-        st.decode_final(b"\xff")
+        st.decode_final(data[:4] + b"\x00\x09" + data[6:])
+    with pytest.raises(StateError, match="truncated"):
+        st.decode_final(data[:-3])
+    with pytest.raises(StateError, match="not a hitless"):
+        st.decode_final(b"\xff" * 20)
     snap = st.decode_snapshot(st.encode_snapshot(st.Snapshot(_config(), [])))
     assert snap.config == _config()

@@ -11,6 +11,7 @@ which the old process reads as failure: it kills this process and serves on.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import socket
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway_daemon.errors import HandoffFailed
-from gateway_daemon.handoff import wire
+from gateway_daemon.handoff import priority, wire
 
 
 @dataclass
@@ -32,7 +33,14 @@ class Inheritance:
     channel: wire.Channel = field(repr=False)
 
     def ready(self, timeout_s: float = 10.0) -> bytes:
-        """Say ready; return the final state once the old process has paused."""
+        """Say ready; return the final state once the old process has paused.
+
+        First, while the old process still serves: collect and freeze what the start
+        allocated (a full collection in the middle of the cutover would stall it for
+        milliseconds), and take normal priority back (``priority``)."""
+        gc.collect()
+        gc.freeze()
+        priority.restore()
         self.channel.send(wire.READY)
         kind, payload = self.channel.receive(
             time.monotonic() + timeout_s, "the old process to cut over"

@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway_daemon.errors import GatewayError, HandoffFailed
-from gateway_daemon.handoff import wire
+from gateway_daemon.errors import GatewayError, HandoffFailed, HandoffTimeout
+from gateway_daemon.handoff import priority, wire
 from gateway_daemon.plane import Plane
 from hitless import logs
 
@@ -43,14 +43,24 @@ Spawn = Callable[[Sequence[str], int], ChildProcess]
 
 
 def spawn_process(argv: Sequence[str], control_fd: int) -> ChildProcess:
-    """Start the new version by exec (never a bare fork: gRPC does not survive fork)."""
-    return subprocess.Popen(list(argv), pass_fds=(control_fd,), stdin=subprocess.DEVNULL)
+    """Start the new version by exec (never a bare fork: gRPC does not survive fork), at
+    idle priority until it says ready (``priority``)."""
+    child = subprocess.Popen(list(argv), pass_fds=(control_fd,), stdin=subprocess.DEVNULL)
+    priority.lower(child.pid)
+    return child
 
 
 @dataclass(frozen=True)
 class Deadlines:
     ready_s: float = 30.0  # spawn to READY: the new interpreter starts and loads
     started_s: float = 5.0  # CUTOVER to STARTED
+    # Spawn to normal priority if not ready by then (``priority``): a head start on spare
+    # CPU, never more than a tenth of the ready deadline.
+    idle_s: float = 1.5
+
+    @property
+    def idle_until_s(self) -> float:
+        return min(self.idle_s, self.ready_s / 10)
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ def _run(
     snapshot = plane.snapshot()
     channel.send(wire.SNAPSHOT, snapshot)
     snapshot_done = clock()
-    _expect(channel, wire.READY, started_at + deadlines.ready_s, "the new process to say ready")
+    _wait_ready(channel, child, started_at, deadlines)
     ready_at = clock()
     plane.pause()
     paused_at = clock()
@@ -147,6 +157,22 @@ def _run(
     )
     log.info("handoff_done", **report.__dict__)
     return report
+
+
+def _wait_ready(
+    channel: wire.Channel, child: ChildProcess, started_at: float, deadlines: Deadlines
+) -> None:
+    """READY within the deadline; past ``idle_s`` the new process gets normal priority."""
+    what = "the new process to say ready"
+    ready_by = started_at + deadlines.ready_s
+    if deadlines.idle_until_s > 0:
+        try:
+            _expect(channel, wire.READY, started_at + deadlines.idle_until_s, what)
+            return
+        except HandoffTimeout:
+            if priority.restore(child.pid):
+                log.info("handoff_child_priority_restored", pid=child.pid)
+    _expect(channel, wire.READY, ready_by, what)
 
 
 def _expect(channel: wire.Channel, kind: int, deadline: float, what: str) -> None:

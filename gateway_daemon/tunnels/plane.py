@@ -30,20 +30,25 @@ import enum
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Final
 
 from gateway_daemon.tunnels import state as st
 from gateway_daemon.tunnels.config import Address, TunnelsConfig, format_address
 from gateway_daemon.tunnels.errors import PlaneStateError, StateError
 from gateway_daemon.tunnels.loop import Reactor
+from gateway_daemon.tunnels.session import Session
 from gateway_daemon.tunnels.tcp import TcpConn, TcpPlane, TcpTunnel
 from gateway_daemon.tunnels.udp import UdpPlane, UdpTunnel
 from hitless import logs
 
 DESCRIPTION_FORMAT: Final = "hitless.tunnels.sockets"
 RESUME_COUNTER_SKIP: Final = 1 << 32
-# Shared UDP sockets hold what arrives while the loop is frozen: ~100 ms at 40 kpps.
+# Shared UDP sockets hold what arrives while the loop is frozen: about 10,000 small
+# datagrams each: a second of the benchmark's traffic (10,000 packets/s per socket).
 UDP_BUFFER_BYTES: Final = 4 * 1024 * 1024
+_SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
+_SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
 PAUSE_TIMEOUT_S: Final = 2.0
 # How long the export freeze holds when the handoff neither pauses nor resumes.
 FREEZE_TIMEOUT_S: Final = 60.0
@@ -72,8 +77,7 @@ def bind_sockets(config: TunnelsConfig) -> list[socket.socket]:
         for addr in (config.udp_listen, config.udp_plain):
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             made.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_BUFFER_BYTES)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UDP_BUFFER_BYTES)
+            size_buffers(sock)
             sock.bind(addr)
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         made.append(listener)
@@ -87,6 +91,30 @@ def bind_sockets(config: TunnelsConfig) -> list[socket.socket]:
     for sock in made:
         sock.setblocking(False)
     return made
+
+
+def size_buffers(sock: socket.socket) -> None:
+    """Give a shared UDP socket ``UDP_BUFFER_BYTES`` each way. SO_RCVBUF is capped at
+    net.core.rmem_max (wmem_max); with CAP_NET_ADMIN the FORCE variants are not, so the
+    size is what is asked for on any host. (The kernel doubles it for its own overhead:
+    getsockopt reports 8 MiB, which holds about 10,000 of the benchmark's datagrams.)"""
+    for force, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF), (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, UDP_BUFFER_BYTES)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, UDP_BUFFER_BYTES)
+
+
+def _log_buffers(udp: socket.socket, plain: socket.socket) -> None:
+    try:
+        rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    except (OSError, ValueError):
+        rmem_max = -1
+    log.info(
+        "tunnels_udp_buffers",
+        rcvbuf=[s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) for s in (udp, plain)],
+        rmem_max=rmem_max,
+    )
 
 
 class TunnelPlane:
@@ -114,6 +142,7 @@ class TunnelPlane:
                 assert fwd.addr is not None
                 tcp.append(TcpTunnel(spec, resolve(fwd.addr)))
         self.udp = UdpPlane(udp, static, udp_sock, plain_sock)
+        _log_buffers(udp_sock, plain_sock)
         self.tcp = TcpPlane(tcp, static, listen_sock)
         self._reactor = Reactor(name)
         self._clock = clock
@@ -121,6 +150,10 @@ class TunnelPlane:
         self._exported: list[tuple[dict[str, Any], socket.socket]] | None = None
         self._freeze_until = 0.0
         self._final_taken = False
+        # The sessions the last snapshot carried: the final state sends only the counters
+        # of these, and the whole session only of one that is new since.
+        self._in_snapshot: dict[int, Session] = {}
+        self._tcp_in_snapshot: dict[int, Session] = {}
         self._previous_last_forward = 0.0
         self.cutover_ms: float | None = None
 
@@ -203,12 +236,12 @@ class TunnelPlane:
         }
 
     def snapshot(self) -> bytes:
-        box: list[bytes] = []
-        self._reactor.call(
-            lambda: box.append(st.encode_snapshot(st.Snapshot(self.config, self._udp_states()))),
-            PAUSE_TIMEOUT_S,
-        )
-        return box[0]
+        """The loop thread only copies references (tens of microseconds); the encoding
+        happens here, while the loop goes on forwarding. Counters and windows may move
+        while they are encoded: the final state sets them exactly."""
+        box: list[st.Snapshot] = []
+        self._reactor.call(lambda: box.append(self._take_snapshot()), PAUSE_TIMEOUT_S)
+        return st.encode_snapshot(box[0])
 
     def pause(self) -> None:
         self._require(Phase.SERVING, what="pause()")
@@ -232,11 +265,22 @@ class TunnelPlane:
                     f"final_state(): TCP connection {conn.cid} has a socket that was not "
                     "exported; call sockets() again"
                 )
+        in_snapshot, tcp_in_snapshot = self._in_snapshot, self._tcp_in_snapshot
         final = st.FinalState(
-            udp=self._udp_states(),
+            udp=[
+                st.UdpFinal(
+                    t.spec.id,
+                    None
+                    if t.session is None
+                    else st.SessionFinal.of(t.session, in_snapshot.get(t.spec.id)),
+                    t.endpoint,
+                    t.last_timestamp,
+                )
+                for t in self.udp.tunnels.values()
+            ],
             udp_pending=list(self.udp.pending),
             tcp_timestamps={tid: t.last_timestamp for tid, t in self.tcp.tunnels.items()},
-            tcp=[_conn_state(c) for c in self.tcp.conns.values()],
+            tcp=[_conn_final(c, tcp_in_snapshot.get(c.cid)) for c in self.tcp.conns.values()],
             last_forward=self.udp.last_forward,
         )
         self._final_taken = True
@@ -260,12 +304,20 @@ class TunnelPlane:
     # -- Plane: new process ------------------------------------------------------------
 
     def start(self, final_state: bytes) -> None:
+        """Apply the final state and serve. Everything else was built in ``adopt()``,
+        and the loop thread waits parked: this is the whole of the new process's share
+        of the cutover pause."""
         self._require(Phase.LOADED, what="start()")
         final = st.decode_final(final_state)
         self._apply(final)
         self._previous_last_forward = final.last_forward
         self._reactor.every_tick(self._report_cutover)
         self._serve()
+
+    def _prepare(self) -> None:
+        """Start the loop thread parked, so ``start()`` only has to wake it."""
+        self._reactor.pause(PAUSE_TIMEOUT_S)
+        self._reactor.start()
 
     def close(self) -> None:
         """Stop the loop and close this process's copy of every socket (no FIN, no RST:
@@ -314,8 +366,11 @@ class TunnelPlane:
         self.udp.attach(self._reactor)
         self.tcp.attach(self._reactor)
         self._reactor.every_tick(self._expire_freeze)
-        self._reactor.start()
         self._phase = Phase.SERVING
+        if self._reactor.running:
+            self._reactor.resume(wait_s=PAUSE_TIMEOUT_S)  # parked by _prepare()
+        else:
+            self._reactor.start()
 
     def _require(self, *phases: Phase, what: str) -> None:
         if self._phase not in phases:
@@ -324,18 +379,38 @@ class TunnelPlane:
                 f"{', '.join(p.value for p in phases)}"
             )
 
-    def _udp_states(self) -> list[st.UdpTunnelState]:
-        return [
+    def _take_snapshot(self) -> st.Snapshot:
+        """On the loop thread: which sessions there are now (no encoding here)."""
+        udp = [
             st.UdpTunnelState(t.spec.id, t.session, t.endpoint, t.last_timestamp)
             for t in self.udp.tunnels.values()
         ]
+        self._in_snapshot = {t.id: t.session for t in udp if t.session is not None}
+        self._tcp_in_snapshot = {
+            c.cid: c.session for c in self.tcp.conns.values() if c.session is not None
+        }
+        return st.Snapshot(self.config, udp, dict(self._tcp_in_snapshot))
+
+    def _load(self, snap: st.Snapshot) -> None:
+        """New process: the sessions of the snapshot, before the final state."""
+        for item in snap.udp:
+            tunnel = self.udp.tunnels.get(item.id)
+            if tunnel is None:
+                raise StateError(f"snapshot: UDP tunnel {item.id} is not in the config")
+            tunnel.session, tunnel.endpoint = item.session, item.endpoint
+            tunnel.last_timestamp = item.last_timestamp
 
     def _apply(self, final: st.FinalState) -> None:
         for item in final.udp:
             tunnel = self.udp.tunnels.get(item.id)
             if tunnel is None:
                 raise StateError(f"final state: UDP tunnel {item.id} is not in the config")
-            tunnel.session, tunnel.endpoint = item.session, item.endpoint
+            tunnel.session = (
+                None
+                if item.session is None
+                else item.session.resolve(tunnel.session, f"UDP tunnel {item.id}")
+            )
+            tunnel.endpoint = item.endpoint
             tunnel.last_timestamp = item.last_timestamp
         self.udp.pending.extend(final.udp_pending)
         for tid, stamp in final.tcp_timestamps.items():
@@ -350,7 +425,11 @@ class TunnelPlane:
                 continue
             if saved.has_plain != (conn.psock is not None):
                 raise StateError(f"final state: TCP connection {cid} sockets do not match")
-            conn.session = saved.session
+            conn.session = (
+                None
+                if saved.session is None
+                else saved.session.resolve(conn.session, f"TCP connection {cid}")
+            )
             conn.t_in, conn.t_out, conn.p_out = (
                 bytearray(saved.t_in),
                 bytearray(saved.t_out),
@@ -367,10 +446,10 @@ def _name(sock: socket.socket) -> Address:
     return str(host), int(port)
 
 
-def _conn_state(c: TcpConn) -> st.TcpConnState:
-    return st.TcpConnState(
+def _conn_final(c: TcpConn, in_snapshot: Session | None) -> st.TcpConnFinal:
+    return st.TcpConnFinal(
         cid=c.cid,
-        session=c.session,
+        session=None if c.session is None else st.SessionFinal.of(c.session, in_snapshot),
         t_in=bytes(c.t_in),
         t_out=bytes(c.t_out),
         p_out=bytes(c.p_out),
@@ -435,7 +514,9 @@ def adopt(
     plane = TunnelPlane(
         snap.config, shared["udp_tunnel"], shared["udp_plain"], shared["tcp_listen"]
     )
-    plane._apply(st.FinalState(udp=snap.udp))
-    for conn in conns.values():
+    plane._load(snap)
+    for cid, conn in conns.items():
+        conn.session = snap.tcp_sessions.get(cid)
         plane.tcp.add(conn)
+    plane._prepare()
     return plane

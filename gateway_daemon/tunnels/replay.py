@@ -27,6 +27,8 @@ _MASK: Final = (1 << 64) - 1
 REJECT_AFTER_MESSAGES: Final = (1 << 64) - (1 << 13) - 1
 
 _PACKED: Final = struct.Struct(f"!Q?{_WORDS}Q")
+# The size of ``ReplayWindow.to_bytes()``.
+WINDOW_BYTES: Final = _PACKED.size
 
 
 class ReplayWindow:

@@ -76,6 +76,9 @@ class UdpReport:
     rejected: int
     max_gap_ms: float
     p99_gap_ms: float
+    # Datagrams the kernel dropped because the tool's own sockets' buffers were full:
+    # the instrument, not the gateway, lost them.
+    rcvbuf_drops: int = 0
 
     @classmethod
     def of(cls, stats: list[GapStats], sent: list[int]) -> UdpReport:

@@ -1,16 +1,32 @@
 """What one process hands the next: the snapshot and the final state, encoded.
 
-Both are JSON objects with a ``format`` name and a ``version``; byte strings are base64.
-JSON keeps them readable in a debugging session and is compact enough: a UDP tunnel
-costs about 500 bytes (mostly its 2048-bit replay window). Everything is validated on
-load, and every error says which field is wrong (``StateError``).
+Two documents with different jobs, so two encodings:
 
-- The snapshot carries the config (keys, routes) and the sessions as they are when it is
-  taken, so the next process can load and check them while this one still serves.
-- The final state, taken after ``pause()``, carries everything that moves while serving:
-  every session in full (a site may have handshaken since the snapshot), send counters,
-  replay windows, last handshake timestamps, queued datagrams, and per TCP connection its
-  unparsed bytes, outgoing buffers and half-close flags.
+- The snapshot, sent while the old process still serves, carries the config (keys,
+  routes) and every session as it is then (UDP tunnels and established TCP tunnel
+  connections), so the next process builds everything before it says ready: sessions
+  with their ciphers, routes, connections. It is JSON (byte strings in base64), readable
+  in a debugging session, validated field by field (``StateError`` names the field);
+  its cost is paid off the hot path.
+- The final state, taken after ``pause()``, is on the hot path: nothing is forwarded
+  from the moment the old process parks until the new one has applied it. It carries
+  only what moves while serving, in a compact binary form: per session its send counter,
+  next expected TCP counter and replay window, and its keys only when the session is new
+  since the snapshot (a site handshook in between); per UDP tunnel its endpoint and last
+  handshake timestamp; queued datagrams; per TCP connection its unparsed bytes, outgoing
+  buffers and half-close flags. About 330 bytes per UDP tunnel, mostly the window.
+
+Final state layout (big-endian)::
+
+    magic "HTFS", u16 version, f64 last_forward
+    u32 n, n x UDP tunnel:  u32 id, u8 flags, u64 last_timestamp, [address], [session]
+    u32 n, n x datagram:    u8 to_tunnel, address, u32 length, bytes
+    u32 n, n x TCP tunnel:  u32 id, u64 last_timestamp
+    u32 n, n x connection:  u64 cid, u8 flags, [session], 3 x (u32 length, bytes)
+    address:  u8 length, host (ASCII), u16 port
+    session:  u8 0 (none) | 1 (the snapshot's) | 2 (new: u32 tunnel id, 32-byte send key,
+              32-byte receive key), then unless 0: u64 send counter, u64 next receive
+              counter, the replay window (``ReplayWindow.to_bytes``)
 """
 
 from __future__ import annotations
@@ -18,21 +34,38 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gateway_daemon.tunnels.config import Address, TunnelsConfig, format_address, parse_address
 from gateway_daemon.tunnels.errors import StateError, TunnelConfigError
-from gateway_daemon.tunnels.replay import ReplayWindow
-from gateway_daemon.tunnels.session import Session
+from gateway_daemon.tunnels.replay import WINDOW_BYTES, ReplayWindow
+from gateway_daemon.tunnels.session import KEY_LEN, Session
 
-STATE_VERSION: Final = 1
+STATE_VERSION: Final = 2
 SNAPSHOT_FORMAT: Final = "hitless.tunnels.snapshot"
-FINAL_FORMAT: Final = "hitless.tunnels.final"
+FINAL_MAGIC: Final = b"HTFS"
+
+_HEAD = struct.Struct(">4sHd")
+_COUNT = struct.Struct(">I")
+_UDP = struct.Struct(">IBQ")
+_PORT = struct.Struct(">H")
+_LENGTH = struct.Struct(">I")
+_TCP_STAMP = struct.Struct(">IQ")
+_CONN = struct.Struct(">QB")
+_KEYS = struct.Struct(f">I{KEY_LEN}s{KEY_LEN}s")
+_COUNTERS = struct.Struct(f">QQ{WINDOW_BYTES}s")
+
+_HAS_ENDPOINT: Final = 1
+_NO_SESSION, _SNAPSHOT_SESSION, _NEW_SESSION = 0, 1, 2
+_TCP_FLAGS: Final = ("has_plain", "p_connected", "t_eof", "p_eof", "t_shut", "p_shut")
 
 
 @dataclass
 class UdpTunnelState:
+    """A UDP tunnel in the snapshot."""
+
     id: int
     session: Session | None
     endpoint: Address | None
@@ -40,9 +73,63 @@ class UdpTunnelState:
 
 
 @dataclass
-class TcpConnState:
+class Snapshot:
+    config: TunnelsConfig
+    udp: list[UdpTunnelState]
+    tcp_sessions: dict[int, Session] = field(default_factory=dict)  # by connection id
+
+
+@dataclass
+class Counters:
+    """What moves in a session while it serves."""
+
+    send_counter: int
+    recv_next: int
+    window: bytes  # ReplayWindow.to_bytes()
+
+    @classmethod
+    def of(cls, session: Session) -> Counters:
+        return cls(session.send_counter, session.recv_next, session.window.to_bytes())
+
+    def apply(self, session: Session) -> None:
+        session.send_counter = self.send_counter
+        session.recv_next = self.recv_next
+        session.window = ReplayWindow.from_bytes(self.window)
+
+
+@dataclass
+class SessionFinal:
+    """A session in the final state: its counters, and ``new`` (the whole session) when
+    it is not the one the snapshot carried; None then means "the snapshot's"."""
+
+    counters: Counters
+    new: Session | None = None
+
+    @classmethod
+    def of(cls, session: Session, in_snapshot: Session | None) -> SessionFinal:
+        return cls(Counters.of(session), None if session is in_snapshot else session)
+
+    def resolve(self, from_snapshot: Session | None, where: str) -> Session:
+        """The session to serve with: the new one, or the snapshot's, with the counters."""
+        session = self.new if self.new is not None else from_snapshot
+        if session is None:
+            raise StateError(f"final state: {where} has counters for a session it never had")
+        self.counters.apply(session)
+        return session
+
+
+@dataclass
+class UdpFinal:
+    id: int
+    session: SessionFinal | None
+    endpoint: Address | None
+    last_timestamp: int
+
+
+@dataclass
+class TcpConnFinal:
     cid: int
-    session: Session | None
+    session: SessionFinal | None
     t_in: bytes
     t_out: bytes
     p_out: bytes
@@ -55,23 +142,17 @@ class TcpConnState:
 
 
 @dataclass
-class Snapshot:
-    config: TunnelsConfig
-    udp: list[UdpTunnelState]
-
-
-@dataclass
 class FinalState:
-    udp: list[UdpTunnelState]
+    udp: list[UdpFinal]
     udp_pending: list[tuple[bool, Address, bytes]] = field(default_factory=list)
     tcp_timestamps: dict[int, int] = field(default_factory=dict)
-    tcp: list[TcpConnState] = field(default_factory=list)
+    tcp: list[TcpConnFinal] = field(default_factory=list)
     # When the old process last forwarded a datagram (time.monotonic(), machine-wide);
     # 0.0 when unknown. Only measured, never acted on.
     last_forward: float = 0.0
 
 
-# -- encoding --------------------------------------------------------------------------
+# -- snapshot (JSON) -------------------------------------------------------------------
 
 
 def _b64(data: bytes) -> str:
@@ -91,56 +172,27 @@ def _session(s: Session | None) -> dict[str, Any] | None:
     }
 
 
-def _udp(t: UdpTunnelState) -> dict[str, Any]:
-    return {
-        "id": t.id,
-        "session": _session(t.session),
-        "endpoint": None if t.endpoint is None else format_address(t.endpoint),
-        "last_timestamp": t.last_timestamp,
-    }
-
-
 def encode_snapshot(snapshot: Snapshot) -> bytes:
     return json.dumps(
         {
             "format": SNAPSHOT_FORMAT,
             "version": STATE_VERSION,
             "config": snapshot.config.to_dict(),
-            "udp": [_udp(t) for t in snapshot.udp],
-        },
-        separators=(",", ":"),
-    ).encode()
-
-
-def encode_final(final: FinalState) -> bytes:
-    return json.dumps(
-        {
-            "format": FINAL_FORMAT,
-            "version": STATE_VERSION,
-            "udp": [_udp(t) for t in final.udp],
-            "udp_pending": [
-                [to_tunnel, format_address(addr), _b64(data)]
-                for to_tunnel, addr, data in final.udp_pending
-            ],
-            "tcp_timestamps": {str(k): v for k, v in final.tcp_timestamps.items()},
-            "tcp": [
+            "udp": [
                 {
-                    "cid": c.cid,
-                    "session": _session(c.session),
-                    "t_in": _b64(c.t_in),
-                    "t_out": _b64(c.t_out),
-                    "p_out": _b64(c.p_out),
-                    "flags": [c.has_plain, c.p_connected, c.t_eof, c.p_eof, c.t_shut, c.p_shut],
+                    "id": t.id,
+                    "session": _session(t.session),
+                    "endpoint": None if t.endpoint is None else format_address(t.endpoint),
+                    "last_timestamp": t.last_timestamp,
                 }
-                for c in final.tcp
+                for t in snapshot.udp
             ],
-            "last_forward": final.last_forward,
+            "tcp": [
+                {"cid": cid, "session": _session(s)} for cid, s in snapshot.tcp_sessions.items()
+            ],
         },
         separators=(",", ":"),
     ).encode()
-
-
-# -- decoding --------------------------------------------------------------------------
 
 
 def _field(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -192,74 +244,163 @@ def _load_udp(raw: Any, where: str) -> UdpTunnelState:
     )
 
 
-def _document(data: bytes, fmt: str, what: str) -> dict[str, Any]:
+def decode_snapshot(data: bytes) -> Snapshot:
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StateError(f"{what}: not JSON ({exc})") from None
-    if not isinstance(raw, dict) or raw.get("format") != fmt:
-        raise StateError(f"{what}: not a {fmt} document")
+        raise StateError(f"snapshot: not JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != SNAPSHOT_FORMAT:
+        raise StateError(f"snapshot: not a {SNAPSHOT_FORMAT} document")
     if raw.get("version") != STATE_VERSION:
         raise StateError(
-            f"{what}: version {raw.get('version')!r}, this version reads {STATE_VERSION}; "
+            f"snapshot: version {raw.get('version')!r}, this version reads {STATE_VERSION}; "
             "the handoff must be abandoned (roll back)"
         )
-    return raw
-
-
-def decode_snapshot(data: bytes) -> Snapshot:
-    raw = _document(data, SNAPSHOT_FORMAT, "snapshot")
     try:
         config = TunnelsConfig.from_dict(raw.get("config"))
     except TunnelConfigError as exc:
         raise StateError(f"snapshot.config: {exc}") from None
     udp = _field(raw, "udp", list, "snapshot")
-    return Snapshot(config, [_load_udp(t, f"snapshot.udp[{i}]") for i, t in enumerate(udp)])
+    tcp: dict[int, Session] = {}
+    for i, item in enumerate(_field(raw, "tcp", list, "snapshot")):
+        where = f"snapshot.tcp[{i}]"
+        session = _load_session(_field(item, "session", dict, where), f"{where}.session")
+        assert session is not None
+        tcp[_field(item, "cid", int, where)] = session
+    return Snapshot(config, [_load_udp(t, f"snapshot.udp[{i}]") for i, t in enumerate(udp)], tcp)
+
+
+# -- final state (binary) --------------------------------------------------------------
+
+
+def _put_address(out: bytearray, addr: Address) -> None:
+    host = addr[0].encode("ascii")
+    out += bytes((len(host),)) + host + _PORT.pack(addr[1])
+
+
+def _put_session(out: bytearray, s: SessionFinal | None) -> None:
+    if s is None:
+        out.append(_NO_SESSION)
+        return
+    if s.new is None:
+        out.append(_SNAPSHOT_SESSION)
+    else:
+        out.append(_NEW_SESSION)
+        out += _KEYS.pack(s.new.tunnel_id, s.new.send_key, s.new.recv_key)
+    c = s.counters
+    out += _COUNTERS.pack(c.send_counter, c.recv_next, c.window)
+
+
+def _put_bytes(out: bytearray, data: bytes) -> None:
+    out += _LENGTH.pack(len(data))
+    out += data
+
+
+def encode_final(final: FinalState) -> bytes:
+    out = bytearray(_HEAD.pack(FINAL_MAGIC, STATE_VERSION, final.last_forward))
+    out += _COUNT.pack(len(final.udp))
+    for t in final.udp:
+        flags = _HAS_ENDPOINT if t.endpoint is not None else 0
+        out += _UDP.pack(t.id, flags, t.last_timestamp)
+        if t.endpoint is not None:
+            _put_address(out, t.endpoint)
+        _put_session(out, t.session)
+    out += _COUNT.pack(len(final.udp_pending))
+    for to_tunnel, addr, data in final.udp_pending:
+        out.append(1 if to_tunnel else 0)
+        _put_address(out, addr)
+        _put_bytes(out, data)
+    out += _COUNT.pack(len(final.tcp_timestamps))
+    for tid, stamp in final.tcp_timestamps.items():
+        out += _TCP_STAMP.pack(tid, stamp)
+    out += _COUNT.pack(len(final.tcp))
+    for c in final.tcp:
+        flags = sum(1 << i for i, name in enumerate(_TCP_FLAGS) if getattr(c, name))
+        out += _CONN.pack(c.cid, flags)
+        _put_session(out, c.session)
+        for data in (c.t_in, c.t_out, c.p_out):
+            _put_bytes(out, data)
+    return bytes(out)
+
+
+class _Reader:
+    """A cursor over the final state; every short read is a StateError with the offset."""
+
+    def __init__(self, data: bytes) -> None:
+        self.view = memoryview(data)
+        self.offset = 0
+
+    def take(self, s: struct.Struct) -> tuple[Any, ...]:
+        try:
+            values = s.unpack_from(self.view, self.offset)
+        except struct.error:
+            raise StateError(f"final state: truncated at byte {self.offset}") from None
+        self.offset += s.size
+        return values
+
+    def raw(self, length: int) -> bytes:
+        end = self.offset + length
+        if end > len(self.view):
+            raise StateError(f"final state: truncated at byte {self.offset}")
+        data = bytes(self.view[self.offset : end])
+        self.offset = end
+        return data
+
+    def byte(self) -> int:
+        return self.raw(1)[0]
+
+    def address(self) -> Address:
+        host = self.raw(self.byte())
+        (port,) = self.take(_PORT)
+        try:
+            return host.decode("ascii"), port
+        except UnicodeDecodeError:
+            raise StateError(f"final state: bad address at byte {self.offset}") from None
+
+    def blob(self) -> bytes:
+        (length,) = self.take(_LENGTH)
+        return self.raw(length)
+
+    def session(self, where: str) -> SessionFinal | None:
+        kind = self.byte()
+        if kind == _NO_SESSION:
+            return None
+        new = None
+        if kind == _NEW_SESSION:
+            tunnel_id, send_key, recv_key = self.take(_KEYS)
+            new = Session(tunnel_id, send_key, recv_key)
+        elif kind != _SNAPSHOT_SESSION:
+            raise StateError(f"final state: {where}: unknown session kind {kind}")
+        return SessionFinal(Counters(*self.take(_COUNTERS)), new)
 
 
 def decode_final(data: bytes) -> FinalState:
-    raw = _document(data, FINAL_FORMAT, "final state")
-    where = "final state"
-    udp = _field(raw, "udp", list, where)
-    pending = []
-    for i, item in enumerate(_field(raw, "udp_pending", list, where)):
-        w = f"{where}.udp_pending[{i}]"
-        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], bool):
-            raise StateError(f"{w}: expected [to_tunnel, address, data]")
-        pending.append((item[0], _address(item[1], w), _bytes({"d": item[2]}, "d", w)))
-    stamps = _field(raw, "tcp_timestamps", dict, where)
-    try:
-        tcp_timestamps = {int(k): int(v) for k, v in stamps.items()}
-    except (TypeError, ValueError):
-        raise StateError(f"{where}.tcp_timestamps: expected tunnel id → integer") from None
-    conns = []
-    for i, c in enumerate(_field(raw, "tcp", list, where)):
-        w = f"{where}.tcp[{i}]"
-        flags = _field(c, "flags", list, w)
-        if len(flags) != 6 or not all(isinstance(f, bool) for f in flags):
-            raise StateError(f"{w}.flags: expected six booleans")
-        conns.append(
-            TcpConnState(
-                cid=_field(c, "cid", int, w),
-                session=_load_session(c.get("session"), f"{w}.session"),
-                t_in=_bytes(c, "t_in", w),
-                t_out=_bytes(c, "t_out", w),
-                p_out=_bytes(c, "p_out", w),
-                has_plain=flags[0],
-                p_connected=flags[1],
-                t_eof=flags[2],
-                p_eof=flags[3],
-                t_shut=flags[4],
-                p_shut=flags[5],
-            )
+    r = _Reader(data)
+    magic, version, last_forward = r.take(_HEAD)
+    if magic != FINAL_MAGIC:
+        raise StateError("final state: not a hitless tunnels final state")
+    if version != STATE_VERSION:
+        raise StateError(
+            f"final state: version {version}, this version reads {STATE_VERSION}; "
+            "the handoff must be abandoned (roll back)"
         )
-    last_forward = raw.get("last_forward", 0.0)  # optional: older versions do not send it
-    if not isinstance(last_forward, int | float) or isinstance(last_forward, bool):
-        raise StateError(f"{where}.last_forward: expected a number")
-    return FinalState(
-        udp=[_load_udp(t, f"{where}.udp[{i}]") for i, t in enumerate(udp)],
-        udp_pending=pending,
-        tcp_timestamps=tcp_timestamps,
-        tcp=conns,
-        last_forward=float(last_forward),
-    )
+    udp = []
+    for _ in range(r.take(_COUNT)[0]):
+        tid, flags, stamp = r.take(_UDP)
+        endpoint = r.address() if flags & _HAS_ENDPOINT else None
+        udp.append(UdpFinal(tid, r.session(f"UDP tunnel {tid}"), endpoint, stamp))
+    pending = []
+    for _ in range(r.take(_COUNT)[0]):
+        to_tunnel = r.byte() != 0
+        pending.append((to_tunnel, r.address(), r.blob()))
+    stamps = dict(r.take(_TCP_STAMP) for _ in range(r.take(_COUNT)[0]))
+    conns = []
+    for _ in range(r.take(_COUNT)[0]):
+        cid, flags = r.take(_CONN)
+        session = r.session(f"TCP connection {cid}")
+        t_in, t_out, p_out = r.blob(), r.blob(), r.blob()
+        bits = [bool(flags & (1 << i)) for i in range(len(_TCP_FLAGS))]
+        conns.append(TcpConnFinal(cid, session, t_in, t_out, p_out, *bits))
+    if r.offset != len(data):
+        raise StateError(f"final state: {len(data) - r.offset} stray bytes at the end")
+    return FinalState(udp, pending, stamps, conns, last_forward)

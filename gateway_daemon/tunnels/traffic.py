@@ -35,6 +35,7 @@ from typing import Final
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from gateway_daemon.tunnels import drops
 from gateway_daemon.tunnels.errors import TunnelConfigError, TunnelError
 from gateway_daemon.tunnels.lab import Sites, write_lab
 from gateway_daemon.tunnels.report import GapStats, TcpReport, TrafficReport, UdpReport
@@ -361,6 +362,7 @@ class TrafficRun:
     def _report(self, elapsed: float) -> TrafficReport:
         udp = UdpReport.of([s.stats for s in self._streams], [s.sent for s in self._streams])
         udp.rejected = self._rejected
+        udp.rcvbuf_drops = drops.of_sockets(self._plain_udp + [s.sock for s in self._udp_sites])
         directions = [d for f in self._tcp for d in (f.up, f.down)]
         tcp = TcpReport(
             connections=len(self._tcp),

@@ -1,6 +1,7 @@
 """A new-version process for handoff tests: ``python -m tests.support.handoff_child FD MODE``.
 
 MODE ok: adopt the listeners, say ready, start, say started, serve until SIGTERM.
+MODE tunnels: the same with a tunnel plane (``tunnels.plane.adopt``).
 MODE crash: exit 3 at once.  MODE hang: never answer.  MODE abort: refuse (a failed
 self-check).  MODE die-after-ready: say ready, then SIGKILL itself before starting.
 """
@@ -14,6 +15,8 @@ import threading
 
 from gateway_daemon import listeners
 from gateway_daemon.handoff import child
+from gateway_daemon.plane import Plane
+from gateway_daemon.tunnels import plane as tunnels
 
 
 def main() -> int:
@@ -26,7 +29,12 @@ def main() -> int:
     if mode == "abort":
         inheritance.abort("self-check failed: config checksum mismatch")
         return 1
-    plane = listeners.adopt(inheritance.description, inheritance.sockets, b"child\n")
+    plane: Plane
+    if mode == "tunnels":
+        description, sockets = inheritance.description, inheritance.sockets
+        plane = tunnels.adopt(description, sockets, inheritance.snapshot)
+    else:
+        plane = listeners.adopt(inheritance.description, inheritance.sockets, b"child\n")
     if mode == "die-after-ready":
         inheritance.channel.send(4)  # READY, then gone before the cutover completes
         os.kill(os.getpid(), signal.SIGKILL)

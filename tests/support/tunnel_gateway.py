@@ -29,13 +29,16 @@ class TunnelGateway:
         out = []
         for line in self.proc.log().splitlines():
             if line.startswith("{") and f'"{name}"' in line:
-                record = json.loads(line)
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # two processes' lines interleaved in the shared log
                 if record.get("event") == name:
                     out.append(record)
         return out
 
     def serving_pid(self) -> int:
-        return int(self.events("gateway_serving")[-1]["pid"])  # type: ignore[call-overload]
+        return int(str(self.events("gateway_serving")[-1]["pid"]))
 
     def wait_serving(self, count: int = 1, timeout: float = 20.0) -> None:
         """Until ``count`` processes of this gateway have said they serve."""
