@@ -108,6 +108,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     events: list[Any] = field(default_factory=list)
     # Per method: how many calls to answer with UNAVAILABLE before behaving.
     unavailable: dict[str, int] = field(default_factory=dict)
+    unavailable_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     # Cut the first WatchJob stream with UNAVAILABLE after this many events.
     cut_watch_after: int | None = None
     cut_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
@@ -133,7 +134,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
             left = self.unavailable.get(method, 0)
             self.unavailable[method] = max(0, left - 1)
         if left:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "controller is restarting")
+            context.abort(self.unavailable_code, "controller is restarting")
 
     def ListGateways(self, request: Any, context: Any) -> Any:
         self._maybe_unavailable("ListGateways", context)
@@ -575,6 +576,17 @@ def test_start_upgrade_retries_unavailable_with_the_same_request_id(
     assert json.loads(out)["job_id"] == "job-1"
     ids = {r.request_id for r in fake.start_requests}
     assert len(fake.start_requests) == 3 and len(ids) == 1
+
+
+def test_a_call_cancelled_by_a_stopping_controller_is_retried(
+    addr: str, fake: FakeController
+) -> None:
+    fake.unavailable_code = grpc.StatusCode.CANCELLED
+    fake.unavailable["ListGateways"] = 2
+    code, out, err = cli(addr, "gateways", "list", "--json")
+    assert code == ExitCode.OK, err
+    assert [g["id"] for g in json.loads(out)] == ["gw-1", "gw-22"]
+    assert fake.unavailable["ListGateways"] == 0
 
 
 def test_unavailable_beyond_the_retry_budget_is_unreachable(

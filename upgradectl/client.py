@@ -11,7 +11,8 @@
 | anything else                                   | ControllerFailed                        |
 
 The controller upgrades itself by starting a new process on the same port and stopping the
-old one, so a client may meet UNAVAILABLE for a moment. Idempotent unary calls are retried
+old one, so a client may meet UNAVAILABLE (or CANCELLED, for a call that arrived as the old
+one stopped) for a moment. Idempotent unary calls are retried
 then, with bounded exponential backoff and jitter; ``StartUpgrade`` counts as idempotent
 because it carries the caller's request id, and adding an admin or checking the release feed
 twice changes nothing. ``watch_job`` resumes after the last sequence number it saw.
@@ -260,14 +261,16 @@ class ControllerClient:
                 attempt += 1
 
     def _unary(self, method: str, call: Callable[..., T], request: Any) -> T:
-        """Call ``method``, retrying UNAVAILABLE within the retry budget."""
+        """Call ``method``, retrying UNAVAILABLE and CANCELLED within the retry budget."""
         give_up_at = self._clock() + self._retry.budget_s
         attempt = 0
         while True:
             try:
                 return call(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                # A stopping server cancels calls that arrived but had not reached their
+                # handler yet; we never cancel our own calls, so CANCELLED means that.
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     delay = self._retry.delay(attempt)
                     if self._clock() + delay <= give_up_at:
                         self._sleep(delay)
