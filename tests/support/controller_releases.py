@@ -5,7 +5,18 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
+from alembic.script import ScriptDirectory
+
+from controller_svc.db import alembic_config
 from upgradectl.build import build_release
+
+
+def _head() -> str:
+    """The newest revision of the code under test, for a broken one to follow."""
+    head = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
+
 
 # What to add to a release for each way its controller breaks: file -> appended text
 # (a file the release does not have is created).
@@ -17,7 +28,7 @@ BROKEN = {
         "migrations/versions/0099_broken.py": (
             '"""A revision that fails."""\n'
             'revision = "0099"\n'
-            'down_revision = "0002"\n'
+            f'down_revision = "{_head()}"\n'
             "branch_labels = None\n"
             "depends_on = None\n\n\n"
             "def upgrade() -> None:\n"
