@@ -170,8 +170,9 @@ class Bench:
 
 def summarize(
     saturation: float, gateway_cpu: float, upgraded: dict[str, Any], took: float,
-    handoffs: list[dict[str, Any]], pauses: list[float], steady: dict[str, Any],
+    handoffs: list[dict[str, Any]], cutovers: list[dict[str, Any]], steady: dict[str, Any],
 ) -> dict[str, Any]:  # fmt: skip
+    pauses = [float(str(e["pause_ms"])) for e in cutovers]
     u, t, s = upgraded["udp"], upgraded["tcp"], steady["udp"]
 
     def phase(key: str) -> dict[str, float]:
@@ -216,8 +217,27 @@ def summarize(
             "state_transfer": phase("state_ms"),
             "control_cutover": phase("cutover_ms"),
         },
+        "cutover_breakdown_us": breakdown(handoffs, cutovers),
         "descriptors": handoffs[0]["descriptors"] if handoffs else 0,
         "final_state_bytes": handoffs[0]["final_state_bytes"] if handoffs else 0,
+    }
+
+
+def breakdown(
+    handoffs: list[dict[str, Any]], cutovers: list[dict[str, Any]]
+) -> dict[str, dict[str, float]]:
+    """Each cutover step's p50 and max, in microseconds from the old process's last
+    forward: the old process's marks (``handoff_done``) and the new one's
+    (``tunnels_cutover``)."""
+    steps: dict[str, list[float]] = {}
+    for event, key, prefix in [(h, "cutover_marks_us", "old ") for h in handoffs] + [
+        (c, "marks_us", "new ") for c in cutovers
+    ]:
+        for name, value in (event.get(key) or {}).items():
+            steps.setdefault(prefix + name, []).append(float(value))
+    return {
+        name: {"p50": round(statistics.median(v), 1), "max": round(max(v), 1)}
+        for name, v in sorted(steps.items(), key=lambda kv: statistics.median(kv[1]))
     }
 
 
@@ -254,6 +274,10 @@ def table(r: dict[str, Any]) -> str:
          f"{p['control_cutover']['p50']} / {p['control_cutover']['max']} "
          f"(final state {r['final_state_bytes']} B)", ""),
     ]
+    rows += [
+        (f"  {name} us p50 / max", f"{v['p50']} / {v['max']}", "")
+        for name, v in r["cutover_breakdown_us"].items()
+    ]
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{'':{width}}  {'measured':40}  target"]
     lines += [f"{name:{width}}  {value:40}  {target}" for name, value, target in rows]
@@ -284,9 +308,7 @@ def main() -> int:
                       f"(gateway CPU {cpu:.0%} of a core)", flush=True)
                 print(f"{UPGRADES} upgrades at {OFFERED_PPS} packets/s ...", flush=True)
                 upgraded, took, handoffs = bench.upgrade_run()
-                pauses = [
-                    float(str(e["pause_ms"])) for e in bench.gateway.events("tunnels_cutover")
-                ]
+                cutovers = bench.gateway.events("tunnels_cutover")
                 print(f"steady state for {took:.1f} s ...", flush=True)
                 steady = bench.steady_run(took)
                 buffers = bench.udp_buffers()
@@ -294,7 +316,7 @@ def main() -> int:
                 bench.close()
     finally:
         mgmt.delete_vhost(vhost)
-    result = summarize(saturation, cpu, upgraded, took, handoffs, pauses, steady)
+    result = summarize(saturation, cpu, upgraded, took, handoffs, cutovers, steady)
     result.update(udp_buffers=buffers, load_start=load_start, load_end=_load())
     print(table(result))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ import select
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ log = logs.get(__name__)
 BUS_READY_TIMEOUT_S = 20.0
 # How long a new version waits for the old process to exit before it reports and consumes.
 PREDECESSOR_EXIT_TIMEOUT_S = 10.0
+# READY to CUTOVER: the old process only parks its loop and encodes the final state.
+CUTOVER_TIMEOUT_S = 10.0
+# Beyond that deadline, for the data plane to apply the final state and serve.
+PAUSE_MARGIN_S = 2.0
 
 
 DEFAULT_DEADLINES = parent.Deadlines()
@@ -134,8 +139,12 @@ class GatewayDaemon:
             if not publisher.wait_connected(BUS_READY_TIMEOUT_S):
                 raise HandoffFailed(f"cannot reach the broker at {self.config.bus.safe_url}")
             selfcheck.run(plane, inheritance.sockets)
-            final_state = inheritance.ready()
-            plane.start(final_state)
+            inheritance.say_ready()
+            # The data plane's own loop thread waits for CUTOVER and serves at once.
+            deadline = time.monotonic() + CUTOVER_TIMEOUT_S
+            plane.start_from(
+                lambda: inheritance.cutover(deadline), CUTOVER_TIMEOUT_S + PAUSE_MARGIN_S
+            )
         except Exception as exc:
             log.error("takeover_failed", error=str(exc))
             inheritance.abort(f"the new version could not take over: {exc}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any, Final
 
 from gateway_daemon import listeners
@@ -114,6 +115,31 @@ class DataPlane:
                 part.resume()
             raise
 
+    def cut_over(self, send: Callable[[bytes], None]) -> None:
+        """``pause()`` and ``send(final_state())``, with the tunnels' part done on their
+        loop thread the moment it parks (``TunnelPlane.cut_over``). On failure the caller
+        resumes the plane once the next process is gone, as after ``pause()``."""
+        pieces: dict[str, bytes] = {}
+        order = [name for name, _ in self._parts]
+
+        def send_all(last: str, data: bytes) -> None:
+            pieces[last] = data
+            send(_pack([(name, pieces[name]) for name in order]))
+
+        if not self._parts:
+            send(_pack([]))
+            return
+        *first, (last_name, last) = reversed(self._parts)
+        for _, part in first:
+            part.pause()
+        for name, part in first:
+            pieces[name] = part.final_state()
+        if isinstance(last, tunnels.TunnelPlane):
+            last.cut_over(lambda data: send_all(last_name, data))
+        else:
+            last.pause()
+            send_all(last_name, last.final_state())
+
     def final_state(self) -> bytes:
         return _pack([(name, part.final_state()) for name, part in self._parts])
 
@@ -126,12 +152,37 @@ class DataPlane:
         for name, part in self._parts:
             part.start(pieces[name])
 
+    def start_from(self, receive: Callable[[], bytes], timeout: float) -> None:
+        """``start(receive())``, with the tunnels' loop thread itself waiting for the
+        final state and serving at once (``TunnelPlane.start_from``); the other parts
+        start after it, from here."""
+        plane = self.tunnels
+        if plane is None:
+            self.start(receive())
+            return
+        names = [name for name, _ in self._parts]
+        pieces: dict[str, bytes] = {}
+
+        def tunnels_piece() -> bytes:
+            pieces.update(_unpack(receive(), names, "final state"))
+            return pieces[TUNNELS]
+
+        plane.start_from(tunnels_piece, timeout)
+        for name, part in self._parts:
+            if part is not plane:
+                part.start(pieces[name])
+
     def close(self) -> None:
         for _, part in self._parts:
             part.close()
 
     def endpoints(self) -> list[str]:
         return [endpoint for _, part in self._parts for endpoint in part.endpoints()]
+
+    def cutover_marks(self) -> dict[str, int]:
+        """The tunnels' last forward and park (time.monotonic_ns); empty without tunnels."""
+        plane = self.tunnels
+        return plane.cutover_marks() if plane is not None else {}
 
 
 def adopt(

@@ -2,6 +2,7 @@
 
     accept():   HELLO, descriptors, SNAPSHOT   -> Inheritance (the plane is not serving)
     ready():    READY, wait CUTOVER            -> the old process's final state
+                (or say_ready(), then cutover() on the thread that will serve)
     started():  STARTED                        -> the old process exits
 
 Leaving without ``started()`` (crash, exception, deadline) closes the control socket,
@@ -33,18 +34,23 @@ class Inheritance:
     channel: wire.Channel = field(repr=False)
 
     def ready(self, timeout_s: float = 10.0) -> bytes:
-        """Say ready; return the final state once the old process has paused.
+        """Say ready; return the final state once the old process has paused."""
+        self.say_ready()
+        return self.cutover(time.monotonic() + timeout_s)
 
-        First, while the old process still serves: collect and freeze what the start
-        allocated (a full collection in the middle of the cutover would stall it for
-        milliseconds), and take normal priority back (``priority``)."""
+    def say_ready(self) -> None:
+        """Say ready. First, while the old process still serves: collect and freeze
+        what the start allocated (a full collection in the middle of the cutover would
+        stall it for milliseconds), and take normal priority back (``priority``)."""
         gc.collect()
         gc.freeze()
         priority.restore()
         self.channel.send(wire.READY)
-        kind, payload = self.channel.receive(
-            time.monotonic() + timeout_s, "the old process to cut over"
-        )
+
+    def cutover(self, deadline: float) -> bytes:
+        """The final state the old process sends once it has paused (any thread may
+        wait for it; HandoffTimeout at ``deadline``, a time.monotonic value)."""
+        kind, payload = self.channel.receive(deadline, "the old process to cut over")
         if kind != wire.CUTOVER:
             raise HandoffFailed(f"protocol error: expected CUTOVER, got frame kind {kind}")
         return payload

@@ -3,7 +3,8 @@
     spawn new version (exec, with one end of a socketpair)
     HELLO (description, context) + descriptors in batches + SNAPSHOT
     wait READY  ........................ deadline: ready_s; EOF or ABORT = failed
-    plane.pause(); CUTOVER(final state)
+    plane.pause(); CUTOVER(final state) .. on the plane's own loop thread as it parks,
+                                         when the plane has cut_over()
     wait STARTED ....................... deadline: started_s
     done: the caller closes its copy of the plane and exits
 
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway_daemon.errors import GatewayError, HandoffFailed, HandoffTimeout
@@ -75,6 +76,10 @@ class HandoffReport:
     cutover_ms: float
     snapshot_bytes: int
     final_state_bytes: int
+    # The old process's side of the cutover, in microseconds from its last forward
+    # (when the plane reports one): READY read and the pause asked, loop parked, final
+    # state encoded, CUTOVER written, and this thread back.
+    cutover_marks_us: dict[str, float] = field(default_factory=dict)
 
 
 def hand_off(
@@ -139,10 +144,24 @@ def _run(
     snapshot_done = clock()
     _wait_ready(channel, child, started_at, deadlines)
     ready_at = clock()
-    plane.pause()
-    paused_at = clock()
-    final_state = plane.final_state()
-    channel.send(wire.CUTOVER, final_state)
+    marks = {"ready": time.monotonic_ns()}
+    sent: list[bytes] = []
+
+    def send_cutover(final_state: bytes) -> None:
+        marks["encoded"] = time.monotonic_ns()
+        channel.send(wire.CUTOVER, final_state)
+        marks["sent"] = time.monotonic_ns()
+        sent.append(final_state)
+
+    cut_over = getattr(plane, "cut_over", None)
+    if cut_over is not None:
+        # The plane pauses and sends from its own loop thread the moment it parks.
+        cut_over(send_cutover)
+    else:
+        plane.pause()
+        send_cutover(plane.final_state())
+    marks["returned"] = time.monotonic_ns()
+    final_state = sent[0]
     _expect(channel, wire.STARTED, clock() + deadlines.started_s, "the new process to start")
     started = clock()
     report = HandoffReport(
@@ -151,12 +170,20 @@ def _run(
         spawn_to_ready_ms=(ready_at - started_at) * 1000,
         descriptors_ms=(state_at - fds_at) * 1000,
         state_ms=(snapshot_done - state_at) * 1000,
-        cutover_ms=(started - paused_at) * 1000,
+        cutover_ms=(started - ready_at) * 1000,  # pause asked to STARTED
         snapshot_bytes=len(snapshot),
         final_state_bytes=len(final_state),
+        cutover_marks_us=_relative(marks, plane),
     )
     log.info("handoff_done", **report.__dict__)
     return report
+
+
+def _relative(marks: dict[str, int], plane: Plane) -> dict[str, float]:
+    plane_marks: dict[str, int] = getattr(plane, "cutover_marks", dict)()
+    marks = {**plane_marks, **marks}
+    base = marks.get("last_forward") or marks["ready"]
+    return {k: round((v - base) / 1000, 1) for k, v in marks.items()}
 
 
 def _wait_ready(

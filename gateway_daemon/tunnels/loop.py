@@ -70,9 +70,17 @@ class Reactor:
         self._parked = False
         self._thread: threading.Thread | None = None
         self._calls: list[tuple[Callable[[], None], threading.Event]] = []
+        self._on_park: Callable[[], None] | None = None
+        self._parked_fn: Callable[[], None] | None = None
+        self._after_round: list[Callable[[], None]] = []
+        self._park_error: BaseException | None = None
         self._ticks: list[Callable[[], None]] = []
         self._next_tick = 0.0
         self.handler_errors = 0
+        # When the loop thread last parked and last left a park (time.monotonic_ns), for
+        # the handoff's cutover breakdown.
+        self.parked_ns = 0
+        self.woken_ns = 0
 
     # -- registration (loop thread, or while parked / not started) -------------------
 
@@ -84,6 +92,12 @@ class Reactor:
 
     def unregister(self, sock: socket.socket) -> None:
         self._selector.unregister(sock)
+
+    def after_round(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` once, on the loop thread, after its next round of events (which
+        a wake-up makes sure comes at once, events or not)."""
+        self._after_round.append(fn)
+        self._wake()
 
     def every_tick(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop thread about every ``TICK_S`` seconds (housekeeping)."""
@@ -103,21 +117,37 @@ class Reactor:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
-    def pause(self, timeout: float) -> None:
+    def pause(self, timeout: float, on_park: Callable[[], None] | None = None) -> None:
         """Park the loop thread; return once it touches no socket. Raises
-        PlaneStateError if it does not park within ``timeout`` seconds."""
+        PlaneStateError if it does not park within ``timeout`` seconds.
+
+        ``on_park`` runs on the loop thread itself the moment it parks, before this
+        returns (or here, when the loop is not running): the handoff sends its final
+        state from there instead of waiting for this thread to wake first. What it
+        raises, this raises; the loop is parked either way. Past the deadline it is
+        withdrawn together with the pause, so it never runs late."""
         with self._cond:
             if self._want is _Want.STOP:
                 raise PlaneStateError(f"{self._name}: cannot pause a stopped loop")
             self._want = _Want.PAUSE
-            if self._thread is None:
+            if self._thread is None or self._parked:
+                if on_park is not None:
+                    on_park()
                 return
+            self._on_park = on_park
+            self._park_error = None
             self._wake()
-            if not self._cond.wait_for(lambda: self._parked, timeout=timeout):
+            parked = self._cond.wait_for(lambda: self._parked, timeout=timeout)
+            self._on_park = None
+            if not parked:
+                self._want = _Want.RUN
                 raise PlaneStateError(
                     f"{self._name}: the loop did not park within {timeout}s; a handler is "
                     "stuck, the handoff must be abandoned"
                 )
+            error, self._park_error = self._park_error, None
+            if error is not None:
+                raise error
 
     def resume(self, wait_s: float = 0.0) -> None:
         """Undo ``pause()``. With ``wait_s``, return once the loop thread runs again (or
@@ -129,6 +159,17 @@ class Reactor:
                 self._cond.notify_all()
                 if wait_s > 0 and self.running:
                     self._cond.wait_for(lambda: not self._parked, timeout=wait_s)
+
+    def run_parked(self, fn: Callable[[], None]) -> None:
+        """Have the parked loop thread run ``fn`` (which may block, and may call
+        ``resume()`` to go straight on serving from that thread). ``fn`` must not raise.
+        The new process waits for the handoff's final state this way: the thread that
+        will serve receives it, applies it and serves, with no thread to wake between."""
+        with self._cond:
+            if not self._parked or self._parked_fn is not None:
+                raise PlaneStateError(f"{self._name}: the loop is not parked")
+            self._parked_fn = fn
+            self._cond.notify_all()
 
     def call(self, fn: Callable[[], None], timeout: float) -> None:
         """Run ``fn`` on the loop thread (directly when the loop is parked or not
@@ -174,20 +215,36 @@ class Reactor:
             pass
         with self._cond:
             calls, self._calls = self._calls, []
-        for fn, done in calls:
-            try:
-                fn()
-            finally:
-                done.set()
+        _run_calls(calls)
 
     def _hold(self) -> bool:
         """Wait while paused; False when the loop must end."""
         with self._cond:
             while self._want is _Want.PAUSE:
+                if not self._parked:
+                    self.parked_ns = time.monotonic_ns()
+                    # Calls queued before the pause run now, as they would if parked.
+                    calls, self._calls = self._calls, []
+                    _run_calls(calls)
+                    on_park, self._on_park = self._on_park, None
+                    if on_park is not None:
+                        try:
+                            on_park()
+                        except BaseException as exc:  # raised by pause(), in its thread
+                            self._park_error = exc
                 self._parked = True
                 self._cond.notify_all()
-                self._cond.wait()
+                fn, self._parked_fn = self._parked_fn, None
+                if fn is None:
+                    self._cond.wait()
+                    continue
+                self._cond.release()
+                try:
+                    fn()
+                finally:
+                    self._cond.acquire()
             if self._parked:
+                self.woken_ns = time.monotonic_ns()
                 self._parked = False
                 self._cond.notify_all()
             return self._want is _Want.RUN
@@ -201,6 +258,10 @@ class Reactor:
             if self._want is not _Want.RUN and not self._hold():
                 return
             for key, mask in select(_IDLE_SELECT_S):
+                if self._want is not _Want.RUN:
+                    # Park (or stop) now: readiness is level-triggered, what is left of
+                    # this round is reported again to whoever serves next.
+                    break
                 try:
                     key.data(mask)
                 except Exception:
@@ -208,6 +269,10 @@ class Reactor:
                     # with its traceback, and go on serving the other sockets.
                     self.handler_errors += 1
                     log.exception("tunnel_handler_failed", loop=self._name)
+            if self._after_round:
+                once, self._after_round = self._after_round, []
+                for fn in once:
+                    fn()
             if self._ticks and clock() >= self._next_tick:
                 self._next_tick = clock() + TICK_S
                 for fn in self._ticks:
@@ -216,6 +281,14 @@ class Reactor:
                     except Exception:
                         self.handler_errors += 1
                         log.exception("tunnel_tick_failed", loop=self._name)
+
+
+def _run_calls(calls: list[tuple[Callable[[], None], threading.Event]]) -> None:
+    for fn, done in calls:
+        try:
+            fn()
+        finally:
+            done.set()
 
 
 def _raise_priority(name: str) -> None:

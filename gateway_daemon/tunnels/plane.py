@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,6 +157,8 @@ class TunnelPlane:
         self._tcp_in_snapshot: dict[int, Session] = {}
         self._previous_last_forward = 0.0
         self.cutover_ms: float | None = None
+        # time.monotonic_ns() stamps of the new process's side of the cutover.
+        self._marks: dict[str, int] = {}
 
     # -- standalone use ----------------------------------------------------------------
 
@@ -249,6 +252,22 @@ class TunnelPlane:
         self._phase = Phase.PAUSED
         self._final_taken = False
 
+    def cut_over(self, send: Callable[[bytes], None]) -> None:
+        """``pause()``, then ``final_state()`` passed to ``send``, both on the loop
+        thread the moment it parks: the cutover pause does not wait for another thread
+        to wake up. The plane is paused when this returns, and when ``send`` raised
+        (which this raises): only a loop that did not park leaves it serving."""
+        self._require(Phase.SERVING, what="cut_over()")
+
+        def on_park() -> None:
+            self._phase = Phase.PAUSED
+            self._final_taken = False
+            send(self.final_state())
+
+        # on_park sets PAUSED before anything in it can fail; if the loop does not park
+        # in time it never runs, and the plane stays SERVING, as after pause() fails.
+        self._reactor.pause(PAUSE_TIMEOUT_S, on_park)
+
     def final_state(self) -> bytes:
         self._require(Phase.PAUSED, what="final_state()")
         if self._exported is None or self._clock() > self._freeze_until:
@@ -308,15 +327,55 @@ class TunnelPlane:
         and the loop thread waits parked: this is the whole of the new process's share
         of the cutover pause."""
         self._require(Phase.LOADED, what="start()")
+        self._start(final_state)
+        self._serve()
+        self._marks["serve_returned"] = time.monotonic_ns()
+
+    def start_from(self, receive: Callable[[], bytes], timeout: float) -> None:
+        """``start(receive())`` with all of it on the parked loop thread, which blocks
+        in ``receive`` (it must have a deadline of its own) and goes straight on
+        serving: the cutover wakes one thread of this process, not two. Returns once
+        it serves; raises what ``receive`` or the final state raised (the plane then
+        stays loaded and parked), or PlaneStateError past ``timeout``."""
+        self._require(Phase.LOADED, what="start_from()")
+        done = threading.Event()
+        failed: list[BaseException] = []
+
+        def on_loop() -> None:
+            try:
+                self._start(receive())
+                # The caller learns it serves after the loop's first round: woken
+                # earlier, it would take the GIL from that round.
+                self._reactor.after_round(done.set)
+                self._serve(from_loop=True)
+            except BaseException as exc:  # raised below, in the caller's thread
+                failed.append(exc)
+                done.set()
+
+        self._reactor.run_parked(on_loop)
+        if not done.wait(timeout):
+            raise PlaneStateError(f"start_from(): the loop did not start within {timeout}s")
+        if failed:
+            raise failed[0]
+        self._marks["serve_returned"] = time.monotonic_ns()
+
+    def _start(self, final_state: bytes) -> None:
+        marks = self._marks
+        marks["start"] = time.monotonic_ns()
         final = st.decode_final(final_state)
+        marks["decoded"] = time.monotonic_ns()
         self._apply(final)
+        marks["applied"] = time.monotonic_ns()
         self._previous_last_forward = final.last_forward
         self._reactor.every_tick(self._report_cutover)
-        self._serve()
 
     def _prepare(self) -> None:
-        """Start the loop thread parked, so ``start()`` only has to wake it."""
+        """Start the loop thread parked, with every socket registered, so ``start()``
+        only has to apply the final state and wake it (attaching again there only
+        changes the interest the final state changed)."""
         self._reactor.pause(PAUSE_TIMEOUT_S)
+        self.udp.attach(self._reactor)
+        self.tcp.attach(self._reactor)
         self._reactor.start()
 
     def close(self) -> None:
@@ -360,14 +419,35 @@ class TunnelPlane:
         if self.cutover_ms is not None or not first or not self._previous_last_forward:
             return
         self.cutover_ms = (first - self._previous_last_forward) * 1000
-        log.info("tunnels_cutover", pause_ms=round(self.cutover_ms, 3))
+        base = int(self._previous_last_forward * 1e9)
+        marks = {
+            **self._marks,
+            "loop_woken": self._reactor.woken_ns,
+            "first_forward": int(first * 1e9),
+        }
+        log.info(
+            "tunnels_cutover",
+            pause_ms=round(self.cutover_ms, 3),
+            marks_us={k: round((v - base) / 1000, 1) for k, v in marks.items()},
+        )
 
-    def _serve(self) -> None:
+    def cutover_marks(self) -> dict[str, int]:
+        """Old process: when it last forwarded and when its loop parked
+        (time.monotonic_ns), for the handoff's cutover breakdown."""
+        return {
+            "last_forward": int(self.udp.last_forward * 1e9),
+            "parked": self._reactor.parked_ns,
+        }
+
+    def _serve(self, from_loop: bool = False) -> None:
         self.udp.attach(self._reactor)
         self.tcp.attach(self._reactor)
         self._reactor.every_tick(self._expire_freeze)
         self._phase = Phase.SERVING
-        if self._reactor.running:
+        self._marks["resume"] = time.monotonic_ns()
+        if from_loop:
+            self._reactor.resume()  # this thread serves once it returns
+        elif self._reactor.running:
             self._reactor.resume(wait_s=PAUSE_TIMEOUT_S)  # parked by _prepare()
         else:
             self._reactor.start()

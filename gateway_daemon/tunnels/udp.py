@@ -109,9 +109,12 @@ class UdpPlane:
         self.last_forward = 0.0
 
     def attach(self, reactor: Reactor) -> None:
-        self._reactor = reactor
-        reactor.register(self.tunnel_sock, EVENT_READ, self._on_tunnel)
-        reactor.register(self.plain_sock, EVENT_READ, self._on_plain)
+        """Register with ``reactor``; again (after a final state queued datagrams) only
+        asks to write what is queued."""
+        if self._reactor is not reactor:
+            self._reactor = reactor
+            reactor.register(self.tunnel_sock, EVENT_READ, self._on_tunnel)
+            reactor.register(self.plain_sock, EVENT_READ, self._on_plain)
         if self.pending:
             self._want_write(True)
 
