@@ -56,35 +56,37 @@ def download(
     part.parent.mkdir(parents=True, exist_ok=True)
     resumed: list[int] = []
     attempt = 0
-    with grpc.insecure_channel(str(controller)) as channel:
-        stub = artifacts_pb2_grpc.ArtifactsStub(channel)
-        while True:
-            attempt += 1
-            offset = part.stat().st_size if part.exists() else 0
-            if offset > size:
-                part.unlink()
-                offset = 0
-            if attempt > 1:
-                resumed.append(offset)
-            try:
+    while True:
+        attempt += 1
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > size:
+            part.unlink()
+            offset = 0
+        if attempt > 1:
+            resumed.append(offset)
+        try:
+            # A fresh channel per attempt: the connection that broke (or that a stopping
+            # controller sent away) is not reused.
+            with grpc.insecure_channel(str(controller)) as channel:
+                stub = artifacts_pb2_grpc.ArtifactsStub(channel)
                 _stream_into(stub, sha256, offset, size, part, progress, stall_timeout_s)
-                break
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code not in _RETRYABLE or attempt >= max_attempts:
-                    raise DownloadFailed(
-                        f"download of {sha256[:12]} from {controller} failed after {attempt} "
-                        f"attempt(s): {code.name}: {exc.details()}"
-                    ) from exc
-                delay = random.uniform(0, min(5.0, 0.2 * 2**attempt))
-                log.warning(
-                    "download_interrupted",
-                    sha256=sha256[:12],
-                    offset=part.stat().st_size if part.exists() else 0,
-                    error=f"{code.name}: {exc.details()}",
-                    retry_in_s=round(delay, 2),
-                )
-                time.sleep(delay)  # backoff between attempts, not synchronisation
+            break
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code not in _RETRYABLE or attempt >= max_attempts:
+                raise DownloadFailed(
+                    f"download of {sha256[:12]} from {controller} failed after {attempt} "
+                    f"attempt(s): {code.name}: {exc.details()}"
+                ) from exc
+            delay = random.uniform(0, min(5.0, 0.2 * 2**attempt))
+            log.warning(
+                "download_interrupted",
+                sha256=sha256[:12],
+                offset=part.stat().st_size if part.exists() else 0,
+                error=f"{code.name}: {exc.details()}",
+                retry_in_s=round(delay, 2),
+            )
+            time.sleep(delay)  # backoff between attempts, not synchronisation
     part.replace(dest)
     return DownloadResult(dest, size, attempt, tuple(resumed))
 

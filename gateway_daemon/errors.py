@@ -1,19 +1,20 @@
 """Errors of the gateway daemon.
 
-    HitlessError
-    └── GatewayError
-        ├── DownloadFailed        the artifact could not be fetched (after retries)
-        ├── VerificationFailed    the artifact's size or sha256 is not what the command says
-        ├── AgentRetired          this process handed over; a command is left to the next one
-        ├── HandoffFailed         the new version did not take over; the old one serves on
-        │   ├── HandoffTimeout    a handoff step missed its deadline
-        │   └── SelfCheckFailed   the new version found itself unfit to serve
-        ├── VpnServiceError       the VPN service could not be started, reached or stopped
-        └── tunnels.errors.TunnelError   the data plane (its own subtree there)
+HitlessError
+└── GatewayError
+    ├── DownloadFailed        the artifact could not be fetched (after retries)
+    ├── VerificationFailed    the artifact's size or sha256 is not what the command says
+    ├── AgentRetired          this process handed over; a command is left to the next one
+    ├── HandoffFailed         the new version did not take over; the old one serves on
+    │   ├── HandoffTimeout    a handoff step missed its deadline
+    │   └── SelfCheckFailed   the new version found itself unfit to serve
+    ├── VpnServiceError       the VPN service could not be started, reached or stopped
+    └── tunnels.errors.TunnelError   the data plane (its own subtree there)
 """
 
 from __future__ import annotations
 
+from hitless.bus.amqp import Requeue
 from hitless.errors import HitlessError
 
 
@@ -29,8 +30,9 @@ class VerificationFailed(GatewayError):
     """The downloaded artifact does not match the command's digest or size."""
 
 
-class AgentRetired(GatewayError):
-    """This process has handed the gateway to the next version and takes no command."""
+class AgentRetired(GatewayError, Requeue):
+    """This process has handed the gateway to the next version and takes no command: the
+    command goes back to the queue, for the new version, without counting as a failure."""
 
 
 class HandoffFailed(GatewayError):

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from hitless.bus import codec, topology
-from hitless.bus.amqp import Consumer, DeadLetter, Delivery, Publisher
+from hitless.bus.amqp import Consumer, DeadLetter, Delivery, Publisher, Requeue
 from hitless.config import BusConfig
 from hitless.errors import DecodeError, PublishFailed
 from hitless.v1 import bus_pb2
@@ -112,5 +112,31 @@ def test_long_handler_does_not_starve_heartbeats(vhost: str) -> None:
         assert handled == ["slow", "next"], f"the slow message was redelivered: {handled}"
     finally:
         release.set()
+        publisher.close()
+        consumer.stop()
+
+
+def test_requeue_puts_a_message_back_without_dead_lettering_it(
+    bus: BusConfig, vhost: str, rabbit: Management
+) -> None:
+    """A handler that is not the one for a message (a process handing over) requeues it,
+    however often, and it is neither lost nor dead-lettered."""
+    attempts: list[bool] = []
+
+    def handle(delivery: Delivery) -> None:
+        attempts.append(delivery.redelivered)
+        if len(attempts) < 4:
+            raise Requeue("not mine: this process is handing over")
+
+    consumer = Consumer(bus, topology.CONTROLLER_REPORTS, handle, name="requeue-consumer").start()
+    publisher = Publisher(bus, queues=[topology.CONTROLLER_REPORTS]).start()
+    try:
+        assert consumer.wait_consuming(10)
+        key = topology.report_key("gw", topology.HEARTBEAT)
+        publisher.publish(topology.REPORTS, key, _heartbeat("gw"), message_id="m-1")
+        wait_for(lambda: len(attempts) == 4, timeout=10, what="four deliveries")
+        assert attempts == [False, True, True, True]
+        assert rabbit.get_messages(vhost, topology.DEAD_LETTERS.name) == []
+    finally:
         publisher.close()
         consumer.stop()

@@ -52,6 +52,12 @@ class DeadLetter(HitlessError):
         self.reason = reason
 
 
+class Requeue(HitlessError):
+    """Raised by a handler that is not the one to take this message (e.g. a process that
+    is handing over): the message goes back to its queue for another consumer, and this
+    does not count as a failure toward dead-lettering."""
+
+
 @dataclass(frozen=True)
 class Delivery:
     """One received message, as a handler sees it."""
@@ -294,7 +300,8 @@ class Consumer:
     """Consumes one queue with manual acks; handlers run off the I/O thread.
 
     A handler that returns has committed its effect: the message is acked. One that raises
-    DeadLetter sends it to the dead-letter queue with the reason. Any other exception is
+    DeadLetter sends it to the dead-letter queue with the reason; one that raises Requeue
+    puts it back for another consumer. Any other exception is
     treated as transient: the message is requeued once, and dead-lettered if it fails
     again on redelivery, so a poison message cannot stall the queue.
     """
@@ -427,6 +434,14 @@ class Consumer:
                 channel.basic_ack(tag)
             elif isinstance(error, DeadLetter):
                 self._dead_letter(channel, tag, properties, delivery, error.reason)
+            elif isinstance(error, Requeue):
+                log.info(
+                    "message_requeued",
+                    role=self._name,
+                    message_id=delivery.message_id,
+                    reason=str(error),
+                )
+                channel.basic_nack(tag, requeue=True)
             elif delivery.redelivered:
                 reason = f"failed again on redelivery: {type(error).__name__}: {error}"
                 self._dead_letter(channel, tag, properties, delivery, reason)

@@ -51,6 +51,10 @@ class CuttingProxy:
             except OSError:
                 return
             server = socket.create_connection(self.upstream)
+            if self._stop.is_set():  # closed while connecting: leave nothing open
+                client.close()
+                server.close()
+                return
             with self._lock:
                 self.connections += 1
                 cut = self.cut_after if self.cuts_left > 0 and self.cut_after else None
