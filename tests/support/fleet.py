@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ class Fleet:
         self.controller: Proc | None = None
         self.gateway_ports: dict[str, int] = {}
         self._channel: grpc.Channel | None = None
+        self._raw_channel: grpc.Channel | None = None
 
     @property
     def controller_address(self) -> str:
@@ -124,14 +126,16 @@ class Fleet:
         return artifact
 
     def stub(self) -> controller_pb2_grpc.ControllerStub:
-        """A gRPC stub on the controller, for what the CLI does not show."""
+        """A gRPC stub on the controller, for what the CLI does not show. Like upgradectl,
+        it retries unary calls that a controller handing over turned away."""
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.controller_address)
+            self._raw_channel = grpc.insecure_channel(self.controller_address)
+            self._channel = grpc.intercept_channel(self._raw_channel, _RetryTurnedAway())
         return controller_pb2_grpc.ControllerStub(self._channel)
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
+        if self._raw_channel is not None:
+            self._raw_channel.close()
 
     def greeting(self, gateway_id: str) -> str:
         """What the gateway's listener says: 'hitless-gateway ID VERSION'."""
@@ -144,3 +148,18 @@ class Fleet:
                     break
                 data += chunk
         return data.decode().strip()
+
+
+class _RetryTurnedAway(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    """Retries a unary call ended UNAVAILABLE or CANCELLED (a controller handing over
+    turns calls away before they run), for up to about ten seconds."""
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        deadline = time.monotonic() + 10
+        while True:
+            outcome = continuation(details, request)
+            code = outcome.code()
+            turned_away = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+            if not turned_away or time.monotonic() > deadline:
+                return outcome
+            time.sleep(0.1)  # backoff before the retry
