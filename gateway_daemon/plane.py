@@ -26,38 +26,29 @@ from typing import Any, Protocol
 class Plane(Protocol):
     def sockets(self) -> list[socket.socket]:
         """Every socket to pass, in the order ``describe()`` names them."""
-        ...
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description of ``sockets()`` (roles, addresses), sent with them."""
-        ...
 
     def snapshot(self) -> bytes:
         """State the new process may load before cutover (keys, routes) while this one
         goes on serving."""
-        ...
 
     def pause(self) -> None:
         """Stop reading and sending; return once no thread touches the sockets."""
-        ...
 
     def final_state(self) -> bytes:
         """After pause(): what changed since snapshot() (counters, replay windows,
         partly read records)."""
-        ...
 
     def resume(self) -> None:
         """Undo pause(): the handoff was abandoned and this process goes on serving."""
-        ...
 
     def start(self, final_state: bytes) -> None:
         """New process: apply the final state and begin serving."""
-        ...
 
     def close(self) -> None:
         """Stop for good and close every socket of this process's copy."""
-        ...
 
     def endpoints(self) -> list[str]:
         """The addresses served, for the gateway's hello message."""
-        ...
