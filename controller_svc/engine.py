@@ -201,22 +201,40 @@ class Engine:
     def _record_local_failure(
         self, job: JobRecord, gateway_id: str, command_id: str, error: str
     ) -> None:
+        self._record_verdict(
+            f"controller-{uuid.uuid4()}", job.id, command_id, gateway_id,
+            GatewayState.FAILED, job.target_version, error,
+        )  # fmt: skip
+
+    def _record_verdict(
+        self,
+        report_id: str,
+        job_id: str,
+        command_id: str,
+        gateway_id: str,
+        state: GatewayState,
+        to_version: str,
+        error: str,
+    ) -> None:
+        """Record what the controller itself concluded about a gateway in a job, as a
+        report of its own, and announce the job if that finished it."""
         outcome = self.repo.apply_report(
             ReportIn(
-                report_id=f"controller-{uuid.uuid4()}",
-                job_id=job.id,
+                report_id=report_id,
+                job_id=job_id,
                 command_id=command_id,
                 gateway_id=gateway_id,
-                state=GatewayState.FAILED,
+                state=state,
                 from_version="",
-                to_version=job.target_version,
+                to_version=to_version,
                 error=error,
                 bytes_done=0,
                 bytes_total=0,
                 at=self._clock(),
             )
         )
-        self._after_change(outcome.job)
+        if outcome.job_finished is not None:
+            self._after_change(outcome.job)
 
     # Reports ---------------------------------------------------------------------------
 
@@ -265,23 +283,10 @@ class Engine:
     def _on_expired(self, command: bus_pb2.UpgradeCommand) -> None:
         """A command's TTL ran out in its gateway's queue: the gateway never took it."""
         log.info("command_expired", job_id=command.job_id, gateway_id=command.gateway_id)
-        outcome = self.repo.apply_report(
-            ReportIn(
-                report_id=f"expired:{command.command_id}",
-                job_id=command.job_id,
-                command_id=command.command_id,
-                gateway_id=command.gateway_id,
-                state=GatewayState.UNREACHABLE,
-                from_version="",
-                to_version=command.target_version,
-                error=EXPIRED_QUEUED,
-                bytes_done=0,
-                bytes_total=0,
-                at=self._clock(),
-            )
-        )
-        if outcome.job_finished is not None:
-            self._after_change(outcome.job)
+        self._record_verdict(
+            f"expired:{command.command_id}", command.job_id, command.command_id,
+            command.gateway_id, GatewayState.UNREACHABLE, command.target_version, EXPIRED_QUEUED,
+        )  # fmt: skip
 
     def _after_change(self, job: JobRecord | None) -> None:
         if job is not None and job.state.terminal:

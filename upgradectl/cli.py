@@ -261,24 +261,29 @@ def _seconds(text: str) -> int:
     return value
 
 
+def _listing(ctx: _Context, json_items: list[Any], lines: Callable[[], list[str]]) -> ExitCode:
+    """Print a list command's result: JSON for machines, or the table for people."""
+    if ctx.args.json:
+        ctx.emit_json(json_items)
+    else:
+        ctx.emit_lines(lines())
+    return ExitCode.OK
+
+
 def _gateways_list(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         gateways = client.list_gateways()
-    if ctx.args.json:
-        ctx.emit_json([g.to_json() for g in gateways])
-    else:
-        ctx.emit_lines(render.gateways_table(gateways, datetime.now(UTC)))
-    return ExitCode.OK
+    return _listing(
+        ctx,
+        [g.to_json() for g in gateways],
+        lambda: render.gateways_table(gateways, datetime.now(UTC)),
+    )
 
 
 def _releases_list(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         releases = client.list_releases()
-    if ctx.args.json:
-        ctx.emit_json([r.to_json() for r in releases])
-    else:
-        ctx.emit_lines(render.releases_table(releases))
-    return ExitCode.OK
+    return _listing(ctx, [r.to_json() for r in releases], lambda: render.releases_table(releases))
 
 
 def _releases_build(ctx: _Context) -> ExitCode:
@@ -439,21 +444,13 @@ def _show(ctx: _Context, job: JobView, *, upgrade_shape: bool) -> None:
 def _jobs_list(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         jobs = client.list_jobs()
-    if ctx.args.json:
-        ctx.emit_json([j.to_listing_json() for j in jobs])
-    else:
-        ctx.emit_lines(render.jobs_table(jobs))
-    return ExitCode.OK
+    return _listing(ctx, [j.to_listing_json() for j in jobs], lambda: render.jobs_table(jobs))
 
 
 def _jobs_rejected(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         rejected = client.list_rejected_jobs()
-    if ctx.args.json:
-        ctx.emit_json([r.to_json() for r in rejected])
-    else:
-        ctx.emit_lines(render.rejected_table(rejected))
-    return ExitCode.OK
+    return _listing(ctx, [r.to_json() for r in rejected], lambda: render.rejected_table(rejected))
 
 
 def _admins_add(ctx: _Context) -> ExitCode:
@@ -473,11 +470,7 @@ def _admins_remove(ctx: _Context) -> ExitCode:
 def _admins_list(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         admins = client.list_admins()
-    if ctx.args.json:
-        ctx.emit_json([{"email": a} for a in admins])
-    else:
-        ctx.emit_lines(render.admins_table(admins))
-    return ExitCode.OK
+    return _listing(ctx, [{"email": a} for a in admins], lambda: render.admins_table(admins))
 
 
 def _gateway_ids(text: str | None) -> list[str]:
