@@ -83,6 +83,8 @@ class ControllerApp:
             prefetch=32,
             workers=4,
             name="controller-reports",
+            # A gateway's reports are applied in the order it sent them.
+            lane=lambda delivery: topology.reporting_gateway(delivery.routing_key),
         )
         feed = (
             FeedSync(ReleaseFeed(config.release_feed), repo, store, engine.announcer)

@@ -116,6 +116,59 @@ def test_long_handler_does_not_starve_heartbeats(vhost: str) -> None:
         consumer.stop()
 
 
+def test_one_gateways_reports_are_handled_in_order_beside_the_others(bus: BusConfig) -> None:
+    """Reports queued together and handled by four workers: those of one gateway one at a
+    time and in the order sent (a held one is not overtaken), while another gateway's go
+    on beside it."""
+    handled: dict[str, list[int]] = {"gw-slow": [], "gw-fast": []}
+    lock = threading.Lock()
+    release = threading.Event()
+
+    def handle(delivery: Delivery) -> None:
+        beat = codec.decode(bus_pb2.GatewayHeartbeat, delivery.body)
+        seq = int(beat.version.rsplit(".", 1)[1])
+        if beat.gateway_id == "gw-slow" and seq == 0:
+            release.wait(timeout=30)  # held by the test
+        with lock:
+            handled[beat.gateway_id].append(seq)
+
+    publisher = Publisher(bus, queues=[topology.CONTROLLER_REPORTS]).start()
+    consumer = Consumer(
+        bus,
+        topology.CONTROLLER_REPORTS,
+        handle,
+        prefetch=32,
+        workers=4,
+        name="lanes-consumer",
+        lane=lambda d: topology.reporting_gateway(d.routing_key),
+    )
+    try:
+        for seq in range(5):
+            for gid in handled:
+                beat = bus_pb2.GatewayHeartbeat(gateway_id=gid, version=f"1.0.{seq}")
+                publisher.publish(topology.REPORTS, topology.report_key(gid, topology.HEARTBEAT), beat)
+        consumer.start()
+        wait_for(
+            lambda: handled["gw-fast"] == [0, 1, 2, 3, 4],
+            timeout=10,
+            what="the other gateway's reports handled while one is held",
+        )
+        assert handled["gw-slow"] == [], "a later report overtook the one being handled"
+        release.set()
+        wait_for(lambda: len(handled["gw-slow"]) == 5, timeout=10, what="the held gateway's")
+        assert handled["gw-slow"] == [0, 1, 2, 3, 4]
+    finally:
+        release.set()
+        publisher.close()
+        consumer.stop()
+
+
+def test_reporting_gateway_reads_the_routing_key() -> None:
+    assert topology.reporting_gateway(topology.report_key("gw.a-1", topology.STATUS)) == "gw.a-1"
+    assert topology.reporting_gateway("gateway.gw-1.heartbeat") == "gw-1"
+    assert topology.reporting_gateway("job.finished") == ""
+
+
 def test_requeue_puts_a_message_back_without_dead_lettering_it(
     bus: BusConfig, vhost: str, rabbit: Management
 ) -> None:

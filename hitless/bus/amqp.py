@@ -22,6 +22,7 @@ import queue
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -304,6 +305,11 @@ class Consumer:
     puts it back for another consumer. Any other exception is
     treated as transient: the message is requeued once, and dead-lettered if it fails
     again on redelivery, so a poison message cannot stall the queue.
+
+    With ``lane`` given, each of the ``workers`` threads is a lane of its own and every
+    message goes to the lane its key picks: messages with the same key are handled one
+    at a time, in the order the broker delivered them (a gateway's reports, for one).
+    Without it, any free worker takes the next message.
     """
 
     def __init__(
@@ -317,17 +323,24 @@ class Consumer:
         workers: int = 1,
         name: str = "consumer",
         backoff: Backoff = Backoff(),
+        lane: Callable[[Delivery], str] | None = None,
     ) -> None:
         self._bus = bus
         self._source = source
         self._handler = handler
+        self._lane = lane
         self._queues = (*queues, source)
         self._prefetch = prefetch
         self._name = name
         self._backoff = backoff
         self._stop = threading.Event()
         self._consuming = threading.Event()
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=name)
+        pool = concurrent.futures.ThreadPoolExecutor
+        self._pools = (
+            [pool(1, thread_name_prefix=f"{name}-lane{i}") for i in range(workers)]
+            if lane is not None
+            else [pool(workers, thread_name_prefix=name)]
+        )
         self._in_flight: set[concurrent.futures.Future[None]] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
@@ -343,7 +356,14 @@ class Consumer:
         """Stop taking messages, let handlers in flight finish, send their acks, close."""
         self._stop.set()
         self._thread.join(timeout)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _pool_for(self, delivery: Delivery) -> concurrent.futures.ThreadPoolExecutor:
+        if self._lane is None:
+            return self._pools[0]
+        key = self._lane(delivery).encode()
+        return self._pools[zlib.crc32(key) % len(self._pools)]
 
     def _run(self) -> None:
         attempt = 0
@@ -401,7 +421,7 @@ class Consumer:
             user_id=properties.user_id,
         )
         tag = method.delivery_tag
-        future = self._pool.submit(self._handler, delivery)
+        future = self._pool_for(delivery).submit(self._handler, delivery)
         with self._lock:
             self._in_flight.add(future)
 

@@ -75,6 +75,13 @@ def report_key(gateway_id: str, kind: str) -> str:
     return f"gateway.{gateway_id}.{kind}"
 
 
+def reporting_gateway(routing_key: str) -> str:
+    """The gateway a report's routing key names ("" when it names none)."""
+    prefix, _, rest = routing_key.partition(".")
+    gateway_id, _, _kind = rest.rpartition(".")
+    return gateway_id if prefix == "gateway" else ""
+
+
 def gateway_queue(gateway_id: str) -> Queue:
     """The durable command queue of one gateway; it exists before the gateway first runs
     once the controller knows of it, so commands wait there while the gateway is away.
