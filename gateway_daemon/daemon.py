@@ -140,6 +140,8 @@ class GatewayDaemon:
                 raise HandoffFailed(f"cannot reach the broker at {self.config.bus.safe_url}")
             selfcheck.run(plane, inheritance.sockets)
             inheritance.say_ready()
+            if plane.tunnels is not None:
+                plane.tunnels.add_marks(inheritance.marks)
             # The data plane's own loop thread waits for CUTOVER and serves at once.
             deadline = time.monotonic() + CUTOVER_TIMEOUT_S
             plane.start_from(

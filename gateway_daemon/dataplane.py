@@ -28,7 +28,7 @@ from typing import Any, Final
 
 from gateway_daemon import listeners
 from gateway_daemon.errors import HandoffFailed
-from gateway_daemon.plane import Plane
+from gateway_daemon.plane import Handle, Passable, Plane
 from gateway_daemon.tunnels import plane as tunnels
 from gateway_daemon.tunnels.config import TunnelsConfig
 from hitless.config import HostPort
@@ -80,8 +80,8 @@ class DataPlane:
 
     # Plane -----------------------------------------------------------------------------
 
-    def sockets(self) -> list[socket.socket]:
-        out: list[socket.socket] = []
+    def sockets(self) -> list[Passable]:
+        out: list[Passable] = []
         self._counts = {}
         for name, part in self._parts:
             socks = part.sockets()
@@ -186,7 +186,7 @@ class DataPlane:
 
 
 def adopt(
-    description: dict[str, Any], sockets: list[socket.socket], snapshot: bytes, greeting: bytes
+    description: dict[str, Any], sockets: list[Handle], snapshot: bytes, greeting: bytes
 ) -> DataPlane:
     """The new process's copy of the old one's data plane: loaded, not serving until
     ``start()``. Raises HandoffFailed (or a part's own error) when the pieces do not fit;
@@ -214,7 +214,9 @@ def adopt(
         if name == TUNNELS:
             parts.append((name, tunnels.adopt(part_description, own, snapshots[name])))
         elif name == LISTENERS:
-            parts.append((name, listeners.adopt(part_description, own, greeting)))
+            if not all(isinstance(sock, socket.socket) for sock in own):
+                raise HandoffFailed("the listeners were passed a descriptor that is no socket")
+            parts.append((name, listeners.adopt(part_description, own, greeting)))  # type: ignore[arg-type]
         else:
             raise HandoffFailed(f"this version cannot serve the data plane part {name!r}")
     return DataPlane(parts)

@@ -19,13 +19,53 @@ sockets, and no two processes ever send under the same key and counter.
 
 from __future__ import annotations
 
+import os
 import socket
+import stat
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 
+class SharedFile:
+    """A passed descriptor that is not a socket (the tunnels' counter table, a memfd)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        """The descriptor, or -1 once closed (as a closed socket says)."""
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+# What a data plane passes: sockets, and descriptors such as shared memory.
+Handle = socket.socket | SharedFile
+
+
+class Passable(Protocol):
+    def fileno(self) -> int:
+        """The descriptor to pass with SCM_RIGHTS."""
+
+
+def wrap(fd: int) -> Handle:
+    """A received descriptor as a socket, or as a SharedFile when it is not one."""
+    if not _is_socket(fd):
+        return SharedFile(fd)
+    return socket.socket(fileno=fd)
+
+
+def _is_socket(fd: int) -> bool:
+    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+
+
 class Plane(Protocol):
-    def sockets(self) -> list[socket.socket]:
-        """Every socket to pass, in the order ``describe()`` names them."""
+    def sockets(self) -> Sequence[Passable]:
+        """Every descriptor to pass (sockets, shared memory), in the order
+        ``describe()`` names them."""
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able description of ``sockets()`` (roles, addresses), sent with them."""

@@ -17,13 +17,14 @@ Checks, each cheap (milliseconds):
 
 from __future__ import annotations
 
-import socket
+from collections.abc import Sequence
 from typing import Final
 
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from gateway_daemon.dataplane import DataPlane
 from gateway_daemon.errors import SelfCheckFailed
+from gateway_daemon.plane import Handle
 from gateway_daemon.tunnels.plane import Phase
 
 _KEY: Final = bytes(range(0x80, 0xA0))
@@ -37,7 +38,7 @@ _CIPHERTEXT_HEAD: Final = bytes.fromhex("d31a8d34648e60db7b86afbc53ef7ec2")
 _TAG: Final = bytes.fromhex("1ae10b594f09e26a7e902ecbd0600691")
 
 
-def run(plane: DataPlane, inherited: list[socket.socket]) -> None:
+def run(plane: DataPlane, inherited: Sequence[Handle]) -> None:
     """Raise SelfCheckFailed, saying what is wrong, unless this version is fit to serve
     ``plane``, adopted from the ``inherited`` sockets."""
     _crypto_known_answer()
@@ -53,10 +54,10 @@ def _crypto_known_answer() -> None:
         )
 
 
-def _plane_loaded(plane: DataPlane, inherited: list[socket.socket]) -> None:
+def _plane_loaded(plane: DataPlane, inherited: Sequence[Handle]) -> None:
     closed = sum(1 for sock in inherited if sock.fileno() < 0)
     if closed:
-        raise SelfCheckFailed(f"self-check failed: {closed} inherited sockets are closed")
+        raise SelfCheckFailed(f"self-check failed: {closed} inherited descriptors are closed")
     tunnels = plane.tunnels
     if tunnels is not None and tunnels.phase is not Phase.LOADED:
         raise SelfCheckFailed(

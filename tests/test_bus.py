@@ -146,7 +146,8 @@ def test_one_gateways_reports_are_handled_in_order_beside_the_others(bus: BusCon
         for seq in range(5):
             for gid in handled:
                 beat = bus_pb2.GatewayHeartbeat(gateway_id=gid, version=f"1.0.{seq}")
-                publisher.publish(topology.REPORTS, topology.report_key(gid, topology.HEARTBEAT), beat)
+                key = topology.report_key(gid, topology.HEARTBEAT)
+                publisher.publish(topology.REPORTS, key, beat)
         consumer.start()
         wait_for(
             lambda: handled["gw-fast"] == [0, 1, 2, 3, 4],

@@ -103,7 +103,7 @@ def test_260_established_tcp_tunnel_connections_are_handed_over_and_relay_on(
             )
         finally:
             plane.close()  # the parent's copies: no FIN, no RST
-        assert report.descriptors == 3 + 2 * count
+        assert report.descriptors == 1 + 3 + 2 * count  # the counter table, then sockets
         assert spawned[0].poll() is None, "the new process must serve"
         for i, (site, plain) in enumerate(pairs):
             site.sock.sendall(site.seal_record(f"up {i}".encode()))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from gateway_daemon.tunnels import state as st
 from gateway_daemon.tunnels.config import Forward, TunnelsConfig, TunnelSpec
+from gateway_daemon.tunnels.counters import CounterTable, SlotsExhausted
 from gateway_daemon.tunnels.errors import HandshakeError, StateError, TunnelConfigError
 from gateway_daemon.tunnels.handshake import finish, initiate, public_bytes, respond
 from gateway_daemon.tunnels.replay import WINDOW_BITS, ReplayWindow
@@ -128,16 +131,47 @@ def test_config_round_trips_and_rejects_mistakes() -> None:
         TunnelsConfig.from_dict(raw)
 
 
-def test_final_state_round_trips_and_bad_state_is_named() -> None:
-    _, session = pair()
-    _, fresh = pair()
+def test_counters_live_in_a_table_the_next_process_maps() -> None:
+    """A session installed in a shared table: another mapping of the same memfd (the
+    next process) sees its counters and window as they move, and writes nothing when it
+    binds a session to the slot."""
+    table = CounterTable.create(4)
+    site, session = pair()
     session.send_counter = 41
     session.window.mark(17)
-    fresh.send_counter = 7
+    session.install(table)
+    assert session.slot >= 0 and session.send_counter == 41 and not session.window.check(17)
+    adopted = CounterTable.adopt(os.dup(table.fileno()))
+    try:
+        again = Session(session.tunnel_id, session.send_key, session.recv_key,
+                        table=adopted, slot=session.slot)  # fmt: skip
+        assert again.send_counter == 41 and not again.window.check(17)
+        packet = site.seal(b"moved")
+        assert session.open(packet) == b"moved"  # the old process accepts it ...
+        assert again.open(packet) is None  # ... so the new one rejects its replay
+        again.seal(b"next")
+        assert session.send_counter == 42  # and its sends move the shared counter
+        adopted.keep({session.slot})
+        assert adopted.allocate() != session.slot
+    finally:
+        adopted.close()
+        table.close()
+    full = CounterTable.private(1)
+    full.allocate()
+    with pytest.raises(SlotsExhausted):
+        full.allocate()
+
+
+def test_final_state_round_trips_and_bad_state_is_named() -> None:
+    table = CounterTable.create(4)
+    _, session = pair()
+    _, fresh = pair()
+    session.install(table)
+    fresh.install(table)
     final = st.FinalState(
         udp=[
-            st.UdpFinal(1, st.SessionFinal.of(session, session), ("127.0.0.1", 5000), 1000),
-            st.UdpFinal(2, st.SessionFinal.of(fresh, session), None, 0),
+            st.UdpFinal(1, st.session_ref(session, session), ("127.0.0.1", 5000), 1000),
+            st.UdpFinal(2, st.session_ref(fresh, session), None, 0),
             st.UdpFinal(3, None, None, 0),
         ],
         udp_pending=[(True, ("127.0.0.1", 5000), b"queued")],
@@ -145,23 +179,25 @@ def test_final_state_round_trips_and_bad_state_is_named() -> None:
     )
     data = st.encode_final(final)
     loaded = st.decode_final(data)
-    # The snapshot's session gets the counters only; a new one comes whole.
+    # The snapshot's session is named only; a new one comes with its keys and slot.
     same, new, none = loaded.udp
-    assert same.session is not None and same.session.new is None
+    assert same.session is st.SNAPSHOT_SESSION
     _, in_new_process = pair()
-    got = same.session.resolve(in_new_process, "tunnel 1")
-    assert got is in_new_process and got.send_counter == 41 and not got.window.check(17)
-    assert new.session is not None and new.session.new is not None
-    assert new.session.resolve(None, "tunnel 2").send_key == fresh.send_key
+    assert st.resolve(same.session, in_new_process, table, "tunnel 1") is in_new_process
+    got = st.resolve(new.session, None, table, "tunnel 2")
+    assert got is not None and got.send_key == fresh.send_key and got.slot == fresh.slot
     assert none.session is None and same.endpoint == ("127.0.0.1", 5000)
     assert loaded.udp_pending == final.udp_pending and loaded.tcp_timestamps == {3: 99}
     with pytest.raises(StateError, match="never had"):
-        st.decode_final(data).udp[0].session.resolve(None, "tunnel 1")  # type: ignore[union-attr]
+        st.resolve(same.session, None, table, "tunnel 1")
     with pytest.raises(StateError, match="version"):
         st.decode_final(data[:4] + b"\x00\x09" + data[6:])
     with pytest.raises(StateError, match="truncated"):
         st.decode_final(data[:-3])
     with pytest.raises(StateError, match="not a hitless"):
         st.decode_final(b"\xff" * 20)
-    snap = st.decode_snapshot(st.encode_snapshot(st.Snapshot(_config(), [])))
+    snap = st.decode_snapshot(st.encode_snapshot(st.Snapshot(_config(), [], {}, 4)), table)
     assert snap.config == _config()
+    with pytest.raises(StateError, match="counter table of 5 slots"):
+        st.decode_snapshot(st.encode_snapshot(st.Snapshot(_config(), [], {}, 5)), table)
+    table.close()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from gateway_daemon.plane import Handle, Passable, wrap
 from gateway_daemon.tunnels.errors import StateError
 from gateway_daemon.tunnels.lab import Sites, make_lab
 from gateway_daemon.tunnels.plane import RESUME_COUNTER_SKIP, Phase, TunnelPlane, adopt
@@ -24,17 +25,18 @@ DEADLINE = 5.0
 
 
 def pass_sockets(
-    socks: list[socket.socket], description: dict[str, object]
-) -> tuple[dict[str, object], list[socket.socket]]:
-    """Send the sockets and their description over a Unix socketpair, as the handoff
-    does, and return what the receiving side gets."""
+    socks: list[Passable], description: dict[str, object]
+) -> tuple[dict[str, object], list[Handle]]:
+    """Send the descriptors (the counter table and the sockets) and their description
+    over a Unix socketpair, as the handoff does, and return what the receiving side
+    gets."""
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with left, right:
         body = json.dumps(description).encode()
         socket.send_fds(left, [body], [s.fileno() for s in socks])
         data, fds, flags, _ = socket.recv_fds(right, 1 << 20, len(socks))
     assert not flags & socket.MSG_CTRUNC
-    return json.loads(data), [socket.socket(fileno=fd) for fd in fds]
+    return json.loads(data), [wrap(fd) for fd in fds]
 
 
 def hand_over(old: TunnelPlane) -> TunnelPlane:
@@ -201,13 +203,15 @@ def test_adopt_refuses_pieces_that_do_not_fit(lab: tuple[TunnelPlane, Sites]) ->
     old, _ = lab
     description, received = pass_sockets(old.sockets(), old.describe())
     try:
-        with pytest.raises(StateError, match="3 sockets, 2 arrived"):
+        with pytest.raises(StateError, match="4 descriptors, 2 arrived"):
             adopt(description, received[:2], old.snapshot())
+        with pytest.raises(StateError, match="counter table must come first"):
+            adopt(description, [received[1], received[0], *received[2:]], old.snapshot())
         with pytest.raises(StateError, match="version"):
             adopt({**description, "version": 99}, received, old.snapshot())
         with pytest.raises(StateError, match="snapshot"):
             adopt(description, received, b"{}")
-        swapped = [received[1], received[0], received[2]]
+        swapped = [received[0], received[2], received[1], received[3]]
         with pytest.raises(StateError, match="bound to"):
             adopt(description, swapped, old.snapshot())
     finally:

@@ -21,6 +21,7 @@ from typing import Any
 
 from gateway_daemon.errors import HandoffFailed
 from gateway_daemon.handoff import priority, wire
+from gateway_daemon.plane import Handle, wrap
 
 
 @dataclass
@@ -28,10 +29,12 @@ class Inheritance:
     """What the old process handed over, and the channel to finish the handoff on."""
 
     description: dict[str, Any]
-    sockets: list[socket.socket]
+    sockets: list[Handle]  # sockets, and shared memory the plane passes
     snapshot: bytes
     context: dict[str, Any]
     channel: wire.Channel = field(repr=False)
+    # When this process said ready (time.monotonic_ns), for the cutover's breakdown.
+    marks: dict[str, int] = field(default_factory=dict)
 
     def ready(self, timeout_s: float = 10.0) -> bytes:
         """Say ready; return the final state once the old process has paused."""
@@ -45,6 +48,7 @@ class Inheritance:
         gc.collect()
         gc.freeze()
         priority.restore()
+        self.marks["ready_send"] = time.monotonic_ns()
         self.channel.send(wire.READY)
 
     def cutover(self, deadline: float) -> bytes:
@@ -78,7 +82,7 @@ def accept(control_fd: int, timeout_s: float = 10.0) -> Inheritance:
             raise HandoffFailed(f"protocol error: expected HELLO, got frame kind {kind}")
         hello = json.loads(payload)
         fds = channel.receive_fds(int(hello["fds"]), deadline)
-        sockets = [socket.socket(fileno=fd) for fd in fds]
+        sockets = [wrap(fd) for fd in fds]
         kind, snapshot = channel.receive(deadline, "the data plane's snapshot")
         if kind != wire.SNAPSHOT:
             for sock in sockets:

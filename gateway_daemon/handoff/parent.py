@@ -56,8 +56,10 @@ class Deadlines:
     ready_s: float = 30.0  # spawn to READY: the new interpreter starts and loads
     started_s: float = 5.0  # CUTOVER to STARTED
     # Spawn to normal priority if not ready by then (``priority``): a head start on spare
-    # CPU, never more than a tenth of the ready deadline.
-    idle_s: float = 1.5
+    # CPU, never more than a tenth of the ready deadline. A new version takes 1-2 s of
+    # idle time to start on a two-core gateway under load; back at normal priority
+    # before it is done, its last work (a full collection) competes with the traffic.
+    idle_s: float = 3.0
 
     @property
     def idle_until_s(self) -> float:

@@ -11,9 +11,12 @@ Life of a plane::
                 pause() ▼   │ resume()
                        PAUSED ── close() ──▶ CLOSED   (from any state)
 
-Counters on import. The new process continues every send counter exactly where the old
-one stopped, with no safety margin: after ``pause()`` the old process cannot send (its
-only sending thread is parked), so the final counters are exact. A margin would protect
+Counters across a handoff. Every session's counters and replay window live in the
+counter table (``counters``), a memfd passed with the sockets and mapped by both
+processes: the new process continues every send counter exactly where the old one
+stopped, with no safety margin, and nothing about them is copied at the cutover: after
+``pause()`` the old process cannot send (its only sending thread is parked), and the new
+one reads the table only once it has the final state. A margin would protect
 against nothing that can happen, and it would cost: receivers slide their replay windows
 forward by the margin, so old packets still in flight and reordered behind the first new
 one fall out of the window and are lost. The one case where two processes could both
@@ -27,6 +30,7 @@ so TCP relies on the handoff's guarantee alone).
 from __future__ import annotations
 
 import enum
+import os
 import socket
 import threading
 import time
@@ -34,8 +38,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
+from gateway_daemon.plane import Handle, Passable, SharedFile
 from gateway_daemon.tunnels import state as st
 from gateway_daemon.tunnels.config import Address, TunnelsConfig, format_address
+from gateway_daemon.tunnels.counters import TCP_SLOTS, CounterTable
 from gateway_daemon.tunnels.errors import PlaneStateError, StateError
 from gateway_daemon.tunnels.loop import Reactor
 from gateway_daemon.tunnels.session import Session
@@ -130,6 +136,7 @@ class TunnelPlane:
         *,
         name: str = "tunnels",
         clock: Callable[[], float] = time.monotonic,
+        table: CounterTable | None = None,
     ) -> None:
         self.config = config
         static = config.private()
@@ -142,18 +149,22 @@ class TunnelPlane:
             else:
                 assert fwd.addr is not None
                 tcp.append(TcpTunnel(spec, resolve(fwd.addr)))
-        self.udp = UdpPlane(udp, static, udp_sock, plain_sock)
+        # Every session's counters: one slot per UDP tunnel and per TCP connection.
+        self.table = table or CounterTable.create(len(udp) + TCP_SLOTS, name=f"hitless-{name}")
+        self.udp = UdpPlane(udp, static, udp_sock, plain_sock, self.table)
         _log_buffers(udp_sock, plain_sock)
-        self.tcp = TcpPlane(tcp, static, listen_sock)
+        self.tcp = TcpPlane(tcp, static, listen_sock, self.table)
+        self._inherited: list[SharedFile] = []
         self._reactor = Reactor(name)
         self._clock = clock
         self._phase = Phase.LOADED
-        self._exported: list[tuple[dict[str, Any], socket.socket]] | None = None
+        self._exported: list[tuple[dict[str, Any], Passable]] | None = None
         self._freeze_until = 0.0
         self._final_taken = False
-        # The sessions the last snapshot carried: the final state sends only the counters
-        # of these, and the whole session only of one that is new since.
-        self._in_snapshot: dict[int, Session] = {}
+        # What the last snapshot carried of each UDP tunnel (session, endpoint, last
+        # handshake): the final state has only the tunnels that changed since, and the
+        # whole session only of one that is new since.
+        self._in_snapshot: dict[int, tuple[Session | None, Address | None, int]] = {}
         self._tcp_in_snapshot: dict[int, Session] = {}
         self._previous_last_forward = 0.0
         self.cutover_ms: float | None = None
@@ -201,12 +212,14 @@ class TunnelPlane:
 
     # -- Plane: old process ------------------------------------------------------------
 
-    def sockets(self) -> list[socket.socket]:
-        """Every socket, in ``describe()`` order. From here on no new socket appears (no
-        accepts, no handshakes on TCP) until ``resume()`` or the freeze times out."""
+    def sockets(self) -> list[Passable]:
+        """The counter table and every socket, in ``describe()`` order. From here on no
+        new socket appears (no accepts, no handshakes on TCP) until ``resume()`` or the
+        freeze times out."""
         self._require(Phase.SERVING, Phase.PAUSED, what="sockets()")
         self._reactor.call(self._freeze, PAUSE_TIMEOUT_S)
-        exported: list[tuple[dict[str, Any], socket.socket]] = [
+        exported: list[tuple[dict[str, Any], Passable]] = [
+            ({"role": "counters", "slots": self.table.slots}, self.table),
             (
                 {"role": "udp_tunnel", "addr": format_address(self.udp_address)},
                 self.udp.tunnel_sock,
@@ -285,18 +298,16 @@ class TunnelPlane:
                     "exported; call sockets() again"
                 )
         in_snapshot, tcp_in_snapshot = self._in_snapshot, self._tcp_in_snapshot
+        udp = []
+        for tid, t in self.udp.tunnels.items():
+            was = in_snapshot.get(tid)
+            if was is None or was[0] is not t.session or was[1] != t.endpoint or (
+                was[2] != t.last_timestamp
+            ):
+                session = st.session_ref(t.session, None if was is None else was[0])
+                udp.append(st.UdpFinal(tid, session, t.endpoint, t.last_timestamp))
         final = st.FinalState(
-            udp=[
-                st.UdpFinal(
-                    t.spec.id,
-                    None
-                    if t.session is None
-                    else st.SessionFinal.of(t.session, in_snapshot.get(t.spec.id)),
-                    t.endpoint,
-                    t.last_timestamp,
-                )
-                for t in self.udp.tunnels.values()
-            ],
+            udp=udp,
             udp_pending=list(self.udp.pending),
             tcp_timestamps={tid: t.last_timestamp for tid, t in self.tcp.tunnels.items()},
             tcp=[_conn_final(c, tcp_in_snapshot.get(c.cid)) for c in self.tcp.conns.values()],
@@ -388,6 +399,9 @@ class TunnelPlane:
         self.tcp.close_all()
         for sock in (self.udp.tunnel_sock, self.udp.plain_sock, self.tcp.listen_sock):
             sock.close()
+        for inherited in self._inherited:
+            inherited.close()
+        self.table.close()
 
     def endpoints(self) -> list[str]:
         return [
@@ -431,6 +445,10 @@ class TunnelPlane:
             marks_us={k: round((v - base) / 1000, 1) for k, v in marks.items()},
         )
 
+    def add_marks(self, marks: dict[str, int]) -> None:
+        """New process: more stamps (time.monotonic_ns) for the cutover's breakdown."""
+        self._marks.update(marks)
+
     def cutover_marks(self) -> dict[str, int]:
         """Old process: when it last forwarded and when its loop parked
         (time.monotonic_ns), for the handoff's cutover breakdown."""
@@ -465,11 +483,11 @@ class TunnelPlane:
             st.UdpTunnelState(t.spec.id, t.session, t.endpoint, t.last_timestamp)
             for t in self.udp.tunnels.values()
         ]
-        self._in_snapshot = {t.id: t.session for t in udp if t.session is not None}
+        self._in_snapshot = {t.id: (t.session, t.endpoint, t.last_timestamp) for t in udp}
         self._tcp_in_snapshot = {
             c.cid: c.session for c in self.tcp.conns.values() if c.session is not None
         }
-        return st.Snapshot(self.config, udp, dict(self._tcp_in_snapshot))
+        return st.Snapshot(self.config, udp, dict(self._tcp_in_snapshot), self.table.slots)
 
     def _load(self, snap: st.Snapshot) -> None:
         """New process: the sessions of the snapshot, before the final state."""
@@ -481,15 +499,13 @@ class TunnelPlane:
             tunnel.last_timestamp = item.last_timestamp
 
     def _apply(self, final: st.FinalState) -> None:
+        table = self.table
         for item in final.udp:
             tunnel = self.udp.tunnels.get(item.id)
             if tunnel is None:
                 raise StateError(f"final state: UDP tunnel {item.id} is not in the config")
-            tunnel.session = (
-                None
-                if item.session is None
-                else item.session.resolve(tunnel.session, f"UDP tunnel {item.id}")
-            )
+            where = f"UDP tunnel {item.id}"
+            tunnel.session = st.resolve(item.session, tunnel.session, table, where)
             tunnel.endpoint = item.endpoint
             tunnel.last_timestamp = item.last_timestamp
         self.udp.pending.extend(final.udp_pending)
@@ -505,11 +521,7 @@ class TunnelPlane:
                 continue
             if saved.has_plain != (conn.psock is not None):
                 raise StateError(f"final state: TCP connection {cid} sockets do not match")
-            conn.session = (
-                None
-                if saved.session is None
-                else saved.session.resolve(conn.session, f"TCP connection {cid}")
-            )
+            conn.session = st.resolve(saved.session, conn.session, table, f"TCP connection {cid}")
             conn.t_in, conn.t_out, conn.p_out = (
                 bytearray(saved.t_in),
                 bytearray(saved.t_out),
@@ -519,6 +531,12 @@ class TunnelPlane:
             conn.t_shut, conn.p_shut = saved.t_shut, saved.p_shut
         if live:
             raise StateError(f"final state: TCP connections {sorted(live)} came without sockets")
+        sessions = [t.session for t in self.udp.tunnels.values()]
+        sessions += [c.session for c in self.tcp.conns.values()]
+        slots = [s.slot for s in sessions if s is not None]
+        if len(set(slots)) != len(slots):
+            raise StateError("final state: two sessions share a counter table slot")
+        table.keep(set(slots))
 
 
 def _name(sock: socket.socket) -> Address:
@@ -529,7 +547,7 @@ def _name(sock: socket.socket) -> Address:
 def _conn_final(c: TcpConn, in_snapshot: Session | None) -> st.TcpConnFinal:
     return st.TcpConnFinal(
         cid=c.cid,
-        session=None if c.session is None else st.SessionFinal.of(c.session, in_snapshot),
+        session=st.session_ref(c.session, in_snapshot),
         t_in=bytes(c.t_in),
         t_out=bytes(c.t_out),
         p_out=bytes(c.p_out),
@@ -542,9 +560,7 @@ def _conn_final(c: TcpConn, in_snapshot: Session | None) -> st.TcpConnFinal:
     )
 
 
-def adopt(
-    description: dict[str, Any], sockets: list[socket.socket], snapshot: bytes
-) -> TunnelPlane:
+def adopt(description: dict[str, Any], sockets: list[Handle], snapshot: bytes) -> TunnelPlane:
     """Build the next process's plane from what the old one sent: loaded and checked,
     not serving until ``start(final_state)``. Raises StateError when the pieces do not
     fit together (the handoff then rolls back); the caller still owns the sockets then."""
@@ -558,14 +574,32 @@ def adopt(
     roles = description.get("sockets")
     if not isinstance(roles, list) or len(roles) != len(sockets):
         raise StateError(
-            f"description names {len(roles) if isinstance(roles, list) else 'no'} sockets, "
-            f"{len(sockets)} arrived"
+            f"description names {len(roles) if isinstance(roles, list) else 'no'} "
+            f"descriptors, {len(sockets)} arrived"
         )
-    snap = st.decode_snapshot(snapshot)
+    first = roles[0] if roles and isinstance(roles[0], dict) else {}
+    table_file = sockets[0] if first.get("role") == "counters" else None
+    if not isinstance(table_file, SharedFile):
+        raise StateError("description: the counter table must come first, and not as a socket")
+    table = CounterTable.adopt(os.dup(table_file.fileno()))
+    try:
+        plane = _adopt(roles[1:], sockets[1:], st.decode_snapshot(snapshot, table), table)
+    except BaseException:
+        table.close()
+        raise
+    plane._inherited.append(table_file)
+    return plane
+
+
+def _adopt(
+    roles: list[Any], sockets: list[Handle], snap: st.Snapshot, table: CounterTable
+) -> TunnelPlane:
     shared: dict[str, socket.socket] = {}
     conns: dict[int, TcpConn] = {}
-    for i, (role, sock) in enumerate(zip(roles, sockets, strict=True)):
+    for i, (role, sock) in enumerate(zip(roles, sockets, strict=True), start=1):
         kind = role.get("role") if isinstance(role, dict) else None
+        if not isinstance(sock, socket.socket):
+            raise StateError(f"descriptor {i} ({kind}): expected a socket")
         want = socket.SOCK_DGRAM if kind in ("udp_tunnel", "udp_plain") else socket.SOCK_STREAM
         if sock.type != want:
             raise StateError(f"socket {i} ({kind}): expected type {want!r}, got {sock.type!r}")
@@ -592,7 +626,7 @@ def adopt(
     if missing:
         raise StateError(f"description: no socket for {sorted(missing)}")
     plane = TunnelPlane(
-        snap.config, shared["udp_tunnel"], shared["udp_plain"], shared["tcp_listen"]
+        snap.config, shared["udp_tunnel"], shared["udp_plain"], shared["tcp_listen"], table=table
     )
     plane._load(snap)
     for cid, conn in conns.items():

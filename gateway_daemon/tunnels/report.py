@@ -79,6 +79,8 @@ class UdpReport:
     # Datagrams the kernel dropped because the tool's own sockets' buffers were full:
     # the instrument, not the gateway, lost them.
     rcvbuf_drops: int = 0
+    # The tool's longest pause between two sends while sending (its own stalls).
+    max_send_gap_ms: float = 0.0
 
     @classmethod
     def of(cls, stats: list[GapStats], sent: list[int]) -> UdpReport:

@@ -16,6 +16,7 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from gateway_daemon.tunnels.counters import RECV_NEXT, SEND, SLOT_WORDS, WINDOW, CounterTable
 from gateway_daemon.tunnels.errors import CounterExhausted
 from gateway_daemon.tunnels.replay import REJECT_AFTER_MESSAGES, ReplayWindow
 from gateway_daemon.tunnels.wire import HEADER, HEADER_LEN, NONCE, OVERHEAD, TYPE_DATA
@@ -24,17 +25,23 @@ KEY_LEN: Final = 32
 
 
 class Session:
-    """Keys and counters of one tunnel (UDP) or one tunnel connection (TCP)."""
+    """Keys and counters of one tunnel (UDP) or one tunnel connection (TCP).
+
+    The counters and the replay window live in a slot of a counter table (``counters``):
+    a private one until ``install()`` moves them to the gateway's, which the next
+    process of a handoff maps too.
+    """
 
     __slots__ = (
+        "_b",
         "_open_nonce",
         "_receiver",
         "_seal_nonce",
         "_sender",
+        "_w",
         "recv_key",
-        "recv_next",
-        "send_counter",
         "send_key",
+        "slot",
         "tunnel_id",
         "window",
     )
@@ -48,31 +55,77 @@ class Session:
         send_counter: int = 0,
         window: ReplayWindow | None = None,
         recv_next: int = 0,
+        table: CounterTable | None = None,
+        slot: int = -1,
     ) -> None:
+        """A session with fresh counters (or those given), in storage of its own; or,
+        with ``table`` and ``slot``, the session whose counters are already there (the
+        next process of a handoff: nothing is written to the slot)."""
         if len(send_key) != KEY_LEN or len(recv_key) != KEY_LEN:
             raise ValueError("session keys are 32 bytes each")
         self.tunnel_id = tunnel_id
+        self.window: ReplayWindow
+        self.slot: int
         self.send_key = send_key
         self.recv_key = recv_key
-        self.send_counter = send_counter
-        self.window = window if window is not None else ReplayWindow()
-        self.recv_next = recv_next
         self._sender = ChaCha20Poly1305(send_key)
         self._receiver = ChaCha20Poly1305(recv_key)
         # Nonce buffers reused for every packet: packing into them avoids an allocation.
         self._seal_nonce = bytearray(NONCE.size)
         self._open_nonce = bytearray(NONCE.size)
+        if table is not None:
+            if not 0 <= slot < table.slots:
+                raise ValueError(f"slot {slot} is not in the counter table")
+            self._bind(table.words, slot)
+            return
+        own = CounterTable.private()
+        self._bind(own.words, own.allocate())
+        self._w[self._b + SEND] = send_counter
+        self._w[self._b + RECV_NEXT] = recv_next
+        if window is not None:
+            self.window.copy_from(window)
+        self.slot = -1  # not in a shared table
+
+    def _bind(self, words: memoryview, slot: int) -> None:
+        self._w = words
+        self._b = slot * SLOT_WORDS
+        self.slot = slot
+        self.window = ReplayWindow(words, self._b + WINDOW)
+
+    def install(self, table: CounterTable) -> None:
+        """Move the counters to a fresh slot of ``table`` (the gateway's)."""
+        slot = table.allocate()
+        base = slot * SLOT_WORDS
+        table.words[base : base + SLOT_WORDS] = self._w[self._b : self._b + SLOT_WORDS]
+        self._bind(table.words, slot)
+
+    @property
+    def send_counter(self) -> int:
+        return self._w[self._b + SEND]
+
+    @send_counter.setter
+    def send_counter(self, value: int) -> None:
+        self._w[self._b + SEND] = value
+
+    @property
+    def recv_next(self) -> int:
+        return self._w[self._b + RECV_NEXT]
+
+    @recv_next.setter
+    def recv_next(self, value: int) -> None:
+        self._w[self._b + RECV_NEXT] = value
 
     def seal_into(self, out: memoryview, payload: bytes | bytearray | memoryview) -> int:
         """Write header + ciphertext of ``payload`` to the start of ``out``; return the
         length written. ``out`` must hold ``len(payload) + OVERHEAD`` bytes."""
-        counter = self.send_counter
+        w, at = self._w, self._b + SEND
+        counter = w[at]
         if counter >= REJECT_AFTER_MESSAGES:
             raise CounterExhausted(
                 f"tunnel {self.tunnel_id}: send counter exhausted; the site must handshake "
                 "again before more traffic can be sealed"
             )
-        self.send_counter = counter + 1
+        w[at] = counter + 1
         HEADER.pack_into(out, 0, TYPE_DATA, self.tunnel_id, counter)
         NONCE.pack_into(self._seal_nonce, 0, counter)
         total = len(payload) + OVERHEAD
@@ -112,7 +165,8 @@ class Session:
     def open_record_into(self, record: memoryview, counter: int, out: memoryview) -> int:
         """Like ``open_datagram_into`` for a TCP record, which must carry exactly the next
         counter. Returns the payload length, or -1 (the connection is then to be reset)."""
-        if counter != self.recv_next:
+        w, at = self._w, self._b + RECV_NEXT
+        if counter != w[at]:
             return -1
         length = len(record) - OVERHEAD
         if length < 0:
@@ -124,7 +178,7 @@ class Session:
             )
         except InvalidTag:
             return -1
-        self.recv_next = counter + 1
+        w[at] = counter + 1
         return length
 
     def open(self, packet: bytes) -> bytes | None:

@@ -3,30 +3,32 @@
 Two documents with different jobs, so two encodings:
 
 - The snapshot, sent while the old process still serves, carries the config (keys,
-  routes) and every session as it is then (UDP tunnels and established TCP tunnel
-  connections), so the next process builds everything before it says ready: sessions
-  with their ciphers, routes, connections. It is JSON (byte strings in base64), readable
-  in a debugging session, validated field by field (``StateError`` names the field);
-  its cost is paid off the hot path.
+  routes), the size of the counter table and every session as it is then (UDP tunnels
+  and established TCP tunnel connections: keys and counter-table slot), so the next
+  process builds everything before it says ready: sessions with their ciphers, routes,
+  connections. It is JSON (byte strings in base64), readable in a debugging session,
+  validated field by field (``StateError`` names the field); its cost is paid off the
+  hot path.
 - The final state, taken after ``pause()``, is on the hot path: nothing is forwarded
-  from the moment the old process parks until the new one has applied it. It carries
-  only what moves while serving, in a compact binary form: per session its send counter,
-  next expected TCP counter and replay window, and its keys only when the session is new
-  since the snapshot (a site handshook in between); per UDP tunnel its endpoint and last
-  handshake timestamp; queued datagrams; per TCP connection its unparsed bytes, outgoing
-  buffers and half-close flags. About 330 bytes per UDP tunnel, mostly the window.
+  from the moment the old process parks until the new one has applied it. Counters and
+  replay windows are not in it: they are in the counter table both processes map
+  (``counters``). It carries only what changed since the snapshot, in a compact binary
+  form: the UDP tunnels whose session, endpoint or last handshake changed (a site
+  handshook in between: the new session's keys and slot); queued datagrams; per TCP
+  tunnel its last handshake; per TCP connection its unparsed bytes, outgoing buffers
+  and half-close flags. With no handshake in between it is a few hundred bytes
+  whatever the number of tunnels.
 
 Final state layout (big-endian)::
 
     magic "HTFS", u16 version, f64 last_forward
-    u32 n, n x UDP tunnel:  u32 id, u8 flags, u64 last_timestamp, [address], [session]
+    u32 n, n x UDP tunnel:  u32 id, u8 flags, u64 last_timestamp, [address], session
     u32 n, n x datagram:    u8 to_tunnel, address, u32 length, bytes
     u32 n, n x TCP tunnel:  u32 id, u64 last_timestamp
-    u32 n, n x connection:  u64 cid, u8 flags, [session], 3 x (u32 length, bytes)
+    u32 n, n x connection:  u64 cid, u8 flags, session, 3 x (u32 length, bytes)
     address:  u8 length, host (ASCII), u16 port
-    session:  u8 0 (none) | 1 (the snapshot's) | 2 (new: u32 tunnel id, 32-byte send key,
-              32-byte receive key), then unless 0: u64 send counter, u64 next receive
-              counter, the replay window (``ReplayWindow.to_bytes``)
+    session:  u8 0 (none) | 1 (the snapshot's) | 2 (new: u32 tunnel id, u32 slot,
+              32-byte send key, 32-byte receive key)
 """
 
 from __future__ import annotations
@@ -39,11 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from gateway_daemon.tunnels.config import Address, TunnelsConfig, format_address, parse_address
+from gateway_daemon.tunnels.counters import CounterTable
 from gateway_daemon.tunnels.errors import StateError, TunnelConfigError
-from gateway_daemon.tunnels.replay import WINDOW_BYTES, ReplayWindow
 from gateway_daemon.tunnels.session import KEY_LEN, Session
 
-STATE_VERSION: Final = 2
+STATE_VERSION: Final = 3
 SNAPSHOT_FORMAT: Final = "hitless.tunnels.snapshot"
 FINAL_MAGIC: Final = b"HTFS"
 
@@ -54,8 +56,7 @@ _PORT = struct.Struct(">H")
 _LENGTH = struct.Struct(">I")
 _TCP_STAMP = struct.Struct(">IQ")
 _CONN = struct.Struct(">QB")
-_KEYS = struct.Struct(f">I{KEY_LEN}s{KEY_LEN}s")
-_COUNTERS = struct.Struct(f">QQ{WINDOW_BYTES}s")
+_KEYS = struct.Struct(f">II{KEY_LEN}s{KEY_LEN}s")
 
 _HAS_ENDPOINT: Final = 1
 _NO_SESSION, _SNAPSHOT_SESSION, _NEW_SESSION = 0, 1, 2
@@ -77,51 +78,63 @@ class Snapshot:
     config: TunnelsConfig
     udp: list[UdpTunnelState]
     tcp_sessions: dict[int, Session] = field(default_factory=dict)  # by connection id
+    slots: int = 0  # the counter table's size
 
 
-@dataclass
-class Counters:
-    """What moves in a session while it serves."""
+@dataclass(frozen=True)
+class NewSession:
+    """A session the snapshot did not carry: its keys, and its slot in the table."""
 
-    send_counter: int
-    recv_next: int
-    window: bytes  # ReplayWindow.to_bytes()
-
-    @classmethod
-    def of(cls, session: Session) -> Counters:
-        return cls(session.send_counter, session.recv_next, session.window.to_bytes())
-
-    def apply(self, session: Session) -> None:
-        session.send_counter = self.send_counter
-        session.recv_next = self.recv_next
-        session.window = ReplayWindow.from_bytes(self.window)
-
-
-@dataclass
-class SessionFinal:
-    """A session in the final state: its counters, and ``new`` (the whole session) when
-    it is not the one the snapshot carried; None then means "the snapshot's"."""
-
-    counters: Counters
-    new: Session | None = None
+    tunnel_id: int
+    slot: int
+    send_key: bytes
+    recv_key: bytes
 
     @classmethod
-    def of(cls, session: Session, in_snapshot: Session | None) -> SessionFinal:
-        return cls(Counters.of(session), None if session is in_snapshot else session)
+    def of(cls, session: Session) -> NewSession:
+        return cls(session.tunnel_id, session.slot, session.send_key, session.recv_key)
 
-    def resolve(self, from_snapshot: Session | None, where: str) -> Session:
-        """The session to serve with: the new one, or the snapshot's, with the counters."""
-        session = self.new if self.new is not None else from_snapshot
-        if session is None:
-            raise StateError(f"final state: {where} has counters for a session it never had")
-        self.counters.apply(session)
-        return session
+
+class _Snapshots:
+    """The final state's "the session the snapshot carried"."""
+
+    def __repr__(self) -> str:
+        return "SNAPSHOT_SESSION"
+
+
+SNAPSHOT_SESSION: Final = _Snapshots()
+# A session in the final state: none, the snapshot's, or a new one.
+SessionRef = NewSession | _Snapshots | None
+
+
+def session_ref(session: Session | None, in_snapshot: Session | None) -> SessionRef:
+    if session is None:
+        return None
+    return SNAPSHOT_SESSION if session is in_snapshot else NewSession.of(session)
+
+
+def resolve(
+    ref: SessionRef, from_snapshot: Session | None, table: CounterTable, where: str
+) -> Session | None:
+    """The session to serve with: the snapshot's, or the new one in its slot."""
+    if ref is None:
+        return None
+    if isinstance(ref, NewSession):
+        try:
+            return Session(
+                ref.tunnel_id, ref.send_key, ref.recv_key, table=table, slot=ref.slot
+            )
+        except ValueError as exc:
+            raise StateError(f"final state: {where}: {exc}") from None
+    if from_snapshot is None:
+        raise StateError(f"final state: {where} has counters for a session it never had")
+    return from_snapshot
 
 
 @dataclass
 class UdpFinal:
     id: int
-    session: SessionFinal | None
+    session: SessionRef
     endpoint: Address | None
     last_timestamp: int
 
@@ -129,7 +142,7 @@ class UdpFinal:
 @dataclass
 class TcpConnFinal:
     cid: int
-    session: SessionFinal | None
+    session: SessionRef
     t_in: bytes
     t_out: bytes
     p_out: bytes
@@ -143,7 +156,7 @@ class TcpConnFinal:
 
 @dataclass
 class FinalState:
-    udp: list[UdpFinal]
+    udp: list[UdpFinal]  # the UDP tunnels that changed since the snapshot
     udp_pending: list[tuple[bool, Address, bytes]] = field(default_factory=list)
     tcp_timestamps: dict[int, int] = field(default_factory=dict)
     tcp: list[TcpConnFinal] = field(default_factory=list)
@@ -166,9 +179,7 @@ def _session(s: Session | None) -> dict[str, Any] | None:
         "tunnel": s.tunnel_id,
         "send_key": _b64(s.send_key),
         "recv_key": _b64(s.recv_key),
-        "send_counter": s.send_counter,
-        "window": _b64(s.window.to_bytes()),
-        "recv_next": s.recv_next,
+        "slot": s.slot,
     }
 
 
@@ -178,6 +189,7 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
             "format": SNAPSHOT_FORMAT,
             "version": STATE_VERSION,
             "config": snapshot.config.to_dict(),
+            "slots": snapshot.slots,
             "udp": [
                 {
                     "id": t.id,
@@ -218,7 +230,8 @@ def _address(value: Any, where: str) -> Address:
         raise StateError(str(exc)) from None
 
 
-def _load_session(raw: Any, where: str) -> Session | None:
+def _load_session(raw: Any, where: str, table: CounterTable) -> Session | None:
+    """The session whose counters are in its slot of ``table`` (nothing is written)."""
     if raw is None:
         return None
     try:
@@ -226,25 +239,26 @@ def _load_session(raw: Any, where: str) -> Session | None:
             _field(raw, "tunnel", int, where),
             send_key=_bytes(raw, "send_key", where),
             recv_key=_bytes(raw, "recv_key", where),
-            send_counter=_field(raw, "send_counter", int, where),
-            window=ReplayWindow.from_bytes(_bytes(raw, "window", where)),
-            recv_next=_field(raw, "recv_next", int, where),
+            table=table,
+            slot=_field(raw, "slot", int, where),
         )
     except ValueError as exc:
         raise StateError(f"{where}: {exc}") from None
 
 
-def _load_udp(raw: Any, where: str) -> UdpTunnelState:
+def _load_udp(raw: Any, where: str, table: CounterTable) -> UdpTunnelState:
     endpoint = raw.get("endpoint") if isinstance(raw, dict) else None
     return UdpTunnelState(
         id=_field(raw, "id", int, where),
-        session=_load_session(raw.get("session"), f"{where}.session"),
+        session=_load_session(raw.get("session"), f"{where}.session", table),
         endpoint=None if endpoint is None else _address(endpoint, f"{where}.endpoint"),
         last_timestamp=_field(raw, "last_timestamp", int, where),
     )
 
 
-def decode_snapshot(data: bytes) -> Snapshot:
+def decode_snapshot(data: bytes, table: CounterTable) -> Snapshot:
+    """The snapshot, with its sessions bound to their slots of ``table`` (the counter
+    table the old process passed)."""
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -260,14 +274,21 @@ def decode_snapshot(data: bytes) -> Snapshot:
         config = TunnelsConfig.from_dict(raw.get("config"))
     except TunnelConfigError as exc:
         raise StateError(f"snapshot.config: {exc}") from None
+    slots = _field(raw, "slots", int, "snapshot")
+    if slots != table.slots:
+        raise StateError(
+            f"snapshot: a counter table of {slots} slots, but the one passed has {table.slots}"
+        )
     udp = _field(raw, "udp", list, "snapshot")
     tcp: dict[int, Session] = {}
     for i, item in enumerate(_field(raw, "tcp", list, "snapshot")):
         where = f"snapshot.tcp[{i}]"
-        session = _load_session(_field(item, "session", dict, where), f"{where}.session")
+        raw_session = _field(item, "session", dict, where)
+        session = _load_session(raw_session, f"{where}.session", table)
         assert session is not None
         tcp[_field(item, "cid", int, where)] = session
-    return Snapshot(config, [_load_udp(t, f"snapshot.udp[{i}]") for i, t in enumerate(udp)], tcp)
+    loaded = [_load_udp(t, f"snapshot.udp[{i}]", table) for i, t in enumerate(udp)]
+    return Snapshot(config, loaded, tcp, slots)
 
 
 # -- final state (binary) --------------------------------------------------------------
@@ -278,17 +299,14 @@ def _put_address(out: bytearray, addr: Address) -> None:
     out += bytes((len(host),)) + host + _PORT.pack(addr[1])
 
 
-def _put_session(out: bytearray, s: SessionFinal | None) -> None:
+def _put_session(out: bytearray, s: SessionRef) -> None:
     if s is None:
         out.append(_NO_SESSION)
-        return
-    if s.new is None:
-        out.append(_SNAPSHOT_SESSION)
-    else:
+    elif isinstance(s, NewSession):
         out.append(_NEW_SESSION)
-        out += _KEYS.pack(s.new.tunnel_id, s.new.send_key, s.new.recv_key)
-    c = s.counters
-    out += _COUNTERS.pack(c.send_counter, c.recv_next, c.window)
+        out += _KEYS.pack(s.tunnel_id, s.slot, s.send_key, s.recv_key)
+    else:
+        out.append(_SNAPSHOT_SESSION)
 
 
 def _put_bytes(out: bytearray, data: bytes) -> None:
@@ -361,17 +379,15 @@ class _Reader:
         (length,) = self.take(_LENGTH)
         return self.raw(length)
 
-    def session(self, where: str) -> SessionFinal | None:
+    def session(self, where: str) -> SessionRef:
         kind = self.byte()
         if kind == _NO_SESSION:
             return None
-        new = None
+        if kind == _SNAPSHOT_SESSION:
+            return SNAPSHOT_SESSION
         if kind == _NEW_SESSION:
-            tunnel_id, send_key, recv_key = self.take(_KEYS)
-            new = Session(tunnel_id, send_key, recv_key)
-        elif kind != _SNAPSHOT_SESSION:
-            raise StateError(f"final state: {where}: unknown session kind {kind}")
-        return SessionFinal(Counters(*self.take(_COUNTERS)), new)
+            return NewSession(*self.take(_KEYS))
+        raise StateError(f"final state: {where}: unknown session kind {kind}")
 
 
 def decode_final(data: bytes) -> FinalState:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from gateway_daemon.tunnels.config import Address, TunnelSpec
+from gateway_daemon.tunnels.counters import CounterTable, SlotsExhausted
 from gateway_daemon.tunnels.errors import CounterExhausted, HandshakeError
 from gateway_daemon.tunnels.handshake import parse_initiation, respond
 from gateway_daemon.tunnels.loop import EVENT_READ, EVENT_WRITE, Reactor
@@ -119,8 +120,13 @@ class TcpPlane:
     """The TCP tunnel listener and every relayed connection pair."""
 
     def __init__(
-        self, tunnels: list[TcpTunnel], static: X25519PrivateKey, listen_sock: socket.socket
+        self,
+        tunnels: list[TcpTunnel],
+        static: X25519PrivateKey,
+        listen_sock: socket.socket,
+        table: CounterTable,
     ) -> None:
+        self._table = table
         self.tunnels = {t.spec.id: t for t in tunnels}
         self._static = static
         self.listen_sock = listen_sock
@@ -320,6 +326,10 @@ class TcpPlane:
         peer = tunnel.spec.peer
         if peer is not None and c.tsock.getpeername()[0] != peer[0]:
             raise _Refused(f"tunnel {tunnel_id}: connection from an address not its peer")
+        try:
+            accepted.session.install(self._table)
+        except SlotsExhausted as exc:
+            raise _Refused(str(exc)) from exc
         tunnel.last_timestamp = accepted.timestamp
         c.session = accepted.session
         c.t_out += RECORD_LEN.pack(len(accepted.response)) + accepted.response
@@ -393,6 +403,9 @@ class TcpPlane:
                 reactor.unregister(c.psock)
         c.t_events = c.p_events = 0
         c.closed = True
+        if c.session is not None:
+            self._table.release(c.session.slot)
+            c.session = None
         c.tsock.close()
         if c.psock is not None:
             c.psock.close()

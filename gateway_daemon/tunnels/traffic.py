@@ -52,6 +52,8 @@ _PATTERN: Final = bytes((i * 131 + (i >> 8) * 7) & 0xFF for i in range(PATTERN_L
 # Per tunnel and direction: bytes the tool keeps queued before it stops generating more.
 TCP_QUEUE: Final = 256 * 1024
 BURST: Final = 512
+# The selector's resolution (epoll waits whole milliseconds); shorter waits are slept.
+_TICK_S: Final = 0.001
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,14 @@ class TrafficRun:
         self._closables: list[socket.socket] = []
         self._resets = 0
         self._rejected = 0
+        # The longest the tool went without sending while it should have: its own
+        # stalls (CPU it did not get), which look like gaps at the receivers too.
+        self._max_send_gap = 0.0
+        # UDP pacing: when sending began, packets sent, whose turn is next, last send.
+        self._start = 0.0
+        self._sent = 0
+        self._turn = 0
+        self._last_send = 0.0
         self._payload = bytearray(config.size)
         self._sealed = memoryview(bytearray(config.size + OVERHEAD))
         self._rbuf = bytearray(MAX_DATAGRAM)
@@ -202,10 +212,8 @@ class TrafficRun:
 
     def _pump(self) -> float:
         cfg, clock = self.config, self._clock
-        start = clock()
+        start = self._start = clock()
         end = start + cfg.duration
-        sent = 0
-        turn = 0
         streams = self._streams
         while True:
             now = clock()
@@ -213,18 +221,20 @@ class TrafficRun:
                 end = now
             sending = now < end
             if sending:
-                if streams:
-                    due = min(int(cfg.rate * (now - start)) - sent, BURST)
-                    for _ in range(max(due, 0)):
-                        if self._send_udp(turn, now):
-                            sent += 1
-                        turn = (turn + 1) % len(streams)
+                self._send_due(now)
                 self._generate_tcp(min(now, end) - start)
             elif self._drained() or now > end + cfg.drain:
                 return min(now, end) - start
             self._flush_tcp()
             timeout = 0.002 if sending or self._tcp else 0.01
-            for key, _mask in self._selector.select(timeout):
+            if sending and streams and cfg.rate > 0:
+                # Paced by the clock, not by what comes back: a site goes on sending
+                # while the gateway is silent (during a handoff's cutover, say).
+                timeout = min(timeout, max(start + (self._sent + 1) / cfg.rate - clock(), 0.0))
+            events = self._selector.select(timeout if timeout >= _TICK_S else 0)
+            if not events and 0 < timeout < _TICK_S:
+                time.sleep(timeout)  # the selector counts whole milliseconds
+            for key, _mask in events:
                 kind, index = key.data
                 if kind == "plain":
                     self._read_plain(index)
@@ -232,6 +242,26 @@ class TrafficRun:
                     self._read_site(index)
                 else:
                     self._read_tcp(self._tcp[index], kind == "tsite")
+                if sending:
+                    # Between two reads too: a round of many reads must not hold back
+                    # what is due, or the sites would send in bursts.
+                    self._send_due(clock())
+
+    def _send_due(self, now: float) -> None:
+        """Send the UDP packets due by ``now`` at the configured rate (at most BURST)."""
+        if not self._streams:
+            return
+        due = min(int(self.config.rate * (now - self._start)) - self._sent, BURST)
+        if due <= 0:
+            return
+        if self._last_send:
+            self._max_send_gap = max(self._max_send_gap, now - self._last_send)
+        self._last_send = now
+        count = len(self._streams)
+        for _ in range(due):
+            if self._send_udp(self._turn, now):
+                self._sent += 1
+            self._turn = (self._turn + 1) % count
 
     def _drained(self) -> bool:
         if any(s.stats.received < s.sent for s in self._streams):
@@ -362,6 +392,7 @@ class TrafficRun:
     def _report(self, elapsed: float) -> TrafficReport:
         udp = UdpReport.of([s.stats for s in self._streams], [s.sent for s in self._streams])
         udp.rejected = self._rejected
+        udp.max_send_gap_ms = round(self._max_send_gap * 1000, 3)
         udp.rcvbuf_drops = drops.of_sockets(self._plain_udp + [s.sock for s in self._udp_sites])
         directions = [d for f in self._tcp for d in (f.up, f.down)]
         tcp = TcpReport(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from gateway_daemon.tunnels.config import Address, TunnelSpec
+from gateway_daemon.tunnels.counters import CounterTable, SlotsExhausted
 from gateway_daemon.tunnels.errors import CounterExhausted, HandshakeError
 from gateway_daemon.tunnels.handshake import respond
 from gateway_daemon.tunnels.loop import EVENT_READ, EVENT_WRITE, Reactor
@@ -86,7 +87,9 @@ class UdpPlane:
         static: X25519PrivateKey,
         tunnel_sock: socket.socket,
         plain_sock: socket.socket,
+        table: CounterTable,
     ) -> None:
+        self._table = table
         self.tunnels = {t.spec.id: t for t in tunnels}
         for t in tunnels:
             if t.spec.forward.kind == "tunnel":
@@ -273,6 +276,14 @@ class UdpPlane:
             self.stats.handshake_failures += 1
             log.warning("udp_handshake_failed", tunnel=tunnel.spec.id, error=str(exc))
             return
+        try:
+            accepted.session.install(self._table)
+        except SlotsExhausted as exc:
+            self.stats.handshake_failures += 1
+            log.error("udp_handshake_dropped", tunnel=tunnel.spec.id, error=str(exc))
+            return
+        if tunnel.session is not None:
+            self._table.release(tunnel.session.slot)
         tunnel.session = accepted.session
         tunnel.endpoint = addr
         tunnel.last_timestamp = accepted.timestamp
