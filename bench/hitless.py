@@ -172,6 +172,13 @@ class Bench:
         return {k: events[-1][k] for k in ("rcvbuf", "rmem_max")} if events else {}
 
 
+def _from_nearest(when: float, cutovers: list[float]) -> float | None:
+    if not when or not cutovers:
+        return None
+    nearest = min(cutovers, key=lambda at: abs(when - at))
+    return round((when - nearest) * 1000, 1)
+
+
 def _raise_priority(pid: int) -> int:
     """Give the traffic tool (one thread) ``TOOL_NICE`` when allowed; return its nice.
 
@@ -221,6 +228,11 @@ def summarize(
         "steady_gap_ms_max": round(s["max_gap_ms"], 2),
         "steady_gap_ms_p99": round(s["p99_gap_ms"], 2),
         "tool_send_gap_ms_max": u.get("max_send_gap_ms", 0.0),
+        # Where the longest gap of the upgrade run fell: ms from the nearest cutover
+        # (negative: it ended before that cutover began).
+        "handoff_gap_from_cutover_ms": _from_nearest(
+            u.get("max_gap_ended", 0.0), [float(c.get("at", 0.0)) for c in cutovers]
+        ),
         "steady_tool_send_gap_ms_max": s.get("max_send_gap_ms", 0.0),
         "steady_tcp_gap_ms_max": round(steady["tcp"]["max_gap_ms"], 2),
         "steady_lost": s["lost"],
@@ -288,6 +300,7 @@ def table(r: dict[str, Any]) -> str:
          "<= 1 / <= 5"),
         ("max gap: upgrades / steady ms", f"{r['handoff_gap_ms_max']} / {r['steady_gap_ms_max']}",
          "<= 2x steady"),
+        ("longest gap ended, from nearest cutover ms", str(r["handoff_gap_from_cutover_ms"]), ""),
         ("p99 gap: upgrades / steady ms", f"{r['handoff_gap_ms_p99']} / {r['steady_gap_ms_p99']}",
          ""),
         ("tool's own send stall: upgrades / steady ms",

@@ -15,7 +15,17 @@ from dataclasses import asdict, dataclass
 class GapStats:
     """Arrivals of one stream."""
 
-    __slots__ = ("_gaps", "_last", "_seen", "duplicated", "highest", "received", "reordered")
+    __slots__ = (
+        "_gaps",
+        "_last",
+        "_longest",
+        "_seen",
+        "duplicated",
+        "highest",
+        "longest_ended",
+        "received",
+        "reordered",
+    )
 
     def __init__(self) -> None:
         self.received = 0
@@ -25,6 +35,9 @@ class GapStats:
         self._seen = bytearray()
         self._last = -1.0
         self._gaps = array("d")
+        # The longest gap so far, and when it ended (the clock of ``arrive``/``tick``).
+        self._longest = 0.0
+        self.longest_ended = 0.0
 
     def arrive(self, seq: int, now: float) -> None:
         """Packet ``seq`` arrived at ``now`` (seconds)."""
@@ -46,7 +59,11 @@ class GapStats:
     def tick(self, now: float) -> None:
         """Something arrived at ``now``: only the gap is recorded."""
         if self._last >= 0:
-            self._gaps.append(now - self._last)
+            gap = now - self._last
+            if gap > self._longest:
+                self._longest = gap
+                self.longest_ended = now
+            self._gaps.append(gap)
         self._last = now
 
     def gaps(self) -> array[float]:
@@ -79,6 +96,8 @@ class UdpReport:
     # Datagrams the kernel dropped because the tool's own sockets' buffers were full:
     # the instrument, not the gateway, lost them.
     rcvbuf_drops: int = 0
+    # When the longest gap ended (time.monotonic, machine-wide), to place it in a run.
+    max_gap_ended: float = 0.0
     # The tool's longest pause between two sends while sending (its own stalls).
     max_send_gap_ms: float = 0.0
 
@@ -96,6 +115,7 @@ class UdpReport:
             rejected=0,
             max_gap_ms=max((s.max_gap_ms() for s in stats), default=0.0),
             p99_gap_ms=percentile_ms(gaps, 0.99),
+            max_gap_ended=max(stats, key=lambda s: s.max_gap_ms()).longest_ended if stats else 0.0,
         )
 
 
