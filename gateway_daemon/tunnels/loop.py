@@ -37,8 +37,10 @@ TICK_S = 0.5
 # thread computes, CPython makes it wait a whole switch interval (5 ms by default) per
 # call: the convoy effect, a few hundred packets a second instead of tens of thousands.
 # Measured with one busy thread beside a plane at 20,000 packets/s: 38% lost at 5 ms,
-# none at 0.5 ms. A shorter interval costs the busy thread only more frequent switches.
-SWITCH_INTERVAL_S = 0.0005
+# none at 0.5 ms. The gateway's own upgrade work (download, spawn, snapshot) is such a
+# thread: bench-hitless's largest gap during upgrades was 27-33 ms at 0.1 ms against
+# 32-49 ms at 0.5 ms. A shorter interval costs the busy thread only more switches.
+SWITCH_INTERVAL_S = 0.0001
 # The loop thread's nice value. It needs a fraction of a core, but needs it at once:
 # while it waits for a CPU, the shared sockets fill (an upgrade starts a whole new
 # interpreter beside it; other work may share the machine). A higher priority than the

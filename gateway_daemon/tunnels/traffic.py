@@ -175,15 +175,12 @@ class TrafficRun:
         cfg, sites = self.config, self.config.sites
         gateway_key = X25519PublicKey.from_public_bytes(sites.gateway_public)
         stamps = Timestamps()
-        for spec in sites.sites:
+        # Every plain socket is bound before any site socket exists: a site socket takes
+        # an ephemeral port, which could otherwise be a plain port still to bind.
+        plains = [self._bind_plain(spec.protocol, spec.plain) for spec in sites.sites]
+        for spec, plain in zip(sites.sites, plains, strict=True):
             static = X25519PrivateKey.from_private_bytes(spec.private_key)
             if spec.protocol == "udp":
-                plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                self._closables.append(plain)
-                plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SITE_BUFFER_BYTES)
-                plain.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SITE_BUFFER_BYTES)
-                plain.bind(spec.plain)
-                plain.setblocking(False)
                 site = UdpSite(spec.tunnel, static, gateway_key, sites.udp_gateway)
                 self._closables.append(site.sock)
                 site.handshake(stamps, cfg.setup_timeout)
@@ -194,16 +191,10 @@ class TrafficRun:
                 self._selector.register(plain, selectors.EVENT_READ, ("plain", index))
                 self._selector.register(site.sock, selectors.EVENT_READ, ("site", index))
             else:
-                listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                self._closables.append(listener)
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                listener.bind(spec.plain)
-                listener.listen(1)
-                listener.settimeout(cfg.setup_timeout)
                 tsite = TcpSite(spec.tunnel, static, gateway_key, sites.tcp_gateway)
                 self._closables.append(tsite.sock)
                 tsite.connect(stamps, cfg.setup_timeout)
-                conn, _ = listener.accept()
+                conn, _ = plain.accept()
                 self._closables.append(conn)
                 conn.setblocking(False)
                 flow = _TcpFlow(tsite, conn)
@@ -211,6 +202,24 @@ class TrafficRun:
                 self._tcp.append(flow)
                 self._selector.register(tsite.sock, selectors.EVENT_READ, ("tsite", index))
                 self._selector.register(conn, selectors.EVENT_READ, ("tplain", index))
+
+    def _bind_plain(self, protocol: str, addr: tuple[str, int]) -> socket.socket:
+        """The plain service's socket of one site: UDP, or a TCP listener."""
+        if protocol == "udp":
+            plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self._closables.append(plain)
+            plain.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SITE_BUFFER_BYTES)
+            plain.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SITE_BUFFER_BYTES)
+            plain.bind(addr)
+            plain.setblocking(False)
+            return plain
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._closables.append(listener)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(addr)
+        listener.listen(1)
+        listener.settimeout(self.config.setup_timeout)
+        return listener
 
     def _close(self) -> None:
         self._selector.close()
