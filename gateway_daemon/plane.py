@@ -78,8 +78,8 @@ class Plane(Protocol):
         """Stop reading and sending; return once no thread touches the sockets."""
 
     def final_state(self) -> bytes:
-        """After pause(): what changed since snapshot() (counters, replay windows,
-        partly read records)."""
+        """After pause(): what changed since snapshot() and is not already shared with
+        the new process (new sessions, partly read records, queued bytes)."""
 
     def resume(self) -> None:
         """Undo pause(): the handoff was abandoned and this process goes on serving."""

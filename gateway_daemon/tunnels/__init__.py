@@ -7,6 +7,8 @@ Where things are:
 - ``handshake``  the X25519 one-round-trip handshake giving a session's keys
 - ``session``    keys and counters of one tunnel (ChaCha20-Poly1305 seal/open)
 - ``replay``     the receive-side replay window
+- ``counters``   the counter table: every session's counters and window, shared with
+                 the next process (a memfd)
 - ``loop``       the single reactor thread, which pauses for a handoff
 - ``udp``        UDP tunnel forwarding; ``tcp`` the TCP tunnel relay
 - ``state``      the snapshot and final state, encoded for the next process
