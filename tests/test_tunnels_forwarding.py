@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,9 +16,11 @@ from gateway_daemon.tunnels.config import Forward, TunnelsConfig, TunnelSpec
 from gateway_daemon.tunnels.errors import HandshakeError
 from gateway_daemon.tunnels.handshake import public_bytes
 from gateway_daemon.tunnels.lab import Sites, make_lab
+from gateway_daemon.tunnels.loop import EVENT_READ, SLOW_ROUND_S, Reactor
 from gateway_daemon.tunnels.plane import TunnelPlane
 from gateway_daemon.tunnels.site import Timestamps, UdpSite
 from gateway_daemon.tunnels.traffic import TrafficConfig, main, run_traffic
+from tests.support.wait import wait_for
 
 
 @pytest.fixture
@@ -130,3 +134,32 @@ def test_a_site_with_the_wrong_key_gets_no_session(lab: tuple[TunnelPlane, Sites
     finally:
         intruder.close()
     assert plane.stats()["udp_handshake_failures"] >= 1
+
+
+def test_a_slow_round_of_events_is_counted() -> None:
+    """A handler that holds the loop longer than SLOW_ROUND_S: the loop counts the round
+    (operators see it in the plane's stats and a warning), and a quick one is not."""
+    reactor = Reactor("slow-test")
+    left, right = socket.socketpair()
+    held = threading.Event()
+    handled: list[bytes] = []
+
+    def handle(_mask: int) -> None:
+        data = left.recv(16)
+        if data == b"slow":
+            held.wait(SLOW_ROUND_S * 3)  # the slowness under test, not synchronisation
+        handled.append(data)
+
+    try:
+        reactor.register(left, EVENT_READ, handle)
+        reactor.start()
+        right.send(b"quick")
+        wait_for(lambda: handled == [b"quick"], timeout=5, what="the quick message")
+        assert reactor.slow_rounds == 0
+        right.send(b"slow")
+        wait_for(lambda: reactor.slow_rounds == 1, timeout=5, what="the slow round counted")
+        assert reactor.slowest_round_ms >= SLOW_ROUND_S * 1000
+    finally:
+        reactor.stop(5)
+        left.close()
+        right.close()

@@ -41,6 +41,9 @@ TICK_S = 0.5
 # thread: bench-hitless's largest gap during upgrades was 27-33 ms at 0.1 ms against
 # 32-49 ms at 0.5 ms. A shorter interval costs the busy thread only more switches.
 SWITCH_INTERVAL_S = 0.0001
+# A round of events normally takes well under a millisecond; one that takes longer than
+# this kept every tunnel waiting (see ``Reactor._slow_round``).
+SLOW_ROUND_S = 0.005
 # The loop thread's nice value. It needs a fraction of a core, but needs it at once:
 # while it waits for a CPU, the shared sockets fill (an upgrade starts a whole new
 # interpreter beside it; other work may share the machine). A higher priority than the
@@ -79,6 +82,10 @@ class Reactor:
         self._ticks: list[Callable[[], None]] = []
         self._next_tick = 0.0
         self.handler_errors = 0
+        # Rounds of events that took longer than SLOW_ROUND_S, and the slowest so far.
+        self.slow_rounds = 0
+        self.slowest_round_ms = 0.0
+        self._slow_logged = 0.0
         # When the loop thread last parked and last left a park (time.monotonic_ns), for
         # the handoff's cutover breakdown.
         self.parked_ns = 0
@@ -259,7 +266,9 @@ class Reactor:
             # Read without the lock on the fast path; a stale RUN costs one more round.
             if self._want is not _Want.RUN and not self._hold():
                 return
-            for key, mask in select(_IDLE_SELECT_S):
+            events = select(_IDLE_SELECT_S)
+            began = clock()
+            for key, mask in events:
                 if self._want is not _Want.RUN:
                     # Park (or stop) now: readiness is level-triggered, what is left of
                     # this round is reported again to whoever serves next.
@@ -275,7 +284,10 @@ class Reactor:
                 once, self._after_round = self._after_round, []
                 for fn in once:
                     fn()
-            if self._ticks and clock() >= self._next_tick:
+            now = clock()
+            if now - began > SLOW_ROUND_S:
+                self._slow_round(now - began, now)
+            if self._ticks and now >= self._next_tick:
                 self._next_tick = clock() + TICK_S
                 for fn in self._ticks:
                     try:
@@ -283,6 +295,22 @@ class Reactor:
                     except Exception:
                         self.handler_errors += 1
                         log.exception("tunnel_tick_failed", loop=self._name)
+
+
+    def _slow_round(self, took: float, now: float) -> None:
+        """A round of events took long: the loop waited for the GIL (another thread of
+        the process computing) or for a CPU. Counted, and logged at most once a second."""
+        self.slow_rounds += 1
+        self.slowest_round_ms = max(self.slowest_round_ms, took * 1000)
+        if now - self._slow_logged >= 1.0:
+            self._slow_logged = now
+            log.warning(
+                "tunnel_loop_slow_round",
+                loop=self._name,
+                took_ms=round(took * 1000, 1),
+                at=round(now, 6),  # time.monotonic, machine-wide
+                slow_rounds=self.slow_rounds,
+            )
 
 
 def _run_calls(calls: list[tuple[Callable[[], None], threading.Event]]) -> None:

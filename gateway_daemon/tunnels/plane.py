@@ -208,6 +208,7 @@ class TunnelPlane:
         out.update({f"tcp_{k}": v for k, v in vars(self.tcp.stats).items()})
         out["tcp_connections"] = len(self.tcp.conns)
         out["handler_errors"] = self._reactor.handler_errors
+        out["loop_slow_rounds"] = self._reactor.slow_rounds
         return out
 
     # -- Plane: old process ------------------------------------------------------------
