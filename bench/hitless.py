@@ -165,8 +165,22 @@ class Bench:
         before = rcvbuf_errors()
         gateway_before = drops.on_ports(self.gateway_ports)
         proc = self.traffic(OFFERED_PPS, duration, TCP_RATE)
+        pid = self.gateway.serving_pid()
+        tool0, gw0, t0 = cpu_seconds(proc.pid), cpu_seconds(pid), time.monotonic()
+        # Both CPU shares before the tool's drain (it exits after reporting).
+        wait_for(
+            lambda: time.monotonic() - t0 >= duration * 0.9 or proc.poll() is not None,
+            timeout=duration + 60,
+            what="most of the steady run",
+            interval=0.2,
+        )
+        elapsed = time.monotonic() - t0
+        tool_cpu = (cpu_seconds(proc.pid) - tool0) / elapsed if proc.poll() is None else None
+        gateway_cpu = (cpu_seconds(pid) - gw0) / elapsed
         out, _ = proc.communicate(timeout=duration + 60)
         result: dict[str, Any] = json.loads(out)
+        result["tool_cpu"] = None if tool_cpu is None else round(tool_cpu, 2)
+        result["gateway_cpu"] = round(gateway_cpu, 2)
         result["rcvbuf_errors"] = rcvbuf_errors() - before
         result["gateway_rcvbuf_drops"] = drops.on_ports(self.gateway_ports) - gateway_before
         return result
@@ -239,6 +253,9 @@ def summarize(
             u.get("max_gap_ended", 0.0), [float(c.get("at", 0.0)) for c in cutovers]
         ),
         "steady_tool_send_gap_ms_max": s.get("max_send_gap_ms", 0.0),
+        # CPU shares (of one core) during the steady run: is the instrument saturated?
+        "steady_tool_cpu": steady.get("tool_cpu"),
+        "steady_gateway_cpu": steady.get("gateway_cpu"),
         "steady_tcp_gap_ms_max": round(steady["tcp"]["max_gap_ms"], 2),
         "steady_lost": s["lost"],
         "rcvbuf_errors": upgraded["rcvbuf_errors"],
@@ -308,6 +325,8 @@ def table(r: dict[str, Any]) -> str:
         ("longest gap ended, from nearest cutover ms", str(r["handoff_gap_from_cutover_ms"]), ""),
         ("p99 gap: upgrades / steady ms", f"{r['handoff_gap_ms_p99']} / {r['steady_gap_ms_p99']}",
          ""),
+        ("steady CPU of a core: tool / gateway",
+         f"{r['steady_tool_cpu']} / {r['steady_gateway_cpu']}", ""),
         ("tool's own send stall: upgrades / steady ms",
          f"{r['tool_send_gap_ms_max']} / {r['steady_tool_send_gap_ms_max']}", ""),
         ("spawn->ready p50 / max ms",
