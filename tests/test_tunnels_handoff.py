@@ -131,6 +131,43 @@ def test_packet_replayed_after_the_handoff_is_rejected(lab: tuple[TunnelPlane, S
             assert site.session.open(site.sock.recv(2048)) == b"down"
 
 
+def test_a_site_that_handshakes_between_snapshot_and_cutover_keeps_its_new_session(
+    lab: tuple[TunnelPlane, Sites],
+) -> None:
+    """The snapshot carries the first session; the site handshakes again before the
+    pause: the final state brings the new session (keys and counter-table slot), the new
+    process serves with it, and the first session's slot is free for reuse."""
+    old, sites = lab
+    site, plain = udp_site(sites, old)
+    with site.sock, plain:
+        socks = old.sockets()
+        description, received = pass_sockets(socks, old.describe())
+        new = adopt(description, received, old.snapshot())
+        with new:
+            first = old.udp.tunnels[site.tunnel_id].session
+            assert first is not None
+            site.handshake(Timestamps(), DEADLINE)  # again, after the snapshot
+            site.sock.settimeout(DEADLINE)
+            second = old.udp.tunnels[site.tunnel_id].session
+            assert second is not None and second is not first and second.slot != first.slot
+            assert site.session is not None
+            site.sock.sendto(site.session.seal(b"before"), old.udp_address)
+            assert plain.recv(2048) == b"before"
+            old.pause()
+            new.start(old.final_state())
+            old.close()
+            served = new.udp.tunnels[site.tunnel_id].session
+            assert served is not None and served.send_key == second.send_key
+            assert served.slot == second.slot
+            site.sock.sendto(site.session.seal(b"after"), new.udp_address)
+            assert plain.recv(2048) == b"after"
+            plain.sendto(b"down", new.plain_address)
+            assert site.session.open(site.sock.recv(2048)) == b"down"
+            # The first session's slot is free again in the new process.
+            live = {t.session.slot for t in new.udp.tunnels.values() if t.session}
+            assert first.slot not in live and new.table.in_use == len(live) + len(new.tcp.conns)
+
+
 def test_tcp_record_split_across_the_handoff_arrives_whole(
     lab: tuple[TunnelPlane, Sites],
 ) -> None:
