@@ -38,8 +38,9 @@ TICK_S = 0.5
 # call: the convoy effect, a few hundred packets a second instead of tens of thousands.
 # Measured with one busy thread beside a plane at 20,000 packets/s: 38% lost at 5 ms,
 # none at 0.5 ms. The gateway's own upgrade work (download, spawn, snapshot) is such a
-# thread: bench-hitless's largest gap during upgrades was 27-33 ms at 0.1 ms against
-# 32-49 ms at 0.5 ms. A shorter interval costs the busy thread only more switches.
+# thread: bench-hitless's largest gap during upgrades was 21-37 ms over 7 runs at 0.1 ms,
+# 25-63 ms over 8 runs at 0.5 ms. A shorter interval costs the busy thread only more
+# switches.
 SWITCH_INTERVAL_S = 0.0001
 # A round of events normally takes well under a millisecond; one that takes longer than
 # this kept every tunnel waiting (see ``Reactor._slow_round``).
