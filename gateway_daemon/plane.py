@@ -53,13 +53,9 @@ class Passable(Protocol):
 
 def wrap(fd: int) -> Handle:
     """A received descriptor as a socket, or as a SharedFile when it is not one."""
-    if not _is_socket(fd):
-        return SharedFile(fd)
-    return socket.socket(fileno=fd)
-
-
-def _is_socket(fd: int) -> bool:
-    return stat.S_ISSOCK(os.fstat(fd).st_mode)
+    if stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return socket.socket(fileno=fd)
+    return SharedFile(fd)
 
 
 class Plane(Protocol):

@@ -156,10 +156,11 @@ def test_counters_live_in_a_table_the_next_process_maps() -> None:
     finally:
         adopted.close()
         table.close()
-    full = CounterTable.private(1)
+    full = CounterTable.create(1)
     full.allocate()
     with pytest.raises(SlotsExhausted):
         full.allocate()
+    full.close()
 
 
 def test_final_state_round_trips_and_bad_state_is_named() -> None:

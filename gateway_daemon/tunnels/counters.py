@@ -43,10 +43,16 @@ class SlotsExhausted(TunnelError):
     """Every slot of the table is in use; the new session cannot be installed."""
 
 
-class CounterTable:
-    """Fixed-size slots of 64-bit words, in a shareable mapping when made by ``create``."""
+def private_slot() -> memoryview:
+    """One empty slot of its own, outside any table (a session not yet installed)."""
+    return memoryview(bytearray(_EMPTY_SLOT)).cast("Q")
 
-    def __init__(self, buffer: mmap.mmap, fd: int | None) -> None:
+
+class CounterTable:
+    """Fixed-size slots of 64-bit words in a memfd mapping, shareable with the next
+    process (``fileno()`` is what to pass it)."""
+
+    def __init__(self, buffer: mmap.mmap, fd: int) -> None:
         self._buffer = buffer
         self._fd = fd
         self.words = memoryview(buffer).cast("Q")
@@ -57,7 +63,6 @@ class CounterTable:
 
     @classmethod
     def create(cls, slots: int, name: str = "hitless-counters") -> CounterTable:
-        """A table the next process can map (``fileno()`` is what to pass it)."""
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, slots * SLOT_BYTES)
@@ -65,11 +70,6 @@ class CounterTable:
         except BaseException:
             os.close(fd)
             raise
-
-    @classmethod
-    def private(cls, slots: int = 1) -> CounterTable:
-        """A table of this process alone (a session not installed in a gateway's)."""
-        return cls(mmap.mmap(-1, slots * SLOT_BYTES), None)
 
     @classmethod
     def adopt(cls, fd: int) -> CounterTable:
@@ -87,8 +87,6 @@ class CounterTable:
         return table
 
     def fileno(self) -> int:
-        if self._fd is None:
-            raise TunnelError("a private counter table cannot be passed to another process")
         return self._fd
 
     def allocate(self) -> int:
@@ -128,6 +126,6 @@ class CounterTable:
             self._buffer.close()
         except BufferError:
             pass  # a session still holds a view; the mapping goes with the process
-        if self._fd is not None:
+        if self._fd >= 0:
             os.close(self._fd)
-            self._fd = None
+            self._fd = -1

@@ -164,7 +164,7 @@ class TunnelPlane:
         # What the last snapshot carried of each UDP tunnel (session, endpoint, last
         # handshake): the final state has only the tunnels that changed since, and the
         # whole session only of one that is new since.
-        self._in_snapshot: dict[int, tuple[Session | None, Address | None, int]] = {}
+        self._in_snapshot: dict[int, st.UdpTunnelState] = {}
         self._tcp_in_snapshot: dict[int, Session] = {}
         self._previous_last_forward = 0.0
         self.cutover_ms: float | None = None
@@ -315,10 +315,10 @@ class TunnelPlane:
         udp = []
         for tid, t in self.udp.tunnels.items():
             was = in_snapshot.get(tid)
-            if was is None or was[0] is not t.session or was[1] != t.endpoint or (
-                was[2] != t.last_timestamp
+            if was is None or was.session is not t.session or was.endpoint != t.endpoint or (
+                was.last_timestamp != t.last_timestamp
             ):
-                session = st.session_ref(t.session, None if was is None else was[0])
+                session = st.session_ref(t.session, None if was is None else was.session)
                 udp.append(st.UdpFinal(tid, session, t.endpoint, t.last_timestamp))
         final = st.FinalState(
             udp=udp,
@@ -498,7 +498,7 @@ class TunnelPlane:
             st.UdpTunnelState(t.spec.id, t.session, t.endpoint, t.last_timestamp)
             for t in self.udp.tunnels.values()
         ]
-        self._in_snapshot = {t.id: (t.session, t.endpoint, t.last_timestamp) for t in udp}
+        self._in_snapshot = {t.id: t for t in udp}
         self._tcp_in_snapshot = {
             c.cid: c.session for c in self.tcp.conns.values() if c.session is not None
         }

@@ -70,7 +70,7 @@ class GapStats:
         return self._gaps
 
     def max_gap_ms(self) -> float:
-        return max(self._gaps, default=0.0) * 1000
+        return self._longest * 1000
 
 
 def percentile_ms(gaps: list[float], fraction: float) -> float:
@@ -105,6 +105,7 @@ class UdpReport:
     def of(cls, stats: list[GapStats], sent: list[int]) -> UdpReport:
         gaps = [g for s in stats for g in s.gaps()]
         received = sum(s.received for s in stats)
+        longest = max(stats, key=lambda s: s.max_gap_ms(), default=None)
         return cls(
             streams=len(stats),
             sent=sum(sent),
@@ -113,9 +114,9 @@ class UdpReport:
             duplicated=sum(s.duplicated for s in stats),
             reordered=sum(s.reordered for s in stats),
             rejected=0,
-            max_gap_ms=max((s.max_gap_ms() for s in stats), default=0.0),
+            max_gap_ms=longest.max_gap_ms() if longest else 0.0,
             p99_gap_ms=percentile_ms(gaps, 0.99),
-            max_gap_ended=max(stats, key=lambda s: s.max_gap_ms()).longest_ended if stats else 0.0,
+            max_gap_ended=longest.longest_ended if longest else 0.0,
         )
 
 

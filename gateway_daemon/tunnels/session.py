@@ -16,7 +16,14 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from gateway_daemon.tunnels.counters import RECV_NEXT, SEND, SLOT_WORDS, WINDOW, CounterTable
+from gateway_daemon.tunnels.counters import (
+    RECV_NEXT,
+    SEND,
+    SLOT_WORDS,
+    WINDOW,
+    CounterTable,
+    private_slot,
+)
 from gateway_daemon.tunnels.errors import CounterExhausted
 from gateway_daemon.tunnels.replay import REJECT_AFTER_MESSAGES, ReplayWindow
 from gateway_daemon.tunnels.wire import HEADER, HEADER_LEN, NONCE, OVERHEAD, TYPE_DATA
@@ -27,9 +34,9 @@ KEY_LEN: Final = 32
 class Session:
     """Keys and counters of one tunnel (UDP) or one tunnel connection (TCP).
 
-    The counters and the replay window live in a slot of a counter table (``counters``):
-    a private one until ``install()`` moves them to the gateway's, which the next
-    process of a handoff maps too.
+    The counters and the replay window live in a slot: one of its own until
+    ``install()`` moves them to the gateway's counter table (``counters``), which the
+    next process of a handoff maps too.
     """
 
     __slots__ = (
@@ -78,13 +85,12 @@ class Session:
                 raise ValueError(f"slot {slot} is not in the counter table")
             self._bind(table.words, slot)
             return
-        own = CounterTable.private()
-        self._bind(own.words, own.allocate())
-        self._w[self._b + SEND] = send_counter
-        self._w[self._b + RECV_NEXT] = recv_next
+        self._bind(private_slot(), 0)
+        self.slot = -1  # not in a shared table
+        self._w[SEND] = send_counter
+        self._w[RECV_NEXT] = recv_next
         if window is not None:
             self.window.copy_from(window)
-        self.slot = -1  # not in a shared table
 
     def _bind(self, words: memoryview, slot: int) -> None:
         self._w = words
