@@ -21,7 +21,7 @@ from controller_svc.planner import Plan, check, make_plan
 from controller_svc.records import JobRecord, ReleaseRecord, ReportIn
 from controller_svc.repository import Repository
 from controller_svc.selfupgrade import ControllerUpgrader
-from controller_svc.states import GatewayState, JobState
+from controller_svc.states import GatewayState
 from controller_svc.transitions import EXPIRED_QUEUED
 from hitless import logs
 from hitless.bus import codec, topology
@@ -80,12 +80,12 @@ class Engine:
         release = self.repo.latest_release() if version is None else self.repo.get_release(version)
         if release is not None:
             return release
-        available = ", ".join(r.version for r in self.repo.list_releases()) or "none"
         if version is None:
             raise NotFound(
                 "no release has been published yet: publish one with "
                 "`upgradectl releases publish --version V --artifact FILE`"
             )
+        available = ", ".join(r.version for r in self.repo.list_releases()) or "none"
         raise NotFound(f"unknown version {version}; available: {available}")
 
     def plan(self, version: str | None, gateway_ids: Sequence[str] = ()) -> Plan:
@@ -193,10 +193,9 @@ class Engine:
 
     def resume_pending(self) -> None:
         """Dispatch jobs a previous controller created but did not finish dispatching."""
-        for job in self.repo.list_jobs(limit=1000):
-            if job.state is JobState.PENDING:
-                log.info("job_resumed", job_id=job.id)
-                self.dispatch(job)
+        for job in self.repo.pending_jobs():
+            log.info("job_resumed", job_id=job.id)
+            self.dispatch(job)
 
     def _record_local_failure(
         self, job: JobRecord, gateway_id: str, command_id: str, error: str
@@ -257,7 +256,8 @@ class Engine:
                 raise DeadLetter(f"unknown report kind {kind!r} in key {delivery.routing_key!r}")
         except DecodeError as exc:
             raise DeadLetter(str(exc)) from exc
-        self.notify()
+        if kind in (topology.STATUS, topology.EXPIRED):
+            self.notify()  # job events may have changed; hellos and heartbeats make none
 
     def _seen(self, gateway_id: str, version: str, **extra: object) -> None:
         if not gateway_id or not version:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
 from controller_svc.db import (
@@ -282,7 +282,6 @@ class Repository:
                 )
                 session.add(row)
                 session.add(gateway_event(row, now))
-            session.flush()
             return job_record(session, session.get_one(Job, job_id)), True
 
     def job_by_request(self, request_id: str) -> JobRecord | None:
@@ -356,6 +355,16 @@ class Repository:
             ).all()
             return [job_record(session, job) for job in jobs]
 
+    def pending_jobs(self) -> list[JobRecord]:
+        """The jobs still PENDING (created, not yet dispatched), newest first."""
+        with self._read() as session:
+            jobs = session.scalars(
+                select(Job)
+                .where(Job.state == JobState.PENDING.value)
+                .order_by(Job.created_at.desc(), Job.id.desc())
+            ).all()
+            return [job_record(session, job) for job in jobs]
+
     def events_after(self, job_id: str, after_seq: int, limit: int = 500) -> list[EventRecord]:
         """The job's events with ``seq > after_seq``, oldest first (0 for all of them)."""
         if limit <= 0:
@@ -395,10 +404,8 @@ class Repository:
         """Forget de-duplication ids older than ``before`` (no redelivery comes that late)."""
         _require_aware(before, "before")
         with self._write() as session:
-            rows = session.scalars(select(SeenMessage).where(SeenMessage.at < before)).all()
-            for row in rows:
-                session.delete(row)
-            return len(rows)
+            result = session.execute(delete(SeenMessage).where(SeenMessage.at < before))
+            return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _announced(pid: int | None, listen: Sequence[str], vpn: int | None) -> dict[str, Any]:

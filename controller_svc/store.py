@@ -89,7 +89,7 @@ class ArtifactStore:
                     os.fsync(out.fileno())
             sha256 = hasher.hexdigest()
             self._check_expectations(sha256, size, expected_sha256, expected_size)
-            final = self.root / sha256[:2] / sha256
+            final = self._final(sha256)
             with _translating("store an artifact", final):
                 if final.exists():
                     temp.unlink()
