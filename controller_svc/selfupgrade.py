@@ -10,7 +10,6 @@ the command line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from controller_svc.store import ArtifactStore
 from controller_svc.takeover import Successor, TakeoverFailed, start_successor
 from hitless import config as cfg
 from hitless import logs, version
+from hitless.digest import file_sha256
 
 log = logs.get(__name__)
 
@@ -76,7 +76,7 @@ class ControllerUpgrader:
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_suffix(".tmp")
             shutil.copyfile(self._store.path(release.sha256), tmp)
-            actual = _sha256(tmp)
+            actual, _ = file_sha256(tmp)
             if actual != release.sha256:
                 tmp.unlink()
                 raise TakeoverFailed(
@@ -103,14 +103,6 @@ class ControllerUpgrader:
 
     def _secrets(self) -> dict[str, str]:
         return {cfg.ENV_DB_URL: self._config.db_url, cfg.ENV_AMQP_URL: self._config.bus.url}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def record_release(data_dir: Path, release_version: str, artifact: Path) -> None:

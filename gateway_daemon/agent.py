@@ -75,7 +75,7 @@ class Agent:
         done = self._state.outcome(command.command_id)
         if done is not None:
             bound.info("command_already_done", state=done.state)
-            self._report(command, done)
+            self._reporter.outcome(command, done)
             return
         if command.HasField("deadline") and command.deadline.ToDatetime(UTC) < self._clock():
             bound.warning("command_expired")
@@ -137,14 +137,4 @@ class Agent:
 
     def _finish(self, command: bus_pb2.UpgradeCommand, outcome: Outcome) -> None:
         self._state.record_outcome(command.command_id, outcome)
-        self._report(command, outcome)
-
-    def _report(self, command: bus_pb2.UpgradeCommand, outcome: Outcome) -> None:
-        self._reporter.status(
-            command,
-            outcome.state,
-            from_version=outcome.from_version,
-            to_version=outcome.to_version,
-            error=outcome.error,
-            vpn_sessions_dropped=outcome.vpn_sessions_dropped,
-        )
+        self._reporter.outcome(command, outcome)

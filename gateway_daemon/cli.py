@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             daemon.install_signal_handlers(gateway)
             return gateway.run_inherited(inheritance)
         cfg = _config(args)
+        # A staged release checks its own flags and files: exec it before reading them.
+        daemon.exec_current_release(AgentState(cfg.state_dir), argv)
         if args.handoff_timeout <= 0:
             raise ConfigError(f"--handoff-timeout must be > 0 seconds, got {args.handoff_timeout}")
         if args.heartbeat_interval <= 0:
@@ -138,7 +140,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         vpn = _vpn_config(args, cfg.state_dir)
         tunnels = TunnelsConfig.load(args.tunnels) if args.tunnels else None
-        daemon.exec_current_release(AgentState(cfg.state_dir), argv)
         gateway = daemon.GatewayDaemon(
             cfg, tunnels, Deadlines(ready_s=args.handoff_timeout), vpn=vpn
         )

@@ -200,9 +200,7 @@ class GatewayDaemon:
                 command, outcome = handed_over
                 if command.restarts_vpn_service:
                     outcome = self._restart_vpn(vpn, command, outcome)
-                reporter.status(command, outcome.state, from_version=outcome.from_version,
-                                to_version=outcome.to_version,
-                                vpn_sessions_dropped=outcome.vpn_sessions_dropped)  # fmt: skip
+                reporter.outcome(command, outcome)
             self._announce(reporter, plane)
             consumer.start()
             while not self._stop.wait(self.config.heartbeat_interval_s):

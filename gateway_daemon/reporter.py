@@ -10,6 +10,7 @@ from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from gateway_daemon.state import Outcome
 from hitless import logs
 from hitless.bus import topology
 from hitless.bus.amqp import Publisher
@@ -80,6 +81,17 @@ class Reporter:
             state=state,
             error=error or None,
             vpn_sessions_dropped=vpn_sessions_dropped or None,
+        )
+
+    def outcome(self, command: bus_pb2.UpgradeCommand, outcome: Outcome) -> None:
+        """Report a command's recorded outcome (required: raises if not published)."""
+        self.status(
+            command,
+            outcome.state,
+            from_version=outcome.from_version,
+            to_version=outcome.to_version,
+            error=outcome.error,
+            vpn_sessions_dropped=outcome.vpn_sessions_dropped,
         )
 
     def hello(self, endpoints: Sequence[str]) -> None:

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from gateway_daemon.errors import VerificationFailed
-
-_BLOCK = 1 << 20
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+from hitless.digest import file_sha256
 
 
 def verify(path: Path, *, sha256: str, size: int) -> None:
@@ -25,7 +15,7 @@ def verify(path: Path, *, sha256: str, size: int) -> None:
         raise VerificationFailed(
             f"verification failed: artifact has {actual_size} bytes, expected {size}"
         )
-    actual = sha256_of(path)
+    actual, _ = file_sha256(path)
     if actual != sha256:
         raise VerificationFailed(
             f"verification failed: sha256 is {actual}, expected {sha256}"

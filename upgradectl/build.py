@@ -22,7 +22,6 @@ same version built from the same code has the same sha256 wherever it is built.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import os
 import tempfile
@@ -34,6 +33,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from hitless import semver
+from hitless.digest import file_sha256
 from hitless.version import RELEASE_FILE
 from upgradectl.errors import BuildError
 
@@ -127,7 +127,7 @@ def build_release(version: str, output: Path) -> Built:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return Built(*_digest(output))
+    return Built(*file_sha256(output))
 
 
 def _collect() -> Iterator[tuple[str, bytes]]:
@@ -168,8 +168,3 @@ def _walk(node: Traversable, prefix: str) -> Iterator[tuple[str, bytes]]:
                 yield from _walk(child, f"{prefix}/{name}")
         elif child.is_file() and not name.endswith(_SKIP_SUFFIXES):
             yield f"{prefix}/{name}", child.read_bytes()
-
-
-def _digest(path: Path) -> tuple[str, int]:
-    data = path.read_bytes()
-    return hashlib.sha256(data).hexdigest(), len(data)

@@ -20,7 +20,6 @@ twice changes nothing. ``watch_job`` resumes after the last sequence number it s
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from typing import Any, TypeVar
 import grpc
 
 from hitless.config import ENV_CONTROLLER, HostPort
+from hitless.digest import file_sha256
 from hitless.v1 import controller_pb2, controller_pb2_grpc
 from upgradectl.errors import CliError, ControllerFailed, Rejected, Unreachable, UsageError
 from upgradectl.model import (
@@ -128,7 +128,7 @@ class ControllerClient:
         rejects an upload that arrived damaged. Not retried: the stream is not resumable.
         """
         try:
-            sha256, size = _digest(path)
+            sha256, size = file_sha256(path)
         except OSError as exc:
             raise UsageError(f"cannot read the artifact {path}: {exc.strerror or exc}") from exc
         metadata = controller_pb2.ReleaseMetadata(
@@ -307,12 +307,3 @@ def _upgrade_request(
     return controller_pb2.StartUpgradeRequest(version=version, gateway_ids=list(gateway_ids))
 
 
-def _digest(path: Path) -> tuple[str, int]:
-    """The sha256 (lowercase hex) and size of a file, read in chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with path.open("rb") as fh:
-        while chunk := fh.read(CHUNK_SIZE):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size

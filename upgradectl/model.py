@@ -15,7 +15,6 @@ from typing import Any, Protocol
 from hitless.v1 import common_pb2, controller_pb2
 
 JOB_TERMINAL = frozenset({"SUCCEEDED", "PARTIAL", "FAILED", "CANCELLED"})
-GATEWAY_TERMINAL = frozenset({"SUCCEEDED", "FAILED", "ROLLED_BACK", "UNREACHABLE"})
 
 
 class _Timestamp(Protocol):

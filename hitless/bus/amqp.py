@@ -386,7 +386,6 @@ class Consumer:
                 channel.basic_cancel(tag)
                 self._drain(connection)
             except _CONNECT_ERRORS as exc:
-                self._consuming.clear()
                 _back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
                 attempt += 1
             finally:
