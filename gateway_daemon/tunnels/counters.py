@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections import deque
 from typing import Final
 
 from gateway_daemon.tunnels.errors import StateError, TunnelError
@@ -58,8 +59,9 @@ class CounterTable:
         self.words = memoryview(buffer).cast("Q")
         self.slots = len(self.words) // SLOT_WORDS
         self._used: set[int] = set()
+        # Oldest released first, so a slot just given back is the last to be reused.
         # Built on the first allocation after ``keep()``, off the cutover's path.
-        self._free: list[int] | None = None
+        self._free: deque[int] | None = None
 
     @classmethod
     def create(cls, slots: int, name: str = "hitless-counters") -> CounterTable:
@@ -83,7 +85,7 @@ class CounterTable:
             )
         table = cls(mmap.mmap(fd, size), fd)
         table._used = set(range(table.slots))
-        table._free = []
+        table._free = deque()
         return table
 
     def fileno(self) -> int:
@@ -92,10 +94,10 @@ class CounterTable:
     def allocate(self) -> int:
         """A free slot, reset: counters 0, replay window empty."""
         if self._free is None:
-            self._free = [s for s in range(self.slots - 1, -1, -1) if s not in self._used]
+            self._free = deque(s for s in range(self.slots) if s not in self._used)
         if not self._free:
             raise SlotsExhausted(f"all {self.slots} session slots are in use")
-        slot = self._free.pop()
+        slot = self._free.popleft()
         self._used.add(slot)
         base = slot * SLOT_WORDS
         self.words[base : base + SLOT_WORDS] = _EMPTY_SLOT

@@ -28,8 +28,6 @@ _WORDS: Final = WINDOW_BITS // _WORD_BITS + 1
 REJECT_AFTER_MESSAGES: Final = (1 << 64) - (1 << 13) - 1
 
 _PACKED: Final = struct.Struct(f"!Q?{_WORDS}Q")
-# The size of ``ReplayWindow.to_bytes()``.
-WINDOW_BYTES: Final = _PACKED.size
 # Words the window takes in a counter table slot: the top, the "empty" flag, the ring.
 WINDOW_WORDS: Final = 2 + _WORDS
 _TOP, _EMPTY, _RING = 0, 1, 2
@@ -55,11 +53,6 @@ class ReplayWindow:
         self._w = words
         self._b = base
 
-    @property
-    def top(self) -> int:
-        """The highest counter accepted so far (0 when none was)."""
-        return self._w[self._b + _TOP]
-
     def check(self, counter: int) -> bool:
         """Whether ``counter`` would be accepted now; changes nothing."""
         if counter >= REJECT_AFTER_MESSAGES:
@@ -76,6 +69,12 @@ class ReplayWindow:
         """Record ``counter`` as seen; False (and nothing changes) if it is a replay."""
         if not self.check(counter):
             return False
+        self.accept(counter)
+        return True
+
+    def accept(self, counter: int) -> None:
+        """Record ``counter`` as seen, which ``check()`` just allowed (nothing may touch
+        the window in between: one thread reads each session)."""
         w, b = self._w, self._b
         ring = b + _RING
         if counter > w[b] or w[b + _EMPTY]:
@@ -91,16 +90,11 @@ class ReplayWindow:
             w[b] = counter
         index = ring + (counter >> 6) % _WORDS
         w[index] = w[index] | (1 << (counter & 63))
-        return True
 
     def to_bytes(self) -> bytes:
         """A compact copy of the window (tests, debugging)."""
         w, b = self._w, self._b
         return _PACKED.pack(w[b], bool(w[b + _EMPTY]), *w[b + _RING : b + WINDOW_WORDS])
-
-    def copy_from(self, other: ReplayWindow) -> None:
-        """Make this window what ``other`` is."""
-        self._w[self._b : self._b + WINDOW_WORDS] = other._w[other._b : other._b + WINDOW_WORDS]
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ReplayWindow:

@@ -59,13 +59,10 @@ class Session:
         send_key: bytes,
         recv_key: bytes,
         *,
-        send_counter: int = 0,
-        window: ReplayWindow | None = None,
-        recv_next: int = 0,
         table: CounterTable | None = None,
         slot: int = -1,
     ) -> None:
-        """A session with fresh counters (or those given), in storage of its own; or,
+        """A session with fresh counters, in a slot of its own; or,
         with ``table`` and ``slot``, the session whose counters are already there (the
         next process of a handoff: nothing is written to the slot)."""
         if len(send_key) != KEY_LEN or len(recv_key) != KEY_LEN:
@@ -87,10 +84,6 @@ class Session:
             return
         self._bind(private_slot(), 0)
         self.slot = -1  # not in a shared table
-        self._w[SEND] = send_counter
-        self._w[RECV_NEXT] = recv_next
-        if window is not None:
-            self.window.copy_from(window)
 
     def _bind(self, words: memoryview, slot: int) -> None:
         self._w = words
@@ -164,8 +157,7 @@ class Session:
         except InvalidTag:
             return -1
         # Marked only after authentication: a forged packet must not move the window.
-        if not window.mark(counter):
-            return -1
+        window.accept(counter)
         return length
 
     def open_record_into(self, record: memoryview, counter: int, out: memoryview) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from gateway_daemon.tunnels.config import Address, TunnelSpec
-from gateway_daemon.tunnels.counters import CounterTable, SlotsExhausted
+from gateway_daemon.tunnels.counters import TCP_SLOTS, CounterTable
 from gateway_daemon.tunnels.errors import CounterExhausted, HandshakeError
 from gateway_daemon.tunnels.handshake import parse_initiation, respond
 from gateway_daemon.tunnels.loop import EVENT_READ, EVENT_WRITE, Reactor
@@ -326,10 +326,9 @@ class TcpPlane:
         peer = tunnel.spec.peer
         if peer is not None and c.tsock.getpeername()[0] != peer[0]:
             raise _Refused(f"tunnel {tunnel_id}: connection from an address not its peer")
-        try:
-            accepted.session.install(self._table)
-        except SlotsExhausted as exc:
-            raise _Refused(str(exc)) from exc
+        if sum(1 for other in self.conns.values() if other.session is not None) >= TCP_SLOTS:
+            raise _Refused(f"all {TCP_SLOTS} TCP tunnel connections are in use")
+        accepted.session.install(self._table)
         tunnel.last_timestamp = accepted.timestamp
         c.session = accepted.session
         c.t_out += RECORD_LEN.pack(len(accepted.response)) + accepted.response
