@@ -87,8 +87,8 @@ def test_upgraded_gateway_upgrades_again(fleet: Fleet) -> None:
     fleet.start_gateway("gw-1")
     fleet.wait_gateways({"gw-1": BASE})
     fleet.release("1.1.0")
-    first = fleet.cli("upgrade", "--version", "1.1.0", "--wait", "--yes")
-    assert first.returncode == 0
+    first = fleet.cli_json("upgrade", "--version", "1.1.0", "--wait", "--yes")
+    assert first["state"] == "SUCCEEDED"
     assert fleet.greeting("gw-1") == "hitless-gateway gw-1 1.1.0"
 
     fleet.release("1.2.0")
@@ -156,7 +156,8 @@ def test_downgrade_needs_consent_and_the_same_version_is_nothing_to_do(fleet: Fl
     fleet.wait_gateways({"gw-1": BASE})
     fleet.release("1.0.5")
     fleet.release("1.1.0")
-    assert fleet.cli("upgrade", "--version", "1.1.0", "--wait", "--yes").returncode == 0
+    upgraded = fleet.cli_json("upgrade", "--version", "1.1.0", "--wait", "--yes")
+    assert upgraded["state"] == "SUCCEEDED"
 
     same = fleet.cli_json("upgrade", "--version", "1.1.0", "--yes")
     assert same["state"] == "NOTHING_TO_DO"

@@ -108,7 +108,8 @@ def test_a_new_release_in_the_feed_mails_each_admin_once(
             assert "1.4.0" in mail["Subject"]
             text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
             assert "Faster tunnels." in text
-            assert "VPN" in text
+            assert "WARNING: This release restarts the VPN service" in text
+            assert "must reconnect" in text
     finally:
         fleet.close()
 

@@ -129,7 +129,7 @@ def test_supervisor_starts_attaches_restarts_and_revives(vpn: VpnConfig) -> None
         assert second.pid == started, "a new supervisor attaches to the running service"
         assert second.sessions() == 2
         assert second.restart() == 2
-        assert not any(u.connected for u in users)
+        wait_for(lambda: not any(u.connected for u in users), timeout=5, what="users dropped")
         restarted = second.pid
         assert restarted not in (None, started) and service_pid(vpn.state_dir) == restarted
         again = VpnUser("again", vpn.listen.port, vpn.cert)

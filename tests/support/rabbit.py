@@ -50,17 +50,6 @@ class Management:
             if exc.code != 404:
                 raise
 
-    def queue(self, vhost: str, name: str) -> dict[str, Any] | None:
-        try:
-            result: dict[str, Any] = self.request(
-                "GET", f"/queues/{quote(vhost, safe='')}/{quote(name, safe='')}"
-            )
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                return None
-            raise
-        return result
-
     def get_messages(self, vhost: str, name: str, count: int = 50) -> list[dict[str, Any]]:
         """Read messages without removing them (they are requeued)."""
         result: list[dict[str, Any]] = self.request(
