@@ -163,3 +163,29 @@ def test_a_slow_round_of_events_is_counted() -> None:
         reactor.stop(5)
         left.close()
         right.close()
+
+
+def test_a_call_that_raises_fails_its_caller_and_not_the_loop() -> None:
+    """A function run on the loop thread raises: the caller gets the error, the next
+    queued call still runs, and the loop goes on handling its sockets."""
+    reactor = Reactor("call-test")
+    left, right = socket.socketpair()
+    handled: list[bytes] = []
+    ran: list[str] = []
+
+    def broken() -> None:
+        raise ValueError("broken on purpose")
+
+    try:
+        reactor.register(left, EVENT_READ, lambda _mask: handled.append(left.recv(16)))
+        reactor.start()
+        with pytest.raises(ValueError, match="broken on purpose"):
+            reactor.call(broken, timeout=5)
+        reactor.call(lambda: ran.append("next"), timeout=5)
+        assert ran == ["next"]
+        right.send(b"still serving")
+        wait_for(lambda: handled == [b"still serving"], timeout=5, what="the loop serving")
+    finally:
+        reactor.stop(5)
+        left.close()
+        right.close()

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from gateway_daemon.tunnels.errors import PlaneStateError
 from hitless import logs
@@ -75,7 +76,7 @@ class Reactor:
         self._want = _Want.RUN
         self._parked = False
         self._thread: threading.Thread | None = None
-        self._calls: list[tuple[Callable[[], None], threading.Event]] = []
+        self._calls: list[_Call] = []
         self._on_park: Callable[[], None] | None = None
         self._parked_fn: Callable[[], None] | None = None
         self._after_round: list[Callable[[], None]] = []
@@ -183,18 +184,21 @@ class Reactor:
 
     def call(self, fn: Callable[[], None], timeout: float) -> None:
         """Run ``fn`` on the loop thread (directly when the loop is parked or not
-        running) and return once it ran; raises PlaneStateError past ``timeout``."""
+        running) and return once it ran; raises what ``fn`` raised, or PlaneStateError
+        past ``timeout``."""
         with self._cond:
             direct = self._thread is None or self._parked or not self._thread.is_alive()
             if not direct:
-                done = threading.Event()
-                self._calls.append((fn, done))
+                queued = _Call(fn)
+                self._calls.append(queued)
                 self._wake()
         if direct:
             fn()
             return
-        if not done.wait(timeout):
+        if not queued.done.wait(timeout):
             raise PlaneStateError(f"{self._name}: the loop did not run a call within {timeout}s")
+        if queued.error is not None:
+            raise queued.error
 
     def stop(self, timeout: float) -> None:
         """Stop the thread for good and close the selector; idempotent."""
@@ -314,12 +318,25 @@ class Reactor:
             )
 
 
-def _run_calls(calls: list[tuple[Callable[[], None], threading.Event]]) -> None:
-    for fn, done in calls:
+@dataclass
+class _Call:
+    """A function queued for the loop thread, and how it went."""
+
+    fn: Callable[[], None]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+def _run_calls(calls: list[_Call]) -> None:
+    """Run queued calls; one that raises hands its error to its caller, never to the
+    loop thread (which must go on serving) or to the calls after it."""
+    for call in calls:
         try:
-            fn()
+            call.fn()
+        except BaseException as exc:  # raised by call(), in the caller's thread
+            call.error = exc
         finally:
-            done.set()
+            call.done.set()
 
 
 def _raise_priority(name: str) -> None:
