@@ -7,7 +7,6 @@ renamed to ``dest`` once every byte is there. Verification is the caller's job.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import grpc
 
 from gateway_daemon.errors import DownloadFailed
 from hitless import logs
+from hitless.backoff import Backoff
 from hitless.config import HostPort
 from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc
 
@@ -24,6 +24,7 @@ log = logs.get(__name__)
 
 Progress = Callable[[int, int], None]  # bytes done, bytes total
 
+_BACKOFF = Backoff()
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.INTERNAL,  # e.g. "stream removed" when a connection breaks mid-stream
@@ -78,7 +79,7 @@ def download(
                     f"download of {sha256[:12]} from {controller} failed after {attempt} "
                     f"attempt(s): {code.name}: {exc.details()}"
                 ) from exc
-            delay = random.uniform(0, min(5.0, 0.2 * 2**attempt))
+            delay = _BACKOFF.delay(attempt)
             log.warning(
                 "download_interrupted",
                 sha256=sha256[:12],

@@ -19,7 +19,6 @@ import concurrent.futures
 import contextlib
 import functools
 import queue
-import random
 import threading
 import time
 import zlib
@@ -33,6 +32,7 @@ from google.protobuf.message import Message
 from pika.adapters.blocking_connection import BlockingChannel
 
 from hitless import logs
+from hitless.backoff import Backoff
 from hitless.bus import codec, topology
 from hitless.bus.topology import Exchange, Queue
 from hitless.config import BusConfig
@@ -70,17 +70,6 @@ class Delivery:
     headers: Mapping[str, Any]
     redelivered: bool
     user_id: str | None = None
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Bounded exponential backoff with full jitter."""
-
-    initial_s: float = 0.2
-    max_s: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_s, self.initial_s * 2**attempt))
 
 
 def _connect(
