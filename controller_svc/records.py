@@ -7,6 +7,7 @@ the transaction that produced them has ended, so they carry no session and no la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -120,10 +121,26 @@ class ReportOutcome:
 
 def job_record(session: Session, job: Job) -> JobRecord:
     """The job with its gateways sorted by id, as the session sees it now."""
+    return job_records(session, [job])[0]
+
+
+def job_records(session: Session, jobs: Sequence[Job]) -> list[JobRecord]:
+    """``job_record`` for many jobs, their gateways read in one query."""
+    if not jobs:
+        return []
     session.flush()
     rows = session.scalars(
-        select(JobGateway).where(JobGateway.job_id == job.id).order_by(JobGateway.gateway_id)
+        select(JobGateway)
+        .where(JobGateway.job_id.in_([job.id for job in jobs]))
+        .order_by(JobGateway.job_id, JobGateway.gateway_id)
     ).all()
+    by_job: dict[str, list[JobGateway]] = {job.id: [] for job in jobs}
+    for row in rows:
+        by_job[row.job_id].append(row)
+    return [_job_record(job, by_job[job.id]) for job in jobs]
+
+
+def _job_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
     return JobRecord(
         id=job.id,
         state=JobState(job.state),

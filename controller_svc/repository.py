@@ -40,6 +40,7 @@ from controller_svc.records import (
     event_record,
     gateway_record,
     job_record,
+    job_records,
     release_record,
 )
 from controller_svc.sessions import Sessions
@@ -353,7 +354,7 @@ class Repository:
             jobs = session.scalars(
                 select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
             ).all()
-            return [job_record(session, job) for job in jobs]
+            return job_records(session, jobs)
 
     def pending_jobs(self) -> list[JobRecord]:
         """The jobs still PENDING (created, not yet dispatched), newest first."""
@@ -363,7 +364,7 @@ class Repository:
                 .where(Job.state == JobState.PENDING.value)
                 .order_by(Job.created_at.desc(), Job.id.desc())
             ).all()
-            return [job_record(session, job) for job in jobs]
+            return job_records(session, jobs)
 
     def events_after(self, job_id: str, after_seq: int, limit: int = 500) -> list[EventRecord]:
         """The job's events with ``seq > after_seq``, oldest first (0 for all of them)."""
@@ -398,7 +399,7 @@ class Repository:
                     job.updated_at = now
                 if finish_if_done(session, job, now) is not None:
                     finished.append(job)
-            return [job_record(session, job) for job in finished]
+            return job_records(session, finished)
 
     def prune_seen(self, before: datetime) -> int:
         """Forget de-duplication ids older than ``before`` (no redelivery comes that late)."""
