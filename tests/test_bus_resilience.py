@@ -47,14 +47,14 @@ def test_an_upgrade_survives_a_broker_restart(fleet: Fleet, rabbit: Management) 
             _rabbitmqctl("start_app")
             gate.set()
         wait_for(rabbit.available, timeout=60, what="the management API back")
-
-    status = wait_for(
-        lambda: (s := fleet.cli_json("status", job["job_id"]))["state"] == "SUCCEEDED" and s,
-        timeout=90,
-        what="the job to finish after the restart",
-        interval=0.5,
-        describe=fleet.procs.dump_logs,
-    )
+        # The downloads go through the proxy: it stays until the job has finished.
+        status = wait_for(
+            lambda: (s := fleet.cli_json("status", job["job_id"]))["state"] == "SUCCEEDED" and s,
+            timeout=90,
+            what="the job to finish after the restart",
+            interval=0.5,
+            describe=fleet.procs.dump_logs,
+        )
     assert [g["state"] for g in status["gateways"]] == ["SUCCEEDED"] * 3
     fleet.wait_gateways(dict.fromkeys(gateways, "1.1.0"), timeout=60)
     for proc in fleet.procs.started():
