@@ -48,6 +48,7 @@ import grpc  # noqa: E402
 from controller_callers import Call, Callers  # noqa: E402
 from controller_reporters import FakeGateways  # noqa: E402
 
+from gateway_daemon.vpn.supervisor import is_running  # noqa: E402
 from hitless import logs  # noqa: E402
 from hitless.config import BusConfig, HostPort  # noqa: E402
 from hitless.v1 import controller_pb2, controller_pb2_grpc  # noqa: E402
@@ -90,15 +91,6 @@ class Swap:
     serving: float  # GetController answered from the new process
     gone: float  # the old process has exited
     spawn_to_ready_ms: float | None  # from the old controller's log
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie does not: an exited controller may await its reaper)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def _log_events(path: Path, names: set[str]) -> list[dict[str, Any]]:
@@ -267,7 +259,7 @@ class Bench:
         )
         serving = time.monotonic()
         wait_for(
-            lambda: not _alive(before.pid),
+            lambda: not is_running(before.pid),
             timeout=SWAP_STEP_S,
             what=f"the old controller (pid {before.pid}) to exit",
             interval=0.02,

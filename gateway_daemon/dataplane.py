@@ -223,11 +223,11 @@ def adopt(
 
 
 def _pack(pieces: list[tuple[str, bytes]]) -> bytes:
-    out = bytearray()
+    out: list[bytes] = []
     for name, data in pieces:
         raw = name.encode()
-        out += _NAME.pack(len(raw)) + raw + _LENGTH.pack(len(data)) + data
-    return bytes(out)
+        out += (_NAME.pack(len(raw)), raw, _LENGTH.pack(len(data)), data)
+    return b"".join(out)  # one copy of each piece: the final state is on the cutover's path
 
 
 def _unpack(data: bytes, names: list[str], what: str) -> dict[str, bytes]:

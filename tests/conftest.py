@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from hitless.config import BusConfig
+from tests.support.databases import BACKENDS, database_url
 from tests.support.fleet import Fleet
 from tests.support.procs import Procs
 from tests.support.rabbit import Management, amqp_url
@@ -45,6 +46,12 @@ def vhost(rabbit: Management) -> Iterator[str]:
 @pytest.fixture
 def bus(vhost: str) -> BusConfig:
     return BusConfig(amqp_url(vhost))
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database of each kind the controller runs on: SQLite, and PostgreSQL."""
+    return database_url(request, tmp_path)
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 
 from controller_svc.db import Base, Release, alembic_config, make_engine, migrate
 from controller_svc.errors import StorageError
-from tests.support.databases import BACKENDS, database_url
 from tests.support.wait import wait_for
 
 TABLES = {
@@ -36,11 +35,6 @@ TABLES = {
 }
 HEAD = ScriptDirectory.from_config(alembic_config("sqlite://")).get_current_head()
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return database_url(request, tmp_path)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -20,16 +19,10 @@ from controller_svc.repository import (
 )
 from controller_svc.states import GatewayState, JobState
 from controller_svc.transitions import EXPIRED_ACTIVE, EXPIRED_QUEUED, NO_REASON
-from tests.support.databases import BACKENDS, database_url
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 DIGEST = "ab" * 32
 T = TypeVar("T")
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return database_url(request, tmp_path)
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import os
 import pty
 import re
 import select
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import pytest
 
 from hitless.config import ENV_CONTROLLER
 from hitless.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from tests.support.procs import free_port
 from upgradectl.cli import main, run
 from upgradectl.client import CHUNK_SIZE, RetryPolicy
 from upgradectl.errors import ExitCode
@@ -321,13 +321,6 @@ def cli(addr: str, *args: str, stdin: io.StringIO | None = None) -> tuple[int, s
         stdin=io.StringIO() if stdin is None else stdin,
     )
     return code, out.getvalue(), err.getvalue()
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def ok(addr: str, *args: str) -> str:
@@ -659,7 +652,7 @@ def test_controller_failure_is_internal(addr: str, fake: FakeController) -> None
 
 def test_no_controller_listening_is_unreachable_with_a_hint() -> None:
     out, err = io.StringIO(), io.StringIO()
-    port = closed_port()
+    port = free_port()  # nothing listens there
     # The address comes from the environment when --controller is absent.
     code = run(
         ["gateways", "list"],

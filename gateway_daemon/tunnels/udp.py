@@ -250,6 +250,8 @@ class UdpPlane:
             except OSError:
                 self.stats.dropped += 1
             else:
+                if not self.first_forward:
+                    self.first_forward = time.monotonic()
                 self.stats.forwarded += 1
             pending.popleft()
         self._want_write(False)
