@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from hitless import names
 from hitless.errors import ConfigError
 
 ENV_AMQP_URL = "HITLESS_AMQP_URL"
@@ -101,8 +103,7 @@ class ControllerConfig:
                 f"invalid database URL {self.db_url!r}: expected e.g. sqlite:///path/controller.db"
                 " or postgresql+psycopg://user@host/db"
             )
-        if self.command_deadline_s <= 0:
-            raise ConfigError("the command deadline must be a positive number of seconds")
+        names.deadline(timedelta(seconds=self.command_deadline_s))
 
     @property
     def artifact_dir(self) -> Path:
@@ -123,8 +124,4 @@ class GatewayConfig:
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
 
     def __post_init__(self) -> None:
-        gid = self.gateway_id
-        if not gid or len(gid) > 64 or not all(c.isalnum() or c in "-_" for c in gid):
-            raise ConfigError(
-                f"invalid gateway id {gid!r}: use 1-64 letters, digits, '-' or '_' (e.g. gw-1)"
-            )
+        names.gateway_id(self.gateway_id)

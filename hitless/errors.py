@@ -2,6 +2,7 @@
 
     HitlessError
     ├── ConfigError              bad flag, environment variable or config value
+    │   └── InvalidName          an id, key or deadline the bus or the database cannot carry
     ├── BusError                 anything on RabbitMQ
     │   ├── BusUnavailable       the broker cannot be reached (transient)
     │   ├── PublishFailed        the broker nacked or could not route a message
@@ -23,6 +24,11 @@ class HitlessError(Exception):
 
 class ConfigError(HitlessError):
     """A configuration value is missing or malformed."""
+
+
+class InvalidName(ConfigError):
+    """A gateway id, request id, message id or deadline breaks the rules of
+    ``hitless.names`` (what the bus and the database can carry)."""
 
 
 class BusError(HitlessError):

@@ -8,6 +8,8 @@ from typing import NamedTuple
 from hitless.errors import ConfigError
 
 _PATTERN = re.compile(r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)$")
+# The database keeps versions in 64-character columns.
+MAX_LENGTH = 64
 
 
 class Version(NamedTuple):
@@ -21,14 +23,15 @@ class Version(NamedTuple):
 
 def parse(text: str) -> Version:
     """Parse ``"1.2.3"``; anything else raises ConfigError saying what is expected."""
-    match = _PATTERN.match(text.strip())
+    match = _PATTERN.match(text.strip()) if len(text) <= MAX_LENGTH else None
     if not match:
         raise ConfigError(
-            f"invalid version {text!r}: expected MAJOR.MINOR.PATCH with whole numbers, e.g. 1.4.0"
+            f"invalid version {text[:80]!r}: expected MAJOR.MINOR.PATCH with whole numbers, "
+            f"at most {MAX_LENGTH} characters, e.g. 1.4.0"
         )
     major, minor, patch = (int(part) for part in match.groups())
     return Version(major, minor, patch)
 
 
 def is_valid(text: str) -> bool:
-    return bool(_PATTERN.match(text.strip()))
+    return len(text) <= MAX_LENGTH and bool(_PATTERN.match(text.strip()))

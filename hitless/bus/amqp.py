@@ -11,6 +11,11 @@ thread-safe, and BlockingConnection services heartbeats only inside pika calls):
 
 Both reconnect with bounded exponential backoff and jitter and declare the topology again
 after every reconnect.
+
+What the broker refuses for one message (a 406 PRECONDITION_FAILED closing the channel, a
+name longer than AMQP's 255-byte short string, properties that do not fit a frame) fails
+that one publish or declare with ``PublishFailed``, on a fresh channel, and never takes the
+connection down for everything queued behind it: only a lost connection is retried.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import concurrent.futures
 import contextlib
 import functools
 import queue
+import struct
 import threading
 import time
 import zlib
@@ -41,7 +47,39 @@ from hitless.errors import BusUnavailable, HitlessError, PublishFailed
 log = logs.get(__name__)
 
 _CONNECT_ERRORS = (pika.exceptions.AMQPError, OSError)
+# Raised by pika before anything is sent, or by the broker for this one request: the
+# request fails, the connection carries on.
+_REFUSED_BY_CLIENT = (
+    pika.exceptions.ShortStringTooLong,
+    pika.exceptions.DuplicateGetOkCallback,
+    ValueError,
+    TypeError,
+    OverflowError,
+    struct.error,
+)
 _PUMP_S = 0.2
+# A request that took the connection down this many times (e.g. properties larger than a
+# frame, which the broker answers by closing the connection) is failed, not retried.
+_MAX_CONNECTION_LOSSES = 3
+# Message properties (headers included) must fit one frame with room to spare; RabbitMQ's
+# default frame_max is 131072 bytes.
+MAX_PROPERTIES_BYTES = 64 * 1024
+# Reasons are cut to this many characters before they become a header.
+MAX_REASON_CHARS = 1000
+# RabbitMQ's upper bound for a per-message TTL (the expiration property), in ms.
+MAX_EXPIRATION_MS = 2**32 - 1
+# Beside the reason: who published a dead-lettered message (its broker-validated user_id,
+# which cannot travel as user_id once another user republishes it).
+ORIGINAL_USER_HEADER = "x-hitless-original-user-id"
+
+
+def dead_letter_headers(headers: Mapping[str, Any], reason: str, source: str) -> dict[str, Any]:
+    """``headers`` plus the dead-letter reason (cut to MAX_REASON_CHARS) and source queue."""
+    return {
+        **headers,
+        topology.REASON_HEADER: _cut(reason, MAX_REASON_CHARS),
+        topology.SOURCE_QUEUE_HEADER: source,
+    }
 
 
 class DeadLetter(HitlessError):
@@ -73,8 +111,16 @@ class Delivery:
 
 
 def _connect(
-    bus: BusConfig, queues: Iterable[Queue]
+    bus: BusConfig,
+    queues: Iterable[Queue],
+    on_refused: Callable[[Queue, BaseException], None] | None = None,
 ) -> tuple[pika.BlockingConnection, BlockingChannel]:
+    """Connect, declare the topology and ``queues``, and return a channel.
+
+    With ``on_refused``, a queue the broker refuses (e.g. one redeclared by hand with other
+    arguments: 406 PRECONDITION_FAILED) is handed to it and skipped, so that one queue never
+    keeps the connection from coming up; without, the refusal propagates.
+    """
     params = pika.URLParameters(bus.url)
     if "heartbeat=" not in bus.url:
         params.heartbeat = 30
@@ -84,18 +130,32 @@ def _connect(
     connection = pika.BlockingConnection(params)
     try:
         channel = connection.channel()
-        declare(channel, queues)
+        declare_topology(channel)
+        for q in queues:
+            try:
+                declare(channel, [q])
+            except (pika.exceptions.ChannelClosedByBroker, *_REFUSED_BY_CLIENT) as exc:
+                if on_refused is None:
+                    raise
+                on_refused(q, exc)
+                if not channel.is_open:
+                    channel = connection.channel()
     except BaseException:
         connection.close()
         raise
     return connection, channel
 
 
-def declare(channel: BlockingChannel, queues: Iterable[Queue]) -> None:
-    """Declare every exchange, the base queues and ``queues`` with their bindings."""
+def declare_topology(channel: BlockingChannel) -> None:
+    """Declare every exchange and the base queues: what every service needs."""
     for exchange in topology.EXCHANGES:
         channel.exchange_declare(exchange=exchange.name, exchange_type=exchange.kind, durable=True)
-    for q in (*topology.BASE_QUEUES, *queues):
+    declare(channel, topology.BASE_QUEUES)
+
+
+def declare(channel: BlockingChannel, queues: Iterable[Queue]) -> None:
+    """Declare ``queues`` with their bindings (their exchanges must exist already)."""
+    for q in queues:
         channel.queue_declare(queue=q.name, durable=True, arguments=dict(q.arguments) or None)
         for binding in q.bindings:
             channel.queue_bind(
@@ -133,8 +193,56 @@ def _close_quietly(connection: pika.BlockingConnection | None) -> None:
 @dataclass
 class _Request:
     action: Callable[[BlockingChannel], None]
+    what: str
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
+    # Set by a caller that stopped waiting: the request is dropped, never sent late.
+    abandoned: bool = False
+    connection_losses: int = 0
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+def _refusal(what: str, exc: BaseException) -> PublishFailed:
+    """The PublishFailed for a request the broker (or pika, before sending) refused."""
+    if isinstance(exc, pika.exceptions.UnroutableError):
+        text = (
+            "the broker could not route the message to any queue (mandatory publish): "
+            "declare the destination queue first"
+        )
+    elif isinstance(exc, pika.exceptions.NackError):
+        text = "the broker refused the message (negative confirm)"
+    elif isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        text = f"the broker refused it: {exc.reply_code} {exc.reply_text}"
+    else:
+        text = f"it cannot be sent over AMQP: {type(exc).__name__}: {_cut(str(exc), 200)}"
+    error = PublishFailed(f"cannot {what}: {text}")
+    error.__cause__ = exc
+    return error
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _properties_size(properties: pika.BasicProperties) -> int:
+    return sum(len(part) for part in properties.encode())
+
+
+def _check_properties(properties: pika.BasicProperties, what: str) -> None:
+    """Refuse, before the broker does by closing the connection, properties too big for a
+    frame (frame_max, AMQP 0-9-1 section 4.2.3)."""
+    try:
+        size = _properties_size(properties)
+    except _REFUSED_BY_CLIENT as exc:
+        raise _refusal(what, exc) from exc
+    if size > MAX_PROPERTIES_BYTES:
+        raise PublishFailed(
+            f"cannot {what}: its properties and headers take {size} bytes, more than the "
+            f"{MAX_PROPERTIES_BYTES} a message may carry here"
+        )
 
 
 class Publisher:
@@ -150,6 +258,7 @@ class Publisher:
     ) -> None:
         self._bus = bus
         self._queues = tuple(queues)
+        self._queues_lock = threading.Lock()
         self._name = name
         self._backoff = backoff
         self._requests: queue.Queue[_Request] = queue.Queue()
@@ -168,6 +277,11 @@ class Publisher:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
+    @property
+    def connected(self) -> bool:
+        """True while the publisher holds a connection to the broker."""
+        return self._connected.is_set()
+
     def publish(
         self,
         exchange: Exchange,
@@ -184,7 +298,13 @@ class Publisher:
         Raises PublishFailed when the broker nacks or cannot route the message, and
         BusUnavailable when no confirm came within ``timeout`` (the broker is away).
         """
+        what = f"publish to {exchange.name} with key {_cut(routing_key, 80)!r}"
         body = message if isinstance(message, bytes) else codec.encode(message)
+        if expiration_ms is not None and not 0 <= expiration_ms <= MAX_EXPIRATION_MS:
+            raise PublishFailed(
+                f"cannot {what}: a TTL of {expiration_ms} ms is outside what RabbitMQ takes "
+                f"(0 to {MAX_EXPIRATION_MS})"
+            )
         properties = pika.BasicProperties(
             content_type=codec.CONTENT_TYPE,
             delivery_mode=pika.DeliveryMode.Persistent,
@@ -193,6 +313,7 @@ class Publisher:
             expiration=str(expiration_ms) if expiration_ms is not None else None,
             timestamp=int(time.time()),
         )
+        _check_properties(properties, what)
 
         def action(channel: BlockingChannel) -> None:
             channel.basic_publish(
@@ -203,20 +324,52 @@ class Publisher:
                 mandatory=True,
             )
 
-        self._submit(action, timeout, f"publish to {exchange.name} with key {routing_key!r}")
+        self._submit(action, timeout, what)
+
+    def dead_letter(
+        self,
+        body: bytes,
+        reason: str,
+        *,
+        source: str,
+        message_id: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish ``body`` untouched to the dead-letter exchange with ``reason`` (cut to
+        MAX_REASON_CHARS) and ``source`` (e.g. the queue it was meant for, or "") in headers:
+        for a message this service made but could not deliver. Raises as ``publish``."""
+        self.publish(
+            topology.DLX,
+            "",
+            body,
+            message_id=message_id,
+            headers=dead_letter_headers({}, reason, source),
+            timeout=timeout,
+        )
 
     def declare(self, queues: Iterable[Queue], timeout: float = 30.0) -> None:
-        """Declare more queues (kept, and declared again after every reconnect)."""
+        """Declare more queues; once declared they are kept and declared again after every
+        reconnect. Raises PublishFailed when the broker refuses one (nothing is kept from
+        this call then), BusUnavailable as ``publish``."""
         new = tuple(queues)
-        self._queues = (*self._queues, *(q for q in new if q not in self._queues))
         self._submit(lambda channel: declare(channel, new), timeout, "declare queues")
+        with self._queues_lock:
+            self._queues = (*self._queues, *(q for q in new if q not in self._queues))
+
+    def _forget(self, refused: Queue, error: BaseException) -> None:
+        """A kept queue the broker refuses on reconnect is declared no more."""
+        log.error("queue_refused", role=self._name, queue=_cut(refused.name, 80),
+                  error=_cut(str(error), 300) or type(error).__name__)  # fmt: skip
+        with self._queues_lock:
+            self._queues = tuple(q for q in self._queues if q != refused)
 
     def _submit(self, action: Callable[[BlockingChannel], None], timeout: float, what: str) -> None:
         if not self._thread.is_alive():
             raise BusUnavailable(f"cannot {what}: the {self._name} is not running")
-        request = _Request(action)
+        request = _Request(action, what)
         self._requests.put(request)
         if not request.done.wait(timeout):
+            request.abandoned = True
             raise BusUnavailable(
                 f"cannot {what}: no answer from the broker at {self._bus.safe_url} within "
                 f"{timeout:.0f}s; check that RabbitMQ is running"
@@ -229,8 +382,11 @@ class Publisher:
         pending: _Request | None = None
         while not self._stop.is_set():
             connection = None
+            executing = False
             try:
-                connection, channel = _connect(self._bus, self._queues)
+                with self._queues_lock:
+                    kept = self._queues
+                connection, channel = _connect(self._bus, kept, self._forget)
                 channel.confirm_delivery()
                 attempt = 0
                 self._connected.set()
@@ -242,35 +398,63 @@ class Publisher:
                         except queue.Empty:
                             connection.process_data_events(time_limit=0)
                             continue
-                    self._execute(pending, channel)
+                    if not pending.abandoned:
+                        executing = True
+                        self._execute(pending, channel)
+                        executing = False
                     pending = None
+                    if not channel.is_open:  # the broker closed it to refuse a request
+                        channel = connection.channel()
+                        channel.confirm_delivery()
             except _CONNECT_ERRORS as exc:
                 self._connected.clear()
+                if pending is not None and executing:
+                    pending = self._lost_while_executing(pending, exc)
+                _back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
+                attempt += 1
+            except Exception as exc:  # a bug must not silently end publishing for good
+                self._connected.clear()
+                log.exception("publisher_failed", role=self._name)
+                if pending is not None:
+                    pending.fail(BusUnavailable(f"the {self._name} failed: {exc}"))
+                    pending = None
                 _back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
                 attempt += 1
             finally:
                 _close_quietly(connection)
         self._connected.clear()
+        if pending is not None:
+            pending.fail(BusUnavailable(f"the {self._name} was closed"))
         self._fail_waiting()
 
+    def _lost_while_executing(self, request: _Request, error: BaseException) -> _Request | None:
+        """The connection went down while ``request`` ran: retried on the next connection,
+        unless it has taken the connection down _MAX_CONNECTION_LOSSES times (the broker
+        closes the connection, not the channel, for some messages, e.g. a frame too large)."""
+        request.connection_losses += 1
+        if request.connection_losses < _MAX_CONNECTION_LOSSES:
+            return request
+        log.error("publish_dropped", role=self._name, what=request.what,
+                  error=str(error) or type(error).__name__)  # fmt: skip
+        request.fail(_refusal(request.what, error))
+        return None
+
     def _execute(self, request: _Request, channel: BlockingChannel) -> None:
-        """Run one request; a lost connection propagates so the request is retried."""
+        """Run one request. What the broker or pika refuses for this request fails it alone
+        (the caller replaces a channel the broker closed); a lost connection propagates, so
+        the request is retried on the next one."""
         try:
             request.action(channel)
-        except pika.exceptions.UnroutableError as exc:
-            request.error = PublishFailed(
-                "the broker could not route the message to any queue (mandatory publish): "
-                "declare the destination queue first"
-            )
-            request.error.__cause__ = exc
-        except pika.exceptions.NackError as exc:
-            request.error = PublishFailed("the broker refused the message (negative confirm)")
-            request.error.__cause__ = exc
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            request.error = PublishFailed(f"the broker closed the channel: {exc}")
-            request.error.__cause__ = exc
-            request.done.set()
-            raise
+        except (
+            pika.exceptions.UnroutableError,
+            pika.exceptions.NackError,
+            pika.exceptions.ChannelClosedByBroker,
+            *_REFUSED_BY_CLIENT,
+        ) as exc:
+            log.warning("publish_refused", role=self._name, what=request.what,
+                        error=_cut(str(exc), 300) or type(exc).__name__)  # fmt: skip
+            request.fail(_refusal(request.what, exc))
+            return
         request.done.set()
 
     def _fail_waiting(self) -> None:
@@ -294,6 +478,12 @@ class Consumer:
     puts it back for another consumer. Any other exception is
     treated as transient: the message is requeued once, and dead-lettered if it fails
     again on redelivery, so a poison message cannot stall the queue.
+
+    Dead-lettering republishes the message under this service's broker user, on a channel
+    of its own: the original ``user_id`` property (which RabbitMQ checks against the
+    publishing user) moves to the ``x-hitless-original-user-id`` header, and a message the
+    broker still refuses there is logged, counted (``dead_letter_failures``) and acked all
+    the same, never redelivered forever.
 
     With ``lane`` given, each of the ``workers`` threads is a lane of its own and every
     message goes to the lane its key picks: messages with the same key are handled one
@@ -333,6 +523,9 @@ class Consumer:
         self._in_flight: set[concurrent.futures.Future[None]] = set()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
+        self._dead_letters: BlockingChannel | None = None
+        # Messages that could not be dead-lettered (and were acked, with a log line).
+        self.dead_letter_failures = 0
 
     def start(self) -> Consumer:
         self._thread.start()
@@ -360,7 +553,8 @@ class Consumer:
             connection = None
             try:
                 connection, channel = _connect(self._bus, self._queues)
-                channel.confirm_delivery()
+                self._dead_letters = connection.channel()
+                self._dead_letters.confirm_delivery()
                 channel.basic_qos(prefetch_count=self._prefetch)
                 tag = channel.basic_consume(
                     queue=self._source.name,
@@ -416,7 +610,7 @@ class Consumer:
         def settle(done: concurrent.futures.Future[None]) -> None:
             try:
                 connection.add_callback_threadsafe(
-                    lambda: self._settle(channel, tag, properties, delivery, done)
+                    lambda: self._settle(channel, tag, delivery, done)
                 )
             except _CONNECT_ERRORS:
                 # The connection is gone: the broker redelivers the message.
@@ -429,7 +623,6 @@ class Consumer:
         self,
         channel: BlockingChannel,
         tag: int,
-        properties: pika.BasicProperties,
         delivery: Delivery,
         done: concurrent.futures.Future[None],
     ) -> None:
@@ -441,7 +634,7 @@ class Consumer:
             if error is None:
                 channel.basic_ack(tag)
             elif isinstance(error, DeadLetter):
-                self._dead_letter(channel, tag, properties, delivery, error.reason)
+                self._dead_letter(channel, tag, delivery, error.reason)
             elif isinstance(error, Requeue):
                 log.info(
                     "message_requeued",
@@ -452,7 +645,7 @@ class Consumer:
                 channel.basic_nack(tag, requeue=True)
             elif delivery.redelivered:
                 reason = f"failed again on redelivery: {type(error).__name__}: {error}"
-                self._dead_letter(channel, tag, properties, delivery, reason)
+                self._dead_letter(channel, tag, delivery, reason)
             else:
                 log.warning(
                     "handler_failed_requeued",
@@ -466,29 +659,54 @@ class Consumer:
                 self._in_flight.discard(done)
 
     def _dead_letter(
-        self,
-        channel: BlockingChannel,
-        tag: int,
-        properties: pika.BasicProperties,
-        delivery: Delivery,
-        reason: str,
+        self, channel: BlockingChannel, tag: int, delivery: Delivery, reason: str
     ) -> None:
-        headers = dict(properties.headers or {})
-        headers[topology.REASON_HEADER] = reason
-        headers[topology.SOURCE_QUEUE_HEADER] = self._source.name
-        properties.headers = headers
-        channel.basic_publish(
-            exchange=topology.DLX.name,
-            routing_key=delivery.routing_key,
-            body=delivery.body,
-            properties=properties,
-            mandatory=True,
-        )
-        channel.basic_ack(tag)
-        log.warning(
-            "message_dead_lettered",
-            role=self._name,
-            queue=self._source.name,
+        """Republish to the dead-letter exchange, body untouched, then ack; a message the
+        broker will not take there is acked all the same (logged and counted)."""
+        headers = dead_letter_headers(delivery.headers, reason, self._source.name)
+        if delivery.user_id:
+            headers[ORIGINAL_USER_HEADER] = delivery.user_id
+        properties = pika.BasicProperties(
+            content_type=codec.CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent,
             message_id=delivery.message_id,
-            reason=reason,
+            headers=headers,
+            timestamp=int(time.time()),
         )
+        try:
+            _check_properties(properties, "dead-letter the message")
+            if self._dead_letters is None or not self._dead_letters.is_open:
+                self._dead_letters = channel.connection.channel()
+                self._dead_letters.confirm_delivery()
+            self._dead_letters.basic_publish(
+                exchange=topology.DLX.name,
+                routing_key=delivery.routing_key,
+                body=delivery.body,
+                properties=properties,
+                mandatory=True,
+            )
+        except (
+            PublishFailed,
+            pika.exceptions.UnroutableError,
+            pika.exceptions.NackError,
+            pika.exceptions.ChannelClosedByBroker,
+            *_REFUSED_BY_CLIENT,
+        ) as exc:
+            self.dead_letter_failures += 1
+            log.error(
+                "dead_letter_failed",
+                role=self._name,
+                queue=self._source.name,
+                message_id=delivery.message_id,
+                reason=_cut(reason, MAX_REASON_CHARS),
+                error=_cut(str(exc), 300) or type(exc).__name__,
+            )
+        else:
+            log.warning(
+                "message_dead_lettered",
+                role=self._name,
+                queue=self._source.name,
+                message_id=delivery.message_id,
+                reason=_cut(reason, MAX_REASON_CHARS),
+            )
+        channel.basic_ack(tag)

@@ -19,6 +19,11 @@ from typing import Any
 
 REASON_HEADER = "x-hitless-reason"
 SOURCE_QUEUE_HEADER = "x-hitless-source-queue"
+# On an UpgradeCommand: when its job was created (ISO 8601, UTC), and whether the job
+# allows a downgrade (a boolean). Headers, not fields, so that gateways of earlier releases,
+# which decode commands strictly, still take the command.
+ISSUED_AT_HEADER = "x-hitless-issued-at"
+ALLOW_DOWNGRADE_HEADER = "x-hitless-allow-downgrade"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ import threading
 class CuttingProxy:
     """Forwards 127.0.0.1:<port> to ``upstream``; the first ``cuts`` connections are reset
     once ``cut_after`` bytes have gone from upstream to the client. While ``gate`` is
-    clear, nothing goes from upstream to the client (a stalled link)."""
+    clear, nothing goes from upstream to the client (a stalled link). ``port`` (default: any
+    free one) lets a new proxy stand in for one that was closed (a broker coming back)."""
 
     def __init__(
         self,
@@ -19,13 +20,14 @@ class CuttingProxy:
         cut_after: int | None = None,
         cuts: int = 1,
         gate: threading.Event | None = None,
+        port: int = 0,
     ) -> None:
         self.upstream = upstream
         self.gate = gate
         self.cut_after = cut_after
         self.cuts_left = cuts
         self.connections = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.port: int = self._listener.getsockname()[1]
         self._stop = threading.Event()
         self._sockets: list[socket.socket] = []
