@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv proto test lint typecheck demo bench-hitless bench-controller-upgrade clean
+.PHONY: venv proto test lint typecheck demo bench-hitless bench-controller-upgrade bench-dispatch clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,9 @@ bench-hitless: $(STAMP)
 
 bench-controller-upgrade: $(STAMP)
 	$(BIN)/python bench/controller_upgrade.py
+
+bench-dispatch: $(STAMP)
+	$(BIN)/python bench/dispatch.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

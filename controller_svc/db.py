@@ -141,6 +141,7 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime)
     requested_by: Mapped[str] = mapped_column(String(128), server_default="")
+    allow_downgrade: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class JobGateway(Base):
@@ -157,6 +158,8 @@ class JobGateway(Base):
     bytes_total: Mapped[int] = mapped_column(BigInteger, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     vpn_sessions_dropped: Mapped[int] = mapped_column(Integer, server_default="0")
+    # When its command was confirmed by the broker; NULL until then.
+    published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class JobEvent(Base):

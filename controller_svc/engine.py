@@ -23,10 +23,10 @@ from controller_svc.repository import Repository
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.states import GatewayState
 from controller_svc.transitions import EXPIRED_QUEUED
-from hitless import logs
+from hitless import logs, names, semver
 from hitless.bus import codec, topology
 from hitless.bus.amqp import DeadLetter, Delivery, Publisher
-from hitless.errors import BusError, DecodeError
+from hitless.errors import BusError, BusUnavailable, DecodeError, InvalidName, PublishFailed
 from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
@@ -36,6 +36,10 @@ Clock = Callable[[], datetime]
 # A gateway that was sent a command and went silent is failed this long after the
 # deadline; one that never took the command is UNREACHABLE at the deadline.
 DEADLINE_GRACE = timedelta(seconds=60)
+# Confirmed commands are recorded as published this many at a time: one that was sent but
+# not yet recorded when the controller stops is sent again by the next one, and a gateway
+# answers a command id it already has from its own records.
+PUBLISHED_BATCH = 100
 
 
 def utc_now() -> datetime:
@@ -60,6 +64,8 @@ class Engine:
         self._clock = clock
         self._upgrader = upgrader
         self._changed = threading.Condition()
+        # Jobs left PENDING because the broker could not be reached (guarded by _changed).
+        self._undispatched: set[str] = set()
 
     # Watching ---------------------------------------------------------------------------
 
@@ -89,9 +95,16 @@ class Engine:
         raise NotFound(f"unknown version {version}; available: {available}")
 
     def plan(self, version: str | None, gateway_ids: Sequence[str] = ()) -> Plan:
-        """What an upgrade to ``version`` (None: the latest) would do."""
+        """What an upgrade to ``version`` (None: the latest) would do.
+
+        Raises InvalidName for a malformed gateway id that is not known (one recorded
+        before ids were checked can still be named: its command fails alone), NotFound for
+        an unknown release or gateway."""
         release = self.resolve_release(version)
         known = {g.id: g for g in self.repo.list_gateways()}
+        for gateway_id in gateway_ids:
+            if gateway_id not in known:
+                names.gateway_id(gateway_id)
         return make_plan(release, known, gateway_ids)
 
     def start_upgrade(
@@ -106,6 +119,17 @@ class Engine:
         allow_downgrade: bool = False,
         accept_vpn_disruption: bool = False,
     ) -> JobRecord:
+        """Create the job for an upgrade and dispatch it (or leave it PENDING for the
+        controller's own upgrade, or for the broker to come back).
+
+        ``request_id`` is the idempotency key: a request id already used returns that job.
+        Raises InvalidName (malformed request id, gateway id or deadline), NotFound and
+        FailedPrecondition (see ``planner.check``).
+        """
+        if request_id is not None:
+            names.request_id(request_id)
+        if deadline is not None:
+            names.deadline(deadline)
         if request_id is not None:
             existing = self.repo.job_by_request(request_id)
             if existing is not None:
@@ -120,6 +144,7 @@ class Engine:
             source=source,
             request_id=request_id,
             requested_by=requested_by,
+            allow_downgrade=allow_downgrade,
             now=now,
         )
         if not created:
@@ -158,11 +183,21 @@ class Engine:
                 )
 
     def dispatch(self, job: JobRecord) -> JobRecord:
-        """Publish the command of every gateway still QUEUED, then mark the job RUNNING."""
+        """Publish the command of every gateway still QUEUED, then mark the job RUNNING.
+
+        A command the broker refuses (its queue cannot be declared, the message cannot be
+        published) fails that gateway alone, with the reason, and the command goes to the
+        dead-letter queue. When the broker cannot be reached, the commands not yet confirmed
+        wait (their gateways stay QUEUED) and the sweep publishes them once it can be; so
+        does the next controller to start. Only commands never confirmed are published, so
+        dispatching a job again sends nothing twice.
+        """
         release = self.resolve_release(job.target_version)
-        queued = [g for g in job.gateways if g.state is GatewayState.QUEUED]
-        self._publisher.declare([topology.gateway_queue(g.gateway_id) for g in queued])
+        queued = [g for g in job.gateways if g.state is GatewayState.QUEUED and not g.published]
+        if queued and not self._publisher.connected:
+            return self._postpone(job, "the broker is not connected")
         deadline = convert.timestamp(job.deadline)
+        published: list[str] = []
         for row in queued:
             command = bus_pb2.UpgradeCommand(
                 command_id=row.command_id,
@@ -176,26 +211,89 @@ class Engine:
             )
             ttl_ms = max(1, int((job.deadline - self._clock()).total_seconds() * 1000))
             try:
+                names.gateway_id(row.gateway_id)
+                self._publisher.declare([topology.gateway_queue(row.gateway_id)])
                 self._publisher.publish(
                     topology.COMMANDS,
                     topology.command_key(row.gateway_id),
                     command,
                     message_id=row.command_id,
+                    headers={
+                        topology.ISSUED_AT_HEADER: job.created_at.isoformat(),
+                        topology.ALLOW_DOWNGRADE_HEADER: job.allow_downgrade,
+                    },
                     expiration_ms=ttl_ms,
                 )
-            except BusError as exc:
-                self._record_local_failure(
-                    job, row.gateway_id, row.command_id, f"could not publish the command: {exc}"
-                )
+            except BusUnavailable as exc:
+                self.repo.mark_published(published, self._clock())
+                return self._postpone(job, str(exc))
+            except (PublishFailed, InvalidName) as exc:
+                self._refuse_command(job, row.gateway_id, command, str(exc))
+                continue
+            published.append(row.command_id)
+            if len(published) >= PUBLISHED_BATCH:
+                self.repo.mark_published(published, self._clock())
+                published = []
+        self.repo.mark_published(published, self._clock())
+        with self._changed:
+            self._undispatched.discard(job.id)
         updated = self.repo.mark_running(job.id, self._clock())
         self.notify()
         return updated
 
+    def _postpone(self, job: JobRecord, why: str) -> JobRecord:
+        """Leave the rest of ``job``'s commands for the sweep to publish."""
+        log.warning("dispatch_postponed", job_id=job.id, error=why)
+        with self._changed:
+            self._undispatched.add(job.id)
+        return self.repo.get_job(job.id) or job
+
+    def _refuse_command(
+        self, job: JobRecord, gateway_id: str, command: bus_pb2.UpgradeCommand, reason: str
+    ) -> None:
+        """A command that cannot be sent: its gateway FAILED with the reason, the command
+        itself kept in the dead-letter queue for a person to look at."""
+        log.error("command_refused", job_id=job.id, gateway_id=gateway_id[:80], reason=reason)
+        self._record_local_failure(
+            job, gateway_id, command.command_id, f"could not send the command: {reason}"
+        )
+        try:
+            self._publisher.dead_letter(
+                codec.encode(command),
+                reason,
+                source=topology.gateway_queue(gateway_id).name,
+                message_id=command.command_id,
+            )
+        except BusError as exc:
+            log.error("command_not_dead_lettered", job_id=job.id, error=str(exc))
+
     def resume_pending(self) -> None:
-        """Dispatch jobs a previous controller created but did not finish dispatching."""
-        for job in self.repo.pending_jobs():
-            log.info("job_resumed", job_id=job.id)
+        """Dispatch jobs a previous controller created but did not finish dispatching
+        (``Repository.pending_jobs``): now if the broker answers, else from the sweep once
+        it does."""
+        pending = [job.id for job in self.repo.pending_jobs()]
+        for job_id in pending:
+            log.info("job_resumed", job_id=job_id)
+        with self._changed:
+            self._undispatched.update(pending)
+        self._retry_undispatched()
+
+    def _retry_undispatched(self) -> None:
+        """Dispatch the jobs waiting for the broker, while it answers."""
+        if not self._publisher.connected:
+            return
+        with self._changed:
+            waiting = sorted(self._undispatched)
+        for job_id in waiting:
+            job = self.repo.get_job(job_id)
+            if job is None or job.state.terminal:
+                with self._changed:
+                    self._undispatched.discard(job_id)
+                continue
             self.dispatch(job)
+            with self._changed:
+                if job_id in self._undispatched:
+                    return  # the broker went away again
 
     def _record_local_failure(
         self, job: JobRecord, gateway_id: str, command_id: str, error: str
@@ -262,6 +360,15 @@ class Engine:
     def _seen(self, gateway_id: str, version: str, **extra: object) -> None:
         if not gateway_id or not version:
             raise DeadLetter("a gateway announcement needs gateway_id and version")
+        try:
+            names.gateway_id(gateway_id)
+        except InvalidName as exc:
+            raise DeadLetter(f"refused announcement: {exc}") from exc
+        if len(version) > semver.MAX_LENGTH or not semver.is_valid(version):
+            raise DeadLetter(
+                f"refused announcement from {gateway_id}: version "
+                f"{names.shown(version)} is not MAJOR.MINOR.PATCH"
+            )
         self.repo.record_gateway_seen(gateway_id, version, self._clock(), **extra)  # type: ignore[arg-type]
 
     def _on_status(self, delivery: Delivery) -> None:
@@ -298,6 +405,7 @@ class Engine:
     def sweep(self) -> None:
         """Expire what passed its deadline and send events still waiting; called
         periodically."""
+        self._retry_undispatched()
         for job in self.repo.expire_overdue(self._clock(), grace=DEADLINE_GRACE):
             self._after_change(job)
         self.announcer.flush()

@@ -8,6 +8,7 @@ dead-lettered with the reason in a header and its body untouched.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -15,15 +16,19 @@ from datetime import datetime
 from controller_svc.engine import Engine
 from controller_svc.errors import FailedPrecondition, InvalidRequest, NotFound
 from controller_svc.rejections import Rejection, Rejections
-from hitless import logs, semver
+from hitless import logs, names, semver
 from hitless.bus import codec
 from hitless.bus.amqp import DeadLetter, Delivery
-from hitless.errors import ConfigError, DecodeError
+from hitless.errors import ConfigError, DecodeError, InvalidName
 from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
 
 ACTIONS = ("upgrade",)
+# A refused job's body is kept up to this many bytes (the dead-letter queue has it whole).
+MAX_BODY_BYTES = 64 * 1024
+# Message ids and user ids are kept in 128-character columns.
+_COLUMN_CHARS = 128
 
 
 class _Refused(Exception):
@@ -52,6 +57,10 @@ class ManagementJobs:
                 "the message has no message_id property: set one (in the management UI: "
                 "Properties, message_id) so that a job published twice runs once"
             )
+        try:
+            names.message_id(delivery.message_id)
+        except InvalidName as exc:
+            raise _Refused(str(exc)) from exc
         try:
             job = codec.decode(bus_pb2.ManagementJob, delivery.body)
         except DecodeError as exc:
@@ -86,12 +95,24 @@ class ManagementJobs:
 
     def _reject(self, delivery: Delivery, reason: str) -> None:
         rejection = Rejection(
-            message_id=delivery.message_id or f"no-id:{uuid.uuid4()}",
+            message_id=_record_key(delivery.message_id),
             reason=reason,
-            body=delivery.body.decode("utf-8", errors="replace"),
-            user_id=delivery.user_id or "",
+            body=delivery.body[:MAX_BODY_BYTES].decode("utf-8", errors="replace"),
+            user_id=(delivery.user_id or "")[:_COLUMN_CHARS],
             at=self._clock(),
         )
         if self._rejections.record(rejection):
             self._engine.announcer.job_rejected(rejection)
         log.warning("management_job_rejected", message_id=delivery.message_id, reason=reason)
+
+
+def _record_key(message_id: str | None) -> str:
+    """The key a refused job is recorded under: its message_id, one made up when it has
+    none, and for one too long for the column its start and a digest of the whole (AMQP
+    allows 255 bytes), so two long ids never share a record."""
+    if not message_id:
+        return f"no-id:{uuid.uuid4()}"
+    if len(message_id) <= _COLUMN_CHARS:
+        return message_id
+    digest = hashlib.sha256(message_id.encode("utf-8", errors="replace")).hexdigest()
+    return f"{message_id[:60]}...sha256:{digest[:32]}"

@@ -21,6 +21,9 @@ class PlannedGateway:
     from_version: str
     action: str
     vpn_sessions: int
+    # The version an unfinished job is taking the gateway to, when there is one: a new
+    # command runs after it, so the direction is judged against that version.
+    pending_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,15 +65,22 @@ def make_plan(
     planned = []
     for gid in chosen:
         gateway = known[gid]
-        current = semver.parse(gateway.version) if semver.is_valid(gateway.version) else None
-        if gateway.version == release.version:
+        # What it will run when this job's command reaches it: the version an unfinished
+        # job takes it to, else the one it runs.
+        then = gateway.pending_version or gateway.version
+        if gateway.version == release.version and then == release.version:
             action = NOTHING
-        elif current is not None and target < current:
+        elif semver.is_valid(then) and target < semver.parse(then):
             action = DOWNGRADE
         else:
             action = UPGRADE
-        planned.append(PlannedGateway(gid, gateway.version, action, gateway.vpn_sessions))
+        planned.append(
+            PlannedGateway(
+                gid, gateway.version, action, gateway.vpn_sessions, gateway.pending_version
+            )
+        )
     return Plan(release, tuple(planned))
+
 
 
 def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> None:
@@ -80,7 +90,7 @@ def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> 
         raise FailedPrecondition(f"nothing to do: every chosen gateway already runs {version}")
     downgrades = [g for g in plan.changes if g.action == DOWNGRADE]
     if downgrades and not allow_downgrade:
-        names = ", ".join(f"{g.gateway_id} ({g.from_version})" for g in downgrades)
+        names = ", ".join(_running(g) for g in downgrades)
         raise FailedPrecondition(
             f"{version} is older than what {names} run(s): a downgrade needs --allow-downgrade"
         )
@@ -90,3 +100,13 @@ def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> 
             f"{plan.vpn_sessions_affected} connected VPN user(s): confirm the disruption "
             "(accept_vpn_disruption, or answer upgradectl's question / --yes)"
         )
+
+
+def _running(gateway: PlannedGateway) -> str:
+    """"gw-1 (1.2.0)", or "gw-1 (1.2.0, 7.2.0 once its unfinished job is done)"."""
+    if gateway.pending_version is None or gateway.pending_version == gateway.from_version:
+        return f"{gateway.gateway_id} ({gateway.from_version})"
+    return (
+        f"{gateway.gateway_id} ({gateway.from_version}, {gateway.pending_version} once its "
+        "unfinished job is done)"
+    )

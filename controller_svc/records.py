@@ -39,6 +39,8 @@ class GatewayRecord:
     pid: int | None = None
     listen: tuple[str, ...] = ()
     vpn_sessions: int = 0
+    # While busy: the version its newest unfinished job takes it to.
+    pending_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,9 @@ class GatewayJobRecord:
     bytes_total: int
     updated_at: datetime
     vpn_sessions_dropped: int = 0
+    # Its command was confirmed by the broker (rows of jobs from before this was recorded
+    # count as not published).
+    published: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class JobRecord:
     # Sorted by gateway id.
     gateways: tuple[GatewayJobRecord, ...]
     requested_by: str = ""
+    allow_downgrade: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,7 @@ def _job_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
         deadline=job.deadline,
         gateways=tuple(_gatewayjob_record(row) for row in rows),
         requested_by=job.requested_by,
+        allow_downgrade=job.allow_downgrade,
     )
 
 
@@ -167,20 +174,23 @@ def _gatewayjob_record(row: JobGateway) -> GatewayJobRecord:
         bytes_total=row.bytes_total,
         updated_at=row.updated_at,
         vpn_sessions_dropped=row.vpn_sessions_dropped,
+        published=row.published_at is not None,
     )
 
 
-def gateway_record(row: Gateway, busy: bool) -> GatewayRecord:
-    """The row as a plain value."""
+def gateway_record(row: Gateway, pending_version: str | None) -> GatewayRecord:
+    """The row as a plain value; ``pending_version`` is the target of its newest
+    unfinished job (None when it is in none)."""
     return GatewayRecord(
         id=row.id,
         version=row.version,
         first_seen=row.first_seen,
         last_seen=row.last_seen,
-        busy=busy,
+        busy=pending_version is not None,
         pid=row.pid,
         listen=tuple(row.listen),
         vpn_sessions=row.vpn_sessions,
+        pending_version=pending_version,
     )
 
 

@@ -128,9 +128,9 @@ class Repository:
     def list_gateways(self) -> list[GatewayRecord]:
         """Every gateway ever seen, sorted by id."""
         with self._read() as session:
-            busy = _busy_gateways(session)
+            pending = _pending_versions(session)
             rows = session.scalars(select(Gateway).order_by(Gateway.id)).all()
-            return [gateway_record(row, row.id in busy) for row in rows]
+            return [gateway_record(row, pending.get(row.id)) for row in rows]
 
     def get_gateway(self, gateway_id: str) -> GatewayRecord | None:
         """One gateway, or None when it has never been seen."""
@@ -138,7 +138,7 @@ class Repository:
             row = session.get(Gateway, gateway_id)
             if row is None:
                 return None
-            return gateway_record(row, gateway_id in _busy_gateways(session, gateway_id))
+            return gateway_record(row, _pending_versions(session, gateway_id).get(gateway_id))
 
     # Releases
 
@@ -214,6 +214,7 @@ class Repository:
         source: str = "cli",
         request_id: str | None = None,
         requested_by: str = "",
+        allow_downgrade: bool = False,
         now: datetime,
     ) -> tuple[JobRecord, bool]:
         """Create a PENDING job with one QUEUED command per ``(gateway_id, from_version)``.
@@ -252,7 +253,8 @@ class Repository:
                     state=JobState.PENDING.value,
                     source=source,
                     request_id=request_id,
-                    requested_by=requested_by,
+                    requested_by=requested_by[:128],
+                    allow_downgrade=allow_downgrade,
                     created_at=now,
                     updated_at=now,
                     deadline=deadline,
@@ -357,14 +359,36 @@ class Repository:
             return job_records(session, jobs)
 
     def pending_jobs(self) -> list[JobRecord]:
-        """The jobs still PENDING (created, not yet dispatched), newest first."""
+        """The unfinished jobs with a gateway still QUEUED whose command was never confirmed
+        published (PENDING jobs, and any a broker outage or a crash left half dispatched),
+        newest first."""
         with self._read() as session:
+            unpublished = (
+                select(JobGateway.job_id)
+                .where(
+                    JobGateway.state == GatewayState.QUEUED.value,
+                    JobGateway.published_at.is_(None),
+                )
+                .distinct()
+            )
             jobs = session.scalars(
                 select(Job)
-                .where(Job.state == JobState.PENDING.value)
+                .where(Job.state.in_(_ACTIVE_JOB), Job.id.in_(unpublished))
                 .order_by(Job.created_at.desc(), Job.id.desc())
             ).all()
             return job_records(session, jobs)
+
+    def mark_published(self, command_ids: Sequence[str], at: datetime) -> None:
+        """Record, in one transaction, that the broker confirmed these commands."""
+        _require_aware(at, "at")
+        if not command_ids:
+            return
+        with self._write() as session:
+            session.execute(
+                update(JobGateway)
+                .where(JobGateway.command_id.in_(list(command_ids)))
+                .values(published_at=at)
+            )
 
     def events_after(self, job_id: str, after_seq: int, limit: int = 500) -> list[EventRecord]:
         """The job's events with ``seq > after_seq``, oldest first (0 for all of them)."""
@@ -442,12 +466,15 @@ def _job_by_request(session: Session, request_id: str) -> Job | None:
     return session.scalars(select(Job).where(Job.request_id == request_id)).one_or_none()
 
 
-def _busy_gateways(session: Session, gateway_id: str | None = None) -> set[str]:
+def _pending_versions(session: Session, gateway_id: str | None = None) -> dict[str, str]:
+    """Gateway id -> the target version of its newest unfinished job, for gateways whose
+    command in it has not finished either."""
     stmt = (
-        select(JobGateway.gateway_id)
+        select(JobGateway.gateway_id, Job.target_version)
         .join(Job, Job.id == JobGateway.job_id)
         .where(JobGateway.state.in_(_ACTIVE_GATEWAY), Job.state.in_(_ACTIVE_JOB))
+        .order_by(Job.created_at)
     )
     if gateway_id is not None:
         stmt = stmt.where(JobGateway.gateway_id == gateway_id)
-    return set(session.scalars(stmt).all())
+    return {gid: target for gid, target in session.execute(stmt).all()}

@@ -12,13 +12,14 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from controller_svc.errors import InvalidRequest, NotFound, StorageError
+from hitless import version
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _INCOMING = ".incoming"
@@ -42,6 +43,23 @@ def check_digest(sha256: str) -> str:
     return sha256
 
 
+def stamped_as(version_text: str) -> Callable[[Path], None]:
+    """A ``put`` check that refuses an artifact whose stamped version
+    (``hitless.version.stamped``) is not ``version_text``: what a gateway runs after the
+    swap reports its stamp, so a release must be the build of its own version."""
+
+    def check(path: Path) -> None:
+        stamp = version.stamped(path)
+        if stamp != version_text:
+            found = "no version stamp" if stamp is None else f"the version stamp {stamp!r}"
+            raise InvalidRequest(
+                f"the artifact for release {version_text} carries {found}: publish the "
+                f"artifact built for it (upgradectl releases build --version {version_text})"
+            )
+
+    return check
+
+
 class ArtifactStore:
     """Content-addressed files under ``root``; safe for concurrent writers and readers."""
 
@@ -60,11 +78,13 @@ class ArtifactStore:
         *,
         expected_sha256: str | None = None,
         expected_size: int | None = None,
+        check: Callable[[Path], None] | None = None,
     ) -> StoredArtifact:
         """Store the concatenated ``chunks``; return their digest and size.
 
-        When expectations are given and not met, nothing is stored and InvalidRequest says
-        what was expected and what arrived. Storing content already present is a no-op.
+        When expectations are given and not met, or ``check`` (called with the complete
+        file before it is stored) raises, nothing is stored and the error says what was
+        expected and what arrived. Storing content already present is a no-op.
         """
         if expected_sha256 is not None:
             check_digest(expected_sha256)
@@ -89,6 +109,8 @@ class ArtifactStore:
                     os.fsync(out.fileno())
             sha256 = hasher.hexdigest()
             self._check_expectations(sha256, size, expected_sha256, expected_size)
+            if check is not None:
+                check(temp)
             final = self._final(sha256)
             with _translating("store an artifact", final):
                 if final.exists():

@@ -3,6 +3,11 @@
     DOWNLOADING -> VERIFYING -> (staged) -> SWAPPING -> handoff -> SUCCEEDED (new process)
                                                               -> ROLLED_BACK (this process)
 
+Before taking a command it refuses (FAILED, with the reason) one issued before a command it
+already took (a late delivery must not undo a newer job), one that would take it to an
+older version than it runs now unless the job allowed a downgrade, and, once downloaded, an
+artifact whose stamped version is not the command's target.
+
 Every outcome is written to disk before the command is acked, so a redelivered command
 is answered from there and never run twice. The command is acked when ``handle`` returns.
 Once a swap succeeded this process has handed over: it takes no further command (it
@@ -12,9 +17,11 @@ raises ``AgentRetired``, and the command goes back to the queue for the new vers
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from gateway_daemon.download import download
 from gateway_daemon.errors import (
@@ -24,10 +31,10 @@ from gateway_daemon.errors import (
     VerificationFailed,
 )
 from gateway_daemon.reporter import Reporter
-from gateway_daemon.state import AgentState, Outcome
+from gateway_daemon.state import AgentState, Outcome, Taken
 from gateway_daemon.verify import verify
-from hitless import logs
-from hitless.bus import codec
+from hitless import logs, semver, version
+from hitless.bus import codec, topology
 from hitless.bus.amqp import DeadLetter, Delivery
 from hitless.config import GatewayConfig
 from hitless.errors import DecodeError
@@ -37,6 +44,37 @@ log = logs.get(__name__)
 
 Swap = Callable[[bus_pb2.UpgradeCommand, Path], None]
 PROGRESS_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class _Order:
+    """When a command's job was issued and whether it allows a downgrade, from the
+    message's headers (``topology.ISSUED_AT_HEADER``, ``ALLOW_DOWNGRADE_HEADER``)."""
+
+    issued_at: datetime
+    allow_downgrade: bool
+
+    @classmethod
+    def of(cls, headers: Mapping[str, Any]) -> _Order | None:
+        """None for a command without them (from an older controller: it runs as commands
+        always did); ValueError for headers that are there but malformed."""
+        issued = headers.get(topology.ISSUED_AT_HEADER)
+        if issued is None:
+            return None
+        if isinstance(issued, bytes):
+            issued = issued.decode("utf-8", errors="replace")
+        try:
+            when = datetime.fromisoformat(str(issued))
+        except ValueError:
+            raise ValueError(
+                f"{topology.ISSUED_AT_HEADER} {str(issued)[:40]!r} is not an ISO 8601 time"
+            ) from None
+        if when.tzinfo is None:
+            raise ValueError(f"{topology.ISSUED_AT_HEADER} {str(issued)[:40]!r} has no time zone")
+        allow = headers.get(topology.ALLOW_DOWNGRADE_HEADER, False)
+        if not isinstance(allow, bool):
+            raise ValueError(f"{topology.ALLOW_DOWNGRADE_HEADER} must be true or false")
+        return cls(when.astimezone(UTC), allow)
 
 
 class Agent:
@@ -64,7 +102,8 @@ class Agent:
                 "requeued for it"
             )
         try:
-            command = codec.decode(bus_pb2.UpgradeCommand, delivery.body)
+            # Fields this release does not know are skipped: a newer controller may send them.
+            command = codec.decode(bus_pb2.UpgradeCommand, delivery.body, strict=False)
         except DecodeError as exc:
             raise DeadLetter(f"not an upgrade command: {exc}") from exc
         if command.gateway_id != self._config.gateway_id:
@@ -85,11 +124,48 @@ class Agent:
                         "the command expired before the gateway took it"),
             )
             return
+        try:
+            order = _Order.of(delivery.headers)
+            refusal = self._refusal(command, order) if order is not None else None
+        except ValueError as exc:
+            refusal = f"the command's headers are malformed: {exc}"
+            order = None
+        if refusal is not None:
+            bound.warning("command_refused", reason=refusal)
+            self._finish(command, Outcome("FAILED", command.target_version, self._version,
+                                          refusal))  # fmt: skip
+            return
+        if order is not None:
+            self._state.record_taken(Taken(order.issued_at, command.job_id))
         if command.target_version == self._version:
             self._finish(command, Outcome("SUCCEEDED", self._version, self._version))
             return
         bound.info("upgrade_started", target_version=command.target_version)
         self._upgrade(command)
+
+    def _refusal(self, command: bus_pb2.UpgradeCommand, order: _Order) -> str | None:
+        """Why this gateway must not run ``command``, issued as ``order`` says, now; or None."""
+        issued = order.issued_at
+        newest = self._state.newest_taken()
+        if newest is not None and issued < newest.issued_at and newest.job_id != command.job_id:
+            return (
+                f"superseded: this gateway already took a newer command (job {newest.job_id}, "
+                f"issued {newest.issued_at:%Y-%m-%d %H:%M:%S} UTC) than this one (issued "
+                f"{issued:%Y-%m-%d %H:%M:%S} UTC); start a new job if {command.target_version} "
+                "is still wanted"
+            )
+        target, running = command.target_version, self._version
+        if (
+            not order.allow_downgrade
+            and semver.is_valid(target)
+            and semver.is_valid(running)
+            and semver.parse(target) < semver.parse(running)
+        ):
+            return (
+                f"this gateway runs {running} by now, and {target} is older: the job did not "
+                "allow a downgrade; start a new one with --allow-downgrade if it is wanted"
+            )
+        return None
 
     def _upgrade(self, command: bus_pb2.UpgradeCommand) -> None:
         sha, size, target = command.artifact_sha256, command.artifact_size, command.target_version
@@ -112,6 +188,17 @@ class Agent:
         except (DownloadFailed, VerificationFailed) as exc:
             partial.unlink(missing_ok=True)
             self._finish(command, Outcome("FAILED", target, self._version, str(exc)))
+            return
+        stamp = version.stamped(partial)
+        if stamp != target:
+            partial.unlink(missing_ok=True)
+            found = "no version stamp" if stamp is None else f"the stamp {stamp!r}"
+            self._finish(command, Outcome(
+                "FAILED", target, self._version,
+                f"the artifact of release {target} carries {found}: it is not that release; "
+                "publish the artifact built for it (upgradectl releases build --version "
+                f"{target})",
+            ))  # fmt: skip
             return
         staged = self._state.releases_dir / f"{target}-{sha[:12]}.pyz"
         staged.parent.mkdir(parents=True, exist_ok=True)

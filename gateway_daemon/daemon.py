@@ -129,7 +129,15 @@ class GatewayDaemon:
         """Take over from the old process; on any failure before serving, leave it to it."""
         predecessor = os.getppid()  # the old version started this process
         publisher = self._publisher()
+        context = inheritance.context
         try:
+            command = codec.decode(bus_pb2.UpgradeCommand, context["command"].encode(),
+                                   strict=False)  # fmt: skip
+            if self.version != command.target_version:
+                raise HandoffFailed(
+                    f"this process runs {self.version}, not {command.target_version}: the "
+                    "artifact is not the release the command names"
+                )
             plane = dataplane.adopt(
                 inheritance.description,
                 inheritance.sockets,
@@ -154,8 +162,6 @@ class GatewayDaemon:
                 sock.close()
             publisher.close()
             return 1
-        context = inheritance.context
-        command = codec.decode(bus_pb2.UpgradeCommand, context["command"].encode())
         outcome = Outcome("SUCCEEDED", self.version, context["from_version"])
         self.state.record_outcome(command.command_id, outcome)
         self.state.set_current_release(self.version, Path(context["artifact"]))

@@ -1,9 +1,10 @@
 """The gateway's state on disk, so an upgrade is resumable across processes and crashes.
 
 ``agent.json`` in the state directory records the release this gateway runs (so a
-restarted daemon starts the staged artifact, not the installed package) and the outcome of
-the latest commands (so a redelivered command is answered, never run twice). Writes are
-atomic: temp file, fsync, rename.
+restarted daemon starts the staged artifact, not the installed package), the outcome of
+the latest commands (so a redelivered command is answered, never run twice) and when the
+newest command it took was issued (so one issued earlier, delivered late, is refused).
+Writes are atomic: temp file, fsync, rename.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import threading
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,14 @@ class Outcome:
     from_version: str
     error: str = ""
     vpn_sessions_dropped: int = 0
+
+
+@dataclass(frozen=True)
+class Taken:
+    """A command the gateway acted on: when its job was issued (tz-aware) and which."""
+
+    issued_at: datetime
+    job_id: str
 
 
 class AgentState:
@@ -68,6 +78,26 @@ class AgentState:
         with self._lock:
             data = self._load()
             data["current"] = {"version": version, "artifact": str(artifact)}
+            self._save(data)
+
+    def newest_taken(self) -> Taken | None:
+        """The newest command (by when its job was issued) this gateway has taken."""
+        found = self._load().get("newest_taken")
+        if not found:
+            return None
+        return Taken(datetime.fromisoformat(found["issued_at"]), found["job_id"])
+
+    def record_taken(self, taken: Taken) -> None:
+        """Remember ``taken`` if it was issued after the newest command taken so far."""
+        with self._lock:
+            data = self._load()
+            newest = data.get("newest_taken")
+            if newest and datetime.fromisoformat(newest["issued_at"]) >= taken.issued_at:
+                return
+            data["newest_taken"] = {
+                "issued_at": taken.issued_at.isoformat(),
+                "job_id": taken.job_id,
+            }
             self._save(data)
 
     def outcome(self, command_id: str) -> Outcome | None:

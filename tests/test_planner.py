@@ -66,3 +66,28 @@ def test_vpn_release_needs_consent_and_counts_the_users() -> None:
         check(plan, allow_downgrade=False, accept_vpn_disruption=False)
     check(plan, allow_downgrade=False, accept_vpn_disruption=True)
     assert make_plan(_release("2.0.0"), _gateways(gw_1="1.0.0"), []).vpn_sessions_affected == 0
+
+
+@pytest.mark.parametrize(
+    ("running", "pending", "target", "action"),
+    [
+        ("1.2.0", "7.2.0", "1.3.0", DOWNGRADE),  # queued behind a newer job
+        ("1.2.0", "1.3.0", "1.3.0", UPGRADE),  # the same again: the first may still fail
+        ("1.3.0", "1.2.0", "1.3.0", UPGRADE),  # back up after an allowed downgrade
+        ("1.3.0", "1.3.0", "1.3.0", NOTHING),
+        ("1.3.0", "1.4.0", "1.3.0", DOWNGRADE),
+    ],
+)
+def test_a_gateway_in_an_unfinished_job_is_judged_by_where_that_job_takes_it(
+    running: str, pending: str, target: str, action: str
+) -> None:
+    gateway = GatewayRecord("gw-2", running, NOW, NOW, busy=True, pending_version=pending)
+    (planned,) = make_plan(_release(target), {"gw-2": gateway}, []).gateways
+    assert (planned.action, planned.pending_version) == (action, pending)
+
+
+def test_a_refused_downgrade_names_the_version_an_unfinished_job_brings() -> None:
+    gateway = GatewayRecord("gw-2", "1.2.0", NOW, NOW, busy=True, pending_version="7.2.0")
+    plan = make_plan(_release("1.3.0"), {"gw-2": gateway}, [])
+    with pytest.raises(FailedPrecondition, match=r"gw-2 \(1.2.0, 7.2.0 once its unfinished job"):
+        check(plan, allow_downgrade=False, accept_vpn_disruption=False)

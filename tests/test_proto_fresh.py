@@ -27,8 +27,14 @@ def test_generated_code_is_fresh(tmp_path: Path) -> None:
         cwd=ROOT,
         check=True,
     )
-    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*_pb2*.py*"))
-    checked_in = sorted(p.relative_to(ROOT) for p in (ROOT / "hitless").rglob("*_pb2*.py*"))
+    fresh = _generated(tmp_path)
+    checked_in = _generated(ROOT / "hitless", ROOT)
     assert fresh == checked_in, "generated files differ in name: run `make proto`"
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, ROOT / p, shallow=False)]
     assert stale == [], f"stale generated code in {stale}: run `make proto` and commit"
+
+
+def _generated(root: Path, relative_to: Path | None = None) -> list[Path]:
+    """The generated sources below ``root`` (bytecode caches are no source)."""
+    found = (p for p in root.rglob("*_pb2*") if p.suffix in (".py", ".pyi"))
+    return sorted(p.relative_to(relative_to or root) for p in found)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from hitless import semver
 from hitless.digest import file_sha256
-from hitless.version import RELEASE_FILE
+from hitless.version import STAMP_PATH
 from upgradectl.errors import BuildError
 
 PACKAGES = ("hitless", "gateway_daemon", "controller_svc", "notifier", "upgradectl", "migrations")
@@ -97,7 +97,7 @@ def build_release(version: str, output: Path) -> Built:
     """
     stamped = str(semver.parse(version))
     entries = dict(_collect())
-    entries[f"hitless/{RELEASE_FILE}"] = f"{stamped}\n".encode()
+    entries[STAMP_PATH] = f"{stamped}\n".encode()
     entries["__main__.py"] = MAIN_PY.encode()
 
     output = output.expanduser()
@@ -154,7 +154,7 @@ def _collect() -> Iterator[tuple[str, bytes]]:
             raise BuildError(f"cannot read package {package!r}: {exc}") from exc
         for name, data in _walk(root, package):
             # The running code's own stamp is replaced by the new version's.
-            if name != f"hitless/{RELEASE_FILE}":
+            if name != STAMP_PATH:
                 yield name, data
 
 

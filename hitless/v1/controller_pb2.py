@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from hitless.v1 import common_pb2 as hitless_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhitless/v1/controller.proto\x12\nhitless.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17hitless/v1/common.proto\"z\n\x07Gateway\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12-\n\tlast_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cvpn_sessions\x18\x05 \x01(\x05\"\x15\n\x13ListGatewaysRequest\"=\n\x14ListGatewaysResponse\x12%\n\x08gateways\x18\x01 \x03(\x0b\x32\x13.hitless.v1.Gateway\"\x97\x01\n\x07Release\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x30\n\x0cpublished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05notes\x18\x05 \x01(\t\x12\x1c\n\x14restarts_vpn_service\x18\x06 \x01(\x08\"\x15\n\x13ListReleasesRequest\"=\n\x14ListReleasesResponse\x12%\n\x08releases\x18\x01 \x03(\x0b\x32\x13.hitless.v1.Release\"m\n\x0fReleaseMetadata\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05notes\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x1c\n\x14restarts_vpn_service\x18\x05 \x01(\x08\"a\n\x15PublishReleaseRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.hitless.v1.ReleaseMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xbf\x01\n\x13StartUpgradeRequest\x12\x10\n\x06latest\x18\x01 \x01(\x08H\x00\x12\x11\n\x07version\x18\x02 \x01(\tH\x00\x12\x13\n\x0bgateway_ids\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x05\x12\x17\n\x0f\x61llow_downgrade\x18\x06 \x01(\x08\x12\x1d\n\x15\x61\x63\x63\x65pt_vpn_disruption\x18\x07 \x01(\x08\x42\x08\n\x06target\"`\n\x0ePlannedGateway\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x14\n\x0cvpn_sessions\x18\x04 \x01(\x05\"\x80\x01\n\x0bUpgradePlan\x12$\n\x07release\x18\x01 \x01(\x0b\x32\x13.hitless.v1.Release\x12,\n\x08gateways\x18\x02 \x03(\x0b\x32\x1a.hitless.v1.PlannedGateway\x12\x1d\n\x15vpn_sessions_affected\x18\x03 \x01(\x05\"\xfc\x01\n\nGatewayJob\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.hitless.v1.GatewayJobState\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nbytes_done\x18\x06 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x03\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14vpn_sessions_dropped\x18\t \x01(\x05\"\x82\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.hitless.v1.JobState\x12\x16\n\x0etarget_version\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08gateways\x18\x06 \x03(\x0b\x32\x16.hitless.v1.GatewayJob\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x14\n\x0crequested_by\x18\x08 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\xe8\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngateway_id\x18\x03 \x01(\t\x12\x32\n\rgateway_state\x18\x04 \x01(\x0e\x32\x1b.hitless.v1.GatewayJobState\x12\'\n\tjob_state\x18\x05 \x01(\x0e\x32\x14.hitless.v1.JobState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x03\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.hitless.v1.Job\"x\n\x0bRejectedJob\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x17ListRejectedJobsRequest\"A\n\x18ListRejectedJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.hitless.v1.RejectedJob\"\x15\n\x13SyncReleasesRequest\"=\n\x14SyncReleasesResponse\x12%\n\x08imported\x18\x01 \x03(\x0b\x32\x13.hitless.v1.Release\"\x16\n\x05\x41\x64min\x12\r\n\x05\x65mail\x18\x01 \x01(\t\"\x1d\n\x0c\x41\x64minRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\"\x13\n\x11ListAdminsRequest\"7\n\x12ListAdminsResponse\x12!\n\x06\x61\x64mins\x18\x01 \x03(\x0b\x32\x11.hitless.v1.Admin\".\n\x0e\x43ontrollerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"\x16\n\x14GetControllerRequest\"+\n\x18UpgradeControllerRequest\x12\x0f\n\x07version\x18\x01 \x01(\t2\xe1\x08\n\nController\x12Q\n\x0cListGateways\x12\x1f.hitless.v1.ListGatewaysRequest\x1a .hitless.v1.ListGatewaysResponse\x12Q\n\x0cListReleases\x12\x1f.hitless.v1.ListReleasesRequest\x1a .hitless.v1.ListReleasesResponse\x12J\n\x0ePublishRelease\x12!.hitless.v1.PublishReleaseRequest\x1a\x13.hitless.v1.Release(\x01\x12@\n\x0cStartUpgrade\x12\x1f.hitless.v1.StartUpgradeRequest\x1a\x0f.hitless.v1.Job\x12\x34\n\x06GetJob\x12\x19.hitless.v1.GetJobRequest\x1a\x0f.hitless.v1.Job\x12?\n\x08WatchJob\x12\x1b.hitless.v1.WatchJobRequest\x1a\x14.hitless.v1.JobEvent0\x01\x12G\n\x0bPlanUpgrade\x12\x1f.hitless.v1.StartUpgradeRequest\x1a\x17.hitless.v1.UpgradePlan\x12\x45\n\x08ListJobs\x12\x1b.hitless.v1.ListJobsRequest\x1a\x1c.hitless.v1.ListJobsResponse\x12]\n\x10ListRejectedJobs\x12#.hitless.v1.ListRejectedJobsRequest\x1a$.hitless.v1.ListRejectedJobsResponse\x12Q\n\x0cSyncReleases\x12\x1f.hitless.v1.SyncReleasesRequest\x1a .hitless.v1.SyncReleasesResponse\x12\x37\n\x08\x41\x64\x64\x41\x64min\x12\x18.hitless.v1.AdminRequest\x1a\x11.hitless.v1.Admin\x12:\n\x0bRemoveAdmin\x12\x18.hitless.v1.AdminRequest\x1a\x11.hitless.v1.Admin\x12K\n\nListAdmins\x12\x1d.hitless.v1.ListAdminsRequest\x1a\x1e.hitless.v1.ListAdminsResponse\x12M\n\rGetController\x12 .hitless.v1.GetControllerRequest\x1a\x1a.hitless.v1.ControllerInfo\x12U\n\x11UpgradeController\x12$.hitless.v1.UpgradeControllerRequest\x1a\x1a.hitless.v1.ControllerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bhitless/v1/controller.proto\x12\nhitless.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17hitless/v1/common.proto\"z\n\x07Gateway\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12-\n\tlast_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cvpn_sessions\x18\x05 \x01(\x05\"\x15\n\x13ListGatewaysRequest\"=\n\x14ListGatewaysResponse\x12%\n\x08gateways\x18\x01 \x03(\x0b\x32\x13.hitless.v1.Gateway\"\x97\x01\n\x07Release\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x30\n\x0cpublished_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05notes\x18\x05 \x01(\t\x12\x1c\n\x14restarts_vpn_service\x18\x06 \x01(\x08\"\x15\n\x13ListReleasesRequest\"=\n\x14ListReleasesResponse\x12%\n\x08releases\x18\x01 \x03(\x0b\x32\x13.hitless.v1.Release\"m\n\x0fReleaseMetadata\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05notes\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x1c\n\x14restarts_vpn_service\x18\x05 \x01(\x08\"a\n\x15PublishReleaseRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.hitless.v1.ReleaseMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xbf\x01\n\x13StartUpgradeRequest\x12\x10\n\x06latest\x18\x01 \x01(\x08H\x00\x12\x11\n\x07version\x18\x02 \x01(\tH\x00\x12\x13\n\x0bgateway_ids\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x05\x12\x17\n\x0f\x61llow_downgrade\x18\x06 \x01(\x08\x12\x1d\n\x15\x61\x63\x63\x65pt_vpn_disruption\x18\x07 \x01(\x08\x42\x08\n\x06target\"y\n\x0ePlannedGateway\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x14\n\x0c\x66rom_version\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x14\n\x0cvpn_sessions\x18\x04 \x01(\x05\x12\x17\n\x0fpending_version\x18\x05 \x01(\t\"\x80\x01\n\x0bUpgradePlan\x12$\n\x07release\x18\x01 \x01(\x0b\x32\x13.hitless.v1.Release\x12,\n\x08gateways\x18\x02 \x03(\x0b\x32\x1a.hitless.v1.PlannedGateway\x12\x1d\n\x15vpn_sessions_affected\x18\x03 \x01(\x05\"\xfc\x01\n\nGatewayJob\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.hitless.v1.GatewayJobState\x12\x14\n\x0c\x66rom_version\x18\x03 \x01(\t\x12\x12\n\nto_version\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x12\n\nbytes_done\x18\x06 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x07 \x01(\x03\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14vpn_sessions_dropped\x18\t \x01(\x05\"\x82\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12#\n\x05state\x18\x02 \x01(\x0e\x32\x14.hitless.v1.JobState\x12\x16\n\x0etarget_version\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08gateways\x18\x06 \x03(\x0b\x32\x16.hitless.v1.GatewayJob\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x14\n\x0crequested_by\x18\x08 \x01(\t\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\xe8\x01\n\x08JobEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ngateway_id\x18\x03 \x01(\t\x12\x32\n\rgateway_state\x18\x04 \x01(\x0e\x32\x1b.hitless.v1.GatewayJobState\x12\'\n\tjob_state\x18\x05 \x01(\x0e\x32\x14.hitless.v1.JobState\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\nbytes_done\x18\x07 \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\x08 \x01(\x03\" \n\x0fListJobsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"1\n\x10ListJobsResponse\x12\x1d\n\x04jobs\x18\x01 \x03(\x0b\x32\x0f.hitless.v1.Job\"x\n\x0bRejectedJob\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x19\n\x17ListRejectedJobsRequest\"A\n\x18ListRejectedJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b\x32\x17.hitless.v1.RejectedJob\"\x15\n\x13SyncReleasesRequest\"=\n\x14SyncReleasesResponse\x12%\n\x08imported\x18\x01 \x03(\x0b\x32\x13.hitless.v1.Release\"\x16\n\x05\x41\x64min\x12\r\n\x05\x65mail\x18\x01 \x01(\t\"\x1d\n\x0c\x41\x64minRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\"\x13\n\x11ListAdminsRequest\"7\n\x12ListAdminsResponse\x12!\n\x06\x61\x64mins\x18\x01 \x03(\x0b\x32\x11.hitless.v1.Admin\".\n\x0e\x43ontrollerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\x05\"\x16\n\x14GetControllerRequest\"+\n\x18UpgradeControllerRequest\x12\x0f\n\x07version\x18\x01 \x01(\t2\xe1\x08\n\nController\x12Q\n\x0cListGateways\x12\x1f.hitless.v1.ListGatewaysRequest\x1a .hitless.v1.ListGatewaysResponse\x12Q\n\x0cListReleases\x12\x1f.hitless.v1.ListReleasesRequest\x1a .hitless.v1.ListReleasesResponse\x12J\n\x0ePublishRelease\x12!.hitless.v1.PublishReleaseRequest\x1a\x13.hitless.v1.Release(\x01\x12@\n\x0cStartUpgrade\x12\x1f.hitless.v1.StartUpgradeRequest\x1a\x0f.hitless.v1.Job\x12\x34\n\x06GetJob\x12\x19.hitless.v1.GetJobRequest\x1a\x0f.hitless.v1.Job\x12?\n\x08WatchJob\x12\x1b.hitless.v1.WatchJobRequest\x1a\x14.hitless.v1.JobEvent0\x01\x12G\n\x0bPlanUpgrade\x12\x1f.hitless.v1.StartUpgradeRequest\x1a\x17.hitless.v1.UpgradePlan\x12\x45\n\x08ListJobs\x12\x1b.hitless.v1.ListJobsRequest\x1a\x1c.hitless.v1.ListJobsResponse\x12]\n\x10ListRejectedJobs\x12#.hitless.v1.ListRejectedJobsRequest\x1a$.hitless.v1.ListRejectedJobsResponse\x12Q\n\x0cSyncReleases\x12\x1f.hitless.v1.SyncReleasesRequest\x1a .hitless.v1.SyncReleasesResponse\x12\x37\n\x08\x41\x64\x64\x41\x64min\x12\x18.hitless.v1.AdminRequest\x1a\x11.hitless.v1.Admin\x12:\n\x0bRemoveAdmin\x12\x18.hitless.v1.AdminRequest\x1a\x11.hitless.v1.Admin\x12K\n\nListAdmins\x12\x1d.hitless.v1.ListAdminsRequest\x1a\x1e.hitless.v1.ListAdminsResponse\x12M\n\rGetController\x12 .hitless.v1.GetControllerRequest\x1a\x1a.hitless.v1.ControllerInfo\x12U\n\x11UpgradeController\x12$.hitless.v1.UpgradeControllerRequest\x1a\x1a.hitless.v1.ControllerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,47 +52,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STARTUPGRADEREQUEST']._serialized_start=762
   _globals['_STARTUPGRADEREQUEST']._serialized_end=953
   _globals['_PLANNEDGATEWAY']._serialized_start=955
-  _globals['_PLANNEDGATEWAY']._serialized_end=1051
-  _globals['_UPGRADEPLAN']._serialized_start=1054
-  _globals['_UPGRADEPLAN']._serialized_end=1182
-  _globals['_GATEWAYJOB']._serialized_start=1185
-  _globals['_GATEWAYJOB']._serialized_end=1437
-  _globals['_JOB']._serialized_start=1440
-  _globals['_JOB']._serialized_end=1698
-  _globals['_GETJOBREQUEST']._serialized_start=1700
-  _globals['_GETJOBREQUEST']._serialized_end=1731
-  _globals['_WATCHJOBREQUEST']._serialized_start=1733
-  _globals['_WATCHJOBREQUEST']._serialized_end=1785
-  _globals['_JOBEVENT']._serialized_start=1788
-  _globals['_JOBEVENT']._serialized_end=2020
-  _globals['_LISTJOBSREQUEST']._serialized_start=2022
-  _globals['_LISTJOBSREQUEST']._serialized_end=2054
-  _globals['_LISTJOBSRESPONSE']._serialized_start=2056
-  _globals['_LISTJOBSRESPONSE']._serialized_end=2105
-  _globals['_REJECTEDJOB']._serialized_start=2107
-  _globals['_REJECTEDJOB']._serialized_end=2227
-  _globals['_LISTREJECTEDJOBSREQUEST']._serialized_start=2229
-  _globals['_LISTREJECTEDJOBSREQUEST']._serialized_end=2254
-  _globals['_LISTREJECTEDJOBSRESPONSE']._serialized_start=2256
-  _globals['_LISTREJECTEDJOBSRESPONSE']._serialized_end=2321
-  _globals['_SYNCRELEASESREQUEST']._serialized_start=2323
-  _globals['_SYNCRELEASESREQUEST']._serialized_end=2344
-  _globals['_SYNCRELEASESRESPONSE']._serialized_start=2346
-  _globals['_SYNCRELEASESRESPONSE']._serialized_end=2407
-  _globals['_ADMIN']._serialized_start=2409
-  _globals['_ADMIN']._serialized_end=2431
-  _globals['_ADMINREQUEST']._serialized_start=2433
-  _globals['_ADMINREQUEST']._serialized_end=2462
-  _globals['_LISTADMINSREQUEST']._serialized_start=2464
-  _globals['_LISTADMINSREQUEST']._serialized_end=2483
-  _globals['_LISTADMINSRESPONSE']._serialized_start=2485
-  _globals['_LISTADMINSRESPONSE']._serialized_end=2540
-  _globals['_CONTROLLERINFO']._serialized_start=2542
-  _globals['_CONTROLLERINFO']._serialized_end=2588
-  _globals['_GETCONTROLLERREQUEST']._serialized_start=2590
-  _globals['_GETCONTROLLERREQUEST']._serialized_end=2612
-  _globals['_UPGRADECONTROLLERREQUEST']._serialized_start=2614
-  _globals['_UPGRADECONTROLLERREQUEST']._serialized_end=2657
-  _globals['_CONTROLLER']._serialized_start=2660
-  _globals['_CONTROLLER']._serialized_end=3781
+  _globals['_PLANNEDGATEWAY']._serialized_end=1076
+  _globals['_UPGRADEPLAN']._serialized_start=1079
+  _globals['_UPGRADEPLAN']._serialized_end=1207
+  _globals['_GATEWAYJOB']._serialized_start=1210
+  _globals['_GATEWAYJOB']._serialized_end=1462
+  _globals['_JOB']._serialized_start=1465
+  _globals['_JOB']._serialized_end=1723
+  _globals['_GETJOBREQUEST']._serialized_start=1725
+  _globals['_GETJOBREQUEST']._serialized_end=1756
+  _globals['_WATCHJOBREQUEST']._serialized_start=1758
+  _globals['_WATCHJOBREQUEST']._serialized_end=1810
+  _globals['_JOBEVENT']._serialized_start=1813
+  _globals['_JOBEVENT']._serialized_end=2045
+  _globals['_LISTJOBSREQUEST']._serialized_start=2047
+  _globals['_LISTJOBSREQUEST']._serialized_end=2079
+  _globals['_LISTJOBSRESPONSE']._serialized_start=2081
+  _globals['_LISTJOBSRESPONSE']._serialized_end=2130
+  _globals['_REJECTEDJOB']._serialized_start=2132
+  _globals['_REJECTEDJOB']._serialized_end=2252
+  _globals['_LISTREJECTEDJOBSREQUEST']._serialized_start=2254
+  _globals['_LISTREJECTEDJOBSREQUEST']._serialized_end=2279
+  _globals['_LISTREJECTEDJOBSRESPONSE']._serialized_start=2281
+  _globals['_LISTREJECTEDJOBSRESPONSE']._serialized_end=2346
+  _globals['_SYNCRELEASESREQUEST']._serialized_start=2348
+  _globals['_SYNCRELEASESREQUEST']._serialized_end=2369
+  _globals['_SYNCRELEASESRESPONSE']._serialized_start=2371
+  _globals['_SYNCRELEASESRESPONSE']._serialized_end=2432
+  _globals['_ADMIN']._serialized_start=2434
+  _globals['_ADMIN']._serialized_end=2456
+  _globals['_ADMINREQUEST']._serialized_start=2458
+  _globals['_ADMINREQUEST']._serialized_end=2487
+  _globals['_LISTADMINSREQUEST']._serialized_start=2489
+  _globals['_LISTADMINSREQUEST']._serialized_end=2508
+  _globals['_LISTADMINSRESPONSE']._serialized_start=2510
+  _globals['_LISTADMINSRESPONSE']._serialized_end=2565
+  _globals['_CONTROLLERINFO']._serialized_start=2567
+  _globals['_CONTROLLERINFO']._serialized_end=2613
+  _globals['_GETCONTROLLERREQUEST']._serialized_start=2615
+  _globals['_GETCONTROLLERREQUEST']._serialized_end=2637
+  _globals['_UPGRADECONTROLLERREQUEST']._serialized_start=2639
+  _globals['_UPGRADECONTROLLERREQUEST']._serialized_end=2682
+  _globals['_CONTROLLER']._serialized_start=2685
+  _globals['_CONTROLLER']._serialized_end=3806
 # @@protoc_insertion_point(module_scope)

@@ -101,16 +101,18 @@ class StartUpgradeRequest(_message.Message):
     def __init__(self, latest: _Optional[bool] = ..., version: _Optional[str] = ..., gateway_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., deadline_seconds: _Optional[int] = ..., allow_downgrade: _Optional[bool] = ..., accept_vpn_disruption: _Optional[bool] = ...) -> None: ...
 
 class PlannedGateway(_message.Message):
-    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions")
+    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     from_version: str
     action: str
     vpn_sessions: int
-    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ...) -> None: ...
+    pending_version: str
+    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ...) -> None: ...
 
 class UpgradePlan(_message.Message):
     __slots__ = ("release", "gateways", "vpn_sessions_affected")
