@@ -1,4 +1,6 @@
-"""The release feed: where new releases come from, checked periodically and on demand.
+"""The release feed: what its documents say, and importing the releases it lists,
+checked periodically and on demand (``FeedSync``). Reading the documents, inside the feed
+and bounded, is ``controller_svc.feed_source``.
 
 A feed is a directory or an HTTP(S) URL laid out as
 
@@ -9,111 +11,293 @@ A feed is a directory or an HTTP(S) URL laid out as
     1.4.0/hitless-1.4.0.pyz
     1.4.0/NOTES.md          the release notes, Markdown
 
-Paths in a manifest are relative to the manifest. ``write_entry`` lays a release out this
-way. Importing is idempotent: a version already known with the same digest changes
-nothing; with another digest it is refused and logged (a version names one build).
+``write_entry`` lays a release out this way. Importing is idempotent: a version already
+known with the same digest changes nothing; with another digest it is refused (a version
+names one build).
+
+Whatever a feed holds is untrusted input, taken under these rules (README "The release
+feed" states them for operators), beside those on locations and reads in
+``controller_svc.feed_source``:
+
+- Reads are bounded: the index by MAX_INDEX_BYTES, a manifest by MAX_MANIFEST_BYTES,
+  notes by MAX_NOTES_BYTES, an artifact by the size its manifest declares (at most
+  MAX_ARTIFACT_BYTES).
+- A manifest is a JSON object with only the fields shown (``notes`` and ``flags``
+  optional): ``version`` MAJOR.MINOR.PATCH written plainly, at most MAX_VERSION_CHARS;
+  ``sha256`` 64 lowercase hex digits; ``size`` a whole number of bytes, 1 to
+  MAX_ARTIFACT_BYTES; ``flags`` only ``restarts_vpn_service`` (true or false). Notes are
+  UTF-8 text without control characters other than tab and line breaks.
+- The artifact matches the manifest's sha256 and size, and carries the manifest's version
+  as its stamp (``controller_svc.store.stamped_as``, the rule ``releases publish`` follows).
+- An entry that breaks a rule is refused alone (``EntryRefused``, naming the field) and
+  the others are imported; refusals are logged once per distinct (entry, field, reason).
+  Only an unreadable or malformed index stops a check.
+
+Errors (below ``controller_svc.errors.ControllerError``; the first two are defined in
+``controller_svc.feed_source``):
+
+    FeedError               the feed could not be read, or its index is malformed
+    ├── EntryRefused        one entry broke a rule (``field`` names what)
+    └── EntriesRefused      a sync refused some entries and imported the others
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
 
 from controller_svc.errors import Conflict, ControllerError, InvalidRequest
 from controller_svc.events import Announcer
+from controller_svc.feed_source import (
+    FETCH_SLACK_S,
+    EntryRefused,
+    FeedError,
+    FeedSource,
+    Location,
+    parse_location,
+    show,
+    shown,
+)
 from controller_svc.records import ReleaseRecord
 from controller_svc.repository import Repository
-from controller_svc.store import ArtifactStore, check_digest
+from controller_svc.store import ArtifactStore, stamped_as
 from hitless import logs, semver
 from hitless.errors import ConfigError
+
+__all__ = [
+    "INDEX",
+    "MAX_ARTIFACT_BYTES",
+    "MAX_INDEX_BYTES",
+    "MAX_INDEX_ENTRIES",
+    "MAX_MANIFEST_BYTES",
+    "MAX_NOTES_BYTES",
+    "MAX_VERSION_CHARS",
+    "CheckResult",
+    "EntriesRefused",
+    "EntryRefused",
+    "FeedError",
+    "FeedSync",
+    "Manifest",
+    "Refusal",
+    "ReleaseFeed",
+    "write_entry",
+]
 
 log = logs.get(__name__)
 
 INDEX = "index.json"
-_CHUNK = 256 * 1024
-_HTTP_TIMEOUT_S = 30
+# Limits on what a feed may make the controller read (README "The release feed").
+MAX_INDEX_BYTES = 1024 * 1024
+MAX_INDEX_ENTRIES = 1000  # a release every six weeks: over a century of them
+MAX_MANIFEST_BYTES = 64 * 1024
+MAX_NOTES_BYTES = 64 * 1024  # notes go into every admin's email
+MAX_ARTIFACT_BYTES = 1024 * 1024 * 1024
+MAX_VERSION_CHARS = semver.MAX_LENGTH
+
+_MANIFEST_FIELDS = ("version", "artifact", "sha256", "size", "notes", "flags")
+_REQUIRED_FIELDS = ("version", "artifact", "sha256", "size")
+_FLAGS = ("restarts_vpn_service",)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_CONTROL_IN_NOTES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SHOWN_CHARS = 200  # of a name from the feed, as it is, in a refusal
+_REASON_CHARS = 600
+_REPORTED_REFUSALS = 10
 
 
-class FeedError(ControllerError):
-    """The feed could not be read, or says something malformed."""
+@dataclass(frozen=True)
+class Refusal:
+    """An index entry (as the index lists it, shortened) refused for ``reason``."""
+
+    entry: str
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.entry}: {self.field}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    imported: list[ReleaseRecord]  # new releases only
+    refused: list[Refusal]
+
+
+class EntriesRefused(FeedError):
+    """A sync refused some entries of the feed; the others were imported (``result``)."""
+
+    def __init__(self, source: str, result: CheckResult) -> None:
+        refused = result.refused
+        listed = "; ".join(str(r) for r in refused[:_REPORTED_REFUSALS])
+        if len(refused) > _REPORTED_REFUSALS:
+            listed += f"; and {len(refused) - _REPORTED_REFUSALS} more"
+        versions = ", ".join(r.version for r in result.imported)
+        imported = f"imported {versions}" if versions else "imported nothing new"
+        super().__init__(
+            f"release feed {source}: refused {len(refused)} entr"
+            f"{'y' if len(refused) == 1 else 'ies'} ({listed}); {imported}. Fix the refused "
+            "entries in the feed; each is tried again at every check, and the controller "
+            "logs each refusal once (feed_entry_refused)"
+        )
+        self.result = result
 
 
 @dataclass(frozen=True)
 class Manifest:
     version: str
-    artifact: str  # location, resolved against the feed
+    artifact: Location
     sha256: str
     size: int
-    notes: str  # location, resolved against the feed; "" for none
+    notes: Location | None
     restarts_vpn_service: bool
 
 
 class ReleaseFeed:
-    """Reads a feed from a directory or an http(s) URL."""
+    """The documents of a feed in a directory or at an http(s) URL, checked as they are
+    read; ``fetch_slack_s`` as in ``FeedSource``. ConfigError for any other ``source``."""
 
-    def __init__(self, source: str) -> None:
-        parts = urlsplit(source)
-        self._http = parts.scheme in ("http", "https")
-        if not self._http and parts.scheme not in ("", "file"):
-            raise ConfigError(f"invalid release feed {source!r}: use a directory or an http(s) URL")
-        if self._http:
-            self._root = source if source.endswith("/") else source + "/"
-        else:
-            path = Path(parts.path if parts.scheme == "file" else source).expanduser()
-            self._root = path.resolve().as_uri() + "/"
+    def __init__(self, source: str, *, fetch_slack_s: float = FETCH_SLACK_S) -> None:
         self.source = source
+        self._source = FeedSource(source, fetch_slack_s=fetch_slack_s)
 
-    def manifests(self) -> list[str]:
-        """Locations of the feed's manifests, as its index lists them."""
-        index = self._json(urljoin(self._root, INDEX))
+    def entries(self) -> list[object]:
+        """The index's entries, duplicates dropped, each as the index gives it (checked
+        one by one with ``parse_location``). FeedError when the index is unreadable or
+        not ``{"releases": [...]}`` with at most MAX_INDEX_ENTRIES entries."""
+        try:
+            index = self._json((INDEX,), "index", MAX_INDEX_BYTES)
+        except EntryRefused as exc:
+            raise FeedError(f"release feed {self.source}: {exc}") from exc
         entries = index.get("releases") if isinstance(index, dict) else None
-        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
-            raise FeedError(f'{self.source}/{INDEX}: expected {{"releases": ["path", ...]}}')
-        return [urljoin(self._root, entry) for entry in entries]
+        if not isinstance(entries, list) or set(index) != {"releases"}:
+            raise FeedError(
+                f'release feed {self.source}: {INDEX} must be {{"releases": ["path", ...]}}'
+            )
+        if len(entries) > MAX_INDEX_ENTRIES:
+            raise FeedError(
+                f"release feed {self.source}: {INDEX} lists {len(entries)} releases, more than "
+                f"the {MAX_INDEX_ENTRIES} a feed may list; remove old entries"
+            )
+        unique: list[object] = []
+        for entry in entries:
+            if entry not in unique:
+                unique.append(entry)
+        return unique
 
-    def manifest(self, location: str) -> Manifest:
-        data = self._json(location)
+    def manifest(self, location: Location) -> Manifest:
+        """The manifest at ``location``, checked field by field; EntryRefused naming the
+        first field that breaks a rule."""
+        data = self._json(location, "manifest", MAX_MANIFEST_BYTES)
+        if not isinstance(data, dict):
+            raise EntryRefused("manifest", f"{shown(location)} is not a JSON object")
+        for name in data:
+            if name not in _MANIFEST_FIELDS:
+                raise EntryRefused(
+                    _name(name), f"unknown field; a manifest has {', '.join(_MANIFEST_FIELDS)}"
+                )
+        for name in _REQUIRED_FIELDS:
+            if name not in data:
+                raise EntryRefused(name, "missing")
+        folder = location[:-1]
+        notes = data.get("notes", "")
+        return Manifest(
+            version=_version(data["version"]),
+            artifact=folder + parse_location(data["artifact"], "artifact"),
+            sha256=_digest(data["sha256"]),
+            size=_size(data["size"]),
+            notes=None if notes == "" else folder + parse_location(notes, "notes"),
+            restarts_vpn_service=_flags(data.get("flags", {})),
+        )
+
+    def read_notes(self, location: Location) -> str:
+        """The release notes at ``location``: UTF-8 text of at most MAX_NOTES_BYTES without
+        control characters but tab and line breaks (they reach terminals and emails)."""
+        raw = self._source.read(location, "notes", MAX_NOTES_BYTES)
         try:
-            version = str(semver.parse(str(data["version"])))
-            sha256 = check_digest(str(data["sha256"]))
-            size = int(data["size"])
-            artifact = urljoin(location, str(data["artifact"]))
-            notes = urljoin(location, str(data["notes"])) if data.get("notes") else ""
-            flags = data.get("flags", {})
-            vpn = flags.get("restarts_vpn_service", False)
-            if not isinstance(vpn, bool):
-                raise ValueError("flags.restarts_vpn_service must be true or false")
-            if size < 0:
-                raise ValueError(f"size {size} is negative")
-        except (KeyError, TypeError, ValueError, ConfigError, InvalidRequest) as exc:
-            raise FeedError(f"{location}: malformed manifest: {exc}") from exc
-        return Manifest(version, artifact, sha256, size, notes, vpn)
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EntryRefused(
+                "notes", f"{shown(location)} is not UTF-8 text (byte {exc.start})"
+            ) from exc
+        if match := _CONTROL_IN_NOTES.search(text):
+            raise EntryRefused(
+                "notes",
+                f"{shown(location)} holds control character U+{ord(match.group()):04X} at "
+                f"offset {match.start()}; notes are text",
+            )
+        return text
 
-    def read_text(self, location: str) -> str:
-        return b"".join(self.chunks(location)).decode("utf-8", errors="replace")
+    def artifact_chunks(self, manifest: Manifest) -> Iterator[bytes]:
+        """The artifact's bytes; EntryRefused as soon as it is known to be longer or
+        shorter than the manifest's ``size`` (never more than size + 1 bytes are read)."""
+        total = 0
+        for block in self._source.chunks(manifest.artifact, "artifact", manifest.size, exact=True):
+            total += len(block)
+            yield block
+        if total < manifest.size:
+            raise EntryRefused(
+                "artifact",
+                f"{shown(manifest.artifact)} has {total} bytes, short of the manifest's "
+                f"size, {manifest.size} bytes",
+            )
 
-    def chunks(self, location: str) -> Iterator[bytes]:
+    def _json(self, location: Location, field: str, limit: int) -> Any:
+        raw = self._source.read(location, field, limit)
         try:
-            with urllib.request.urlopen(location, timeout=_HTTP_TIMEOUT_S) as response:
-                while block := response.read(_CHUNK):
-                    yield block
-        except (urllib.error.URLError, OSError) as exc:
-            raise FeedError(f"cannot read {location}: {exc}") from exc
+            return json.loads(raw, parse_constant=_no_constant)
+        except (ValueError, RecursionError) as exc:
+            raise EntryRefused(field, f"{shown(location)} is not valid JSON: {exc}") from exc
 
-    def _json(self, location: str) -> Any:
-        try:
-            return json.loads(b"".join(self.chunks(location)))
-        except json.JSONDecodeError as exc:
-            raise FeedError(f"{location}: not JSON: {exc}") from exc
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _version(value: object) -> str:
+    if not isinstance(value, str) or len(value) > MAX_VERSION_CHARS:
+        raise EntryRefused(
+            "version", f"expected MAJOR.MINOR.PATCH of at most {MAX_VERSION_CHARS} characters"
+        )
+    try:
+        version = str(semver.parse(value))
+    except ConfigError as exc:
+        raise EntryRefused("version", str(exc)) from exc
+    if version != value:
+        raise EntryRefused("version", f"{show(value)}: write it plainly, as {version!r}")
+    return version
+
+
+def _digest(value: object) -> str:
+    if not isinstance(value, str) or not _DIGEST.fullmatch(value):
+        raise EntryRefused("sha256", f"{show(value)}: expected 64 lowercase hex digits")
+    return value
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise EntryRefused("size", f"{show(value)}: expected a whole number of bytes")
+    if not 0 < value <= MAX_ARTIFACT_BYTES:
+        raise EntryRefused("size", f"{value}: an artifact has 1 to {MAX_ARTIFACT_BYTES} bytes")
+    return value
+
+
+def _flags(value: object) -> bool:
+    if not isinstance(value, dict):
+        raise EntryRefused(
+            "flags", f'expected {{"restarts_vpn_service": true|false}}, got {show(value)}'
+        )
+    for name, flag in value.items():
+        if name not in _FLAGS:
+            raise EntryRefused(f"flags.{_name(name)}", f"unknown flag; known: {', '.join(_FLAGS)}")
+        if not isinstance(flag, bool):
+            raise EntryRefused(f"flags.{name}", f"{show(flag)}: expected true or false")
+    return bool(value.get("restarts_vpn_service", False))
 
 
 class FeedSync:
@@ -127,48 +311,83 @@ class FeedSync:
         self._store = store
         self._announcer = announcer
         self._lock = threading.Lock()
+        self._logged: set[Refusal] = set()
 
     def run(self, interval_s: float, stop: threading.Event) -> None:
         """Check the feed now and every ``interval_s`` until ``stop``; failures are logged
         and retried at the next check."""
         while not stop.is_set():
             try:
-                self.sync()
+                self.check()
             except (ControllerError, OSError) as exc:
                 log.warning("feed_check_failed", source=self.feed.source, error=str(exc))
             stop.wait(interval_s)
 
     def sync(self) -> list[ReleaseRecord]:
-        """Import every release the feed lists that is new here; return those."""
-        with self._lock:
-            return self._sync()
+        """Import every release the feed lists that is new here; return those.
 
-    def _sync(self) -> list[ReleaseRecord]:
-        imported = []
-        for location in self.feed.manifests():
-            manifest = self.feed.manifest(location)
-            known = self._repo.get_release(manifest.version)
-            if known is not None:
-                if known.sha256 != manifest.sha256:
-                    log.error(
-                        "feed_release_conflicts",
-                        version=manifest.version,
-                        feed_sha256=manifest.sha256,
-                        known_sha256=known.sha256,
-                    )
-                continue
-            record = self._import(manifest)
-            if record is not None:
-                imported.append(record)
-        return imported
+        When some entries were refused, the others are imported all the same and
+        EntriesRefused says which were refused and why, and what was imported.
+        FeedError when the index itself cannot be read."""
+        result = self.check()
+        if result.refused:
+            raise EntriesRefused(self.feed.source, result)
+        return result.imported
+
+    def check(self) -> CheckResult:
+        """Import what is new; the releases imported and the entries refused."""
+        with self._lock:
+            imported: list[ReleaseRecord] = []
+            refused: list[Refusal] = []
+            for entry in self.feed.entries():
+                try:
+                    record = self._take(entry)
+                except EntryRefused as exc:
+                    refused.append(Refusal(_name(entry), exc.field, _cut(exc.reason)))
+                    continue
+                if record is not None:
+                    imported.append(record)
+            self._log_new(refused)
+            return CheckResult(imported, refused)
+
+    def _log_new(self, refused: list[Refusal]) -> None:
+        """Log each refusal once while it lasts: a feed checked every few minutes must not
+        repeat the same line forever, and a change (or a return) is news."""
+        for refusal in refused:
+            if refusal not in self._logged:
+                log.warning(
+                    "feed_entry_refused",
+                    source=self.feed.source,
+                    entry=refusal.entry,
+                    field=refusal.field,
+                    reason=refusal.reason,
+                )
+        self._logged = set(refused)
+
+    def _take(self, entry: object) -> ReleaseRecord | None:
+        manifest = self.feed.manifest(parse_location(entry, "index entry"))
+        known = self._repo.get_release(manifest.version)
+        if known is not None:
+            if known.sha256 != manifest.sha256:
+                raise EntryRefused(
+                    "sha256",
+                    f"version {manifest.version} is already known with sha256 {known.sha256}; "
+                    "a version names one build: give this build a new version",
+                )
+            return None
+        return self._import(manifest)
 
     def _import(self, manifest: Manifest) -> ReleaseRecord | None:
-        notes = self.feed.read_text(manifest.notes) if manifest.notes else ""
-        stored = self._store.put(
-            self.feed.chunks(manifest.artifact),
-            expected_sha256=manifest.sha256,
-            expected_size=manifest.size,
-        )
+        notes = self.feed.read_notes(manifest.notes) if manifest.notes else ""
+        try:
+            stored = self._store.put(
+                self.feed.artifact_chunks(manifest),
+                expected_sha256=manifest.sha256,
+                expected_size=manifest.size,
+                check=stamped_as(manifest.version),
+            )
+        except InvalidRequest as exc:
+            raise EntryRefused("artifact", f"{shown(manifest.artifact)}: {exc}") from exc
         try:
             record, created = self._repo.add_release(
                 manifest.version,
@@ -179,12 +398,21 @@ class FeedSync:
                 restarts_vpn_service=manifest.restarts_vpn_service,
             )
         except Conflict as exc:
-            log.error("feed_release_conflicts", version=manifest.version, error=str(exc))
-            return None
+            raise EntryRefused("version", str(exc)) from exc
         if created:
             log.info("release_imported", version=record.version, source=self.feed.source)
             self._announcer.release_published(record)
         return record if created else None
+
+
+def _name(value: object) -> str:
+    """A name from the feed as it is when short and printable, else quoted and cut short."""
+    plain = isinstance(value, str) and 0 < len(value) <= _SHOWN_CHARS and value.isprintable()
+    return value if plain and isinstance(value, str) else show(value)
+
+
+def _cut(reason: str) -> str:
+    return reason if len(reason) <= _REASON_CHARS else reason[: _REASON_CHARS - 3] + "..."
 
 
 def write_entry(
