@@ -1,8 +1,12 @@
-"""The admins the notifier emails, kept by the controller."""
+"""The admins the notifier emails, kept by the controller.
+
+An address is checked by ``hitless.addresses`` (the rule the notifier applies too) and stored
+in its canonical form, so an address is refused here, with the reason, rather than failing
+later at every email.
+"""
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
 
 from sqlalchemy import delete, select
@@ -10,18 +14,22 @@ from sqlalchemy import delete, select
 from controller_svc.db import Admin
 from controller_svc.errors import InvalidRequest, NotFound
 from controller_svc.sessions import Sessions
-
-# Deliberately simple: one @, no spaces, a dot in the domain. The SMTP server has the
-# final word on whether a mailbox exists.
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+from hitless import addresses
 
 
 def normalise(email: str) -> str:
-    """The address as stored (domain lowercased); InvalidRequest when it is not one."""
-    text = email.strip()
-    if len(text) > 254 or not _EMAIL.match(text):
-        raise InvalidRequest(f"invalid email address {email!r}: expected e.g. ops@example.com")
-    local, domain = text.rsplit("@", 1)
+    """The address as stored (``hitless.addresses.Address.text``); InvalidRequest, with
+    the reason, when it is not one the notifier can mail."""
+    try:
+        return addresses.parse(email).text
+    except addresses.InvalidAddress as exc:
+        raise InvalidRequest(str(exc)) from exc
+
+
+def _as_stored_before(email: str) -> str:
+    """How an address was stored under the looser rule of earlier versions (trimmed, domain
+    in lower case): such a row may fail the rule now and must still be removable."""
+    local, _, domain = email.strip().rpartition("@")
     return f"{local}@{domain.lower()}"
 
 
@@ -30,7 +38,8 @@ class Admins:
         self._sessions = sessions
 
     def add(self, email: str, now: datetime) -> tuple[str, bool]:
-        """Add an admin; True when new (adding one twice changes nothing)."""
+        """Add an admin; True when new (adding one twice changes nothing). Raises
+        InvalidRequest with the reason for an address the notifier could not mail."""
         address = normalise(email)
         with self._sessions.write() as session:
             stmt = (
@@ -43,12 +52,20 @@ class Admins:
         return address, created
 
     def remove(self, email: str) -> str:
-        address = normalise(email)
+        """Remove an admin by any spelling of its address, or by the text of a row an earlier
+        version stored under its looser rule; NotFound when there is none."""
+        stored_before = _as_stored_before(email)
+        try:
+            address = normalise(email)
+        except InvalidRequest:
+            address = stored_before
         with self._sessions.write() as session:
-            removed = session.execute(
-                delete(Admin).where(Admin.email == address).returning(Admin.email)
-            ).first()
-        if removed is None:
+            removed = session.scalars(
+                delete(Admin)
+                .where(Admin.email.in_({address, stored_before}))
+                .returning(Admin.email)
+            ).all()
+        if not removed:
             raise NotFound(f"{address} is not an admin; `upgradectl admins list` shows who is")
         return address
 

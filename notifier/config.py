@@ -44,17 +44,23 @@ def is_loopback(host: str) -> bool:
 
 
 def check_address(address: str, *, what: str) -> str:
-    """A bare ``local@domain`` address, without display name, spaces or line breaks."""
+    """A bare ASCII ``local@domain`` address, without display name, spaces or line breaks.
+
+    This is the rule for the sender (``--from``), which may be a local name such as the
+    default ``hitless@localhost`` that the admin rule (``hitless.addresses``) refuses. ASCII,
+    so the sender never needs the SMTP server's SMTPUTF8 extension: if it did, every email
+    would depend on it."""
     local, sep, domain = address.rpartition("@")
     if (
         not sep
         or not local
         or not domain
+        or not address.isascii()
         or any(c.isspace() or c in '<>,;"()' for c in address)
         or not address.isprintable()
     ):
         raise ConfigError(
-            f"invalid {what} {address!r}: expected a bare address like ops@example.com"
+            f"invalid {what} {address!r}: expected a bare ASCII address like ops@example.com"
         )
     return address
 

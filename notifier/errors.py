@@ -2,8 +2,11 @@
 
     NotifierError                anything the notifier fails to do
     ├── SmtpUnavailable          the SMTP server cannot take mail now: unreachable, dropped
-    │                            the connection, refused STARTTLS or the login, or answered
-    │                            421 (transient: retried with backoff, nothing is lost)
+    │   │                        the connection, refused STARTTLS or the login, or answered
+    │   │                        421 (transient: retried with backoff, nothing is lost)
+    │   └── SessionBroken        the session broke off (dropped, 421) while one recipient's
+    │                            message was handed over: that recipient is retried after the
+    │                            others until the recipient deadline, then counts as failed
     ├── LedgerError              the delivery ledger (SQLite) cannot be opened or written
     └── DeliveryInterrupted      the notifier is stopping with recipients still pending;
                                  the event stays unacked and is delivered again later
@@ -23,6 +26,10 @@ class NotifierError(HitlessError):
 
 class SmtpUnavailable(NotifierError):
     """The SMTP server cannot take mail at the moment; retrying later may succeed."""
+
+
+class SessionBroken(SmtpUnavailable):
+    """The SMTP session broke off while one recipient's message was being handed over."""
 
 
 class LedgerError(NotifierError):

@@ -3,14 +3,19 @@
 For an event, every admin address is settled in the ledger (SENT or FAILED) before the
 handler returns, and only then does the consumer ack the message. Pairs already settled are
 skipped, so a redelivered event, or one delivered again after a restart, mails nobody twice.
+Addresses are checked by the controller's rule (``hitless.addresses``) and keyed by their
+canonical form; one that fails it is recorded as FAILED with the reason.
 
 While the SMTP server is unreachable the handler keeps the message and retries with
 bounded exponential backoff and jitter, without a time limit: raising would requeue the
 message, and the consumer dead-letters a message that fails again on redelivery, so a long
-outage would otherwise lose the event. A recipient refused with 5xx is recorded as FAILED
-and logged; one refused with 4xx is retried until the policy's recipient deadline. When the
-notifier stops with recipients still pending, the handler waits until the consumer has
-closed its connection (so the broker requeues the message untouched) and then gives up.
+outage would otherwise lose the event. A recipient refused with 5xx, or one the server
+cannot take at all (a non-ASCII local part without SMTPUTF8), is recorded as FAILED and
+logged, never retried, and the others are mailed; one refused with 4xx, or one whose
+message made the server break off the session, is retried until the policy's recipient
+deadline, after the others, and then recorded as FAILED. When the notifier stops with
+recipients still pending, the handler waits until the consumer has closed its connection
+(so the broker requeues the message untouched) and then gives up.
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ from dataclasses import dataclass
 
 from structlog.stdlib import BoundLogger
 
-from hitless import logs
+from hitless import addresses, logs
+from hitless.addresses import Address
 from hitless.bus import codec
 from hitless.bus.amqp import DeadLetter, Delivery
-from hitless.errors import ConfigError, DecodeError
+from hitless.errors import DecodeError
 from hitless.v1 import bus_pb2
 from notifier import render
-from notifier.config import RetryPolicy, check_address
-from notifier.errors import DeliveryInterrupted, SmtpUnavailable
+from notifier.config import RetryPolicy
+from notifier.errors import DeliveryInterrupted, SessionBroken, SmtpUnavailable
 from notifier.ledger import SETTLED, Ledger, State
 from notifier.mailer import Mailer, Outcome, Session
 
@@ -47,13 +53,6 @@ class Counters:
     deferred: int = 0
     unavailable: int = 0
     skipped: int = 0
-
-
-def canonical(address: str) -> str:
-    """The ledger's key for an address: trimmed, domain in lower case. Raises ConfigError
-    for something that is no bare address."""
-    local, _, domain = check_address(address.strip(), what="admin address").rpartition("@")
-    return f"{local}@{domain.lower()}"
 
 
 class EventHandler:
@@ -98,14 +97,14 @@ class EventHandler:
             return
         self._deliver(event.event_id, recipients, rendered, bound)
 
-    def _recipients(self, event: bus_pb2.Event, bound: BoundLogger) -> list[str]:
-        """Unique canonical addresses; invalid ones are settled as FAILED right away."""
+    def _recipients(self, event: bus_pb2.Event, bound: BoundLogger) -> list[Address]:
+        """Unique addresses; invalid ones are settled as FAILED right away."""
         done = self._ledger.states(event.event_id)
-        unique: list[str] = []
+        unique: list[Address] = []
         for raw in event.admins:
             try:
-                address = canonical(raw)
-            except ConfigError as exc:
+                address = addresses.parse(raw)
+            except addresses.InvalidAddress as exc:
                 key = raw.strip()[:320] or "(empty)"
                 if done.get(key) not in SETTLED:
                     self._ledger.failed(event.event_id, key, str(exc))
@@ -117,26 +116,40 @@ class EventHandler:
         return unique
 
     def _deliver(
-        self, event_id: str, recipients: list[str], rendered: render.Rendered, bound: BoundLogger
+        self,
+        event_id: str,
+        recipients: list[Address],
+        rendered: render.Rendered,
+        bound: BoundLogger,
     ) -> None:
         attempt = 0
         first_deferred: dict[str, float] = {}
         states = self._ledger.states(event_id)
-        self.counters.skipped += sum(1 for a in recipients if states.get(a) in SETTLED)
+        self.counters.skipped += sum(1 for a in recipients if states.get(a.text) in SETTLED)
         while True:
             states = self._ledger.states(event_id)
-            pending = [a for a in recipients if states.get(a) not in SETTLED]
+            pending = [a for a in recipients if states.get(a.text) not in SETTLED]
+            # Addresses refused for now go last, so one that keeps breaking the session
+            # cannot keep the others from being mailed.
+            pending.sort(key=lambda a: a.text in first_deferred)
             if not pending:
                 bound.info("event_delivered", recipients=len(recipients))
                 return
             progressed = False
             try:
                 with self._mailer.session() as session:
-                    for address in pending:
-                        settled = self._send_one(
-                            session, event_id, address, states.get(address), rendered, bound,
-                            first_deferred,
-                        )  # fmt: skip
+                    for recipient in pending:
+                        try:
+                            settled = self._send_one(
+                                session, event_id, recipient, states.get(recipient.text),
+                                rendered, bound, first_deferred,
+                            )  # fmt: skip
+                        except SessionBroken as exc:
+                            if self._past_deadline(
+                                event_id, recipient.text, str(exc), first_deferred, bound
+                            ):
+                                progressed = True
+                            raise
                         progressed = progressed or settled
             except SmtpUnavailable as exc:
                 self.counters.unavailable += 1
@@ -145,7 +158,7 @@ class EventHandler:
                 error = ""
             attempt = 0 if progressed else attempt + 1
             states = self._ledger.states(event_id)
-            if all(states.get(a) in SETTLED for a in recipients):
+            if all(states.get(a.text) in SETTLED for a in recipients):
                 continue
             delay = self._retry.delay(attempt)
             if error:
@@ -157,16 +170,17 @@ class EventHandler:
         self,
         session: Session,
         event_id: str,
-        address: str,
+        recipient: Address,
         previous: State | None,
         rendered: render.Rendered,
         bound: BoundLogger,
         first_deferred: dict[str, float],
     ) -> bool:
         """Send to one address; return whether it is now settled."""
+        address = recipient.text
         message_id = render.message_id(event_id, address, self._sender)
         message = render.compose(
-            rendered, sender=self._sender, recipient=address, message_id=message_id,
+            rendered, sender=self._sender, recipient=recipient.wire, message_id=message_id,
             event_id=event_id,
         )  # fmt: skip
         attempts = self._ledger.begin(event_id, address, message_id)
@@ -174,7 +188,7 @@ class EventHandler:
             # A send began before and its outcome was never recorded (a crash, or the
             # server went away mid-message): the admin may already have it.
             bound.warning("email_resent_possible_duplicate", to=address, message_id=message_id)
-        result = session.send(message, self._sender, address)
+        result = session.send(message, self._sender, recipient.wire)
         if result.outcome is Outcome.SENT:
             self._ledger.sent(event_id, address)
             self.counters.sent += 1
@@ -186,15 +200,29 @@ class EventHandler:
             bound.warning("email_rejected", to=address, reason=result.detail)
             return True
         self.counters.deferred += 1
-        since = first_deferred.setdefault(address, self._clock())
-        if self._clock() - since >= self._retry.recipient_deadline_s:
-            detail = f"still refused after {self._retry.recipient_deadline_s:.0f}s: {result.detail}"
-            self._ledger.failed(event_id, address, detail, message_id)
-            self.counters.rejected += 1
-            bound.warning("email_rejected", to=address, reason=detail)
+        if self._past_deadline(event_id, address, result.detail, first_deferred, bound):
             return True
         bound.info("email_deferred", to=address, reason=result.detail)
         return False
+
+    def _past_deadline(
+        self,
+        event_id: str,
+        address: str,
+        reason: str,
+        first_deferred: dict[str, float],
+        bound: BoundLogger,
+    ) -> bool:
+        """An address was refused for now: record it FAILED, and return True, once it has
+        been refused for longer than the policy's recipient deadline."""
+        since = first_deferred.setdefault(address, self._clock())
+        if self._clock() - since < self._retry.recipient_deadline_s:
+            return False
+        detail = f"still refused after {self._retry.recipient_deadline_s:.0f}s: {reason}"
+        self._ledger.failed(event_id, address, detail)
+        self.counters.rejected += 1
+        bound.warning("email_rejected", to=address, reason=detail)
+        return True
 
     def _give_up(self, event_id: str, bound: BoundLogger) -> None:
         """Stopping with recipients pending: let the consumer close first, so the message

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,27 @@ def smtp_port() -> int:
     return free_port()
 
 
+@dataclass
+class RcptSink(Sink):
+    """The sink, also keeping every RCPT TO the notifier tried, accepted or not."""
+
+    tried: list[str] = field(default_factory=list)
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        with self.lock:
+            self.tried.append(address)
+        return await super().handle_RCPT(server, session, envelope, address, options)
+
+    def tries(self) -> Counter[str]:
+        with self.lock:
+            return Counter(self.tried)
+
+
 @pytest.fixture
-def sink() -> Sink:
-    return Sink()
+def sink() -> RcptSink:
+    return RcptSink()
 
 
 @pytest.fixture
@@ -370,4 +389,184 @@ def test_notifier_process_restart_between_deliveries_mails_once(
     )  # fmt: skip
     procs.stop(second)
     assert sink.count() == Counter(ADMINS)
+    assert_queue_settled(rabbit, vhost)
+
+
+def failed_detail(path: Path, event_id: str, address: str) -> str:
+    """The reason the ledger keeps for a FAILED pair (fails when the pair is not FAILED)."""
+    ledger = Ledger(path)
+    try:
+        state = ledger.states(event_id).get(address)
+        assert state is State.FAILED, f"expected {address} FAILED for {event_id}, found {state}"
+        return ledger.detail(event_id, address) or ""
+    finally:
+        ledger.close()
+
+
+def test_an_address_the_server_cannot_take_fails_once_and_later_events_go_on(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: RcptSink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+    tmp_path: Path,
+) -> None:
+    start_smtp(enable_SMTPUTF8=False)
+    notifier = make_notifier()
+    jorg, idn = "jörg@exämple.com", "a@exämple.com"
+    first = release_event("ev-intl-1")
+    first.ClearField("admins")
+    # jörg needs SMTPUTF8; a@exämple.com goes as IDNA; old@corp.local was stored by an
+    # earlier, looser rule and fails the one rule the notifier shares with the controller.
+    first.admins.extend(["alice@example.com", jorg, idn, "old@corp.local", "bob@example.com"])
+    second = release_event("ev-intl-2", vpn=False)
+    second.ClearField("admins")
+    second.admins.extend([jorg, "carol@example.com"])
+    publish(publisher, first, topology.RELEASE_PUBLISHED)
+    publish(publisher, second, topology.RELEASE_PUBLISHED)
+
+    expected = Counter(
+        {"alice@example.com": 1, "a@xn--exmple-cua.com": 1, "bob@example.com": 1,
+         "carol@example.com": 1}
+    )  # fmt: skip
+    wait_for(
+        lambda: sink.count() == expected and notifier.counters.rejected >= 3,
+        timeout=10,
+        what="both events settled: 4 emails sent, 3 addresses failed",
+        describe=lambda: f"{notifier.counters}, mails {sink.count()}",
+    )
+    (mail,) = sink.to("a@xn--exmple-cua.com")
+    assert mail["To"] == "a@xn--exmple-cua.com"
+    assert mail["Message-ID"] == message_id(first.event_id, idn, SENDER)
+
+    # Delivered again (a redelivery, a restart): nothing is retried, nobody mailed twice.
+    publish(publisher, first, topology.RELEASE_PUBLISHED)
+    wait_for(
+        lambda: notifier.counters.skipped >= 4,
+        timeout=10,
+        what="the repeated event to skip every address it had settled",
+        describe=lambda: str(notifier.counters),
+    )
+    stop(notifier)
+    assert notifier.counters.rejected == 3, notifier.counters
+    assert notifier.counters.unavailable == 0, "a recipient is never the server's problem"
+    assert sink.count() == expected
+    assert jorg not in sink.tries(), "an address the server cannot take is never put to it"
+    assert_queue_settled(rabbit, vhost)
+
+    ledger = tmp_path / "notifier.db"
+    for event in (first, second):
+        detail = failed_detail(ledger, event.event_id, jorg)
+        assert "does not offer SMTPUTF8, which jörg@exämple.com needs" in detail, detail
+    assert "special-use or reserved name" in failed_detail(ledger, first.event_id, "old@corp.local")
+
+
+def test_an_internationalised_address_is_sent_with_smtputf8_when_offered(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: RcptSink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+) -> None:
+    start_smtp(enable_SMTPUTF8=True)
+    notifier = make_notifier()
+    event = release_event()
+    event.ClearField("admins")
+    event.admins.extend(["Jörg@EXÄMPLE.com", "alice@example.com"])
+    publish(publisher, event, topology.RELEASE_PUBLISHED)
+
+    wait_for(lambda: len(sink.mails) >= 2, timeout=10, what="2 emails", describe=sink.count)
+    stop(notifier)
+    assert sink.count() == Counter({"Jörg@exämple.com": 1, "alice@example.com": 1})
+    (mail,) = sink.to("Jörg@exämple.com")
+    assert mail["To"] == "Jörg@exämple.com"
+    assert mail["Message-ID"] == message_id(event.event_id, "Jörg@exämple.com", SENDER)
+    assert "VPN service rebuilt" in body_text(mail)
+    assert_queue_settled(rabbit, vhost)
+
+
+def test_a_recipient_refused_for_good_is_tried_once_per_event_and_holds_no_later_event(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: RcptSink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+    tmp_path: Path,
+) -> None:
+    sink.answers["bob@example.com"] = ["550 5.1.1 <bob@example.com>: no such mailbox"]
+    start_smtp()
+    notifier = make_notifier()
+    first = release_event("ev-550-1")
+    second = release_event("ev-550-2", vpn=False)
+    second.ClearField("admins")
+    second.admins.extend(["bob@example.com", "carol@example.com"])
+    publish(publisher, first, topology.RELEASE_PUBLISHED)
+    publish(publisher, second, topology.RELEASE_PUBLISHED)
+
+    expected = Counter({"alice@example.com": 1, "carol@example.com": 2})
+    wait_for(
+        lambda: sink.count() == expected and notifier.counters.rejected >= 2,
+        timeout=10,
+        what="both events settled, bob refused in each",
+        describe=lambda: f"{notifier.counters}, mails {sink.count()}, tried {sink.tries()}",
+    )
+    publish(publisher, first, topology.RELEASE_PUBLISHED)
+    publish(publisher, second, topology.RELEASE_PUBLISHED)
+    wait_for(
+        lambda: notifier.counters.skipped >= 5,
+        timeout=10,
+        what="the repeated events to skip every settled address",
+        describe=lambda: str(notifier.counters),
+    )
+    stop(notifier)
+    assert sink.tries()["bob@example.com"] == 2, f"bob tried once per event: {sink.tries()}"
+    assert sink.count() == expected
+    assert_queue_settled(rabbit, vhost)
+    for event in (first, second):
+        detail = failed_detail(tmp_path / "notifier.db", event.event_id, "bob@example.com")
+        assert "550 5.1.1" in detail, detail
+
+
+def test_a_recipient_that_breaks_the_session_goes_last_and_fails_at_its_deadline(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: RcptSink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+    tmp_path: Path,
+) -> None:
+    # 421 closes the session (RFC 5321 4.2.2): here it answers one recipient, every time.
+    sink.answers["crash@example.com"] = ["421 4.3.0 closing the connection"]
+    start_smtp()
+    notifier = make_notifier(retry=RetryPolicy(0.05, 0.2, recipient_deadline_s=1.0))
+    first = release_event("ev-421-1")
+    first.ClearField("admins")
+    first.admins.extend(["crash@example.com", "alice@example.com", "bob@example.com"])
+    second = release_event("ev-421-2", vpn=False)
+    second.ClearField("admins")
+    second.admins.extend(["carol@example.com"])
+    publish(publisher, first, topology.RELEASE_PUBLISHED)
+    publish(publisher, second, topology.RELEASE_PUBLISHED)
+
+    wait_for(
+        lambda: len(sink.mails) >= 3 and notifier.counters.rejected >= 1,
+        timeout=15,
+        what="alice, bob and carol mailed, crash given up on",
+        describe=lambda: f"{notifier.counters}, mails {sink.count()}, tried {sink.tries()}",
+    )
+    stop(notifier)
+    assert sink.count() == Counter(
+        {"alice@example.com": 1, "bob@example.com": 1, "carol@example.com": 1}
+    )
+    tried = sink.tried
+    assert tried[:3] == ["crash@example.com", "alice@example.com", "bob@example.com"], (
+        f"after crash broke the session the others go first; tried {tried}"
+    )
+    assert tried.count("crash@example.com") >= 2, f"crash is retried until its deadline: {tried}"
+    detail = failed_detail(tmp_path / "notifier.db", first.event_id, "crash@example.com")
+    assert detail.startswith("still refused after 1s:") and "421" in detail, detail
     assert_queue_settled(rabbit, vhost)

@@ -134,3 +134,39 @@ def test_nothing_listening_is_unavailable(port: int) -> None:
     with pytest.raises(SmtpUnavailable, match="cannot connect to the SMTP server"):  # noqa: SIM117
         with SmtpMailer(config).session():
             pass
+
+
+class EnvelopeHandler:
+    """Keeps each accepted envelope: MAIL FROM options and recipients."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[tuple[list[str], list[str]]] = []
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        options = [o for o in envelope.mail_options if not o.startswith("SIZE=")]
+        self.envelopes.append((options, list(envelope.rcpt_tos)))
+        return "250 OK"
+
+
+@pytest.mark.parametrize("smtputf8", [False, True])
+def test_a_non_ascii_local_part_goes_only_with_smtputf8(port: int, smtputf8: bool) -> None:
+    handler = EnvelopeHandler()
+    controller = Controller(handler, hostname="127.0.0.1", port=port, enable_SMTPUTF8=smtputf8)
+    controller.start()
+    try:
+        with SmtpMailer(SmtpConfig(HostPort("127.0.0.1", port), timeout_s=5)).session() as session:
+            international = session.send(message(), "hitless@example.com", "jörg@exämple.com")
+            # The session goes on after the refusal: the next recipient is sent.
+            plain = session.send(message(), "hitless@example.com", "a@xn--exmple-cua.com")
+    finally:
+        controller.stop()
+    assert plain.outcome is Outcome.SENT
+    if smtputf8:
+        assert international.outcome is Outcome.SENT
+        assert handler.envelopes[0] == (["SMTPUTF8", "BODY=8BITMIME"], ["jörg@exämple.com"])
+        assert handler.envelopes[1][1] == ["a@xn--exmple-cua.com"]
+    else:
+        assert international.outcome is Outcome.REJECTED
+        assert international.code == 0
+        assert "does not offer SMTPUTF8, which jörg@exämple.com needs" in international.detail
+        assert handler.envelopes == [([], ["a@xn--exmple-cua.com"])]
