@@ -12,6 +12,7 @@ from controller_svc.engine import Engine, utc_now
 from controller_svc.events import Announcer
 from controller_svc.feed import FeedSync, ReleaseFeed
 from controller_svc.jobs import ManagementJobs
+from controller_svc.limits import DEFAULT_LIMITS, Limits
 from controller_svc.outbox import Outbox
 from controller_svc.rejections import Rejections
 from controller_svc.repository import Repository
@@ -35,9 +36,16 @@ PUBLISHED_QUEUES = (topology.CONTROLLER_REPORTS, topology.NOTIFIER_EVENTS, topol
 
 
 class ControllerApp:
-    def __init__(self, config: ControllerConfig, ready_fd: int | None = None) -> None:
+    def __init__(
+        self,
+        config: ControllerConfig,
+        ready_fd: int | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
         self.config = config
         self._ready_fd = ready_fd
+        self._limits = limits
         self._stop = threading.Event()
         self.port: int | None = None
 
@@ -93,8 +101,11 @@ class ControllerApp:
         )
         server, self.port = build_server(
             config.listen,
-            ControllerService(engine, store, admins, rejections, self._stop, feed, upgrader),
-            ArtifactsService(store),
+            ControllerService(
+                engine, store, admins, rejections, self._stop, feed, upgrader, limits=self._limits
+            ),
+            ArtifactsService(store, limits=self._limits),
+            limits=self._limits,
         )
         poller = (
             threading.Thread(
@@ -114,15 +125,15 @@ class ControllerApp:
                 listen=f"{config.listen.host}:{self.port}",
                 version=version.current(),
             )
-            if publisher.wait_connected(BUS_WAIT_S):
-                engine.resume_pending()
+            publisher.wait_connected(BUS_WAIT_S)
+            engine.resume_pending()
             consumer.wait_consuming(BUS_WAIT_S)
             takeover.announce_ready(self._ready_fd, version.current())
             while not self._stop.wait(SWEEP_INTERVAL_S):
                 engine.sweep()
         finally:
             log.info("controller_stopping")
-            server.stop(STOP_GRACE_S).wait(STOP_GRACE_S + 1)
+            server.stop(STOP_GRACE_S)
             if poller is not None:
                 poller.join(timeout=STOP_GRACE_S)
             jobs.stop()

@@ -2,7 +2,9 @@
 plus health checking and reflection. The only module of the controller that imports grpc.
 
 Domain errors become status codes here, in one place; the details carry the full
-sentence, which upgradectl shows as it is.
+sentence, which upgradectl shows as it is. Every call is admitted against the budget of
+its kind first (``controller_svc.limits``): over budget it is refused with
+RESOURCE_EXHAUSTED, and a stream that keeps waiting on its client is cancelled.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from datetime import UTC, datetime, timedelta
@@ -29,9 +32,19 @@ from controller_svc.errors import (
     NotFound,
 )
 from controller_svc.feed import FeedError, FeedSync
+from controller_svc.limits import (
+    DEFAULT_LIMITS,
+    Admission,
+    Kind,
+    Limits,
+    Refused,
+    Slot,
+    kind_of,
+    peer_host,
+)
 from controller_svc.rejections import Rejections
 from controller_svc.selfupgrade import ControllerUpgrader
-from controller_svc.store import ArtifactStore
+from controller_svc.store import ArtifactStore, stamped_as
 from hitless import logs, semver, version
 from hitless.config import HEARTBEAT_INTERVAL_S, HostPort
 from hitless.errors import BusError, ConfigError, HitlessError
@@ -44,6 +57,7 @@ WATCH_POLL_S = 0.5
 OFFLINE_AFTER = timedelta(seconds=3 * HEARTBEAT_INTERVAL_S)
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (Refused, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FeedError, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -97,6 +111,8 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         stopping: threading.Event,
         feed: FeedSync | None = None,
         upgrader: ControllerUpgrader | None = None,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._engine = engine
         self._repo = engine.repo
@@ -106,6 +122,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         self._stopping = stopping
         self._feed = feed
         self._upgrader = upgrader
+        self._watch_lifetime_s = limits.watch.lifetime_s
 
     @_translated
     def ListGateways(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -144,6 +161,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             chunks(),
             expected_sha256=meta.sha256 or None,
             expected_size=meta.size or None,
+            check=stamped_as(version),
         )
         record, created = self._repo.add_release(
             version,
@@ -185,6 +203,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                     from_version=g.from_version,
                     action=g.action,
                     vpn_sessions=g.vpn_sessions,
+                    pending_version=g.pending_version or "",
                 )
                 for g in plan.gateways
             ],
@@ -267,8 +286,13 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     @_translated_stream
     def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """The job's events after ``after_seq``, until the one that finishes the job. Ends
+        UNAVAILABLE, naming the last event sent, when the controller stops or the stream
+        reaches its lifetime (``Limits.watch``): the client watches again from there."""
         job_id = self._job(request.job_id).id
         seq = request.after_seq
+        lifetime = self._watch_lifetime_s
+        ends_at = None if lifetime is None else time.monotonic() + lifetime
         while context.is_active() and not self._stopping.is_set():
             events = self._repo.events_after(job_id, seq)
             for event in events:
@@ -276,14 +300,25 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 seq = event.seq
                 if event.job_state is not None and event.job_state.terminal:
                     return
+            if (
+                not events
+                and self._job(job_id).state.terminal
+                and not self._repo.events_after(job_id, seq)
+            ):
+                return
+            if ends_at is not None and time.monotonic() >= ends_at:
+                break
             if not events:
-                if self._job(job_id).state.terminal and not self._repo.events_after(job_id, seq):
-                    return
                 self._engine.wait_for_change(WATCH_POLL_S)
         if self._stopping.is_set():
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 f"the controller is stopping or handing over; resume after event {seq}",
+            )
+        if context.is_active():
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"this watch reached its lifetime of {lifetime:g} s; resume after event {seq}",
             )
 
 
@@ -300,11 +335,15 @@ def _target_version(request: Any) -> str | None:
 
 
 class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[misc]
-    def __init__(self, store: ArtifactStore) -> None:
+    def __init__(self, store: ArtifactStore, *, limits: Limits = DEFAULT_LIMITS) -> None:
         self._store = store
+        self._limits = limits
 
     @_translated_stream
     def Download(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """The artifact's bytes from ``offset``, in chunks. A download slower than
+        ``Limits.download_time_s`` allows ends DEADLINE_EXCEEDED, naming the offset to
+        resume from."""
         total = self._store.size(request.sha256)
         offset = request.offset
         if offset < 0 or offset > total:
@@ -312,13 +351,125 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[mi
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"offset {offset} is outside the artifact's {total} bytes",
             )
+        allowed_s = self._limits.download_time_s(total - offset)
+        ends_at = time.monotonic() + allowed_s
         with self._store.open_at(request.sha256, offset) as f:
             while context.is_active():
                 data = f.read(CHUNK_SIZE)
                 if not data:
                     return
+                if time.monotonic() >= ends_at:
+                    context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"the download of {request.sha256[:12]} from offset {request.offset} "
+                        f"took longer than the {allowed_s:.0f} s allowed for its size (at least "
+                        f"{self._limits.download_floor_bytes_per_s} bytes/s); "
+                        f"resume from offset {offset}",
+                    )
                 yield artifacts_pb2.Chunk(offset=offset, data=data, total_size=total)
                 offset += len(data)
+
+
+class _Budgeted(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Admits every call against the budget of its kind before it runs (in a thread of
+    the pool, where the peer is known), and tells the watchdog when a stream waits on its
+    client. Handlers that hold no thread (``experimental_non_blocking``, e.g. Health/Watch)
+    pass untouched."""
+
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None:
+            return None
+        streams_in, streams_out = handler.request_streaming, handler.response_streaming
+        behavior = (
+            handler.stream_stream or handler.unary_stream
+            if streams_out
+            else handler.stream_unary or handler.unary_unary
+        )
+        if getattr(behavior, "experimental_non_blocking", False):
+            return handler
+        method = details.method
+        kind = kind_of(method, streaming=streams_in or streams_out)
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if streams_out:
+
+            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                slot = self._admit(kind, method, context)
+                try:
+                    if streams_in:
+                        request = _watched_requests(request, slot)
+                    for response in behavior(request, context):
+                        slot.blocked()
+                        yield response
+                        slot.unblocked()
+                finally:
+                    slot.release()
+
+            if streams_in:
+                return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+            return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+
+        def single(request: Any, context: grpc.ServicerContext) -> Any:
+            slot = self._admit(kind, method, context)
+            try:
+                if streams_in:
+                    request = _watched_requests(request, slot)
+                return behavior(request, context)
+            finally:
+                slot.release()
+
+        if streams_in:
+            return grpc.stream_unary_rpc_method_handler(single, **serializers)
+        return grpc.unary_unary_rpc_method_handler(single, **serializers)
+
+    def _admit(self, kind: Kind, method: str, context: grpc.ServicerContext) -> Slot:
+        peer = peer_host(context.peer())
+        try:
+            slot = self._admission.admit(kind, peer, method, context.cancel)
+        except Refused as exc:
+            log.warning("call_refused", method=method, peer=peer, kind=str(kind), reason=str(exc))
+            context.abort(_status_of(exc), str(exc))
+        # Also when grpc drops the handler's generator without closing it.
+        context.add_callback(slot.release)
+        return slot
+
+
+def _watched_requests(requests: Iterator[Any], slot: Slot) -> Iterator[Any]:
+    """``requests``, telling ``slot`` while the call waits for the client's next one."""
+    while True:
+        slot.blocked()
+        try:
+            request = next(requests)
+        except StopIteration:
+            return
+        finally:
+            slot.unblocked()
+        yield request
+
+
+class Server:
+    """The controller's gRPC server and the watchdog of its streams, started and stopped
+    together."""
+
+    def __init__(self, server: grpc.Server, admission: Admission) -> None:
+        self.grpc = server
+        self.admission = admission
+
+    def start(self) -> None:
+        self.admission.start()
+        self.grpc.start()
+
+    def stop(self, grace_s: float) -> None:
+        """Take no new calls, give those running ``grace_s`` seconds, cancel the rest;
+        returns once the server has stopped (or a second after the grace)."""
+        self.grpc.stop(grace_s).wait(grace_s + 1)
+        self.admission.stop()
 
 
 def build_server(
@@ -326,13 +477,18 @@ def build_server(
     controller: ControllerService,
     artifacts: ArtifactsService,
     *,
-    max_workers: int = 32,
-) -> tuple[grpc.Server, int]:
+    limits: Limits = DEFAULT_LIMITS,
+) -> tuple[Server, int]:
     """A gRPC server bound to ``listen`` (SO_REUSEPORT on, so a new controller version can
-    bind the same port beside this one). Returns it and the bound port."""
+    bind the same port beside this one), with a thread for each call its ``limits`` admit
+    and some to spare. Returns it and the bound port. Raises ConfigError when it cannot
+    listen there."""
+    admission = Admission(limits)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
+        interceptors=[_Budgeted(admission)],
         options=[("grpc.so_reuseport", 1)],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
     controller_pb2_grpc.add_ControllerServicer_to_server(controller, server)
     artifacts_pb2_grpc.add_ArtifactsServicer_to_server(artifacts, server)
@@ -353,4 +509,4 @@ def build_server(
         raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
     if port == 0:
         raise ConfigError(f"cannot listen on {listen}: the address is not available")
-    return server, port
+    return Server(server, admission), port

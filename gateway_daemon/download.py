@@ -3,6 +3,10 @@
 The only module of the gateway that imports grpc. Bytes go to ``<dest>.part``; a broken
 stream is resumed from the part file's size, with bounded backoff, and the part file is
 renamed to ``dest`` once every byte is there. Verification is the caller's job.
+
+A controller serving as many downloads as it allows (``controller_svc.limits``) answers
+RESOURCE_EXHAUSTED: the download then waits, with a longer backoff, for up to
+``BUSY_TIMEOUT_S`` in a row, without counting the refusals as failed attempts.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ log = logs.get(__name__)
 Progress = Callable[[int, int], None]  # bytes done, bytes total
 
 _BACKOFF = Backoff()
+# A fleet downloading at once is turned away in turns; jitter spreads the retries.
+_BUSY_BACKOFF = Backoff(initial_s=0.5, max_s=15.0)
+BUSY_TIMEOUT_S = 600.0
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.INTERNAL,  # e.g. "stream removed" when a connection breaks mid-stream
@@ -51,12 +58,22 @@ def download(
     progress: Progress | None = None,
     max_attempts: int = 8,
     stall_timeout_s: float = 30.0,
+    busy_timeout_s: float = BUSY_TIMEOUT_S,
+    busy_backoff: Backoff = _BUSY_BACKOFF,
 ) -> DownloadResult:
-    """Download the artifact ``sha256`` of ``size`` bytes to ``dest``."""
+    """Download the artifact ``sha256`` of ``size`` bytes to ``dest``.
+
+    Streams that break are resumed, up to ``max_attempts`` attempts that fail; refusals
+    because the controller is busy (RESOURCE_EXHAUSTED) are retried with ``busy_backoff``
+    for up to ``busy_timeout_s`` seconds in a row. Raises DownloadFailed when either runs
+    out, or at once on an error retrying cannot fix (e.g. NOT_FOUND).
+    """
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
     resumed: list[int] = []
-    attempt = 0
+    attempt = failures = 0
+    busy_since: float | None = None
+    busy_refusals = 0
     while True:
         attempt += 1
         offset = part.stat().st_size if part.exists() else 0
@@ -74,17 +91,32 @@ def download(
             break
         except grpc.RpcError as exc:
             code = exc.code()
-            if code not in _RETRYABLE or attempt >= max_attempts:
-                raise DownloadFailed(
-                    f"download of {sha256[:12]} from {controller} failed after {attempt} "
-                    f"attempt(s): {code.name}: {exc.details()}"
-                ) from exc
-            delay = _BACKOFF.delay(attempt)
+            error = f"{code.name}: {exc.details()}"
+            if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                now = time.monotonic()
+                busy_since = now if busy_since is None else busy_since
+                busy_refusals += 1
+                if now - busy_since >= busy_timeout_s:
+                    raise DownloadFailed(
+                        f"download of {sha256[:12]} from {controller} failed: the controller "
+                        f"stayed busy for {now - busy_since:.0f} s ({error}); "
+                        "retry when fewer gateways download"
+                    ) from exc
+                delay = busy_backoff.delay(busy_refusals)
+            else:
+                busy_since, busy_refusals = None, 0
+                failures += 1
+                if code not in _RETRYABLE or failures >= max_attempts:
+                    raise DownloadFailed(
+                        f"download of {sha256[:12]} from {controller} failed after {attempt} "
+                        f"attempt(s): {error}"
+                    ) from exc
+                delay = _BACKOFF.delay(failures)
             log.warning(
                 "download_interrupted",
                 sha256=sha256[:12],
                 offset=part.stat().st_size if part.exists() else 0,
-                error=f"{code.name}: {exc.details()}",
+                error=error,
                 retry_in_s=round(delay, 2),
             )
             time.sleep(delay)  # backoff between attempts, not synchronisation
