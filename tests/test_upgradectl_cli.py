@@ -15,6 +15,7 @@ import os
 import pty
 import re
 import select
+import shlex
 import subprocess
 import sys
 import threading
@@ -89,6 +90,13 @@ def _releases() -> list[Any]:
     ]
 
 
+def _gateways() -> list[Any]:
+    return [
+        controller_pb2.Gateway(id="gw-1", version="1.1.0", state="ONLINE", last_seen=_ts()),
+        controller_pb2.Gateway(id="gw-22", version="1.0.0", state="OFFLINE"),
+    ]
+
+
 def _semver(text: str) -> tuple[int, ...]:
     return tuple(int(part) for part in text.split("."))
 
@@ -113,6 +121,10 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     cut_watch_after: int | None = None
     cut_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     crash: bool = False
+    # While set to an Event that is not set, StartUpgrade does its work only once it is
+    # (a controller slower than the caller's deadline).
+    stall: threading.Event | None = None
+    gateways: list[Any] = field(default_factory=_gateways)
     releases: list[Any] = field(default_factory=_releases)  # newest first
     # What PlanUpgrade sees: gateway id -> (running version, connected VPN users).
     fleet: dict[str, tuple[str, int]] = field(
@@ -138,12 +150,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
 
     def ListGateways(self, request: Any, context: Any) -> Any:
         self._maybe_unavailable("ListGateways", context)
-        return controller_pb2.ListGatewaysResponse(
-            gateways=[
-                controller_pb2.Gateway(id="gw-1", version="1.1.0", state="ONLINE", last_seen=_ts()),
-                controller_pb2.Gateway(id="gw-22", version="1.0.0", state="OFFLINE"),
-            ]
-        )
+        return controller_pb2.ListGatewaysResponse(gateways=self.gateways)
 
     def ListReleases(self, request: Any, context: Any) -> Any:
         if self.crash:
@@ -226,6 +233,10 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
 
     def StartUpgrade(self, request: Any, context: Any) -> Any:
         self.start_requests.append(request)
+        if self.stall is not None:
+            self.stall.wait(timeout=30)
+        if self.crash:
+            raise RuntimeError("database is on fire")  # grpc answers UNKNOWN
         self._maybe_unavailable("StartUpgrade", context)
         # The real controller's refusals: a request the CLI got wrong is refused here too.
         plan = self._plan(request, context)
@@ -271,7 +282,8 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
 
     def GetJob(self, request: Any, context: Any) -> Any:
         self.job_requests.append(request)
-        if request.job_id not in ("", "job-1"):
+        known = {"", "job-1", *(j.job_id for j in (self.started, self.final) if j is not None)}
+        if request.job_id not in known:
             context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id}")
         return self.final if self.watch_requests or self.started is None else self.started
 
@@ -279,6 +291,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
         with self.lock:
             first_call = not self.watch_requests
             self.watch_requests.append(request)
+        self._maybe_unavailable("WatchJob", context)
         sent = 0
         for event in self.events:
             if event.seq <= request.after_seq:
@@ -306,7 +319,9 @@ def addr(fake: FakeController) -> Iterator[str]:
         server.stop(grace=None).wait()
 
 
-def cli(addr: str, *args: str, stdin: io.StringIO | None = None) -> tuple[int, str, str]:
+def cli(
+    addr: str, *args: str, stdin: io.StringIO | None = None, call_timeout: float = 10.0
+) -> tuple[int, str, str]:
     """Run upgradectl's real entry point against ``addr``; exit code, stdout, stderr.
 
     Standard input is not a terminal unless the test passes one (``_Terminal``).
@@ -319,6 +334,7 @@ def cli(addr: str, *args: str, stdin: io.StringIO | None = None) -> tuple[int, s
         err=err,
         retry=FAST_RETRY,
         stdin=io.StringIO() if stdin is None else stdin,
+        call_timeout=call_timeout,
     )
     return code, out.getvalue(), err.getvalue()
 
@@ -582,6 +598,23 @@ def test_a_call_cancelled_by_a_stopping_controller_is_retried(
     assert fake.unavailable["ListGateways"] == 0
 
 
+def test_a_busy_controller_is_retried_then_reported_with_its_words(
+    addr: str, fake: FakeController
+) -> None:
+    fake.unavailable_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    fake.unavailable["ListGateways"] = 2
+    code, out, err = cli(addr, "gateways", "list", "--json")
+    assert code == ExitCode.OK, err
+    assert [g["id"] for g in json.loads(out)] == ["gw-1", "gw-22"]
+    fake.unavailable["ListGateways"] = 1000
+    code, _, err = cli(addr, "gateways", "list")
+    assert code == ExitCode.UNREACHABLE
+    assert err == (
+        f"upgradectl: error: the controller at {addr} turned the call away: "
+        "controller is restarting\n"
+    )
+
+
 def test_unavailable_beyond_the_retry_budget_is_unreachable(
     addr: str, fake: FakeController
 ) -> None:
@@ -686,7 +719,16 @@ def test_main_reads_the_environment(
         (["upgrade", "--gateways", "gw-1"], "one of the arguments --latest --version is required"),
         (["upgrade", "--latest", "--version", "1.2.0"], "not allowed with argument"),
         (["upgrade", "--latest", "--gateways", " , "], "--gateways needs at least one gateway id"),
-        (["upgrade", "--latest", "--deadline", "0"], "expected 1 to 2147483647 seconds, not 0"),
+        (["upgrade", "--latest", "--deadline", "0"], "expected 1 to 2592000 seconds, not 0"),
+        (
+            ["upgrade", "--latest", "--deadline", "2592001"],
+            "expected 1 to 2592000 seconds, not 2592001",
+        ),
+        (
+            ["upgrade", "--latest", "--gateways", "gw-1," + "x" * 250],
+            "--gateways: invalid gateway id 'xxxx",
+        ),
+        (["upgrade", "--latest", "--gateways", "gw.1"], "use 1-64 ASCII letters, digits"),
         (["upgrade", "--latest", "--deadline", "soon"], "expected whole seconds, e.g. 600"),
         (["admins", "add"], "the following arguments are required: EMAIL"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -1102,3 +1144,256 @@ def test_admins_refusals_carry_the_controllers_words(addr: str) -> None:
     code, _, err = cli(addr, "admins", "add", "not-an-address")
     assert code == ExitCode.REJECTED
     assert "invalid email address 'not-an-address'" in err
+
+
+# --- Text from outside reaches the terminal escaped ------------------------------------------
+
+# Clears the screen, hides what follows, reverses it, rings, sends CSI as one C1 byte,
+# returns the cursor, and opens a bidi isolate: what a hostile release or gateway could send.
+NASTY = "\x1b[2J\x1b[8m\u202eevil\x9b2J\x07\r\x7f\u2066"
+SHOWN = "\\x1b[2J\\x1b[8m\\u202eevil\\x9b2J\\x07\\r\\x7f\\u2066"
+_FORMAT = set("\u061c\u200b\u200c\u200d\u200e\u200f\u2028\u2029\ufeff")
+_FORMAT |= {chr(c) for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def _active(text: str) -> list[str]:
+    """The characters in ``text`` a terminal would act on (a newline ends a line, fine)."""
+    return [
+        ch
+        for ch in text
+        if (ch != "\n" and (ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0)) or ch in _FORMAT
+    ]
+
+
+def _hostile(fake: FakeController) -> None:
+    """Every string the controller sends, hostile (versions stay comparable for the plan)."""
+    gw = NASTY + "gw"
+    fake.gateways = [controller_pb2.Gateway(id=gw, version=NASTY, state=NASTY)]
+    fake.releases = [
+        controller_pb2.Release(
+            version="1.2.0", sha256=NASTY, size=1, published_at=_ts(), notes=f"{NASTY}\n{NASTY}"
+        ),
+        controller_pb2.Release(version="1.1.0", sha256=NASTY, notes=NASTY, restarts_vpn_service=1),
+    ]
+    fake.releases[0].restarts_vpn_service = True
+    fake.fleet = {gw: ("1.1.0", 2)}
+    job = controller_pb2.Job(
+        job_id=NASTY,
+        state=JS.JOB_STATE_PENDING,
+        target_version="1.2.0",
+        source=NASTY,
+        requested_by=NASTY,
+        gateways=[
+            controller_pb2.GatewayJob(
+                gateway_id=gw, from_version=NASTY, to_version=NASTY, error=NASTY
+            )
+        ],
+    )
+    fake.started = job
+    fake.final = controller_pb2.Job()
+    fake.final.CopyFrom(job)
+    fake.final.state = JS.JOB_STATE_FAILED
+    fake.jobs = [job]
+    fake.events = [
+        _event(1, gw, GS.GATEWAY_JOB_STATE_ROLLED_BACK, error=NASTY),
+        _event(2, jstate=JS.JOB_STATE_FAILED, error=NASTY),
+    ]
+    fake.rejected = [
+        controller_pb2.RejectedJob(message_id=NASTY, reason=NASTY, body=NASTY, user_id=NASTY)
+    ]
+    fake.admins = [NASTY]
+    fake.feed = [_release("1.3.0", notes=NASTY)]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["gateways", "list"],
+        ["releases", "list"],
+        ["releases", "sync"],
+        ["jobs", "list"],
+        ["jobs", "rejected"],
+        ["admins", "list"],
+        ["status"],
+        ["status", "--watch"],
+        ["upgrade", "--latest", "--yes"],
+        ["upgrade", "--latest", "--yes", "--wait"],
+        ["upgrade", "--latest", "--yes", "--json"],  # the plan, for people, on stderr
+    ],
+)
+def test_text_from_the_controller_is_shown_escaped(
+    addr: str, fake: FakeController, args: list[str]
+) -> None:
+    _hostile(fake)
+    _, out, err = cli(addr, *args)
+    assert _active(out + err) == [], out + err
+    # Shown, not dropped (a table's notes column shows their first line only).
+    assert "\\x1b[2J\\x1b[8m\\u202eevi" in out + err
+
+
+@pytest.mark.parametrize(
+    ("args", "where"),
+    [
+        (["gateways", "list"], lambda d: d[0]["id"][: len(NASTY)]),
+        (["releases", "list"], lambda d: d[0]["notes"][: len(NASTY)]),
+        (["jobs", "list"], lambda d: d[0]["gateways"][0]["error"]),
+        (["jobs", "rejected"], lambda d: d[0]["body"]),
+        (["admins", "list"], lambda d: d[0]["email"]),
+        (["status"], lambda d: d["job_id"]),
+    ],
+)
+def test_json_keeps_the_controllers_text_as_it_is(
+    addr: str, fake: FakeController, args: list[str], where: Any
+) -> None:
+    _hostile(fake)
+    code, out, err = cli(addr, *args, "--json")
+    assert (code, err) == (ExitCode.OK, "")
+    assert where(json.loads(out)) == NASTY
+    assert _active(out) == []  # JSON escapes controls itself
+
+
+def test_release_notes_cannot_hide_the_plan_before_the_question(
+    addr: str, fake: FakeController
+) -> None:
+    """Notes that clear the screen and turn text invisible are shown as text, and the plan
+    and the VPN warning stay readable up to the question."""
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.releases[0] = _release("1.2.0", notes="\x1b[2J\x1b[8mRoutine fixes.\r\nMore.", vpn=True)
+    code, out, err = cli(addr, "upgrade", "--latest", stdin=_Terminal("y\n"))
+    assert (code, err) == (ExitCode.OK, "")
+    before, _ = out.split("Proceed? [y/N] ")
+    assert before.splitlines()[:4] == [
+        "plan: install release 1.2.0 (published 2025-03-01 12:00 UTC)",
+        "release notes:",
+        "  \\x1b[2J\\x1b[8mRoutine fixes.",
+        "  More.",
+    ]
+    assert "!! 8 VPN user(s) connected now to gw-1, gw-2 will be disconnected." in before
+    assert _active(out) == []
+
+
+def test_errors_keep_their_lines_and_escape_the_rest(addr: str, fake: FakeController) -> None:
+    fake.releases = [_release("1.2.0"), controller_pb2.Release(version=f"{NASTY}\nforged line")]
+    code, _, err = cli(addr, "upgrade", "--version", "9.9.9")
+    assert code == ExitCode.REJECTED
+    assert err == (
+        f"upgradectl: error: unknown version 9.9.9; available: 1.2.0, {SHOWN}\nforged line\n"
+    )
+
+
+# --- A StartUpgrade whose answer is lost ------------------------------------------------------
+
+
+def _retry_argv(err: str) -> list[str]:
+    """The command the error says retries safely (the line after 'to retry safely')."""
+    lines = err.splitlines()
+    index = next(i for i, line in enumerate(lines) if "to retry safely" in line)
+    return shlex.split(lines[index + 1])
+
+
+def test_start_upgrade_slower_than_the_deadline_says_how_to_look_and_retry(
+    addr: str, fake: FakeController
+) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.stall = threading.Event()
+    try:
+        code, out, err = cli(
+            addr, "upgrade", "--latest", "--gateways", "gw-1,gw-2", "--yes", call_timeout=0.5
+        )
+    finally:
+        fake.stall.set()
+    assert code == ExitCode.UNCONFIRMED
+    assert "job job-1" not in out  # no job was shown: none was confirmed
+    (sent,) = fake.start_requests
+    rid = sent.request_id
+    assert err.splitlines() == [
+        f"upgradectl: error: the controller at {addr} did not answer StartUpgrade (no answer "
+        f"within 0.5 s); the upgrade to 1.2.0 may have started anyway (request id {rid})",
+        "  to look: 'upgradectl jobs list' (a job to 1.2.0 created just now) or "
+        "'upgradectl status' (the most recent job)",
+        "  to retry safely (if that request started a job, the answer is that job and no "
+        "second one starts):",
+        f"    upgradectl --controller {addr} upgrade --version 1.2.0 --gateways gw-1,gw-2 "
+        f"--request-id {rid} --yes",
+    ]
+    argv = _retry_argv(err)
+    assert argv[:3] == ["upgradectl", "--controller", addr]
+    code, out, err = cli(addr, *argv[3:])
+    assert (code, err) == (ExitCode.OK, "")
+    assert [r.request_id for r in fake.start_requests] == [rid, rid]
+    assert fake.start_requests[1].version == "1.2.0"  # what the plan showed, not "latest"
+    assert "job job-1  target 1.2.0" in out
+
+
+@pytest.mark.parametrize("failure", ["unavailable", "crash"])
+def test_start_upgrade_failing_without_a_refusal_is_unconfirmed(
+    addr: str, fake: FakeController, failure: str
+) -> None:
+    if failure == "unavailable":
+        fake.unavailable["StartUpgrade"] = 1000
+    else:
+        fake.crash = True
+    code, out, err = cli(addr, "upgrade", "--version", "1.2.0", "--json", "--allow-downgrade")
+    assert (code, out) == (ExitCode.UNCONFIRMED, "")
+    rid = fake.start_requests[0].request_id
+    assert {r.request_id for r in fake.start_requests} == {rid}
+    assert f"may have started anyway (request id {rid})" in err
+    assert _retry_argv(err)[3:] == [
+        "upgrade", "--version", "1.2.0", "--allow-downgrade", "--request-id", rid, "--json",
+    ]  # fmt: skip
+
+
+def test_request_id_is_sent_as_given(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    code, out, err = cli(addr, "upgrade", "--latest", "--request-id", "op-7.retry_1", "--json")
+    assert code == ExitCode.OK, err
+    assert json.loads(out)["job_id"] == "job-1"
+    assert fake.start_requests[0].request_id == "op-7.retry_1"
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "management:m-1", "x" * 129, "-flag", "é"])
+def test_a_malformed_request_id_is_a_usage_error(addr: str, fake: FakeController, bad: str) -> None:
+    code, _, err = cli(addr, "upgrade", "--latest", f"--request-id={bad}")
+    assert code == ExitCode.USAGE
+    assert "argument --request-id: expected 1 to 128 letters, digits" in err
+    assert fake.plan_requests == []
+
+
+def test_a_request_id_used_for_another_version_is_refused(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)  # a job to 1.2.0
+    fake.fleet = {"gw-1": ("1.0.0", 0)}
+    code, out, err = cli(addr, "upgrade", "--version", "1.1.0", "--request-id", "r-1")
+    assert code == ExitCode.REJECTED
+    assert "job job-1" not in out
+    assert err == (
+        "upgradectl: error: request id r-1 belongs to job job-1, an upgrade to 1.2.0, not "
+        "1.1.0: nothing was started; see 'upgradectl status job-1', or leave out "
+        "--request-id to start a new upgrade\n"
+    )
+
+
+def test_nothing_to_do_with_a_request_id_points_at_the_jobs(
+    addr: str, fake: FakeController
+) -> None:
+    fake.fleet = {"gw-1": ("1.2.0", 0)}
+    code, out, err = cli(addr, "upgrade", "--latest", "--request-id", "r-1")
+    assert (code, err) == (ExitCode.OK, "")
+    assert out.splitlines()[-2:] == [
+        "nothing to do: every chosen gateway already runs 1.2.0",
+        "(a job started earlier with request id r-1, if any, is in 'upgradectl jobs list')",
+    ]
+    assert fake.start_requests == []
+
+
+def test_a_watch_that_fails_after_the_start_names_the_job(addr: str, fake: FakeController) -> None:
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.unavailable["WatchJob"] = 1000
+    code, _, err = cli(addr, "upgrade", "--latest", "--wait")
+    assert code == ExitCode.UNREACHABLE
+    lines = err.splitlines()
+    assert lines[0].startswith(
+        "upgradectl: error: job job-1 was started and goes on in the controller, but "
+        f"following it failed: cannot reach the controller at {addr}: controller is restarting"
+    )
+    assert lines[1] == "follow it again with: upgradectl status job-1 --watch"
+    assert len(fake.start_requests) == 1

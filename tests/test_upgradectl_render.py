@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from datetime import UTC, datetime, timedelta
 
 from upgradectl import render
@@ -122,3 +123,72 @@ def test_live_display_writes_one_line_per_event_elsewhere() -> None:
         "12:00:00  gw-22  VERIFYING",
     ]
     assert "\x1b" not in out.getvalue()
+
+
+# --- Text from outside is shown, never obeyed -----------------------------------------------
+
+# Every character a terminal (or a bidi-aware one) acts on instead of printing: C0 and C1
+# controls with ESC and DEL, bidi marks, embeddings, overrides and isolates, zero-width
+# characters, the byte-order mark, line and paragraph separators.
+ACTIVE = (
+    [chr(c) for c in range(0x20)]
+    + [chr(c) for c in range(0x7F, 0xA0)]
+    + list("\u061c\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c\u202d\u202e")
+    + list("\u2066\u2067\u2068\u2069\ufeff\u2028\u2029")
+)
+HOSTILE = "\x1b[2J\x1b[8mhidden\x9b31m\u202egnp.exe\x07\r\x7f\u2066x\u2069\u2028end"
+
+
+def _harmless(text: str, *, newlines: bool = False) -> bool:
+    return all(ch not in ACTIVE or (newlines and ch == "\n") for ch in text)
+
+
+def test_printable_escapes_every_active_character() -> None:
+    for ch in ACTIVE:
+        shown = render.printable(f"a{ch}b")
+        assert _harmless(shown), f"{ch!r} came out as {shown!r}"
+        assert shown.startswith("a\\") and shown.endswith("b"), shown
+    assert render.printable(HOSTILE) == (
+        "\\x1b[2J\\x1b[8mhidden\\x9b31m\\u202egnp.exe\\x07\\r\\x7f\\u2066x\\u2069\\u2028end"
+    )
+    assert render.printable("a\tb\nc") == "a\\tb\\nc"
+
+
+def test_printable_keeps_ordinary_text_and_is_stable() -> None:
+    plain = "Schnellere Schlüssel, 日本語, émoji 🚀, a\u00a0non-breaking space, C:\\path"
+    assert render.printable(plain) == plain
+    twice = render.printable(render.printable(HOSTILE))
+    assert twice == render.printable(HOSTILE)
+    assert render.printable("one\ntwo\x1b[2J", keep_newlines=True) == "one\ntwo\\x1b[2J"
+
+
+def test_tables_escape_cells_and_stay_aligned() -> None:
+    lines = render.table(["ID", "STATE"], [["gw-\x1b[2J", "ONLINE"], ["gw-1\n", "x"]])
+    assert lines == ["ID          STATE", "gw-\\x1b[2J  ONLINE", "gw-1\\n      x"]
+    gws = [GatewayInfo(HOSTILE, HOSTILE, HOSTILE, None, 0)]
+    rels = [ReleaseInfo(HOSTILE, HOSTILE, 1, None, HOSTILE + "\nsecond line")]
+    for line in render.gateways_table(gws, NOW) + render.releases_table(rels):
+        assert _harmless(line), line
+
+
+def test_first_line_cuts_after_escaping() -> None:
+    notes = "\x1b[2J" * 20
+    line = render.first_line(notes)
+    assert _harmless(line)
+    assert len(line) == render.NOTES_WIDTH and line.startswith("\\x1b[2J\\x1b[2J")
+
+
+def test_live_display_escapes_what_it_draws() -> None:
+    bad = GatewayProgress(HOSTILE, "FAILED", HOSTILE, HOSTILE, HOSTILE)
+    job = JobView(HOSTILE, "RUNNING", HOSTILE, (bad,))
+    event = JobEvent(1, NOW, HOSTILE, "ROLLED_BACK", "", HOSTILE)
+    for tty in (True, False):
+        out = io.StringIO()
+        display = render.LiveDisplay(out, tty=tty)
+        display.start(job)
+        display.update(job, event)
+        display.finish(job)
+        # On a terminal the display's own cursor moves are the only controls written.
+        written = re.sub(r"\x1b\[(\d+F\x1b\[)?J", "", out.getvalue())
+        assert _harmless(written, newlines=True), written
+        assert "\\x1b[2J\\x1b[8mhidden" in written

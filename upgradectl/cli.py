@@ -7,7 +7,7 @@
                                 [--restarts-vpn-service]
     upgradectl releases sync [--json]
     upgradectl upgrade (--latest | --version V) [--gateways ID,...] [--allow-downgrade]
-                       [--deadline SECONDS] [--wait] [--yes] [--json]
+                       [--deadline SECONDS] [--request-id ID] [--wait] [--yes] [--json]
     upgradectl status [JOB] [--watch] [--json]
     upgradectl jobs list [--json]
     upgradectl jobs rejected [--json]
@@ -20,7 +20,15 @@ this module is the only place that reads flags and the environment. Expected fai
 ``upgrade`` shows the controller's plan (release, notes, each gateway's change) before it
 starts anything, and gets the operator's consent through ``upgradectl.confirm``. Output for
 people goes to stdout; with ``--json`` stdout carries only the JSON document, and the plan
-and any question go to stderr.
+and any question go to stderr. Every line for people, error messages included, goes through
+``render.printable``: text from the controller reaches a terminal with its controls escaped.
+JSON is left as ``json.dumps`` writes it, which escapes every control character already.
+
+``upgrade`` sends StartUpgrade with a request id (``--request-id``, else a fresh one), and the
+controller answers a request id it has seen with the job it started then. When the answer
+is lost (the controller was too slow, or the connection broke) the job may exist anyway, so
+the error (``Unconfirmed``, exit 8) gives the request id and the exact command that retries
+without starting a second job.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -36,18 +46,32 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
+from hitless import names
 from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
-from hitless.errors import HitlessError
+from hitless.errors import HitlessError, InvalidName
 from upgradectl import render
 from upgradectl.build import build_release
 from upgradectl.client import ControllerClient, RetryPolicy
 from upgradectl.confirm import Terminal, agree
-from upgradectl.errors import ExitCode, JobNotSucceeded, UsageError, exit_code_for
+from upgradectl.errors import (
+    ControllerFailed,
+    ExitCode,
+    JobNotSucceeded,
+    Rejected,
+    Unconfirmed,
+    Unreachable,
+    UsageError,
+    exit_code_for,
+)
 from upgradectl.model import JobView
 
 PROG = "upgradectl"
 CALL_TIMEOUT_S = 10.0
-MAX_DEADLINE_S = 2**31 - 1  # StartUpgradeRequest.deadline_seconds is an int32
+MAX_DEADLINE_S = int(names.MAX_DEADLINE.total_seconds())
+# The controller stores a request id in a String(128) column. Letters, digits, '.', '_' and
+# '-' only: ids of management jobs are "management:<message id>", so a typed id never
+# collides with one, and a printed id is safe to paste into a shell.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class _ArgumentError(Exception):
@@ -83,11 +107,11 @@ class _Context:
         self.out.write(json.dumps(data, indent=2) + "\n")
 
     def emit_lines(self, lines: Sequence[str]) -> None:
-        self.out.write("".join(f"{line}\n" for line in lines))
+        self.out.write("".join(f"{render.printable(line)}\n" for line in lines))
 
     def tell(self, lines: Sequence[str]) -> None:
         """Lines for people, kept out of the way of JSON output."""
-        self.people.write("".join(f"{line}\n" for line in lines))
+        self.people.write("".join(f"{render.printable(line)}\n" for line in lines))
         self.people.flush()
 
 
@@ -104,10 +128,12 @@ def run(
     err: TextIO | None = None,
     retry: RetryPolicy | None = None,
     stdin: TextIO | None = None,
+    call_timeout: float = CALL_TIMEOUT_S,
 ) -> int:
     """``main`` with its surroundings passed in, for tests and embedding.
 
     ``stdin`` is where a question is answered; it is asked only when it is a terminal.
+    ``call_timeout`` is how long each call waits for the controller's answer, in seconds.
     """
     env = os.environ if env is None else env
     out = sys.stdout if out is None else out
@@ -130,13 +156,14 @@ def run(
         )
 
         def connect() -> ControllerClient:
-            return ControllerClient(controller, CALL_TIMEOUT_S, retry=retry)
+            return ControllerClient(controller, call_timeout, retry=retry)
 
         handler: Callable[[_Context], ExitCode] = args.handler
         return int(handler(_Context(args, out, err, stdin, connect)))
     except HitlessError as exc:
         out.flush()
-        err.write(f"{PROG}: error: {exc}\n")
+        # Messages quote the controller's words (refusals, reasons): escape what they carry.
+        err.write(f"{PROG}: error: {render.printable(str(exc), keep_newlines=True)}\n")
         return exit_code_for(exc)
     except KeyboardInterrupt:
         # Jobs run in the controller: stopping the watch stops nothing else.
@@ -207,6 +234,13 @@ def _build_parser() -> _Parser:
         help="a gateway that has not taken its command by then is UNREACHABLE "
         "(default: the controller's --command-deadline)",
     )
+    upgrade.add_argument(
+        "--request-id",
+        type=_request_id,
+        metavar="ID",
+        help="the request id of an upgrade whose answer was lost: if the controller started a "
+        "job for it, that job is the answer and no other starts (default: a fresh id)",
+    )
     upgrade.add_argument("--wait", action="store_true", help="follow the job until it ends")
     upgrade.add_argument(
         "--yes",
@@ -259,6 +293,16 @@ def _seconds(text: str) -> int:
     if not 0 < value <= MAX_DEADLINE_S:
         raise argparse.ArgumentTypeError(f"expected 1 to {MAX_DEADLINE_S} seconds, not {value}")
     return value
+
+
+def _request_id(text: str) -> str:
+    """A ``--request-id``: what a failed ``upgrade`` printed, or any id of that shape."""
+    if not REQUEST_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"expected 1 to 128 letters, digits, '.', '_' or '-' (the request id a failed "
+            f"upgrade printed), not {text!r}"
+        )
+    return text
 
 
 def _listing(ctx: _Context, json_items: list[Any], lines: Callable[[], list[str]]) -> ExitCode:
@@ -338,7 +382,8 @@ def _releases_sync(ctx: _Context) -> ExitCode:
 def _upgrade(ctx: _Context) -> ExitCode:
     gateway_ids = _gateway_ids(ctx.args.gateways)
     # One id per invocation: the client's retries of this call then start one job, not two.
-    request_id = str(uuid.uuid4())
+    # An operator retrying an upgrade whose answer was lost passes the id it printed.
+    request_id = ctx.args.request_id or str(uuid.uuid4())
     with ctx.connect() as client:
         plan = client.plan_upgrade(
             latest=ctx.args.latest, version=ctx.args.version or "", gateway_ids=gateway_ids
@@ -346,7 +391,13 @@ def _upgrade(ctx: _Context) -> ExitCode:
         version = plan.release.version
         ctx.tell([*render.plan_lines(plan), ""])
         if not plan.changes:
-            ctx.tell([f"nothing to do: every chosen gateway already runs {version}"])
+            done = [f"nothing to do: every chosen gateway already runs {version}"]
+            if ctx.args.request_id:
+                done.append(
+                    f"(a job started earlier with request id {request_id}, if any, is in "
+                    f"'{PROG} jobs list')"
+                )
+            ctx.tell(done)
             if ctx.args.json:
                 ctx.emit_json(
                     {
@@ -367,14 +418,24 @@ def _upgrade(ctx: _Context) -> ExitCode:
         )
         # Start exactly what was shown and agreed to: the planned release (not whatever is
         # latest a moment later) on the planned gateways (not one that registered since).
-        job = client.start_upgrade(
-            version=version,
-            gateway_ids=[g.id for g in plan.gateways],
-            request_id=request_id,
-            allow_downgrade=consent.allow_downgrade,
-            accept_vpn_disruption=consent.accept_vpn_disruption,
-            deadline_seconds=ctx.args.deadline or 0,
-        )
+        try:
+            job = client.start_upgrade(
+                version=version,
+                gateway_ids=[g.id for g in plan.gateways],
+                request_id=request_id,
+                allow_downgrade=consent.allow_downgrade,
+                accept_vpn_disruption=consent.accept_vpn_disruption,
+                deadline_seconds=ctx.args.deadline or 0,
+            )
+        except Unconfirmed as exc:
+            raise Unconfirmed(_unconfirmed(ctx, exc, version, gateway_ids, request_id)) from exc
+        if job.target_version != version:
+            # The id was used before, for another upgrade: that job is all the answer says.
+            raise Rejected(
+                f"request id {request_id} belongs to job {job.job_id}, an upgrade to "
+                f"{job.target_version}, not {version}: nothing was started; see "
+                f"'{PROG} status {job.job_id}', or leave out --request-id to start a new upgrade"
+            )
         if not ctx.args.wait:
             if ctx.args.json:
                 ctx.emit_json(job.to_json())
@@ -387,8 +448,44 @@ def _upgrade(ctx: _Context) -> ExitCode:
                     ]
                 )
             return ExitCode.OK
-        job, shown = _follow(ctx, client, job)
+        try:
+            job, shown = _follow(ctx, client, job)
+        except (Unreachable, ControllerFailed) as exc:
+            raise type(exc)(
+                f"job {job.job_id} was started and goes on in the controller, but following "
+                f"it failed: {exc}\nfollow it again with: {PROG} status {job.job_id} --watch"
+            ) from exc
     return _finish(ctx, job, upgrade_shape=True, shown=shown)
+
+
+def _unconfirmed(
+    ctx: _Context, exc: Unconfirmed, version: str, gateway_ids: list[str], request_id: str
+) -> str:
+    """What to tell an operator whose StartUpgrade went unanswered: how to look, and the
+    command that retries it without risking a second job (same request id, same choices)."""
+    argv = [PROG]
+    if ctx.args.controller:
+        argv += ["--controller", ctx.args.controller]
+    # The version the plan showed, not --latest: a release published since must not slip in.
+    argv += ["upgrade", "--version", version]
+    if gateway_ids:
+        argv += ["--gateways", ",".join(gateway_ids)]
+    if ctx.args.allow_downgrade:
+        argv.append("--allow-downgrade")
+    if ctx.args.deadline:
+        argv += ["--deadline", str(ctx.args.deadline)]
+    argv += ["--request-id", request_id]
+    argv += [flag for flag in ("--wait", "--yes", "--json") if getattr(ctx.args, flag[2:])]
+    return "\n".join(
+        [
+            f"{exc}; the upgrade to {version} may have started anyway (request id {request_id})",
+            f"  to look: '{PROG} jobs list' (a job to {version} created just now) or "
+            f"'{PROG} status' (the most recent job)",
+            "  to retry safely (if that request started a job, the answer is that job and "
+            "no second one starts):",
+            f"    {shlex.join(argv)}",
+        ]
+    )
 
 
 def _status(ctx: _Context) -> ExitCode:
@@ -479,7 +576,10 @@ def _gateway_ids(text: str | None) -> list[str]:
     ids = [part.strip() for part in text.split(",") if part.strip()]
     if not ids:
         raise UsageError("--gateways needs at least one gateway id, e.g. --gateways gw-1,gw-2")
-    return ids
+    try:
+        return [names.gateway_id(gateway_id) for gateway_id in ids]
+    except InvalidName as exc:
+        raise UsageError(f"--gateways: {exc}") from exc
 
 
 def _isatty(stream: TextIO) -> bool:

@@ -6,13 +6,19 @@
 | gRPC status                                     | error                                   |
 |-------------------------------------------------|-----------------------------------------|
 | UNAVAILABLE, DEADLINE_EXCEEDED                  | Unreachable                             |
+| RESOURCE_EXHAUSTED (the controller is busy)     | Unreachable, with the server's details  |
+|                                                 | (after retries within the budget)       |
 | NOT_FOUND, INVALID_ARGUMENT, ALREADY_EXISTS,    | Rejected, with the server's details     |
 | FAILED_PRECONDITION                             | verbatim                                |
 | anything else                                   | ControllerFailed                        |
 
+except for ``StartUpgrade``: once it has been sent, any failure but a refusal leaves open
+whether the job was started, and is ``Unconfirmed``.
+
 The controller upgrades itself by starting a new process on the same port and stopping the
 old one, so a client may meet UNAVAILABLE (or CANCELLED, for a call that arrived as the old
-one stopped) for a moment. Idempotent unary calls are retried
+one stopped) for a moment, and a busy controller answers RESOURCE_EXHAUSTED when a budget
+of concurrent calls is full. Idempotent unary calls are retried
 then, with bounded exponential backoff and jitter; ``StartUpgrade`` counts as idempotent
 because it carries the caller's request id, and adding an admin or checking the release feed
 twice changes nothing. ``watch_job`` resumes after the last sequence number it saw.
@@ -32,7 +38,14 @@ import grpc
 from hitless.config import ENV_CONTROLLER, HostPort
 from hitless.digest import file_sha256
 from hitless.v1 import controller_pb2, controller_pb2_grpc
-from upgradectl.errors import CliError, ControllerFailed, Rejected, Unreachable, UsageError
+from upgradectl.errors import (
+    CliError,
+    ControllerFailed,
+    Rejected,
+    Unconfirmed,
+    Unreachable,
+    UsageError,
+)
 from upgradectl.model import (
     GatewayInfo,
     JobEvent,
@@ -58,6 +71,15 @@ _REFUSED = frozenset(
     }
 )
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Worth another try after a pause: a controller handing over (a call that arrived as the
+# old one stopped is CANCELLED; we never cancel our own calls), or a busy one.
+_RETRIED = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 T = TypeVar("T")
 
@@ -181,14 +203,16 @@ class ControllerClient:
 
         ``deadline_seconds`` 0 leaves the command deadline to the controller. Retrying is
         safe because the controller answers a repeated ``request_id`` with the job it
-        already started.
+        already started. Raises ``Rejected`` when the controller refuses (nothing started)
+        and ``Unconfirmed`` when no answer came: the job may exist, under ``request_id``.
         """
         request = _upgrade_request(latest, version, gateway_ids)
         request.request_id = request_id
         request.allow_downgrade = allow_downgrade
         request.accept_vpn_disruption = accept_vpn_disruption
         request.deadline_seconds = deadline_seconds
-        return JobView.from_proto(self._unary("StartUpgrade", self._stub.StartUpgrade, request))
+        answer = self._unary("StartUpgrade", self._stub.StartUpgrade, request, creates=True)
+        return JobView.from_proto(answer)
 
     def get_job(self, job_id: str = "") -> JobView:
         """The job ``job_id``; the most recent job when it is empty."""
@@ -252,7 +276,7 @@ class ControllerClient:
                     continue  # our own periodic reopen, not a failure
                 # A controller that stops mid-stream may end it CANCELLED rather than
                 # UNAVAILABLE; we never cancel our own calls, so both mean "it went away".
-                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                if code not in _RETRIED:
                     raise self._translate("WatchJob", exc) from exc
                 delay = self._retry.delay(attempt)
                 if self._clock() + delay > give_up_at:
@@ -260,27 +284,40 @@ class ControllerClient:
                 self._sleep(delay)
                 attempt += 1
 
-    def _unary(self, method: str, call: Callable[..., T], request: Any) -> T:
-        """Call ``method``, retrying UNAVAILABLE and CANCELLED within the retry budget."""
+    def _unary(
+        self, method: str, call: Callable[..., T], request: Any, *, creates: bool = False
+    ) -> T:
+        """Call ``method``, retrying UNAVAILABLE, CANCELLED and RESOURCE_EXHAUSTED within the
+        retry budget.
+
+        ``creates``: the call may create something even when its answer is lost, so such a
+        failure is ``Unconfirmed`` rather than ``Unreachable`` or ``ControllerFailed``.
+        """
         give_up_at = self._clock() + self._retry.budget_s
         attempt = 0
         while True:
             try:
                 return call(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                # A stopping server cancels calls that arrived but had not reached their
-                # handler yet; we never cancel our own calls, so CANCELLED means that.
-                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                if exc.code() in _RETRIED:
                     delay = self._retry.delay(attempt)
                     if self._clock() + delay <= give_up_at:
                         self._sleep(delay)
                         attempt += 1
                         continue
-                raise self._translate(method, exc) from exc
+                raise self._translate(method, exc, creates=creates) from exc
 
-    def _translate(self, method: str, exc: grpc.RpcError) -> CliError:
+    def _translate(self, method: str, exc: grpc.RpcError, *, creates: bool = False) -> CliError:
         code = exc.code()
         details = exc.details() or ""
+        if creates and code not in _REFUSED:
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                what = f"no answer within {self.timeout:g} s"
+            else:
+                what = f"{code.name}: {details or 'no details'}"
+            return Unconfirmed(f"the controller at {self.target} did not answer {method} ({what})")
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return Unreachable(f"the controller at {self.target} turned the call away: {details}")
         if code in _UNREACHABLE:
             reason = details or code.name
             return Unreachable(
@@ -305,5 +342,3 @@ def _upgrade_request(
     if latest:
         return controller_pb2.StartUpgradeRequest(latest=True, gateway_ids=list(gateway_ids))
     return controller_pb2.StartUpgradeRequest(version=version, gateway_ids=list(gateway_ids))
-
-

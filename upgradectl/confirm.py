@@ -59,7 +59,7 @@ def agree(plan: UpgradePlan, *, allow_downgrade: bool, yes: bool, terminal: Term
     """
     release = plan.release.version
     if plan.downgrades and not allow_downgrade:
-        names = ", ".join(f"{g.id} from {g.from_version}" for g in plan.downgrades)
+        names = ", ".join(f"{g.id} from {g.running}" for g in plan.downgrades)
         raise Rejected(
             f"release {release} would downgrade {names}; nothing was started: "
             "add --allow-downgrade to downgrade on purpose"

@@ -5,6 +5,9 @@
     └── CliError                    root of this package                     → INTERNAL
         ├── UsageError              the command line asks for the impossible → USAGE
         ├── Unreachable             the controller cannot be reached         → UNREACHABLE
+        ├── Unconfirmed             StartUpgrade went unanswered: the job    → UNCONFIRMED
+        │                           may exist; the message says how to look
+        │                           and how to retry with the same request id
         ├── Rejected                the controller refused the request, or   → REJECTED
         │                           the plan shows it would (not found,
         │                           invalid, conflict, precondition, a
@@ -40,6 +43,7 @@ class ExitCode(enum.IntEnum):
     INTERNAL = 5
     NEEDS_CONFIRMATION = 6
     DECLINED = 7
+    UNCONFIRMED = 8  # the upgrade may have started: look, or retry with the printed request id
     INTERRUPTED = 130  # the shell's convention for a process stopped by Ctrl-C
 
 
@@ -59,6 +63,17 @@ class Unreachable(CliError):
     """The controller did not answer (connection refused, unavailable, deadline passed)."""
 
     exit_code = ExitCode.UNREACHABLE
+
+
+class Unconfirmed(CliError):
+    """StartUpgrade was sent and its answer never came (or was an unexpected failure).
+
+    The controller may have started the job all the same, so this is not ``Unreachable``:
+    running the same command again would start a second job. Retrying with the same
+    request id is safe: the controller answers it with the job it started, if any.
+    """
+
+    exit_code = ExitCode.UNCONFIRMED
 
 
 class Rejected(CliError):

@@ -266,10 +266,21 @@ class PlannedGateway:
     from_version: str
     action: str
     vpn_sessions: int
+    # The version an unfinished job is taking it to ("" when none).
+    pending_version: str = ""
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.PlannedGateway) -> PlannedGateway:
-        return cls(msg.gateway_id, msg.from_version, msg.action, msg.vpn_sessions)
+        return cls(
+            msg.gateway_id, msg.from_version, msg.action, msg.vpn_sessions, msg.pending_version
+        )
+
+    @property
+    def running(self) -> str:
+        """"1.2.0", or "1.2.0 (7.2.0 once its unfinished job is done)"."""
+        if not self.pending_version or self.pending_version == self.from_version:
+            return self.from_version
+        return f"{self.from_version} ({self.pending_version} once its unfinished job is done)"
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,17 @@
 Pure functions from plain data (``upgradectl.model``) to lines of text, so every shape is
 unit-testable; ``LiveDisplay`` is the one piece that writes, and it writes only to the
 stream it is given.
+
+Text from outside (release notes, versions, ids, reasons, addresses, rejected bodies) may
+carry terminal controls: ``printable`` shows them escaped. Every writer of lines for people
+(``LiveDisplay`` here, the command output and error messages in ``upgradectl.cli``) passes
+each line through it, so no field can clear the screen, hide text or reorder it. ``table``
+and ``first_line`` escape before they measure, so columns stay aligned.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
@@ -16,6 +23,7 @@ from upgradectl.model import (
     GatewayProgress,
     JobEvent,
     JobView,
+    PlannedGateway,
     RejectedJob,
     ReleaseInfo,
     UpgradePlan,
@@ -26,10 +34,45 @@ _UP = "\x1b[{n}F"
 _CLEAR_DOWN = "\x1b[J"
 NOTES_WIDTH = 48
 
+# Unicode categories a terminal acts on instead of showing: Cc (C0 and C1 controls, ESC,
+# DEL), Cf (format characters: bidi overrides and isolates such as U+202E, zero-width
+# characters), Cs (surrogates), Zl and Zp (line and paragraph separators).
+_ACTIVE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_SHORT_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with every character a terminal would act on shown as an escape instead.
+
+    ESC becomes ``\\x1b``, DEL ``\\x7f``, a C1 control such as CSI ``\\x9b``, U+202E
+    (right-to-left override) ``\\u202e``; tab, newline and carriage return become ``\\t``,
+    ``\\n`` and ``\\r``. ``keep_newlines`` leaves ``\\n`` as it is, for multi-line text such
+    as an error message. Everything else, any script or emoji included, is kept. Backslashes
+    are not doubled (notes stay readable), so the result is a display form, not a reversible
+    encoding; applying it again changes nothing.
+    """
+    if text.isprintable():  # the common case, checked in C
+        return text
+    return "".join(_escaped(ch, keep_newlines) for ch in text)
+
+
+def _escaped(ch: str, keep_newlines: bool) -> str:
+    if (ch == "\n" and keep_newlines) or unicodedata.category(ch) not in _ACTIVE_CATEGORIES:
+        return ch
+    if ch in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[ch]
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    return f"\\U{code:08x}"
+
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned columns two spaces apart; no trailing spaces."""
+    """Left-aligned columns two spaces apart; no trailing spaces; cells made ``printable``."""
     widths = [len(h) for h in headers]
+    rows = [[printable(cell) for cell in row] for row in rows]
     for row in rows:
         for i, cell in enumerate(row):
             widths[i] = max(widths[i], len(cell))
@@ -73,8 +116,8 @@ def short_time(when: datetime | None) -> str:
 
 
 def first_line(text: str, width: int = NOTES_WIDTH) -> str:
-    """The first line of ``text``, cut to ``width`` with an ellipsis."""
-    line = text.strip().splitlines()[0] if text.strip() else ""
+    """The first line of ``text``, made ``printable``, cut to ``width`` with an ellipsis."""
+    line = printable(text.strip().splitlines()[0]) if text.strip() else ""
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
@@ -154,11 +197,19 @@ def plan_lines(plan: UpgradePlan) -> list[str]:
     vpn = release.restarts_vpn_service
     headers = ["GATEWAY", "FROM", "TO", "ACTION"] + (["VPN USERS"] if vpn else [])
     rows = [
-        [g.id, g.from_version or "-", release.version, g.action]
+        [g.id, _from(g), release.version, g.action]
         + ([str(g.vpn_sessions)] if vpn else [])
         for g in plan.gateways
     ]
     return [*lines, "", *table(headers, rows)]
+
+
+def _from(gateway: PlannedGateway) -> str:
+    """The FROM cell: the version it runs, and the one an unfinished job takes it to."""
+    current = gateway.from_version or "-"
+    if gateway.pending_version and gateway.pending_version != gateway.from_version:
+        return f"{current} ({gateway.pending_version} pending)"
+    return current
 
 
 def vpn_warning(plan: UpgradePlan) -> list[str]:
@@ -268,5 +319,5 @@ class LiveDisplay:
         self._drawn = len(lines)
 
     def _write(self, lines: list[str]) -> None:
-        self._out.write("".join(f"{line}\n" for line in lines))
+        self._out.write("".join(f"{printable(line)}\n" for line in lines))
         self._out.flush()
