@@ -6,7 +6,8 @@
     │                            (e.g. a release version re-published with another digest)
     ├── InvalidRequest           the request itself is malformed (bad version, digest, offset)
     ├── FailedPrecondition       valid, but not possible in the present state (no gateways)
-    └── StorageError             the database or the artifact store failed underneath us
+    ├── StorageError             the database or the artifact store failed underneath us
+    └── limits.Refused           a budget of concurrent calls is full; retry later
 
 The API layer maps these to status codes in one place; every message says what failed,
 on what, and what to do.

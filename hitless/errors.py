@@ -7,6 +7,8 @@
     │   ├── BusUnavailable       the broker cannot be reached (transient)
     │   ├── PublishFailed        the broker nacked or could not route a message
     │   └── DecodeError          a message body is not what its type says (keeps the raw bytes)
+    ├── hitless.addresses.InvalidAddress   an admin address that cannot be mailed
+    ├── hitless.trust.errors.TrustError    TUF metadata, keys or a signed command refused
     ├── controller_svc.errors.ControllerError
     ├── gateway_daemon.errors.GatewayError
     └── upgradectl.errors.CliError
