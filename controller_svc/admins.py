@@ -54,6 +54,8 @@ class Admins:
     def remove(self, email: str) -> str:
         """Remove an admin by any spelling of its address, or by the text of a row an earlier
         version stored under its looser rule; NotFound when there is none."""
+        if "@" not in email:
+            normalise(email)  # raises, saying why it is no address
         stored_before = _as_stored_before(email)
         try:
             address = normalise(email)
@@ -66,7 +68,9 @@ class Admins:
                 .returning(Admin.email)
             ).all()
         if not removed:
-            raise NotFound(f"{address} is not an admin; `upgradectl admins list` shows who is")
+            raise NotFound(
+                f"{address[:254]} is not an admin; `upgradectl admins list` shows who is"
+            )
         return address
 
     def list(self) -> list[str]:

@@ -357,7 +357,15 @@ class Engine:
         if kind in (topology.STATUS, topology.EXPIRED):
             self.notify()  # job events may have changed; hellos and heartbeats make none
 
-    def _seen(self, gateway_id: str, version: str, **extra: object) -> None:
+    def _seen(
+        self,
+        gateway_id: str,
+        version: str,
+        *,
+        pid: int | None = None,
+        listen: Sequence[str] = (),
+        vpn_sessions: int | None = None,
+    ) -> None:
         if not gateway_id or not version:
             raise DeadLetter("a gateway announcement needs gateway_id and version")
         try:
@@ -369,7 +377,12 @@ class Engine:
                 f"refused announcement from {gateway_id}: version "
                 f"{names.shown(version)} is not MAJOR.MINOR.PATCH"
             )
-        self.repo.record_gateway_seen(gateway_id, version, self._clock(), **extra)  # type: ignore[arg-type]
+        problem = _announcement_problem(pid, listen, vpn_sessions)
+        if problem:
+            raise DeadLetter(f"refused announcement from {gateway_id}: {problem}")
+        self.repo.record_gateway_seen(
+            gateway_id, version, self._clock(), pid=pid, listen=listen, vpn_sessions=vpn_sessions
+        )
 
     def _on_status(self, delivery: Delivery) -> None:
         message = codec.decode(bus_pb2.StatusReport, delivery.body)
@@ -410,3 +423,23 @@ class Engine:
             self._after_change(job)
         self.announcer.flush()
         self.notify()
+
+
+# What a hello or heartbeat may say about a gateway beyond its id and version.
+MAX_VPN_SESSIONS = 1_000_000
+MAX_LISTEN_ADDRESSES = 64
+MAX_ADDRESS_CHARS = 64
+
+
+def _announcement_problem(pid: int | None, listen: Sequence[str], vpn_sessions: int | None) -> str:
+    """Why a hello's or heartbeat's numbers cannot be recorded, or "" when they can."""
+    if pid is not None and pid < 0:
+        return f"pid {pid} is negative"
+    if vpn_sessions is not None and not 0 <= vpn_sessions <= MAX_VPN_SESSIONS:
+        return f"{vpn_sessions} VPN sessions is outside 0 to {MAX_VPN_SESSIONS}"
+    if len(listen) > MAX_LISTEN_ADDRESSES:
+        return f"{len(listen)} listen addresses, more than {MAX_LISTEN_ADDRESSES}"
+    long = next((a for a in listen if len(a) > MAX_ADDRESS_CHARS), None)
+    if long is not None:
+        return f"listen address {names.shown(long)} is longer than {MAX_ADDRESS_CHARS} characters"
+    return ""

@@ -15,7 +15,7 @@ threads to spare for answering refusals (``Limits.workers``):
 |----------|-----------------------------------------------|-------|-----------------|
 | watch    | WatchJob and other long-lived streams         | 16    | 4               |
 | download | Artifacts.Download (gateways fetching)        | 64    | -               |
-| upload   | PublishRelease                                | 2     | 1               |
+| upload   | PublishRelease                                | 2     | -               |
 | unary    | everything else (ListGateways, GetJob, ...)   | 16    | -               |
 
 A call over its budget is refused at once with RESOURCE_EXHAUSTED (``Refused``), saying
@@ -120,7 +120,7 @@ class Limits:
     # for a whole fleet of moderate size at once: gateways of releases before this budget
     # existed treat RESOURCE_EXHAUSTED as a failed download, not as "try again".
     download: Budget = Budget(64, stall_s=30.0)
-    upload: Budget = Budget(2, per_peer=1, stall_s=30.0, lifetime_s=900.0)
+    upload: Budget = Budget(2, stall_s=30.0, lifetime_s=900.0)
     unary: Budget = Budget(16)
     # Threads beyond the budgets: they answer refusals while every budget is in use.
     spare_workers: int = 4

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from controller_svc.errors import FailedPrecondition, NotFound
 from controller_svc.records import GatewayRecord, ReleaseRecord
-from hitless import semver
+from hitless import names, semver
 
 UPGRADE = "UPGRADE"
 DOWNGRADE = "DOWNGRADE"
@@ -50,8 +50,7 @@ def make_plan(
         unknown = sorted(set(gateway_ids) - known.keys())
         if unknown:
             raise NotFound(
-                f"unknown gateway(s): {', '.join(unknown)}; "
-                f"known: {', '.join(sorted(known)) or 'none'}"
+                f"unknown gateway(s): {_listed(unknown)}; known: {_listed(sorted(known)) or 'none'}"
             )
         chosen = list(dict.fromkeys(gateway_ids))
     else:
@@ -90,9 +89,10 @@ def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> 
         raise FailedPrecondition(f"nothing to do: every chosen gateway already runs {version}")
     downgrades = [g for g in plan.changes if g.action == DOWNGRADE]
     if downgrades and not allow_downgrade:
-        names = ", ".join(_running(g) for g in downgrades)
+        which = ", ".join(_running(g) for g in downgrades)
         raise FailedPrecondition(
-            f"{version} is older than what {names} run(s): a downgrade needs --allow-downgrade"
+            f"{version} is older than what {which} run(s): a downgrade needs --allow-downgrade "
+            '(in a management job: "allow_downgrade": true)'
         )
     if plan.release.restarts_vpn_service and not accept_vpn_disruption:
         raise FailedPrecondition(
@@ -110,3 +110,9 @@ def _running(gateway: PlannedGateway) -> str:
         f"{gateway.gateway_id} ({gateway.from_version}, {gateway.pending_version} once its "
         "unfinished job is done)"
     )
+
+
+def _listed(ids: list[str], most: int = 10) -> str:
+    """At most ``most`` ids, each cut to 40 characters, and how many more there are."""
+    shown = ", ".join(i if len(i) <= 40 else names.shown(i) for i in ids[:most])
+    return shown + (f" and {len(ids) - most} more" if len(ids) > most else "")

@@ -45,7 +45,7 @@ from controller_svc.limits import (
 from controller_svc.rejections import Rejections
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.store import ArtifactStore, stamped_as
-from hitless import logs, semver, version
+from hitless import logs, names, semver, version
 from hitless.config import HEARTBEAT_INTERVAL_S, HostPort
 from hitless.errors import BusError, ConfigError, HitlessError
 from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc, controller_pb2, controller_pb2_grpc
@@ -281,7 +281,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             return job
         job = self._repo.get_job(job_id)
         if job is None:
-            raise NotFound(f"no job with id {job_id}")
+            raise NotFound(f"no job with id {names.shown(job_id)}")
         return job
 
     @_translated_stream

@@ -56,8 +56,8 @@ class _Order:
 
     @classmethod
     def of(cls, headers: Mapping[str, Any]) -> _Order | None:
-        """None for a command without them (from an older controller: it runs as commands
-        always did); ValueError for headers that are there but malformed."""
+        """None for a command without them (from an older controller); ValueError for
+        headers that are there but malformed."""
         issued = headers.get(topology.ISSUED_AT_HEADER)
         if issued is None:
             return None
@@ -126,7 +126,7 @@ class Agent:
             return
         try:
             order = _Order.of(delivery.headers)
-            refusal = self._refusal(command, order) if order is not None else None
+            refusal = self._refusal(command, order)
         except ValueError as exc:
             refusal = f"the command's headers are malformed: {exc}"
             order = None
@@ -143,11 +143,20 @@ class Agent:
         bound.info("upgrade_started", target_version=command.target_version)
         self._upgrade(command)
 
-    def _refusal(self, command: bus_pb2.UpgradeCommand, order: _Order) -> str | None:
-        """Why this gateway must not run ``command``, issued as ``order`` says, now; or None."""
-        issued = order.issued_at
+    def _refusal(self, command: bus_pb2.UpgradeCommand, order: _Order | None) -> str | None:
+        """Why this gateway must not run ``command``, issued as ``order`` says, now; or None.
+
+        A command without ``order`` (from a controller before these headers, or forged) is
+        never a downgrade: only the superseding rule needs to know when it was issued.
+        """
         newest = self._state.newest_taken()
-        if newest is not None and issued < newest.issued_at and newest.job_id != command.job_id:
+        issued = order.issued_at if order is not None else None
+        if (
+            issued is not None
+            and newest is not None
+            and issued < newest.issued_at
+            and newest.job_id != command.job_id
+        ):
             return (
                 f"superseded: this gateway already took a newer command (job {newest.job_id}, "
                 f"issued {newest.issued_at:%Y-%m-%d %H:%M:%S} UTC) than this one (issued "
@@ -156,7 +165,7 @@ class Agent:
             )
         target, running = command.target_version, self._version
         if (
-            not order.allow_downgrade
+            not (order is not None and order.allow_downgrade)
             and semver.is_valid(target)
             and semver.is_valid(running)
             and semver.parse(target) < semver.parse(running)
@@ -196,8 +205,8 @@ class Agent:
             self._finish(command, Outcome(
                 "FAILED", target, self._version,
                 f"the artifact of release {target} carries {found}: it is not that release; "
-                "publish the artifact built for it (upgradectl releases build --version "
-                f"{target})",
+                f"build it (upgradectl releases build --version V) and publish it under a new "
+                f"version V, since {target} names the artifact already stored",
             ))  # fmt: skip
             return
         staged = self._state.releases_dir / f"{target}-{sha[:12]}.pyz"

@@ -33,6 +33,7 @@ DEFAULT_DATA_DIR = Path("~/.local/state/hitless")
 DEFAULT_COMMAND_DEADLINE_S = 600
 HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_FEED_INTERVAL_S = 300.0
+MAX_FEED_INTERVAL_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,11 @@ class ControllerConfig:
     self_upgrade: bool = True  # an upgrade moves the controller to the release first
 
     def __post_init__(self) -> None:
-        if self.feed_interval_s <= 0:
-            raise ConfigError("the feed interval must be a positive number of seconds")
+        if not 0 < self.feed_interval_s <= MAX_FEED_INTERVAL_S:
+            raise ConfigError(
+                f"invalid feed interval of {self.feed_interval_s:g}s: give from a fraction of a "
+                f"second to {MAX_FEED_INTERVAL_S} seconds (7 days)"
+            )
         if "://" not in self.db_url:
             raise ConfigError(
                 f"invalid database URL {self.db_url!r}: expected e.g. sqlite:///path/controller.db"

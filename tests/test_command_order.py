@@ -169,6 +169,13 @@ def test_a_gateway_refuses_a_late_command_that_would_undo_a_newer_one(
     newer = f"superseded: this gateway already took a newer command (job {job['job_id']}"
     assert newer in said["error"]
 
+    bare = _command(fleet, "1.1.0")  # no order headers: from an older controller, or forged
+    body = codec.encode(bare).decode()
+    assert rabbit.publish(vhost, "hitless.commands", "gateway.gw-1", body)
+    said = reports.wait_final(bare.command_id, "the command without order headers")
+    assert said["state"] == "FAILED"
+    assert "this gateway runs 1.2.0 by now, and 1.1.0 is older" in said["error"]
+
     malformed = _command(fleet, "1.1.0")
     body = codec.encode(malformed).decode()
     headers = {topology.ISSUED_AT_HEADER: "yesterday"}

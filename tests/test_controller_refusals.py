@@ -17,7 +17,9 @@ from controller_svc import db
 from controller_svc.repository import Repository
 from controller_svc.store import ArtifactStore
 from hitless.bus import topology
+from hitless.config import BusConfig, ControllerConfig, HostPort
 from hitless.digest import file_sha256
+from hitless.errors import ConfigError
 from hitless.v1 import controller_pb2
 from tests.support.fleet import Fleet
 from tests.support.rabbit import Management
@@ -47,6 +49,10 @@ def test_a_forged_hello_with_an_id_the_bus_cannot_carry_is_dead_lettered(
         )
     version = json.dumps({"gateway_id": "gw-v", "version": "1." * 40 + "0", "at": now})
     assert rabbit.publish(vhost, "hitless.reports", "gateway.x.hello", version, message_id="v")
+    negative = json.dumps({"gateway_id": "gw-n", "version": BASE, "at": now, "vpn_sessions": -5})
+    assert rabbit.publish(
+        vhost, "hitless.reports", "gateway.x.heartbeat", negative, message_id="negative"
+    )
     fleet.start_gateway("gw-1")
     fleet.wait_gateways({"gw-1": BASE})
 
@@ -55,13 +61,14 @@ def test_a_forged_hello_with_an_id_the_bus_cannot_carry_is_dead_lettered(
             m["properties"]["message_id"]: m["properties"]["headers"][topology.REASON_HEADER]
             for m in _dead_letters(rabbit, vhost)
         }
-        return found if len(found) == 4 else None
+        return found if len(found) == 5 else None
 
-    found = wait_for(reasons, timeout=15, what="four refused hellos dead-lettered")
+    found = wait_for(reasons, timeout=15, what="five refused announcements dead-lettered")
     for message_id in ("long", "dotted", "accented"):
         assert "invalid gateway id" in found[message_id], found
         assert "ASCII letters, digits" in found[message_id], found
     assert "is not MAJOR.MINOR.PATCH" in found["v"]
+    assert "-5 VPN sessions is outside 0 to 1000000" in found["negative"]
     assert list(fleet.gateways()) == ["gw-1"], "nothing refused may be recorded"
 
 
@@ -245,3 +252,16 @@ def test_a_job_with_a_message_id_too_long_to_keep_is_refused_and_recorded(
     assert "invalid message_id 'mmmm" in rejected["reason"]
     assert rejected["message_id"].startswith("m" * 60 + "...sha256:")
     assert rabbit.get_messages(vhost, topology.CONTROLLER_JOBS.name) == []
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 8 * 24 * 3600, 1e12])
+def test_a_feed_interval_the_controller_cannot_wait_is_refused_at_start(seconds: float) -> None:
+    """A huge interval once started a controller whose feed thread died on its first wait."""
+    with pytest.raises(ConfigError, match="invalid feed interval"):
+        ControllerConfig(
+            listen=HostPort("127.0.0.1", 0),
+            db_url="sqlite:///x.db",
+            bus=BusConfig(),
+            data_dir=Path("/tmp"),
+            feed_interval_s=seconds,
+        )

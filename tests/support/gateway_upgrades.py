@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import uuid
 from concurrent import futures
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -77,11 +78,17 @@ class GatewayUpgrades:
             artifact_size=stored.size,
         )
         self._publisher.declare([topology.gateway_queue(gateway_id)])
+        # As a controller sends it: issued now, going back to an older version allowed
+        # (the tests swap A -> B -> A).
         self._publisher.publish(
             topology.COMMANDS,
             topology.command_key(gateway_id),
             command,
             message_id=command.command_id,
+            headers={
+                topology.ISSUED_AT_HEADER: datetime.now(UTC).isoformat(),
+                topology.ALLOW_DOWNGRADE_HEADER: True,
+            },
         )
         with self._changed:
             if not self._changed.wait_for(lambda: self._final(command.command_id), timeout):
