@@ -1,0 +1,209 @@
+"""What the publisher and the consumer share: connecting and declaring, the messages a
+handler sees and raises, and how a refusal by the broker is told from a lost connection.
+
+What the broker refuses for one message (a 406 PRECONDITION_FAILED closing the channel, a
+name longer than AMQP's 255-byte short string, properties that do not fit a frame) is that
+message's own error (``refusal``); only ``CONNECT_ERRORS`` mean the connection is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from hitless import logs
+from hitless.backoff import Backoff
+from hitless.bus import topology
+from hitless.bus.topology import Queue
+from hitless.config import BusConfig
+from hitless.errors import HitlessError, PublishFailed
+
+log = logs.get(__name__)
+
+CONNECT_ERRORS = (pika.exceptions.AMQPError, OSError)
+# Raised by pika before anything is sent, or by the broker for this one request: the
+# request fails, the connection carries on.
+REFUSED_BY_CLIENT = (
+    pika.exceptions.ShortStringTooLong,
+    pika.exceptions.DuplicateGetOkCallback,
+    ValueError,
+    TypeError,
+    OverflowError,
+    struct.error,
+)
+PUMP_S = 0.2
+# Message properties (headers included) must fit one frame with room to spare; RabbitMQ's
+# default frame_max is 131072 bytes.
+MAX_PROPERTIES_BYTES = 64 * 1024
+# Reasons are cut to this many characters before they become a header.
+MAX_REASON_CHARS = 1000
+# RabbitMQ's upper bound for a per-message TTL (the expiration property), in ms.
+MAX_EXPIRATION_MS = 2**32 - 1
+# Beside the reason: who published a dead-lettered message (its broker-validated user_id,
+# which cannot travel as user_id once another user republishes it).
+ORIGINAL_USER_HEADER = "x-hitless-original-user-id"
+
+
+def dead_letter_headers(headers: Mapping[str, Any], reason: str, source: str) -> dict[str, Any]:
+    """``headers`` plus the dead-letter reason (cut to MAX_REASON_CHARS) and source queue."""
+    return {
+        **headers,
+        topology.REASON_HEADER: cut(reason, MAX_REASON_CHARS),
+        topology.SOURCE_QUEUE_HEADER: source,
+    }
+
+
+class DeadLetter(HitlessError):
+    """Raised by a handler for a message that can never be processed: the consumer moves it
+    to the dead-letter queue, body untouched, with ``reason`` in a header."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Requeue(HitlessError):
+    """Raised by a handler that is not the one to take this message (e.g. a process that
+    is handing over): the message goes back to its queue for another consumer, and this
+    does not count as a failure toward dead-lettering."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One received message, as a handler sees it."""
+
+    body: bytes
+    routing_key: str
+    exchange: str
+    message_id: str | None
+    headers: Mapping[str, Any]
+    redelivered: bool
+    user_id: str | None = None
+
+
+def connect(
+    bus: BusConfig,
+    queues: Iterable[Queue],
+    on_refused: Callable[[Queue, BaseException], None] | None = None,
+) -> tuple[pika.BlockingConnection, BlockingChannel]:
+    """Connect, declare the topology and ``queues``, and return a channel.
+
+    With ``on_refused``, a queue the broker refuses (e.g. one redeclared by hand with other
+    arguments: 406 PRECONDITION_FAILED) is handed to it and skipped, so that one queue never
+    keeps the connection from coming up; without, the refusal propagates.
+    """
+    params = pika.URLParameters(bus.url)
+    if "heartbeat=" not in bus.url:
+        params.heartbeat = 30
+    params.blocked_connection_timeout = 30
+    params.connection_attempts = 1
+    params.socket_timeout = 5
+    connection = pika.BlockingConnection(params)
+    try:
+        channel = connection.channel()
+        declare_topology(channel)
+        for q in queues:
+            try:
+                declare(channel, [q])
+            except (pika.exceptions.ChannelClosedByBroker, *REFUSED_BY_CLIENT) as exc:
+                if on_refused is None:
+                    raise
+                on_refused(q, exc)
+                if not channel.is_open:
+                    channel = connection.channel()
+    except BaseException:
+        connection.close()
+        raise
+    return connection, channel
+
+
+def declare_topology(channel: BlockingChannel) -> None:
+    """Declare every exchange and the base queues: what every service needs."""
+    for exchange in topology.EXCHANGES:
+        channel.exchange_declare(exchange=exchange.name, exchange_type=exchange.kind, durable=True)
+    declare(channel, topology.BASE_QUEUES)
+
+
+def declare(channel: BlockingChannel, queues: Iterable[Queue]) -> None:
+    """Declare ``queues`` with their bindings (their exchanges must exist already)."""
+    for q in queues:
+        channel.queue_declare(queue=q.name, durable=True, arguments=dict(q.arguments) or None)
+        for binding in q.bindings:
+            channel.queue_bind(
+                queue=q.name, exchange=binding.exchange.name, routing_key=binding.routing_key
+            )
+
+
+def back_off(
+    role: str,
+    bus: BusConfig,
+    backoff: Backoff,
+    attempt: int,
+    error: BaseException,
+    stop: threading.Event,
+) -> None:
+    """Say the broker is unreachable and wait before the next attempt (or until stop)."""
+    delay = backoff.delay(attempt)
+    log.warning(
+        "bus_unreachable",
+        role=role,
+        broker=bus.safe_url,
+        error=str(error) or type(error).__name__,
+        retry_in_s=round(delay, 2),
+    )
+    stop.wait(delay)
+
+
+def close_quietly(connection: pika.BlockingConnection | None) -> None:
+    if connection is None or connection.is_closed:
+        return
+    with contextlib.suppress(*CONNECT_ERRORS):
+        connection.close()
+
+
+def refusal(what: str, exc: BaseException) -> PublishFailed:
+    """The PublishFailed for a request the broker (or pika, before sending) refused."""
+    if isinstance(exc, pika.exceptions.UnroutableError):
+        text = (
+            "the broker could not route the message to any queue (mandatory publish): "
+            "declare the destination queue first"
+        )
+    elif isinstance(exc, pika.exceptions.NackError):
+        text = "the broker refused the message (negative confirm)"
+    elif isinstance(exc, pika.exceptions.ChannelClosedByBroker):
+        text = f"the broker refused it: {exc.reply_code} {exc.reply_text}"
+    else:
+        text = f"it cannot be sent over AMQP: {type(exc).__name__}: {cut(str(exc), 200)}"
+    error = PublishFailed(f"cannot {what}: {text}")
+    error.__cause__ = exc
+    return error
+
+
+def cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def properties_size(properties: pika.BasicProperties) -> int:
+    return sum(len(part) for part in properties.encode())
+
+
+def check_properties(properties: pika.BasicProperties, what: str) -> None:
+    """Refuse, before the broker does by closing the connection, properties too big for a
+    frame (frame_max, AMQP 0-9-1 section 4.2.3)."""
+    try:
+        size = properties_size(properties)
+    except REFUSED_BY_CLIENT as exc:
+        raise refusal(what, exc) from exc
+    if size > MAX_PROPERTIES_BYTES:
+        raise PublishFailed(
+            f"cannot {what}: its properties and headers take {size} bytes, more than the "
+            f"{MAX_PROPERTIES_BYTES} a message may carry here"
+        )

@@ -1,0 +1,284 @@
+"""``Publisher``: callers on any thread hand it messages; its own thread publishes each
+with publisher confirms and ``mandatory=True`` and wakes the caller with the outcome.
+
+A request the broker refuses fails alone, on a fresh channel; a lost connection is retried
+(with bounded, jittered backoff) unless the request itself keeps taking the connection down.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pika
+import pika.exceptions
+from google.protobuf.message import Message
+from pika.adapters.blocking_connection import BlockingChannel
+
+from hitless import logs
+from hitless.backoff import Backoff
+from hitless.bus import codec, topology
+from hitless.bus.amqp.channel import (
+    CONNECT_ERRORS,
+    MAX_EXPIRATION_MS,
+    PUMP_S,
+    REFUSED_BY_CLIENT,
+    back_off,
+    check_properties,
+    close_quietly,
+    connect,
+    cut,
+    dead_letter_headers,
+    declare,
+    refusal,
+)
+from hitless.bus.topology import Exchange, Queue
+from hitless.config import BusConfig
+from hitless.errors import BusUnavailable, PublishFailed
+
+log = logs.get(__name__)
+
+# A request that took the connection down this many times (e.g. properties larger than a
+# frame, which the broker answers by closing the connection) is failed, not retried.
+_MAX_CONNECTION_LOSSES = 3
+
+
+@dataclass
+class _Request:
+    action: Callable[[BlockingChannel], None]
+    what: str
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    # Set by a caller that stopped waiting: the request is dropped, never sent late.
+    abandoned: bool = False
+    connection_losses: int = 0
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+class Publisher:
+    """Publishes persistent messages with confirms and mandatory routing, from any thread."""
+
+    def __init__(
+        self,
+        bus: BusConfig,
+        *,
+        queues: Iterable[Queue] = (),
+        name: str = "publisher",
+        backoff: Backoff = Backoff(),
+    ) -> None:
+        self._bus = bus
+        self._queues = tuple(queues)
+        self._queues_lock = threading.Lock()
+        self._name = name
+        self._backoff = backoff
+        self._requests: queue.Queue[_Request] = queue.Queue()
+        self._stop = threading.Event()
+        self._connected = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
+
+    def start(self) -> Publisher:
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        """True while the publisher holds a connection to the broker."""
+        return self._connected.is_set()
+
+    def publish(
+        self,
+        exchange: Exchange,
+        routing_key: str,
+        message: Message | bytes,
+        *,
+        message_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        expiration_ms: int | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish and wait for the broker's confirm.
+
+        Raises PublishFailed when the broker nacks or cannot route the message, and
+        BusUnavailable when no confirm came within ``timeout`` (the broker is away).
+        """
+        what = f"publish to {exchange.name} with key {cut(routing_key, 80)!r}"
+        body = message if isinstance(message, bytes) else codec.encode(message)
+        if expiration_ms is not None and not 0 <= expiration_ms <= MAX_EXPIRATION_MS:
+            raise PublishFailed(
+                f"cannot {what}: a TTL of {expiration_ms} ms is outside what RabbitMQ takes "
+                f"(0 to {MAX_EXPIRATION_MS})"
+            )
+        properties = pika.BasicProperties(
+            content_type=codec.CONTENT_TYPE,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=message_id,
+            headers=dict(headers) if headers else None,
+            expiration=str(expiration_ms) if expiration_ms is not None else None,
+            timestamp=int(time.time()),
+        )
+        check_properties(properties, what)
+
+        def action(channel: BlockingChannel) -> None:
+            channel.basic_publish(
+                exchange=exchange.name,
+                routing_key=routing_key,
+                body=body,
+                properties=properties,
+                mandatory=True,
+            )
+
+        self._submit(action, timeout, what)
+
+    def dead_letter(
+        self,
+        body: bytes,
+        reason: str,
+        *,
+        source: str,
+        message_id: str | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish ``body`` untouched to the dead-letter exchange with ``reason`` (cut to
+        MAX_REASON_CHARS) and ``source`` (e.g. the queue it was meant for, or "") in headers:
+        for a message this service made but could not deliver. Raises as ``publish``."""
+        self.publish(
+            topology.DLX,
+            "",
+            body,
+            message_id=message_id,
+            headers=dead_letter_headers({}, reason, source),
+            timeout=timeout,
+        )
+
+    def declare(self, queues: Iterable[Queue], timeout: float = 30.0) -> None:
+        """Declare more queues; once declared they are kept and declared again after every
+        reconnect. Raises PublishFailed when the broker refuses one (nothing is kept from
+        this call then), BusUnavailable as ``publish``."""
+        new = tuple(queues)
+        self._submit(lambda channel: declare(channel, new), timeout, "declare queues")
+        with self._queues_lock:
+            self._queues = (*self._queues, *(q for q in new if q not in self._queues))
+
+    def _forget(self, refused: Queue, error: BaseException) -> None:
+        """A kept queue the broker refuses on reconnect is declared no more."""
+        log.error("queue_refused", role=self._name, queue=cut(refused.name, 80),
+                  error=cut(str(error), 300) or type(error).__name__)  # fmt: skip
+        with self._queues_lock:
+            self._queues = tuple(q for q in self._queues if q != refused)
+
+    def _submit(self, action: Callable[[BlockingChannel], None], timeout: float, what: str) -> None:
+        if not self._thread.is_alive():
+            raise BusUnavailable(f"cannot {what}: the {self._name} is not running")
+        request = _Request(action, what)
+        self._requests.put(request)
+        if not request.done.wait(timeout):
+            request.abandoned = True
+            raise BusUnavailable(
+                f"cannot {what}: no answer from the broker at {self._bus.safe_url} within "
+                f"{timeout:.0f}s; check that RabbitMQ is running"
+            )
+        if request.error is not None:
+            raise request.error
+
+    def _run(self) -> None:
+        attempt = 0
+        pending: _Request | None = None
+        while not self._stop.is_set():
+            connection = None
+            executing = False
+            try:
+                with self._queues_lock:
+                    kept = self._queues
+                connection, channel = connect(self._bus, kept, self._forget)
+                channel.confirm_delivery()
+                attempt = 0
+                self._connected.set()
+                log.info("bus_connected", role=self._name, broker=self._bus.safe_url)
+                while not self._stop.is_set():
+                    if pending is None:
+                        try:
+                            pending = self._requests.get(timeout=PUMP_S)
+                        except queue.Empty:
+                            connection.process_data_events(time_limit=0)
+                            continue
+                    if not pending.abandoned:
+                        executing = True
+                        self._execute(pending, channel)
+                        executing = False
+                    pending = None
+                    if not channel.is_open:  # the broker closed it to refuse a request
+                        channel = connection.channel()
+                        channel.confirm_delivery()
+            except CONNECT_ERRORS as exc:
+                self._connected.clear()
+                if pending is not None and executing:
+                    pending = self._lost_while_executing(pending, exc)
+                back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
+                attempt += 1
+            except Exception as exc:  # a bug must not silently end publishing for good
+                self._connected.clear()
+                log.exception("publisher_failed", role=self._name)
+                if pending is not None:
+                    pending.fail(BusUnavailable(f"the {self._name} failed: {exc}"))
+                    pending = None
+                back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
+                attempt += 1
+            finally:
+                close_quietly(connection)
+        self._connected.clear()
+        if pending is not None:
+            pending.fail(BusUnavailable(f"the {self._name} was closed"))
+        self._fail_waiting()
+
+    def _lost_while_executing(self, request: _Request, error: BaseException) -> _Request | None:
+        """The connection went down while ``request`` ran: retried on the next connection,
+        unless it has taken the connection down _MAX_CONNECTION_LOSSES times (the broker
+        closes the connection, not the channel, for some messages, e.g. a frame too large)."""
+        request.connection_losses += 1
+        if request.connection_losses < _MAX_CONNECTION_LOSSES:
+            return request
+        log.error("publish_dropped", role=self._name, what=request.what,
+                  error=str(error) or type(error).__name__)  # fmt: skip
+        request.fail(refusal(request.what, error))
+        return None
+
+    def _execute(self, request: _Request, channel: BlockingChannel) -> None:
+        """Run one request. What the broker or pika refuses for this request fails it alone
+        (the caller replaces a channel the broker closed); a lost connection propagates, so
+        the request is retried on the next one."""
+        try:
+            request.action(channel)
+        except (
+            pika.exceptions.UnroutableError,
+            pika.exceptions.NackError,
+            pika.exceptions.ChannelClosedByBroker,
+            *REFUSED_BY_CLIENT,
+        ) as exc:
+            log.warning("publish_refused", role=self._name, what=request.what,
+                        error=cut(str(exc), 300) or type(exc).__name__)  # fmt: skip
+            request.fail(refusal(request.what, exc))
+            return
+        request.done.set()
+
+    def _fail_waiting(self) -> None:
+        while True:
+            try:
+                request = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            request.error = BusUnavailable(f"the {self._name} was closed")
+            request.done.set()
