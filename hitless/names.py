@@ -30,8 +30,6 @@ REQUEST_ID_MAX = 128
 # A management job's message_id becomes the request id "management:<message_id>".
 MESSAGE_ID_MAX = 100
 MAX_DEADLINE = timedelta(days=30)
-# AMQP 0-9-1 shortstr (queue names, routing keys, message_id, user_id).
-SHORTSTR_MAX_BYTES = 255
 
 _GATEWAY_ID = re.compile(rf"[A-Za-z0-9_-]{{1,{GATEWAY_ID_MAX}}}")
 _TOKEN = re.compile(r"[!-~]+")  # printable ASCII without space
@@ -63,12 +61,7 @@ def request_id(text: str) -> str:
 
     1-128 printable ASCII characters without spaces (the database column holds 128).
     """
-    if len(text) > REQUEST_ID_MAX or not _TOKEN.fullmatch(text):
-        raise InvalidName(
-            f"invalid request id {shown(text)}: use 1-{REQUEST_ID_MAX} printable ASCII "
-            "characters without spaces (e.g. a UUID)"
-        )
-    return text
+    return _token(text, REQUEST_ID_MAX, "request id")
 
 
 def message_id(text: str) -> str:
@@ -77,10 +70,14 @@ def message_id(text: str) -> str:
     1-100 printable ASCII characters without spaces: the controller keys the job by
     ``management:<message_id>``, which must fit a request id.
     """
-    if len(text) > MESSAGE_ID_MAX or not _TOKEN.fullmatch(text):
+    return _token(text, MESSAGE_ID_MAX, "message_id")
+
+
+def _token(text: str, most: int, what: str) -> str:
+    if len(text) > most or not _TOKEN.fullmatch(text):
         raise InvalidName(
-            f"invalid message_id {shown(text)}: use 1-{MESSAGE_ID_MAX} printable ASCII "
-            "characters without spaces (e.g. a UUID)"
+            f"invalid {what} {shown(text)}: use 1-{most} printable ASCII characters without "
+            "spaces (e.g. a UUID)"
         )
     return text
 
@@ -97,15 +94,3 @@ def deadline(value: timedelta) -> timedelta:
             f"{int(MAX_DEADLINE.total_seconds())} seconds (30 days)"
         )
     return value
-
-
-def shortstr(text: str, what: str) -> str:
-    """Return ``text`` if it fits an AMQP shortstr (at most 255 bytes of UTF-8), else raise
-    InvalidName naming ``what``."""
-    size = len(text.encode("utf-8"))
-    if size > SHORTSTR_MAX_BYTES:
-        raise InvalidName(
-            f"{what} {shown(text)} is {size} bytes long: AMQP carries at most "
-            f"{SHORTSTR_MAX_BYTES} bytes there"
-        )
-    return text
