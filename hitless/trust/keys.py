@@ -65,6 +65,14 @@ class KeyPaths:
         side = "offline" if role in OFFLINE_ROLES else "online"
         return self.dir / side / f"{role}.pem"
 
+    def root(self) -> Root:
+        """The newest root in ``root.json``; KeyFileError when it cannot be read, and the
+        MetadataRefused subclasses of ``read_metadata`` when it is not root metadata."""
+        try:
+            return read_metadata(self.root_json.read_bytes(), Root).signed
+        except OSError as exc:
+            raise KeyFileError(f"cannot read {self.root_json}: {exc}") from exc
+
 
 def utcnow() -> datetime:
     """Now, in UTC, to the second (TUF expiries carry no fractions, spec §4.2)."""
@@ -115,10 +123,7 @@ def rotate(dir: Path, roles: list[str], now: datetime | None = None) -> bytes:
     if unknown or not roles:
         raise ValueError(f"roles to rotate: expected some of {', '.join(ROLES)}, got {roles}")
     paths = KeyPaths(dir)
-    try:
-        old = read_metadata(paths.root_json.read_bytes(), Root).signed
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {paths.root_json}: {exc}") from exc
+    old = paths.root()
     old_root_signer = load_role_signer(paths.key("root"), "root", old)
     new = Root.from_dict(old.to_dict())
     new.version = old.version + 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tuf.api.metadata import Metadata, Root, TargetFile, Targets
 
-from hitless.trust.errors import KeyFileError, ReleaseInputError, UnknownTarget
+from hitless.trust.errors import ReleaseInputError, UnknownTarget
 from hitless.trust.keys import TARGETS_EXPIRY, KeyPaths, load_role_signer, utcnow
 from hitless.trust.verify import read_metadata, verify_role
 
@@ -56,10 +56,7 @@ def sign_targets(
     subclasses (``current`` unsigned, malformed or expired-and-unreadable).
     """
     paths = KeyPaths(keys_dir)
-    try:
-        root = read_metadata(paths.root_json.read_bytes(), Root).signed
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {paths.root_json}: {exc}") from exc
+    root = paths.root()
     signer = load_role_signer(paths.key("targets"), "targets", root)
     targets = _next_targets(current, root)
     for name in remove:
