@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv proto test lint typecheck demo bench-hitless bench-controller-upgrade bench-dispatch clean
+.PHONY: venv proto test lint typecheck demo bench-hitless bench-controller-upgrade bench-dispatch bench-verify clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,9 @@ bench-controller-upgrade: $(STAMP)
 
 bench-dispatch: $(STAMP)
 	$(BIN)/python bench/dispatch.py
+
+bench-verify: $(STAMP)
+	$(BIN)/python bench/verify.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -32,10 +32,14 @@ from controller_svc.engine import Engine  # noqa: E402
 from controller_svc.events import Announcer  # noqa: E402
 from controller_svc.outbox import Outbox  # noqa: E402
 from controller_svc.repository import Repository  # noqa: E402
+from controller_svc.signing import Trust  # noqa: E402
 from hitless import logs  # noqa: E402
 from hitless.bus import topology  # noqa: E402
 from hitless.bus.amqp import Publisher  # noqa: E402
 from hitless.config import BusConfig  # noqa: E402
+from hitless.digest import file_sha256  # noqa: E402
+from hitless.trust import keys as trust_keys  # noqa: E402
+from hitless.trust import release  # noqa: E402
 from hitless.v1 import bus_pb2  # noqa: E402
 from tests.support.rabbit import Management, amqp_url  # noqa: E402
 
@@ -52,7 +56,15 @@ def _dispatch(bus: BusConfig, n: int, data: Path) -> float:
     now = datetime.now(UTC)
     for i in range(n):
         repo.record_gateway_seen(f"gw-{i}", "1.0.0", now)
-    repo.add_release("1.1.0", SHA, 1, "", now)
+    artifact = data / f"release-{n}.pyz"
+    artifact.write_bytes(b"release 1.1.0\n")
+    sha256, size = file_sha256(artifact)
+    keys_dir = trust_keys.init(data / f"keys-{n}")
+    trust = Trust(data / f"tuf-{n}", keys_dir.root_json.read_bytes(), keys_dir.online)
+    trust.accept(
+        release.sign_targets(None, keys_dir.dir, add={release.target_name("1.1.0"): artifact})
+    )
+    repo.add_release("1.1.0", sha256, size, "", now)
     publisher = Publisher(bus, name="bench-dispatch").start()
     try:
         publisher.wait_connected(10)
@@ -60,6 +72,7 @@ def _dispatch(bus: BusConfig, n: int, data: Path) -> float:
             repo,
             publisher,
             Announcer(publisher, Admins(repo.sessions), Outbox(repo.sessions)),
+            trust,
             command_deadline=timedelta(minutes=10),
         )
         started = time.perf_counter()

@@ -80,6 +80,7 @@ class Bench:
             sys.executable, str(self.a), "gateway-daemon", "run",
             "--id", GATEWAY_ID,
             "--controller", self.upgrades.controller,
+            "--trust-root", str(self.upgrades.trust_root),
             "--amqp", amqp,
             "--state-dir", str(work / "state"),
             "--tunnels", str(self.tunnels),

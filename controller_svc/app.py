@@ -18,11 +18,13 @@ from controller_svc.rejections import Rejections
 from controller_svc.repository import Repository
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.server import ArtifactsService, ControllerService, build_server
+from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
 from hitless import logs, version
 from hitless.bus import topology
 from hitless.bus.amqp import Consumer, Publisher
 from hitless.config import ControllerConfig
+from hitless.errors import ConfigError
 
 log = logs.get(__name__)
 
@@ -54,7 +56,12 @@ class ControllerApp:
 
     def run(self) -> int:
         config = self.config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        if config.trust_root is None:
+            raise ConfigError(
+                "the controller needs a trust root (root.json from `upgradectl keys init`)"
+            )
+        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        trust = Trust.open(config.data_dir, config.trust_root, config.online_keys)
         engine_db = db.make_engine(config.db_url)
         migrated = db.migrate(engine_db)
         log.info("database_ready", migrated=migrated)
@@ -64,7 +71,7 @@ class ControllerApp:
         repo = Repository(engine_db)
         admins = Admins(repo.sessions)
         upgrader = (
-            ControllerUpgrader(config, store, hand_over=self._stop.set)
+            ControllerUpgrader(config, store, trust, hand_over=self._stop.set)
             if config.self_upgrade
             else None
         )
@@ -72,6 +79,7 @@ class ControllerApp:
             repo,
             publisher,
             Announcer(publisher, admins, Outbox(repo.sessions)),
+            trust,
             command_deadline=timedelta(seconds=config.command_deadline_s),
             upgrader=upgrader,
         )
@@ -95,7 +103,7 @@ class ControllerApp:
             lane=lambda delivery: topology.reporting_gateway(delivery.routing_key),
         )
         feed = (
-            FeedSync(ReleaseFeed(config.release_feed), repo, store, engine.announcer)
+            FeedSync(ReleaseFeed(config.release_feed), repo, store, engine.announcer, trust)
             if config.release_feed
             else None
         )
@@ -104,7 +112,7 @@ class ControllerApp:
             ControllerService(
                 engine, store, admins, rejections, self._stop, feed, upgrader, limits=self._limits
             ),
-            ArtifactsService(store, limits=self._limits),
+            ArtifactsService(store, trust.repository, limits=self._limits),
             limits=self._limits,
         )
         poller = (
@@ -131,6 +139,7 @@ class ControllerApp:
             takeover.announce_ready(self._ready_fd, version.current())
             while not self._stop.wait(SWEEP_INTERVAL_S):
                 engine.sweep()
+                trust.refresh()
         finally:
             log.info("controller_stopping")
             server.stop(STOP_GRACE_S)

@@ -1,6 +1,7 @@
 """``controller-svc``: the controller's command line. Flags and environment are read here only.
 
-controller-svc serve [--listen HOST:PORT] [--db URL] [--amqp URL] [--data-dir DIR]
+controller-svc serve --trust-root FILE [--online-keys DIR] [--listen HOST:PORT] [--db URL]
+                     [--amqp URL] [--data-dir DIR]
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 from controller_svc import takeover
 from controller_svc.selfupgrade import exec_recorded_release
@@ -24,6 +26,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help=f"database URL (env {config.ENV_DB_URL})")
     serve.add_argument("--amqp", help=f"broker URL (env {config.ENV_AMQP_URL})")
     serve.add_argument("--data-dir", help=f"artifacts and SQLite file (env {config.ENV_DATA_DIR})")
+    serve.add_argument(
+        "--trust-root", type=Path, metavar="FILE",
+        help="root.json made by `upgradectl keys init`: the trust anchor of the releases "
+        f"this controller publishes and runs (env {config.ENV_TRUST_ROOT}); required",
+    )  # fmt: skip
+    serve.add_argument(
+        "--online-keys", type=Path, metavar="DIR",
+        help="the snapshot, timestamp and command keys (default: online/ beside the trust "
+        "root); never the root or targets keys",
+    )  # fmt: skip
     serve.add_argument(
         "--command-deadline", type=int, default=config.DEFAULT_COMMAND_DEADLINE_S, metavar="S",
         help="seconds a gateway has to take an upgrade command",
@@ -47,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> config.ControllerConfig:
     data = config.data_dir(args.data_dir)
+    trust_root = args.trust_root or os.environ.get(config.ENV_TRUST_ROOT)
+    if not trust_root:
+        raise ConfigError(
+            "the controller needs a trust root: give --trust-root FILE (the root.json that "
+            f"`upgradectl keys init --dir DIR` made) or set {config.ENV_TRUST_ROOT}"
+        )
     return config.ControllerConfig(
         listen=config.HostPort.parse(
             args.listen or config.DEFAULT_CONTROLLER, what="listen address"
@@ -60,6 +78,8 @@ def _config(args: argparse.Namespace) -> config.ControllerConfig:
         release_feed=args.release_feed,
         feed_interval_s=args.feed_interval,
         self_upgrade=args.self_upgrade,
+        trust_root=Path(trust_root).absolute(),
+        online_keys=args.online_keys.absolute() if args.online_keys else None,
     )
 
 

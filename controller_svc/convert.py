@@ -39,7 +39,7 @@ def gateway_state_from(value: common_pb2.GatewayJobState) -> GatewayState:
     return GatewayState(name.removeprefix("GATEWAY_JOB_STATE_"))
 
 
-def release(record: ReleaseRecord) -> controller_pb2.Release:
+def release(record: ReleaseRecord, signing: str = "") -> controller_pb2.Release:
     return controller_pb2.Release(
         version=record.version,
         sha256=record.sha256,
@@ -47,6 +47,7 @@ def release(record: ReleaseRecord) -> controller_pb2.Release:
         published_at=timestamp(record.published_at),
         notes=record.notes,
         restarts_vpn_service=record.restarts_vpn_service,
+        signing=signing,
     )
 
 

@@ -21,6 +21,7 @@ from controller_svc.planner import Plan, check, make_plan
 from controller_svc.records import JobRecord, ReleaseRecord, ReportIn
 from controller_svc.repository import Repository
 from controller_svc.selfupgrade import ControllerUpgrader
+from controller_svc.signing import Signing, Trust
 from controller_svc.states import GatewayState
 from controller_svc.transitions import EXPIRED_QUEUED
 from hitless import logs, names, semver
@@ -52,6 +53,7 @@ class Engine:
         repo: Repository,
         publisher: Publisher,
         announcer: Announcer,
+        trust: Trust,
         *,
         command_deadline: timedelta,
         clock: Clock = utc_now,
@@ -60,6 +62,7 @@ class Engine:
         self.repo = repo
         self._publisher = publisher
         self.announcer = announcer
+        self.trust = trust
         self._deadline = command_deadline
         self._clock = clock
         self._upgrader = upgrader
@@ -82,15 +85,23 @@ class Engine:
     # Starting jobs ---------------------------------------------------------------------
 
     def resolve_release(self, version: str | None) -> ReleaseRecord:
-        """The release named, or the latest for None; NotFound lists what exists."""
-        release = self.repo.latest_release() if version is None else self.repo.get_release(version)
+        """The release named, or the latest signed one for None; NotFound lists what
+        exists. The release named may be unsigned or yanked: ``Trust.require_signed``
+        says whether it may run."""
+        if version is None:
+            signed = [
+                r for r in self.repo.list_releases()
+                if self.trust.signing(r) is Signing.SIGNED
+            ]  # fmt: skip
+            if signed:
+                return signed[0]
+            raise NotFound(
+                "no signed release has been published yet: publish one with "
+                "`upgradectl releases publish --version V --artifact FILE --keys DIR`"
+            )
+        release = self.repo.get_release(version)
         if release is not None:
             return release
-        if version is None:
-            raise NotFound(
-                "no release has been published yet: publish one with "
-                "`upgradectl releases publish --version V --artifact FILE`"
-            )
         available = ", ".join(r.version for r in self.repo.list_releases()) or "none"
         raise NotFound(f"unknown version {version}; available: {available}")
 
@@ -101,6 +112,7 @@ class Engine:
         before ids were checked can still be named: its command fails alone), NotFound for
         an unknown release or gateway."""
         release = self.resolve_release(version)
+        self.trust.require_signed(release)
         known = {g.id: g for g in self.repo.list_gateways()}
         for gateway_id in gateway_ids:
             if gateway_id not in known:
@@ -218,10 +230,9 @@ class Engine:
                     topology.command_key(row.gateway_id),
                     command,
                     message_id=row.command_id,
-                    headers={
-                        topology.ISSUED_AT_HEADER: job.created_at.isoformat(),
-                        topology.ALLOW_DOWNGRADE_HEADER: job.allow_downgrade,
-                    },
+                    headers=self.trust.command_headers(
+                        command, job.created_at, allow_downgrade=job.allow_downgrade
+                    ),
                     expiration_ms=ttl_ms,
                 )
             except BusUnavailable as exc:
@@ -350,11 +361,13 @@ class Engine:
                 self._seen(beat.gateway_id, beat.version, vpn_sessions=beat.vpn_sessions)
             elif kind == topology.EXPIRED:
                 self._on_expired(codec.decode(bus_pb2.UpgradeCommand, delivery.body))
+            elif kind == topology.REFUSED:
+                self._on_refused(delivery)
             else:
                 raise DeadLetter(f"unknown report kind {kind!r} in key {delivery.routing_key!r}")
         except DecodeError as exc:
             raise DeadLetter(str(exc)) from exc
-        if kind in (topology.STATUS, topology.EXPIRED):
+        if kind in (topology.STATUS, topology.EXPIRED, topology.REFUSED):
             self.notify()  # job events may have changed; hellos and heartbeats make none
 
     def _seen(
@@ -408,6 +421,33 @@ class Engine:
             command.gateway_id, GatewayState.UNREACHABLE, command.target_version, EXPIRED_QUEUED,
         )  # fmt: skip
 
+    def _on_refused(self, delivery: Delivery) -> None:
+        """A gateway refused a command (``bus_pb2.CommandRefused``): a security event, logged
+        and mailed to the admins once per report. No job changes: the ids a refused
+        message claims may be forged (a gateway that refuses a release of a real job
+        reports that job FAILED itself)."""
+        refused = codec.decode(bus_pb2.CommandRefused, delivery.body)
+        sender = topology.reporting_gateway(delivery.routing_key)
+        try:
+            names.gateway_id(refused.gateway_id)
+            names.message_id(refused.report_id)
+        except InvalidName as exc:
+            raise DeadLetter(f"refused command report: {exc}") from exc
+        if refused.gateway_id != sender:
+            raise DeadLetter(
+                f"a refusal for gateway {refused.gateway_id!r} came with key "
+                f"{delivery.routing_key!r}"
+            )
+        refused.reason = refused.reason[:MAX_REASON_CHARS]
+        log.warning(
+            "command_refused_by_gateway",
+            gateway_id=refused.gateway_id,
+            kind=refused.kind[:40],
+            command_id=refused.command_id[:80],
+            reason=refused.reason,
+        )
+        self.announcer.command_refused(refused)
+
     def _after_change(self, job: JobRecord | None) -> None:
         if job is not None and job.state.terminal:
             log.info("job_finished", job_id=job.id, state=job.state.value)
@@ -424,6 +464,9 @@ class Engine:
         self.announcer.flush()
         self.notify()
 
+
+# The longest refusal reason kept from a gateway's report.
+MAX_REASON_CHARS = 2000
 
 # What a hello or heartbeat may say about a gateway beyond its id and version.
 MAX_VPN_SESSIONS = 1_000_000

@@ -53,6 +53,12 @@ class Announcer:
         )
         self._send(topology.JOB_REJECTED, event)
 
+    def command_refused(self, refused: bus_pb2.CommandRefused) -> None:
+        """A gateway refused a command it must not run: a security event for the admins."""
+        event = self._event(f"refused:{refused.report_id}")
+        event.command_refused.CopyFrom(refused)
+        self._send(topology.COMMAND_REFUSED, event)
+
     def _event(self, event_id: str) -> bus_pb2.Event:
         return bus_pb2.Event(
             event_id=event_id,

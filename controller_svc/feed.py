@@ -5,33 +5,55 @@ and bounded, is ``controller_svc.feed_source``.
 A feed is a directory or an HTTP(S) URL laid out as
 
     index.json              {"releases": ["1.4.0/manifest.json", ...]}
+    targets.json            the newest signed targets metadata, listing every release
     1.4.0/manifest.json     {"version": "1.4.0", "artifact": "hitless-1.4.0.pyz",
-                             "sha256": "<64 hex>", "size": 12345, "notes": "NOTES.md",
+                             "sha256": "<64 hex>", "size": 12345,
+                             "targets": "targets.json", "notes": "NOTES.md",
                              "flags": {"restarts_vpn_service": false}}
     1.4.0/hitless-1.4.0.pyz
+    1.4.0/targets.json      the signed targets metadata of the day 1.4.0 was added
     1.4.0/NOTES.md          the release notes, Markdown
 
-``write_entry`` lays a release out this way. Importing is idempotent: a version already
-known with the same digest changes nothing; with another digest it is refused (a version
-names one build).
+``write_entry`` lays a release out this way, where it is built: it signs the next targets
+version on top of the feed's ``targets.json`` with the release manager's targets key
+(``hitless.trust.release.sign_targets``), keeps it there and gives the entry its own copy.
+Importing is idempotent: a version already known with the same digest changes nothing;
+with another digest it is refused (a version names one build).
 
 Whatever a feed holds is untrusted input, taken under these rules (README "The release
 feed" states them for operators), beside those on locations and reads in
 ``controller_svc.feed_source``:
 
 - Reads are bounded: the index by MAX_INDEX_BYTES, a manifest by MAX_MANIFEST_BYTES,
-  notes by MAX_NOTES_BYTES, an artifact by the size its manifest declares (at most
-  MAX_ARTIFACT_BYTES).
+  targets metadata by MAX_TARGETS_BYTES, notes by MAX_NOTES_BYTES, an artifact by the
+  size its manifest declares (at most MAX_ARTIFACT_BYTES).
 - A manifest is a JSON object with only the fields shown (``notes`` and ``flags``
   optional): ``version`` MAJOR.MINOR.PATCH written plainly, at most MAX_VERSION_CHARS;
   ``sha256`` 64 lowercase hex digits; ``size`` a whole number of bytes, 1 to
-  MAX_ARTIFACT_BYTES; ``flags`` only ``restarts_vpn_service`` (true or false). Notes are
-  UTF-8 text without control characters other than tab and line breaks.
+  MAX_ARTIFACT_BYTES; ``targets`` the location of TUF targets metadata; ``flags`` only
+  ``restarts_vpn_service`` (true or false). Notes are UTF-8 text without control
+  characters other than tab and line breaks.
+- The targets metadata verifies against the controller's trusted root (signed by the
+  targets key it names) and lists ``hitless.trust.release.target_name(version)`` with the
+  manifest's sha256 and size (``controller_svc.signing.Trust.check_release``). It is
+  checked before the artifact is fetched, as is what publishing it needs: unexpired, and
+  newer than the targets the controller published, unless those list the release already
+  (an older entry keeps the targets of its day). The controller holds no targets key: it
+  never lists a release no targets metadata lists.
 - The artifact matches the manifest's sha256 and size, and carries the manifest's version
   as its stamp (``controller_svc.store.stamped_as``, the rule ``releases publish`` follows).
 - An entry that breaks a rule is refused alone (``EntryRefused``, naming the field) and
   the others are imported; refusals are logged once per distinct (entry, field, reason).
-  Only an unreadable or malformed index stops a check.
+  An entry refused for its targets is tried once more in the same check when the check
+  published newer targets, which may list it. Only an unreadable or malformed index
+  stops a check.
+- A known release the published targets do not list (imported before releases were
+  signed, or yanked since) is signed by its entry's targets under the same rules, without
+  fetching it again: a yanked one is refused while its entry carries the older targets.
+
+Import order, so that nothing of a refused entry is published: the targets are checked,
+the artifact stored (``controller_svc.store``), the targets published
+(``Trust.take_release``), then the release recorded and announced.
 
 Errors (below ``controller_svc.errors.ControllerError``; the first two are defined in
 ``controller_svc.feed_source``):
@@ -53,7 +75,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from controller_svc.errors import Conflict, ControllerError, InvalidRequest
+from tuf.api.metadata import Targets
+
+from controller_svc.errors import Conflict, FailedPrecondition, InvalidRequest
 from controller_svc.events import Announcer
 from controller_svc.feed_source import (
     FETCH_SLACK_S,
@@ -67,9 +91,12 @@ from controller_svc.feed_source import (
 )
 from controller_svc.records import ReleaseRecord
 from controller_svc.repository import Repository
+from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore, stamped_as
 from hitless import logs, semver
-from hitless.errors import ConfigError
+from hitless.errors import ConfigError, HitlessError
+from hitless.trust.keys import write_file
+from hitless.trust.release import sign_targets, target_name
 
 __all__ = [
     "INDEX",
@@ -78,7 +105,9 @@ __all__ = [
     "MAX_INDEX_ENTRIES",
     "MAX_MANIFEST_BYTES",
     "MAX_NOTES_BYTES",
+    "MAX_TARGETS_BYTES",
     "MAX_VERSION_CHARS",
+    "TARGETS",
     "CheckResult",
     "EntriesRefused",
     "EntryRefused",
@@ -93,16 +122,26 @@ __all__ = [
 log = logs.get(__name__)
 
 INDEX = "index.json"
+TARGETS = "targets.json"  # the feed's newest targets, and each entry's own copy
 # Limits on what a feed may make the controller read (README "The release feed").
 MAX_INDEX_BYTES = 1024 * 1024
 MAX_INDEX_ENTRIES = 1000  # a release every six weeks: over a century of them
 MAX_MANIFEST_BYTES = 64 * 1024
 MAX_NOTES_BYTES = 64 * 1024  # notes go into every admin's email
+# Targets metadata lists every release, about 200 bytes each as python-tuf writes it: the
+# MAX_INDEX_ENTRIES releases a feed may hold take about 200 KB. python-tuf's client takes up
+# to 5 MB (UpdaterConfig.targets_max_length), but every entry carries its own copy and a
+# refused entry is read again at every check: 1 MiB keeps a check's reads bounded.
+MAX_TARGETS_BYTES = 1024 * 1024
 MAX_ARTIFACT_BYTES = 1024 * 1024 * 1024
 MAX_VERSION_CHARS = semver.MAX_LENGTH
 
-_MANIFEST_FIELDS = ("version", "artifact", "sha256", "size", "notes", "flags")
-_REQUIRED_FIELDS = ("version", "artifact", "sha256", "size")
+_MANIFEST_FIELDS = ("version", "artifact", "sha256", "size", "targets", "notes", "flags")
+_REQUIRED_FIELDS = ("version", "artifact", "sha256", "size", "targets")
+_MISSING = {
+    "targets": "missing: give the location of the signed targets metadata that lists this "
+    "release (write_entry signs it with the release manager's targets key)",
+}
 _FLAGS = ("restarts_vpn_service",)
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 _CONTROL_IN_NOTES = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
@@ -154,6 +193,7 @@ class Manifest:
     artifact: Location
     sha256: str
     size: int
+    targets: Location
     notes: Location | None
     restarts_vpn_service: bool
 
@@ -203,7 +243,7 @@ class ReleaseFeed:
                 )
         for name in _REQUIRED_FIELDS:
             if name not in data:
-                raise EntryRefused(name, "missing")
+                raise EntryRefused(name, _MISSING.get(name, "missing"))
         folder = location[:-1]
         notes = data.get("notes", "")
         return Manifest(
@@ -211,9 +251,15 @@ class ReleaseFeed:
             artifact=folder + parse_location(data["artifact"], "artifact"),
             sha256=_digest(data["sha256"]),
             size=_size(data["size"]),
+            targets=folder + parse_location(data["targets"], "targets"),
             notes=None if notes == "" else folder + parse_location(notes, "notes"),
             restarts_vpn_service=_flags(data.get("flags", {})),
         )
+
+    def read_targets(self, location: Location) -> bytes:
+        """The targets metadata at ``location``, as signed: at most MAX_TARGETS_BYTES
+        (EntryRefused otherwise). Whether it verifies is ``Trust``'s to say."""
+        return self._source.read(location, "targets", MAX_TARGETS_BYTES)
 
     def read_notes(self, location: Location) -> str:
         """The release notes at ``location``: UTF-8 text of at most MAX_NOTES_BYTES without
@@ -301,17 +347,26 @@ def _flags(value: object) -> bool:
 
 
 class FeedSync:
-    """Imports what the feed has and the controller does not; ``run`` polls it."""
+    """Imports what the feed has and the controller does not, each release only with
+    targets metadata ``trust`` verifies (the controller's ``controller_svc.signing.Trust``);
+    ``run`` polls it."""
 
     def __init__(
-        self, feed: ReleaseFeed, repo: Repository, store: ArtifactStore, announcer: Announcer
+        self,
+        feed: ReleaseFeed,
+        repo: Repository,
+        store: ArtifactStore,
+        announcer: Announcer,
+        trust: Trust,
     ) -> None:
         self.feed = feed
         self._repo = repo
         self._store = store
         self._announcer = announcer
+        self._trust = trust
         self._lock = threading.Lock()
         self._logged: set[Refusal] = set()
+        self._newest: Targets | None = None  # the published targets, as of this check
 
     def run(self, interval_s: float, stop: threading.Event) -> None:
         """Check the feed now and every ``interval_s`` until ``stop``; failures are logged
@@ -319,7 +374,7 @@ class FeedSync:
         while not stop.is_set():
             try:
                 self.check()
-            except (ControllerError, OSError) as exc:
+            except (HitlessError, OSError) as exc:
                 log.warning("feed_check_failed", source=self.feed.source, error=str(exc))
             stop.wait(interval_s)
 
@@ -335,20 +390,36 @@ class FeedSync:
         return result.imported
 
     def check(self) -> CheckResult:
-        """Import what is new; the releases imported and the entries refused."""
+        """Import what is new; the releases imported and the entries refused, in the
+        index's order."""
         with self._lock:
-            imported: list[ReleaseRecord] = []
-            refused: list[Refusal] = []
-            for entry in self.feed.entries():
-                try:
-                    record = self._take(entry)
-                except EntryRefused as exc:
-                    refused.append(Refusal(_name(entry), exc.field, _cut(exc.reason)))
-                    continue
-                if record is not None:
-                    imported.append(record)
+            entries = self.feed.entries()
+            self._newest = self._trust.repository.targets()
+            published = self._published_version()
+            outcomes = [self._outcome(entry) for entry in entries]
+            # Each entry carries the targets of its day: an older entry's may have expired,
+            # or be older than those this check published, which may list it all the same.
+            if self._published_version() != published:
+                for i, (entry, outcome) in enumerate(zip(entries, outcomes, strict=True)):
+                    if isinstance(outcome, Refusal) and outcome.field == "targets":
+                        outcomes[i] = self._outcome(entry)
+            refused = [o for o in outcomes if isinstance(o, Refusal)]
             self._log_new(refused)
-            return CheckResult(imported, refused)
+            return CheckResult([o for o in outcomes if isinstance(o, ReleaseRecord)], refused)
+
+    def _outcome(self, entry: object) -> ReleaseRecord | Refusal | None:
+        """The release ``entry`` imported, its refusal, or None when nothing was new."""
+        try:
+            return self._take(entry)
+        except EntryRefused as exc:
+            return Refusal(_name(entry), exc.field, _cut(exc.reason))
+
+    def _published_version(self) -> int:
+        return self._newest.version if self._newest is not None else 0
+
+    def _listed(self, manifest: Manifest) -> bool:
+        """Whether the published targets list the manifest's artifact (name, sha256, size)."""
+        return self._trust.listed(manifest.version, manifest.sha256, manifest.size)
 
     def _log_new(self, refused: list[Refusal]) -> None:
         """Log each refusal once while it lasts: a feed checked every few minutes must not
@@ -367,17 +438,23 @@ class FeedSync:
     def _take(self, entry: object) -> ReleaseRecord | None:
         manifest = self.feed.manifest(parse_location(entry, "index entry"))
         known = self._repo.get_release(manifest.version)
-        if known is not None:
-            if known.sha256 != manifest.sha256:
-                raise EntryRefused(
-                    "sha256",
-                    f"version {manifest.version} is already known with sha256 {known.sha256}; "
-                    "a version names one build: give this build a new version",
-                )
-            return None
-        return self._import(manifest)
+        if known is None:
+            return self._import(manifest)
+        if known.sha256 != manifest.sha256:
+            raise EntryRefused(
+                "sha256",
+                f"version {manifest.version} is already known with sha256 {known.sha256}; "
+                "a version names one build: give this build a new version",
+            )
+        if not self._listed(manifest):
+            # Imported before releases were signed, or yanked since: the entry's targets
+            # sign the bytes the controller holds, if they are still to be published.
+            self._publish(manifest, self._targets(manifest))
+            log.info("release_signed", version=known.version, source=self.feed.source)
+        return None
 
     def _import(self, manifest: Manifest) -> ReleaseRecord | None:
+        targets = self._targets(manifest)
         notes = self.feed.read_notes(manifest.notes) if manifest.notes else ""
         try:
             stored = self._store.put(
@@ -388,6 +465,7 @@ class FeedSync:
             )
         except InvalidRequest as exc:
             raise EntryRefused("artifact", f"{shown(manifest.artifact)}: {exc}") from exc
+        self._publish(manifest, targets)
         try:
             record, created = self._repo.add_release(
                 manifest.version,
@@ -404,6 +482,24 @@ class FeedSync:
             self._announcer.release_published(record)
         return record if created else None
 
+    def _targets(self, manifest: Manifest) -> bytes:
+        """The entry's targets metadata, once it verifies, lists the manifest's artifact
+        and can be published; EntryRefused naming "targets" and the reason otherwise."""
+        targets = self.feed.read_targets(manifest.targets)
+        try:
+            self._trust.check_release(manifest.version, manifest.sha256, manifest.size, targets)
+        except FailedPrecondition as exc:
+            raise EntryRefused("targets", f"{shown(manifest.targets)}: {exc}") from exc
+        return targets
+
+    def _publish(self, manifest: Manifest, targets: bytes) -> None:
+        try:
+            self._trust.take_release(manifest.version, manifest.sha256, manifest.size, targets)
+        except FailedPrecondition as exc:
+            raise EntryRefused("targets", f"{shown(manifest.targets)}: {exc}") from exc
+        finally:
+            self._newest = self._trust.repository.targets()
+
 
 def _name(value: object) -> str:
     """A name from the feed as it is when short and printable, else quoted and cut short."""
@@ -416,25 +512,50 @@ def _cut(reason: str) -> str:
 
 
 def write_entry(
-    root: Path, version: str, artifact: Path, notes: str = "", *, restarts_vpn_service: bool = False
+    root: Path,
+    version: str,
+    artifact: Path,
+    notes: str = "",
+    *,
+    restarts_vpn_service: bool = False,
+    keys_dir: Path,
 ) -> Path:
-    """Lay out ``artifact`` as release ``version`` in the feed at ``root`` and list it in
-    the index; return the manifest's path."""
+    """Lay out ``artifact`` as release ``version`` in the feed at ``root``, signed, and list
+    it in the index; return the manifest's path.
+
+    Signs the next targets version on top of the feed's ``targets.json`` (the first: version
+    1) with ``target_name(version)`` added, with the targets key in ``keys_dir`` (``keys
+    init`` layout); keeps it as the feed's ``targets.json`` and as the entry's own
+    ``VERSION/targets.json``, which the manifest names. A release is signed where it is
+    built: the controller holds no targets key.
+
+    Raises ConfigError (``version`` not MAJOR.MINOR.PATCH), the errors of
+    ``hitless.trust.release.sign_targets`` (ReleaseInputError, KeyFileError; MetadataRefused
+    when the feed's ``targets.json`` was not signed by this targets key, e.g. after a
+    rotation: re-sign it first) with nothing written, and OSError or StorageError when the
+    feed cannot be written.
+    """
     version = str(semver.parse(version))
+    feed_targets = root / TARGETS
+    current = feed_targets.read_bytes() if feed_targets.exists() else None
+    targets = sign_targets(current, keys_dir, add={target_name(version): artifact})
     folder = root / version
     folder.mkdir(parents=True, exist_ok=True)
     data = artifact.read_bytes()
     (folder / artifact.name).write_bytes(data)
     (folder / "NOTES.md").write_text(notes, encoding="utf-8")
+    write_file(folder / TARGETS, targets, mode=0o644)
     manifest = {
         "version": version,
         "artifact": artifact.name,
         "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
+        "targets": TARGETS,
         "notes": "NOTES.md",
         "flags": {"restarts_vpn_service": restarts_vpn_service},
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    write_file(feed_targets, targets, mode=0o644)
     index_path = root / INDEX
     index = json.loads(index_path.read_text()) if index_path.exists() else {"releases": []}
     entry = f"{version}/manifest.json"

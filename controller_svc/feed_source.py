@@ -5,13 +5,13 @@ in ``controller_svc.feed``, which also draws the feed's error tree (``FeedError`
 
 Rules (README "The release feed" states them for operators):
 
-- Locations (index entries, a manifest's ``artifact`` and ``notes``) stay inside the feed.
-  Each is a relative path of plain segments joined by ``/``: no scheme, no host, no leading
-  ``/``, no empty, ``.`` or ``..`` segment (also when percent-encoded), no backslash and no
-  control character (NUL included), at most MAX_LOCATION_CHARS (``parse_location``). In a
-  directory feed a path whose symlinks lead outside the feed's root is refused, and the
-  file is opened without following a symlink on the way; over HTTP, a redirect that leaves
-  the feed's root URL is refused.
+- Locations (index entries, a manifest's ``artifact``, ``targets`` and ``notes``) stay
+  inside the feed. Each is a relative path of plain segments joined by ``/``: no scheme,
+  no host, no leading ``/``, no empty, ``.`` or ``..`` segment (also when percent-encoded),
+  no backslash and no control character (NUL included), at most MAX_LOCATION_CHARS
+  (``parse_location``). In a directory feed a path whose symlinks lead outside the feed's
+  root is refused, and the file is opened without following a symlink on the way; over
+  HTTP, a redirect that leaves the feed's root URL is refused.
 - Every read is bounded by a limit its caller gives. A document that says it is longer is
   refused before it is read; one that turns out longer is refused at the first byte too
   many.

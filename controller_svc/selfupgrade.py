@@ -1,11 +1,12 @@
 """The controller moving itself to a release, inline, without going down.
 
-The release's artifact (which carries the controller's code too) is staged under the data
-directory and started beside this process (``takeover``); once it serves, this process
-is told to hand over: it stops taking calls, finishes those in flight and exits. The
-staged release is recorded, so a controller restarted later runs it and not an older
-installed version. Secrets (database and broker URLs) travel in the environment, not on
-the command line.
+The release's artifact (which carries the controller's code too) is verified against the
+signed metadata the way a gateway verifies it (``Trust.verify_staged``), staged under the
+data directory and started beside this process (``takeover``); once it serves, this
+process is told to hand over: it stops taking calls, finishes those in flight and exits.
+The staged release is recorded with its sha256, so a controller restarted later runs it
+(after hashing it again) and not an older installed version. Secrets (database and broker
+URLs) travel in the environment, not on the command line.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 
 from controller_svc.errors import FailedPrecondition
 from controller_svc.records import ReleaseRecord
+from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
 from controller_svc.takeover import Successor, TakeoverFailed, start_successor
 from hitless import config as cfg
-from hitless import logs, version
-from hitless.digest import file_sha256
+from hitless import logs, staged, version
 
 log = logs.get(__name__)
 
@@ -38,11 +39,13 @@ class ControllerUpgrader:
         self,
         config: cfg.ControllerConfig,
         store: ArtifactStore,
+        trust: Trust,
         hand_over: Callable[[], None],
         spawn: Spawn = start_successor,
     ) -> None:
         self._config = config
         self._store = store
+        self._trust = trust
         self._hand_over = hand_over
         self._spawn = spawn
         self._lock = threading.Lock()
@@ -63,7 +66,7 @@ class ControllerUpgrader:
                 raise TakeoverFailed(
                     f"the new controller runs {successor.version}, not {release.version}"
                 )
-            record_release(self._config.data_dir, release.version, staged)
+            record_release(self._config.data_dir, release.version, staged, release.sha256)
             log.info("controller_handing_over", version=successor.version, pid=successor.pid)
             self._hand_over()
             return successor
@@ -71,19 +74,18 @@ class ControllerUpgrader:
             self._lock.release()
 
     def _stage(self, release: ReleaseRecord) -> Path:
+        """Copy the release's artifact under data_dir/releases (0700) once it verifies
+        against the signed metadata; a copy already there is verified again."""
         target = self._config.data_dir / "releases" / f"{release.version}-{release.sha256[:12]}.pyz"
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(".tmp")
-            shutil.copyfile(self._store.path(release.sha256), tmp)
-            actual, _ = file_sha256(tmp)
-            if actual != release.sha256:
-                tmp.unlink()
-                raise TakeoverFailed(
-                    f"the stored artifact of {release.version} is corrupt (sha256 {actual}, "
-                    f"expected {release.sha256}): publish the release again"
-                )
-            tmp.replace(target)
+        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        shutil.copyfile(target if target.exists() else self._store.path(release.sha256), tmp)
+        try:
+            self._trust.verify_staged(release, tmp)
+        except FailedPrecondition as exc:
+            tmp.unlink()
+            raise TakeoverFailed(f"the controller did not stage {release.version}: {exc}") from exc
+        tmp.replace(target)
         return target
 
     def _argv(self, artifact: Path) -> list[str]:
@@ -95,6 +97,10 @@ class ControllerUpgrader:
             "--command-deadline", str(c.command_deadline_s),
             "--feed-interval", str(c.feed_interval_s),
         ]  # fmt: skip
+        if c.trust_root is not None:
+            argv += ["--trust-root", str(c.trust_root)]
+        if c.online_keys is not None:
+            argv += ["--online-keys", str(c.online_keys)]
         if c.release_feed:
             argv += ["--release-feed", c.release_feed]
         if not c.self_upgrade:
@@ -105,22 +111,29 @@ class ControllerUpgrader:
         return {cfg.ENV_DB_URL: self._config.db_url, cfg.ENV_AMQP_URL: self._config.bus.url}
 
 
-def record_release(data_dir: Path, release_version: str, artifact: Path) -> None:
+def record_release(data_dir: Path, release_version: str, artifact: Path, sha256: str) -> None:
+    """Record the staged release a restart runs: its version, file and sha256."""
     pointer = data_dir / POINTER
     tmp = pointer.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": release_version, "artifact": str(artifact)}))
+    tmp.write_text(
+        json.dumps({"version": release_version, "artifact": str(artifact), "sha256": sha256})
+    )
     tmp.replace(pointer)
 
 
 def exec_recorded_release(data_dir: Path, argv: list[str]) -> None:
     """A controller started from an older installed package runs the release its last
-    self-upgrade staged instead, so a restart never silently downgrades it."""
+    self-upgrade staged instead, so a restart never silently downgrades it. The file is
+    hashed first (``staged.check``): one altered on disk is not run, and this installed
+    version starts instead."""
     try:
         recorded = json.loads((data_dir / POINTER).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return
     artifact = Path(recorded["artifact"])
     if recorded["version"] == version.current() or not artifact.is_file():
+        return
+    if not staged.check(artifact, recorded.get("sha256")):
         return
     log.info("exec_staged_release", version=recorded["version"], artifact=str(artifact))
     os.execv(sys.executable, [sys.executable, str(artifact), "controller-svc", *argv])

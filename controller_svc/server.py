@@ -42,12 +42,15 @@ from controller_svc.limits import (
     kind_of,
     peer_host,
 )
+from controller_svc.records import ReleaseRecord
 from controller_svc.rejections import Rejections
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.store import ArtifactStore, stamped_as
 from hitless import logs, names, semver, version
 from hitless.config import HEARTBEAT_INTERVAL_S, HostPort
 from hitless.errors import BusError, ConfigError, HitlessError
+from hitless.trust.errors import MetadataNotFound
+from hitless.trust.repository import Repository
 from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc, controller_pb2, controller_pb2_grpc
 
 log = logs.get(__name__)
@@ -122,6 +125,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         self._stopping = stopping
         self._feed = feed
         self._upgrader = upgrader
+        self._trust = engine.trust
         self._watch_lifetime_s = limits.watch.lifetime_s
 
     @_translated
@@ -140,16 +144,31 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     @_translated
     def ListReleases(self, request: Any, context: grpc.ServicerContext) -> Any:
-        releases = [convert.release(r) for r in self._repo.list_releases()]
+        releases = [self._release(r) for r in self._repo.list_releases()]
         return controller_pb2.ListReleasesResponse(releases=releases)
+
+    def _release(self, record: ReleaseRecord) -> Any:
+        return convert.release(record, self._trust.signing(record).value)
 
     @_translated
     def PublishRelease(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        """Store the artifact and publish its signed targets metadata, then record the
+        release. The metadata is checked first and the upload held to the length and
+        sha256 it signs: an artifact no valid targets metadata lists is never stored."""
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "metadata":
             raise InvalidRequest("the first message of PublishRelease must carry the metadata")
         meta = first.metadata
         version = str(semver.parse(meta.version))
+        signed_sha, signed_size = self._trust.signed_target(version, meta.targets_metadata)
+        self._trust.check_release(version, signed_sha, signed_size, meta.targets_metadata)
+        for claimed, signed, what in ((meta.sha256, signed_sha, "sha256"),
+                                      (meta.size, signed_size, "size")):  # fmt: skip
+            if claimed and claimed != signed:
+                raise InvalidRequest(
+                    f"the upload says {what} {claimed}, the signed targets metadata {signed}: "
+                    "publish the artifact the metadata was signed for"
+                )
 
         def chunks() -> Iterator[bytes]:
             for part in request_iterator:
@@ -159,10 +178,18 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
         stored = self._store.put(
             chunks(),
-            expected_sha256=meta.sha256 or None,
-            expected_size=meta.size or None,
+            expected_sha256=signed_sha,
+            expected_size=signed_size,
             check=stamped_as(version),
         )
+        known = self._repo.get_release(version)
+        if known is not None and known.sha256 != stored.sha256:
+            raise Conflict(
+                f"release {version} already exists with sha256 {known.sha256}, not "
+                f"{stored.sha256}: a version names one build; publish the new build under a "
+                "new version"
+            )
+        self._trust.take_release(version, stored.sha256, stored.size, meta.targets_metadata)
         record, created = self._repo.add_release(
             version,
             stored.sha256,
@@ -174,7 +201,40 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         if created:
             log.info("release_published", version=version, sha256=stored.sha256, size=stored.size)
             self._engine.announcer.release_published(record)
-        return convert.release(record)
+        return self._release(record)
+
+    @_translated
+    def GetTargetsMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        data, targets_version = self._trust.targets()
+        return controller_pb2.TargetsMetadata(data=data, version=targets_version)
+
+    @_translated
+    def YankRelease(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Publish the release manager's next targets version, which must leave the
+        release out; from then on gateways and the controller refuse it."""
+        version = str(semver.parse(request.version))
+        release = self._repo.get_release(version)
+        if release is None:
+            raise NotFound(f"no release {version} to yank")
+        try:
+            self._trust.signed_target(version, request.targets_metadata)
+        except FailedPrecondition as exc:
+            if not request.targets_metadata or "does not list" not in str(exc):
+                raise
+        else:
+            raise FailedPrecondition(
+                f"the targets metadata given still lists release {version}: sign the next "
+                "version without it (upgradectl releases yank V --keys DIR)"
+            )
+        self._trust.accept(request.targets_metadata)
+        log.warning("release_yanked", version=version)
+        return self._release(release)
+
+    @_translated
+    def RotateRoot(self, request: Any, context: grpc.ServicerContext) -> Any:
+        root_version = self._trust.accept_root(request.root, request.targets_metadata or None)
+        log.warning("root_rotated", root_version=root_version)
+        return controller_pb2.RotateRootResponse(root_version=root_version)
 
     @_translated
     def StartUpgrade(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -237,7 +297,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 "this controller has no release feed to check: start it with --release-feed"
             )
         imported = self._feed.sync()
-        return controller_pb2.SyncReleasesResponse(imported=[convert.release(r) for r in imported])
+        return controller_pb2.SyncReleasesResponse(imported=[self._release(r) for r in imported])
 
     @_translated
     def GetController(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -248,6 +308,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         if self._upgrader is None:
             raise FailedPrecondition("this controller runs with --no-self-upgrade")
         release = self._engine.resolve_release(str(semver.parse(request.version)))
+        self._trust.require_signed(release)
         if not self._upgrader.needed(release):
             raise FailedPrecondition(
                 f"nothing to do: the controller already runs {release.version}"
@@ -335,9 +396,22 @@ def _target_version(request: Any) -> str | None:
 
 
 class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[misc]
-    def __init__(self, store: ArtifactStore, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, store: ArtifactStore, metadata: Repository, *, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
         self._store = store
+        self._metadata = metadata
         self._limits = limits
+
+    @_translated
+    def FetchMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """One file of the TUF repository (``hitless.trust.repository.metadata_path``
+        names what is served); NOT_FOUND for any other name or one not published."""
+        try:
+            data = self._metadata.metadata(request.name)
+        except MetadataNotFound as exc:
+            raise NotFound(str(exc)) from exc
+        return artifacts_pb2.MetadataFile(data=data)
 
     @_translated_stream
     def Download(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:

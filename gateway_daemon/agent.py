@@ -1,12 +1,23 @@
 """The gateway's upgrade agent: takes one command and carries it through
 
-    DOWNLOADING -> VERIFYING -> (staged) -> SWAPPING -> handoff -> SUCCEEDED (new process)
-                                                              -> ROLLED_BACK (this process)
+    (signed?) -> DOWNLOADING -> VERIFYING -> (staged) -> SWAPPING -> handoff
+              -> SUCCEEDED (new process) | ROLLED_BACK (this process)
 
-Before taking a command it refuses (FAILED, with the reason) one issued before a command it
-already took (a late delivery must not undo a newer job), one that would take it to an
-older version than it runs now unless the job allowed a downgrade, and, once downloaded, an
-artifact whose stamped version is not the command's target.
+It runs only the signed copy of a command (``topology.SIGNED_COMMAND_HEADER``), never the
+message body: the signature must verify against a command key its trusted root carries
+and the command must name this gateway (``hitless.trust.commands``). A command id taken
+before with other content is a replay. Each of those is refused: reported as a security
+event (``Reporter.refused``) and dead-lettered, with nothing recorded under the command
+id and nothing run.
+
+Before taking a signed command it refuses (FAILED, with the reason) one issued before a
+command it already took (a late delivery must not undo a newer job) and one that would
+take it to an older version than it runs now unless the signed command allows a
+downgrade. The release's length and sha256 come from the signed TUF metadata, updated
+from the controller before anything is downloaded (``gateway_daemon.trust``), never from
+the command; a release the metadata does not list (never signed, or yanked) is refused.
+Once downloaded, the artifact must match the signed length and sha256 and carry the
+release's version stamp.
 
 Every outcome is written to disk before the command is acked, so a redelivered command
 is answered from there and never run twice. The command is acked when ``handle`` returns.
@@ -16,28 +27,45 @@ raises ``AgentRetired``, and the command goes back to the queue for the new vers
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+
+from tuf.api.metadata import Root
 
 from gateway_daemon.download import download
 from gateway_daemon.errors import (
     AgentRetired,
     DownloadFailed,
     HandoffFailed,
-    VerificationFailed,
 )
 from gateway_daemon.reporter import Reporter
 from gateway_daemon.state import AgentState, Outcome, Taken
-from gateway_daemon.verify import verify
+from gateway_daemon.trust import GatewayTrust
 from hitless import logs, semver, version
 from hitless.bus import codec, topology
 from hitless.bus.amqp import DeadLetter, Delivery
 from hitless.config import GatewayConfig
 from hitless.errors import DecodeError
+from hitless.trust.client import verify_artifact
+from hitless.trust.commands import SignedCommand, check_deadline, open_command
+from hitless.trust.errors import (
+    ArtifactMismatch,
+    BadCommandSignature,
+    CommandExpired,
+    CommandMisaddressed,
+    CommandRefused,
+    MetadataRefused,
+    TrustError,
+    UnknownCommandKey,
+    UnknownTarget,
+    UnsignedCommand,
+)
 from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
@@ -45,36 +73,30 @@ log = logs.get(__name__)
 Swap = Callable[[bus_pb2.UpgradeCommand, Path], None]
 PROGRESS_INTERVAL_S = 0.5
 
+# The kind a refusal is reported as (``bus_pb2.CommandRefused.kind``).
+_REFUSAL_KINDS: list[tuple[type[Exception], str]] = [
+    (UnsignedCommand, "unsigned"),
+    (UnknownCommandKey, "unknown-key"),
+    (BadCommandSignature, "bad-signature"),
+    (CommandMisaddressed, "misaddressed"),
+]
+# Refusals of a release by its signed metadata: security events, besides FAILED.
+_UNTRUSTED_RELEASE = (MetadataRefused, UnknownTarget, ArtifactMismatch)
+
 
 @dataclass(frozen=True)
-class _Order:
-    """When a command's job was issued and whether it allows a downgrade, from the
-    message's headers (``topology.ISSUED_AT_HEADER``, ``ALLOW_DOWNGRADE_HEADER``)."""
+class _Opened:
+    """A command whose signature verified, and the sha256 of the signed bytes."""
 
-    issued_at: datetime
-    allow_downgrade: bool
+    command: bus_pb2.UpgradeCommand
+    digest: str
 
-    @classmethod
-    def of(cls, headers: Mapping[str, Any]) -> _Order | None:
-        """None for a command without them (from an older controller); ValueError for
-        headers that are there but malformed."""
-        issued = headers.get(topology.ISSUED_AT_HEADER)
-        if issued is None:
-            return None
-        if isinstance(issued, bytes):
-            issued = issued.decode("utf-8", errors="replace")
-        try:
-            when = datetime.fromisoformat(str(issued))
-        except ValueError:
-            raise ValueError(
-                f"{topology.ISSUED_AT_HEADER} {str(issued)[:40]!r} is not an ISO 8601 time"
-            ) from None
-        if when.tzinfo is None:
-            raise ValueError(f"{topology.ISSUED_AT_HEADER} {str(issued)[:40]!r} has no time zone")
-        allow = headers.get(topology.ALLOW_DOWNGRADE_HEADER, False)
-        if not isinstance(allow, bool):
-            raise ValueError(f"{topology.ALLOW_DOWNGRADE_HEADER} must be true or false")
-        return cls(when.astimezone(UTC), allow)
+
+class _Refused(Exception):
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+        self.reason = reason
 
 
 class Agent:
@@ -85,6 +107,7 @@ class Agent:
         state: AgentState,
         reporter: Reporter,
         swap: Swap,
+        trust: GatewayTrust,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._config = config
@@ -92,6 +115,7 @@ class Agent:
         self._state = state
         self._reporter = reporter
         self._swap = swap
+        self._trust = trust
         self._clock = clock
         self._retired = False
 
@@ -102,55 +126,96 @@ class Agent:
                 "requeued for it"
             )
         try:
-            # Fields this release does not know are skipped: a newer controller may send them.
-            command = codec.decode(bus_pb2.UpgradeCommand, delivery.body, strict=False)
-        except DecodeError as exc:
-            raise DeadLetter(f"not an upgrade command: {exc}") from exc
-        if command.gateway_id != self._config.gateway_id:
-            raise DeadLetter(
-                f"command for gateway {command.gateway_id!r} reached {self._config.gateway_id!r}"
-            )
+            opened = self._open(delivery)
+        except _Refused as refused:
+            claimed = _claimed_ids(delivery.body)
+            self._reporter.refused(*claimed, refused.kind, refused.reason)
+            raise DeadLetter(f"refused ({refused.kind}): {refused.reason}") from None
+        command = opened.command
         bound = log.bind(job_id=command.job_id, command_id=command.command_id)
         done = self._state.outcome(command.command_id)
         if done is not None:
             bound.info("command_already_done", state=done.state)
             self._reporter.outcome(command, done)
             return
-        if command.HasField("deadline") and command.deadline.ToDatetime(UTC) < self._clock():
+        self._state.record_command(command.command_id, opened.digest)
+        try:
+            check_deadline(command, self._clock())
+        except CommandExpired:
             bound.warning("command_expired")
             self._finish(
                 command,
                 Outcome("UNREACHABLE", command.target_version, self._version,
                         "the command expired before the gateway took it"),
-            )
+            )  # fmt: skip
             return
-        try:
-            order = _Order.of(delivery.headers)
-            refusal = self._refusal(command, order)
-        except ValueError as exc:
-            refusal = f"the command's headers are malformed: {exc}"
-            order = None
+        refusal = self._refusal(command)
         if refusal is not None:
             bound.warning("command_refused", reason=refusal)
             self._finish(command, Outcome("FAILED", command.target_version, self._version,
                                           refusal))  # fmt: skip
             return
-        if order is not None:
-            self._state.record_taken(Taken(order.issued_at, command.job_id))
+        if command.HasField("issued_at"):
+            issued = command.issued_at.ToDatetime(UTC)
+            self._state.record_taken(Taken(issued, command.job_id))
         if command.target_version == self._version:
             self._finish(command, Outcome("SUCCEEDED", self._version, self._version))
             return
         bound.info("upgrade_started", target_version=command.target_version)
         self._upgrade(command)
 
-    def _refusal(self, command: bus_pb2.UpgradeCommand, order: _Order | None) -> str | None:
-        """Why this gateway must not run ``command``, issued as ``order`` says, now; or None.
+    def _open(self, delivery: Delivery) -> _Opened:
+        """The signed copy of the command in ``delivery``'s headers, once it verifies and
+        is not a replay. Raises _Refused with the kind and the reason."""
+        headers = delivery.headers
+        encoded = headers.get(topology.SIGNED_COMMAND_HEADER)
+        keyid = headers.get(topology.COMMAND_KEYID_HEADER)
+        signature = headers.get(topology.COMMAND_SIGNATURE_HEADER)
+        if encoded is None or keyid is None or signature is None:
+            raise _Refused(
+                "unsigned",
+                "the command carries no signature (headers "
+                f"{topology.SIGNED_COMMAND_HEADER}, {topology.COMMAND_KEYID_HEADER}, "
+                f"{topology.COMMAND_SIGNATURE_HEADER}): it was not run",
+            )
+        try:
+            payload = base64.b64decode(_text(encoded), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _Refused("bad-signature", f"the signed command is not base64: {exc}") from exc
+        signed = SignedCommand(payload, _text(keyid)[:128], _text(signature)[:256])
+        gateway_id = self._config.gateway_id
+        try:
+            try:
+                command = open_command(signed, self._trust.root(), gateway_id)
+            except UnknownCommandKey:
+                # A rotation may have given the command role a new key: look for a newer
+                # root once before refusing.
+                command = open_command(signed, self._refreshed_root(), gateway_id)
+        except CommandRefused as exc:
+            kind = next(k for kind_of, k in _REFUSAL_KINDS if isinstance(exc, kind_of))
+            raise _Refused(kind, str(exc)) from exc
+        digest = hashlib.sha256(payload).hexdigest()
+        taken = self._state.command_digest(command.command_id)
+        if taken is not None and taken != digest:
+            raise _Refused(
+                "replayed",
+                f"command {command.command_id} was taken before with other content "
+                f"(signed bytes sha256 {taken[:16]}..., now {digest[:16]}...): a replay; "
+                "it was not run",
+            )
+        return _Opened(command, digest)
 
-        A command without ``order`` (from a controller before these headers, or forged) is
-        never a downgrade: only the superseding rule needs to know when it was issued.
-        """
+    def _refreshed_root(self) -> Root:
+        try:
+            return self._trust.refresh()
+        except TrustError as exc:
+            log.warning("metadata_refresh_failed", error=str(exc))
+            return self._trust.root()
+
+    def _refusal(self, command: bus_pb2.UpgradeCommand) -> str | None:
+        """Why this gateway must not run the signed ``command`` now; or None."""
         newest = self._state.newest_taken()
-        issued = order.issued_at if order is not None else None
+        issued = command.issued_at.ToDatetime(UTC) if command.HasField("issued_at") else None
         if (
             issued is not None
             and newest is not None
@@ -165,7 +230,7 @@ class Agent:
             )
         target, running = command.target_version, self._version
         if (
-            not (order is not None and order.allow_downgrade)
+            not command.allow_downgrade
             and semver.is_valid(target)
             and semver.is_valid(running)
             and semver.parse(target) < semver.parse(running)
@@ -177,7 +242,23 @@ class Agent:
         return None
 
     def _upgrade(self, command: bus_pb2.UpgradeCommand) -> None:
-        sha, size, target = command.artifact_sha256, command.artifact_size, command.target_version
+        target = command.target_version
+        # Fetching the signed metadata is the start of the download.
+        self._status(command, "DOWNLOADING", bytes_done=0, bytes_total=command.artifact_size,
+                     required=False)  # fmt: skip
+        try:
+            signed = self._trust.release(target)
+        except TrustError as exc:
+            self._untrusted(command, f"release {target} did not verify: {exc}", exc)
+            return
+        sha, size = str(signed.hashes.get("sha256", "")), signed.length
+        if (command.artifact_sha256, command.artifact_size) != (sha, size):
+            log.warning(
+                "command_artifact_differs",
+                command_sha256=command.artifact_sha256[:64],
+                signed_sha256=sha,
+                note="the signed metadata decides",
+            )
         partial = self._state.downloads_dir / f"{sha}.pyz"
         last_report = 0.0
 
@@ -189,14 +270,17 @@ class Agent:
                 self._status(command, "DOWNLOADING", bytes_done=done, bytes_total=total,
                              required=False)
 
-        self._status(command, "DOWNLOADING", bytes_done=0, bytes_total=size, required=False)
         try:
             download(self._config.controller, sha, size, partial, progress=progress)
             self._status(command, "VERIFYING", bytes_done=size, bytes_total=size)
-            verify(partial, sha256=sha, size=size)
-        except (DownloadFailed, VerificationFailed) as exc:
+            verify_artifact(partial, signed)
+        except DownloadFailed as exc:
             partial.unlink(missing_ok=True)
             self._finish(command, Outcome("FAILED", target, self._version, str(exc)))
+            return
+        except TrustError as exc:
+            partial.unlink(missing_ok=True)
+            self._untrusted(command, f"verification failed: {exc}", exc)
             return
         stamp = version.stamped(partial)
         if stamp != target:
@@ -210,17 +294,28 @@ class Agent:
             ))  # fmt: skip
             return
         staged = self._state.releases_dir / f"{target}-{sha[:12]}.pyz"
-        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         partial.replace(staged)
+        verified = bus_pb2.UpgradeCommand()
+        verified.CopyFrom(command)
+        verified.artifact_sha256, verified.artifact_size = sha, size
         self._status(command, "SWAPPING")
         try:
-            self._swap(command, staged)
+            self._swap(verified, staged)
             self._retired = True
         except HandoffFailed as exc:
             self._finish(
                 command,
                 Outcome("ROLLED_BACK", target, self._version, f"handoff to {target} failed: {exc}"),
             )
+
+    def _untrusted(self, command: bus_pb2.UpgradeCommand, reason: str, exc: TrustError) -> None:
+        """The release did not verify: FAILED with the reason; a security event too when
+        the signed metadata refused it (not when it could not be fetched)."""
+        if isinstance(exc, _UNTRUSTED_RELEASE):
+            self._reporter.refused(command.command_id, command.job_id, "unverified-release",
+                                   reason)  # fmt: skip
+        self._finish(command, Outcome("FAILED", command.target_version, self._version, reason))
 
     def _status(self, command: bus_pb2.UpgradeCommand, state: str, **extra: object) -> None:
         self._reporter.status(
@@ -234,3 +329,19 @@ class Agent:
     def _finish(self, command: bus_pb2.UpgradeCommand, outcome: Outcome) -> None:
         self._state.record_outcome(command.command_id, outcome)
         self._reporter.outcome(command, outcome)
+
+
+def _text(value: object) -> str:
+    """A header value as text (pika gives longstr values as bytes)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _claimed_ids(body: bytes) -> tuple[str, str]:
+    """(command_id, job_id) as a refused message's body claims them, for the report."""
+    try:
+        claimed = codec.decode(bus_pb2.UpgradeCommand, body, strict=False)
+    except DecodeError:
+        return "", ""
+    return claimed.command_id[:100], claimed.job_id[:100]

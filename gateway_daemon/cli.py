@@ -1,6 +1,7 @@
 """``gateway-daemon``: the gateway's command line. Flags and environment are read here only.
 
-    gateway-daemon run --id ID [--controller HOST:PORT] [--amqp URL] [--state-dir DIR]
+    gateway-daemon run --id ID [--trust-root FILE] [--controller HOST:PORT] [--amqp URL]
+                       [--state-dir DIR]
                        [--listen HOST:PORT]... [--tunnels FILE] [--handoff-timeout S]
                        [--vpn-listen HOST:PORT] [--vpn-keepalive-timeout S]
                        [--heartbeat-interval S]
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 from gateway_daemon import daemon
+from gateway_daemon import trust as gateway_trust
 from gateway_daemon.handoff import child
 from gateway_daemon.handoff.parent import Deadlines
 from gateway_daemon.state import AgentState
@@ -35,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--controller", help=f"controller HOST:PORT (env {config.ENV_CONTROLLER})")
     run.add_argument("--amqp", help=f"broker URL (env {config.ENV_AMQP_URL})")
     run.add_argument("--state-dir", help="where downloads, releases and agent state live")
+    run.add_argument(
+        "--trust-root", type=Path, metavar="FILE",
+        help="root.json made by `upgradectl keys init`: the trust anchor releases and "
+        f"commands are verified against (env {config.ENV_TRUST_ROOT}); needed once, then "
+        "kept in the state directory",
+    )  # fmt: skip
     run.add_argument(
         "--listen", action="append", default=[], metavar="HOST:PORT",
         help="a TCP address to serve (repeatable)",
@@ -132,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         # A staged release checks its own flags and files: exec it before reading them.
         daemon.exec_current_release(AgentState(cfg.state_dir), argv)
+        given = args.trust_root or os.environ.get(config.ENV_TRUST_ROOT)
+        gateway_trust.provision(cfg.state_dir, Path(given) if given else None)
         if args.handoff_timeout <= 0:
             raise ConfigError(f"--handoff-timeout must be > 0 seconds, got {args.handoff_timeout}")
         if args.heartbeat_interval <= 0:

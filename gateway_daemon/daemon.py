@@ -25,10 +25,11 @@ from gateway_daemon.errors import HandoffFailed
 from gateway_daemon.handoff import child, parent
 from gateway_daemon.reporter import Reporter
 from gateway_daemon.state import AgentState, Outcome
+from gateway_daemon.trust import GatewayTrust
 from gateway_daemon.tunnels.config import TunnelsConfig
 from gateway_daemon.vpn.config import VpnConfig
 from gateway_daemon.vpn.supervisor import VpnSupervisor
-from hitless import logs, version
+from hitless import logs, staged, version
 from hitless.bus import codec, topology
 from hitless.bus.amqp import Consumer, Publisher
 from hitless.config import BusConfig, GatewayConfig, HostPort
@@ -164,7 +165,9 @@ class GatewayDaemon:
             return 1
         outcome = Outcome("SUCCEEDED", self.version, context["from_version"])
         self.state.record_outcome(command.command_id, outcome)
-        self.state.set_current_release(self.version, Path(context["artifact"]))
+        self.state.set_current_release(
+            self.version, Path(context["artifact"]), command.artifact_sha256
+        )
         inheritance.started()
         return self._serve(
             plane, handed_over=(command, outcome), publisher=publisher, predecessor=predecessor
@@ -184,7 +187,10 @@ class GatewayDaemon:
         self._plane = plane
         publisher = publisher or self._publisher()
         reporter = Reporter(publisher, self.config.gateway_id, self.version)
-        agent = Agent(self.config, self.version, self.state, reporter, self._swap)
+        agent = Agent(
+            self.config, self.version, self.state, reporter, self._swap,
+            GatewayTrust(self.config.state_dir, self.config.controller),
+        )  # fmt: skip
         consumer = Consumer(
             self.config.bus,
             topology.gateway_queue(self.config.gateway_id),
@@ -287,12 +293,16 @@ def _wait_exited(pid: int, timeout_s: float) -> None:
 
 def exec_current_release(state: AgentState, argv: list[str]) -> None:
     """A daemon started from the installed package runs the release staged by its last
-    upgrade instead, so a restart does not silently downgrade the gateway."""
+    upgrade instead, so a restart does not silently downgrade the gateway. The file is
+    hashed first (``hitless.staged.check``): one altered on disk since it was verified is
+    not run, and the installed package starts instead."""
     current = state.current_release()
     if current is None:
         return
-    staged_version, artifact = current
+    staged_version, artifact, sha256 = current
     if staged_version == version.current() or not artifact.is_file():
+        return
+    if not staged.check(artifact, sha256):
         return
     log.info("exec_staged_release", version=staged_version, artifact=str(artifact))
     os.execv(sys.executable, [sys.executable, str(artifact), "gateway-daemon", *argv])

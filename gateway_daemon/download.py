@@ -1,8 +1,9 @@
 """Fetching an artifact from the controller over gRPC streaming, resumable by offset.
 
-The only module of the gateway that imports grpc. Bytes go to ``<dest>.part``; a broken
-stream is resumed from the part file's size, with bounded backoff, and the part file is
-renamed to ``dest`` once every byte is there. Verification is the caller's job.
+With ``gateway_daemon.trust`` (metadata), the only modules of the gateway that import
+grpc. Bytes go to ``<dest>.part``, never past the length asked for (the signed length); a
+broken stream is resumed from the part file's size, with bounded backoff, and the part file
+is renamed to ``dest`` once every byte is there. Verification is the caller's job.
 
 A controller serving as many downloads as it allows (``controller_svc.limits``) answers
 RESOURCE_EXHAUSTED: the download then waits, with a longer backoff, for up to
@@ -147,7 +148,13 @@ def _stream_into(
             if chunk.total_size != size:
                 raise DownloadFailed(
                     f"the controller says the artifact has {chunk.total_size} bytes; "
-                    f"the command says {size}"
+                    f"its signed length is {size}"
+                )
+            if offset + len(chunk.data) > size:
+                # Endless data (TUF's threat model): never write past the signed length.
+                raise DownloadFailed(
+                    f"the controller sent more than the signed length of {size} bytes "
+                    f"(a chunk at {offset} of {len(chunk.data)} bytes); the download stopped"
                 )
             out.write(chunk.data)
             offset += len(chunk.data)

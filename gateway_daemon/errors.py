@@ -3,7 +3,6 @@
 HitlessError
 └── GatewayError
     ├── DownloadFailed        the artifact could not be fetched (after retries)
-    ├── VerificationFailed    the artifact's size or sha256 is not what the command says
     ├── AgentRetired          this process handed over; a command is left to the next one
     ├── HandoffFailed         the new version did not take over; the old one serves on
     │   ├── HandoffTimeout    a handoff step missed its deadline
@@ -24,10 +23,6 @@ class GatewayError(HitlessError):
 
 class DownloadFailed(GatewayError):
     """The artifact could not be downloaded."""
-
-
-class VerificationFailed(GatewayError):
-    """The downloaded artifact does not match the command's digest or size."""
 
 
 class AgentRetired(GatewayError, Requeue):

@@ -1,4 +1,4 @@
-"""What the gateway tells the controller: status reports, hello and heartbeats."""
+"""What the gateway tells the controller: status reports, refusals, hello and heartbeats."""
 
 from __future__ import annotations
 
@@ -93,6 +93,24 @@ class Reporter:
             error=outcome.error,
             vpn_sessions_dropped=outcome.vpn_sessions_dropped,
         )
+
+    def refused(self, command_id: str, job_id: str, kind: str, reason: str) -> None:
+        """Report a command this gateway refused to run (``bus_pb2.CommandRefused``; the
+        ids as the message claimed them). Required: raises if not published, so the
+        message is delivered again and the refusal reported again."""
+        message = bus_pb2.CommandRefused(
+            report_id=str(uuid.uuid4()),
+            gateway_id=self._gateway_id,
+            command_id=command_id,
+            job_id=job_id,
+            kind=kind,
+            reason=reason,
+            at=_now(),
+            from_version=self._version,
+        )
+        key = topology.report_key(self._gateway_id, topology.REFUSED)
+        self._publisher.publish(topology.REPORTS, key, message, message_id=message.report_id)
+        log.warning("command_refused", command_id=command_id, kind=kind, reason=reason)
 
     def hello(self, endpoints: Sequence[str]) -> None:
         message = bus_pb2.GatewayHello(

@@ -1,10 +1,12 @@
 """The gateway's state on disk, so an upgrade is resumable across processes and crashes.
 
-``agent.json`` in the state directory records the release this gateway runs (so a
-restarted daemon starts the staged artifact, not the installed package), the outcome of
-the latest commands (so a redelivered command is answered, never run twice) and when the
-newest command it took was issued (so one issued earlier, delivered late, is refused).
-Writes are atomic: temp file, fsync, rename.
+``agent.json`` in the state directory records the release this gateway runs and its
+sha256 (so a restarted daemon starts the staged artifact, after hashing it again, not the
+installed package), the outcome of the latest commands (so a redelivered command is
+answered, never run twice), the digest of each signed command taken (so the same command
+id with other content is refused as a replay) and when the newest command it took was
+issued (so one issued earlier, delivered late, is refused). Writes are atomic: temp file,
+fsync, rename. The state directory and those below it are created 0700.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ class AgentState:
         self.dir = state_dir
         self.path = state_dir / "agent.json"
         self._lock = threading.Lock()
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for private in (self.releases_dir, self.downloads_dir):
+            private.mkdir(mode=0o700, exist_ok=True)
 
     @property
     def releases_dir(self) -> Path:
@@ -67,17 +71,36 @@ class AgentState:
             os.fsync(f.fileno())
         tmp.replace(self.path)
 
-    def current_release(self) -> tuple[str, Path] | None:
-        """(version, artifact) of the release this gateway runs, if it runs a staged one."""
+    def current_release(self) -> tuple[str, Path, str | None] | None:
+        """(version, artifact, sha256) of the release this gateway runs, if it runs a
+        staged one; sha256 is None when an earlier release recorded none."""
         current = self._load().get("current")
         if not current:
             return None
-        return current["version"], Path(current["artifact"])
+        return current["version"], Path(current["artifact"]), current.get("sha256")
 
-    def set_current_release(self, version: str, artifact: Path) -> None:
+    def set_current_release(self, version: str, artifact: Path, sha256: str) -> None:
+        """Record the staged release this gateway runs, with the sha256 it was verified as."""
         with self._lock:
             data = self._load()
-            data["current"] = {"version": version, "artifact": str(artifact)}
+            data["current"] = {"version": version, "artifact": str(artifact), "sha256": sha256}
+            self._save(data)
+
+    def command_digest(self, command_id: str) -> str | None:
+        """The sha256 of the signed command taken under ``command_id``, if one was."""
+        found: str | None = self._load().get("commands", {}).get(command_id)
+        return found
+
+    def record_command(self, command_id: str, digest: str) -> None:
+        """Remember that the signed command with sha256 ``digest`` was taken under
+        ``command_id`` (the newest KEEP_OUTCOMES are kept: an older one has expired)."""
+        with self._lock:
+            data = self._load()
+            commands: dict[str, str] = data.setdefault("commands", {})
+            commands.pop(command_id, None)
+            commands[command_id] = digest  # dicts keep insertion order: oldest first
+            for old in list(commands)[: max(0, len(commands) - KEEP_OUTCOMES)]:
+                del commands[old]
             self._save(data)
 
     def newest_taken(self) -> Taken | None:

@@ -26,6 +26,7 @@ ENV_AMQP_URL = "HITLESS_AMQP_URL"
 ENV_CONTROLLER = "HITLESS_CONTROLLER"
 ENV_DATA_DIR = "HITLESS_DATA_DIR"
 ENV_DB_URL = "HITLESS_DB_URL"
+ENV_TRUST_ROOT = "HITLESS_TRUST_ROOT"
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
@@ -95,6 +96,10 @@ class ControllerConfig:
     release_feed: str | None = None  # a directory or an http(s) URL
     feed_interval_s: float = DEFAULT_FEED_INTERVAL_S
     self_upgrade: bool = True  # an upgrade moves the controller to the release first
+    # root.json from `upgradectl keys init` (the trust anchor), and the directory of the
+    # online keys (snapshot, timestamp, command); None: online/ beside the trust root.
+    trust_root: Path | None = None
+    online_keys: Path | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.feed_interval_s <= MAX_FEED_INTERVAL_S:

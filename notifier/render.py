@@ -5,6 +5,12 @@ the HTML part and stripped of line breaks in headers.
     release_published  "[hitless] Release 1.4.0 available — restarts the VPN service"
     job_finished       "[hitless] Upgrade to 1.4.0 partly failed: 2 of 3 gateways upgraded"
     job_rejected       "[hitless] Upgrade job rejected: unknown version 9.9.9"
+    command_refused    "[hitless] Security: gateway gw-1 refused a command (bad-signature)"
+
+A gateway's refusal (``CommandRefused``) is written by whoever could publish its report:
+every field but ``at`` is shown as untrusted text, on one line, cut to a bound, with each
+character that is not printable (line breaks, terminal escapes, bidirectional overrides)
+written as its escape (``\\n``, ``\\x1b``, ``\\u202e``).
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ def render(event: bus_pb2.Event) -> Rendered:
         return job_finished(event.job_finished)
     if kind == "job_rejected":
         return job_rejected(event.job_rejected)
+    if kind == "command_refused":
+        return command_refused(event.command_refused)
     raise UnknownEvent(f"event {event.event_id!r} has no kind this notifier knows ({kind})")
 
 
@@ -177,6 +185,79 @@ def job_rejected(rejected: bus_pb2.JobRejected) -> Rendered:
     return Rendered(subject, "\n".join(text) + "\n", _page(subject, html))
 
 
+# What each kind of refusal means (``CommandRefused.kind``, set by gateway_daemon/agent.py).
+_REFUSAL_MEANINGS = {
+    "unsigned": "the command carried no signature, so the controller did not send it",
+    "unknown-key": "the command was signed by a key the gateway's trusted root does not carry",
+    "bad-signature": "the signature does not match the command: it was altered or forged",
+    "misaddressed": "the signed command names another gateway",
+    "replayed": "a command id the gateway had already taken came again with other content",
+    "unverified-release": (
+        "the command names a release that the signed release metadata does not list, or "
+        "lists with other content"
+    ),
+}
+# Bounds for what a refusal report carries (characters, before escaping).
+_GATEWAY_ID_SHOWN = 80  # a valid id has at most 64 (hitless.names)
+_KIND_SHOWN = 40
+_ID_SHOWN = 128  # command and job ids
+_VERSION_SHOWN = 64  # hitless.semver.MAX_LENGTH
+_REASON_SHOWN = 2000  # what the controller keeps of a reason
+_COMMAND_REFUSED_ADVICE = [
+    "The gateway ran nothing of this command and keeps running the version above.",
+    "Someone may be publishing forged or altered commands, or signing them with the "
+    "controller's command key. Check who can publish on the broker's hitless.commands "
+    "exchange (RabbitMQ users with write permission on it, and who can reach the "
+    "management UI) and who holds the controller's command key.",
+    "The command and job ids are those the refused message claimed: they may be forged and "
+    "need not name a real job.",
+    "The gateway logs command_refused and the controller command_refused_by_gateway with "
+    "the same details.",
+]
+
+
+def command_refused(refused: bus_pb2.CommandRefused) -> Rendered:
+    """The security email for a command a gateway refused to run.
+
+    Every field but ``at`` comes from the network and may be forged or hostile: the subject
+    takes the gateway id and kind flattened to one line (at most 64 and 40 characters), the
+    body shows each field through ``_shown`` (one line, non-printable characters escaped,
+    bounded), and the HTML part escapes it on top.
+    """
+    gateway = _one_line(refused.gateway_id, limit=64) or "(unnamed)"
+    kind = _one_line(refused.kind, limit=_KIND_SHOWN) or "unknown kind"
+    subject = f"{PREFIX} Security: gateway {gateway} refused a command ({kind})"
+    shown_gateway = _shown(refused.gateway_id, limit=_GATEWAY_ID_SHOWN) or "(unnamed)"
+    version = _shown(refused.from_version, limit=_VERSION_SHOWN) or "(not given)"
+    meaning = _REFUSAL_MEANINGS.get(refused.kind, "a kind this notifier does not know")
+    facts = [
+        ("Gateway", shown_gateway),
+        ("Kind", f"{_shown(refused.kind, limit=_KIND_SHOWN) or '-'} — {meaning}"),
+        ("Reason", _shown(refused.reason, limit=_REASON_SHOWN) or "(no reason given)"),
+        ("Command id (as claimed)", _shown(refused.command_id, limit=_ID_SHOWN) or "-"),
+        ("Job id (as claimed)", _shown(refused.job_id, limit=_ID_SHOWN) or "-"),
+        ("Version it keeps running", version),
+        ("Refused at", _when(refused.at)),
+        ("Report id", _shown(refused.report_id, limit=_ID_SHOWN) or "-"),
+    ]
+    headline = (
+        f"Gateway {shown_gateway} refused a command it must not run. It ran nothing and keeps "
+        f"running version {version}."
+    )
+    text = [f"SECURITY EVENT: {headline}", ""]
+    text += [f"{label}: {value}" for label, value in facts]
+    text += ["", "What to do", "----------"]
+    text += [f"- {line}" for line in _COMMAND_REFUSED_ADVICE]
+    html = [
+        f'<div style="{_STYLE_WARNING}">&#9888; Security event: {escape(headline)}</div>',
+        _facts_table(facts),
+        "<h2>What to do</h2><ul>",
+        *[f"<li>{escape(line)}</li>" for line in _COMMAND_REFUSED_ADVICE],
+        "</ul>",
+    ]
+    return Rendered(subject, "\n".join(text) + "\n", _page(subject, html))
+
+
 def compose(
     rendered: Rendered,
     *,
@@ -272,3 +353,19 @@ def _when(stamp: Timestamp) -> str:
 def _one_line(value: str, *, limit: int = 80) -> str:
     flat = " ".join("".join(c if c.isprintable() else " " for c in value).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def _shown(value: str, *, limit: int) -> str:
+    """``value``, from an untrusted sender, safe to show on one line: each character that is
+    not printable written as its Python escape (``\\r``, ``\\x1b``, ``\\u202e``), and the
+    result cut to ``limit`` characters, ending in "… (N characters)" when cut (N counts
+    ``value``'s characters)."""
+    out: list[str] = []
+    used = 0
+    for char in value:
+        piece = char if char.isprintable() else repr(char)[1:-1]
+        if used + len(piece) > limit:
+            return "".join(out) + f"… ({len(value)} characters)"
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)

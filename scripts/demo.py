@@ -174,6 +174,10 @@ class Demo:
 
     def run(self) -> int:
         self.prepare_broker()
+        keys = self.root / "keys"
+        self.say(f"making throwaway release keys in {keys} (a real fleet's come from a ceremony)")
+        self.ctl("keys", "init", "--dir", str(keys))
+        trust_root = str(keys / "root.json")
         self.say(f"starting a controller on {self.controller} and {len(GATEWAYS)} gateways")
         self.start(
             "controller",
@@ -183,6 +187,8 @@ class Demo:
             self.controller,
             "--data-dir",
             str(self.root / "controller"),
+            "--trust-root",
+            trust_root,
         )
         for gid in GATEWAYS:
             self.start(
@@ -197,6 +203,8 @@ class Demo:
                 str(self.root / gid),
                 "--listen",
                 f"127.0.0.1:{free_port()}",
+                "--trust-root",
+                trust_root,
             )
         wait(lambda: self.gateways_on("1.0.0"), "the gateways to register")
         self.ctl("gateways", "list")
@@ -216,6 +224,8 @@ class Demo:
                 str(artifact),
                 "--notes",
                 str(notes),
+                "--keys",
+                str(keys),
             )
         self.ctl("releases", "list")
 

@@ -13,6 +13,7 @@ import pytest
 from hitless.config import BusConfig
 from tests.support.databases import BACKENDS, database_url
 from tests.support.fleet import Fleet
+from tests.support.gateway_upgrades import GatewayUpgrades
 from tests.support.procs import Procs
 from tests.support.rabbit import Management, amqp_url
 
@@ -92,3 +93,14 @@ def fleet(vhost: str, tmp_path: Path, procs: Procs) -> Iterator[Fleet]:
         yield fleet
     finally:
         fleet.close()
+
+
+@pytest.fixture
+def upgrades(vhost: str, tmp_path: Path) -> Iterator[GatewayUpgrades]:
+    """Releases, their signed metadata and signed commands for real gateway processes on
+    this test's vhost, without a controller (``tests.support.gateway_upgrades``)."""
+    driver = GatewayUpgrades(amqp_url(vhost), tmp_path / "store")
+    try:
+        yield driver
+    finally:
+        driver.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+from hitless.trust import keys
 from tests.support.fleet import Fleet
 from tests.support.procs import Procs, command, free_port
 from tests.support.rabbit import Management
@@ -62,6 +63,8 @@ def test_gateway_retries_an_unreachable_broker_and_says_so(procs: Procs, tmp_pat
             dead_broker,
             "--state-dir",
             str(tmp_path / "gw-1"),
+            "--trust-root",
+            str(keys.init(tmp_path / "keys").root_json),
         ],
     )
 

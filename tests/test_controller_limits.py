@@ -41,10 +41,12 @@ from gateway_daemon.download import download
 from gateway_daemon.errors import DownloadFailed
 from hitless.backoff import Backoff
 from hitless.config import BusConfig, ControllerConfig, HostPort
+from hitless.trust import keys, release
 from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc, controller_pb2, controller_pb2_grpc
 from tests.support.fleet import Fleet
 from tests.support.procs import Procs, free_port
 from tests.support.rabbit import amqp_url
+from tests.support.stamped import stamped
 from tests.support.wait import wait_for
 
 # A client that stops reading blocks the server after one chunk when it does not probe the
@@ -186,6 +188,7 @@ def running_controller(tmp_path: Path, bus: BusConfig, limits: Limits) -> Iterat
         bus=bus,
         data_dir=data,
         self_upgrade=False,
+        trust_root=keys.init(tmp_path / "keys").root_json,
     )
     app = ControllerApp(config, limits=limits)
     failed: list[BaseException] = []
@@ -437,10 +440,15 @@ def test_an_upload_that_stops_sending_is_ended_and_frees_its_slot(
         stub = controller_pb2_grpc.ControllerStub(channel)
         resume = threading.Event()
         sent = threading.Event()
+        artifact = tmp_path / "2.0.0.pyz"
+        artifact.write_bytes(stamped("2.0.0"))
+        targets = release.sign_targets(
+            None, tmp_path / "keys", add={release.target_name("2.0.0"): artifact}
+        )
 
         def stalling() -> Iterator[Any]:
             yield controller_pb2.PublishReleaseRequest(
-                metadata=controller_pb2.ReleaseMetadata(version="2.0.0")
+                metadata=controller_pb2.ReleaseMetadata(version="2.0.0", targets_metadata=targets)
             )
             sent.set()
             resume.wait(60)  # the client stops sending until the test ends

@@ -15,11 +15,13 @@ import pytest
 
 from controller_svc import db
 from controller_svc.repository import Repository
+from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
 from hitless.bus import topology
 from hitless.config import BusConfig, ControllerConfig, HostPort
 from hitless.digest import file_sha256
 from hitless.errors import ConfigError
+from hitless.trust import release
 from hitless.v1 import controller_pb2
 from tests.support.fleet import Fleet
 from tests.support.rabbit import Management
@@ -165,8 +167,9 @@ def test_an_artifact_of_another_version_is_refused_at_publish(fleet: Fleet) -> N
     artifact = fleet.root / "built-as-1.3.0.pyz"
     fleet.cli("releases", "build", "--version", "1.3.0", "-o", str(artifact))
     result = fleet.cli(
-        "releases", "publish", "--version", "7.4.0", "--artifact", str(artifact), check=False
-    )
+        "releases", "publish", "--version", "7.4.0", "--artifact", str(artifact),
+        "--keys", str(fleet.keys.dir), check=False,
+    )  # fmt: skip
     assert result.returncode == 4, result.stderr
     assert "the artifact for release 7.4.0 carries the version stamp '1.3.0'" in result.stderr
     assert fleet.cli_json("releases", "list") == []
@@ -185,6 +188,14 @@ def test_a_gateway_refuses_an_artifact_of_another_version(fleet: Fleet, tmp_path
         [artifact.read_bytes()], expected_sha256=file_sha256(artifact)[0]
     )
     _repository(fleet).add_release("7.4.0", stored.sha256, stored.size, "", datetime.now(UTC))
+    # Signed by the release manager as 7.4.0 all the same: only the stamp tells.
+    trust = Trust(fleet.data_dir / "tuf", fleet.keys.root_json.read_bytes(), fleet.keys.online)
+    current, _ = trust.targets()
+    trust.accept(
+        release.sign_targets(
+            current or None, fleet.keys.dir, add={release.target_name("7.4.0"): artifact}
+        )
+    )
 
     # The controller moves first, and finds itself on 1.3.0: nothing goes to the fleet.
     upgrade = ("upgrade", "--version", "7.4.0", "--yes", "--wait", "--json")

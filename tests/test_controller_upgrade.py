@@ -168,7 +168,10 @@ def test_a_broken_controller_release_leaves_the_old_one_in_charge(
     fleet.wait_gateways({"gw-1": BASE})
     before = _controller(fleet)
     artifact = controller_releases.build("1.1.0", tmp_path / "broken.pyz", broken)
-    fleet.cli("releases", "publish", "--version", "1.1.0", "--artifact", str(artifact))
+    fleet.cli(
+        "releases", "publish", "--version", "1.1.0", "--artifact", str(artifact),
+        "--keys", str(fleet.keys.dir),
+    )  # fmt: skip
 
     result = fleet.cli("upgrade", "--latest", "--yes", "--wait", "--json", check=False)
     assert result.returncode == 1, result.stderr

@@ -1,8 +1,10 @@
 """Artifact download over the controller's real gRPC server: a stream cut in the middle
-resumes from its offset, and the file is whole."""
+resumes from its offset, and the file is whole; a server that sends more than the length
+asked for (the signed length) is cut off there."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from concurrent import futures
@@ -15,9 +17,10 @@ from controller_svc.server import ArtifactsService
 from controller_svc.store import ArtifactStore
 from gateway_daemon.download import download
 from gateway_daemon.errors import DownloadFailed
-from gateway_daemon.verify import verify
 from hitless.config import HostPort
-from hitless.v1 import artifacts_pb2_grpc
+from hitless.trust import keys
+from hitless.trust.repository import Repository
+from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc
 from tests.support.proxy import CuttingProxy
 
 SIZE = 6 * 1024 * 1024 + 123
@@ -29,7 +32,8 @@ def artifact_server(tmp_path: Path) -> Iterator[tuple[int, str, bytes]]:
     data = os.urandom(SIZE)
     stored = store.put([data[i : i + 65536] for i in range(0, SIZE, 65536)])
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    artifacts_pb2_grpc.add_ArtifactsServicer_to_server(ArtifactsService(store), server)
+    service = ArtifactsService(store, metadata(tmp_path))
+    artifacts_pb2_grpc.add_ArtifactsServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
@@ -56,7 +60,7 @@ def test_cut_stream_resumes_from_its_offset(
     assert 0 < result.resumed_from[0] < SIZE
     assert progress[-1] == SIZE
     assert progress == sorted(progress), "progress went backwards: bytes were fetched twice"
-    verify(result.path, sha256=sha, size=SIZE)
+    assert hashlib.sha256(result.path.read_bytes()).hexdigest() == sha
     assert result.path.read_bytes() == data
     assert not (tmp_path / "a.pyz.part").exists()
 
@@ -67,3 +71,37 @@ def test_unknown_artifact_fails_without_retrying_forever(
     port, _, _ = artifact_server
     with pytest.raises(DownloadFailed, match="NOT_FOUND"):
         download(HostPort("127.0.0.1", port), "ab" * 32, 10, tmp_path / "x.pyz")
+
+
+def metadata(tmp_path: Path) -> Repository:
+    """An empty TUF repository for the service's metadata side (unused here)."""
+    paths = keys.init(tmp_path / "keys")
+    return Repository(tmp_path / "tuf", paths.root_json.read_bytes(), paths.online)
+
+
+class _Endless(ArtifactsService):
+    """A controller that says the artifact has the length asked for and sends more."""
+
+    def Download(self, request: object, context: grpc.ServicerContext) -> Iterator[object]:
+        for i in range(64):
+            yield artifacts_pb2.Chunk(offset=i * 65536, data=b"x" * 65536, total_size=SIGNED)
+
+
+SIGNED = 100_000
+
+
+def test_a_stream_longer_than_the_signed_length_is_cut_off_there(tmp_path: Path) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    service = _Endless(ArtifactStore(tmp_path / "store"), metadata(tmp_path))
+    artifacts_pb2_grpc.add_ArtifactsServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    dest = tmp_path / "a.pyz"
+    try:
+        with pytest.raises(DownloadFailed, match="more than the signed length of 100000 bytes"):
+            download(HostPort("127.0.0.1", port), "ab" * 32, SIGNED, dest, max_attempts=1)
+    finally:
+        server.stop(0).wait()
+    assert not dest.exists()
+    part = dest.with_name(dest.name + ".part")
+    assert not part.exists() or part.stat().st_size <= SIGNED

@@ -119,7 +119,8 @@ def test_corrupted_artifact_is_rejected_before_the_swap(fleet: Fleet) -> None:
     assert job["state"] == "FAILED"
     (gateway,) = job["gateways"]
     assert gateway["state"] == "FAILED"
-    assert "verification failed: sha256" in gateway["error"]
+    assert "verification failed:" in gateway["error"]
+    assert "is not the signed target 'hitless-1.1.0.pyz'" in gateway["error"]
     assert fleet.greeting("gw-1") == f"hitless-gateway gw-1 {BASE}"
     assert fleet.gateways()["gw-1"]["version"] == BASE
 

@@ -9,10 +9,8 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from gateway_daemon.tunnels.report import TrafficReport
@@ -32,15 +30,6 @@ from tests.support.wait import wait_for
 DEADLINE = 5.0
 
 
-@pytest.fixture
-def upgrades(vhost: str, tmp_path: Path) -> Iterator[GatewayUpgrades]:
-    driver = GatewayUpgrades(amqp_url(vhost), tmp_path / "store")
-    try:
-        yield driver
-    finally:
-        driver.close()
-
-
 def assert_clean(report: TrafficReport) -> None:
     udp, tcp = report.udp, report.tcp
     assert (udp.lost, udp.duplicated, udp.rejected) == (0, 0, 0), report.table()
@@ -54,7 +43,12 @@ def test_three_upgrades_a_b_a_b_under_load_lose_nothing_and_tcp_arrives_byte_exa
     a = releases.build("1.1.0", tmp_path / "a.pyz")
     b = releases.build("1.2.0", tmp_path / "b.pyz")
     gateway = start_gateway(
-        procs, tmp_path, amqp_url=amqp_url(vhost), controller=upgrades.controller, release=a
+        procs,
+        tmp_path,
+        amqp_url=amqp_url(vhost),
+        controller=upgrades.controller,
+        trust_root=upgrades.trust_root,
+        release=a,
     )
     with Traffic(gateway.sites) as traffic:
         for i, (version, artifact) in enumerate([("1.2.0", b), ("1.1.0", a), ("1.2.0", b)]):
@@ -80,6 +74,7 @@ def test_a_packet_captured_before_the_upgrade_is_rejected_after_it(
     b = releases.build("1.2.0", tmp_path / "b.pyz")
     gateway = start_gateway(
         procs, tmp_path, amqp_url=amqp_url(vhost), controller=upgrades.controller,
+        trust_root=upgrades.trust_root,
         udp_tunnels=1, tcp_tunnels=0,
     )  # fmt: skip
     sites = gateway.sites
@@ -123,6 +118,7 @@ def test_broken_new_versions_roll_back_without_loss_and_a_good_one_then_takes_ov
 ) -> None:
     gateway = start_gateway(
         procs, tmp_path, amqp_url=amqp_url(vhost), controller=upgrades.controller,
+        trust_root=upgrades.trust_root,
         handoff_timeout=3.0,
     )  # fmt: skip
     expected = {
@@ -152,12 +148,17 @@ def test_new_process_killed_in_the_middle_of_the_handoff_rolls_back_without_loss
     vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
 ) -> None:
     gateway = start_gateway(
-        procs, tmp_path, amqp_url=amqp_url(vhost), controller=upgrades.controller
+        procs,
+        tmp_path,
+        amqp_url=amqp_url(vhost),
+        controller=upgrades.controller,
+        trust_root=upgrades.trust_root,
     )
     stuck = releases.build("1.2.0", tmp_path / "stuck.pyz", broken="stuck-in-selfcheck")
     old = gateway.serving_pid()
     udp_port = gateway.sites.udp_gateway[1]
     with Traffic(gateway.sites) as traffic:
+
         def kill_when_it_holds_the_sockets() -> bool:
             pid = gateway.new_process()
             if pid is None or not holds_socket_of(pid, old, udp_port):

@@ -24,7 +24,10 @@ def _publish_vpn_release(fleet: Fleet, version: str) -> None:
     def parts() -> Iterator[controller_pb2.PublishReleaseRequest]:
         yield controller_pb2.PublishReleaseRequest(
             metadata=controller_pb2.ReleaseMetadata(
-                version=version, notes="Restarts the VPN service.", restarts_vpn_service=True
+                version=version,
+                notes="Restarts the VPN service.",
+                restarts_vpn_service=True,
+                targets_metadata=fleet.signed_targets(version, artifact),
             )
         )
         yield controller_pb2.PublishReleaseRequest(chunk=artifact.read_bytes())

@@ -570,3 +570,49 @@ def test_a_recipient_that_breaks_the_session_goes_last_and_fails_at_its_deadline
     detail = failed_detail(tmp_path / "notifier.db", first.event_id, "crash@example.com")
     assert detail.startswith("still refused after 1s:") and "421" in detail, detail
     assert_queue_settled(rabbit, vhost)
+
+
+def test_a_refused_command_mails_each_admin_a_security_email_once_when_delivered_twice(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Publisher,
+    rabbit: Management,
+    vhost: str,
+) -> None:
+    start_smtp()
+    notifier = make_notifier()
+    refused = bus_pb2.CommandRefused(
+        report_id="r-7",
+        gateway_id="gw-1",
+        command_id="forged-1",
+        job_id="forged-job",
+        kind="unknown-key",
+        reason="signed by key 9f3c, which the trusted root does not carry\r\nBcc: x@example.com",
+        from_version="1.3.0",
+    )
+    event = bus_pb2.Event(event_id="refused:r-7", admins=ADMINS, command_refused=refused)
+    publish(publisher, event, topology.COMMAND_REFUSED)
+    publish(publisher, event, topology.COMMAND_REFUSED)
+
+    wait_for(
+        lambda: notifier.counters.skipped >= 3,
+        timeout=10,
+        what="the second delivery to skip all three admins",
+        describe=lambda: f"{notifier.counters}, mails {sink.count()}",
+    )
+    stop(notifier)
+    assert sink.count() == Counter(ADMINS)
+    for admin in ADMINS:
+        (mail,) = sink.to(admin)
+        assert mail["Subject"] == (
+            "[hitless] Security: gateway gw-1 refused a command (unknown-key)"
+        )
+        assert mail["X-Hitless-Event"] == "refused:r-7" and "Bcc" not in mail
+        assert mail["Message-ID"] == message_id(event.event_id, admin, SENDER)
+        text = body_text(mail)
+        assert "Reason: signed by key 9f3c, which the trusted root does not carry\\r\\nBcc:" in text
+        assert "Command id (as claimed): forged-1" in text
+        assert "Version it keeps running: 1.3.0" in text
+        assert "hitless.commands exchange" in text
+    assert_queue_settled(rabbit, vhost)

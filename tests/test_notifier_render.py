@@ -168,3 +168,75 @@ def test_message_id_is_stable_per_event_and_address() -> None:
     assert first != render.message_id("ev-1", "b@example.com", "hitless@example.com")
     assert first != render.message_id("ev-2", "a@example.com", "hitless@example.com")
     assert first.startswith("<") and first.endswith("@example.com>")
+
+
+def refused(**fields: str) -> bus_pb2.Event:
+    values = {
+        "report_id": "r-1",
+        "gateway_id": "gw-1",
+        "command_id": "forged-1",
+        "job_id": "forged-job",
+        "kind": "bad-signature",
+        "reason": "the signature by key ab12 does not match the command",
+        "from_version": "1.3.0",
+    } | fields
+    return bus_pb2.Event(
+        event_id="refused:r-1",
+        admins=["ops@example.com"],
+        command_refused=bus_pb2.CommandRefused(at=Timestamp(seconds=1_700_000_000), **values),
+    )
+
+
+def test_command_refused_is_a_security_email_with_what_to_do() -> None:
+    message = composed(refused())
+    assert message["Subject"] == (
+        "[hitless] Security: gateway gw-1 refused a command (bad-signature)"
+    )
+    text, html = parts(message)
+    assert text.startswith("SECURITY EVENT: Gateway gw-1 refused a command it must not run.")
+    for line in (
+        "Gateway: gw-1",
+        "Kind: bad-signature — the signature does not match the command",
+        "Reason: the signature by key ab12 does not match the command",
+        "Command id (as claimed): forged-1",
+        "Job id (as claimed): forged-job",
+        "Version it keeps running: 1.3.0",
+        "Refused at: 2023-11-14 22:13:20 UTC",
+    ):
+        assert f"\n{line}" in text, f"expected the line {line!r} in:\n{text}"
+    assert "ran nothing" in text
+    assert "hitless.commands exchange" in text and "command key" in text
+    assert "Security event:" in html and ">forged-job</td>" in html
+    assert "hitless.commands exchange" in html
+
+
+def test_command_refused_of_an_unknown_kind_is_still_mailed() -> None:
+    rendered = render.render(refused(kind="from-the-future", reason=""))
+    assert rendered.subject.endswith("refused a command (from-the-future)")
+    assert "Kind: from-the-future — a kind this notifier does not know" in rendered.text
+    assert "Reason: (no reason given)" in rendered.text
+
+
+def test_command_refused_shows_hostile_fields_safely() -> None:
+    hostile_gateway = "gw-1\r\nBcc: victim@example.com\r\n\r\n<b>" + "x" * 5000
+    hostile_reason = "bad\r\nGateway: gw-ok\x1b[2J\u202eevil\x00<script>" + "y" * 10_000
+    message = composed(
+        refused(gateway_id=hostile_gateway, reason=hostile_reason, kind="unsigned\nBcc: a@b.c")
+    )
+    assert "Bcc" not in message, "no header comes from the event"
+    subject = message["Subject"]
+    assert "\r" not in subject and "\n" not in subject and len(subject) <= 200
+    assert subject.startswith("[hitless] Security: gateway gw-1 Bcc: victim@example.com <b>x")
+    text, html = parts(message)
+    lines = text.splitlines()
+    assert "Gateway: gw-ok" not in lines, "a line break in a field cannot make a line of its own"
+    assert not any(line.startswith("Bcc:") for line in lines)
+    (gateway,) = [line for line in lines if line.startswith("Gateway: ")]
+    assert gateway.startswith("Gateway: gw-1\\r\\nBcc: victim@example.com\\r\\n\\r\\n<b>xx")
+    assert gateway.endswith(f"… ({len(hostile_gateway)} characters)") and len(gateway) < 120
+    (reason,) = [line for line in lines if line.startswith("Reason: ")]
+    assert reason.startswith("Reason: bad\\r\\nGateway: gw-ok\\x1b[2J\\u202eevil\\x00<script>y")
+    assert reason.endswith(f"… ({len(hostile_reason)} characters)") and len(reason) < 2100
+    assert not any(c in text for c in "\x1b\u202e\x00"), "control characters shown as escapes"
+    assert "<script>" not in html and "&lt;script&gt;" in html and "<b>" not in html
+    assert not any(c in html for c in "\x1b\u202e\x00")

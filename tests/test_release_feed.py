@@ -1,5 +1,6 @@
 """Releases arriving from a feed (a directory, and the same over HTTP): imported once,
-announced to every admin once by email, through a real controller, notifier and SMTP."""
+signed by the release manager's targets key, announced to every admin once by email,
+through a real controller, notifier and SMTP."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from controller_svc.feed import write_entry
+from hitless.trust import keys
 from tests.support.fleet import Fleet
 from tests.support.procs import Procs, command, free_port
 from tests.support.rabbit import amqp_url
@@ -91,13 +93,14 @@ def test_a_new_release_in_the_feed_mails_each_admin_once(
 
         write_entry(
             feed_dir, "1.4.0", _artifact(fleet, "1.4.0"), "# 1.4.0\n\nFaster tunnels.\n",
-            restarts_vpn_service=True,
+            restarts_vpn_service=True, keys_dir=fleet.keys.dir,
         )  # fmt: skip
         synced = fleet.cli_json("releases", "sync")
         assert [r["version"] for r in synced] == ["1.4.0"]
         assert fleet.cli_json("releases", "sync") == [], "importing twice must change nothing"
         (release,) = fleet.cli_json("releases", "list")
         assert release["restarts_vpn_service"] is True
+        assert release["signing"] == "SIGNED"
         assert "Faster tunnels." in release["notes"]
 
         wait_for(
@@ -121,7 +124,9 @@ def test_a_release_whose_artifact_does_not_match_its_manifest_is_not_imported(
     fleet: Fleet, tmp_path: Path
 ) -> None:
     feed = tmp_path / "feed"
-    manifest = write_entry(feed, "1.4.0", _artifact(fleet, "1.4.0"), "notes")
+    manifest = write_entry(
+        feed, "1.4.0", _artifact(fleet, "1.4.0"), "notes", keys_dir=fleet.keys.dir
+    )
     artifact = next(p for p in manifest.parent.iterdir() if p.suffix == ".pyz")
     artifact.write_bytes(artifact.read_bytes() + b"tampered")
     fleet.procs.stop(fleet.controller)  # type: ignore[arg-type]
@@ -131,6 +136,25 @@ def test_a_release_whose_artifact_does_not_match_its_manifest_is_not_imported(
     assert "refused 1 entry (1.4.0/manifest.json: artifact: " in result.stderr
     assert "over the manifest's size" in result.stderr
     assert fleet.cli_json("releases", "list") == []
+
+
+def test_a_release_in_the_feed_signed_by_another_targets_key_is_not_imported(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    feed = tmp_path / "feed"
+    other = keys.init(tmp_path / "other-keys")
+    write_entry(feed, "1.4.0", _artifact(fleet, "1.4.0"), "notes", keys_dir=other.dir)
+    (feed / "targets.json").unlink()  # the feed's targets start over, with the right key
+    write_entry(feed, "1.5.0", _artifact(fleet, "1.5.0"), "notes", keys_dir=fleet.keys.dir)
+    fleet.procs.stop(fleet.controller)  # type: ignore[arg-type]
+    fleet.start_controller(None, "--release-feed", str(feed))
+    result = fleet.cli("releases", "sync", check=False)
+    assert result.returncode == 4, result
+    assert "refused 1 entry (1.4.0/manifest.json: targets: " in result.stderr
+    assert "targets version 1 has 0 valid signature" in result.stderr
+    # Imported by this sync, or by the check the controller makes as it starts.
+    (release,) = fleet.cli_json("releases", "list")
+    assert (release["version"], release["signing"]) == ("1.5.0", "SIGNED")
 
 
 @pytest.mark.parametrize("over_http", [False, True], ids=["directory", "http"])
@@ -164,17 +188,19 @@ def test_entries_reaching_outside_the_feed_are_refused_and_only_the_good_one_is_
         )  # fmt: skip
         good = tmp_path / "hitless-1.4.0.pyz"
         good.write_bytes(stamped("1.4.0"))
-        write_entry(feed_dir, "1.4.0", good, "Good notes.\n")
+        write_entry(feed_dir, "1.4.0", good, "Good notes.\n", keys_dir=fleet.keys.dir)
         data = secret.read_bytes()
         _add_entry(feed_dir, "2.0.0", {
             "version": "2.0.0", "artifact": "../../outside/secret.bin",
             "sha256": hashlib.sha256(data).hexdigest(), "size": len(data),
+            "targets": "targets.json",
         })  # fmt: skip
         (feed_dir / "2.1.0").mkdir()
         (feed_dir / "2.1.0" / "a.pyz").write_bytes(b"a")
         _add_entry(feed_dir, "2.1.0", {
             "version": "2.1.0", "artifact": "a.pyz", "notes": "file:///proc/self/environ",
             "sha256": hashlib.sha256(b"a").hexdigest(), "size": 1,
+            "targets": "targets.json",
         })  # fmt: skip
 
         result = fleet.cli("releases", "sync", check=False)

@@ -1,9 +1,11 @@
 """A release feed is untrusted input. Each attack and each malformed entry here is refused
 alone, with its field named, and nothing is taken from it (no release row, no stored
-artifact, no event for the notifier), while the good entry listed after it imports.
+artifact, no event for the notifier, no published targets metadata), while the good entry
+listed after it imports.
 
 Real directory feeds, the same served over HTTP on loopback, a real SQLite database,
-artifact store and broker (the announcer's events go through the outbox to RabbitMQ).
+artifact store, TUF repository (the controller's ``Trust``, trusting a real key
+directory's root) and broker (the announcer's events go through the outbox to RabbitMQ).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from securesystemslib.signer import CryptoSigner
 from sqlalchemy import select
 from structlog.testing import capture_logs
+from tuf.api.metadata import Metadata, TargetFile, Targets
 
 from controller_svc.admins import Admins
 from controller_svc.db import OutboxEvent, make_engine, migrate
@@ -35,6 +39,7 @@ from controller_svc.feed import (
     MAX_INDEX_ENTRIES,
     MAX_MANIFEST_BYTES,
     MAX_NOTES_BYTES,
+    MAX_TARGETS_BYTES,
     MAX_VERSION_CHARS,
     CheckResult,
     EntriesRefused,
@@ -45,17 +50,22 @@ from controller_svc.feed import (
 )
 from controller_svc.outbox import Outbox
 from controller_svc.repository import Repository
+from controller_svc.signing import Signing, Trust
 from controller_svc.store import ArtifactStore
 from hitless.bus import topology
 from hitless.bus.amqp import Publisher
 from hitless.config import BusConfig
 from hitless.errors import ConfigError
+from hitless.trust import keys as trust_keys
+from hitless.trust.release import sign_targets, target_name, yank
+from hitless.trust.verify import read_metadata
 from tests.support.stamped import stamped
 
 GOOD = "1.4.0"
 GOOD_BYTES = stamped(GOOD)
 BAD = "2.0.0"
 BAD_ENTRY = f"{BAD}/manifest.json"
+BAD_BYTES = stamped(BAD)  # a release that would import, were its entry not broken
 SECRET = b"BROKER_PASSWORD=hunter2\n"
 # Longest a check may take here; a read that is not bounded runs into it.
 CHECK_TIMEOUT_S = 30
@@ -163,16 +173,21 @@ class Feed:
     site: Site | None  # the HTTP server, for an HTTP feed
     outside: Path  # a folder beside the feed holding a secret and a complete release
     outside_site: Site  # ``outside`` served by another HTTP server (another origin)
+    keys: trust_keys.KeyPaths  # the release manager's, whose root the controller trusts
 
     @property
     def secret(self) -> Path:
         return self.outside / "secret.bin"
 
     def add_good(self, notes: str = "# 1.4.0\n\nGood.\n") -> None:
-        artifact = self.root.parent / "build" / f"hitless-{GOOD}.pyz"
+        self.add_release(GOOD, GOOD_BYTES, notes)
+
+    def add_release(self, version: str, data: bytes, notes: str = "") -> None:
+        """``data`` as release ``version``, as the release manager adds it (signed)."""
+        artifact = self.root.parent / "build" / f"hitless-{version}.pyz"
         artifact.parent.mkdir(exist_ok=True)
-        artifact.write_bytes(GOOD_BYTES)
-        write_entry(self.root, GOOD, artifact, notes)
+        artifact.write_bytes(data)
+        write_entry(self.root, version, artifact, notes, keys_dir=self.keys.dir)
 
     def add(
         self,
@@ -182,10 +197,18 @@ class Feed:
         entry: str | None = None,
     ) -> None:
         """Write ``version/manifest.json`` and ``files`` beside it, and list the entry
-        first in the index (before the good one)."""
+        first in the index (before the good one). Unless ``files`` has a targets.json,
+        one is signed that lists the manifest's sha256 and size for ``version``, as the
+        next version after the feed's targets.json (never published by the good entry),
+        so that only what the test breaks is wrong with the entry."""
         folder = self.root / version
         folder.mkdir(parents=True, exist_ok=True)
-        for name, data in (files or {}).items():
+        files = dict(files or {})
+        if isinstance(manifest, dict) and "targets.json" not in files:
+            sha256, size = manifest.get("sha256"), manifest.get("size")
+            if isinstance(sha256, str) and type(size) is int and size > 0:
+                files["targets.json"] = self.sign({target_name(version): (sha256, size)})
+        for name, data in files.items():
             (folder / name).write_bytes(data)
         raw = manifest if isinstance(manifest, bytes) else json.dumps(manifest).encode()
         (folder / "manifest.json").write_bytes(raw)
@@ -197,6 +220,35 @@ class Feed:
         index["releases"][:0] = list(entries)
         index_path.write_text(json.dumps(index))
 
+    def sign(
+        self,
+        listing: dict[str, tuple[str, int]],
+        *,
+        expires: datetime | None = None,
+        signer: CryptoSigner | None = None,
+        unsigned: bool = False,
+    ) -> bytes:
+        """Targets metadata: the feed's targets.json (if any) plus ``listing`` (target
+        name -> sha256, size), as its next version, signed by ``signer`` (default: the
+        targets key), or not at all."""
+        current = self.root / "targets.json"
+        if current.exists():
+            targets = read_metadata(current.read_bytes(), Targets).signed
+            targets.version += 1
+        else:
+            targets = Targets(version=1)
+        for name, (sha256, size) in listing.items():
+            targets.targets[name] = TargetFile(size, {"sha256": sha256}, name)
+        targets.expires = expires or trust_keys.utcnow() + trust_keys.TARGETS_EXPIRY
+        md = Metadata(targets)
+        if not unsigned:
+            md.sign(signer or trust_keys.load_signer(self.keys.key("targets")))
+        return md.to_bytes()
+
+
+def _listing(data: bytes) -> tuple[str, int]:
+    return hashlib.sha256(data).hexdigest(), len(data)
+
 
 def manifest_for(
     version: str, artifact: str, data: bytes, notes: str = "", **more: Any
@@ -207,26 +259,36 @@ def manifest_for(
         "artifact": artifact,
         "sha256": hashlib.sha256(data).hexdigest(),
         "size": len(data),
+        "targets": "targets.json",
     }
     if notes:
         manifest["notes"] = notes
     return {**manifest, **more}
 
 
+@pytest.fixture
+def keys(tmp_path: Path) -> trust_keys.KeyPaths:
+    """The release manager's key directory; the controller trusts its root."""
+    return trust_keys.init(tmp_path / "keys")
+
+
 @contextlib.contextmanager
-def _feed(tmp_path: Path, over_http: bool) -> Iterator[Feed]:
+def _feed(tmp_path: Path, over_http: bool, keys: trust_keys.KeyPaths) -> Iterator[Feed]:
     root, outside = tmp_path / "feed", tmp_path / "outside"
     root.mkdir()
     outside.mkdir()
     (outside / "secret.bin").write_bytes(SECRET)
-    # A complete release outside the feed: what an index entry that leaves the feed reaches.
-    (outside / "manifest.json").write_text(
-        json.dumps(manifest_for(BAD, "secret.bin", SECRET, notes="secret.bin"))
-    )
     outside_site = Site(outside)
     site = Site(root) if over_http else None
     try:
-        yield Feed(root, site.url if site else str(root), site, outside, outside_site)
+        feed = Feed(root, site.url if site else str(root), site, outside, outside_site, keys)
+        # A complete release outside the feed, signed: what an entry that leaves the feed
+        # reaches.
+        (outside / "manifest.json").write_text(
+            json.dumps(manifest_for(BAD, "secret.bin", SECRET, notes="secret.bin"))
+        )
+        (outside / "targets.json").write_bytes(feed.sign({target_name(BAD): _listing(SECRET)}))
+        yield feed
     finally:
         outside_site.close()
         if site:
@@ -234,27 +296,29 @@ def _feed(tmp_path: Path, over_http: bool) -> Iterator[Feed]:
 
 
 @pytest.fixture(params=[False, True], ids=["directory", "http"])
-def feed(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Feed]:
-    with _feed(tmp_path, request.param) as feed:
+def feed(
+    request: pytest.FixtureRequest, tmp_path: Path, keys: trust_keys.KeyPaths
+) -> Iterator[Feed]:
+    with _feed(tmp_path, request.param, keys) as feed:
         yield feed
 
 
 @pytest.fixture
-def dir_feed(tmp_path: Path) -> Iterator[Feed]:
-    with _feed(tmp_path, False) as feed:
+def dir_feed(tmp_path: Path, keys: trust_keys.KeyPaths) -> Iterator[Feed]:
+    with _feed(tmp_path, False, keys) as feed:
         yield feed
 
 
 @pytest.fixture
-def http_feed(tmp_path: Path) -> Iterator[Feed]:
-    with _feed(tmp_path, True) as feed:
+def http_feed(tmp_path: Path, keys: trust_keys.KeyPaths) -> Iterator[Feed]:
+    with _feed(tmp_path, True, keys) as feed:
         yield feed
 
 
 class Controller:
-    """The controller's side: its database, artifact store and announcer."""
+    """The controller's side: its database, artifact store, announcer and trust."""
 
-    def __init__(self, tmp_path: Path, bus: BusConfig) -> None:
+    def __init__(self, tmp_path: Path, bus: BusConfig, keys: trust_keys.KeyPaths) -> None:
         self._engine = make_engine(f"sqlite:///{tmp_path / 'controller.db'}")
         migrate(self._engine)
         self.repo = Repository(self._engine)
@@ -263,9 +327,18 @@ class Controller:
         self._publisher = Publisher(bus, queues=[topology.NOTIFIER_EVENTS]).start()
         self.announcer = Announcer(self._publisher, admins, Outbox(self.repo.sessions))
         self.store = ArtifactStore(tmp_path / "artifacts")
+        self.trust = Trust(tmp_path / "tuf", keys.root_json.read_bytes(), keys.online)
 
-    def sync(self, feed: Feed) -> FeedSync:
-        return FeedSync(ReleaseFeed(feed.source), self.repo, self.store, self.announcer)
+    def sync(self, feed: Feed, **options: float) -> FeedSync:
+        return FeedSync(
+            ReleaseFeed(feed.source, **options), self.repo, self.store, self.announcer, self.trust
+        )
+
+    def published(self) -> tuple[int, set[str]]:
+        """The published targets metadata's version and the target names it lists."""
+        data, version = self.trust.targets()
+        names = set(read_metadata(data, Targets).signed.targets) if data else set()
+        return version, names
 
     def versions(self) -> list[str]:
         return sorted(r.version for r in self.repo.list_releases())
@@ -285,8 +358,8 @@ class Controller:
 
 
 @pytest.fixture
-def controller(tmp_path: Path, bus: BusConfig) -> Iterator[Controller]:
-    side = Controller(tmp_path, bus)
+def controller(tmp_path: Path, bus: BusConfig, keys: trust_keys.KeyPaths) -> Iterator[Controller]:
+    side = Controller(tmp_path, bus, keys)
     try:
         yield side
     finally:
@@ -317,6 +390,7 @@ def assert_only_the_good_one(controller: Controller, result: CheckResult) -> Non
     assert controller.versions() == [GOOD]
     assert controller.stored() == {hashlib.sha256(GOOD_BYTES).hexdigest()}
     assert controller.events() == {f"release:{GOOD}"}
+    assert controller.published() == (1, {target_name(GOOD)})
 
 
 def refused(result: CheckResult) -> list[tuple[str, str]]:
@@ -375,6 +449,22 @@ def test_notes_outside_the_feed_are_refused(
     feed.add(BAD, manifest_for(BAD, "a.pyz", b"bad", notes=notes), {"a.pyz": b"bad"})
     result = check(controller.sync(feed))
     assert refused(result) == [(BAD_ENTRY, "notes")]
+    assert BROKEN_RULE[spelling] in result.refused[0].reason
+    assert_only_the_good_one(controller, result)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_targets_outside_the_feed_are_refused(
+    spelling: str, feed: Feed, controller: Controller
+) -> None:
+    feed.add_good()
+    # Valid targets for the entry, outside the feed: only the location rules refuse them.
+    (feed.outside / "signed.json").write_bytes(feed.sign({target_name(BAD): _listing(BAD_BYTES)}))
+    targets = SPELLINGS[spelling](feed, 2, "signed.json")
+    manifest = manifest_for(BAD, "a.pyz", BAD_BYTES, targets=targets)
+    feed.add(BAD, manifest, {"a.pyz": BAD_BYTES})
+    result = check(controller.sync(feed))
+    assert refused(result) == [(BAD_ENTRY, "targets")]
     assert BROKEN_RULE[spelling] in result.refused[0].reason
     assert_only_the_good_one(controller, result)
 
@@ -460,7 +550,14 @@ def test_a_fifo_in_a_directory_feed_is_refused_without_waiting_on_it(
 # --- redirects ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("what", ["manifest", "artifact", "notes"])
+# What each kind of document is called in an entry, and on the other origin.
+PATHS = {"manifest": "manifest.json", "targets": "targets.json", "artifact": "a.pyz",
+         "notes": "NOTES.md"}  # fmt: skip
+OUTSIDE = {"manifest": "manifest.json", "targets": "targets.json", "artifact": "secret.bin",
+           "notes": "secret.bin"}  # fmt: skip
+
+
+@pytest.mark.parametrize("what", PATHS)
 def test_a_redirect_to_another_origin_is_refused(
     what: str, http_feed: Feed, controller: Controller
 ) -> None:
@@ -468,8 +565,7 @@ def test_a_redirect_to_another_origin_is_refused(
     http_feed.add_good()
     manifest = manifest_for(BAD, "a.pyz", SECRET, notes="NOTES.md")
     http_feed.add(BAD, manifest, {"a.pyz": SECRET, "NOTES.md": b"notes"})
-    target = {"manifest": "manifest.json", "artifact": "secret.bin", "notes": "secret.bin"}[what]
-    path = {"manifest": "manifest.json", "artifact": "a.pyz", "notes": "NOTES.md"}[what]
+    target, path = OUTSIDE[what], PATHS[what]
     http_feed.site.routes[f"/{BAD}/{path}"] = redirect(http_feed.outside_site.url + target)
     result = check(controller.sync(http_feed))
     assert refused(result) == [(BAD_ENTRY, what)]
@@ -478,9 +574,9 @@ def test_a_redirect_to_another_origin_is_refused(
 
 
 def test_a_redirect_out_of_the_feeds_path_on_the_same_server_is_refused(
-    tmp_path: Path, controller: Controller
+    tmp_path: Path, keys: trust_keys.KeyPaths, controller: Controller
 ) -> None:
-    with _feed(tmp_path, over_http=False) as feed:
+    with _feed(tmp_path, False, keys) as feed:
         site = Site(tmp_path)  # the feed is at /feed/ on it, the secret at /outside/
         try:
             feed.source = site.url + "feed"
@@ -542,7 +638,7 @@ def test_an_artifact_with_another_digest_is_refused(feed: Feed, controller: Cont
 
 
 @pytest.mark.parametrize("length", [None, 10**12], ids=["unannounced", "announced"])
-@pytest.mark.parametrize("what", ["artifact", "notes", "manifest"])
+@pytest.mark.parametrize("what", PATHS)
 def test_an_endless_http_document_is_refused_at_its_limit(
     what: str, length: int | None, http_feed: Feed, controller: Controller
 ) -> None:
@@ -550,8 +646,7 @@ def test_an_endless_http_document_is_refused_at_its_limit(
     http_feed.add_good()
     manifest = manifest_for(BAD, "a.pyz", b"x" * 1000, notes="NOTES.md")
     http_feed.add(BAD, manifest, {"a.pyz": b"x" * 1000, "NOTES.md": b"notes"})
-    path = {"manifest": "manifest.json", "artifact": "a.pyz", "notes": "NOTES.md"}[what]
-    http_feed.site.routes[f"/{BAD}/{path}"] = endless(length)
+    http_feed.site.routes[f"/{BAD}/{PATHS[what]}"] = endless(length)
     result = check(controller.sync(http_feed))
     assert refused(result) == [(BAD_ENTRY, what)]
     if length is not None:  # refused on the announcement, before reading the body
@@ -559,7 +654,7 @@ def test_an_endless_http_document_is_refused_at_its_limit(
     assert_only_the_good_one(controller, result)
 
 
-@pytest.mark.parametrize("what", ["artifact", "notes", "manifest"])
+@pytest.mark.parametrize("what", PATHS)
 def test_an_http_document_trickling_past_its_deadline_is_refused(
     what: str, http_feed: Feed, controller: Controller
 ) -> None:
@@ -568,17 +663,11 @@ def test_an_http_document_trickling_past_its_deadline_is_refused(
     artifact = b"x" * 1000
     manifest = manifest_for(BAD, "a.pyz", artifact, notes="NOTES.md")
     http_feed.add(BAD, manifest, {"a.pyz": artifact, "NOTES.md": b"notes"})
-    path = {"manifest": "manifest.json", "artifact": "a.pyz", "notes": "NOTES.md"}[what]
+    path = PATHS[what]
     # The artifact trickles all its bytes in 100 s, the others never end: without a
     # deadline each outlasts CHECK_TIMEOUT_S.
     http_feed.site.routes[f"/{BAD}/{path}"] = trickle(len(artifact) if what == "artifact" else None)
-    sync = FeedSync(
-        ReleaseFeed(http_feed.source, fetch_slack_s=1.0),
-        controller.repo,
-        controller.store,
-        controller.announcer,
-    )
-    result = check(sync)
+    result = check(controller.sync(http_feed, fetch_slack_s=1.0))
     assert refused(result) == [(BAD_ENTRY, what)]
     assert "too slow" in result.refused[0].reason
     assert_only_the_good_one(controller, result)
@@ -661,6 +750,175 @@ def test_an_artifact_stamped_with_another_version_or_none_is_refused(
     assert_only_the_good_one(controller, result)
 
 
+# --- signed targets -------------------------------------------------------------------------
+
+# A broken entry: its manifest, its targets.json (None: no such file) and what the refusal
+# must say.
+Broken = tuple[dict[str, Any], bytes | None, list[str]]
+BadTargets = Callable[[Feed, Path], Broken]
+
+
+def _without_targets(feed: Feed, tmp: Path) -> Broken:
+    manifest = manifest_for(BAD, "a.pyz", BAD_BYTES)
+    del manifest["targets"]
+    return manifest, feed.sign({target_name(BAD): _listing(BAD_BYTES)}), ["missing"]
+
+
+def _signed_by_another_key(feed: Feed, tmp: Path) -> Broken:
+    other = trust_keys.load_signer(trust_keys.init(tmp / "other-keys").key("targets"))
+    ours = trust_keys.load_signer(feed.keys.key("targets"))
+    targets = feed.sign({target_name(BAD): _listing(BAD_BYTES)}, signer=other)
+    expected = ["targets version 2 has 0 valid signature", other.public_key.keyid,
+                ours.public_key.keyid]  # fmt: skip
+    return manifest_for(BAD, "a.pyz", BAD_BYTES), targets, expected
+
+
+def _bad(
+    targets: Callable[[Feed], bytes | None], *says: str, location: str = "targets.json"
+) -> BadTargets:
+    def make(feed: Feed, tmp: Path) -> Broken:
+        manifest = manifest_for(BAD, "a.pyz", BAD_BYTES, targets=location)
+        return manifest, targets(feed), list(says)
+
+    return make
+
+
+_NAME = target_name(BAD)
+BAD_TARGETS: dict[str, BadTargets] = {
+    "missing-field": _without_targets,
+    "file-missing": _bad(lambda f: None, f"{BAD}/nowhere.json", location="nowhere.json"),
+    "malformed-json": _bad(lambda f: b'{"signed": {', "not targets metadata"),
+    "not-targets-metadata": _bad(
+        lambda f: f.keys.root_json.read_bytes(), "expected targets metadata, got root version 1"
+    ),
+    "unsigned": _bad(
+        lambda f: f.sign({_NAME: _listing(BAD_BYTES)}, unsigned=True),
+        "targets version 2 has 0 valid signature",
+    ),
+    "signed-by-another-key": _signed_by_another_key,
+    "expired": _bad(
+        lambda f: f.sign({_NAME: _listing(BAD_BYTES)}, expires=datetime.now(UTC) - timedelta(1)),
+        "targets version 2 expired at",
+        f"do not list {_NAME!r}",
+    ),
+    "does-not-list-it": _bad(
+        lambda f: f.sign({target_name("2.0.1"): _listing(BAD_BYTES)}),
+        f"targets version 2 does not list {_NAME!r}",
+    ),
+    "lists-another-sha256": _bad(
+        lambda f: f.sign({_NAME: _listing(b"another build")}),
+        f"signs {_NAME!r} as 13 bytes with sha256 {hashlib.sha256(b'another build').hexdigest()}",
+    ),
+    "over-the-limit": _bad(
+        lambda f: f.sign({_NAME: _listing(BAD_BYTES)}) + b" " * MAX_TARGETS_BYTES,
+        f"limit of {MAX_TARGETS_BYTES} bytes",
+    ),
+}
+
+
+def counted(data: bytes, hits: list[str]) -> Responder:
+    """``data``, noting each request for it in ``hits``."""
+
+    def respond(handler: _Handler) -> None:
+        hits.append(handler.path)
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    return respond
+
+
+@pytest.mark.parametrize("case", BAD_TARGETS)
+def test_an_entry_without_valid_targets_is_refused_alone_before_its_artifact_is_read(
+    case: str, feed: Feed, controller: Controller, tmp_path: Path
+) -> None:
+    feed.add_good()
+    manifest, targets, says = BAD_TARGETS[case](feed, tmp_path)
+    files = {"a.pyz": BAD_BYTES} | ({"targets.json": targets} if targets is not None else {})
+    feed.add(BAD, manifest, files)
+    artifact_reads: list[str] = []
+    if feed.site is not None:
+        feed.site.routes[f"/{BAD}/a.pyz"] = counted(BAD_BYTES, artifact_reads)
+    result = check(controller.sync(feed))
+    assert refused(result) == [(BAD_ENTRY, "targets")], result.refused
+    for words in says:
+        assert words in result.refused[0].reason, result.refused[0].reason
+    assert_only_the_good_one(controller, result)
+    assert artifact_reads == []
+
+
+def test_entries_whose_targets_are_older_than_the_published_import_when_those_list_them(
+    dir_feed: Feed, controller: Controller
+) -> None:
+    dir_feed.add_good()  # its targets: version 1
+    dir_feed.add_release("1.5.0", stamped("1.5.0"))  # version 2, listing both
+    index = dir_feed.root / "index.json"
+    index.write_text(json.dumps({"releases": ["1.5.0/manifest.json"]}))
+    sync = controller.sync(dir_feed)
+    assert [r.version for r in check(sync).imported] == ["1.5.0"]
+    both = {target_name(GOOD), target_name("1.5.0")}
+    assert controller.published() == (2, both)
+
+    dir_feed.list_first(f"{GOOD}/manifest.json")
+    result = check(sync)
+    assert (refused(result), [r.version for r in result.imported]) == ([], [GOOD])
+    assert controller.published() == (2, both)
+    assert controller.events() == {f"release:{GOOD}", "release:1.5.0"}
+
+
+def test_an_entry_with_expired_targets_imports_when_a_later_entry_publishes_targets_listing_it(
+    dir_feed: Feed, controller: Controller
+) -> None:
+    dir_feed.add_good()
+    expired = sign_targets(
+        None,
+        dir_feed.keys.dir,
+        add={target_name(GOOD): dir_feed.root / GOOD / f"hitless-{GOOD}.pyz"},
+        now=datetime.now(UTC) - trust_keys.TARGETS_EXPIRY - timedelta(days=1),
+    )
+    for path in (dir_feed.root / "targets.json", dir_feed.root / GOOD / "targets.json"):
+        path.write_bytes(expired)
+    dir_feed.add_release("1.5.0", stamped("1.5.0"))  # listed after the good one
+    result = check(controller.sync(dir_feed))
+    assert refused(result) == []
+    assert sorted(r.version for r in result.imported) == [GOOD, "1.5.0"]
+    assert controller.published() == (2, {target_name(GOOD), target_name("1.5.0")})
+
+
+def test_a_release_yanked_before_its_entry_is_imported_is_refused_without_being_fetched(
+    dir_feed: Feed, controller: Controller
+) -> None:
+    dir_feed.add_good()
+    dir_feed.add_release("1.5.0", stamped("1.5.0"))
+    listing_both = (dir_feed.root / "targets.json").read_bytes()
+    controller.trust.accept(yank(listing_both, dir_feed.keys.dir, [target_name("1.5.0")]))
+    result = check(controller.sync(dir_feed))
+    assert refused(result) == [("1.5.0/manifest.json", "targets")]
+    reason = result.refused[0].reason
+    assert "targets version 2 is not newer than version 3 already published" in reason
+    assert repr(target_name("1.5.0")) in reason
+    assert [r.version for r in result.imported] == [GOOD]
+    assert controller.versions() == [GOOD]
+    assert controller.stored() == {hashlib.sha256(GOOD_BYTES).hexdigest()}
+    assert controller.published() == (3, {target_name(GOOD)})
+
+
+def test_a_release_imported_before_it_was_signed_is_signed_by_its_entry(
+    dir_feed: Feed, controller: Controller
+) -> None:
+    record, _ = controller.repo.add_release(
+        GOOD, hashlib.sha256(GOOD_BYTES).hexdigest(), len(GOOD_BYTES), "", datetime.now(UTC)
+    )
+    assert controller.trust.signing(record) is Signing.UNSIGNED
+    dir_feed.add_good()
+    result = check(controller.sync(dir_feed))
+    assert (result.imported, result.refused) == ([], [])
+    assert controller.trust.signing(record) is Signing.SIGNED
+    assert controller.published() == (1, {target_name(GOOD)})
+    assert controller.events() == set(), "a release known already is not announced again"
+
+
 # --- malformed manifests, notes and index entries ---------------------------------------------
 
 _OK = manifest_for(BAD, "a.pyz", b"bad")
@@ -687,6 +945,8 @@ MALFORMED: dict[str, tuple[dict[str, Any] | bytes, str]] = {
     "size-a-boolean": ({**_OK, "size": True}, "size"),
     "size-over-the-limit": ({**_OK, "size": MAX_ARTIFACT_BYTES + 1}, "size"),
     "missing-artifact": ({k: v for k, v in _OK.items() if k != "artifact"}, "artifact"),
+    "missing-targets": ({k: v for k, v in _OK.items() if k != "targets"}, "targets"),
+    "targets-not-a-string": ({**_OK, "targets": {"version": 1}}, "targets"),
     "artifact-not-a-string": ({**_OK, "artifact": ["a.pyz"]}, "artifact"),
     "artifact-missing-file": ({**_OK, "artifact": "nowhere.pyz"}, "artifact"),
     "notes-not-a-string": ({**_OK, "notes": 5}, "notes"),

@@ -217,6 +217,25 @@ def test_a_client_with_the_old_root_follows_a_root_rotation(world: World) -> Non
         client.target("evil.tar.gz")
 
 
+def test_an_update_that_fails_keeps_the_newest_root_verified(world: World) -> None:
+    source = Served(world.repo_dir)
+    client = world.client(source=source)
+    new_root = keys.rotate(world.keys.dir, ["command"])
+    assert world.repo.accept_root(new_root) == 2
+    assert client.refresh().version == 2
+    new_command_key = set(keys.command_keys(client.trusted_root()))
+
+    def unreachable() -> bytes:
+        raise FetchFailed("the controller does not answer")
+
+    source.fakes["timestamp.json"] = unreachable
+    with pytest.raises(FetchFailed):
+        client.refresh()
+    # Trust does not fall back to the anchor, whose command key was retired.
+    assert client.trusted_root().version == 2
+    assert set(keys.command_keys(client.trusted_root())) == new_command_key
+
+
 def test_a_rotated_root_not_signed_by_the_old_root_key_is_refused(world: World) -> None:
     impostor = keys.init(world.tmp / "impostor")
     md = Metadata.from_bytes(impostor.root_json.read_bytes())

@@ -11,7 +11,7 @@ from tuf.api.metadata import Metadata, Root
 
 from hitless.errors import HitlessError
 from hitless.trust import keys
-from hitless.trust.errors import KeyFileError, KeysExist, TrustError
+from hitless.trust.errors import KeyFileError, KeysExist, MetadataMismatch, TrustError
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 
@@ -140,3 +140,24 @@ def test_rotate_refuses_unknown_roles_without_touching_anything(tmp_path: Path) 
         keys.rotate(paths.dir, ["admin"])
     assert paths.root_json.read_bytes() == before
     assert not (paths.dir / "retired").exists()
+
+
+def test_each_root_version_stays_readable_after_a_rotation(tmp_path: Path) -> None:
+    paths = keys.init(tmp_path / "k")
+    keys.rotate(paths.dir, ["targets"], now=NOW)
+
+    assert paths.root().version == 2
+    assert paths.root(2).version == 2
+    v1 = paths.root(1)
+    assert v1.version == 1
+    assert v1.roles["targets"].keyids != paths.root().roles["targets"].keyids
+    assert paths.root_json_of(1) == paths.dir / "1.root.json"
+    with pytest.raises(KeyFileError, match=r"3\.root\.json"):
+        paths.root(3)
+
+
+def test_a_root_file_holding_another_version_is_refused(tmp_path: Path) -> None:
+    paths = keys.init(tmp_path / "k")
+    paths.root_json_of(2).write_bytes(paths.root_json.read_bytes())
+    with pytest.raises(MetadataMismatch, match=r"2\.root\.json holds root version 1, not 2"):
+        paths.root(2)

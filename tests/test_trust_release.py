@@ -10,6 +10,7 @@ from tuf.api.metadata import Metadata, Root, Targets
 from hitless.digest import file_sha256
 from hitless.trust import keys, release
 from hitless.trust.errors import BadSignature, ReleaseInputError, UnknownTarget
+from hitless.trust.repository import Repository
 from tests.support.trust import signed
 
 
@@ -82,3 +83,36 @@ def test_a_release_is_never_built_on_targets_the_targets_key_did_not_sign(
         release.sign_targets(forged, key_dir, add={"v2": artifact(tmp_path, "2", b"2")})
     assert caught.value.role == "targets"
     assert caught.value.version == 1
+
+
+def test_after_a_targets_key_rotation_current_targets_are_re_signed_against_the_old_root(
+    key_dir: Path, tmp_path: Path
+) -> None:
+    paths = keys.KeyPaths(key_dir)
+    repo = Repository(tmp_path / "repo", paths.root_json.read_bytes(), paths.online)
+    one = release.sign_targets(None, key_dir, add={"v1": artifact(tmp_path, "1", b"1")})
+    repo.accept_targets(one)
+    new_root = keys.rotate(key_dir, ["targets"])
+
+    # root.json is the new root now: the old key's targets no longer verify against it.
+    with pytest.raises(BadSignature) as caught:
+        release.sign_targets(one, key_dir)
+    assert caught.value.version == 1
+
+    two = release.sign_targets(one, key_dir, current_root=paths.root(1))
+    md = parse(two)
+    assert (md.signed.version, sorted(md.signed.targets)) == (2, ["v1"])
+    assert md.signed.targets["v1"] == parse(one).signed.targets["v1"]
+    paths.root().verify_delegate("targets", md.signed_bytes, md.signatures)
+    # The controller's repository takes the new root only together with them.
+    assert repo.accept_root(new_root, two) == 2
+    assert repo.targets_bytes() == two
+
+
+def test_the_root_current_targets_verify_against_is_checked(
+    key_dir: Path, tmp_path: Path
+) -> None:
+    one = release.sign_targets(None, key_dir, add={"v1": artifact(tmp_path, "1", b"1")})
+    other = keys.init(tmp_path / "other")
+    with pytest.raises(BadSignature, match="root version 1"):
+        release.sign_targets(one, key_dir, current_root=other.root())

@@ -99,7 +99,17 @@ def test_replayed_or_equal_targets_versions_are_refused(world: World) -> None:
     world.publish(add={"v2": world.artifacts["v2"]})
     err = refused(world, old, RollbackRefused)
     assert "version 1 is not newer than version 2" in str(err)
-    refused(world, world.targets, RollbackRefused)
+    other = targets_of(world)
+    other.signed.targets.pop("v2")
+    refused(world, signed(other.signed, world.signer("targets")), RollbackRefused)
+
+
+def test_the_newest_targets_again_is_a_no_op(world: World) -> None:
+    world.artifact("v2", b"2")
+    world.publish(add={"v2": world.artifacts["v2"]})
+    before = world.files()
+    assert world.repo.accept_targets(world.targets) == 2
+    assert world.files() == before
 
 
 def test_expired_targets_are_refused(world: World) -> None:

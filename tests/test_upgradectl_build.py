@@ -124,3 +124,19 @@ def test_unwritable_output_is_reported_without_a_traceback(
     assert code == ExitCode.INTERNAL
     assert err.startswith("upgradectl: error: cannot write ")
     assert "Traceback" not in err
+
+
+def test_build_says_the_artifact_is_not_signed_yet_and_how_it_gets_signed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "hitless 7.3.1.pyz"
+    assert main(["releases", "build", "--version", VERSION, "-o", str(out)]) == ExitCode.OK
+    lines = capsys.readouterr().out.splitlines()
+    digest = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert lines[0].startswith(f"built '{out}': release {VERSION}, ")
+    assert lines[0].endswith(f", sha256 {digest}")
+    assert lines[1].startswith("not signed yet: gateways and the controller take it only once ")
+    # The command to paste, the path quoted for the shell.
+    assert lines[2] == (
+        f"  upgradectl releases publish --version {VERSION} --artifact '{out}' --keys DIR"
+    )

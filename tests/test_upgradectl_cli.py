@@ -2,7 +2,9 @@
 
 The servicer below stands in for controller_svc: it speaks the real protocol over a real
 socket, and aborts with the status codes the real controller uses, so what is tested is
-the client's translation, retries, resumption and the CLI's output and exit codes.
+the client's translation, retries, resumption and the CLI's output and exit codes. For
+signed releases it hosts a real TUF repository (``hitless.trust.repository``, what the
+controller uses), so signed metadata the CLI sends is accepted or refused for real.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pty
 import re
 import select
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -29,10 +32,19 @@ from typing import Any
 
 import grpc
 import pytest
+from tuf.api.metadata import Targets
 
 from hitless.config import ENV_CONTROLLER
+from hitless.trust import keys as trust_keys
+from hitless.trust.client import DirectorySource, TrustClient, verify_artifact
+from hitless.trust.errors import TrustError
+from hitless.trust.release import target_name
+from hitless.trust.repository import Repository
+from hitless.trust.verify import read_metadata, verify_role
 from hitless.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from tests.support.fleet import Fleet
 from tests.support.procs import free_port
+from upgradectl import render
 from upgradectl.cli import main, run
 from upgradectl.client import CHUNK_SIZE, RetryPolicy
 from upgradectl.errors import ExitCode
@@ -83,9 +95,15 @@ def _releases() -> list[Any]:
             size=3 * 2**20,
             published_at=_ts(),
             notes="Faster rekeying.\nMore.",
+            signing="SIGNED",
         ),
         controller_pb2.Release(
-            version="1.1.0", sha256="cd" * 32, size=900, published_at=_ts(-86400), notes=""
+            version="1.1.0",
+            sha256="cd" * 32,
+            size=900,
+            published_at=_ts(-86400),
+            notes="",
+            signing="YANKED",
         ),
     ]
 
@@ -139,6 +157,10 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     watch_requests: list[Any] = field(default_factory=list)
     job_requests: list[Any] = field(default_factory=list)
     published: list[tuple[Any, bytes, int]] = field(default_factory=list)
+    # The controller's TUF repository (``keys_dir`` makes it): None, no targets published.
+    repo: Repository | None = None
+    yank_requests: list[Any] = field(default_factory=list)
+    rotate_requests: list[Any] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _maybe_unavailable(self, method: str, context: Any) -> None:
@@ -178,18 +200,67 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
             data += req.chunk
             biggest = max(biggest, len(req.chunk))
         self.published.append((meta, bytes(data), biggest))
+        if not meta.targets_metadata:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"release {meta.version} comes without signed targets metadata: sign it where "
+                "it is built (upgradectl releases publish --keys DIR, or a targets file in the "
+                "release feed); the controller holds no targets key and cannot sign it",
+            )
         if meta.version == "1.1.0":
             context.abort(
                 grpc.StatusCode.ALREADY_EXISTS,
                 "release 1.1.0 is already published with another digest",
             )
+        sha256 = hashlib.sha256(data).hexdigest()
+        targets = self._take(meta.targets_metadata, context)
+        listed = targets.targets.get(target_name(meta.version))
+        if listed is None or (listed.length, listed.hashes["sha256"]) != (len(data), sha256):
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "targets do not sign the upload")
         return controller_pb2.Release(
             version=meta.version,
-            sha256=hashlib.sha256(data).hexdigest(),
+            sha256=sha256,
             size=len(data),
             published_at=_ts(),
             notes=meta.notes,
+            signing="SIGNED",
         )
+
+    def _take(self, targets: bytes, context: Any) -> Any:
+        """Publish ``targets`` in the repository, as the controller does; its Targets."""
+        assert self.repo is not None, "a test publishing signed targets uses keys_dir"
+        try:
+            self.repo.accept_targets(targets)
+        except TrustError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"targets metadata refused: {exc}")
+        return self.repo.targets()
+
+    def GetTargetsMetadata(self, request: Any, context: Any) -> Any:
+        data = self.repo.targets_bytes() if self.repo is not None else None
+        targets = self.repo.targets() if self.repo is not None else None
+        return controller_pb2.TargetsMetadata(
+            data=data or b"", version=targets.version if targets else 0
+        )
+
+    def YankRelease(self, request: Any, context: Any) -> Any:
+        self.yank_requests.append(request)
+        known = {r.version for r in self.releases} | {m.version for m, _, _ in self.published}
+        if request.version not in known:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no release {request.version} to yank")
+        targets = self._take(request.targets_metadata, context)
+        if target_name(request.version) in targets.targets:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the targets still list it")
+        return controller_pb2.Release(version=request.version, signing="YANKED")
+
+    def RotateRoot(self, request: Any, context: Any) -> Any:
+        self.rotate_requests.append(request)
+        self._maybe_unavailable("RotateRoot", context)
+        assert self.repo is not None
+        try:
+            version = self.repo.accept_root(request.root, request.targets_metadata or None)
+        except TrustError as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"root metadata refused: {exc}")
+        return controller_pb2.RotateRootResponse(root_version=version)
 
     def _plan(self, request: Any, context: Any) -> Any:
         """The controller's planner in small: release, then each chosen gateway's change."""
@@ -308,6 +379,15 @@ def fake() -> FakeController:
 
 
 @pytest.fixture
+def keys_dir(tmp_path: Path, fake: FakeController) -> Path:
+    """A key directory (``keys init``) whose root and online keys the fake controller's
+    repository trusts and holds, as ``controller-svc serve --trust-root DIR/root.json``."""
+    paths = trust_keys.init(tmp_path / "keys")
+    fake.repo = Repository(tmp_path / "repo", paths.root_json.read_bytes(), paths.online)
+    return paths.dir
+
+
+@pytest.fixture
 def addr(fake: FakeController) -> Iterator[str]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     controller_pb2_grpc.add_ControllerServicer_to_server(fake, server)
@@ -409,6 +489,7 @@ def test_releases_list_json_and_table(addr: str) -> None:
         "published_at": "2025-03-01T12:00:00Z",
         "notes": "Faster rekeying.\nMore.",
         "restarts_vpn_service": False,
+        "signing": "SIGNED",
     }
     assert [r["version"] for r in json.loads(out)] == ["1.2.0", "1.1.0"]
     out = ok(addr, "releases", "list")
@@ -625,7 +706,7 @@ def test_unavailable_beyond_the_retry_budget_is_unreachable(
 
 
 def test_publish_streams_the_file_in_chunks_with_its_digest(
-    addr: str, fake: FakeController, tmp_path: Path
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
 ) -> None:
     artifact = tmp_path / "hitless.pyz"
     payload = os.urandom(2 * CHUNK_SIZE + 12345)
@@ -642,6 +723,8 @@ def test_publish_streams_the_file_in_chunks_with_its_digest(
         str(artifact),
         "--notes",
         str(notes),
+        "--keys",
+        str(keys_dir),
     )
     assert (code, err) == (ExitCode.OK, "")
     ((meta, received, biggest),) = fake.published
@@ -649,16 +732,27 @@ def test_publish_streams_the_file_in_chunks_with_its_digest(
     assert biggest == CHUNK_SIZE
     assert (meta.version, meta.notes) == ("1.3.0", "Restarts the VPN service.\n")
     assert (meta.sha256, meta.size) == (hashlib.sha256(payload).hexdigest(), len(payload))
-    assert out == f"published 1.3.0: 524.1 KiB, sha256 {meta.sha256}\n"
+    assert out == (
+        f"published 1.3.0: 524.1 KiB, sha256 {meta.sha256}\n"
+        "signing: SIGNED (targets version 1 lists hitless-1.3.0.pyz)\n"
+    )
 
 
 def test_publish_refused_and_missing_artifact(
-    addr: str, fake: FakeController, tmp_path: Path
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
 ) -> None:
     artifact = tmp_path / "a.pyz"
     artifact.write_bytes(b"zip")
     code, _, err = cli(
-        addr, "releases", "publish", "--version", "1.1.0", "--artifact", str(artifact)
+        addr,
+        "releases",
+        "publish",
+        "--version",
+        "1.1.0",
+        "--artifact",
+        str(artifact),
+        "--keys",
+        str(keys_dir),
     )
     assert code == ExitCode.REJECTED
     assert err == "upgradectl: error: release 1.1.0 is already published with another digest\n"
@@ -670,6 +764,8 @@ def test_publish_refused_and_missing_artifact(
         "1.1.0",
         "--artifact",
         str(tmp_path / "missing.pyz"),
+        "--keys",
+        str(keys_dir),
     )
     assert code == ExitCode.USAGE
     assert "no artifact at" in err
@@ -1076,7 +1172,7 @@ def test_releases_show_which_restart_the_vpn_service(addr: str, fake: FakeContro
 
 
 def test_publish_marks_a_release_that_restarts_the_vpn_service(
-    addr: str, fake: FakeController, tmp_path: Path
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
 ) -> None:
     artifact = tmp_path / "a.pyz"
     artifact.write_bytes(b"zip")
@@ -1089,9 +1185,21 @@ def test_publish_marks_a_release_that_restarts_the_vpn_service(
         "--artifact",
         str(artifact),
         "--restarts-vpn-service",
+        "--keys",
+        str(keys_dir),
     )
     assert (code, err) == (ExitCode.OK, "")
-    ok(addr, "releases", "publish", "--version", "1.3.1", "--artifact", str(artifact))
+    ok(
+        addr,
+        "releases",
+        "publish",
+        "--version",
+        "1.3.1",
+        "--artifact",
+        str(artifact),
+        "--keys",
+        str(keys_dir),
+    )
     assert [meta.restarts_vpn_service for meta, _, _ in fake.published] == [True, False]
 
 
@@ -1397,3 +1505,444 @@ def test_a_watch_that_fails_after_the_start_names_the_job(addr: str, fake: FakeC
     )
     assert lines[1] == "follow it again with: upgradectl status job-1 --watch"
     assert len(fake.start_requests) == 1
+
+
+# --- Signed releases: the key directory, publishing, yanking, rotating keys --------------
+
+
+def _artifact(tmp_path: Path, version: str) -> Path:
+    path = tmp_path / f"release-{version}.pyz"
+    path.write_bytes(f"the artifact of {version}\n".encode() * 50)
+    return path
+
+
+def _publish(addr: str, tmp_path: Path, keys_dir: Path, version: str) -> Path:
+    artifact = _artifact(tmp_path, version)
+    ok(addr, "releases", "publish", "--version", version, "--artifact", str(artifact),
+       "--keys", str(keys_dir))  # fmt: skip
+    return artifact
+
+
+def _targets(data: bytes, root: Any) -> Any:
+    """The Targets in ``data``, once they verify against ``root`` (hitless.trust)."""
+    md = read_metadata(data, Targets)
+    verify_role(root, md, "targets")
+    return md.signed
+
+
+def _tree(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def test_keys_init_says_what_it_made_and_where_each_part_goes(tmp_path: Path) -> None:
+    directory = tmp_path / "keys"
+    code, out, err = cli("127.0.0.1:1", "keys", "init", "--dir", str(directory))
+    assert (code, err) == (ExitCode.OK, "")
+    paths = trust_keys.KeyPaths(directory)
+    root = paths.root()
+    assert root.version == 1
+    lines = out.splitlines()
+    assert lines[0].startswith(f"made the key directory {directory}: root version 1, expires ")
+    assert lines[2].split() == ["ROLE", "KEY", "ID", "FILE"]
+    rows = [line.split() for line in lines[3:8]]
+    assert [row[0] for row in rows] == list(trust_keys.ROLES)
+    for role, keyid, path in rows:
+        assert path == str(paths.key(role))
+        assert keyid == trust_keys.load_signer(paths.key(role)).public_key.keyid
+    text = "\n".join(lines[8:])
+    assert f"  {directory}/root.json\n      the trust anchor: give it to the controller" in text
+    assert "--trust-root FILE" in text and "gateway-daemon run --trust-root FILE" in text
+    assert f"  {directory}/offline/  (root and targets keys)\n      stay with the release " in text
+    assert f"  {directory}/online/  (snapshot, timestamp and command keys)\n      go to " in text
+    assert "controller-svc serve --online-keys DIR" in text
+
+
+def test_keys_init_never_overwrites_keys(tmp_path: Path) -> None:
+    directory = tmp_path / "keys"
+    trust_keys.init(directory)
+    before = _tree(directory)
+    code, out, err = cli("127.0.0.1:1", "keys", "init", "--dir", str(directory))
+    assert (code, out) == (ExitCode.USAGE, "")
+    assert err.startswith(f"upgradectl: error: {directory}/root.json, ")
+    assert err.endswith("already exist: keys are never overwritten; choose an empty directory, "
+                        "or rotate keys with a root rotation\n")  # fmt: skip
+    assert _tree(directory) == before
+
+
+def test_keys_init_where_nothing_can_be_written_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    code, out, err = cli("127.0.0.1:1", "keys", "init", "--dir", str(tmp_path / "file" / "k"))
+    assert (code, out) == (ExitCode.USAGE, "")
+    assert err.startswith(f"upgradectl: error: cannot write the private key {tmp_path}/file/k/")
+
+
+def test_publish_signs_the_artifact_into_the_next_targets_version(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    first = _publish(addr, tmp_path, keys_dir, "1.3.0")
+    second = _publish(addr, tmp_path, keys_dir, "1.4.0")
+
+    root = trust_keys.KeyPaths(keys_dir).root()
+    one, two = (_targets(meta.targets_metadata, root) for meta, _, _ in fake.published)
+    assert (one.version, sorted(one.targets)) == (1, ["hitless-1.3.0.pyz"])
+    assert (two.version, sorted(two.targets)) == (2, ["hitless-1.3.0.pyz", "hitless-1.4.0.pyz"])
+    for name, path in (("hitless-1.3.0.pyz", first), ("hitless-1.4.0.pyz", second)):
+        data = path.read_bytes()
+        assert two.targets[name].length == len(data)
+        assert two.targets[name].hashes == {"sha256": hashlib.sha256(data).hexdigest()}
+    # A gateway's own check, from the trust anchor through the repository the controller
+    # published: the artifact verifies.
+    anchor = (keys_dir / "root.json").read_bytes()
+    client = TrustClient(anchor, tmp_path / "gw-cache", DirectorySource(tmp_path / "repo"))
+    verify_artifact(second, client.target("hitless-1.4.0.pyz"))
+
+
+def test_publish_without_keys_is_refused_by_the_controller(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    artifact = _artifact(tmp_path, "1.3.0")
+    code, out, err = cli(
+        addr, "releases", "publish", "--version", "1.3.0", "--artifact", str(artifact)
+    )
+    assert (code, out) == (ExitCode.REJECTED, "")
+    assert err.startswith(
+        "upgradectl: error: release 1.3.0 comes without signed targets metadata: sign it where "
+        "it is built (upgradectl releases publish --keys DIR"
+    )
+    ((meta, _, _),) = fake.published
+    assert meta.targets_metadata == b""
+
+
+def test_publish_with_keys_the_controller_does_not_trust_uploads_nothing(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    _publish(addr, tmp_path, keys_dir, "1.3.0")
+    other = trust_keys.init(tmp_path / "other").dir
+    artifact = _artifact(tmp_path, "1.4.0")
+    code, out, err = cli(addr, "releases", "publish", "--version", "1.4.0", "--artifact",
+                         str(artifact), "--keys", str(other))  # fmt: skip
+    assert (code, out) == (ExitCode.USAGE, "")
+    assert err.startswith(
+        "upgradectl: error: the controller's signed targets (version 1) do not verify against "
+        f"root version 1 in {other}: "
+    )
+    assert "Give the key directory whose root.json the controller trusts" in err
+    assert len(fake.published) == 1
+
+
+@pytest.mark.parametrize(
+    ("damage", "expected"),
+    [
+        ("missing", "upgradectl: error: cannot read {dir}/root.json: "),
+        ("no targets key", "upgradectl: error: cannot load the private key {dir}/offline/"),
+        ("wrong targets key", "upgradectl: error: {dir}/offline/targets.pem is key "),
+    ],
+)
+def test_key_errors_are_usage_errors_with_the_librarys_message(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path, damage: str, expected: str
+) -> None:
+    paths = trust_keys.KeyPaths(keys_dir)
+    if damage == "missing":
+        keys_dir = tmp_path / "nowhere"
+    elif damage == "no targets key":
+        paths.key("targets").unlink()
+    else:
+        paths.key("targets").unlink()
+        paths.key("targets").write_bytes(paths.key("snapshot").read_bytes())
+    artifact = _artifact(tmp_path, "1.3.0")
+    for args in (
+        ["releases", "publish", "--version", "1.3.0", "--artifact", str(artifact)],
+        ["releases", "yank", "1.3.0", "--yes"],
+    ):
+        code, out, err = cli(addr, *args, "--keys", str(keys_dir))
+        assert (code, out) == (ExitCode.USAGE, ""), err
+        assert err.startswith(expected.format(dir=keys_dir)), err
+    assert fake.published == [] and fake.yank_requests == []
+
+
+def test_publish_with_a_malformed_version_signs_nothing(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    artifact = _artifact(tmp_path, "1.3.0")
+    code, _, err = cli(addr, "releases", "publish", "--version", "1.3", "--artifact",
+                       str(artifact), "--keys", str(keys_dir))  # fmt: skip
+    assert code == ExitCode.USAGE
+    assert "invalid version '1.3': expected MAJOR.MINOR.PATCH" in err
+    assert fake.published == []
+
+
+def test_yank_signs_the_targets_without_the_release(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    artifact = _publish(addr, tmp_path, keys_dir, "1.3.0")
+    _publish(addr, tmp_path, keys_dir, "1.4.0")
+    code, out, err = cli(addr, "releases", "yank", "1.3.0", "--keys", str(keys_dir), "--yes")
+    assert (code, err) == (ExitCode.OK, "")
+    (request,) = fake.yank_requests
+    assert request.version == "1.3.0"
+    three = _targets(request.targets_metadata, trust_keys.KeyPaths(keys_dir).root())
+    assert (three.version, sorted(three.targets)) == (3, ["hitless-1.4.0.pyz"])
+    sha256 = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    assert out.splitlines() == [
+        "release 1.3.0: targets version 2 lists hitless-1.3.0.pyz "
+        f"({render.human_size(artifact.stat().st_size)}, sha256 {sha256})",
+        "yanking publishes targets version 3 without it: from then on the controller and every "
+        "gateway refuse to install it",
+        "yanked 1.3.0: targets version 3 no longer lists hitless-1.3.0.pyz (signing: YANKED)",
+    ]
+
+
+def test_yank_without_a_terminal_or_yes_does_nothing(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    _publish(addr, tmp_path, keys_dir, "1.3.0")
+    code, out, err = cli(addr, "releases", "yank", "1.3.0", "--keys", str(keys_dir))
+    assert code == ExitCode.NEEDS_CONFIRMATION
+    assert out.startswith("release 1.3.0: targets version 1 lists hitless-1.3.0.pyz")
+    assert err == (
+        "upgradectl: error: yanking release 1.3.0 needs confirmation, and standard input is not "
+        "a terminal to ask on, so nothing was done: add --yes to confirm\n"
+    )
+    assert fake.yank_requests == []
+
+
+@pytest.mark.parametrize(("answer", "code"), [("y\n", ExitCode.OK), ("n\n", ExitCode.DECLINED),
+                                              ("", ExitCode.DECLINED)])  # fmt: skip
+def test_yank_asks_on_a_terminal(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path, answer: str, code: int
+) -> None:
+    _publish(addr, tmp_path, keys_dir, "1.3.0")
+    got, out, err = cli(addr, "releases", "yank", "1.3.0", "--keys", str(keys_dir),
+                        stdin=_Terminal(answer))  # fmt: skip
+    assert got == code, err
+    assert "refuse to install it\nProceed? [y/N] " in out
+    assert len(fake.yank_requests) == (1 if code == ExitCode.OK else 0)
+    if code == ExitCode.DECLINED:
+        assert err == (
+            "upgradectl: error: yanking release 1.3.0 was not confirmed: nothing was done\n"
+        )
+
+
+def test_yank_of_a_release_the_targets_do_not_list_is_rejected_without_asking(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    args = ("releases", "yank", "1.9.0", "--keys", str(keys_dir))
+    code, out, err = cli(addr, *args, stdin=_NoAnswer())
+    assert (code, out) == (ExitCode.REJECTED, "")
+    assert err == (
+        "upgradectl: error: the controller publishes no signed targets yet: release 1.9.0 is "
+        "not listed, there is nothing to yank\n"
+    )
+    _publish(addr, tmp_path, keys_dir, "1.3.0")
+    code, out, err = cli(addr, *args, stdin=_NoAnswer())
+    assert (code, out) == (ExitCode.REJECTED, "")
+    assert err.startswith(
+        "upgradectl: error: release 1.9.0 is not in the signed targets (version 1 lists "
+        "hitless-1.3.0.pyz): nothing to yank"
+    )
+    assert fake.yank_requests == []
+
+
+def test_rotating_the_targets_key_re_signs_the_controllers_targets(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    _publish(addr, tmp_path, keys_dir, "1.3.0")
+    paths = trust_keys.KeyPaths(keys_dir)
+    old_targets_key = trust_keys.load_signer(paths.key("targets")).public_key.keyid
+
+    code, out, err = cli(addr, "keys", "rotate", "--dir", str(keys_dir), "--roles", "targets")
+    assert (code, err) == (ExitCode.OK, "")
+    (request,) = fake.rotate_requests
+    assert request.root == paths.root_json.read_bytes()
+    new_root = paths.root()
+    assert new_root.version == 2
+    assert new_root.roles["targets"].keyids != [old_targets_key]
+    two = _targets(request.targets_metadata, new_root)  # verifies under the new root
+    assert (two.version, sorted(two.targets)) == (2, ["hitless-1.3.0.pyz"])
+    assert out.splitlines() == [
+        f"the controller trusts root version 2: new targets key(s) (the replaced ones are in "
+        f"{keys_dir}/retired/)",
+        "it took targets version 2 with it, re-signed with the new targets key",
+        "gateways follow the rotation the next time they verify a command or a release; a new "
+        f"gateway may be given {keys_dir}/root.json or any older root.json",
+    ]
+    # Releases go on being signed with the new key.
+    _publish(addr, tmp_path, keys_dir, "1.4.0")
+    assert fake.repo is not None
+    published = fake.repo.targets()
+    assert published is not None
+    assert sorted(published.targets) == ["hitless-1.3.0.pyz", "hitless-1.4.0.pyz"]
+
+
+def test_rotating_the_command_key_sends_the_root_alone(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    _publish(addr, tmp_path, keys_dir, "1.3.0")
+    code, out, err = cli(addr, "keys", "rotate", "--dir", str(keys_dir), "--roles",
+                         "command,command")  # fmt: skip
+    assert (code, err) == (ExitCode.OK, "")
+    (request,) = fake.rotate_requests
+    assert request.targets_metadata == b""
+    assert out.splitlines()[0].startswith("the controller trusts root version 2: new command key")
+    assert len(out.splitlines()) == 2
+
+
+def test_a_rotation_the_controller_refuses_is_kept_and_sent_again_with_resend(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    """The controller reads its online keys from a directory of its own: it takes a root
+    that rotates them only once the new keys are there."""
+    paths = trust_keys.init(tmp_path / "keys")
+    online = tmp_path / "controller-online"
+    shutil.copytree(paths.online, online)
+    fake.repo = Repository(tmp_path / "repo", paths.root_json.read_bytes(), online)
+    controller = ["--controller", addr]
+
+    code, out, err = cli(addr, "keys", "rotate", "--dir", str(paths.dir), "--roles",
+                         "timestamp,targets")  # fmt: skip
+    assert (code, out) == (ExitCode.REJECTED, "")
+    lines = err.splitlines()
+    assert lines[0].startswith("upgradectl: error: root metadata refused: ")
+    assert "timestamp" in lines[0]
+    assert lines[1:] == [
+        f"root version 2 is made and saved in {paths.dir} (replaced keys in {paths.dir}/retired/),"
+        " but the controller has not taken it:",
+        "  the controller needs the new timestamp key(s) before it takes this root: copy "
+        f"{paths.online}/ to its --online-keys directory (unless it reads them there)",
+        f"  send it again with: {shlex.join(['upgradectl', *controller, 'keys', 'rotate', '--dir', str(paths.dir), '--resend'])}",  # noqa: E501
+    ]
+    assert paths.root().version == 2
+
+    shutil.rmtree(online)
+    shutil.copytree(paths.online, online)
+    resend = shlex.split(lines[-1].split("send it again with: ")[1])
+    code, out, err = cli(addr, *resend[3:])
+    assert (code, err) == (ExitCode.OK, "")
+    assert out.splitlines()[0].startswith(
+        "the controller trusts root version 2: new targets, timestamp key(s)"
+    )
+    assert paths.root().version == 2  # nothing rotated a second time
+    assert fake.repo.root.version == 2
+    assert fake.repo.targets() is None  # nothing published, nothing to re-sign
+
+
+def test_nothing_is_rotated_when_the_controller_cannot_be_reached(
+    tmp_path: Path, keys_dir: Path
+) -> None:
+    before = _tree(keys_dir)
+    code, _, err = cli(f"127.0.0.1:{free_port()}", "keys", "rotate", "--dir", str(keys_dir),
+                       "--roles", "targets")  # fmt: skip
+    assert code == ExitCode.UNREACHABLE
+    assert "cannot reach the controller" in err
+    assert _tree(keys_dir) == before
+
+
+def test_nothing_is_rotated_for_a_controller_trusting_another_root(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    _publish(addr, tmp_path, keys_dir, "1.3.0")
+    other = trust_keys.init(tmp_path / "other").dir
+    before = _tree(other)
+    code, _, err = cli(addr, "keys", "rotate", "--dir", str(other), "--roles", "targets")
+    assert code == ExitCode.USAGE
+    assert "do not verify against root version 1 in" in err
+    assert _tree(other) == before
+    assert fake.rotate_requests == []
+
+
+def test_rotate_root_is_sent_once_and_a_lost_answer_says_how_to_finish(
+    addr: str, fake: FakeController, keys_dir: Path
+) -> None:
+    fake.unavailable["RotateRoot"] = 1
+    code, _, err = cli(addr, "keys", "rotate", "--dir", str(keys_dir), "--roles", "snapshot")
+    assert code == ExitCode.UNCONFIRMED
+    assert len(fake.rotate_requests) == 1
+    assert "did not answer RotateRoot" in err
+    assert "but the controller may have taken it (no answer came; if it did, sending it " in err
+    code, _, err = cli(addr, "keys", "rotate", "--dir", str(keys_dir), "--resend")
+    assert code == ExitCode.OK, err
+
+
+def test_resend_without_a_rotation_is_a_usage_error(addr: str, keys_dir: Path) -> None:
+    code, _, err = cli(addr, "keys", "rotate", "--dir", str(keys_dir), "--resend")
+    assert code == ExitCode.USAGE
+    assert err == (
+        f"upgradectl: error: {keys_dir}/root.json is root version 1: no rotation to send; "
+        f"rotate keys with 'upgradectl keys rotate --dir {keys_dir} --roles ROLE,...'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["keys", "rotate", "--dir", "d"], "one of the arguments --roles --resend is required"),
+        (["keys", "rotate", "--dir", "d", "--roles", "targets", "--resend"], "not allowed with"),
+        (["keys", "rotate", "--dir", "d", "--roles", "admin"], "expected some of root,targets,"),
+        (["keys", "rotate", "--dir", "d", "--roles", ","], "expected some of root,targets,"),
+        (["keys", "init"], "the following arguments are required: --dir"),
+        (["releases", "yank", "1.2.0"], "the following arguments are required: --keys"),
+    ],
+)
+def test_keys_usage_errors(args: list[str], expected: str) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(args, env={}, out=out, err=err, retry=FAST_RETRY)
+    assert code == ExitCode.USAGE
+    assert expected in err.getvalue()
+
+
+def test_releases_list_shows_signing(addr: str, fake: FakeController) -> None:
+    assert [r["signing"] for r in json.loads(ok(addr, "releases", "list", "--json"))] == [
+        "SIGNED",
+        "YANKED",
+    ]
+    lines = ok(addr, "releases", "list").splitlines()
+    header, signed, yanked = (re.split(" {2,}", line) for line in lines)
+    column = header.index("SIGNING")
+    assert (signed[column], yanked[column]) == ("SIGNED", "YANKED")
+
+
+def test_signed_releases_end_to_end_with_the_real_controller(fleet: Fleet) -> None:
+    """Publish, yank and a targets key rotation through the real executable against a real
+    controller trusting the fleet's key directory."""
+    keys_dir = str(fleet.keys.dir)
+    artifact = str(fleet.root / "release-1.3.0.pyz")
+    fleet.cli("releases", "build", "--version", "1.3.0", "-o", artifact)
+
+    unsigned = fleet.cli("releases", "publish", "--version", "1.3.0", "--artifact", artifact,
+                         check=False)  # fmt: skip
+    assert unsigned.returncode == ExitCode.REJECTED, unsigned.stderr
+    assert "without signed targets metadata" in unsigned.stderr
+    assert fleet.cli_json("releases", "list") == []
+
+    published = fleet.cli("releases", "publish", "--version", "1.3.0", "--artifact", artifact,
+                          "--keys", keys_dir)  # fmt: skip
+    assert published.stdout.splitlines()[1] == (
+        "signing: SIGNED (targets version 1 lists hitless-1.3.0.pyz)"
+    )
+    fleet.release("1.4.0")
+    assert {r["version"]: r["signing"] for r in fleet.cli_json("releases", "list")} == {
+        "1.4.0": "SIGNED",
+        "1.3.0": "SIGNED",
+    }
+
+    fleet.cli("releases", "yank", "1.3.0", "--keys", keys_dir, "--yes")
+    assert {r["version"]: r["signing"] for r in fleet.cli_json("releases", "list")} == {
+        "1.4.0": "SIGNED",
+        "1.3.0": "YANKED",
+    }
+    refused = fleet.cli("upgrade", "--version", "1.3.0", "--yes", check=False)
+    assert refused.returncode == ExitCode.REJECTED, refused.stderr
+    assert "release 1.3.0 was yanked" in refused.stderr
+
+    rotated = fleet.cli("keys", "rotate", "--dir", keys_dir, "--roles", "targets,command")
+    assert rotated.stdout.splitlines()[1] == (
+        "it took targets version 4 with it, re-signed with the new targets key"
+    )
+    fleet.release("1.5.0")
+    assert {r["version"]: r["signing"] for r in fleet.cli_json("releases", "list")} == {
+        "1.5.0": "SIGNED",
+        "1.4.0": "SIGNED",
+        "1.3.0": "YANKED",
+    }

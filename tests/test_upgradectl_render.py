@@ -5,9 +5,20 @@ from __future__ import annotations
 import io
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from upgradectl import render
-from upgradectl.model import GatewayInfo, GatewayProgress, JobEvent, JobView, ReleaseInfo
+from upgradectl.model import (
+    GatewayInfo,
+    GatewayProgress,
+    JobEvent,
+    JobView,
+    KeyDirectory,
+    ReleaseInfo,
+    RoleKey,
+    Rotation,
+    TargetsChange,
+)
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
@@ -54,11 +65,20 @@ def test_gateways_and_releases_tables() -> None:
     ]
     assert render.gateways_table([], NOW) == ["no gateways known to the controller yet"]
     notes = "Restarts the VPN service. " + "x" * 80 + "\nsecond line"
-    rels = [ReleaseInfo("1.2.0", "ab" * 32, 3 * 1024 * 1024, NOW, notes)]
-    header, row = render.releases_table(rels)
-    assert header.split() == ["VERSION", "SIZE", "PUBLISHED", "SHA256", "VPN", "NOTES"]
-    assert row.startswith("1.2.0    3.0 MiB  2025-03-01 12:00 UTC  abababababab  -    Restarts the")
+    rels = [
+        ReleaseInfo("1.2.0", "ab" * 32, 3 * 1024 * 1024, NOW, notes, signing="SIGNED"),
+        ReleaseInfo("1.1.0", "cd" * 32, 900, NOW, "", signing="YANKED"),
+        ReleaseInfo("1.0.0", "ef" * 32, 900, NOW, "", signing=""),
+    ]
+    header, row, yanked, unknown = render.releases_table(rels)
+    assert header.split() == ["VERSION", "SIZE", "PUBLISHED", "SHA256", "SIGNING", "VPN", "NOTES"]
+    assert row.startswith(
+        "1.2.0    3.0 MiB  2025-03-01 12:00 UTC  abababababab  SIGNED   -    Restarts the"
+    )
     assert row.endswith("…") and len(row.split("  ")[-1]) == render.NOTES_WIDTH
+    assert yanked == "1.1.0    900 B    2025-03-01 12:00 UTC  cdcdcdcdcdcd  YANKED   -"
+    # A controller that does not say how a release is signed.
+    assert unknown == "1.0.0    900 B    2025-03-01 12:00 UTC  efefefefefef  -        -"
 
 
 def test_job_lines_show_progress_and_errors() -> None:
@@ -192,3 +212,81 @@ def test_live_display_escapes_what_it_draws() -> None:
         written = re.sub(r"\x1b\[(\d+F\x1b\[)?J", "", out.getvalue())
         assert _harmless(written, newlines=True), written
         assert "\\x1b[2J\\x1b[8mhidden" in written
+
+
+def test_built_lines_say_the_artifact_is_not_signed_yet() -> None:
+    assert render.built_lines("1.4.0", "out/h.pyz", 2048, "ab" * 32) == [
+        f"built out/h.pyz: release 1.4.0, 2.0 KiB, sha256 {'ab' * 32}",
+        "not signed yet: gateways and the controller take it only once the targets key lists "
+        "it; sign and upload it with:",
+        "  upgradectl releases publish --version 1.4.0 --artifact out/h.pyz --keys DIR",
+    ]
+
+
+def test_published_lines_name_the_targets_version_that_signs_it() -> None:
+    release = ReleaseInfo("1.4.0", "ab" * 32, 2048, NOW, "", signing="SIGNED")
+    change = TargetsChange(b"{}", 7, 6, "hitless-1.4.0.pyz", 2048, "ab" * 32)
+    assert render.published_lines(release, change) == [
+        f"published 1.4.0: 2.0 KiB, sha256 {'ab' * 32}",
+        "signing: SIGNED (targets version 7 lists hitless-1.4.0.pyz)",
+    ]
+    assert render.published_lines(release, None) == [
+        f"published 1.4.0: 2.0 KiB, sha256 {'ab' * 32}"
+    ]
+
+
+def test_keys_init_lines_list_each_key_and_where_each_part_goes() -> None:
+    k = Path("/srv/keys")
+    made = KeyDirectory(
+        dir=k,
+        root_json=k / "root.json",
+        root_version=1,
+        expires=NOW,
+        offline=k / "offline",
+        online=k / "online",
+        keys=(
+            RoleKey("root", "aa" * 32, k / "offline/root.pem"),
+            RoleKey("timestamp", "bb" * 32, k / "online/timestamp.pem"),
+        ),
+    )
+    assert render.keys_init_lines(made) == [
+        "made the key directory /srv/keys: root version 1, expires 2025-03-01 12:00 UTC",
+        "",
+        "ROLE       KEY ID" + " " * 60 + "FILE",
+        f"root       {'aa' * 32}  /srv/keys/offline/root.pem",
+        f"timestamp  {'bb' * 32}  /srv/keys/online/timestamp.pem",
+        "",
+        "where each part goes:",
+        "  /srv/keys/root.json",
+        "      the trust anchor: give it to the controller (controller-svc serve --trust-root "
+        "FILE)",
+        "      and to every gateway (gateway-daemon run --trust-root FILE)",
+        "  /srv/keys/offline/  (root and targets keys)",
+        "      stay with the release manager, never on the controller or a gateway; keep a "
+        "backup offline",
+        "      they sign releases and key rotations: releases publish/yank --keys /srv/keys, "
+        "keys rotate --dir /srv/keys",
+        "  /srv/keys/online/  (snapshot, timestamp and command keys)",
+        "      go to the controller: controller-svc serve --online-keys DIR (default: online/ "
+        "beside its --trust-root)",
+    ]
+
+
+def test_yank_and_rotation_lines() -> None:
+    change = TargetsChange(b"{}", 5, 4, "hitless-1.2.0.pyz", 3 * 1024 * 1024, "cd" * 32)
+    assert render.yank_lines("1.2.0", change) == [
+        f"release 1.2.0: targets version 4 lists hitless-1.2.0.pyz (3.0 MiB, sha256 {'cd' * 32})",
+        "yanking publishes targets version 5 without it: from then on the controller and every "
+        "gateway refuse to install it",
+    ]
+    yanked = ReleaseInfo("1.2.0", "cd" * 32, 1, NOW, "", signing="YANKED")
+    assert render.yanked_lines(yanked, change) == [
+        "yanked 1.2.0: targets version 5 no longer lists hitless-1.2.0.pyz (signing: YANKED)"
+    ]
+    lines = render.rotation_lines(Rotation(3, ("targets", "command"), 9), "/k")
+    assert lines[:2] == [
+        "the controller trusts root version 3: new targets, command key(s) (the replaced ones "
+        "are in /k/retired/)",
+        "it took targets version 9 with it, re-signed with the new targets key",
+    ]
+    assert len(render.rotation_lines(Rotation(3, ("command",), None), "/k")) == 2

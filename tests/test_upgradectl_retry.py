@@ -82,7 +82,10 @@ def fleet_on(db_url: str, vhost: str, tmp_path: Path, procs: Procs) -> Iterator[
             )
             artifact = tmp_path / f"hitless-{TARGET}.pyz"
             build_release(TARGET, artifact)
-            fleet.cli("releases", "publish", "--version", TARGET, "--artifact", str(artifact))
+            fleet.cli(
+                "releases", "publish", "--version", TARGET, "--artifact", str(artifact),
+                "--keys", str(fleet.keys.dir),
+            )  # fmt: skip
             yield fleet
     finally:
         fleet.close()

@@ -1,10 +1,13 @@
 """``upgradectl``: the operator's command line over the controller's gRPC API.
 
     upgradectl [--controller HOST:PORT] gateways list [--json]
+    upgradectl keys init --dir DIR
+    upgradectl keys rotate --dir DIR (--roles ROLE,... | --resend)
     upgradectl releases list [--json]
     upgradectl releases build --version V -o FILE
     upgradectl releases publish --version V --artifact FILE [--notes FILE]
-                                [--restarts-vpn-service]
+                                [--restarts-vpn-service] [--keys DIR]
+    upgradectl releases yank V --keys DIR [--yes]
     upgradectl releases sync [--json]
     upgradectl upgrade (--latest | --version V) [--gateways ID,...] [--allow-downgrade]
                        [--deadline SECONDS] [--request-id ID] [--wait] [--yes] [--json]
@@ -18,7 +21,9 @@ this module is the only place that reads flags and the environment. Expected fai
 ``upgradectl: error: <message>`` and exit with a code named in ``upgradectl.errors.ExitCode``.
 
 ``upgrade`` shows the controller's plan (release, notes, each gateway's change) before it
-starts anything, and gets the operator's consent through ``upgradectl.confirm``. Output for
+starts anything, and gets the operator's consent through ``upgradectl.confirm``; so does
+``releases yank``. ``keys``, ``releases publish --keys`` and ``releases yank`` sign with the
+key directory through ``upgradectl.signing``. Output for
 people goes to stdout; with ``--json`` stdout carries only the JSON document, and the plan
 and any question go to stderr. Every line for people, error messages included, goes through
 ``render.printable``: text from the controller reaches a terminal with its controls escaped.
@@ -49,10 +54,11 @@ from typing import Any, NoReturn, TextIO
 from hitless import names
 from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
 from hitless.errors import HitlessError, InvalidName
-from upgradectl import render
+from hitless.trust.keys import ROLES
+from upgradectl import render, signing
 from upgradectl.build import build_release
 from upgradectl.client import ControllerClient, RetryPolicy
-from upgradectl.confirm import Terminal, agree
+from upgradectl.confirm import Terminal, agree, confirm
 from upgradectl.errors import (
     ControllerFailed,
     ExitCode,
@@ -187,6 +193,50 @@ def _build_parser() -> _Parser:
     gw_list.add_argument("--json", action="store_true", help="print JSON for machines")
     gw_list.set_defaults(handler=_gateways_list)
 
+    keys = commands.add_parser(
+        "keys", help="the signing keys: the release manager's key directory and rotations"
+    )
+    keys_sub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    keys_init = keys_sub.add_parser(
+        "init",
+        help="make a key directory: the trust anchor root.json, offline root and targets "
+        "keys, and online/ keys for the controller",
+    )
+    keys_init.add_argument(
+        "--dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="where to make it; refused if keys are already there (nothing is overwritten)",
+    )
+    keys_init.set_defaults(handler=_keys_init)
+    keys_rotate = keys_sub.add_parser(
+        "rotate",
+        help="replace keys: sign the next root version and have the controller take it",
+    )
+    keys_rotate.add_argument(
+        "--dir",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the key directory 'keys init' made (its root key signs the rotation)",
+    )
+    rotation = keys_rotate.add_mutually_exclusive_group(required=True)
+    rotation.add_argument(
+        "--roles",
+        type=_roles,
+        metavar="ROLE,...",
+        help=f"the roles to give new keys, some of {','.join(ROLES)}; replacing targets "
+        "also re-signs the controller's current targets with the new key",
+    )
+    rotation.add_argument(
+        "--resend",
+        action="store_true",
+        help="send the newest root in DIR again, made by a rotation the controller did not "
+        "take (rotates nothing)",
+    )
+    keys_rotate.set_defaults(handler=_keys_rotate)
+
     releases = commands.add_parser("releases", help="release artifacts")
     releases_sub = releases.add_subparsers(dest="action", required=True, metavar="ACTION")
     rel_list = releases_sub.add_parser("list", help="list published releases, newest first")
@@ -196,11 +246,24 @@ def _build_parser() -> _Parser:
         "build", help="build a release artifact from the running code"
     )
     rel_build.add_argument("--version", required=True, help="the release version, e.g. 1.4.0")
-    rel_build.add_argument("-o", "--output", required=True, type=Path, metavar="FILE")
+    rel_build.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="where to write the artifact (replaced whole if it exists)",
+    )
     rel_build.set_defaults(handler=_releases_build)
     rel_pub = releases_sub.add_parser("publish", help="upload a release artifact")
     rel_pub.add_argument("--version", required=True, help="the release version, e.g. 1.4.0")
-    rel_pub.add_argument("--artifact", required=True, type=Path, metavar="FILE")
+    rel_pub.add_argument(
+        "--artifact",
+        required=True,
+        type=Path,
+        metavar="FILE",
+        help="the artifact 'releases build' made for this version",
+    )
     rel_pub.add_argument("--notes", type=Path, metavar="FILE", help="release notes, as text")
     rel_pub.add_argument(
         "--restarts-vpn-service",
@@ -208,7 +271,34 @@ def _build_parser() -> _Parser:
         help="installing it restarts the VPN service, disconnecting VPN users "
         "(upgrade then asks for confirmation)",
     )
+    rel_pub.add_argument(
+        "--keys",
+        type=Path,
+        metavar="DIR",
+        help="the key directory 'keys init' made: its targets key signs the release into "
+        "the controller's targets (without it the controller refuses the upload)",
+    )
     rel_pub.set_defaults(handler=_releases_publish)
+    rel_yank = releases_sub.add_parser(
+        "yank",
+        help="withdraw a release: sign targets without it, so the controller and every "
+        "gateway refuse to install it",
+    )
+    rel_yank.add_argument("version", metavar="V", help="the release version, e.g. 1.4.0")
+    rel_yank.add_argument(
+        "--keys",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="the key directory 'keys init' made: its targets key signs the targets",
+    )
+    rel_yank.add_argument(
+        "--yes",
+        action="store_true",
+        help="answer yes in advance: yank without asking (needed when standard input is not "
+        "a terminal)",
+    )
+    rel_yank.set_defaults(handler=_releases_yank)
     rel_sync = releases_sub.add_parser(
         "sync", help="have the controller check its release feed for new releases now"
     )
@@ -295,6 +385,17 @@ def _seconds(text: str) -> int:
     return value
 
 
+def _roles(text: str) -> list[str]:
+    """A ``--roles`` list: role names separated by commas, each once."""
+    roles = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [role for role in roles if role not in ROLES]
+    if unknown or not roles:
+        raise argparse.ArgumentTypeError(
+            f"expected some of {','.join(ROLES)} separated by commas, not {text!r}"
+        )
+    return roles
+
+
 def _request_id(text: str) -> str:
     """A ``--request-id``: what a failed ``upgrade`` printed, or any id of that shape."""
     if not REQUEST_ID.fullmatch(text):
@@ -334,10 +435,9 @@ def _releases_build(ctx: _Context) -> ExitCode:
     output: Path = ctx.args.output
     built = build_release(ctx.args.version, output)
     ctx.emit_lines(
-        [
-            f"built {output}: release {ctx.args.version}, {render.human_size(built.size)}, "
-            f"sha256 {built.sha256}"
-        ]
+        render.built_lines(
+            ctx.args.version, shlex.quote(str(output)), built.size, built.sha256
+        )
     )
     return ExitCode.OK
 
@@ -353,12 +453,52 @@ def _releases_publish(ctx: _Context) -> ExitCode:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read the release notes {ctx.args.notes}: {exc}") from exc
     with ctx.connect() as client:
+        signed = None
+        if ctx.args.keys is not None:
+            signed = signing.sign_release(client, ctx.args.keys, ctx.args.version, artifact)
         release = client.publish_release(
-            ctx.args.version, artifact, notes, restarts_vpn_service=ctx.args.restarts_vpn_service
+            ctx.args.version,
+            artifact,
+            notes,
+            restarts_vpn_service=ctx.args.restarts_vpn_service,
+            targets_metadata=signed.data if signed else b"",
         )
-    ctx.emit_lines(
-        [f"published {release.version}: {render.human_size(release.size)}, sha256 {release.sha256}"]
-    )
+    ctx.emit_lines(render.published_lines(release, signed))
+    return ExitCode.OK
+
+
+def _releases_yank(ctx: _Context) -> ExitCode:
+    version: str = ctx.args.version
+    with ctx.connect() as client:
+        change = signing.sign_yank(client, ctx.args.keys, version)
+        ctx.tell(render.yank_lines(version, change))
+        confirm(
+            f"yanking release {version}",
+            yes=ctx.args.yes,
+            terminal=Terminal(ctx.stdin, ctx.people),
+        )
+        release = client.yank_release(version, change.data)
+    ctx.emit_lines(render.yanked_lines(release, change))
+    return ExitCode.OK
+
+
+def _keys_init(ctx: _Context) -> ExitCode:
+    ctx.emit_lines(render.keys_init_lines(signing.init_keys(ctx.args.dir)))
+    return ExitCode.OK
+
+
+def _keys_rotate(ctx: _Context) -> ExitCode:
+    directory: Path = ctx.args.dir
+    argv = [PROG]
+    if ctx.args.controller:
+        argv += ["--controller", ctx.args.controller]
+    resend = shlex.join([*argv, "keys", "rotate", "--dir", str(directory), "--resend"])
+    with ctx.connect() as client:
+        if ctx.args.resend:
+            rotation = signing.send_root(client, directory, resend=resend)
+        else:
+            rotation = signing.rotate(client, directory, ctx.args.roles, resend=resend)
+    ctx.emit_lines(render.rotation_lines(rotation, str(directory)))
     return ExitCode.OK
 
 

@@ -12,16 +12,18 @@
 | FAILED_PRECONDITION                             | verbatim                                |
 | anything else                                   | ControllerFailed                        |
 
-except for ``StartUpgrade``: once it has been sent, any failure but a refusal leaves open
-whether the job was started, and is ``Unconfirmed``.
+except for ``StartUpgrade`` and ``RotateRoot``: once sent, any failure but a refusal leaves
+open whether the job was started (the root taken), and is ``Unconfirmed``.
 
 The controller upgrades itself by starting a new process on the same port and stopping the
 old one, so a client may meet UNAVAILABLE (or CANCELLED, for a call that arrived as the old
 one stopped) for a moment, and a busy controller answers RESOURCE_EXHAUSTED when a budget
 of concurrent calls is full. Idempotent unary calls are retried
 then, with bounded exponential backoff and jitter; ``StartUpgrade`` counts as idempotent
-because it carries the caller's request id, and adding an admin or checking the release feed
-twice changes nothing. ``watch_job`` resumes after the last sequence number it saw.
+because it carries the caller's request id, and adding an admin, checking the release feed
+or publishing the same yanked targets twice changes nothing. ``RotateRoot`` is never retried:
+the controller refuses a root version it already took, which would hide that the first call
+worked. ``watch_job`` resumes after the last sequence number it saw.
 """
 
 from __future__ import annotations
@@ -142,9 +144,17 @@ class ControllerClient:
         return [ReleaseInfo.from_proto(r) for r in resp.releases]
 
     def publish_release(
-        self, version: str, path: Path, notes: str, *, restarts_vpn_service: bool = False
+        self,
+        version: str,
+        path: Path,
+        notes: str,
+        *,
+        restarts_vpn_service: bool = False,
+        targets_metadata: bytes = b"",
     ) -> ReleaseInfo:
-        """Upload the artifact at ``path`` as release ``version``.
+        """Upload the artifact at ``path`` as release ``version``, with ``targets_metadata``:
+        the signed TUF targets that list it (``upgradectl.signing``; empty: none, and the
+        controller refuses the upload with FAILED_PRECONDITION, ``Rejected``).
 
         The digest and size are computed here first and sent as metadata, so the controller
         rejects an upload that arrived damaged. Not retried: the stream is not resumable.
@@ -159,6 +169,7 @@ class ControllerClient:
             sha256=sha256,
             size=size,
             restarts_vpn_service=restarts_vpn_service,
+            targets_metadata=targets_metadata,
         )
 
         def requests() -> Iterator[controller_pb2.PublishReleaseRequest]:
@@ -173,6 +184,47 @@ class ControllerClient:
         except grpc.RpcError as exc:
             raise self._translate("PublishRelease", exc) from exc
         return ReleaseInfo.from_proto(release)
+
+    def get_targets_metadata(self) -> bytes | None:
+        """The newest signed targets metadata the controller publishes, as signed (TUF
+        targets JSON); None before the first signed release."""
+        resp = self._unary(
+            "GetTargetsMetadata",
+            self._stub.GetTargetsMetadata,
+            controller_pb2.GetTargetsMetadataRequest(),
+        )
+        return bytes(resp.data) or None
+
+    def yank_release(self, version: str, targets_metadata: bytes) -> ReleaseInfo:
+        """Publish ``targets_metadata`` (the next targets version, signed without release
+        ``version``): the controller and gateways refuse the release from then on. The
+        release as the controller now sees it (``signing`` YANKED).
+
+        Raises ``Rejected`` when the controller refuses (no such release, metadata unsigned,
+        not newer, or still listing the release).
+        """
+        request = controller_pb2.YankReleaseRequest(
+            version=version, targets_metadata=targets_metadata
+        )
+        return ReleaseInfo.from_proto(self._unary("YankRelease", self._stub.YankRelease, request))
+
+    def rotate_root(self, root: bytes, targets_metadata: bytes | None = None) -> int:
+        """Hand the controller the next root version (a key rotation), with the targets
+        re-signed by a new targets key when the rotation replaced it. Returns the root
+        version the controller now trusts.
+
+        Sent once, never retried. Raises ``Rejected`` when the controller refuses (root not
+        the next version, not signed by old and new root keys, online keys it does not hold,
+        targets missing or not newer) and ``Unconfirmed`` when no answer came: the root may
+        have been taken.
+        """
+        request = controller_pb2.RotateRootRequest(
+            root=root, targets_metadata=targets_metadata or b""
+        )
+        resp = self._unary(
+            "RotateRoot", self._stub.RotateRoot, request, creates=True, retried=False
+        )
+        return int(resp.root_version)
 
     def sync_releases(self) -> list[ReleaseInfo]:
         """Have the controller check its release feed now; the releases it imported."""
@@ -285,10 +337,16 @@ class ControllerClient:
                 attempt += 1
 
     def _unary(
-        self, method: str, call: Callable[..., T], request: Any, *, creates: bool = False
+        self,
+        method: str,
+        call: Callable[..., T],
+        request: Any,
+        *,
+        creates: bool = False,
+        retried: bool = True,
     ) -> T:
         """Call ``method``, retrying UNAVAILABLE, CANCELLED and RESOURCE_EXHAUSTED within the
-        retry budget.
+        retry budget (unless ``retried`` is False: a call that must not arrive twice).
 
         ``creates``: the call may create something even when its answer is lost, so such a
         failure is ``Unconfirmed`` rather than ``Unreachable`` or ``ControllerFailed``.
@@ -299,7 +357,7 @@ class ControllerClient:
             try:
                 return call(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                if exc.code() in _RETRIED:
+                if retried and exc.code() in _RETRIED:
                     delay = self._retry.delay(attempt)
                     if self._clock() + delay <= give_up_at:
                         self._sleep(delay)

@@ -1,10 +1,12 @@
-"""Agreeing to an upgrade plan before anything starts.
+"""Agreeing to an upgrade plan before anything starts, and to other changes that cannot be
+taken back.
 
 The controller refuses a downgrade without ``allow_downgrade`` and a VPN-restarting release
 without ``accept_vpn_disruption``. The CLI applies the same rules to the plan first, so the
 operator hears about them before a job exists, and is asked the one question only a
 person should answer: may the connected VPN users be disconnected? ``--yes`` answers it
 in advance; with neither a terminal nor ``--yes`` nobody has agreed, and nothing starts.
+Yanking a release (``confirm``) follows the same rule.
 """
 
 from __future__ import annotations
@@ -76,3 +78,22 @@ def agree(plan: UpgradePlan, *, allow_downgrade: bool, yes: bool, terminal: Term
         if not terminal.ask(QUESTION):
             raise Declined(f"the upgrade to {release} was not confirmed: nothing was started")
     return Consent(allow_downgrade=allow_downgrade, accept_vpn_disruption=True)
+
+
+def confirm(action: str, *, yes: bool, terminal: Terminal) -> None:
+    """Go on with ``action`` (a noun phrase: "yanking release 1.2.0") only with the
+    operator's yes: ``yes`` (``--yes``) given in advance, or y/yes answered on ``terminal``.
+    The caller shows what the action does first.
+
+    Raises ``NeedsConfirmation`` when there is neither ``yes`` nor a terminal, and
+    ``Declined`` when the person asked does not say yes.
+    """
+    if yes:
+        return
+    if not terminal.interactive:
+        raise NeedsConfirmation(
+            f"{action} needs confirmation, and standard input is not a terminal to ask on, "
+            "so nothing was done: add --yes to confirm"
+        )
+    if not terminal.ask(QUESTION):
+        raise Declined(f"{action} was not confirmed: nothing was done")

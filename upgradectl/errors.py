@@ -4,17 +4,22 @@
     ├── hitless.errors.ConfigError  bad flag or value (e.g. a version)       → USAGE
     └── CliError                    root of this package                     → INTERNAL
         ├── UsageError              the command line asks for the impossible → USAGE
+        │                           (a missing file; a key directory that is
+        │                           missing, already there, or holds other
+        │                           keys than the controller's root names)
         ├── Unreachable             the controller cannot be reached         → UNREACHABLE
         ├── Unconfirmed             StartUpgrade went unanswered: the job    → UNCONFIRMED
         │                           may exist; the message says how to look
         │                           and how to retry with the same request id
         ├── Rejected                the controller refused the request, or   → REJECTED
         │                           the plan shows it would (not found,
-        │                           invalid, conflict, precondition, a
-        │                           downgrade without --allow-downgrade)
-        ├── NeedsConfirmation       the upgrade disconnects VPN users, and   → NEEDS_CONFIRMATION
-        │                           with no terminal to ask on nor --yes
-        │                           nobody agreed to that
+        │                           invalid, conflict, precondition such as
+        │                           a release without signed targets, a
+        │                           downgrade without --allow-downgrade, a
+        │                           yank of a release no signed targets list)
+        ├── NeedsConfirmation       the upgrade disconnects VPN users, or a  → NEEDS_CONFIRMATION
+        │                           yank, and with no terminal to ask on nor
+        │                           --yes nobody agreed to that
         ├── Declined                the operator did not answer yes          → DECLINED
         ├── ControllerFailed        the controller failed unexpectedly       → INTERNAL
         ├── BuildError              a release artifact could not be built    → INTERNAL
@@ -23,6 +28,8 @@
 
 Every message is meant for the operator as is: it says what failed, on what, and what to
 do next. ``cli.main`` prints it after ``upgradectl: error:`` and exits with the code.
+Errors of the signing library (``hitless.trust.errors``) become these in
+``upgradectl.signing``, keeping the library's message.
 """
 
 from __future__ import annotations
@@ -83,13 +90,14 @@ class Rejected(CliError):
 
 
 class NeedsConfirmation(CliError):
-    """The upgrade needs the operator's yes, and it could neither be asked nor was given."""
+    """The upgrade (or yank) needs the operator's yes, and it could neither be asked nor
+    was given."""
 
     exit_code = ExitCode.NEEDS_CONFIRMATION
 
 
 class Declined(CliError):
-    """The operator was asked to confirm an upgrade and did not say yes."""
+    """The operator was asked to confirm an upgrade (or yank) and did not say yes."""
 
     exit_code = ExitCode.DECLINED
 

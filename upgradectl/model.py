@@ -1,8 +1,9 @@
-"""The CLI's plain view of the controller's answers, decoded once from protobuf.
+"""The CLI's plain view of the controller's answers, decoded once from protobuf, and of
+what the release manager signed (``upgradectl.signing``).
 
-Rendering and JSON output work on these frozen dataclasses, never on protobuf messages,
-so they are easy to build in tests. States are the enum names without their prefix
-(``RUNNING``, ``DOWNLOADING``), which is also what the JSON output shows.
+Rendering and JSON output work on these frozen dataclasses, never on protobuf messages or
+TUF metadata, so they are easy to build in tests. States are the enum names without their
+prefix (``RUNNING``, ``DOWNLOADING``), which is also what the JSON output shows.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from hitless.v1 import common_pb2, controller_pb2
@@ -82,7 +84,9 @@ class GatewayInfo:
 
 @dataclass(frozen=True)
 class ReleaseInfo:
-    """A published release."""
+    """A published release. ``signing`` is the controller's word on its signed targets:
+    SIGNED (the newest list it with this sha256 and size), YANKED (an earlier version did,
+    the newest does not), UNSIGNED (never listed); "" from a controller that does not say."""
 
     version: str
     sha256: str
@@ -90,6 +94,7 @@ class ReleaseInfo:
     published_at: datetime | None
     notes: str
     restarts_vpn_service: bool = False
+    signing: str = ""
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.Release) -> ReleaseInfo:
@@ -100,6 +105,7 @@ class ReleaseInfo:
             timestamp(msg.published_at),
             msg.notes,
             msg.restarts_vpn_service,
+            msg.signing,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -110,6 +116,7 @@ class ReleaseInfo:
             "published_at": iso(self.published_at),
             "notes": self.notes,
             "restarts_vpn_service": self.restarts_vpn_service,
+            "signing": self.signing or None,
         }
 
 
@@ -331,3 +338,53 @@ class RejectedJob:
             "user_id": self.user_id or None,
             "at": iso(self.at),
         }
+
+
+@dataclass(frozen=True)
+class RoleKey:
+    """One key of a key directory: its ``role`` (root, targets, snapshot, timestamp,
+    command), TUF key id (hex) and private key file."""
+
+    role: str
+    keyid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class KeyDirectory:
+    """A key directory as ``keys init`` made it: ``root_json`` (the trust anchor) at root
+    ``root_version`` until ``expires``; ``offline`` holds the root and targets keys,
+    ``online`` the snapshot, timestamp and command keys."""
+
+    dir: Path
+    root_json: Path
+    root_version: int
+    expires: datetime
+    offline: Path
+    online: Path
+    keys: tuple[RoleKey, ...]
+
+
+@dataclass(frozen=True)
+class TargetsChange:
+    """Targets metadata signed by the release manager: ``data`` as signed, its
+    ``version`` (after ``previous_version``, 0 for none), and the target it adds or
+    removes: ``name`` listed as ``length`` bytes with ``sha256``."""
+
+    data: bytes
+    version: int
+    previous_version: int
+    name: str
+    length: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """A root rotation the controller took: ``root_version`` it trusts now, the ``roles``
+    whose keys changed from the previous version, and ``targets_version``, the targets
+    re-signed with a new targets key and taken with it (None when none were needed)."""
+
+    root_version: int
+    roles: tuple[str, ...]
+    targets_version: int | None

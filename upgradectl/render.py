@@ -23,9 +23,12 @@ from upgradectl.model import (
     GatewayProgress,
     JobEvent,
     JobView,
+    KeyDirectory,
     PlannedGateway,
     RejectedJob,
     ReleaseInfo,
+    Rotation,
+    TargetsChange,
     UpgradePlan,
 )
 
@@ -139,12 +142,98 @@ def releases_table(releases: Sequence[ReleaseInfo]) -> list[str]:
             human_size(r.size),
             short_time(r.published_at),
             r.sha256[:12],
+            r.signing or "-",
             "restarts" if r.restarts_vpn_service else "-",
             first_line(r.notes),
         ]
         for r in releases
     ]
-    return table(["VERSION", "SIZE", "PUBLISHED", "SHA256", "VPN", "NOTES"], rows)
+    return table(["VERSION", "SIZE", "PUBLISHED", "SHA256", "SIGNING", "VPN", "NOTES"], rows)
+
+
+def built_lines(version: str, output: str, size: int, sha256: str) -> list[str]:
+    """What ``releases build`` made, and that it is not signed until it is published."""
+    return [
+        f"built {output}: release {version}, {human_size(size)}, sha256 {sha256}",
+        "not signed yet: gateways and the controller take it only once the targets key lists "
+        "it; sign and upload it with:",
+        f"  upgradectl releases publish --version {version} --artifact {output} --keys DIR",
+    ]
+
+
+def published_lines(release: ReleaseInfo, signed: TargetsChange | None) -> list[str]:
+    """What ``releases publish`` uploaded, and the targets version that signs it."""
+    lines = [
+        f"published {release.version}: {human_size(release.size)}, sha256 {release.sha256}"
+    ]
+    if signed is not None:
+        lines.append(
+            f"signing: {release.signing or '-'} (targets version {signed.version} lists "
+            f"{signed.name})"
+        )
+    return lines
+
+
+def keys_init_lines(made: KeyDirectory) -> list[str]:
+    """What ``keys init`` made, where, and where each part goes."""
+    rows = [[k.role, k.keyid, str(k.path)] for k in made.keys]
+    return [
+        f"made the key directory {made.dir}: root version {made.root_version}, expires "
+        f"{short_time(made.expires)}",
+        "",
+        *table(["ROLE", "KEY ID", "FILE"], rows),
+        "",
+        "where each part goes:",
+        f"  {made.root_json}",
+        "      the trust anchor: give it to the controller (controller-svc serve --trust-root "
+        "FILE)",
+        "      and to every gateway (gateway-daemon run --trust-root FILE)",
+        f"  {made.offline}/  (root and targets keys)",
+        "      stay with the release manager, never on the controller or a gateway; keep a "
+        "backup offline",
+        "      they sign releases and key rotations: releases publish/yank --keys "
+        f"{made.dir}, keys rotate --dir {made.dir}",
+        f"  {made.online}/  (snapshot, timestamp and command keys)",
+        "      go to the controller: controller-svc serve --online-keys DIR (default: online/ "
+        "beside its --trust-root)",
+    ]
+
+
+def yank_lines(version: str, change: TargetsChange) -> list[str]:
+    """What yanking ``version`` does, shown before the operator is asked."""
+    return [
+        f"release {version}: targets version {change.previous_version} lists {change.name} "
+        f"({human_size(change.length)}, sha256 {change.sha256})",
+        f"yanking publishes targets version {change.version} without it: from then on the "
+        "controller and every gateway refuse to install it",
+    ]
+
+
+def yanked_lines(release: ReleaseInfo, change: TargetsChange) -> list[str]:
+    """What ``releases yank`` did."""
+    return [
+        f"yanked {release.version}: targets version {change.version} no longer lists "
+        f"{change.name} (signing: {release.signing or '-'})"
+    ]
+
+
+def rotation_lines(rotation: Rotation, keys_dir: str) -> list[str]:
+    """What ``keys rotate`` did: the root the controller trusts now, and what follows."""
+    roles = ", ".join(rotation.roles) or "no"
+    lines = [
+        f"the controller trusts root version {rotation.root_version}: new {roles} key(s) "
+        f"(the replaced ones are in {keys_dir}/retired/)",
+    ]
+    if rotation.targets_version is not None:
+        lines.append(
+            f"it took targets version {rotation.targets_version} with it, re-signed with the "
+            "new targets key"
+        )
+    lines.append(
+        "gateways follow the rotation the next time they verify a command or a release; a "
+        f"new gateway may be given {keys_dir}/root.json or any older root.json"
+    )
+    return lines
 
 
 def jobs_table(jobs: Sequence[JobView]) -> list[str]:

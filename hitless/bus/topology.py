@@ -24,6 +24,12 @@ SOURCE_QUEUE_HEADER = "x-hitless-source-queue"
 # which decode commands strictly, still take the command.
 ISSUED_AT_HEADER = "x-hitless-issued-at"
 ALLOW_DOWNGRADE_HEADER = "x-hitless-allow-downgrade"
+# On an UpgradeCommand: the command as signed (its deterministic protobuf bytes, base64,
+# with issued_at and allow_downgrade set), the command key's id and the Ed25519 signature
+# (hex), see ``hitless.trust.commands``. A gateway runs the signed copy, never the body.
+SIGNED_COMMAND_HEADER = "x-hitless-signed-command"
+COMMAND_KEYID_HEADER = "x-hitless-command-keyid"
+COMMAND_SIGNATURE_HEADER = "x-hitless-command-signature"
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,13 @@ STATUS = "status"
 HELLO = "hello"
 HEARTBEAT = "heartbeat"
 EXPIRED = "expired"  # a command whose TTL ran out in its gateway's queue
+REFUSED = "refused"  # a command the gateway refused to run (bus_pb2.CommandRefused)
 
 # Event routing keys.
 RELEASE_PUBLISHED = "release.published"
 JOB_FINISHED = "job.finished"
 JOB_REJECTED = "job.rejected"
+COMMAND_REFUSED = "security.command_refused"
 
 
 def command_key(gateway_id: str) -> str:

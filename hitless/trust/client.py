@@ -11,9 +11,9 @@ file against them. The artifact bytes travel however the product already moves t
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, Root, TargetFile
@@ -40,6 +40,7 @@ from hitless.trust.verify import read_metadata, verify_role
 # ngclient asks for URLs; the source is asked for names. This base never leaves the process.
 _BASE = "hitless-trust:/metadata/"
 _CHUNK = 64 * 1024
+R = TypeVar("R")
 _URL_ROLE = re.compile(r"^(?:(\d+)\.)?(root|timestamp|snapshot|targets)\.json$")
 
 
@@ -91,6 +92,13 @@ class TrustClient:
         self._cache = cache_dir
         self._fetcher = _SourceFetcher(source)
 
+    def refresh(self) -> Root:
+        """Update the metadata (root rotations included) and return the newest trusted
+        root; for a command signed by a key only a newer root carries. Raises what
+        ``target`` raises, except UnknownTarget."""
+        self._updating(lambda updater: updater.refresh())
+        return self.trusted_root()
+
     def target(self, name: str) -> TargetFile:
         """Update the metadata and return target ``name``'s signed TargetFile (``length`` in
         bytes, ``hashes["sha256"]`` lowercase hex).
@@ -100,9 +108,19 @@ class TrustClient:
         MetadataMismatch, MalformedMetadata), MetadataNotFound / FetchFailed (nothing
         published yet / source unreachable), StorageError (cache not writable).
         """
+        found = self._updating(lambda updater: updater.get_targetinfo(name))
+        if found is None:
+            raise UnknownTarget(
+                f"target {name!r} is not in the signed targets: it was never released, or "
+                "it was yanked; nothing was staged"
+            )
+        return found
+
+    def _updating(self, step: Callable[[Updater], R]) -> R:
+        """Run ``step`` on a fresh Updater, translating python-tuf's errors into ours."""
         updater = self._updater()
         try:
-            found = updater.get_targetinfo(name)
+            return step(updater)
         except tuf_errors.RepositoryError as exc:
             raise self._refused(exc) from exc
         except tuf_errors.DownloadLengthMismatchError as exc:
@@ -119,19 +137,25 @@ class TrustClient:
             raise FetchFailed(f"cannot fetch {self._fetcher.last_name}: {exc}") from exc
         except OSError as exc:
             raise StorageError(f"cannot write the metadata cache {self._cache}: {exc}") from exc
-        if found is None:
-            raise UnknownTarget(
-                f"target {name!r} is not in the signed targets: it was never released, or "
-                "it was yanked; nothing was staged"
-            )
-        return found
 
     def trusted_root(self) -> Root:
-        """The newest root ``target`` verified (the anchor before the first call); its
-        command keys verify UpgradeCommands (``hitless.trust.commands``)."""
-        path = self._cache / "root.json"
-        data = path.read_bytes() if path.exists() else self._anchor
-        return read_metadata(data, Root).signed
+        """The newest root ever verified here (the anchor before the first update); its
+        command keys verify UpgradeCommands (``hitless.trust.commands``).
+
+        Read from python-tuf's ``root_history/N.root.json``, which it writes only after
+        verifying version N, and not from ``root.json``: each update starts again from
+        the anchor, so an update that fails half way must not take trust back to an
+        older root (whose command key a rotation may have retired)."""
+        history = self._cache / "root_history"
+        versions = [
+            int(p.name.split(".", 1)[0])
+            for p in history.glob("[0-9]*.root.json")
+            if p.name.split(".", 1)[0].isdigit()
+        ]
+        anchor = read_metadata(self._anchor, Root).signed
+        if not versions or max(versions) <= anchor.version:
+            return anchor
+        return read_metadata((history / f"{max(versions)}.root.json").read_bytes(), Root).signed
 
     def _updater(self) -> Updater:
         try:

@@ -53,15 +53,27 @@ def sign_command(command: bus_pb2.UpgradeCommand, signer: Signer) -> SignedComma
 def verify_command(
     signed: SignedCommand, root: Root, gateway_id: str, now: datetime
 ) -> bus_pb2.UpgradeCommand:
+    """The UpgradeCommand in ``signed``, once ``open_command`` accepts it and
+    ``check_deadline`` finds its deadline after ``now`` (UTC).
+
+    Raises what those two raise.
+    """
+    command = open_command(signed, root, gateway_id)
+    check_deadline(command, now)
+    return command
+
+
+def open_command(signed: SignedCommand, root: Root, gateway_id: str) -> bus_pb2.UpgradeCommand:
     """The UpgradeCommand in ``signed``, once its signature verifies against a command key
-    carried by the trusted ``root`` (``keys.command_keys``), it names ``gateway_id`` and its
-    deadline is after ``now`` (UTC).
+    carried by the trusted ``root`` (``keys.command_keys``) and it names ``gateway_id``.
+    Its deadline is not checked here (``check_deadline``): a gateway answers an expired
+    command it can trust differently from one it cannot.
 
     Replay (the same command id with other content) needs the gateway's memory of command
     ids and is checked there.
 
     Raises UnsignedCommand, UnknownCommandKey, BadCommandSignature (altered or forged, or
-    bytes that are not an UpgradeCommand), CommandMisaddressed, CommandExpired.
+    bytes that are not an UpgradeCommand), CommandMisaddressed.
     """
     if not signed.signature or not signed.keyid:
         raise UnsignedCommand("the UpgradeCommand carries no signature: it was not run")
@@ -69,7 +81,7 @@ def verify_command(
     key = keys.get(signed.keyid)
     if key is None:
         raise UnknownCommandKey(
-            f"the UpgradeCommand is signed by key {signed.keyid}, which root version "
+            f"the UpgradeCommand is signed by key {signed.keyid[:64]}, which root version "
             f"{root.version} does not carry (command keys: {', '.join(keys) or 'none'}): "
             "it was not run"
         )
@@ -92,6 +104,11 @@ def verify_command(
             f"command {command.command_id} is addressed to gateway {command.gateway_id!r}, "
             f"not {gateway_id!r}: it was not run"
         )
+    return command
+
+
+def check_deadline(command: bus_pb2.UpgradeCommand, now: datetime) -> None:
+    """Raise CommandExpired unless ``command`` has a deadline after ``now`` (tz-aware)."""
     if not command.HasField("deadline"):
         raise CommandExpired(f"command {command.command_id} carries no deadline: it was not run")
     deadline = command.deadline.ToDatetime(tzinfo=now.tzinfo)
@@ -100,4 +117,3 @@ def verify_command(
             f"command {command.command_id} expired at {deadline.isoformat()} "
             f"(now {now.isoformat()}): it was not run"
         )
-    return command

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Metadata, Root
 
-from hitless.trust.errors import KeyFileError, KeysExist, StorageError
+from hitless.trust.errors import KeyFileError, KeysExist, MetadataMismatch, StorageError
 from hitless.trust.verify import read_metadata
 
 ROOT_EXPIRY = timedelta(days=365)
@@ -65,13 +65,27 @@ class KeyPaths:
         side = "offline" if role in OFFLINE_ROLES else "online"
         return self.dir / side / f"{role}.pem"
 
-    def root(self) -> Root:
-        """The newest root in ``root.json``; KeyFileError when it cannot be read, and the
-        MetadataRefused subclasses of ``read_metadata`` when it is not root metadata."""
+    def root_json_of(self, version: int) -> Path:
+        """DIR/N.root.json: root ``version`` as ``rotate`` keeps it (the version it replaced
+        and the one it made)."""
+        return self.dir / f"{version}.root.json"
+
+    def root(self, version: int | None = None) -> Root:
+        """The newest root in ``root.json``, or root ``version`` from ``N.root.json``.
+
+        Raises KeyFileError when the file cannot be read, and the MetadataRefused
+        subclasses of ``read_metadata`` when it is not root metadata (or another version).
+        """
+        path = self.root_json if version is None else self.root_json_of(version)
         try:
-            return read_metadata(self.root_json.read_bytes(), Root).signed
+            root = read_metadata(path.read_bytes(), Root).signed
         except OSError as exc:
-            raise KeyFileError(f"cannot read {self.root_json}: {exc}") from exc
+            raise KeyFileError(f"cannot read {path}: {exc}") from exc
+        if version is not None and root.version != version:
+            raise MetadataMismatch(
+                f"{path} holds root version {root.version}, not {version}", "root", root.version
+            )
+        return root
 
 
 def utcnow() -> datetime:
@@ -141,7 +155,7 @@ def rotate(dir: Path, roles: list[str], now: datetime | None = None) -> bytes:
     if "root" in fresh:
         md.sign(fresh["root"], append=True)
     data = md.to_bytes()
-    previous = dir / f"{old.version}.root.json"
+    previous = paths.root_json_of(old.version)
     if not previous.exists():
         write_file(previous, paths.root_json.read_bytes(), mode=0o644)
     for role, signer in fresh.items():
@@ -149,7 +163,7 @@ def rotate(dir: Path, roles: list[str], now: datetime | None = None) -> bytes:
         retired.parent.mkdir(mode=0o700, exist_ok=True)
         os.replace(paths.key(role), retired)
         write_private_key(paths.key(role), signer)
-    write_file(dir / f"{new.version}.root.json", data, mode=0o644)
+    write_file(paths.root_json_of(new.version), data, mode=0o644)
     write_file(paths.root_json, data, mode=0o644)
     return data
 

@@ -24,6 +24,12 @@ from hitless.trust.verify import read_metadata, verify_role
 _TARGET_NAME = re.compile(r"^(?!.*(^|/)\.\.?(/|$))[A-Za-z0-9._+-]+(/[A-Za-z0-9._+-]+)*$")
 
 
+def target_name(version: str) -> str:
+    """The target name release ``version`` (MAJOR.MINOR.PATCH) has in the targets metadata:
+    ``hitless-<version>.pyz``. Publishing, verifying and yanking all name it this way."""
+    return check_target_name(f"hitless-{version}.pyz")
+
+
 def check_target_name(name: str) -> str:
     """``name`` if it is a usable target name (up to 200 characters of letters, digits and
     ``._+-`` in ``/``-separated segments, none "." or ".."), else ReleaseInputError."""
@@ -41,15 +47,19 @@ def sign_targets(
     add: Mapping[str, Path] | None = None,
     remove: Iterable[str] = (),
     now: datetime | None = None,
+    current_root: Root | None = None,
 ) -> bytes:
     """The next targets metadata after ``current`` (None: the first, version 1), with each
     ``add`` name -> artifact file listed by length (bytes) and sha256, and each ``remove``
     name gone, expiring ``TARGETS_EXPIRY`` after ``now``; signed with the targets key in
     ``keys_dir`` (``keys init`` layout, checked against ``keys_dir/root.json``).
 
-    ``current`` must itself verify against that root, so a release is never built on
-    metadata the targets key did not sign. Returns the metadata bytes (canonical JSON
-    payload, TUF spec §4.2), ready for ``Repository.accept_targets``.
+    ``current`` must itself verify against ``current_root`` (default: that same root), so
+    a release is never built on metadata the targets key did not sign. After a rotation
+    that replaced the targets key, ``current`` was signed with the old key: pass the root
+    it was signed under (``KeyPaths.root(version)``, the version the rotation replaced) to
+    re-sign it with the new key. Returns the metadata bytes (canonical JSON payload, TUF
+    spec §4.2), ready for ``Repository.accept_targets`` (or ``accept_root``).
 
     Raises ReleaseInputError (bad name, unreadable artifact), UnknownTarget (removing a name
     ``current`` does not list), KeyFileError (missing or wrong targets key), MetadataRefused
@@ -58,7 +68,7 @@ def sign_targets(
     paths = KeyPaths(keys_dir)
     root = paths.root()
     signer = load_role_signer(paths.key("targets"), "targets", root)
-    targets = _next_targets(current, root)
+    targets = _next_targets(current, current_root or root)
     for name in remove:
         if targets.targets.pop(name, None) is None:
             raise UnknownTarget(

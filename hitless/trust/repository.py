@@ -106,6 +106,20 @@ class Repository:
             return None
         return read_metadata(self._read(f"{version}.targets.json"), Targets).signed
 
+    def targets_bytes(self) -> bytes | None:
+        """The newest accepted targets metadata as signed, or None before the first."""
+        version = self._newest("targets")
+        return self._read(f"{version}.targets.json") if version else None
+
+    def ever_listed(self, name: str, sha256: str) -> bool:
+        """Whether any accepted targets version listed ``name`` with ``sha256`` (so a
+        release the newest does not list was yanked, not never signed)."""
+        for path in self._dir.glob("[0-9]*.targets.json"):
+            listed = read_metadata(path.read_bytes(), Targets).signed.targets.get(name)
+            if listed is not None and listed.hashes.get("sha256") == sha256:
+                return True
+        return False
+
     def target(self, name: str) -> TargetFile:
         """The signed length and hashes of target ``name``.
 
@@ -127,6 +141,8 @@ class Repository:
         Refused (nothing written) unless the bytes are targets metadata signed by the
         threshold of keys the trusted root gives the targets role (spec §5.6.3), unexpired
         at ``now`` (§5.6.4), with a version above the newest accepted (§5.6.5 rollback).
+        The very bytes of the newest accepted version are taken again as a no-op (a
+        retried publish) and return its version.
 
         Raises MalformedMetadata, BadSignature, ExpiredMetadata, RollbackRefused.
         """
@@ -136,6 +152,10 @@ class Repository:
             verify_role(self.root, md, "targets")
             check_not_expired(md.signed, now)
             current = self._newest("targets")
+            if current and md.signed.version == current and self._read(
+                f"{current}.targets.json"
+            ) == signed:
+                return current
             if md.signed.version <= current:
                 raise RollbackRefused(
                     f"targets version {md.signed.version} is not newer than version {current} "

@@ -39,6 +39,11 @@ class ArtifactsStub:
                 request_serializer=hitless_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
                 response_deserializer=hitless_dot_v1_dot_artifacts__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.FetchMetadata = channel.unary_unary(
+                '/hitless.v1.Artifacts/FetchMetadata',
+                request_serializer=hitless_dot_v1_dot_artifacts__pb2.MetadataRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_artifacts__pb2.MetadataFile.FromString,
+                _registered_method=True)
 
 
 class ArtifactsServicer:
@@ -53,6 +58,15 @@ class ArtifactsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchMetadata(self, request, context):
+        """One file of the TUF repository the controller hosts ("root.json", "N.root.json",
+        "timestamp.json", "N.snapshot.json", "N.targets.json"), for gateways to verify a
+        release before they stage it. NOT_FOUND for a name not published.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ArtifactsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +74,11 @@ def add_ArtifactsServicer_to_server(servicer, server):
                     servicer.Download,
                     request_deserializer=hitless_dot_v1_dot_artifacts__pb2.DownloadRequest.FromString,
                     response_serializer=hitless_dot_v1_dot_artifacts__pb2.Chunk.SerializeToString,
+            ),
+            'FetchMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchMetadata,
+                    request_deserializer=hitless_dot_v1_dot_artifacts__pb2.MetadataRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_artifacts__pb2.MetadataFile.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -89,6 +108,33 @@ class Artifacts:
             '/hitless.v1.Artifacts/Download',
             hitless_dot_v1_dot_artifacts__pb2.DownloadRequest.SerializeToString,
             hitless_dot_v1_dot_artifacts__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Artifacts/FetchMetadata',
+            hitless_dot_v1_dot_artifacts__pb2.MetadataRequest.SerializeToString,
+            hitless_dot_v1_dot_artifacts__pb2.MetadataFile.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UpgradeCommand(_message.Message):
-    __slots__ = ("command_id", "job_id", "gateway_id", "target_version", "artifact_sha256", "artifact_size", "deadline", "restarts_vpn_service")
+    __slots__ = ("command_id", "job_id", "gateway_id", "target_version", "artifact_sha256", "artifact_size", "deadline", "restarts_vpn_service", "issued_at", "allow_downgrade")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,8 @@ class UpgradeCommand(_message.Message):
     ARTIFACT_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     gateway_id: str
@@ -29,7 +31,9 @@ class UpgradeCommand(_message.Message):
     artifact_size: int
     deadline: _timestamp_pb2.Timestamp
     restarts_vpn_service: bool
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., target_version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts_vpn_service: _Optional[bool] = ...) -> None: ...
+    issued_at: _timestamp_pb2.Timestamp
+    allow_downgrade: bool
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., target_version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts_vpn_service: _Optional[bool] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
 
 class StatusReport(_message.Message):
     __slots__ = ("report_id", "command_id", "job_id", "gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "at", "vpn_sessions_dropped")
@@ -58,6 +62,26 @@ class StatusReport(_message.Message):
     at: _timestamp_pb2.Timestamp
     vpn_sessions_dropped: int
     def __init__(self, report_id: _Optional[str] = ..., command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ...) -> None: ...
+
+class CommandRefused(_message.Message):
+    __slots__ = ("report_id", "gateway_id", "command_id", "job_id", "kind", "reason", "at", "from_version")
+    REPORT_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    report_id: str
+    gateway_id: str
+    command_id: str
+    job_id: str
+    kind: str
+    reason: str
+    at: _timestamp_pb2.Timestamp
+    from_version: str
+    def __init__(self, report_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., from_version: _Optional[str] = ...) -> None: ...
 
 class GatewayHello(_message.Message):
     __slots__ = ("gateway_id", "version", "pid", "listen", "at")
@@ -116,17 +140,19 @@ class JobRejected(_message.Message):
     def __init__(self, message_id: _Optional[str] = ..., reason: _Optional[str] = ..., body: _Optional[str] = ..., user_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("event_id", "at", "admins", "release_published", "job_finished", "job_rejected")
+    __slots__ = ("event_id", "at", "admins", "release_published", "job_finished", "job_rejected", "command_refused")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     ADMINS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     JOB_FINISHED_FIELD_NUMBER: _ClassVar[int]
     JOB_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_REFUSED_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     at: _timestamp_pb2.Timestamp
     admins: _containers.RepeatedScalarFieldContainer[str]
     release_published: _controller_pb2.Release
     job_finished: _controller_pb2.Job
     job_rejected: JobRejected
-    def __init__(self, event_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., admins: _Optional[_Iterable[str]] = ..., release_published: _Optional[_Union[_controller_pb2.Release, _Mapping]] = ..., job_finished: _Optional[_Union[_controller_pb2.Job, _Mapping]] = ..., job_rejected: _Optional[_Union[JobRejected, _Mapping]] = ...) -> None: ...
+    command_refused: CommandRefused
+    def __init__(self, event_id: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., admins: _Optional[_Iterable[str]] = ..., release_published: _Optional[_Union[_controller_pb2.Release, _Mapping]] = ..., job_finished: _Optional[_Union[_controller_pb2.Job, _Mapping]] = ..., job_rejected: _Optional[_Union[JobRejected, _Mapping]] = ..., command_refused: _Optional[_Union[CommandRefused, _Mapping]] = ...) -> None: ...

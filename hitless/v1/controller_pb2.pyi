@@ -35,20 +35,22 @@ class ListGatewaysResponse(_message.Message):
     def __init__(self, gateways: _Optional[_Iterable[_Union[Gateway, _Mapping]]] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("version", "sha256", "size", "published_at", "notes", "restarts_vpn_service")
+    __slots__ = ("version", "sha256", "size", "published_at", "notes", "restarts_vpn_service", "signing")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_AT_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    SIGNING_FIELD_NUMBER: _ClassVar[int]
     version: str
     sha256: str
     size: int
     published_at: _timestamp_pb2.Timestamp
     notes: str
     restarts_vpn_service: bool
-    def __init__(self, version: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notes: _Optional[str] = ..., restarts_vpn_service: _Optional[bool] = ...) -> None: ...
+    signing: str
+    def __init__(self, version: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notes: _Optional[str] = ..., restarts_vpn_service: _Optional[bool] = ..., signing: _Optional[str] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
@@ -61,18 +63,20 @@ class ListReleasesResponse(_message.Message):
     def __init__(self, releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ...) -> None: ...
 
 class ReleaseMetadata(_message.Message):
-    __slots__ = ("version", "notes", "sha256", "size", "restarts_vpn_service")
+    __slots__ = ("version", "notes", "sha256", "size", "restarts_vpn_service", "targets_metadata")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_METADATA_FIELD_NUMBER: _ClassVar[int]
     version: str
     notes: str
     sha256: str
     size: int
     restarts_vpn_service: bool
-    def __init__(self, version: _Optional[str] = ..., notes: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., restarts_vpn_service: _Optional[bool] = ...) -> None: ...
+    targets_metadata: bytes
+    def __init__(self, version: _Optional[str] = ..., notes: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., restarts_vpn_service: _Optional[bool] = ..., targets_metadata: _Optional[bytes] = ...) -> None: ...
 
 class PublishReleaseRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
@@ -285,3 +289,37 @@ class UpgradeControllerRequest(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     version: str
     def __init__(self, version: _Optional[str] = ...) -> None: ...
+
+class GetTargetsMetadataRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TargetsMetadata(_message.Message):
+    __slots__ = ("data", "version")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    version: int
+    def __init__(self, data: _Optional[bytes] = ..., version: _Optional[int] = ...) -> None: ...
+
+class YankReleaseRequest(_message.Message):
+    __slots__ = ("version", "targets_metadata")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_METADATA_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    targets_metadata: bytes
+    def __init__(self, version: _Optional[str] = ..., targets_metadata: _Optional[bytes] = ...) -> None: ...
+
+class RotateRootRequest(_message.Message):
+    __slots__ = ("root", "targets_metadata")
+    ROOT_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_METADATA_FIELD_NUMBER: _ClassVar[int]
+    root: bytes
+    targets_metadata: bytes
+    def __init__(self, root: _Optional[bytes] = ..., targets_metadata: _Optional[bytes] = ...) -> None: ...
+
+class RotateRootResponse(_message.Message):
+    __slots__ = ("root_version",)
+    ROOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    root_version: int
+    def __init__(self, root_version: _Optional[int] = ...) -> None: ...

@@ -109,6 +109,21 @@ class ControllerStub:
                 request_serializer=hitless_dot_v1_dot_controller__pb2.UpgradeControllerRequest.SerializeToString,
                 response_deserializer=hitless_dot_v1_dot_controller__pb2.ControllerInfo.FromString,
                 _registered_method=True)
+        self.GetTargetsMetadata = channel.unary_unary(
+                '/hitless.v1.Controller/GetTargetsMetadata',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.GetTargetsMetadataRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.TargetsMetadata.FromString,
+                _registered_method=True)
+        self.YankRelease = channel.unary_unary(
+                '/hitless.v1.Controller/YankRelease',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.YankReleaseRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Release.FromString,
+                _registered_method=True)
+        self.RotateRoot = channel.unary_unary(
+                '/hitless.v1.Controller/RotateRoot',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.RotateRootRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.RotateRootResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -213,6 +228,30 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTargetsMetadata(self, request, context):
+        """The newest signed targets metadata the controller publishes (empty before the first
+        signed release): what the release manager signs the next version on top of.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def YankRelease(self, request, context):
+        """Publish targets metadata without the release: every gateway and the controller
+        refuse it from then on. Signed with the targets key (upgradectl releases yank).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateRoot(self, request, context):
+        """Take the next root version (a key rotation), with the targets metadata signed by a
+        new targets key when the rotation replaces it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -290,6 +329,21 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.UpgradeController,
                     request_deserializer=hitless_dot_v1_dot_controller__pb2.UpgradeControllerRequest.FromString,
                     response_serializer=hitless_dot_v1_dot_controller__pb2.ControllerInfo.SerializeToString,
+            ),
+            'GetTargetsMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTargetsMetadata,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.GetTargetsMetadataRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.TargetsMetadata.SerializeToString,
+            ),
+            'YankRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.YankRelease,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.YankReleaseRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Release.SerializeToString,
+            ),
+            'RotateRoot': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateRoot,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.RotateRootRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.RotateRootResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -697,6 +751,87 @@ class Controller:
             '/hitless.v1.Controller/UpgradeController',
             hitless_dot_v1_dot_controller__pb2.UpgradeControllerRequest.SerializeToString,
             hitless_dot_v1_dot_controller__pb2.ControllerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTargetsMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/GetTargetsMetadata',
+            hitless_dot_v1_dot_controller__pb2.GetTargetsMetadataRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.TargetsMetadata.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def YankRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/YankRelease',
+            hitless_dot_v1_dot_controller__pb2.YankReleaseRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Release.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateRoot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/RotateRoot',
+            hitless_dot_v1_dot_controller__pb2.RotateRootRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.RotateRootResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,7 +13,8 @@ from typing import Any
 
 import grpc
 
-from hitless.v1 import controller_pb2_grpc
+from hitless.trust import keys, release
+from hitless.v1 import controller_pb2, controller_pb2_grpc
 from tests.support.procs import Proc, Procs, command, free_port
 from tests.support.wait import wait_for
 
@@ -30,6 +31,15 @@ class Fleet:
         self.gateway_ports: dict[str, int] = {}
         self._channel: grpc.Channel | None = None
         self._raw_channel: grpc.Channel | None = None
+        self._keys: keys.KeyPaths | None = None
+
+    @property
+    def keys(self) -> keys.KeyPaths:
+        """The release manager's key directory (``upgradectl keys init``), made on first use:
+        its root.json is every process's trust root, its online/ the controller's keys."""
+        if self._keys is None:
+            self._keys = keys.init(self.root / "keys")
+        return self._keys
 
     @property
     def controller_address(self) -> str:
@@ -49,6 +59,7 @@ class Fleet:
             "--listen", self.controller_address,
             "--data-dir", str(self.data_dir),
             "--amqp", self.amqp_url,
+            "--trust-root", str(self.keys.root_json),
             *extra,
         ]  # fmt: skip
         if db_url:
@@ -74,6 +85,7 @@ class Fleet:
             "--amqp", self.amqp_url,
             "--state-dir", str(self.root / gateway_id),
             "--listen", f"127.0.0.1:{port}",
+            "--trust-root", str(self.keys.root_json),
             *extra,
         ]  # fmt: skip
         return self.procs.start(gateway_id, argv)
@@ -118,12 +130,26 @@ class Fleet:
         )
 
     def release(self, version: str, *, restarts_vpn_service: bool = False) -> Path:
-        """Build and publish a release of the code under test stamped ``version``."""
+        """Build, sign and publish a release of the code under test stamped ``version``."""
         artifact = self.root / f"release-{version}.pyz"
         self.cli("releases", "build", "--version", version, "-o", str(artifact))
         flags = ["--restarts-vpn-service"] if restarts_vpn_service else []
-        self.cli("releases", "publish", "--version", version, "--artifact", str(artifact), *flags)
+        self.cli(
+            "releases", "publish", "--version", version, "--artifact", str(artifact),
+            "--keys", str(self.keys.dir), *flags,
+        )  # fmt: skip
         return artifact
+
+    def signed_targets(self, version: str, artifact: Path) -> bytes:
+        """The controller's next targets metadata with ``artifact`` listed as release
+        ``version``, signed with this fleet's targets key (what ``releases publish --keys``
+        sends)."""
+        current = self.stub().GetTargetsMetadata(
+            controller_pb2.GetTargetsMetadataRequest(), timeout=30
+        ).data
+        return release.sign_targets(
+            current or None, self.keys.dir, add={release.target_name(version): artifact}
+        )
 
     def stub(self) -> controller_pb2_grpc.ControllerStub:
         """A gRPC stub on the controller, for what the CLI does not show. Like upgradectl,

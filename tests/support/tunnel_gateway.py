@@ -84,6 +84,7 @@ def start_gateway(
     *,
     amqp_url: str,
     controller: str,
+    trust_root: Path,
     udp_tunnels: int = 6,
     tcp_tunnels: int = 2,
     release: Path | None = None,
@@ -103,6 +104,7 @@ def start_gateway(
         "--state-dir", str(root / "state"),
         "--tunnels", str(tunnels),
         "--handoff-timeout", str(handoff_timeout),
+        "--trust-root", str(trust_root),
     ]  # fmt: skip
     gateway = TunnelGateway(procs.start(GATEWAY_ID, argv), sites)
     gateway.wait_serving()

@@ -1,0 +1,149 @@
+"""What the gateway trusts: its trust anchor (root metadata it was provisioned with), the
+TUF metadata it keeps up to date from the controller, and the command keys root carries.
+
+On disk, in the state directory (created 0700)::
+
+    trust/root.json        the trust anchor, as provisioned (``--trust-root FILE``)
+    trust/metadata/        metadata python-tuf's client verified last (its cache)
+
+The anchor is given once; later starts (and the next version, after a handoff) read it
+from the state directory. Root rotations reach the gateway through the metadata, so the
+anchor never needs replacing. Metadata comes from the controller over the Artifacts
+service's ``FetchMetadata`` (``ControllerSource``); it is verified here, so a controller
+that lies can withhold a release but never make one run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import grpc
+from tuf.api.metadata import Root, TargetFile
+
+from hitless import logs
+from hitless.backoff import Backoff
+from hitless.config import HostPort
+from hitless.errors import ConfigError
+from hitless.trust.client import MAX_METADATA_BYTES, TrustClient
+from hitless.trust.errors import FetchFailed, MetadataNotFound, TrustError
+from hitless.trust.release import target_name
+from hitless.trust.verify import read_metadata, verify_role
+from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc
+
+log = logs.get(__name__)
+
+FETCH_TIMEOUT_S = 30.0
+FETCH_ATTEMPTS = 8
+_BACKOFF = Backoff()
+# A metadata file, with room for the message around it.
+_MAX_MESSAGE_BYTES = MAX_METADATA_BYTES + 64 * 1024
+
+
+def anchor_path(state_dir: Path) -> Path:
+    """Where the gateway keeps its trust anchor."""
+    return state_dir / "trust" / "root.json"
+
+
+def provision(state_dir: Path, given: Path | None) -> Path:
+    """Keep the trust root file ``given`` as the gateway's anchor (replacing one kept
+    before), or use the one kept before when ``given`` is None. Returns its path.
+
+    Raises ConfigError when ``given`` cannot be read or is not self-signed root metadata,
+    or when there is neither.
+    """
+    path = anchor_path(state_dir)
+    if given is None:
+        if path.is_file():
+            return path
+        raise ConfigError(
+            "this gateway has no trust root: give --trust-root FILE (the root.json that "
+            "`upgradectl keys init` made) once; it is kept in the state directory"
+        )
+    try:
+        data = given.read_bytes()
+        md = read_metadata(data, Root)
+        verify_role(md.signed, md, "root")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the trust root {given}: {exc}") from exc
+    except TrustError as exc:
+        raise ConfigError(f"the trust root {given} is not usable: {exc}") from exc
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.is_file() or path.read_bytes() != data:
+        tmp = path.with_name(".root.json.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    return path
+
+
+class ControllerSource:
+    """Metadata files from the controller's Artifacts service (``FetchMetadata``)."""
+
+    def __init__(self, controller: HostPort) -> None:
+        self._controller = controller
+
+    def fetch_metadata(self, name: str) -> bytes:
+        """The bytes of metadata file ``name``; MetadataNotFound when the controller has
+        none by that name, FetchFailed when it cannot be asked."""
+        options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
+        try:
+            with grpc.insecure_channel(str(self._controller), options=options) as channel:
+                stub = artifacts_pb2_grpc.ArtifactsStub(channel)
+                reply = stub.FetchMetadata(
+                    artifacts_pb2.MetadataRequest(name=name), timeout=FETCH_TIMEOUT_S
+                )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise MetadataNotFound(f"{name}: {exc.details()}") from exc
+            raise FetchFailed(
+                f"cannot fetch {name} from the controller at {self._controller}: "
+                f"{exc.code().name}: {exc.details()}"
+            ) from exc
+        data: bytes = reply.data
+        return data
+
+
+class GatewayTrust:
+    """The gateway's verifier: python-tuf's client from the anchor in ``state_dir``, over
+    the controller at ``controller``. One per gateway process.
+
+    Raises ConfigError when the anchor is missing or unusable."""
+
+    def __init__(self, state_dir: Path, controller: HostPort) -> None:
+        anchor = provision(state_dir, None)
+        try:
+            self._client = TrustClient(
+                anchor.read_bytes(), state_dir / "trust" / "metadata", ControllerSource(controller)
+            )
+        except TrustError as exc:
+            raise ConfigError(f"the trust root {anchor} is not usable: {exc}") from exc
+
+    def release(self, version: str) -> TargetFile:
+        """The signed length and sha256 of release ``version``, after updating the
+        metadata. A controller that cannot be reached (FetchFailed) is asked again, with
+        backoff, up to FETCH_ATTEMPTS times in all, as a download is. Raises the
+        TrustError subclasses of ``TrustClient.target``."""
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                return self._client.target(target_name(version))
+            except FetchFailed as exc:
+                if attempt == FETCH_ATTEMPTS:
+                    raise
+                delay = _BACKOFF.delay(attempt)
+                log.warning("metadata_fetch_failed", error=str(exc), retry_in_s=round(delay, 2))
+                time.sleep(delay)  # backoff between attempts, not synchronisation
+        raise AssertionError("unreachable")
+
+    def root(self) -> Root:
+        """The newest root this gateway verified: its command keys verify commands."""
+        return self._client.trusted_root()
+
+    def refresh(self) -> Root:
+        """Update the metadata now and return the newest trusted root (after a rotation
+        of the command key). Raises the TrustError subclasses of ``TrustClient.refresh``."""
+        return self._client.refresh()
