@@ -8,7 +8,8 @@ message body: the signature must verify against a command key its trusted root c
 and the command must name this gateway (``hitless.trust.commands``). A command id taken
 before with other content is a replay. Each of those is refused: reported as a security
 event (``Reporter.refused``) and dead-lettered, with nothing recorded under the command
-id and nothing run.
+id and nothing run. A signed command past its deadline is not run either: UNREACHABLE,
+and reported as a refusal too (it is late, or an old command played back).
 
 Before taking a signed command it refuses (FAILED, with the reason) one issued before a
 command it already took (a late delivery must not undo a newer job) and one that would
@@ -141,8 +142,10 @@ class Agent:
         self._state.record_command(command.command_id, opened.digest)
         try:
             check_deadline(command, self._clock())
-        except CommandExpired:
+        except CommandExpired as exc:
+            # Late, or an old signed command played back: not run either way, and said.
             bound.warning("command_expired")
+            self._reporter.refused(command.command_id, command.job_id, "expired", str(exc))
             self._finish(
                 command,
                 Outcome("UNREACHABLE", command.target_version, self._version,

@@ -192,9 +192,13 @@ _REFUSAL_MEANINGS = {
     "bad-signature": "the signature does not match the command: it was altered or forged",
     "misaddressed": "the signed command names another gateway",
     "replayed": "a command id the gateway had already taken came again with other content",
+    "expired": (
+        "a signed command arrived after its deadline: delivered late, or an old command "
+        "played back"
+    ),
     "unverified-release": (
-        "the command names a release that the signed release metadata does not list, or "
-        "lists with other content"
+        "the command names a release that the signed release metadata does not list (never "
+        "signed, or yanked), lists with other content, or the metadata itself was refused"
     ),
 }
 # Bounds for what a refusal report carries (characters, before escaping).

@@ -207,6 +207,28 @@ def test_a_command_id_replayed_with_other_content_is_refused(
     assert upgrades.statuses(first.command_id) == ["SUCCEEDED"]
 
 
+def test_a_signed_command_past_its_deadline_is_not_run(
+    upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
+) -> None:
+    before = gateway.snapshot()
+    art = artifact(tmp_path, "1.2.0")
+    upgrades.sign("1.2.0", art)
+    # An old command played back, signed all the same.
+    cmd = upgrades.command(GATEWAY_ID, "1.2.0", art, deadline_s=-60)
+    upgrades.send(cmd, upgrades.signed_headers(cmd))
+    assert state_name(upgrades.wait_final(cmd.command_id)) == "UNREACHABLE"
+    refusal = refused(upgrades)
+    assert (refusal.kind, refusal.command_id) == ("expired", cmd.command_id)
+    assert gateway.snapshot() == before
+
+
+def test_the_gateways_state_and_keys_are_private(gateway: Gateway) -> None:
+    for private in ("", "releases", "downloads", "trust"):
+        mode = (gateway.state_dir / private).stat().st_mode & 0o777
+        assert mode == 0o700, f"{gateway.state_dir / private} is {mode:o}"
+    assert (gateway.state_dir / "trust" / "root.json").stat().st_mode & 0o777 == 0o600
+
+
 def test_a_downgrade_needs_a_signed_command_that_allows_it(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
