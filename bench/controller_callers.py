@@ -17,6 +17,7 @@ import grpc
 
 from hitless.config import HostPort
 from upgradectl.client import ControllerClient
+from upgradectl.credentials import Credentials
 from upgradectl.errors import CliError
 from upgradectl.model import JobEvent
 
@@ -58,16 +59,18 @@ class _Retries:
 class Callers:
     """The call loop and the watch, on threads this object owns (``start``/``stop``)."""
 
-    def __init__(self, target: HostPort, job_id: str) -> None:
+    def __init__(self, target: HostPort, job_id: str, credentials: Credentials) -> None:
         self.job_id = job_id
         self.calls: list[Call] = []
         self.events: list[JobEvent] = []
         self.watch_error: str | None = None
         self.call_retries = _Retries()
         self.watch_resumes = _Retries()
-        self._calls_client = ControllerClient(target, CALL_TIMEOUT_S, sleep=self.call_retries.sleep)
+        self._calls_client = ControllerClient(
+            target, CALL_TIMEOUT_S, credentials=credentials, sleep=self.call_retries.sleep
+        )
         self._watch_client = ControllerClient(
-            target, CALL_TIMEOUT_S, sleep=self.watch_resumes.sleep
+            target, CALL_TIMEOUT_S, credentials=credentials, sleep=self.watch_resumes.sleep
         )
         self._stop = threading.Event()
         self._loop_thread = threading.Thread(target=self._loop, name="bench-calls", daemon=True)

@@ -51,12 +51,16 @@ from controller_reporters import FakeGateways  # noqa: E402
 from gateway_daemon.vpn.supervisor import is_running  # noqa: E402
 from hitless import logs  # noqa: E402
 from hitless.config import BusConfig, HostPort  # noqa: E402
+from hitless.trust import keys as trust_keys  # noqa: E402
+from hitless.trust import release  # noqa: E402
 from hitless.v1 import controller_pb2, controller_pb2_grpc  # noqa: E402
+from tests.support.fleet import bearer  # noqa: E402
 from tests.support.procs import Proc, Procs, command, free_port  # noqa: E402
 from tests.support.rabbit import Management, amqp_url  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
 from upgradectl.build import build_release  # noqa: E402
 from upgradectl.client import ControllerClient  # noqa: E402
+from upgradectl.credentials import Credentials  # noqa: E402
 from upgradectl.model import JobEvent  # noqa: E402
 
 UPGRADES = 10
@@ -131,11 +135,11 @@ class Bench:
         self._stack = contextlib.ExitStack()
         self.procs = Procs(work)
         self._stack.callback(self.procs.stop_all)
-        self._channel = grpc.insecure_channel(str(self.target))
-        self._stack.callback(self._channel.close)
-        self._stub = controller_pb2_grpc.ControllerStub(self._channel)
-        self.client = ControllerClient(self.target, timeout=30)
-        self._stack.callback(self.client.close)
+        self.keys = trust_keys.init(work / "keys")
+        self.credentials: Credentials | None = None
+        self._channel: Any = None
+        self._stub: Any = None
+        self.client: Any = None
         self.controller: Proc | None = None
         self.fakes: FakeGateways | None = None
         self.callers: Callers | None = None
@@ -145,6 +149,26 @@ class Bench:
         self._stack.close()
 
     # Setting up ------------------------------------------------------------------------
+
+    def _connect(self) -> None:
+        """Once the controller has made its first admin token: a client and a stub that
+        call with it."""
+        path = self.work / "controller" / "admin.token"
+        wait_for(
+            lambda: path.exists() and bool(path.read_text().strip()),
+            timeout=60,
+            what="the controller's first admin token",
+            interval=0.1,
+            describe=self.procs.dump_logs,
+        )
+        self.credentials = Credentials(path.read_text().strip(), f"the file {path}")
+        self.client = ControllerClient(self.target, timeout=30, credentials=self.credentials)
+        self._stack.callback(self.client.close)
+        self._channel = grpc.insecure_channel(str(self.target))
+        self._stack.callback(self._channel.close)
+        self._stub = controller_pb2_grpc.ControllerStub(
+            grpc.intercept_channel(self._channel, bearer(self.credentials.secret))
+        )
 
     def setup(self) -> None:
         artifacts = {v: self.work / f"hitless-{v}.pyz" for v in (RELEASE_A, RELEASE_B)}
@@ -157,8 +181,10 @@ class Bench:
                 "--listen", str(self.target),
                 "--data-dir", str(self.work / "controller"),
                 "--amqp", self.amqp,
+                "--trust-root", str(self.keys.root_json),
             ],
         )  # fmt: skip
+        self._connect()
         wait_for(
             self._controller_pid,
             timeout=60,
@@ -167,7 +193,14 @@ class Bench:
             describe=self.procs.dump_logs,
         )
         for version, path in artifacts.items():
-            self.client.publish_release(version, path, f"bench release {version}")
+            targets = release.sign_targets(
+                self.client.get_targets_metadata() or None,
+                self.keys.dir,
+                add={release.target_name(version): path},
+            )
+            self.client.publish_release(
+                version, path, f"bench release {version}", targets_metadata=targets
+            )
         for gid in REAL_GATEWAYS:
             self.procs.start(
                 gid,
@@ -178,6 +211,7 @@ class Bench:
                     "--amqp", self.amqp,
                     "--state-dir", str(self.work / gid),
                     "--listen", f"127.0.0.1:{free_port()}",
+                    "--trust-root", str(self.keys.root_json),
                 ],
             )  # fmt: skip
         self.fakes = FakeGateways(BusConfig(self.amqp), FAKE_GATEWAYS, FLEET_VERSION, REPORTS_PER_S)
@@ -205,7 +239,8 @@ class Bench:
     def start_load(self) -> Callers:
         assert self.fakes is not None
         self.fakes.start()
-        callers = Callers(self.target, self.job_id).start()
+        assert self.credentials is not None
+        callers = Callers(self.target, self.job_id, self.credentials).start()
         self.callers = callers
         self._stack.callback(callers.close)
         wait_for(

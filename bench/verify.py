@@ -98,6 +98,7 @@ from tests.support.procs import Procs, command, free_port  # noqa: E402
 from tests.support.rabbit import Management, amqp_url  # noqa: E402
 from tests.support.wait import wait_for  # noqa: E402
 from upgradectl.client import ControllerClient  # noqa: E402
+from upgradectl.credentials import Credentials  # noqa: E402
 from upgradectl.errors import CliError  # noqa: E402
 
 PAYLOAD_BYTES = 20 * 1024 * 1024
@@ -458,13 +459,26 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _admin_token(data_dir: Path, procs: Procs) -> Credentials:
+    """The admin API token the controller makes at its first start."""
+    path = data_dir / "admin.token"
+    wait_for(
+        lambda: path.exists() and bool(path.read_text().strip()),
+        timeout=60,
+        what="the controller's first admin token",
+        interval=0.1,
+        describe=procs.dump_logs,
+    )
+    return Credentials(path.read_text().strip(), f"the file {path}")
+
+
 def run(work: Path, amqp: str) -> dict[str, Any]:
     # The fork server starts before this process opens any gRPC channel.
     print(f"starting {CLIENTS} gateway processes ...", flush=True)
     fleet = Fleet.start()
     procs = Procs(work)
     target = HostPort("127.0.0.1", free_port())
-    client = ControllerClient(target, timeout=60)
+    client: ControllerClient | None = None
     try:
         keys = trust_keys.init(work / "keys")
         controller = procs.start(
@@ -478,8 +492,12 @@ def run(work: Path, amqp: str) -> dict[str, Any]:
                 "--no-self-upgrade",
             ],
         )  # fmt: skip
+        client = ControllerClient(
+            target, timeout=60, credentials=_admin_token(work / "controller", procs)
+        )
 
         def answers() -> bool:
+            assert client is not None
             try:
                 client.list_releases()
             except CliError:
@@ -522,7 +540,8 @@ def run(work: Path, amqp: str) -> dict[str, Any]:
                       flush=True)  # fmt: skip
     finally:
         fleet.close()
-        client.close()
+        if client is not None:
+            client.close()
         procs.stop_all()
     return {
         "artifact_bytes": large_size,

@@ -3,10 +3,12 @@ started in order and stopped in reverse."""
 
 from __future__ import annotations
 
+import sys
 import threading
 from datetime import timedelta
 
 from controller_svc import db, takeover
+from controller_svc.access import Audit, Tokens
 from controller_svc.admins import Admins
 from controller_svc.engine import Engine, utc_now
 from controller_svc.events import Announcer
@@ -84,10 +86,11 @@ class ControllerApp:
             upgrader=upgrader,
         )
         rejections = Rejections(repo.sessions)
+        tokens, audit = Tokens(repo.sessions), Audit(repo.sessions)
         jobs = Consumer(
             config.bus,
             topology.CONTROLLER_JOBS,
-            ManagementJobs(engine, rejections, utc_now).handle,
+            ManagementJobs(engine, rejections, utc_now, audit).handle,
             queues=PUBLISHED_QUEUES,
             name="controller-jobs",
         )
@@ -107,12 +110,33 @@ class ControllerApp:
             if config.release_feed
             else None
         )
+        bootstrap = tokens.bootstrap(config.data_dir, utc_now())
+        if bootstrap is not None:
+            log.warning("admin_token_created", file=str(bootstrap))
+            print(
+                f"controller-svc: made the first admin API token; its secret is in {bootstrap} "
+                "(mode 0600). Use it with `upgradectl --token-file FILE` (or HITLESS_TOKEN), "
+                "make tokens for each operator (`upgradectl tokens create`), then keep or "
+                "delete the file.",
+                file=sys.stderr,
+            )
         server, self.port = build_server(
             config.listen,
             ControllerService(
-                engine, store, admins, rejections, self._stop, feed, upgrader, limits=self._limits
+                engine,
+                store,
+                admins,
+                rejections,
+                self._stop,
+                feed,
+                upgrader,
+                tokens=tokens,
+                audit=audit,
+                limits=self._limits,
             ),
             ArtifactsService(store, trust.repository, limits=self._limits),
+            tokens=tokens,
+            audit=audit,
             limits=self._limits,
         )
         poller = (

@@ -7,6 +7,7 @@ from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller_svc.access import AuditRecord, TokenRecord
 from controller_svc.records import (
     EventRecord,
     GatewayJobRecord,
@@ -118,4 +119,30 @@ def report(message: bus_pb2.StatusReport, report_id: str) -> ReportIn:
         bytes_total=message.bytes_total,
         at=message.at.ToDatetime(tzinfo=UTC),
         vpn_sessions_dropped=message.vpn_sessions_dropped,
+    )
+
+
+def token(record: TokenRecord) -> controller_pb2.Token:
+    message = controller_pb2.Token(
+        name=record.name,
+        role=str(record.role),
+        created_at=timestamp(record.created_at),
+        created_by=record.created_by,
+    )
+    if record.expires_at is not None:
+        message.expires_at.CopyFrom(timestamp(record.expires_at))
+    if record.revoked_at is not None:
+        message.revoked_at.CopyFrom(timestamp(record.revoked_at))
+    return message
+
+
+def audit(record: AuditRecord) -> controller_pb2.AuditEvent:
+    return controller_pb2.AuditEvent(
+        seq=record.seq,
+        at=timestamp(record.at),
+        actor=record.actor,
+        peer=record.peer,
+        action=record.action,
+        detail=record.detail,
+        outcome=record.outcome,
     )

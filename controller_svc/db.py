@@ -227,6 +227,34 @@ class RejectedJob(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
+class ApiToken(Base):
+    """An operator's API token: only the sha256 of its secret is kept."""
+
+    __tablename__ = "api_tokens"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128), server_default="")
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditEvent(Base):
+    """One change and who asked for it."""
+
+    __tablename__ = "audit_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    peer: Mapped[str] = mapped_column(String(200), server_default="")
+    action: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(Text, server_default="")
+    outcome: Mapped[str] = mapped_column(Text)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``sqlite:///path`` or ``postgresql+psycopg://...``, safe across threads.
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
+from controller_svc.access import Audit
 from controller_svc.engine import Engine
 from controller_svc.errors import FailedPrecondition, InvalidRequest, NotFound
 from controller_svc.rejections import Rejection, Rejections
@@ -38,10 +39,17 @@ class _Refused(Exception):
 
 
 class ManagementJobs:
-    def __init__(self, engine: Engine, rejections: Rejections, clock: Callable[[], datetime]):
+    def __init__(
+        self,
+        engine: Engine,
+        rejections: Rejections,
+        clock: Callable[[], datetime],
+        audit: Audit | None = None,
+    ) -> None:
         self._engine = engine
         self._rejections = rejections
         self._clock = clock
+        self._audit = audit
 
     def handle(self, delivery: Delivery) -> None:
         """Consumer handler for hitless.controller.jobs."""
@@ -92,6 +100,17 @@ class ManagementJobs:
             message_id=delivery.message_id,
             user=delivery.user_id,
         )
+        self._record(delivery, f"OK: job {record.id}")
+
+    def _record(self, delivery: Delivery, outcome: str) -> None:
+        """The audit row of a management job, accepted or rejected, as its publisher's."""
+        if self._audit is None:
+            return
+        body = delivery.body[:300].decode("utf-8", errors="replace")
+        self._audit.record(
+            self._clock(), f"broker:{delivery.user_id or 'unknown'}", "ManagementJob",
+            f"message_id={(delivery.message_id or '')[:100]!r} {body}", outcome,
+        )  # fmt: skip
 
     def _reject(self, delivery: Delivery, reason: str) -> None:
         rejection = Rejection(
@@ -103,6 +122,7 @@ class ManagementJobs:
         )
         if self._rejections.record(rejection):
             self._engine.announcer.job_rejected(rejection)
+            self._record(delivery, f"REJECTED: {reason}")
         log.warning("management_job_rejected", message_id=delivery.message_id, reason=reason)
 
 

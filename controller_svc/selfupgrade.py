@@ -128,12 +128,15 @@ def exec_recorded_release(data_dir: Path, argv: list[str]) -> None:
     version starts instead."""
     try:
         recorded = json.loads((data_dir / POINTER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        artifact = Path(recorded["artifact"])
+        recorded_version = str(recorded["version"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.error("staged_release_refused", pointer=str(data_dir / POINTER), reason=str(exc))
         return
-    artifact = Path(recorded["artifact"])
-    if recorded["version"] == version.current() or not artifact.is_file():
+    if recorded_version == version.current() or not artifact.is_file():
         return
     if not staged.check(artifact, recorded.get("sha256")):
         return
-    log.info("exec_staged_release", version=recorded["version"], artifact=str(artifact))
+    log.info("exec_staged_release", version=recorded_version, artifact=str(artifact))
     os.execv(sys.executable, [sys.executable, str(artifact), "controller-svc", *argv])

@@ -1,6 +1,10 @@
 """The controller's gRPC API: ``hitless.v1.Controller`` and ``hitless.v1.Artifacts``,
 plus health checking and reflection. The only module of the controller that imports grpc.
 
+Every call is admitted against the budget of its kind (``controller_svc.limits``), then
+its caller is authenticated and authorised (``controller_svc.access``: an API token with a
+role), and each call that changes something is written to the audit log with its outcome.
+
 Domain errors become status codes here, in one place; the details carry the full
 sentence, which upgradectl shows as it is. Every call is admitted against the budget of
 its kind first (``controller_svc.limits``): over budget it is refused with
@@ -19,10 +23,25 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import text_format
+from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from controller_svc import convert
+from controller_svc.access import (
+    CHANGES,
+    Audit,
+    Caller,
+    PermissionDenied,
+    Role,
+    Tokens,
+    Unauthenticated,
+    bearer,
+    current,
+    current_actor,
+    role_needed,
+)
 from controller_svc.admins import Admins
 from controller_svc.engine import Engine
 from controller_svc.errors import (
@@ -61,6 +80,8 @@ OFFLINE_AFTER = timedelta(seconds=3 * HEARTBEAT_INTERVAL_S)
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Refused, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (FeedError, grpc.StatusCode.FAILED_PRECONDITION),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
@@ -115,8 +136,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         feed: FeedSync | None = None,
         upgrader: ControllerUpgrader | None = None,
         *,
+        tokens: Tokens,
+        audit: Audit,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
+        self._tokens = tokens
+        self._audit = audit
         self._engine = engine
         self._repo = engine.repo
         self._store = store
@@ -317,6 +342,37 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         return controller_pb2.ControllerInfo(version=successor.version, pid=successor.pid)
 
     @_translated
+    def CreateToken(self, request: Any, context: grpc.ServicerContext) -> Any:
+        expires = (
+            timedelta(seconds=request.expires_seconds) if request.expires_seconds else None
+        )
+        if request.expires_seconds < 0:
+            raise InvalidRequest("expires_seconds must be 0 (never) or a positive number")
+        record, secret = self._tokens.create(
+            request.name, Role.parse(request.role), now=datetime.now(UTC),
+            expires_in=expires, created_by=current_actor(),
+        )  # fmt: skip
+        log.info("token_created", name=record.name, role=str(record.role), by=current_actor())
+        return controller_pb2.CreatedToken(token=convert.token(record), secret=secret)
+
+    @_translated
+    def ListTokens(self, request: Any, context: grpc.ServicerContext) -> Any:
+        tokens = [convert.token(t) for t in self._tokens.list()]
+        return controller_pb2.ListTokensResponse(tokens=tokens)
+
+    @_translated
+    def RevokeToken(self, request: Any, context: grpc.ServicerContext) -> Any:
+        record = self._tokens.revoke(request.name, datetime.now(UTC))
+        log.warning("token_revoked", name=record.name, by=current_actor())
+        return convert.token(record)
+
+    @_translated
+    def ListAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
+        since = request.since.ToDatetime(UTC) if request.HasField("since") else None
+        events = self._audit.list(since, request.limit or 200)
+        return controller_pb2.ListAuditResponse(events=[convert.audit(e) for e in events])
+
+    @_translated
     def AddAdmin(self, request: Any, context: grpc.ServicerContext) -> Any:
         address, _ = self._admins.add(request.email, datetime.now(UTC))
         return controller_pb2.Admin(email=address)
@@ -514,6 +570,143 @@ class _Budgeted(grpc.ServerInterceptor):  # type: ignore[misc]
         return slot
 
 
+class _Authorised(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates the caller of every call that needs a role (``access.role_needed``),
+    refuses one whose role is too low, makes the caller known to the handler
+    (``access.current``), and writes each call that changes something to the audit log
+    with its outcome, refused ones included."""
+
+    def __init__(self, tokens: Tokens, audit: Audit) -> None:
+        self._tokens = tokens
+        self._audit = audit
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        method = details.method
+        needed = role_needed(method)
+        if handler is None or needed is None:
+            return handler
+        streams_in, streams_out = handler.request_streaming, handler.response_streaming
+        behavior = (
+            handler.stream_stream or handler.unary_stream
+            if streams_out
+            else handler.stream_unary or handler.unary_unary
+        )
+        metadata = details.invocation_metadata
+        audited = method in CHANGES
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+
+        if streams_out:
+
+            def streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                caller = self._admit(method, needed, metadata, context, request, audited)
+                reset = current.set(caller)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    current.reset(reset)
+
+            if streams_in:
+                return grpc.stream_stream_rpc_method_handler(streaming, **serializers)
+            return grpc.unary_stream_rpc_method_handler(streaming, **serializers)
+
+        def single(request: Any, context: grpc.ServicerContext) -> Any:
+            first: list[Any] = []
+            if streams_in:
+                request = _remembering_first(request, first)
+            caller = self._admit(method, needed, metadata, context, request, audited)
+            reset = current.set(caller)
+            failed = True
+            try:
+                response = behavior(request, context)
+                failed = False
+                return response
+            finally:
+                current.reset(reset)
+                if audited:
+                    described = _describe(first[0] if first else request)
+                    self._record(caller, method, described, context, failed)
+
+        if streams_in:
+            return grpc.stream_unary_rpc_method_handler(single, **serializers)
+        return grpc.unary_unary_rpc_method_handler(single, **serializers)
+
+    def _admit(
+        self,
+        method: str,
+        needed: Role,
+        metadata: Any,
+        context: grpc.ServicerContext,
+        request: Any,
+        audited: bool,
+    ) -> Caller:
+        peer = peer_host(context.peer())
+        try:
+            caller = self._tokens.authenticate(bearer(metadata), datetime.now(UTC))
+            if caller.role < needed:
+                raise PermissionDenied(
+                    f"{caller.actor} has the role {caller.role}, and {method.rsplit('/', 1)[-1]} "
+                    f"needs {needed}: ask an admin for a token with that role"
+                )
+        except (Unauthenticated, PermissionDenied) as exc:
+            log.warning("call_unauthorised", method=method, peer=peer, reason=str(exc))
+            if audited:
+                actor = caller.actor if isinstance(exc, PermissionDenied) else "anonymous"
+                described = "" if not isinstance(request, Message) else _describe(request)
+                self._audit.record(
+                    datetime.now(UTC), actor, method.rsplit("/", 1)[-1], described,
+                    f"{_status_of(exc).name}: {exc}", peer,
+                )  # fmt: skip
+            context.abort(_status_of(exc), str(exc))
+        return Caller(caller.actor, caller.role, peer)
+
+    def _record(
+        self, caller: Caller, method: str, detail: str, context: grpc.ServicerContext,
+        failed: bool,
+    ) -> None:  # fmt: skip
+        code = context.code() if failed else None
+        text = context.details() if failed else b""
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        outcome = "OK" if not failed else f"{code.name if code else 'UNKNOWN'}: {text}"
+        try:
+            self._audit.record(
+                datetime.now(UTC), caller.actor, method.rsplit("/", 1)[-1], detail, outcome,
+                caller.peer,
+            )  # fmt: skip
+        except HitlessError as exc:
+            log.error("audit_write_failed", method=method, error=str(exc))
+
+
+def _remembering_first(requests: Iterator[Any], first: list[Any]) -> Iterator[Any]:
+    """``requests``, keeping the first in ``first`` (a stream's metadata, for the audit)."""
+    for request in requests:
+        if not first:
+            first.append(request)
+        yield request
+
+
+def _describe(request: Any) -> str:
+    """What a request asks, on one line, without its bytes (artifacts, metadata)."""
+    if not isinstance(request, Message):
+        return ""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    _drop_bytes(copy)
+    return text_format.MessageToString(copy, as_one_line=True)
+
+
+def _drop_bytes(message: Message) -> None:
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_BYTES:
+            message.ClearField(field.name)
+        elif field.type == field.TYPE_MESSAGE and isinstance(value, Message):
+            _drop_bytes(value)
+
+
 def _watched_requests(requests: Iterator[Any], slot: Slot) -> Iterator[Any]:
     """``requests``, telling ``slot`` while the call waits for the client's next one."""
     while True:
@@ -551,6 +744,8 @@ def build_server(
     controller: ControllerService,
     artifacts: ArtifactsService,
     *,
+    tokens: Tokens,
+    audit: Audit,
     limits: Limits = DEFAULT_LIMITS,
 ) -> tuple[Server, int]:
     """A gRPC server bound to ``listen`` (SO_REUSEPORT on, so a new controller version can
@@ -560,7 +755,7 @@ def build_server(
     admission = Admission(limits)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
-        interceptors=[_Budgeted(admission)],
+        interceptors=[_Budgeted(admission), _Authorised(tokens, audit)],
         options=[("grpc.so_reuseport", 1)],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )

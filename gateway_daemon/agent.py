@@ -67,12 +67,16 @@ from hitless.trust.errors import (
     UnknownTarget,
     UnsignedCommand,
 )
+from hitless.trust.keys import command_keys
 from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
 
 Swap = Callable[[bus_pb2.UpgradeCommand, Path], None]
 PROGRESS_INTERVAL_S = 0.5
+# A command signed by a key the trusted root does not carry makes the gateway look for a
+# newer root at most this often.
+REFRESH_INTERVAL_S = 60.0
 
 # The kind a refusal is reported as (``bus_pb2.CommandRefused.kind``).
 _REFUSAL_KINDS: list[tuple[type[Exception], str]] = [
@@ -87,10 +91,12 @@ _UNTRUSTED_RELEASE = (MetadataRefused, UnknownTarget, ArtifactMismatch)
 
 @dataclass(frozen=True)
 class _Opened:
-    """A command whose signature verified, and the sha256 of the signed bytes."""
+    """A command whose signature verified, the sha256 of the signed bytes, and the id of
+    the command key that signed it."""
 
     command: bus_pb2.UpgradeCommand
     digest: str
+    keyid: str
 
 
 class _Refused(Exception):
@@ -119,6 +125,7 @@ class Agent:
         self._trust = trust
         self._clock = clock
         self._retired = False
+        self._refreshed_at = -REFRESH_INTERVAL_S
 
     def handle(self, delivery: Delivery) -> None:
         if self._retired:
@@ -165,7 +172,7 @@ class Agent:
             self._finish(command, Outcome("SUCCEEDED", self._version, self._version))
             return
         bound.info("upgrade_started", target_version=command.target_version)
-        self._upgrade(command)
+        self._upgrade(command, opened.keyid)
 
     def _open(self, delivery: Delivery) -> _Opened:
         """The signed copy of the command in ``delivery``'s headers, once it verifies and
@@ -206,9 +213,15 @@ class Agent:
                 f"(signed bytes sha256 {taken[:16]}..., now {digest[:16]}...): a replay; "
                 "it was not run",
             )
-        return _Opened(command, digest)
+        return _Opened(command, digest, signed.keyid)
 
     def _refreshed_root(self) -> Root:
+        """The trusted root after an update, at most once per REFRESH_INTERVAL_S (commands
+        signed by unknown keys must not make the gateway fetch metadata for each)."""
+        now = time.monotonic()
+        if now - self._refreshed_at < REFRESH_INTERVAL_S:
+            return self._trust.root()
+        self._refreshed_at = now
         try:
             return self._trust.refresh()
         except TrustError as exc:
@@ -244,7 +257,7 @@ class Agent:
             )
         return None
 
-    def _upgrade(self, command: bus_pb2.UpgradeCommand) -> None:
+    def _upgrade(self, command: bus_pb2.UpgradeCommand, keyid: str) -> None:
         target = command.target_version
         # Fetching the signed metadata is the start of the download.
         self._status(command, "DOWNLOADING", bytes_done=0, bytes_total=command.artifact_size,
@@ -253,6 +266,16 @@ class Agent:
             signed = self._trust.release(target)
         except TrustError as exc:
             self._untrusted(command, f"release {target} did not verify: {exc}", exc)
+            return
+        if keyid not in command_keys(self._trust.root()):
+            # The update brought a root that retired the key this command was signed with.
+            reason = (
+                f"command {command.command_id} is signed by key {keyid}, which the newest "
+                f"trusted root (version {self._trust.root().version}) no longer carries: it "
+                "was not run"
+            )
+            self._reporter.refused(command.command_id, command.job_id, "unknown-key", reason)
+            self._finish(command, Outcome("FAILED", target, self._version, reason))
             return
         sha, size = str(signed.hashes.get("sha256", "")), signed.length
         if (command.artifact_sha256, command.artifact_size) != (sha, size):

@@ -296,7 +296,11 @@ def exec_current_release(state: AgentState, argv: list[str]) -> None:
     upgrade instead, so a restart does not silently downgrade the gateway. The file is
     hashed first (``hitless.staged.check``): one altered on disk since it was verified is
     not run, and the installed package starts instead."""
-    current = state.current_release()
+    try:
+        current = state.current_release()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("staged_release_refused", state=str(state.path), reason=str(exc))
+        return
     if current is None:
         return
     staged_version, artifact, sha256 = current

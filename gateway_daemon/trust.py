@@ -16,6 +16,7 @@ that lies can withhold a release but never make one run.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def provision(state_dir: Path, given: Path | None) -> Path:
         raise ConfigError(f"the trust root {given} is not usable: {exc}") from exc
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.is_file() or path.read_bytes() != data:
+        # Metadata verified from another anchor is not trusted from this one.
+        shutil.rmtree(path.parent / "metadata", ignore_errors=True)
         tmp = path.with_name(".root.json.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:

@@ -9,6 +9,8 @@ which builds these objects; everything below the edge receives them.
 | controller       | HITLESS_CONTROLLER    | 127.0.0.1:50051                              |
 | data directory   | HITLESS_DATA_DIR      | ~/.local/state/hitless                       |
 | database URL     | HITLESS_DB_URL        | sqlite:///<data dir>/controller.db           |
+| trust root       | HITLESS_TRUST_ROOT    | none: required (root.json of `keys init`)    |
+| API token        | HITLESS_TOKEN, HITLESS_TOKEN_FILE | none (read in upgradectl/credentials.py) |
 """
 
 from __future__ import annotations

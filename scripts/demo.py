@@ -162,8 +162,17 @@ class Demo:
             [str(BIN / "upgradectl"), "--controller", self.controller, *args],
             text=True,
             capture_output=not show,
-            env={**os.environ, "HITLESS_AMQP_URL": self.amqp},
+            env={
+                **os.environ,
+                "HITLESS_AMQP_URL": self.amqp,
+                "HITLESS_TOKEN_FILE": str(self.token_file),
+            },
         )
+
+    @property
+    def token_file(self) -> Path:
+        """The admin API token the controller makes at its first start."""
+        return self.root / "controller" / "admin.token"
 
     def gateways_on(self, version: str) -> bool:
         result = self.ctl("gateways", "list", "--json", show=False)
@@ -190,6 +199,11 @@ class Demo:
             "--trust-root",
             trust_root,
         )
+        wait(
+            lambda: self.token_file.exists() and bool(self.token_file.read_text().strip()),
+            "the controller's first admin API token",
+        )
+        self.say(f"the admin API token is in {self.token_file} (upgradectl --token-file)")
         for gid in GATEWAYS:
             self.start(
                 gid,

@@ -43,7 +43,7 @@ from hitless.backoff import Backoff
 from hitless.config import BusConfig, ControllerConfig, HostPort
 from hitless.trust import keys, release
 from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc, controller_pb2, controller_pb2_grpc
-from tests.support.fleet import Fleet
+from tests.support.fleet import Fleet, bearer
 from tests.support.procs import Procs, free_port
 from tests.support.rabbit import amqp_url
 from tests.support.stamped import stamped
@@ -166,15 +166,23 @@ def test_kinds() -> None:
 # -- a real controller -------------------------------------------------------------
 
 
+def authed(address: str, token: str, options: list[tuple[str, Any]] | None = None) -> Any:
+    """A channel to ``address`` whose calls carry the API token ``token``."""
+    return grpc.intercept_channel(
+        grpc.insecure_channel(address, options=options or []), bearer(token)
+    )
+
+
 @dataclass
 class Controller:
     address: str
     repo: Repository
     store: ArtifactStore
     app: ControllerApp
+    token: str
 
-    def channel(self, options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
-        return grpc.insecure_channel(self.address, options=options or [])
+    def channel(self, options: list[tuple[str, Any]] | None = None) -> Any:
+        return authed(self.address, self.token, options)
 
 
 @contextmanager
@@ -203,7 +211,14 @@ def running_controller(tmp_path: Path, bus: BusConfig, limits: Limits) -> Iterat
     thread = threading.Thread(target=run, name="controller", daemon=True)
     thread.start()
     address = f"127.0.0.1:{config.listen.port}"
-    with grpc.insecure_channel(address) as channel:
+    token_file = data / "admin.token"
+    wait_for(
+        lambda: token_file.exists() and bool(token_file.read_text().strip()),
+        timeout=30,
+        what="the controller's first admin token",
+    )
+    token = token_file.read_text().strip()
+    with authed(address, token) as channel:
         stub = controller_pb2_grpc.ControllerStub(channel)
 
         def answers() -> bool:
@@ -218,7 +233,9 @@ def running_controller(tmp_path: Path, bus: BusConfig, limits: Limits) -> Iterat
         wait_for(answers, timeout=30, what="the controller to answer")
     engine = db.make_engine(config.db_url)
     try:
-        yield Controller(address, Repository(engine), ArtifactStore(config.artifact_dir), app)
+        yield Controller(
+            address, Repository(engine), ArtifactStore(config.artifact_dir), app, token
+        )
     finally:
         app.stop()
         thread.join(timeout=30)
@@ -243,13 +260,15 @@ class Opened:
     refused: list[grpc.RpcError]
 
 
-def open_watches(stack: ExitStack, ctl: Controller | str, job_id: str, count: int) -> Opened:
+def open_watches(
+    stack: ExitStack, ctl: Controller | Fleet, job_id: str, count: int
+) -> Opened:
     """``count`` WatchJob streams, each on its own connection; those admitted are held
     open (their first event read), the others were refused."""
-    address = ctl if isinstance(ctl, str) else ctl.address
+    address = ctl.address if isinstance(ctl, Controller) else ctl.controller_address
     opened = Opened([], [])
     for _ in range(count):
-        channel = stack.enter_context(grpc.insecure_channel(address))
+        channel = stack.enter_context(authed(address, ctl.token))
         call = controller_pb2_grpc.ControllerStub(channel).WatchJob(
             controller_pb2.WatchJobRequest(job_id=job_id)
         )
@@ -453,11 +472,21 @@ def test_an_upload_that_stops_sending_is_ended_and_frees_its_slot(
             sent.set()
             resume.wait(60)  # the client stops sending until the test ends
 
+        stalled: Any = None
+
+        def refused_while_stalled() -> bool:
+            nonlocal stalled
+            # The stalling upload is admitted when its call reaches a worker; a probe that
+            # got there first takes the slot and turns it away: start it again then.
+            if stalled is None or stalled.done():
+                sent.clear()
+                stalled = stub.PublishRelease.future(stalling())
+                sent.wait(10)
+            return _upload_refused(stub)
+
         try:
-            stalled = stub.PublishRelease.future(stalling())
-            sent.wait(10)
             wait_for(
-                lambda: _upload_refused(stub),
+                refused_while_stalled,
                 timeout=10,
                 what="a second upload to be refused while the first one stalls",
             )
@@ -493,7 +522,7 @@ def test_default_controller_survives_forty_watches_from_one_host(
     try:
         job_id, sha = pending_job(Repository(engine), ArtifactStore(fleet.data_dir / "artifacts"))
         with ExitStack() as stack:
-            opened = open_watches(stack, fleet.controller_address, job_id, 40)
+            opened = open_watches(stack, fleet, job_id, 40)
             per_host = DEFAULT_LIMITS.watch.per_peer
             assert len(opened.held) == per_host
             assert {exc.code() for exc in opened.refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}

@@ -18,6 +18,7 @@ from tests.support.fleet import Fleet
 from tests.support.proxy import CuttingProxy
 from tests.support.wait import wait_for
 from upgradectl.client import ControllerClient
+from upgradectl.credentials import Credentials
 from upgradectl.errors import CliError
 
 BASE = "1.0.0"
@@ -29,7 +30,11 @@ class Caller:
 
     def __init__(self, fleet: Fleet, job_id: str) -> None:
         host, port = fleet.controller_address.split(":")
-        self.client = ControllerClient(HostPort(host, int(port)), timeout=10)
+        self.client = ControllerClient(
+            HostPort(host, int(port)),
+            timeout=10,
+            credentials=Credentials(fleet.token, "the fleet's admin token"),
+        )
         self.job_id = job_id
         self.calls = 0
         self.failures: list[str] = []

@@ -148,6 +148,25 @@ def test_a_command_signed_by_another_key_is_refused(
     assert gateway.snapshot() == before
 
 
+def test_a_command_signed_by_a_retired_command_key_is_refused(
+    upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
+) -> None:
+    art = artifact(tmp_path, "1.2.0")
+    upgrades.sign("1.2.0", art)
+    cmd = upgrades.command(GATEWAY_ID, "1.2.0", art)
+    stolen = upgrades.signed_headers(cmd)  # signed before the key is rotated out
+    before = gateway.snapshot()
+    upgrades.trust.accept_root(keys.rotate(upgrades.keys.dir, ["command"]), None)
+    # The gateway still knows only the old root: it learns of the rotation while it
+    # verifies the release, and refuses the command then.
+    upgrades.send(cmd, stolen)
+    final = upgrades.wait_final(cmd.command_id)
+    assert state_name(final) == "FAILED"
+    assert "which the newest trusted root (version 2) no longer carries" in final.error
+    assert refused(upgrades).kind == "unknown-key"
+    assert gateway.snapshot() == before
+
+
 def test_a_command_altered_after_signing_is_refused(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:

@@ -236,6 +236,21 @@ def test_an_update_that_fails_keeps_the_newest_root_verified(world: World) -> No
     assert set(keys.command_keys(client.trusted_root())) == new_command_key
 
 
+def test_a_cache_verified_from_another_anchor_is_not_trusted(world: World) -> None:
+    client = world.client()
+    assert world.repo.accept_root(keys.rotate(world.keys.dir, ["command"])) == 2
+    assert client.refresh().version == 2
+    other = keys.init(world.tmp / "other")
+    stranger = TrustClient(
+        other.root_json.read_bytes(), world.tmp / "cache", DirectorySource(world.repo_dir)
+    )
+    # The cache holds version 2 of the first root's lineage: not trusted from this anchor.
+    assert stranger.trusted_root().version == 1
+    assert set(keys.command_keys(stranger.trusted_root())) == {
+        keys.load_signer(other.key("command")).public_key.keyid
+    }
+
+
 def test_a_rotated_root_not_signed_by_the_old_root_key_is_refused(world: World) -> None:
     impostor = keys.init(world.tmp / "impostor")
     md = Metadata.from_bytes(impostor.root_json.read_bytes())

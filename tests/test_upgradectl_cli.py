@@ -9,6 +9,7 @@ controller uses), so signed metadata the CLI sends is accepted or refused for re
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import io
@@ -45,11 +46,13 @@ from hitless.v1 import common_pb2, controller_pb2, controller_pb2_grpc
 from tests.support.fleet import Fleet
 from tests.support.procs import free_port
 from upgradectl import render
-from upgradectl.cli import main, run
+from upgradectl.cli import _build_parser, main, run
 from upgradectl.client import CHUNK_SIZE, RetryPolicy
 from upgradectl.errors import ExitCode
 
 FAST_RETRY = RetryPolicy(budget_s=0.5, base_s=0.01, cap_s=0.05)
+# The secret the fake's CreateToken hands out.
+SECRET = "hlt_9Qe2vX7rLpB4kW1sZ8aN3cD6fG0hJ5mT"
 T0 = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 GS = common_pb2.GatewayJobState
 JS = common_pb2.JobState
@@ -161,6 +164,16 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     repo: Repository | None = None
     yank_requests: list[Any] = field(default_factory=list)
     rotate_requests: list[Any] = field(default_factory=list)
+    # API tokens the controller admits, secret -> role; None admits every call (``_Gate``).
+    secrets: dict[str, str] | None = None
+    # After the first call to this method every token is refused (expired, or revoked).
+    revoke_after: str | None = None
+    # Every call that arrived: its method and the values of its authorization metadata.
+    calls: list[tuple[str, list[str]]] = field(default_factory=list)
+    tokens: list[Any] = field(default_factory=list)
+    token_requests: list[Any] = field(default_factory=list)
+    audit: list[Any] = field(default_factory=list)  # newest first
+    audit_requests: list[Any] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def _maybe_unavailable(self, method: str, context: Any) -> None:
@@ -351,6 +364,37 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
         admins = [controller_pb2.Admin(email=a) for a in sorted(self.admins)]
         return controller_pb2.ListAdminsResponse(admins=admins)
 
+    def CreateToken(self, request: Any, context: Any) -> Any:
+        self.token_requests.append(request)
+        self._maybe_unavailable("CreateToken", context)
+        if any(t.name == request.name for t in self.tokens):
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"token {request.name} exists already")
+        token = controller_pb2.Token(
+            name=request.name, role=request.role, created_at=_ts(), created_by="token:root"
+        )
+        if request.expires_seconds:
+            token.expires_at.FromSeconds(int(T0.timestamp()) + request.expires_seconds)
+        self.tokens.append(token)
+        return controller_pb2.CreatedToken(token=token, secret=SECRET)
+
+    def ListTokens(self, request: Any, context: Any) -> Any:
+        return controller_pb2.ListTokensResponse(tokens=self.tokens)
+
+    def RevokeToken(self, request: Any, context: Any) -> Any:
+        self.token_requests.append(request)
+        for token in self.tokens:
+            if token.name == request.name:
+                token.revoked_at.FromSeconds(int(T0.timestamp()) + 3600)
+                return token
+        context.abort(grpc.StatusCode.NOT_FOUND, f"no token named {request.name}")
+
+    def ListAudit(self, request: Any, context: Any) -> Any:
+        self.audit_requests.append(request)
+        since = request.since.seconds if request.HasField("since") else 0
+        return controller_pb2.ListAuditResponse(
+            events=[e for e in self.audit if e.at.seconds >= since]
+        )
+
     def GetJob(self, request: Any, context: Any) -> Any:
         self.job_requests.append(request)
         known = {"", "job-1", *(j.job_id for j in (self.started, self.final) if j is not None)}
@@ -373,6 +417,64 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
             sent += 1
 
 
+# The roles a call needs at the fake's gate; the real controller's table is in controller_svc.
+ADMIN_METHODS = frozenset({"CreateToken", "ListTokens", "RevokeToken", "ListAudit"})
+ROLE_RANK = {"viewer": 0, "operator": 1, "admin": 2}
+
+
+class _Gate(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Records every call's authorization metadata, and, once the fake has tokens, admits
+    a call as the controller does: UNAUTHENTICATED without a known token, PERMISSION_DENIED
+    when its role is too low."""
+
+    def __init__(self, fake: FakeController) -> None:
+        self.fake = fake
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        method = details.method.rsplit("/", 1)[-1]
+        sent = [value for key, value in details.invocation_metadata if key == "authorization"]
+        with self.fake.lock:
+            self.fake.calls.append((method, sent))
+        handler = continuation(details)
+        refusal = self._refusal(method, sent)
+        if method == self.fake.revoke_after:
+            self.fake.secrets = {}
+        if refusal is None:
+            return handler
+
+        def deny(request: Any, context: Any) -> Any:
+            context.abort(*refusal)
+
+        make = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            deny,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _refusal(self, method: str, sent: list[str]) -> tuple[grpc.StatusCode, str] | None:
+        if self.fake.secrets is None:
+            return None
+        if not sent:
+            return (
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this call needs an API token: give it in HITLESS_TOKEN or a --token-file",
+            )
+        role = self.fake.secrets.get(sent[0].removeprefix("Bearer "))
+        if role is None:
+            return (grpc.StatusCode.UNAUTHENTICATED, "unknown API token")
+        needed = "admin" if method in ADMIN_METHODS else "viewer"
+        if ROLE_RANK[role] < ROLE_RANK[needed]:
+            reason = f"{method} needs the {needed} role; this token has the {role} role"
+            return grpc.StatusCode.PERMISSION_DENIED, reason
+        return None
+
+
 @pytest.fixture
 def fake() -> FakeController:
     return FakeController()
@@ -389,7 +491,7 @@ def keys_dir(tmp_path: Path, fake: FakeController) -> Path:
 
 @pytest.fixture
 def addr(fake: FakeController) -> Iterator[str]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[_Gate(fake)])
     controller_pb2_grpc.add_ControllerServicer_to_server(fake, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -400,16 +502,21 @@ def addr(fake: FakeController) -> Iterator[str]:
 
 
 def cli(
-    addr: str, *args: str, stdin: io.StringIO | None = None, call_timeout: float = 10.0
+    addr: str,
+    *args: str,
+    stdin: io.StringIO | None = None,
+    call_timeout: float = 10.0,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str, str]:
     """Run upgradectl's real entry point against ``addr``; exit code, stdout, stderr.
 
-    Standard input is not a terminal unless the test passes one (``_Terminal``).
+    Standard input is not a terminal unless the test passes one (``_Terminal``). The
+    environment is ``env`` alone (default: empty), never the test process's.
     """
     out, err = io.StringIO(), io.StringIO()
     code = run(
         ["--controller", addr, *args],
-        env={},
+        env=env or {},
         out=out,
         err=err,
         retry=FAST_RETRY,
@@ -1311,6 +1418,14 @@ def _hostile(fake: FakeController) -> None:
     ]
     fake.admins = [NASTY]
     fake.feed = [_release("1.3.0", notes=NASTY)]
+    fake.tokens = [
+        controller_pb2.Token(name=NASTY, role=NASTY, created_at=_ts(), created_by=NASTY)
+    ]
+    fake.audit = [
+        controller_pb2.AuditEvent(
+            seq=1, at=_ts(), actor=NASTY, peer=NASTY, action=NASTY, detail=NASTY, outcome=NASTY
+        )
+    ]
 
 
 @pytest.mark.parametrize(
@@ -1322,6 +1437,8 @@ def _hostile(fake: FakeController) -> None:
         ["jobs", "list"],
         ["jobs", "rejected"],
         ["admins", "list"],
+        ["tokens", "list"],
+        ["audit"],
         ["status"],
         ["status", "--watch"],
         ["upgrade", "--latest", "--yes"],
@@ -1347,6 +1464,8 @@ def test_text_from_the_controller_is_shown_escaped(
         (["jobs", "list"], lambda d: d[0]["gateways"][0]["error"]),
         (["jobs", "rejected"], lambda d: d[0]["body"]),
         (["admins", "list"], lambda d: d[0]["email"]),
+        (["tokens", "list"], lambda d: d[0]["created_by"]),
+        (["audit"], lambda d: d[0]["detail"]),
         (["status"], lambda d: d["job_id"]),
     ],
 )
@@ -1946,3 +2065,523 @@ def test_signed_releases_end_to_end_with_the_real_controller(fleet: Fleet) -> No
         "1.4.0": "SIGNED",
         "1.3.0": "YANKED",
     }
+
+
+# --- Operator authentication: the token sent, refusals, tokens and the audit log ----------
+
+
+def _auth(fake: FakeController) -> list[list[str]]:
+    """The authorization values each call to the fake carried, in order."""
+    return [sent for _, sent in fake.calls]
+
+
+def _token_file(tmp_path: Path, text: str, name: str = "token") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="ascii")
+    path.chmod(0o600)
+    return str(path)
+
+
+def test_the_token_comes_from_hitless_token(addr: str, fake: FakeController) -> None:
+    code, _, err = cli(addr, "gateways", "list", env={"HITLESS_TOKEN": "s3cret"})
+    assert (code, err) == (ExitCode.OK, "")
+    assert fake.calls == [("ListGateways", ["Bearer s3cret"])]
+
+
+def test_the_token_comes_from_token_file_with_whitespace_ignored(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    path = _token_file(tmp_path, "  \n s3cret\t\r\n\n")
+    code, _, err = cli(addr, "--token-file", path, "gateways", "list")
+    assert (code, err) == (ExitCode.OK, "")
+    assert _auth(fake) == [["Bearer s3cret"]]
+
+
+def test_the_token_comes_from_hitless_token_file(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    path = _token_file(tmp_path, "s3cret\n")
+    code, _, err = cli(addr, "gateways", "list", env={"HITLESS_TOKEN_FILE": path})
+    assert (code, err) == (ExitCode.OK, "")
+    assert _auth(fake) == [["Bearer s3cret"]]
+
+
+@pytest.mark.parametrize(
+    ("env_token", "flag_file", "env_file", "sent"),
+    [
+        ("from-env", "flag", "envfile", "from-env"),
+        ("from-env", "missing", "missing", "from-env"),  # a file not needed is not read
+        ("", "flag", "envfile", "from-flag"),  # empty counts as not set
+        (None, "flag", "envfile", "from-flag"),
+        (None, None, "envfile", "from-env-file"),
+    ],
+)
+def test_token_precedence(
+    addr: str,
+    fake: FakeController,
+    tmp_path: Path,
+    env_token: str | None,
+    flag_file: str | None,
+    env_file: str | None,
+    sent: str,
+) -> None:
+    files = {
+        "flag": _token_file(tmp_path, "from-flag", "flag"),
+        "envfile": _token_file(tmp_path, "from-env-file", "envfile"),
+        "missing": str(tmp_path / "missing"),
+    }
+    env = {} if env_token is None else {"HITLESS_TOKEN": env_token}
+    if env_file:
+        env["HITLESS_TOKEN_FILE"] = files[env_file]
+    flags = ["--token-file", files[flag_file]] if flag_file else []
+    code, _, err = cli(addr, *flags, "gateways", "list", env=env)
+    assert (code, err) == (ExitCode.OK, "")
+    assert _auth(fake) == [[f"Bearer {sent}"]]
+
+
+def test_no_token_sends_none(addr: str, fake: FakeController) -> None:
+    assert ok(addr, "gateways", "list")
+    assert fake.calls == [("ListGateways", [])]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (None, "cannot read the token file {path} (--token-file): No such file or directory"),
+        ("dir", "cannot read the token file {path} (--token-file): Is a directory"),
+        (" \n", "the file {path} (--token-file) is empty: it should hold the secret"),
+        ("two words", "the file {path} (--token-file) does not hold a token: a token is one"),
+        ("x" * 5000, "the token file {path} (--token-file) is larger than 4096 bytes"),
+        ("caf\u00e9", "the file {path} (--token-file) does not hold a token"),
+    ],
+)
+def test_a_token_file_that_cannot_be_used_is_a_usage_error_naming_it(
+    addr: str, fake: FakeController, tmp_path: Path, content: str | None, expected: str
+) -> None:
+    path = tmp_path / "token"
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content, encoding="utf-8")
+    code, out, err = cli(addr, "--token-file", str(path), "gateways", "list")
+    assert (code, out) == (ExitCode.USAGE, "")
+    assert err.startswith("upgradectl: error: " + expected.format(path=path)), err
+    assert "two words" not in err and "café" not in err  # a secret is never shown
+    assert fake.calls == []  # nothing was sent without the token asked for
+
+
+def test_an_unreadable_token_file_named_by_the_environment_says_so(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    path = tmp_path / "token"
+    code, _, err = cli(addr, "gateways", "list", env={"HITLESS_TOKEN_FILE": str(path)})
+    assert code == ExitCode.USAGE
+    assert err == (
+        f"upgradectl: error: cannot read the token file {path} (HITLESS_TOKEN_FILE): "
+        "No such file or directory\n"
+    )
+    code, _, err = cli(addr, "gateways", "list", env={"HITLESS_TOKEN": "has space"})
+    assert code == ExitCode.USAGE
+    assert err.startswith("upgradectl: error: HITLESS_TOKEN does not hold a token")
+    assert "has space" not in err
+    assert fake.calls == []
+
+
+def test_commands_that_need_no_controller_never_read_the_token_file(tmp_path: Path) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    missing = str(tmp_path / "missing")
+    argv = ["--token-file", missing, "releases", "build", "--version", "1.3.0", "-o",
+            str(tmp_path / "a.pyz")]  # fmt: skip
+    assert run(argv, env={}, out=out, err=err) == ExitCode.OK, err.getvalue()
+
+
+def test_the_token_is_sent_on_unary_and_streaming_calls(
+    addr: str, fake: FakeController, tmp_path: Path, keys_dir: Path
+) -> None:
+    fake.secrets = {"s3cret": "admin"}
+    env = {"HITLESS_TOKEN": "s3cret"}
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.cut_watch_after = 2  # the reopened watch stream carries it too
+    code, _, err = cli(addr, "upgrade", "--latest", "--wait", env=env)
+    assert (code, err) == (ExitCode.OK, "")
+    artifact = _artifact(tmp_path, "1.3.0")
+    code, _, err = cli(addr, "releases", "publish", "--version", "1.3.0", "--artifact",
+                       str(artifact), "--keys", str(keys_dir), env=env)  # fmt: skip
+    assert (code, err) == (ExitCode.OK, "")
+    methods = [method for method, _ in fake.calls]
+    assert methods == ["PlanUpgrade", "StartUpgrade", "WatchJob", "WatchJob", "GetJob",
+                       "GetTargetsMetadata", "PublishRelease"]  # fmt: skip
+    assert all(sent == ["Bearer s3cret"] for sent in _auth(fake)), fake.calls
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "expected"),
+    [
+        (
+            {},
+            ["gateways", "list"],
+            [
+                "upgradectl: error: the controller refused the credentials: this call needs an "
+                "API token: give it in HITLESS_TOKEN or a --token-file"
+            ],
+        ),
+        (
+            {"HITLESS_TOKEN": "stale"},
+            ["gateways", "list"],
+            [
+                "upgradectl: error: the controller refused the credentials: unknown API token",
+                "the token sent came from HITLESS_TOKEN",
+            ],
+        ),
+        (
+            {"HITLESS_TOKEN": "viewer-secret"},
+            ["audit"],
+            [
+                "upgradectl: error: the controller refused the credentials: ListAudit needs the "
+                "admin role; this token has the viewer role",
+                "the token sent came from HITLESS_TOKEN",
+            ],
+        ),
+        (
+            # CreateToken, once sent, is Unconfirmed on failures; a refusal is not one.
+            {"HITLESS_TOKEN": "viewer-secret"},
+            ["tokens", "create", "--role", "admin", "--name", "ci"],
+            [
+                "upgradectl: error: the controller refused the credentials: CreateToken needs "
+                "the admin role; this token has the viewer role",
+                "the token sent came from HITLESS_TOKEN",
+            ],
+        ),
+    ],
+)
+def test_refused_credentials_exit_4_with_the_controllers_words(
+    addr: str, fake: FakeController, env: dict[str, str], args: list[str], expected: list[str]
+) -> None:
+    fake.secrets = {"viewer-secret": "viewer"}
+    code, out, err = cli(addr, *args, env=env)
+    assert (code, out) == (ExitCode.REJECTED, "")
+    assert err.splitlines() == expected
+    assert len(fake.calls) == 1  # refused credentials are not retried
+
+
+def test_refused_credentials_name_the_token_file(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    fake.secrets = {"good": "admin"}
+    path = _token_file(tmp_path, "revoked\n")
+    code, _, err = cli(addr, "--token-file", path, "tokens", "list")
+    assert code == ExitCode.REJECTED
+    assert err.splitlines()[1] == f"the token sent came from the file {path} (--token-file)"
+
+
+def test_refused_credentials_mid_watch_say_the_job_goes_on(addr: str, fake: FakeController) -> None:
+    """An operator token may start a job and then, expired or revoked, lose the watch."""
+    fake.secrets = {"s3cret": "operator"}
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.cut_watch_after = 1  # the watch is reopened, by then without a valid token
+    fake.revoke_after = "WatchJob"
+    code, out, err = cli(addr, "upgrade", "--latest", "--wait", env={"HITLESS_TOKEN": "s3cret"})
+    assert code == ExitCode.REJECTED
+    assert "watching job job-1" in out
+    assert err.splitlines() == [
+        "upgradectl: error: job job-1 was started and goes on in the controller, but following "
+        "it failed: the controller refused the credentials: unknown API token",
+        "the token sent came from HITLESS_TOKEN",
+        "follow it again with: upgradectl status job-1 --watch",
+    ]
+    assert [method for method, _ in fake.calls][-2:] == ["WatchJob", "WatchJob"]
+
+
+def test_tokens_create_prints_the_secret_once_with_a_warning(
+    addr: str, fake: FakeController
+) -> None:
+    out = ok(addr, "tokens", "create", "--role", "operator", "--name", "ci-deploy",
+             "--expires", "90d")  # fmt: skip
+    (request,) = fake.token_requests
+    assert (request.name, request.role, request.expires_seconds) == (
+        "ci-deploy",
+        "operator",
+        90 * 86400,
+    )
+    lines = out.splitlines()
+    assert lines[:4] == [
+        "created token ci-deploy: role operator, expires 2025-05-30 12:00 UTC",
+        "",
+        f"    {SECRET}",
+        "",
+    ]
+    assert out.count(SECRET) == 1
+    assert "not shown again" in lines[4]
+    assert "--token-file FILE" in out and "HITLESS_TOKEN_FILE=FILE" in out
+    assert "HITLESS_TOKEN." in out
+
+
+def test_tokens_create_json_keeps_the_warning_on_stderr(addr: str, fake: FakeController) -> None:
+    code, out, err = cli(addr, "tokens", "create", "--role", "viewer", "--name", "dash", "--json")
+    assert code == ExitCode.OK
+    assert json.loads(out) == {
+        "name": "dash",
+        "role": "viewer",
+        "token": SECRET,
+        "expires_at": None,
+    }
+    assert fake.token_requests[0].expires_seconds == 0  # never expires
+    assert "not shown again" in err and SECRET not in err
+
+
+@pytest.mark.parametrize(
+    ("expires", "seconds"), [("12h", 43200), ("30m", 1800), ("3600s", 3600), ("3650d", 315360000)]
+)
+def test_tokens_create_expiry_units(
+    addr: str, fake: FakeController, expires: str, seconds: int
+) -> None:
+    ok(addr, "tokens", "create", "--role", "admin", "--name", "t", "--expires", expires)
+    assert fake.token_requests[0].expires_seconds == seconds
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--expires", "90"], "argument --expires: expected a duration: a whole number and a "
+                              "unit, s, m, h or d (e.g. 90d, 12h, 30m, 3600s), not '90'"),
+        (["--expires", "1w"], "argument --expires: expected a duration: "),
+        (["--expires=-5m"], "argument --expires: expected a duration: "),
+        (["--expires", "1.5h"], "argument --expires: expected a duration: "),
+        (["--expires", "0s"], "argument --expires: expected a duration of at least 1s, not '0s'"),
+        (["--expires", "3651d"], "expected a duration of at most 3650d, not '3651d'"),
+        (["--expires", "9" * 40 + "d"], "not '" + "9" * 40 + "'... (41 characters)"),
+        (["--name", "has space"], "argument --name: expected a token name of 1 to 64 letters"),
+        (["--name", "x" * 65], "argument --name: expected a token name"),
+        (["--role", "root"], "argument --role: invalid choice: 'root'"),
+    ],
+)
+def test_tokens_create_usage_errors(
+    addr: str, fake: FakeController, args: list[str], expected: str
+) -> None:
+    defaults = {"--role": "viewer", "--name": "ci"}
+    for flag, value in defaults.items():
+        if flag not in args:
+            args = [*args, flag, value]
+    code, out, err = cli(addr, "tokens", "create", *args)
+    assert (code, out) == (ExitCode.USAGE, "")
+    assert expected in err, err
+    assert fake.calls == []
+
+
+def test_tokens_create_unanswered_is_unconfirmed_and_not_retried(
+    addr: str, fake: FakeController
+) -> None:
+    fake.unavailable["CreateToken"] = 1
+    code, out, err = cli(addr, "tokens", "create", "--role", "viewer", "--name", "ci")
+    assert (code, out) == (ExitCode.UNCONFIRMED, "")
+    assert len(fake.token_requests) == 1
+    assert err.splitlines() == [
+        f"upgradectl: error: the controller at {addr} did not answer CreateToken (UNAVAILABLE: "
+        "controller is restarting); the token ci may have been created, its secret lost with "
+        "the answer",
+        "  to look: 'upgradectl tokens list'",
+        "  if it is listed: 'upgradectl tokens revoke ci', then create a token under another "
+        "name",
+    ]
+
+
+def test_tokens_list_table_and_json(addr: str, fake: FakeController) -> None:
+    ok(addr, "tokens", "create", "--role", "admin", "--name", "root-2")
+    ok(addr, "tokens", "create", "--role", "viewer", "--name", "old", "--expires", "1d")
+    ok(addr, "tokens", "revoke", "old")
+    fake.tokens.append(controller_pb2.Token(name="bootstrap", role="admin", created_at=_ts()))
+    assert json.loads(ok(addr, "tokens", "list", "--json")) == [
+        {
+            "name": "root-2",
+            "role": "admin",
+            "created_at": "2025-03-01T12:00:00Z",
+            "expires_at": None,
+            "revoked_at": None,
+            "created_by": "token:root",
+        },
+        {
+            "name": "old",
+            "role": "viewer",
+            "created_at": "2025-03-01T12:00:00Z",
+            "expires_at": "2025-03-02T12:00:00Z",
+            "revoked_at": "2025-03-01T13:00:00Z",
+            "created_by": "token:root",
+        },
+        {
+            "name": "bootstrap",
+            "role": "admin",
+            "created_at": "2025-03-01T12:00:00Z",
+            "expires_at": None,
+            "revoked_at": None,
+            "created_by": "",
+        },
+    ]
+    assert ok(addr, "tokens", "list").splitlines() == [
+        "NAME       ROLE    CREATED               EXPIRES                         "
+        "REVOKED               BY",
+        "root-2     admin   2025-03-01 12:00 UTC  never                           "
+        "-                     token:root",
+        "old        viewer  2025-03-01 12:00 UTC  2025-03-02 12:00 UTC (expired)  "
+        "2025-03-01 13:00 UTC  token:root",
+        "bootstrap  admin   2025-03-01 12:00 UTC  never                           "
+        "-                     -",
+    ]
+    fake.tokens = []
+    assert ok(addr, "tokens", "list") == (
+        "no API tokens yet (upgradectl tokens create --role ROLE --name NAME)\n"
+    )
+
+
+def test_tokens_revoke(addr: str, fake: FakeController) -> None:
+    ok(addr, "tokens", "create", "--role", "operator", "--name", "ci.deploy_1")
+    assert ok(addr, "tokens", "revoke", "ci.deploy_1") == (
+        "revoked token ci.deploy_1 (role operator) at 2025-03-01 13:00 UTC: the controller "
+        "refuses it from now on\n"
+    )
+    assert fake.token_requests[-1].name == "ci.deploy_1"
+    code, _, err = cli(addr, "tokens", "revoke", "nope")
+    assert (code, err) == (ExitCode.REJECTED, "upgradectl: error: no token named nope\n")
+    calls = len(fake.calls)
+    code, _, err = cli(addr, "tokens", "revoke", "no/slash")
+    assert code == ExitCode.USAGE
+    assert "argument NAME: expected a token name of 1 to 64 letters" in err
+    assert len(fake.calls) == calls
+
+
+def _audit_events() -> list[Any]:
+    return [
+        controller_pb2.AuditEvent(
+            seq=3, at=_ts(7205), actor="token:ci", peer="ipv4:10.0.0.9:51234",
+            action="StartUpgrade", detail="version=1.2.0 gateways=gw-1,gw-2",
+            outcome="PERMISSION_DENIED: StartUpgrade needs the operator role",
+        ),
+        controller_pb2.AuditEvent(
+            seq=2, at=_ts(3600), actor="token:root", peer="ipv4:127.0.0.1:40000",
+            action="CreateToken", detail="name=ci role=viewer", outcome="OK",
+        ),
+        controller_pb2.AuditEvent(
+            seq=1, at=_ts(), actor="controller", action="SyncReleases", outcome="OK",
+        ),
+    ]  # fmt: skip
+
+
+def test_audit_table_and_json_newest_first(addr: str, fake: FakeController) -> None:
+    fake.audit = _audit_events()
+    data = json.loads(ok(addr, "audit", "--json"))
+    assert [e["seq"] for e in data] == [3, 2, 1]
+    assert data[0] == {
+        "seq": 3,
+        "at": "2025-03-01T14:00:05Z",
+        "actor": "token:ci",
+        "peer": "ipv4:10.0.0.9:51234",
+        "action": "StartUpgrade",
+        "detail": "version=1.2.0 gateways=gw-1,gw-2",
+        "outcome": "PERMISSION_DENIED: StartUpgrade needs the operator role",
+    }
+    assert data[2]["peer"] == "" and data[2]["detail"] == ""
+    assert not fake.audit_requests[0].HasField("since")
+    lines = ok(addr, "audit").splitlines()
+    assert [re.split(" {2,}", line) for line in lines] == [
+        ["SEQ", "AT", "ACTOR", "PEER", "ACTION", "DETAIL", "OUTCOME"],
+        ["3", "2025-03-01 14:00:05 UTC", "token:ci", "ipv4:10.0.0.9:51234", "StartUpgrade",
+         "version=1.2.0 gateways=gw-1,gw-2",
+         "PERMISSION_DENIED: StartUpgrade needs the operator role"],
+        ["2", "2025-03-01 13:00:00 UTC", "token:root", "ipv4:127.0.0.1:40000", "CreateToken",
+         "name=ci role=viewer", "OK"],
+        ["1", "2025-03-01 12:00:00 UTC", "controller", "-", "SyncReleases", "-", "OK"],
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("since", "expected"),
+    [
+        ("2025-03-01T13:00:00Z", "2025-03-01T13:00:00+00:00"),
+        ("2025-03-01T15:00:00+02:00", "2025-03-01T13:00:00+00:00"),
+        ("2025-03-01T13:00", "2025-03-01T13:00:00+00:00"),  # UTC unless it names an offset
+        ("2025-03-01 13:00:00 UTC", "2025-03-01T13:00:00+00:00"),  # as the table shows it
+        ("2025-03-02", "2025-03-02T00:00:00+00:00"),
+    ],
+)
+def test_audit_since_a_time(addr: str, fake: FakeController, since: str, expected: str) -> None:
+    fake.audit = _audit_events()
+    data = json.loads(ok(addr, "audit", "--since", since, "--json"))
+    (request,) = fake.audit_requests
+    assert request.since.ToDatetime(tzinfo=UTC).isoformat() == expected
+    at = datetime.fromisoformat(expected)
+    assert [e["seq"] for e in data] == [
+        e.seq for e in _audit_events() if e.at.ToDatetime(tzinfo=UTC) >= at
+    ]
+
+
+@pytest.mark.parametrize(("since", "back"), [("2h", 7200), ("7d", 7 * 86400), ("90s", 90)])
+def test_audit_since_a_duration_back_from_now(
+    addr: str, fake: FakeController, since: str, back: int
+) -> None:
+    before = datetime.now(UTC).timestamp()
+    ok(addr, "audit", "--since", since)
+    after = datetime.now(UTC).timestamp()
+    (request,) = fake.audit_requests
+    sent = request.since.ToDatetime(tzinfo=UTC).timestamp()
+    assert before - back <= sent <= after - back
+
+
+def test_audit_with_nothing_since_says_so(addr: str, fake: FakeController) -> None:
+    fake.audit = _audit_events()
+    assert ok(addr, "audit", "--since", "2025-03-02T00:00:00Z") == (
+        "no audit events since 2025-03-02 00:00:00 UTC\n"
+    )
+    fake.audit = []
+    assert ok(addr, "audit") == "no audit events\n"
+
+
+@pytest.mark.parametrize(
+    ("since", "expected"),
+    [
+        ("yesterday", "argument --since: expected a time, ISO 8601 (e.g. 2025-03-01T12:00:00Z; "
+                      "UTC unless it names an offset), or a duration back from now, a whole "
+                      "number and a unit, s, m, h or d (e.g. 90d, 12h, 30m, 3600s), not "
+                      "'yesterday'"),
+        ("2025-13-01", "argument --since: expected a time, ISO 8601"),
+        ("2h30m", "argument --since: expected a time, ISO 8601"),
+        ("0h", "argument --since: expected a duration of at least 1s, not '0h'"),
+        ("99999d", "argument --since: expected a duration of at most 3650d, not '99999d'"),
+    ],
+)
+def test_audit_since_usage_errors(
+    addr: str, fake: FakeController, since: str, expected: str
+) -> None:
+    code, out, err = cli(addr, "audit", f"--since={since}")
+    assert (code, out) == (ExitCode.USAGE, "")
+    assert expected in err, err
+    assert fake.calls == []
+
+
+def test_retry_commands_name_the_token_file_never_the_secret(
+    addr: str, fake: FakeController, tmp_path: Path
+) -> None:
+    path = _token_file(tmp_path, SECRET)
+    fake.unavailable["StartUpgrade"] = 1000
+    code, _, err = cli(addr, "--token-file", path, "upgrade", "--version", "1.2.0",
+                       "--allow-downgrade")  # fmt: skip
+    assert code == ExitCode.UNCONFIRMED
+    assert _retry_argv(err)[:5] == ["upgradectl", "--controller", addr, "--token-file", path]
+    assert SECRET not in err
+    assert all(sent == [f"Bearer {SECRET}"] for sent in _auth(fake))
+
+
+def _parser_actions(parser: argparse.ArgumentParser, path: str = "upgradectl") -> Iterator[Any]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _parser_actions(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction):
+            yield path, action
+
+
+def test_every_flag_has_help() -> None:
+    missing = [
+        f"{path} {'/'.join(action.option_strings) or action.dest}"
+        for path, action in _parser_actions(_build_parser())
+        if not action.help
+    ]
+    assert missing == []

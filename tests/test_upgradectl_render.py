@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from upgradectl import render
 from upgradectl.model import (
+    AuditEvent,
+    CreatedToken,
     GatewayInfo,
     GatewayProgress,
     JobEvent,
@@ -18,6 +22,7 @@ from upgradectl.model import (
     RoleKey,
     Rotation,
     TargetsChange,
+    TokenInfo,
 )
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -290,3 +295,92 @@ def test_yank_and_rotation_lines() -> None:
         "it took targets version 9 with it, re-signed with the new targets key",
     ]
     assert len(render.rotation_lines(Rotation(3, ("command",), None), "/k")) == 2
+
+
+# --- API tokens and the audit log ------------------------------------------------------------
+
+
+TOKEN = TokenInfo("ci", "operator", NOW - timedelta(days=1), None, None, "token:root")
+
+
+def _token(name: str, **changes: Any) -> TokenInfo:
+    return dataclasses.replace(TOKEN, name=name, **changes)
+
+
+def test_tokens_table_marks_expired_and_revoked() -> None:
+    tokens = [
+        _token("ci", expires_at=NOW + timedelta(days=89)),
+        _token("old", role="viewer", expires_at=NOW - timedelta(seconds=1)),
+        _token("gone", role="admin", revoked_at=NOW, created_by=""),
+    ]
+    assert render.tokens_table(tokens, NOW) == [
+        "NAME  ROLE      CREATED               EXPIRES                         REVOKED"
+        "               BY",
+        "ci    operator  2025-02-28 12:00 UTC  2025-05-29 12:00 UTC            -"
+        "                     token:root",
+        "old   viewer    2025-02-28 12:00 UTC  2025-03-01 11:59 UTC (expired)  -"
+        "                     token:root",
+        "gone  admin     2025-02-28 12:00 UTC  never                           2025-03-01 12:00 UTC"
+        "  -",
+    ]
+    assert render.tokens_table([], NOW) == [
+        "no API tokens yet (upgradectl tokens create --role ROLE --name NAME)"
+    ]
+
+
+def test_tokens_table_escapes_hostile_names_and_stays_aligned() -> None:
+    tokens = [
+        _token(HOSTILE, role=HOSTILE, created_by=HOSTILE + "\nforged row"),
+        _token("ci", role="admin", created_by="token:root"),
+    ]
+    header, hostile, plain = render.tokens_table(tokens, NOW)
+    for line in (header, hostile, plain):
+        assert _harmless(line), line
+    assert hostile.startswith("\\x1b[2J\\x1b[8mhidden")
+    assert hostile.endswith("\\u2028end\\nforged row")  # one row, newline shown
+    assert plain.index("admin") == header.index("ROLE")
+    assert plain.index("token:root") == header.index("BY")
+
+
+def test_audit_table_escapes_every_field_and_keeps_one_row_per_event() -> None:
+    events = [
+        AuditEvent(2, NOW + timedelta(seconds=7), HOSTILE, HOSTILE, HOSTILE,
+                   "version=1.2.0\r\nOK", HOSTILE),
+        AuditEvent(1, NOW, "token:ci", "", "CreateToken", "", "OK"),
+    ]  # fmt: skip
+    header, hostile, plain = render.audit_table(events)
+    assert header.split() == ["SEQ", "AT", "ACTOR", "PEER", "ACTION", "DETAIL", "OUTCOME"]
+    for line in (header, hostile, plain):
+        assert _harmless(line), line
+    assert hostile.startswith("2    2025-03-01 12:00:07 UTC  \\x1b[2J\\x1b[8mhidden")
+    assert "version=1.2.0\\r\\nOK" in hostile
+    assert plain.index("token:ci") == header.index("ACTOR")
+    assert plain.index("CreateToken") == header.index("ACTION")
+    assert plain.index("OK") == header.index("OUTCOME")
+    assert plain.split() == ["1", "2025-03-01", "12:00:00", "UTC", "token:ci", "-",
+                             "CreateToken", "-", "OK"]  # fmt: skip
+    assert render.audit_table([]) == ["no audit events"]
+    assert render.audit_table([], NOW) == ["no audit events since 2025-03-01 12:00:00 UTC"]
+
+
+def test_created_token_lines_show_the_secret_once_and_how_to_use_it() -> None:
+    created = CreatedToken(_token("ci", expires_at=NOW + timedelta(days=90)), "hlt_s3cret")
+    lines = render.created_token_lines(created)
+    assert lines[:4] == [
+        "created token ci: role operator, expires 2025-05-30 12:00 UTC",
+        "",
+        "    hlt_s3cret",
+        "",
+    ]
+    assert lines[4:] == render.secret_warning()
+    assert sum(line.count("hlt_s3cret") for line in lines) == 1
+    assert "hlt_s3cret" not in repr(created)
+    never = render.created_token_lines(CreatedToken(_token("ci"), "x"))
+    assert never[0] == "created token ci: role operator, never expires"
+
+
+def test_revoked_token_lines() -> None:
+    assert render.revoked_token_lines(_token("ci", revoked_at=NOW)) == [
+        "revoked token ci (role operator) at 2025-03-01 12:00 UTC: the controller refuses it "
+        "from now on"
+    ]

@@ -99,7 +99,7 @@ def test_a_lost_answer_names_the_request_and_its_retry_starts_no_second_job(
     with _no_job_can_be_written(db_url):
         code = run(
             ["--controller", fleet.controller_address, "upgrade", "--version", TARGET, "--json"],
-            env={},
+            env={"HITLESS_TOKEN": fleet.token},
             out=out,
             err=err,
             stdin=io.StringIO(),

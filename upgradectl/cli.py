@@ -1,6 +1,6 @@
 """``upgradectl``: the operator's command line over the controller's gRPC API.
 
-    upgradectl [--controller HOST:PORT] gateways list [--json]
+    upgradectl [--controller HOST:PORT] [--token-file FILE] gateways list [--json]
     upgradectl keys init --dir DIR
     upgradectl keys rotate --dir DIR (--roles ROLE,... | --resend)
     upgradectl releases list [--json]
@@ -15,10 +15,21 @@
     upgradectl jobs list [--json]
     upgradectl jobs rejected [--json]
     upgradectl admins (add EMAIL | remove EMAIL | list [--json])
+    upgradectl tokens create --role viewer|operator|admin --name NAME [--expires D] [--json]
+    upgradectl tokens list [--json]
+    upgradectl tokens revoke NAME
+    upgradectl audit [--since T] [--json]
 
 The controller is ``--controller``, else ``$HITLESS_CONTROLLER``, else 127.0.0.1:50051;
 this module is the only place that reads flags and the environment. Expected failures print
 ``upgradectl: error: <message>`` and exit with a code named in ``upgradectl.errors.ExitCode``.
+
+Every call carries the operator's API token: ``$HITLESS_TOKEN``, else the file named by
+``--token-file`` or ``$HITLESS_TOKEN_FILE`` (``upgradectl.credentials``; never a flag holding
+the secret, which ``ps`` would show). The file is read when a command first needs the
+controller, so commands that work offline (``keys init``, ``releases build``) never read
+it. The controller's refusal of the token (UNAUTHENTICATED) or of its role
+(PERMISSION_DENIED) exits 4 with its words after "the controller refused the credentials".
 
 ``upgrade`` shows the controller's plan (release, notes, each gateway's change) before it
 starts anything, and gets the operator's consent through ``upgradectl.confirm``; so does
@@ -47,7 +58,7 @@ import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -55,12 +66,14 @@ from hitless import names
 from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
 from hitless.errors import HitlessError, InvalidName
 from hitless.trust.keys import ROLES
-from upgradectl import render, signing
+from upgradectl import credentials, durations, render, signing
 from upgradectl.build import build_release
 from upgradectl.client import ControllerClient, RetryPolicy
 from upgradectl.confirm import Terminal, agree, confirm
+from upgradectl.credentials import ENV_TOKEN, ENV_TOKEN_FILE
 from upgradectl.errors import (
     ControllerFailed,
+    CredentialsRefused,
     ExitCode,
     JobNotSucceeded,
     Rejected,
@@ -78,6 +91,10 @@ MAX_DEADLINE_S = int(names.MAX_DEADLINE.total_seconds())
 # '-' only: ids of management jobs are "management:<message id>", so a typed id never
 # collides with one, and a printed id is safe to paste into a shell.
 REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# The controller's rule for token names (proto CreateTokenRequest.name), checked here too so
+# a typo is a usage error before anything is sent.
+TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+TOKEN_ROLES = ("viewer", "operator", "admin")
 
 
 class _ArgumentError(Exception):
@@ -162,7 +179,12 @@ def run(
         )
 
         def connect() -> ControllerClient:
-            return ControllerClient(controller, call_timeout, retry=retry)
+            caller = credentials.load(
+                token=env.get(ENV_TOKEN),
+                token_file=args.token_file,
+                env_token_file=env.get(ENV_TOKEN_FILE),
+            )
+            return ControllerClient(controller, call_timeout, credentials=caller, retry=retry)
 
         handler: Callable[[_Context], ExitCode] = args.handler
         return int(handler(_Context(args, out, err, stdin, connect)))
@@ -184,6 +206,13 @@ def _build_parser() -> _Parser:
         metavar="HOST:PORT",
         help=f"the controller's gRPC address (default: ${ENV_CONTROLLER}, "
         f"else {DEFAULT_CONTROLLER})",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"a file holding the API token to send, as 'tokens create' printed it "
+        f"(default: ${ENV_TOKEN_FILE}); ${ENV_TOKEN}, when set, is sent instead. The secret "
+        "itself is never a flag: command lines are visible to every user (ps)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -342,7 +371,9 @@ def _build_parser() -> _Parser:
     upgrade.set_defaults(handler=_upgrade)
 
     status = commands.add_parser("status", help="show a job (default: the most recent)")
-    status.add_argument("job", nargs="?", default="", metavar="JOB")
+    status.add_argument(
+        "job", nargs="?", default="", metavar="JOB", help="the job's id (default: the most recent)"
+    )
     status.add_argument("--watch", action="store_true", help="follow the job until it ends")
     status.add_argument("--json", action="store_true", help="print JSON for machines")
     status.set_defaults(handler=_status)
@@ -361,14 +392,77 @@ def _build_parser() -> _Parser:
     admins = commands.add_parser("admins", help="who the notifier emails")
     admins_sub = admins.add_subparsers(dest="action", required=True, metavar="ACTION")
     admin_add = admins_sub.add_parser("add", help="email this address too")
-    admin_add.add_argument("email", metavar="EMAIL")
+    admin_add.add_argument("email", metavar="EMAIL", help="the address, e.g. ops@example.com")
     admin_add.set_defaults(handler=_admins_add)
     admin_remove = admins_sub.add_parser("remove", help="stop emailing this address")
-    admin_remove.add_argument("email", metavar="EMAIL")
+    admin_remove.add_argument("email", metavar="EMAIL", help="the address, as 'admins list' shows")
     admin_remove.set_defaults(handler=_admins_remove)
     admin_list = admins_sub.add_parser("list", help="list the admins")
     admin_list.add_argument("--json", action="store_true", help="print JSON for machines")
     admin_list.set_defaults(handler=_admins_list)
+
+    tokens = commands.add_parser(
+        "tokens", help="operators' API tokens and their roles (needs the admin role)"
+    )
+    tokens_sub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tok_create = tokens_sub.add_parser(
+        "create", help="create a token; its secret is printed this once and never again"
+    )
+    tok_create.add_argument(
+        "--role",
+        required=True,
+        choices=TOKEN_ROLES,
+        help="viewer: read only; operator: also plan, start and watch upgrades; "
+        "admin: everything, tokens and the audit log included",
+    )
+    tok_create.add_argument(
+        "--name",
+        required=True,
+        type=_token_name,
+        metavar="NAME",
+        help="the token's name, e.g. ci-deploy: 1 to 64 letters, digits, '.', '_' or '-'; "
+        "the audit log shows it as the actor (token:NAME)",
+    )
+    tok_create.add_argument(
+        "--expires",
+        type=_duration,
+        metavar="D",
+        help="the token stops working this long from now: a whole number and a unit, s, m, "
+        f"h or d, e.g. 90d, 12h, 30m, 3600s; at most {durations.MAX_DURATION.days}d "
+        "(default: it never expires)",
+    )
+    tok_create.add_argument(
+        "--json",
+        action="store_true",
+        help="print JSON for machines, the secret included (the warning goes to stderr)",
+    )
+    tok_create.set_defaults(handler=_tokens_create)
+    tok_list = tokens_sub.add_parser(
+        "list", help="every token, revoked and expired ones included (never their secrets)"
+    )
+    tok_list.add_argument("--json", action="store_true", help="print JSON for machines")
+    tok_list.set_defaults(handler=_tokens_list)
+    tok_revoke = tokens_sub.add_parser(
+        "revoke", help="revoke a token: the controller refuses it from now on"
+    )
+    tok_revoke.add_argument(
+        "name", type=_token_name, metavar="NAME", help="the token's name, as 'tokens list' shows"
+    )
+    tok_revoke.set_defaults(handler=_tokens_revoke)
+
+    audit = commands.add_parser(
+        "audit", help="who changed what, newest first (needs the admin role)"
+    )
+    audit.add_argument(
+        "--since",
+        type=_since,
+        metavar="T",
+        help="only events from then on: an ISO 8601 time (e.g. 2025-03-01T12:00:00Z; UTC "
+        "unless it names an offset) or a duration back from now (e.g. 2h, 7d) "
+        "(default: as far back as the controller answers)",
+    )
+    audit.add_argument("--json", action="store_true", help="print JSON for machines")
+    audit.set_defaults(handler=_audit)
     return parser
 
 
@@ -404,6 +498,32 @@ def _request_id(text: str) -> str:
             f"upgrade printed), not {text!r}"
         )
     return text
+
+
+def _token_name(text: str) -> str:
+    """A token's name: ``--name`` of ``tokens create``, NAME of ``tokens revoke``."""
+    if not TOKEN_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"expected a token name of 1 to 64 letters, digits, '.', '_' or '-', "
+            f"not {names.shown(text)}"
+        )
+    return text
+
+
+def _duration(text: str) -> timedelta:
+    """An ``--expires``: a duration such as 90d (``upgradectl.durations``)."""
+    try:
+        return durations.duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _since(text: str) -> datetime:
+    """An ``audit --since``: a time, or a duration back from now."""
+    try:
+        return durations.since(text, datetime.now(UTC))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listing(ctx: _Context, json_items: list[Any], lines: Callable[[], list[str]]) -> ExitCode:
@@ -489,10 +609,9 @@ def _keys_init(ctx: _Context) -> ExitCode:
 
 def _keys_rotate(ctx: _Context) -> ExitCode:
     directory: Path = ctx.args.dir
-    argv = [PROG]
-    if ctx.args.controller:
-        argv += ["--controller", ctx.args.controller]
-    resend = shlex.join([*argv, "keys", "rotate", "--dir", str(directory), "--resend"])
+    resend = shlex.join(
+        [*_prog_argv(ctx), "keys", "rotate", "--dir", str(directory), "--resend"]
+    )
     with ctx.connect() as client:
         if ctx.args.resend:
             rotation = signing.send_root(client, directory, resend=resend)
@@ -590,7 +709,7 @@ def _upgrade(ctx: _Context) -> ExitCode:
             return ExitCode.OK
         try:
             job, shown = _follow(ctx, client, job)
-        except (Unreachable, ControllerFailed) as exc:
+        except (Unreachable, ControllerFailed, CredentialsRefused) as exc:
             raise type(exc)(
                 f"job {job.job_id} was started and goes on in the controller, but following "
                 f"it failed: {exc}\nfollow it again with: {PROG} status {job.job_id} --watch"
@@ -603,9 +722,7 @@ def _unconfirmed(
 ) -> str:
     """What to tell an operator whose StartUpgrade went unanswered: how to look, and the
     command that retries it without risking a second job (same request id, same choices)."""
-    argv = [PROG]
-    if ctx.args.controller:
-        argv += ["--controller", ctx.args.controller]
+    argv = _prog_argv(ctx)
     # The version the plan showed, not --latest: a release published since must not slip in.
     argv += ["upgrade", "--version", version]
     if gateway_ids:
@@ -708,6 +825,65 @@ def _admins_list(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         admins = client.list_admins()
     return _listing(ctx, [{"email": a} for a in admins], lambda: render.admins_table(admins))
+
+
+def _tokens_create(ctx: _Context) -> ExitCode:
+    name: str = ctx.args.name
+    expires: timedelta | None = ctx.args.expires
+    with ctx.connect() as client:
+        try:
+            created = client.create_token(
+                name, ctx.args.role, int(expires.total_seconds()) if expires else 0
+            )
+        except Unconfirmed as exc:
+            raise Unconfirmed(
+                f"{exc}; the token {name} may have been created, its secret lost with the "
+                f"answer\n  to look: '{PROG} tokens list'\n  if it is listed: "
+                f"'{PROG} tokens revoke {name}', then create a token under another name"
+            ) from exc
+    if ctx.args.json:
+        ctx.emit_json(created.to_json())
+        ctx.tell(render.secret_warning())
+    else:
+        ctx.emit_lines(render.created_token_lines(created))
+    return ExitCode.OK
+
+
+def _tokens_list(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        tokens = client.list_tokens()
+    return _listing(
+        ctx,
+        [t.to_json() for t in tokens],
+        lambda: render.tokens_table(tokens, datetime.now(UTC)),
+    )
+
+
+def _tokens_revoke(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        token = client.revoke_token(ctx.args.name)
+    ctx.emit_lines(render.revoked_token_lines(token))
+    return ExitCode.OK
+
+
+def _audit(ctx: _Context) -> ExitCode:
+    since: datetime | None = ctx.args.since
+    with ctx.connect() as client:
+        events = client.list_audit(since)
+    return _listing(
+        ctx, [e.to_json() for e in events], lambda: render.audit_table(events, since)
+    )
+
+
+def _prog_argv(ctx: _Context) -> list[str]:
+    """``upgradectl`` with the global flags this run was given, to start a command that
+    reaches the same controller with the same token file (the file, never the secret)."""
+    argv = [PROG]
+    if ctx.args.controller:
+        argv += ["--controller", ctx.args.controller]
+    if ctx.args.token_file:
+        argv += ["--token-file", ctx.args.token_file]
+    return argv
 
 
 def _gateway_ids(text: str | None) -> list[str]:

@@ -10,10 +10,20 @@
 |                                                 | (after retries within the budget)       |
 | NOT_FOUND, INVALID_ARGUMENT, ALREADY_EXISTS,    | Rejected, with the server's details     |
 | FAILED_PRECONDITION                             | verbatim                                |
+| UNAUTHENTICATED, PERMISSION_DENIED              | CredentialsRefused (a Rejected), with   |
+|                                                 | the server's details verbatim after     |
+|                                                 | "the controller refused the credentials"|
 | anything else                                   | ControllerFailed                        |
 
-except for ``StartUpgrade`` and ``RotateRoot``: once sent, any failure but a refusal leaves
-open whether the job was started (the root taken), and is ``Unconfirmed``.
+except for ``StartUpgrade``, ``RotateRoot`` and ``CreateToken``: once sent, any failure but
+a refusal leaves open whether the job was started (the root taken, the token created), and
+is ``Unconfirmed``.
+
+Every call, unary or streaming, carries the caller's API token (``upgradectl.credentials``)
+as the metadata ``authorization: Bearer <secret>``, added in one place: the channel's
+interceptor. Without a token the calls carry none, and the controller's UNAUTHENTICATED
+says what is missing. A refusal of a token sent adds where it came from, so the operator
+knows which one to replace.
 
 The controller upgrades itself by starting a new process on the same port and stopping the
 old one, so a client may meet UNAVAILABLE (or CANCELLED, for a call that arrived as the old
@@ -21,9 +31,12 @@ one stopped) for a moment, and a busy controller answers RESOURCE_EXHAUSTED when
 of concurrent calls is full. Idempotent unary calls are retried
 then, with bounded exponential backoff and jitter; ``StartUpgrade`` counts as idempotent
 because it carries the caller's request id, and adding an admin, checking the release feed
-or publishing the same yanked targets twice changes nothing. ``RotateRoot`` is never retried:
-the controller refuses a root version it already took, which would hide that the first call
-worked. ``watch_job`` resumes after the last sequence number it saw.
+or publishing the same yanked targets twice changes nothing, and revoking a token twice
+leaves it revoked. ``RotateRoot`` is never retried: the controller refuses a root version
+it already took, which would hide that the first call worked; nor is ``CreateToken``, whose
+secret would be lost with a first answer, the retry then refused as a name already taken.
+Refused credentials are never retried. ``watch_job`` resumes after the last sequence number
+it saw.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,20 +54,25 @@ import grpc
 from hitless.config import ENV_CONTROLLER, HostPort
 from hitless.digest import file_sha256
 from hitless.v1 import controller_pb2, controller_pb2_grpc
+from upgradectl.credentials import Credentials
 from upgradectl.errors import (
     CliError,
     ControllerFailed,
+    CredentialsRefused,
     Rejected,
     Unconfirmed,
     Unreachable,
     UsageError,
 )
 from upgradectl.model import (
+    AuditEvent,
+    CreatedToken,
     GatewayInfo,
     JobEvent,
     JobView,
     RejectedJob,
     ReleaseInfo,
+    TokenInfo,
     UpgradePlan,
 )
 
@@ -72,6 +91,7 @@ _REFUSED = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
+_CREDENTIALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Worth another try after a pause: a controller handing over (a call that arrived as the
 # old one stopped is CANCELLED; we never cancel our own calls), or a busy one.
@@ -100,25 +120,78 @@ class RetryPolicy:
         return float(ceiling / 2 + ceiling / 2 * rand())
 
 
+@dataclass(frozen=True)
+class _CallDetails:
+    """A call's details with metadata added (what ``grpc.ClientCallDetails`` holds)."""
+
+    method: str
+    timeout: float | None
+    metadata: Sequence[tuple[str, str | bytes]] | None
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+# grpc ships no type stubs: its bases are Any to mypy.
+class Authorization(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    """Adds the caller's token to the metadata of every call, of every shape."""
+
+    def __init__(self, credentials: Credentials) -> None:
+        self._metadata = credentials.metadata
+
+    def _with_token(self, details: Any) -> _CallDetails:
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            [*(details.metadata or ()), *self._metadata],
+            details.credentials,
+            details.wait_for_ready,
+            details.compression,
+        )
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._with_token(details), requests)
+
+
 class ControllerClient:
-    """A connection to the controller's ``hitless.v1.Controller`` service."""
+    """A connection to the controller's ``hitless.v1.Controller`` service, calling as the
+    holder of ``credentials`` (None: no token is sent)."""
 
     def __init__(
         self,
         target: HostPort,
         timeout: float,
         *,
+        credentials: Credentials | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.target = target
         self.timeout = timeout
+        self._credentials = credentials
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
         self._clock = clock
         self._channel = grpc.insecure_channel(str(target))
-        self._stub = controller_pb2_grpc.ControllerStub(self._channel)
+        channel = self._channel
+        if credentials is not None:
+            channel = grpc.intercept_channel(channel, Authorization(credentials))
+        self._stub = controller_pb2_grpc.ControllerStub(channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -300,6 +373,42 @@ class ControllerClient:
         resp = self._unary("ListAdmins", self._stub.ListAdmins, controller_pb2.ListAdminsRequest())
         return [a.email for a in resp.admins]
 
+    def create_token(self, name: str, role: str, expires_seconds: int = 0) -> CreatedToken:
+        """Create the API token ``name`` with ``role`` (viewer, operator, admin), expiring
+        ``expires_seconds`` from now (0: never); the token with its secret, shown once.
+
+        Sent once, never retried. Raises ``Rejected`` when the controller refuses (a name
+        taken or malformed, an unknown role), ``CredentialsRefused`` when the caller may
+        not, and ``Unconfirmed`` when no answer came: the token may exist, its secret lost.
+        """
+        request = controller_pb2.CreateTokenRequest(
+            name=name, role=role, expires_seconds=expires_seconds
+        )
+        answer = self._unary(
+            "CreateToken", self._stub.CreateToken, request, creates=True, retried=False
+        )
+        return CreatedToken.from_proto(answer)
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Every API token the controller knows, revoked and expired ones included."""
+        resp = self._unary("ListTokens", self._stub.ListTokens, controller_pb2.ListTokensRequest())
+        return [TokenInfo.from_proto(t) for t in resp.tokens]
+
+    def revoke_token(self, name: str) -> TokenInfo:
+        """Revoke the API token ``name``: the controller refuses it from now on. The token
+        as the controller now describes it. Raises ``Rejected`` for an unknown name."""
+        request = controller_pb2.RevokeTokenRequest(name=name)
+        return TokenInfo.from_proto(self._unary("RevokeToken", self._stub.RevokeToken, request))
+
+    def list_audit(self, since: datetime | None = None) -> list[AuditEvent]:
+        """The audit log, newest first: events at or after ``since`` (an aware datetime;
+        None: from the start), as many as the controller answers by default."""
+        request = controller_pb2.ListAuditRequest()
+        if since is not None:
+            request.since.FromDatetime(since)
+        resp = self._unary("ListAudit", self._stub.ListAudit, request)
+        return [AuditEvent.from_proto(e) for e in resp.events]
+
     def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[JobEvent]:
         """The job's events after ``after_seq``, until the event that finishes the job.
 
@@ -368,6 +477,13 @@ class ControllerClient:
     def _translate(self, method: str, exc: grpc.RpcError, *, creates: bool = False) -> CliError:
         code = exc.code()
         details = exc.details() or ""
+        if code in _CREDENTIALS:
+            # Nothing was done. The controller's words say what is wrong (no token, unknown,
+            # expired, revoked; the role needed); which token it was is ours to say.
+            message = f"the controller refused the credentials: {details or code.name}"
+            if self._credentials is not None:
+                message += f"\nthe token sent came from {self._credentials.source}"
+            return CredentialsRefused(message)
         if creates and code not in _REFUSED:
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 what = f"no answer within {self.timeout:g} s"

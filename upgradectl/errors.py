@@ -8,15 +8,20 @@
         │                           missing, already there, or holds other
         │                           keys than the controller's root names)
         ├── Unreachable             the controller cannot be reached         → UNREACHABLE
-        ├── Unconfirmed             StartUpgrade went unanswered: the job    → UNCONFIRMED
+        ├── Unconfirmed             StartUpgrade (RotateRoot, CreateToken)   → UNCONFIRMED
+        │                           went unanswered: the job (root, token)
         │                           may exist; the message says how to look
         │                           and how to retry with the same request id
         ├── Rejected                the controller refused the request, or   → REJECTED
-        │                           the plan shows it would (not found,
-        │                           invalid, conflict, precondition such as
-        │                           a release without signed targets, a
-        │                           downgrade without --allow-downgrade, a
-        │                           yank of a release no signed targets list)
+        │   │                       the plan shows it would (not found,
+        │   │                       invalid, conflict, precondition such as
+        │   │                       a release without signed targets, a
+        │   │                       downgrade without --allow-downgrade, a
+        │   │                       yank of a release no signed targets list)
+        │   └── CredentialsRefused  the controller refused the API token:    → REJECTED
+        │                           none, unknown, expired or revoked
+        │                           (UNAUTHENTICATED), or its role may not
+        │                           do this (PERMISSION_DENIED)
         ├── NeedsConfirmation       the upgrade disconnects VPN users, or a  → NEEDS_CONFIRMATION
         │                           yank, and with no terminal to ask on nor
         │                           --yes nobody agreed to that
@@ -50,7 +55,8 @@ class ExitCode(enum.IntEnum):
     INTERNAL = 5
     NEEDS_CONFIRMATION = 6
     DECLINED = 7
-    UNCONFIRMED = 8  # the upgrade may have started: look, or retry with the printed request id
+    # The upgrade (root rotation, token) may exist: look, or retry as the message says.
+    UNCONFIRMED = 8
     INTERRUPTED = 130  # the shell's convention for a process stopped by Ctrl-C
 
 
@@ -78,6 +84,8 @@ class Unconfirmed(CliError):
     The controller may have started the job all the same, so this is not ``Unreachable``:
     running the same command again would start a second job. Retrying with the same
     request id is safe: the controller answers it with the job it started, if any.
+    RotateRoot and CreateToken end the same way: the root may be taken, the token may
+    exist (its secret then lost with the answer).
     """
 
     exit_code = ExitCode.UNCONFIRMED
@@ -87,6 +95,11 @@ class Rejected(CliError):
     """The controller answered and refused; the message is the controller's own sentence."""
 
     exit_code = ExitCode.REJECTED
+
+
+class CredentialsRefused(Rejected):
+    """The controller refused the caller's API token (UNAUTHENTICATED) or its role
+    (PERMISSION_DENIED); the message carries the controller's details as they came."""
 
 
 class NeedsConfirmation(CliError):

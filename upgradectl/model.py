@@ -388,3 +388,107 @@ class Rotation:
     root_version: int
     roles: tuple[str, ...]
     targets_version: int | None
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """An operator's API token as the controller describes it, without its secret.
+
+    ``role`` is viewer, operator or admin; ``expires_at`` None never expires, ``revoked_at``
+    None is not revoked; ``created_by`` names the caller that created it (``token:NAME``,
+    "" when the controller does not say).
+    """
+
+    name: str
+    role: str
+    created_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_by: str
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.Token) -> TokenInfo:
+        return cls(
+            msg.name,
+            msg.role,
+            timestamp(msg.created_at),
+            timestamp(msg.expires_at),
+            timestamp(msg.revoked_at),
+            msg.created_by,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of one token in ``tokens list``: times ISO 8601 in UTC or null."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "created_by": self.created_by,
+        }
+
+
+@dataclass(frozen=True)
+class CreatedToken:
+    """A token just created, with its ``secret``: the controller keeps only its sha256,
+    so this is the one time anyone sees it. Left out of the repr."""
+
+    token: TokenInfo
+    secret: str = dataclasses.field(repr=False)
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.CreatedToken) -> CreatedToken:
+        return cls(TokenInfo.from_proto(msg.token), msg.secret)
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape ``tokens create --json`` prints; ``token`` is the secret."""
+        return {
+            "name": self.token.name,
+            "role": self.token.role,
+            "token": self.secret,
+            "expires_at": iso(self.token.expires_at),
+        }
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One change the controller recorded, and who asked for it.
+
+    ``seq`` orders events; ``actor`` is ``token:NAME``, ``broker:USER`` or ``controller``;
+    ``peer`` is where the call came from; ``action`` the method (``StartUpgrade``);
+    ``detail`` what was asked (ids, versions); ``outcome`` ``OK`` or the status code and
+    its message. Every text field comes from outside and may carry anything.
+    """
+
+    seq: int
+    at: datetime | None
+    actor: str
+    peer: str
+    action: str
+    detail: str
+    outcome: str
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.AuditEvent) -> AuditEvent:
+        return cls(
+            msg.seq,
+            timestamp(msg.at),
+            msg.actor,
+            msg.peer,
+            msg.action,
+            msg.detail,
+            msg.outcome,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of one event in ``audit``: ``at`` ISO 8601 in UTC."""
+        return {
+            "seq": self.seq,
+            "at": iso(self.at),
+            "actor": self.actor,
+            "peer": self.peer,
+            "action": self.action,
+            "detail": self.detail,
+            "outcome": self.outcome,
+        }

@@ -4,11 +4,12 @@ Pure functions from plain data (``upgradectl.model``) to lines of text, so every
 unit-testable; ``LiveDisplay`` is the one piece that writes, and it writes only to the
 stream it is given.
 
-Text from outside (release notes, versions, ids, reasons, addresses, rejected bodies) may
-carry terminal controls: ``printable`` shows them escaped. Every writer of lines for people
-(``LiveDisplay`` here, the command output and error messages in ``upgradectl.cli``) passes
-each line through it, so no field can clear the screen, hide text or reorder it. ``table``
-and ``first_line`` escape before they measure, so columns stay aligned.
+Text from outside (release notes, versions, ids, reasons, addresses, rejected bodies, token
+names, audit actors, details and outcomes) may carry terminal controls: ``printable`` shows
+them escaped. Every writer of lines for people (``LiveDisplay`` here, the command output and
+error messages in ``upgradectl.cli``) passes each line through it, so no field can clear
+the screen, hide text or reorder it. ``table`` and ``first_line`` escape before they
+measure, so columns stay aligned.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
+from upgradectl.credentials import ENV_TOKEN, ENV_TOKEN_FILE
 from upgradectl.model import (
+    AuditEvent,
+    CreatedToken,
     GatewayInfo,
     GatewayProgress,
     JobEvent,
@@ -29,6 +33,7 @@ from upgradectl.model import (
     ReleaseInfo,
     Rotation,
     TargetsChange,
+    TokenInfo,
     UpgradePlan,
 )
 
@@ -116,6 +121,13 @@ def short_time(when: datetime | None) -> str:
     if when is None:
         return "-"
     return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def exact_time(when: datetime | None) -> str:
+    """``2024-05-01 12:00:07 UTC``: to the second, as an audit log needs."""
+    if when is None:
+        return "-"
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def first_line(text: str, width: int = NOTES_WIDTH) -> str:
@@ -268,6 +280,83 @@ def admins_table(admins: Sequence[str]) -> list[str]:
     if not admins:
         return ["no admins yet (upgradectl admins add EMAIL)"]
     return table(["EMAIL"], [[a] for a in admins])
+
+
+def tokens_table(tokens: Sequence[TokenInfo], now: datetime) -> list[str]:
+    """``tokens list`` for people: NAME ROLE CREATED EXPIRES REVOKED BY. An expiry before
+    ``now`` says ``(expired)``; a token that never expires shows ``never``."""
+    if not tokens:
+        return ["no API tokens yet (upgradectl tokens create --role ROLE --name NAME)"]
+    rows = [
+        [
+            t.name,
+            t.role,
+            short_time(t.created_at),
+            _expires(t.expires_at, now),
+            short_time(t.revoked_at),
+            t.created_by or "-",
+        ]
+        for t in tokens
+    ]
+    return table(["NAME", "ROLE", "CREATED", "EXPIRES", "REVOKED", "BY"], rows)
+
+
+def _expires(when: datetime | None, now: datetime) -> str:
+    if when is None:
+        return "never"
+    return short_time(when) + (" (expired)" if when <= now else "")
+
+
+def created_token_lines(created: CreatedToken) -> list[str]:
+    """What ``tokens create`` made: the token, its secret, then ``secret_warning``."""
+    token = created.token
+    expires = f"expires {short_time(token.expires_at)}" if token.expires_at else "never expires"
+    return [
+        f"created token {token.name}: role {token.role}, {expires}",
+        "",
+        f"    {created.secret}",
+        "",
+        *secret_warning(),
+    ]
+
+
+def secret_warning() -> list[str]:
+    """The warning that goes with a new token's secret: it is not shown again, and how to
+    give it to upgradectl without putting it on a command line."""
+    return [
+        "!! This secret is not shown again: the controller keeps only its sha256. Store it now,",
+        "!! in a file only you can read, and use it with: upgradectl --token-file FILE ...",
+        f"!! (or {ENV_TOKEN_FILE}=FILE), or from the environment as {ENV_TOKEN}.",
+        "!! Never pass it as an argument: command lines are visible to every user (ps).",
+    ]
+
+
+def revoked_token_lines(token: TokenInfo) -> list[str]:
+    """What ``tokens revoke`` did."""
+    return [
+        f"revoked token {token.name} (role {token.role}) at {short_time(token.revoked_at)}: "
+        "the controller refuses it from now on"
+    ]
+
+
+def audit_table(events: Sequence[AuditEvent], since: datetime | None = None) -> list[str]:
+    """``audit`` for people, newest first as the controller sends them: SEQ AT ACTOR PEER
+    ACTION DETAIL OUTCOME, every cell escaped and kept on its row."""
+    if not events:
+        return ["no audit events" + (f" since {exact_time(since)}" if since else "")]
+    rows = [
+        [
+            str(e.seq),
+            exact_time(e.at),
+            e.actor or "-",
+            e.peer or "-",
+            e.action,
+            e.detail or "-",
+            e.outcome,
+        ]
+        for e in events
+    ]
+    return table(["SEQ", "AT", "ACTOR", "PEER", "ACTION", "DETAIL", "OUTCOME"], rows)
 
 
 def plan_lines(plan: UpgradePlan) -> list[str]:

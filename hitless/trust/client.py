@@ -139,23 +139,28 @@ class TrustClient:
             raise StorageError(f"cannot write the metadata cache {self._cache}: {exc}") from exc
 
     def trusted_root(self) -> Root:
-        """The newest root ever verified here (the anchor before the first update); its
-        command keys verify UpgradeCommands (``hitless.trust.commands``).
+        """The newest root verified from the anchor (the anchor before the first update);
+        its command keys verify UpgradeCommands (``hitless.trust.commands``).
 
-        Read from python-tuf's ``root_history/N.root.json``, which it writes only after
-        verifying version N, and not from ``root.json``: each update starts again from
-        the anchor, so an update that fails half way must not take trust back to an
-        older root (whose command key a rotation may have retired)."""
+        Walked from the anchor through python-tuf's ``root_history/N.root.json`` (version
+        N+1 must be signed by the root keys of N and of its own, TUF spec §5.3.4), stopping
+        at the first that does not follow; not read from ``root.json``, which each update
+        resets to the anchor, so an update that fails half way never takes trust back to an
+        older root whose command key a rotation retired, and a cache left from another
+        anchor is never trusted."""
+        trusted = read_metadata(self._anchor, Root).signed
         history = self._cache / "root_history"
-        versions = [
-            int(p.name.split(".", 1)[0])
-            for p in history.glob("[0-9]*.root.json")
-            if p.name.split(".", 1)[0].isdigit()
-        ]
-        anchor = read_metadata(self._anchor, Root).signed
-        if not versions or max(versions) <= anchor.version:
-            return anchor
-        return read_metadata((history / f"{max(versions)}.root.json").read_bytes(), Root).signed
+        while True:
+            path = history / f"{trusted.version + 1}.root.json"
+            try:
+                md = read_metadata(path.read_bytes(), Root)
+                verify_role(trusted, md, "root")
+                verify_role(md.signed, md, "root")
+            except (OSError, TrustError):
+                return trusted
+            if md.signed.version != trusted.version + 1:
+                return trusted
+            trusted = md.signed
 
     def _updater(self) -> Updater:
         try:

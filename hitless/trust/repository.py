@@ -42,6 +42,7 @@ from hitless.trust.errors import (
 from hitless.trust.keys import (
     SNAPSHOT_EXPIRY,
     TIMESTAMP_EXPIRY,
+    command_keys,
     load_role_signer,
     utcnow,
     write_file,
@@ -88,7 +89,9 @@ class Repository:
             raise MetadataMismatch(
                 f"the trust root given (root version {md.signed.version}) is not the one "
                 f"stored in {directory}: give the root.json this repository was made with, "
-                "or a newer one the repository accepted",
+                f"or a newer one the repository accepted ({directory / 'root.json'} is the "
+                "newest it accepted; a rotation not yet sent to the controller is sent with "
+                "`upgradectl keys rotate --resend` once it runs)",
                 "root",
                 md.signed.version,
             )
@@ -197,6 +200,10 @@ class Repository:
             verify_role(current, md, "root")
             verify_role(new, md, "root")
             signers = self._load_signers(new)
+            if command_keys(new):
+                # The controller signs commands with the key in the same directory: a root
+                # naming another command key is refused before anything is written.
+                load_role_signer(self._online / "command.pem", "command", new)
             new_targets = read_metadata(targets, Targets) if targets is not None else None
             if new_targets is not None:
                 verify_role(new, new_targets, "targets")

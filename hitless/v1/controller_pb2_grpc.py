@@ -124,6 +124,26 @@ class ControllerStub:
                 request_serializer=hitless_dot_v1_dot_controller__pb2.RotateRootRequest.SerializeToString,
                 response_deserializer=hitless_dot_v1_dot_controller__pb2.RotateRootResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/hitless.v1.Controller/CreateToken',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.CreatedToken.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/hitless.v1.Controller/ListTokens',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/hitless.v1.Controller/RevokeToken',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Token.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/hitless.v1.Controller/ListAudit',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -252,6 +272,32 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Operators' API tokens (admin). The secret is returned once, by CreateToken.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """Who changed what, newest first (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -344,6 +390,26 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.RotateRoot,
                     request_deserializer=hitless_dot_v1_dot_controller__pb2.RotateRootRequest.FromString,
                     response_serializer=hitless_dot_v1_dot_controller__pb2.RotateRootResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.CreateTokenRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.CreatedToken.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListTokensRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Token.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListAuditRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -832,6 +898,114 @@ class Controller:
             '/hitless.v1.Controller/RotateRoot',
             hitless_dot_v1_dot_controller__pb2.RotateRootRequest.SerializeToString,
             hitless_dot_v1_dot_controller__pb2.RotateRootResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/CreateToken',
+            hitless_dot_v1_dot_controller__pb2.CreateTokenRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.CreatedToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListTokens',
+            hitless_dot_v1_dot_controller__pb2.ListTokensRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/RevokeToken',
+            hitless_dot_v1_dot_controller__pb2.RevokeTokenRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListAudit',
+            hitless_dot_v1_dot_controller__pb2.ListAuditRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

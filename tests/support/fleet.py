@@ -17,6 +17,8 @@ from hitless.trust import keys, release
 from hitless.v1 import controller_pb2, controller_pb2_grpc
 from tests.support.procs import Proc, Procs, command, free_port
 from tests.support.wait import wait_for
+from upgradectl.client import Authorization
+from upgradectl.credentials import Credentials
 
 CLI_TIMEOUT_S = 120
 
@@ -32,6 +34,7 @@ class Fleet:
         self._channel: grpc.Channel | None = None
         self._raw_channel: grpc.Channel | None = None
         self._keys: keys.KeyPaths | None = None
+        self.token = ""  # the controller's first admin token, once it has started
 
     @property
     def keys(self) -> keys.KeyPaths:
@@ -47,7 +50,10 @@ class Fleet:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"HITLESS_CONTROLLER": self.controller_address, "HITLESS_AMQP_URL": self.amqp_url}
+        env = {"HITLESS_CONTROLLER": self.controller_address, "HITLESS_AMQP_URL": self.amqp_url}
+        if self.token:
+            env["HITLESS_TOKEN"] = self.token
+        return env
 
     @property
     def data_dir(self) -> Path:
@@ -65,14 +71,43 @@ class Fleet:
         if db_url:
             argv += ["--db", db_url]
         self.controller = self.procs.start("controller", argv)
+        if not self.token:
+            token_file = self.data_dir / "admin.token"
+            wait_for(
+                lambda: token_file.exists() and token_file.read_text().strip(),
+                timeout=30,
+                what="the controller's first admin token",
+                interval=0.1,
+                describe=self.procs.dump_logs,
+            )
+            self.token = token_file.read_text().strip()
         wait_for(
-            lambda: self.cli("releases", "list", "--json", check=False).returncode == 0,
+            self._answers,
             timeout=30,
             what="the controller to answer",
             interval=0.2,
             describe=self.procs.dump_logs,
         )
         return self.controller
+
+    def _answers(self) -> bool:
+        try:
+            self.stub().ListReleases(controller_pb2.ListReleasesRequest(), timeout=2)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+                self._newest_token()
+            return False
+        return True
+
+    def _newest_token(self) -> None:
+        """A controller started on another database makes an admin token of its own, in
+        a file beside the first (``admin.token.<name>``): use the newest."""
+        files = sorted(self.data_dir.glob("admin.token*"), key=lambda p: p.stat().st_mtime)
+        token = files[-1].read_text().strip() if files else ""
+        if token and token != self.token:
+            self.token = token
+            self.close()
+            self._channel = None
 
     def start_gateway(self, gateway_id: str, controller: str | None = None, *extra: str) -> Proc:
         """A gateway daemon; ``controller`` overrides the address it downloads from;
@@ -156,7 +191,9 @@ class Fleet:
         it retries unary calls that a controller handing over turned away."""
         if self._channel is None:
             self._raw_channel = grpc.insecure_channel(self.controller_address)
-            self._channel = grpc.intercept_channel(self._raw_channel, _RetryTurnedAway())
+            self._channel = grpc.intercept_channel(
+                self._raw_channel, _RetryTurnedAway(), bearer(self.token)
+            )
         return controller_pb2_grpc.ControllerStub(self._channel)
 
     def close(self) -> None:
@@ -189,3 +226,8 @@ class _RetryTurnedAway(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
             if not turned_away or time.monotonic() > deadline:
                 return outcome
             time.sleep(0.1)  # backoff before the retry
+
+
+def bearer(token: str) -> Authorization:
+    """The interceptor upgradectl uses, sending ``token`` with every call."""
+    return Authorization(Credentials(token, "the test's token"))
