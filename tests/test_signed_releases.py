@@ -168,3 +168,37 @@ def test_a_staged_controller_release_altered_on_disk_is_not_run(
     assert info.version == BASE
     assert "staged_release_refused" in proc.log()
     assert "altered on disk" in proc.log()
+
+
+def test_signing_on_top_of_a_rolled_back_repository_is_refused(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.release("1.1.0")
+    backup = tmp_path / "tuf-backup"
+    shutil.copytree(fleet.data_dir / "tuf", backup)
+    fleet.release("1.2.0")
+    fleet.cli("releases", "yank", "1.2.0", "--keys", str(fleet.keys.dir), "--yes")
+    taken = (fleet.keys.dir / "targets.json").read_bytes()
+
+    # The controller's repository restored from before the yank (a backup, or someone
+    # holding its online keys): it serves targets version 1 again.
+    assert fleet.controller is not None
+    fleet.procs.stop(fleet.controller)
+    shutil.rmtree(fleet.data_dir / "tuf")
+    shutil.copytree(backup, fleet.data_dir / "tuf")
+    fleet.start_controller()
+
+    artifact = tmp_path / "c.pyz"
+    fleet.cli("releases", "build", "--version", "1.3.0", "-o", str(artifact))
+    publish = ("releases", "publish", "--version", "1.3.0", "--artifact", str(artifact))
+    result = fleet.cli(*publish, "--keys", str(fleet.keys.dir), check=False)
+    assert result.returncode == REJECTED, result.stderr
+    assert "serves targets version 1, but it took version 3" in result.stderr
+    assert "Nothing was signed" in result.stderr
+    assert (fleet.keys.dir / "targets.json").read_bytes() == taken
+    assert "1.3.0" not in _releases(fleet)
+
+    # The release manager decides to go on from what the controller serves.
+    (fleet.keys.dir / "targets.json").rename(tmp_path / "targets-seen.json")
+    fleet.cli(*publish, "--keys", str(fleet.keys.dir))
+    assert _releases(fleet)["1.3.0"]["signing"] == "SIGNED"

@@ -583,6 +583,8 @@ def _releases_publish(ctx: _Context) -> ExitCode:
             restarts_vpn_service=ctx.args.restarts_vpn_service,
             targets_metadata=signed.data if signed else b"",
         )
+    if signed is not None:
+        signing.taken(ctx.args.keys, signed.data)
     ctx.emit_lines(render.published_lines(release, signed))
     return ExitCode.OK
 
@@ -598,6 +600,7 @@ def _releases_yank(ctx: _Context) -> ExitCode:
             terminal=Terminal(ctx.stdin, ctx.people),
         )
         release = client.yank_release(version, change.data)
+    signing.taken(ctx.args.keys, change.data)
     ctx.emit_lines(render.yanked_lines(release, change))
     return ExitCode.OK
 

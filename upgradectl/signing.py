@@ -12,7 +12,12 @@ signed here (``hitless.trust.repository``).
 
 Targets from the controller that the key directory's root does not verify stop every
 step before anything is signed: the key directory is not the one whose root.json the
-controller trusts, or the controller serves targets nobody signed with this key.
+controller trusts, or the controller serves targets nobody signed with this key. So do
+targets older than the ones this key directory last saw the controller take
+(``DIR/targets.json``, written after each publish, yank or rotation the controller
+accepted): a controller restored from a backup, or one whose online keys were stolen,
+could otherwise have a yanked release listed again by the next signature (TUF's rollback
+attack, against the release manager's side).
 
 Errors of ``hitless.trust`` become this CLI's errors here, with the library's message: a key
 directory that is missing, incomplete, already there, or holds other keys, an unreadable
@@ -98,6 +103,7 @@ def sign_release(
         root = _root_with_targets_key(paths)
         current = client.get_targets_metadata()
         previous = _verified(current, root, paths) if current is not None else None
+        _not_rolled_back(paths, current)
         data = release.sign_targets(current, keys_dir, add={name: artifact})
     return _change(data, previous, name, data)
 
@@ -122,6 +128,7 @@ def sign_yank(client: ControllerClient, keys_dir: Path, version: str) -> Targets
                 "listed, there is nothing to yank"
             )
         previous = _verified(current, root, paths)
+        _not_rolled_back(paths, current)
         if name not in previous.targets:
             raise Rejected(
                 f"release {version} is not in the signed targets (version {previous.version} "
@@ -182,12 +189,51 @@ def send_root(client: ControllerClient, keys_dir: Path, *, resend: str) -> Rotat
         with _translated():
             data = paths.root_json.read_bytes()
             current = client.get_targets_metadata()
+            _not_rolled_back(paths, current)
             targets = _resigned(current, paths, new, previous)
         version = client.rotate_root(data, targets)
     except (CliError, OSError) as exc:
         raise _not_taken(exc, paths, new.version, changed, resend) from exc
+    if targets is not None:
+        taken(keys_dir, targets)
     targets_version = read_metadata(targets, Targets).signed.version if targets else None
     return Rotation(version, changed, targets_version)
+
+
+def taken(keys_dir: Path, targets: bytes) -> None:
+    """Remember ``targets`` as the newest the controller took from this key directory
+    (``DIR/targets.json``), for ``_not_rolled_back``. Call it once the controller answered.
+    A failure to write is reported as UsageError: the release went out all the same."""
+    with _translated():
+        keys.write_file(keys.KeyPaths(keys_dir).dir / LAST_TAKEN, targets, mode=0o644)
+
+
+LAST_TAKEN = "targets.json"
+
+
+def _not_rolled_back(paths: keys.KeyPaths, current: bytes | None) -> None:
+    """Refuse to sign on top of ``current`` (the controller's targets) when they are older
+    than, or another version of, the targets this key directory last saw taken. Raises
+    Rejected saying both versions and what to check."""
+    last_path = paths.dir / LAST_TAKEN
+    try:
+        last_bytes = last_path.read_bytes()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UsageError(f"cannot read {last_path}: {exc}") from exc
+    last = read_metadata(last_bytes, Targets).signed.version
+    now = read_metadata(current, Targets).signed.version if current is not None else 0
+    if now > last or (now == last and current == last_bytes):
+        return
+    raise Rejected(
+        f"the controller serves targets version {now or 'none'}, but it took version {last} "
+        f"from this key directory ({last_path}): its repository was rolled back (restored "
+        "from a backup, or altered by someone holding its online keys), and signing on top "
+        "of it would list again what was removed since. Nothing was signed. Check the "
+        "controller's data directory; to sign on top of what it serves anyway, move "
+        f"{last_path} away first"
+    )
 
 
 def _root_with_targets_key(paths: keys.KeyPaths) -> Root:
