@@ -3,6 +3,7 @@ fresh with its online keys, serves only metadata names."""
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 from pathlib import Path
 
@@ -189,3 +190,20 @@ def test_a_root_not_signed_by_the_current_root_is_refused(world: World) -> None:
         world.repo.accept_root(data)
     assert (caught.value.role, caught.value.version) == ("root", 2)
     assert world.files() == before
+
+
+def test_a_root_naming_a_command_key_the_controller_lacks_is_refused(world: World) -> None:
+    # The controller holds a copy of the online keys; the rotation makes a new command key
+    # in the release manager's directory only.
+    held = world.tmp / "controller-online"
+    shutil.copytree(world.keys.online, held)
+    repo = Repository(world.repo_dir, world.keys.root_json.read_bytes(), held)
+    new_root = keys.rotate(world.keys.dir, ["command"])
+    before = world.files()
+    with pytest.raises(KeyFileError, match="command"):
+        repo.accept_root(new_root)
+    assert world.files() == before
+    assert repo.root.version == 1
+    # Once the new key reaches the controller, the same root is taken.
+    shutil.copy(world.keys.key("command"), held / "command.pem")
+    assert repo.accept_root(new_root) == 2
