@@ -82,6 +82,13 @@ def artifact(tmp_path: Path, version: str, stamp: str | None = None) -> Path:
     return path
 
 
+def signed_release(upgrades: GatewayUpgrades, tmp_path: Path) -> Path:
+    """Release 1.2.0's artifact, listed in the signed targets."""
+    art = artifact(tmp_path, "1.2.0")
+    upgrades.sign("1.2.0", art)
+    return art
+
+
 def refused(upgrades: GatewayUpgrades, count: int = 1) -> bus_pb2.CommandRefused:
     return upgrades.wait_refusal(count)[count - 1]
 
@@ -114,8 +121,7 @@ def test_a_command_without_a_signature_is_refused(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
     before = gateway.snapshot()
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     cmd = upgrades.command(GATEWAY_ID, "1.2.0", art)
     # What an old controller, or anyone who can publish on hitless.commands, sends.
     upgrades.send(cmd, {topology.ISSUED_AT_HEADER: datetime.now().astimezone().isoformat()})
@@ -133,8 +139,7 @@ def test_a_command_signed_by_another_key_is_refused(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
     before = gateway.snapshot()
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     other = keys.init(tmp_path / "attacker-keys")
     forger = Trust(tmp_path / "attacker-tuf", other.root_json.read_bytes(), other.online)
     cmd = upgrades.command(GATEWAY_ID, "1.2.0", art)
@@ -151,8 +156,7 @@ def test_a_command_signed_by_another_key_is_refused(
 def test_a_command_signed_by_a_retired_command_key_is_refused(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     cmd = upgrades.command(GATEWAY_ID, "1.2.0", art)
     stolen = upgrades.signed_headers(cmd)  # signed before the key is rotated out
     before = gateway.snapshot()
@@ -171,8 +175,7 @@ def test_a_command_altered_after_signing_is_refused(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
     before = gateway.snapshot()
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     cmd = upgrades.command(GATEWAY_ID, "1.2.0", art)
     headers = upgrades.signed_headers(cmd)
     payload = bus_pb2.UpgradeCommand.FromString(
@@ -193,8 +196,7 @@ def test_a_command_signed_for_another_gateway_is_refused(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
     before = gateway.snapshot()
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     cmd = upgrades.command("gw-other", "1.2.0", art)
     upgrades.send(cmd, upgrades.signed_headers(cmd), to=GATEWAY_ID)
     refusal = refused(upgrades)
@@ -214,8 +216,7 @@ def test_a_command_id_replayed_with_other_content_is_refused(
     before = gateway.snapshot()
 
     # The same id, other content, signed all the same (a controller's key misused).
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     replay = upgrades.command(GATEWAY_ID, "1.2.0", art)
     replay.command_id, replay.job_id = first.command_id, first.job_id
     upgrades.send(replay, upgrades.signed_headers(replay))
@@ -230,8 +231,7 @@ def test_a_signed_command_past_its_deadline_is_not_run(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
     before = gateway.snapshot()
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     # An old command played back, signed all the same.
     cmd = upgrades.command(GATEWAY_ID, "1.2.0", art, deadline_s=-60)
     upgrades.send(cmd, upgrades.signed_headers(cmd))
@@ -283,8 +283,7 @@ def test_a_yanked_release_is_refused(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
     before = gateway.snapshot()
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     upgrades.yank("1.2.0")
     cmd = upgrades.command(GATEWAY_ID, "1.2.0", art)
     release_refused(upgrades, gateway, before, cmd, "it was yanked")
@@ -294,8 +293,7 @@ def test_an_artifact_larger_than_its_signed_length_is_not_taken(
     upgrades: GatewayUpgrades, gateway: Gateway, tmp_path: Path
 ) -> None:
     before = gateway.snapshot()
-    art = artifact(tmp_path, "1.2.0")
-    upgrades.sign("1.2.0", art)
+    art = signed_release(upgrades, tmp_path)
     sha, size = file_sha256(art)
     # Endless data: the file the controller serves under that digest grows.
     stored = tmp_path / "store" / sha[:2] / sha
