@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from hitless.bus import topology
 from hitless.config import BusConfig
 from tests.support.databases import BACKENDS, database_url
 from tests.support.fleet import Fleet
 from tests.support.gateway_upgrades import GatewayUpgrades
 from tests.support.procs import Procs
 from tests.support.rabbit import Management, amqp_url
+from tests.support.wait import wait_for
 
 IN_CI = os.environ.get("CI") == "true"
 PG_ADMIN_URL = os.environ.get("HITLESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -85,11 +87,20 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
 
 
 @pytest.fixture
-def fleet(vhost: str, tmp_path: Path, procs: Procs) -> Iterator[Fleet]:
-    """A running controller (SQLite) on this test's vhost; gateways are started by the test."""
+def fleet(vhost: str, tmp_path: Path, procs: Procs, rabbit: Management) -> Iterator[Fleet]:
+    """A running controller (SQLite) on this test's vhost, its reports and jobs queues bound
+    (so a message a test publishes is routed); gateways are started by the test."""
     fleet = Fleet(procs, tmp_path, amqp_url(vhost))
     try:
         fleet.start_controller()
+        for queue in (topology.CONTROLLER_REPORTS, topology.CONTROLLER_JOBS):
+            exchange = queue.bindings[0].exchange.name
+            wait_for(
+                lambda queue=queue, exchange=exchange: rabbit.bound(vhost, exchange, queue.name),
+                timeout=30,
+                what=f"the controller's {queue.name} bound to {exchange}",
+                describe=procs.dump_logs,
+            )
         yield fleet
     finally:
         fleet.close()

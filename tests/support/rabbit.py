@@ -59,6 +59,18 @@ class Management:
         )
         return result
 
+    def bound(self, vhost: str, exchange: str, queue: str) -> bool:
+        """Whether the queue is bound to the exchange now (bindings, unlike consumer counts,
+        are not the management plugin's periodic statistics, so this is never stale)."""
+        v, e, q = (quote(name, safe="") for name in (vhost, exchange, queue))
+        path = f"/bindings/{v}/e/{e}/q/{q}"
+        try:
+            return bool(self.request("GET", path))
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return False
+            raise
+
     def publish(
         self, vhost: str, exchange: str, routing_key: str, payload: str, **properties: Any
     ) -> bool:
