@@ -1,7 +1,8 @@
 """The operator's side of ``make bench-controller-upgrade``: timed calls and a watched job.
 
 One thread calls ListGateways and GetJob back to back, another keeps one WatchJob stream
-open, both through ``upgradectl.client.ControllerClient`` exactly as the CLI uses it
+open, both through ``upgradectl.client.ControllerClient`` (TLS, an API token) exactly as
+the CLI uses it
 (UNAVAILABLE retried, the watch resumed after the last sequence number). Every unary call
 is recorded with its start and end on the monotonic clock and whether it failed *after*
 the client's retries, which is what an operator would see.
@@ -59,7 +60,9 @@ class _Retries:
 class Callers:
     """The call loop and the watch, on threads this object owns (``start``/``stop``)."""
 
-    def __init__(self, target: HostPort, job_id: str, credentials: Credentials) -> None:
+    def __init__(
+        self, target: HostPort, job_id: str, ca_cert: bytes, credentials: Credentials
+    ) -> None:
         self.job_id = job_id
         self.calls: list[Call] = []
         self.events: list[JobEvent] = []
@@ -67,11 +70,13 @@ class Callers:
         self.call_retries = _Retries()
         self.watch_resumes = _Retries()
         self._calls_client = ControllerClient(
-            target, CALL_TIMEOUT_S, credentials=credentials, sleep=self.call_retries.sleep
-        )
+            target, CALL_TIMEOUT_S, ca_cert=ca_cert, credentials=credentials,
+            sleep=self.call_retries.sleep,
+        )  # fmt: skip
         self._watch_client = ControllerClient(
-            target, CALL_TIMEOUT_S, credentials=credentials, sleep=self.watch_resumes.sleep
-        )
+            target, CALL_TIMEOUT_S, ca_cert=ca_cert, credentials=credentials,
+            sleep=self.watch_resumes.sleep,
+        )  # fmt: skip
         self._stop = threading.Event()
         self._loop_thread = threading.Thread(target=self._loop, name="bench-calls", daemon=True)
         self._watch_thread = threading.Thread(target=self._watch, name="bench-watch", daemon=True)

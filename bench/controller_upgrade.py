@@ -1,10 +1,12 @@
 """``make bench-controller-upgrade``: what moving the controller to a new release costs
 the people and gateways using it.
 
-One controller (started from release A's artifact) on SQLite, three real ``gateway-daemon
-run`` processes (hellos, heartbeats) and three fake gateways in a long job that report
-DOWNLOADING progress at a fixed rate (``controller_reporters``); a client calls
-ListGateways and GetJob in a loop with one WatchJob stream open (``controller_callers``).
+One controller (started from release A's artifact) on SQLite, serving TLS with the CA it
+makes on its first start; three real ``gateway-daemon run`` processes (hellos,
+heartbeats), each enrolled with a one-time code from the controller; and three fake
+gateways in a long job that report DOWNLOADING progress at a fixed rate
+(``controller_reporters``). A client calls ListGateways and GetJob in a loop with one
+WatchJob stream open (``controller_callers``), over TLS with the admin token.
 Two runs of the same length, in this order:
 
 1. upgrades: the controller is moved 10 times between releases A (1.1.0) and B (1.2.0),
@@ -48,6 +50,7 @@ import grpc  # noqa: E402
 from controller_callers import Call, Callers  # noqa: E402
 from controller_reporters import FakeGateways  # noqa: E402
 
+from gateway_daemon.cli import ENV_ENROLL_CODE  # noqa: E402
 from gateway_daemon.vpn.supervisor import is_running  # noqa: E402
 from hitless import logs  # noqa: E402
 from hitless.config import BusConfig, HostPort  # noqa: E402
@@ -132,6 +135,7 @@ class Bench:
         self.mgmt = mgmt
         self.amqp = amqp_url(vhost)
         self.target = HostPort("127.0.0.1", free_port())
+        self.gateway_listen = HostPort("127.0.0.1", free_port())
         self._stack = contextlib.ExitStack()
         self.procs = Procs(work)
         self._stack.callback(self.procs.stop_all)
@@ -150,9 +154,14 @@ class Bench:
 
     # Setting up ------------------------------------------------------------------------
 
+    @property
+    def ca_cert(self) -> Path:
+        """The controller's CA certificate (made on its first start)."""
+        return self.work / "controller" / "pki" / "ca.pem"
+
     def _connect(self) -> None:
-        """Once the controller has made its first admin token: a client and a stub that
-        call with it."""
+        """Once the controller has made its CA and first admin token: a client and a stub
+        that call with it, over TLS."""
         path = self.work / "controller" / "admin.token"
         wait_for(
             lambda: path.exists() and bool(path.read_text().strip()),
@@ -162,9 +171,12 @@ class Bench:
             describe=self.procs.dump_logs,
         )
         self.credentials = Credentials(path.read_text().strip(), f"the file {path}")
-        self.client = ControllerClient(self.target, timeout=30, credentials=self.credentials)
+        ca_pem = self.ca_cert.read_bytes()
+        self.client = ControllerClient(
+            self.target, timeout=30, ca_cert=ca_pem, credentials=self.credentials
+        )
         self._stack.callback(self.client.close)
-        self._channel = grpc.insecure_channel(str(self.target))
+        self._channel = grpc.secure_channel(str(self.target), grpc.ssl_channel_credentials(ca_pem))
         self._stack.callback(self._channel.close)
         self._stub = controller_pb2_grpc.ControllerStub(
             grpc.intercept_channel(self._channel, bearer(self.credentials.secret))
@@ -179,6 +191,7 @@ class Bench:
             [
                 sys.executable, str(artifacts[RELEASE_A]), "controller-svc", "serve",
                 "--listen", str(self.target),
+                "--gateway-listen", str(self.gateway_listen),
                 "--data-dir", str(self.work / "controller"),
                 "--amqp", self.amqp,
                 "--trust-root", str(self.keys.root_json),
@@ -202,6 +215,8 @@ class Bench:
                 version, path, f"bench release {version}", targets_metadata=targets
             )
         for gid in REAL_GATEWAYS:
+            # The code in the environment, not on the command line where ps shows it.
+            code = self.client.create_enrollment(gid).code
             self.procs.start(
                 gid,
                 [
@@ -211,8 +226,9 @@ class Bench:
                     "--amqp", self.amqp,
                     "--state-dir", str(self.work / gid),
                     "--listen", f"127.0.0.1:{free_port()}",
-                    "--trust-root", str(self.keys.root_json),
+                    "--ca-cert", str(self.ca_cert),
                 ],
+                env={ENV_ENROLL_CODE: code},
             )  # fmt: skip
         self.fakes = FakeGateways(BusConfig(self.amqp), FAKE_GATEWAYS, FLEET_VERSION, REPORTS_PER_S)
         self._stack.callback(self.fakes.close)
@@ -240,7 +256,9 @@ class Bench:
         assert self.fakes is not None
         self.fakes.start()
         assert self.credentials is not None
-        callers = Callers(self.target, self.job_id, self.credentials).start()
+        callers = Callers(
+            self.target, self.job_id, self.ca_cert.read_bytes(), self.credentials
+        ).start()
         self.callers = callers
         self._stack.callback(callers.close)
         wait_for(

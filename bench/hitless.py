@@ -12,9 +12,12 @@ runs, in this order, on the same machine:
    new ``gateway-daemon run --handoff-fd`` process of the release artifact;
 3. steady state: the same traffic for as long as the upgrades took, with no upgrade.
 
-Needs RabbitMQ with its management API on 127.0.0.1 (a vhost of its own, removed at the
-end). Prints one table and writes bench/results/hitless.json. Not a test: timing never
-decides pass or fail; the targets are printed beside what was measured.
+The releases come from the product's artifact service over mutual TLS, as from the
+controller's gateway port (``tests.support.gateway_upgrades``: the gateway is given its
+certificate before it starts). Needs RabbitMQ with its management API on 127.0.0.1 (a
+vhost of its own, removed at the end). Prints one table and writes
+bench/results/hitless.json. Not a test: timing never decides pass or fail; the targets are
+printed beside what was measured.
 """
 
 from __future__ import annotations
@@ -79,11 +82,10 @@ class Bench:
         argv = [
             sys.executable, str(self.a), "gateway-daemon", "run",
             "--id", GATEWAY_ID,
-            "--controller", self.upgrades.controller,
-            "--trust-root", str(self.upgrades.trust_root),
             "--amqp", amqp,
             "--state-dir", str(work / "state"),
             "--tunnels", str(self.tunnels),
+            *self.upgrades.provision(GATEWAY_ID, work / "state"),
         ]  # fmt: skip
         self.gateway = TunnelGateway(self.procs.start(GATEWAY_ID, argv), sites)
         self.gateway.wait_serving()
@@ -119,9 +121,7 @@ class Bench:
         return proc
 
     def _tunnels_up(self) -> int:
-        return len(self.gateway.events("udp_tunnel_up")) + len(
-            self.gateway.events("tcp_tunnel_up")
-        )
+        return len(self.gateway.events("udp_tunnel_up")) + len(self.gateway.events("tcp_tunnel_up"))
 
     def saturation(self) -> tuple[float, float]:
         """(packets/s that arrived, the gateway's CPU share while offered far too much)."""
@@ -274,9 +274,12 @@ def summarize(
         "cutover_breakdown_us": breakdown(handoffs, cutovers),
         # Each upgrade's pause and its steps (old and new process), for a closer look.
         "cutovers": [
-            {"pause_ms": pause, "spawn_to_ready_ms": round(float(h["spawn_to_ready_ms"]), 1),
-             **{f"old {k}": v for k, v in h.get("cutover_marks_us", {}).items()},
-             **{f"new {k}": v for k, v in c.get("marks_us", {}).items()}}
+            {
+                "pause_ms": pause,
+                "spawn_to_ready_ms": round(float(h["spawn_to_ready_ms"]), 1),
+                **{f"old {k}": v for k, v in h.get("cutover_marks_us", {}).items()},
+                **{f"new {k}": v for k, v in c.get("marks_us", {}).items()},
+            }
             for pause, h, c in zip(pauses, handoffs, cutovers, strict=False)
         ],
         "descriptors": handoffs[0]["descriptors"] if handoffs else 0,
@@ -305,41 +308,82 @@ def breakdown(
 def table(r: dict[str, Any]) -> str:
     p = r["phases_ms"]
     rows = [
-        ("offered / saturation pps", f"{r['offered_pps']} / {r['saturation_pps']} "
-         f"(gateway CPU {r['saturation_gateway_cpu']:.0%} of a core)", ""),
+        (
+            "offered / saturation pps",
+            f"{r['offered_pps']} / {r['saturation_pps']} "
+            f"(gateway CPU {r['saturation_gateway_cpu']:.0%} of a core)",
+            "",
+        ),
         ("upgrades (took)", f"{r['upgrades']} ({r['upgrades_took_s']} s)", ""),
         ("udp sent / received", f"{r['sent']} / {r['received']}", ""),
         ("lost / duplicated", f"{r['lost']} / {r['duplicated']}", "0 / 0"),
         ("tcp resets (byte-exact)", f"{r['tcp_resets']} ({r['tcp_byte_exact']})", "0"),
-        ("rcvbuf drops: host / gateway / tool", f"{r['rcvbuf_errors']} / "
-         f"{r['gateway_rcvbuf_drops']} / {r['tool_rcvbuf_drops']}", "0"),
-        ("steady rcvbuf: host / gateway / tool", f"{r['steady_rcvbuf_errors']} / "
-         f"{r['steady_gateway_rcvbuf_drops']} / {r['steady_tool_rcvbuf_drops']}", ""),
-        ("gateway SO_RCVBUF (rmem_max)", f"{r['udp_buffers'].get('rcvbuf')} "
-         f"({r['udp_buffers'].get('rmem_max')})", ""),
+        (
+            "rcvbuf drops: host / gateway / tool",
+            f"{r['rcvbuf_errors']} / {r['gateway_rcvbuf_drops']} / {r['tool_rcvbuf_drops']}",
+            "0",
+        ),
+        (
+            "steady rcvbuf: host / gateway / tool",
+            f"{r['steady_rcvbuf_errors']} / "
+            f"{r['steady_gateway_rcvbuf_drops']} / {r['steady_tool_rcvbuf_drops']}",
+            "",
+        ),
+        (
+            "gateway SO_RCVBUF (rmem_max)",
+            f"{r['udp_buffers'].get('rcvbuf')} ({r['udp_buffers'].get('rmem_max')})",
+            "",
+        ),
         ("load average start / end", f"{r['load_start']} / {r['load_end']}", ""),
         ("traffic tool's nice", str(r["tool_nice"]), ""),
-        ("cutover pause p50 / max ms", f"{r['cutover_ms_p50']} / {r['cutover_ms_max']}",
-         "<= 1 / <= 5"),
-        ("max gap: upgrades / steady ms", f"{r['handoff_gap_ms_max']} / {r['steady_gap_ms_max']}",
-         "<= 2x steady"),
+        (
+            "cutover pause p50 / max ms",
+            f"{r['cutover_ms_p50']} / {r['cutover_ms_max']}",
+            "<= 1 / <= 5",
+        ),
+        (
+            "max gap: upgrades / steady ms",
+            f"{r['handoff_gap_ms_max']} / {r['steady_gap_ms_max']}",
+            "<= 2x steady",
+        ),
         ("longest gap ended, from nearest cutover ms", str(r["handoff_gap_from_cutover_ms"]), ""),
-        ("p99 gap: upgrades / steady ms", f"{r['handoff_gap_ms_p99']} / {r['steady_gap_ms_p99']}",
-         ""),
-        ("steady CPU of a core: tool / gateway",
-         f"{r['steady_tool_cpu']} / {r['steady_gateway_cpu']}", ""),
-        ("tool's own send stall: upgrades / steady ms",
-         f"{r['tool_send_gap_ms_max']} / {r['steady_tool_send_gap_ms_max']}", ""),
-        ("spawn->ready p50 / max ms",
-         f"{p['spawn_to_ready']['p50']} / {p['spawn_to_ready']['max']}", ""),
-        ("descriptors p50 / max ms",
-         f"{p['descriptor_transfer']['p50']} / {p['descriptor_transfer']['max']} "
-         f"({r['descriptors']} fds)", ""),
-        ("snapshot p50 / max ms", f"{p['state_transfer']['p50']} / {p['state_transfer']['max']}",
-         ""),
-        ("pause->started p50 / max ms",
-         f"{p['control_cutover']['p50']} / {p['control_cutover']['max']} "
-         f"(final state {r['final_state_bytes']} B)", ""),
+        (
+            "p99 gap: upgrades / steady ms",
+            f"{r['handoff_gap_ms_p99']} / {r['steady_gap_ms_p99']}",
+            "",
+        ),
+        (
+            "steady CPU of a core: tool / gateway",
+            f"{r['steady_tool_cpu']} / {r['steady_gateway_cpu']}",
+            "",
+        ),
+        (
+            "tool's own send stall: upgrades / steady ms",
+            f"{r['tool_send_gap_ms_max']} / {r['steady_tool_send_gap_ms_max']}",
+            "",
+        ),
+        (
+            "spawn->ready p50 / max ms",
+            f"{p['spawn_to_ready']['p50']} / {p['spawn_to_ready']['max']}",
+            "",
+        ),
+        (
+            "descriptors p50 / max ms",
+            f"{p['descriptor_transfer']['p50']} / {p['descriptor_transfer']['max']} "
+            f"({r['descriptors']} fds)",
+            "",
+        ),
+        (
+            "snapshot p50 / max ms",
+            f"{p['state_transfer']['p50']} / {p['state_transfer']['max']}",
+            "",
+        ),
+        (
+            "pause->started p50 / max ms",
+            f"{p['control_cutover']['p50']} / {p['control_cutover']['max']} "
+            f"(final state {r['final_state_bytes']} B)",
+            "",
+        ),
     ]
     rows += [
         (f"  {name} us p50 / max", f"{v['p50']} / {v['max']}", "")
@@ -359,8 +403,10 @@ def _load() -> str:
 def main() -> int:
     mgmt = Management()
     if not mgmt.available():
-        print("bench-hitless: needs RabbitMQ with the management API on 127.0.0.1:15672",
-              file=sys.stderr)
+        print(
+            "bench-hitless: needs RabbitMQ with the management API on 127.0.0.1:15672",
+            file=sys.stderr,
+        )
         return 2
     load_start = _load()
     vhost = f"hitless-bench-{uuid.uuid4().hex[:8]}"
@@ -371,8 +417,11 @@ def main() -> int:
             try:
                 print("saturation ...", flush=True)
                 saturation, cpu = bench.saturation()
-                print(f"  saturation: {saturation:.0f} packets/s arrived "
-                      f"(gateway CPU {cpu:.0%} of a core)", flush=True)
+                print(
+                    f"  saturation: {saturation:.0f} packets/s arrived "
+                    f"(gateway CPU {cpu:.0%} of a core)",
+                    flush=True,
+                )
                 print(f"{UPGRADES} upgrades at {OFFERED_PPS} packets/s ...", flush=True)
                 upgraded, took, handoffs = bench.upgrade_run()
                 cutovers = bench.gateway.events("tunnels_cutover")
@@ -385,9 +434,7 @@ def main() -> int:
     finally:
         mgmt.delete_vhost(vhost)
     result = summarize(saturation, cpu, upgraded, took, handoffs, cutovers, steady)
-    result.update(
-        udp_buffers=buffers, load_start=load_start, load_end=_load(), tool_nice=tool_nice
-    )
+    result.update(udp_buffers=buffers, load_start=load_start, load_end=_load(), tool_nice=tool_nice)
     print(table(result))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

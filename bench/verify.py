@@ -13,7 +13,10 @@ the targets key (``PublishRelease`` with ``ReleaseMetadata.targets_metadata``, a
   and nothing here runs the artifact;
 - the tiny release: a zip holding the version stamp only (about 130 bytes).
 
-Clients run in processes other than the controller's.
+Clients run in processes other than the controller's. Gateways call the controller's
+gateway port as gateways do: over TLS with a client certificate, each enrolled once
+(``Enrollment.Enroll`` with a code from ``CreateEnrollment``, as ``gateway-daemon
+enroll`` does) before anything is timed; every connection below is a TLS handshake.
 
 1. One gateway (this process). Each step runs ``REPEATS`` times, after one untimed run
    that loads what the steps import; the median and the minimum are reported, and what
@@ -84,6 +87,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # before bench/, whose hitless.py would shadow the package
 
+from gateway_daemon import identity  # noqa: E402
 from gateway_daemon.download import download  # noqa: E402
 from gateway_daemon.trust import ControllerSource, GatewayTrust, provision  # noqa: E402
 from hitless import logs  # noqa: E402
@@ -163,10 +167,17 @@ def timed(step: Callable[[], object]) -> float:
 
 
 def one_gateway(
-    controller: HostPort, anchor: bytes, sha256: str, size: int, work: Path
+    gateway: identity.Identity,
+    controller: HostPort,
+    anchor: bytes,
+    sha256: str,
+    size: int,
+    work: Path,
 ) -> dict[str, Any]:
-    """The single gateway's steps, ``REPEATS`` times each: seconds per run, and what the
-    metadata updates fetched. One untimed run first loads what the steps import."""
+    """The single gateway's steps, ``REPEATS`` times each, on the gateway port
+    ``controller`` with ``gateway``'s certificate: seconds per run, and what the metadata
+    updates fetched. One untimed run first loads what the steps import."""
+    credentials = gateway.channel_credentials()
     runs: dict[str, list[float]] = {}
     fetched: dict[str, list[tuple[str, int]]] = {}
     name = release.target_name(LARGE)
@@ -178,8 +189,8 @@ def one_gateway(
     for i in range(REPEATS + 1):
         warmup = i == 0
         dest.unlink(missing_ok=True)
-        took = timed(partial(download, controller, sha256, size, dest))
-        source = CountedSource(ControllerSource(controller))
+        took = timed(partial(download, controller, sha256, size, dest, credentials=credentials))
+        source = CountedSource(ControllerSource(controller, credentials))
         client = TrustClient(anchor, work / "one" / f"cache-{i}", source)
         started = time.perf_counter()
         target = client.target(name)
@@ -205,7 +216,8 @@ def one_gateway(
 class Task:
     kind: str
     state_dir: str
-    controller: str
+    identity_dir: str  # where the gateway's identity (enrollment) is kept
+    controller: str  # the gateway port
     trust_root: str
     version: str
     sha256: str
@@ -221,17 +233,22 @@ class Outcome:
 
 
 def _prepare(task: Task) -> Callable[[], object]:
-    """What a gateway does before the release: its state, its trust anchor, its client."""
+    """What a gateway does before the release: its state, its trust anchor, its
+    certificate, its client."""
     state = Path(task.state_dir)
     controller = HostPort.parse(task.controller)
+    enrolled = identity.load(Path(task.identity_dir))
+    if enrolled is None:
+        raise RuntimeError(f"no gateway identity in {task.identity_dir}")
+    credentials = enrolled.channel_credentials()
     if task.kind == METADATA:
         provision(state, Path(task.trust_root))
-        trust = GatewayTrust(state, controller)
+        trust = GatewayTrust(state, controller, credentials)
         return lambda: trust.release(task.version)
     if task.kind == DOWNLOAD:
         dest = state / "tiny.pyz"
-        return lambda: download(controller, task.sha256, task.size, dest)
-    source = ControllerSource(controller)
+        return lambda: download(controller, task.sha256, task.size, dest, credentials=credentials)
+    source = ControllerSource(controller, credentials)
     return lambda: source.fetch_metadata("timestamp.json")
 
 
@@ -268,7 +285,9 @@ class Fleet:
     @classmethod
     def start(cls) -> Fleet:
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["gateway_daemon.trust", "gateway_daemon.download"])
+        ctx.set_forkserver_preload(
+            ["gateway_daemon.trust", "gateway_daemon.download", "gateway_daemon.identity"]
+        )
         fleet = cls(ctx, ctx.Barrier(CLIENTS), ctx.Queue(), ctx.Queue())
         for _ in range(CLIENTS):
             proc = ctx.Process(target=worker, args=(fleet.barrier, fleet.tasks, fleet.results))
@@ -459,6 +478,15 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def enroll(
+    client: ControllerClient, api: HostPort, ca_pem: bytes, gateway_id: str, state_dir: Path
+) -> identity.Identity:
+    """Gateway ``gateway_id`` enrolled at the controller (a code from ``client``, then
+    ``Enrollment.Enroll`` at ``api``); its identity is kept in ``state_dir``."""
+    code = client.create_enrollment(gateway_id).code
+    return identity.enroll(state_dir, gateway_id, api, ca_pem, code)
+
+
 def _admin_token(data_dir: Path, procs: Procs) -> Credentials:
     """The admin API token the controller makes at its first start."""
     path = data_dir / "admin.token"
@@ -478,6 +506,7 @@ def run(work: Path, amqp: str) -> dict[str, Any]:
     fleet = Fleet.start()
     procs = Procs(work)
     target = HostPort("127.0.0.1", free_port())
+    gateway_port = HostPort("127.0.0.1", free_port())
     client: ControllerClient | None = None
     try:
         keys = trust_keys.init(work / "keys")
@@ -486,15 +515,16 @@ def run(work: Path, amqp: str) -> dict[str, Any]:
             [
                 command("controller-svc"), "serve",
                 "--listen", str(target),
+                "--gateway-listen", str(gateway_port),
                 "--data-dir", str(work / "controller"),
                 "--amqp", amqp,
                 "--trust-root", str(keys.root_json),
                 "--no-self-upgrade",
             ],
         )  # fmt: skip
-        client = ControllerClient(
-            target, timeout=60, credentials=_admin_token(work / "controller", procs)
-        )
+        token = _admin_token(work / "controller", procs)
+        ca_pem = (work / "controller" / "pki" / "ca.pem").read_bytes()
+        client = ControllerClient(target, timeout=60, ca_cert=ca_pem, credentials=token)
 
         def answers() -> bool:
             assert client is not None
@@ -514,8 +544,15 @@ def run(work: Path, amqp: str) -> dict[str, Any]:
         large_sha, large_size = file_sha256(large)
         tiny_sha, tiny_size = file_sha256(tiny)
 
+        print(f"enrolling {CLIENTS} gateways ...", flush=True)
+        identities = [work / "identities" / f"gw-{n}" for n in range(CLIENTS)]
+        enrolled = [enroll(client, target, ca_pem, p.name, p) for p in identities]
+        gateway = enrolled[0].download_address(target)
+
         print(f"one gateway, {REPEATS} runs ...", flush=True)
-        one = one_gateway(target, keys.root_json.read_bytes(), large_sha, large_size, work)
+        one = one_gateway(
+            enrolled[0], gateway, keys.root_json.read_bytes(), large_sha, large_size, work
+        )
 
         rounds = []
         pid = controller.popen.pid
@@ -523,8 +560,9 @@ def run(work: Path, amqp: str) -> dict[str, Any]:
             warmup = i == 0
             for kind in FLEET_LABELS:
                 tasks = [
-                    Task(kind, str(work / "fleet" / f"{kind}-{i}" / f"gw-{n}"), str(target),
-                         str(keys.root_json), LARGE, tiny_sha, tiny_size)
+                    Task(kind, str(work / "fleet" / f"{kind}-{i}" / f"gw-{n}"),
+                         str(identities[n]), str(gateway), str(keys.root_json), LARGE,
+                         tiny_sha, tiny_size)
                     for n in range(CLIENTS)
                 ]  # fmt: skip
                 refused0, cpu0 = refusals(controller.log_path), cpu_seconds(pid)

@@ -79,6 +79,9 @@ _READS = (
 ROLES: dict[str, Role] = {
     **{_CONTROLLER + m: Role.VIEWER for m in _READS},
     _CONTROLLER + "StartUpgrade": Role.OPERATOR,
+    # Gateways download with their certificates; an operator's token may too.
+    "/hitless.v1.Artifacts/Download": Role.VIEWER,
+    "/hitless.v1.Artifacts/FetchMetadata": Role.VIEWER,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": Role.VIEWER,
 }
 # Methods that change something: each call is an audit row.
@@ -87,16 +90,19 @@ CHANGES = frozenset(
     for m in (
         "PublishRelease", "StartUpgrade", "SyncReleases", "AddAdmin", "RemoveAdmin",
         "UpgradeController", "YankRelease", "RotateRoot", "CreateToken", "RevokeToken",
+        "CreateEnrollment", "RevokeGateway", "AllowPublisher", "DisallowPublisher",
+        "IssueCertificate", "RevokeCertificate",
     )
 )  # fmt: skip
-# Reached without a token: health checks, and what gateways call (gateways will prove who
-# they are with client certificates once they enroll).
-OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/hitless.v1.Artifacts/")
+# Reached without a token: health checks, and enrollment (the caller holds a one-time code).
+OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/hitless.v1.Enrollment/")
+# All that a gateway's client certificate may call: downloads and release metadata.
+GATEWAY_PREFIXES = ("/hitless.v1.Artifacts/", "/grpc.health.v1.Health/")
 
 
 def role_needed(method: str) -> Role | None:
-    """The role a call of ``method`` (``/package.Service/Method``) needs; None when it is
-    open to anyone (health, and the Artifacts service gateways download from)."""
+    """The role a call of ``method`` (``/package.Service/Method``) needs with an API token;
+    None when it is open to anyone (health, and enrollment, which checks its code)."""
     if method.startswith(OPEN_PREFIXES):
         return None
     return ROLES.get(method, Role.ADMIN)
@@ -112,11 +118,14 @@ class PermissionDenied(ControllerError):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is calling: ``actor`` is "token:NAME" (or "broker:USER" for a management job)."""
+    """Who is calling: ``actor`` is "token:NAME", "cert:NAME" (an operator's client
+    certificate, ``controller_svc.operator_certs``), "gateway:ID" (a gateway's client
+    certificate) or "broker:USER" (a management job)."""
 
     actor: str
     role: Role
     peer: str = ""
+    gateway: str = ""  # the gateway its client certificate names ("" for operators)
 
 
 # The caller of the call this thread serves (set by the server's interceptor).
@@ -185,8 +194,7 @@ class Tokens:
         bad name or expiry, Conflict when the name is taken (revoked ones included)."""
         if not _NAME.fullmatch(name):
             raise InvalidRequest(
-                f"invalid token name {name[:40]!r}: use 1-64 ASCII letters, digits, '.', '_' "
-                "or '-'"
+                f"invalid token name {name[:40]!r}: use 1-64 ASCII letters, digits, '.', '_' or '-'"
             )
         if expires_in is not None and not timedelta(0) < expires_in <= MAX_EXPIRY:
             raise InvalidRequest(
@@ -271,9 +279,7 @@ class Tokens:
         if path.exists():  # from a start that did not finish: never overwrite a secret
             name = f"{BOOTSTRAP_NAME}-{secrets.token_hex(3)}"
             path = data_dir / f"{BOOTSTRAP_FILE}.{name}"
-        _, secret = self.create(
-            name, Role.ADMIN, now=now, expires_in=None, created_by="controller"
-        )
+        _, secret = self.create(name, Role.ADMIN, now=now, expires_in=None, created_by="controller")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secret + "\n")

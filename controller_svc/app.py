@@ -10,23 +10,28 @@ from datetime import timedelta
 from controller_svc import db, takeover
 from controller_svc.access import Audit, Tokens
 from controller_svc.admins import Admins
+from controller_svc.broker_access import BrokerAccess, vhost_of
 from controller_svc.engine import Engine, utc_now
+from controller_svc.enrollment import Enrollments
 from controller_svc.events import Announcer
 from controller_svc.feed import FeedSync, ReleaseFeed
 from controller_svc.jobs import ManagementJobs
 from controller_svc.limits import DEFAULT_LIMITS, Limits
+from controller_svc.operator_certs import OperatorCertificates
 from controller_svc.outbox import Outbox
 from controller_svc.rejections import Rejections
 from controller_svc.repository import Repository
 from controller_svc.selfupgrade import ControllerUpgrader
+from controller_svc.senders import ReportSenders
 from controller_svc.server import ArtifactsService, ControllerService, build_server
 from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
-from hitless import logs, version
+from hitless import logs, pki, version
 from hitless.bus import topology
 from hitless.bus.amqp import Consumer, Publisher
 from hitless.config import ControllerConfig
 from hitless.errors import ConfigError
+from hitless.pki import CertificateAuthority
 
 log = logs.get(__name__)
 
@@ -52,6 +57,7 @@ class ControllerApp:
         self._limits = limits
         self._stop = threading.Event()
         self.port: int | None = None
+        self.gateway_port: int | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -64,6 +70,18 @@ class ControllerApp:
             )
         config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         trust = Trust.open(config.data_dir, config.trust_root, config.online_keys)
+        ca = CertificateAuthority(config.pki_dir)
+        server_names = [*pki.default_names(config.listen.host), *config.tls_names]
+        for path in ca.init(server_names, utc_now()):
+            log.warning("tls_material_created", file=str(path))
+            if path == ca.ca_path:
+                print(
+                    f"controller-svc: made a certificate authority in {ca.directory}. Give "
+                    f"{ca.ca_path} to operators (upgradectl --ca-cert FILE, or "
+                    "HITLESS_CA_CERT) and to gateways (gateway-daemon --ca-cert FILE); "
+                    "ca.key never leaves this host.",
+                    file=sys.stderr,
+                )
         engine_db = db.make_engine(config.db_url)
         migrated = db.migrate(engine_db)
         log.info("database_ready", migrated=migrated)
@@ -94,10 +112,22 @@ class ControllerApp:
             queues=PUBLISHED_QUEUES,
             name="controller-jobs",
         )
+        if config.broker_api:
+            on_report = ReportSenders(config.broker_user_prefix, config.bus.user).checked(
+                engine.on_report
+            )
+        else:
+            on_report = engine.on_report
+            log.warning(
+                "reports_not_tied_to_gateways",
+                hint="without --broker-api every gateway shares one broker login, so a "
+                "report's sender is not checked; give the management API to make a broker "
+                "user per gateway",
+            )
         consumer = Consumer(
             config.bus,
             topology.CONTROLLER_REPORTS,
-            engine.on_report,
+            on_report,
             queues=PUBLISHED_QUEUES,
             prefetch=32,
             workers=4,
@@ -120,8 +150,20 @@ class ControllerApp:
                 "delete the file.",
                 file=sys.stderr,
             )
-        server, self.port = build_server(
+        broker = (
+            BrokerAccess(config.broker_api, prefix=config.broker_user_prefix)
+            if config.broker_api
+            else None
+        )
+        if broker is not None:
+            broker.check()
+        enrollments = Enrollments(
+            repo.sessions, ca, broker.gateways(vhost_of(config.bus.url)) if broker else None
+        )
+        operator_certificates = OperatorCertificates(repo.sessions, ca)
+        server, self.port, self.gateway_port = build_server(
             config.listen,
+            config.gateway_address,
             ControllerService(
                 engine,
                 store,
@@ -132,11 +174,17 @@ class ControllerApp:
                 upgrader,
                 tokens=tokens,
                 audit=audit,
+                enrollments=enrollments,
+                operator_certificates=operator_certificates,
                 limits=self._limits,
             ),
             ArtifactsService(store, trust.repository, limits=self._limits),
+            ca=ca,
             tokens=tokens,
             audit=audit,
+            enrollments=enrollments,
+            operator_certificates=operator_certificates,
+            root_metadata=lambda: trust.repository.metadata("root.json"),
             limits=self._limits,
         )
         poller = (
@@ -155,6 +203,7 @@ class ControllerApp:
             log.info(
                 "controller_serving",
                 listen=f"{config.listen.host}:{self.port}",
+                gateway_listen=f"{config.gateway_address.host}:{self.gateway_port}",
                 version=version.current(),
             )
             publisher.wait_connected(BUS_WAIT_S)

@@ -8,6 +8,8 @@ from typing import cast
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from controller_svc.access import AuditRecord, TokenRecord
+from controller_svc.enrollment import EnrollmentRecord
+from controller_svc.operator_certs import CertificateRecord
 from controller_svc.records import (
     EventRecord,
     GatewayJobRecord,
@@ -146,3 +148,34 @@ def audit(record: AuditRecord) -> controller_pb2.AuditEvent:
         detail=record.detail,
         outcome=record.outcome,
     )
+
+
+def enrollment(record: EnrollmentRecord) -> controller_pb2.GatewayEnrollment:
+    message = controller_pb2.GatewayEnrollment(
+        gateway_id=record.gateway_id,
+        state=record.state,
+        created_at=timestamp(record.created_at),
+        code_expires_at=timestamp(record.code_expires_at),
+        certificate_serial=record.certificate_serial,
+        broker_user=record.broker_user,
+        created_by=record.created_by,
+    )
+    for name in ("enrolled_at", "revoked_at", "certificate_expires_at"):
+        value = getattr(record, name)
+        if value is not None:
+            getattr(message, name).CopyFrom(timestamp(value))
+    return message
+
+
+def operator_certificate(record: CertificateRecord) -> controller_pb2.OperatorCertificate:
+    message = controller_pb2.OperatorCertificate(
+        name=record.name,
+        role=str(record.role),
+        serial=record.serial,
+        created_at=timestamp(record.created_at),
+        expires_at=timestamp(record.expires_at),
+        created_by=record.created_by,
+    )
+    if record.revoked_at is not None:
+        message.revoked_at.CopyFrom(timestamp(record.revoked_at))
+    return message

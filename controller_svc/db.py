@@ -241,6 +241,49 @@ class ApiToken(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class GatewayEnrollment(Base):
+    """A gateway's enrollment: the sha256 of its one-time code until it is used, then the
+    certificate issued for it; revoked_at ends it."""
+
+    __tablename__ = "gateway_enrollments"
+
+    gateway_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    code_sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128), server_default="")
+    code_expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    enrolled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    certificate_serial: Mapped[str] = mapped_column(String(64), server_default="")
+    certificate_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    broker_user: Mapped[str] = mapped_column(String(255), server_default="")
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class OperatorCertificate(Base):
+    """An operator's client certificate: the one serial issued under its name (names are
+    never reused), its role and end; revoked_at ends it."""
+
+    __tablename__ = "operator_certificates"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    serial: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128), server_default="")
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class JobPublisher(Base):
+    """A broker user an admin allowed to publish management jobs."""
+
+    __tablename__ = "job_publishers"
+
+    broker_user: Mapped[str] = mapped_column(String(255), primary_key=True)
+    allowed_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    allowed_by: Mapped[str] = mapped_column(String(128), server_default="")
+
+
 class AuditEvent(Base):
     """One change and who asked for it."""
 

@@ -7,6 +7,10 @@
     ├── InvalidRequest           the request itself is malformed (bad version, digest, offset)
     ├── FailedPrecondition       valid, but not possible in the present state (no gateways)
     ├── StorageError             the database or the artifact store failed underneath us
+    ├── access.Unauthenticated   no credential, or one refused (enrollment.EnrollmentRefused)
+    ├── access.PermissionDenied  the caller's role or certificate may not make this call
+    ├── broker_access.BrokerAccessError   RabbitMQ's management API failed (Unavailable)
+    │                            or refused (ManagementRefused) a broker user change
     └── limits.Refused           a budget of concurrent calls is full; retry later
 
 The API layer maps these to status codes in one place; every message says what failed,

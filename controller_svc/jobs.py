@@ -1,6 +1,12 @@
 """Upgrade jobs published by admins to the ``hitless.jobs`` exchange (e.g. from the
 RabbitMQ management UI), validated strictly and run exactly like the CLI's.
 
+A job runs only when its ``user_id`` property is set and names a broker user an admin
+allowed (``upgradectl jobs allow-publisher USER``; ``controller_svc.publishers``): RabbitMQ
+refuses a ``user_id`` that is not the publishing connection's user, so the property says
+who published. Who published is checked before anything else, so a user not allowed learns
+nothing from the reason but how to be allowed.
+
 The message_id property is the idempotency key: the same job published twice runs once.
 A refused job is kept (``upgradectl jobs rejected``), announced to the admins, and
 dead-lettered with the reason in a header and its body untouched.
@@ -9,6 +15,7 @@ dead-lettered with the reason in a header and its body untouched.
 from __future__ import annotations
 
 import hashlib
+import shlex
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -16,6 +23,7 @@ from datetime import datetime
 from controller_svc.access import Audit
 from controller_svc.engine import Engine
 from controller_svc.errors import FailedPrecondition, InvalidRequest, NotFound
+from controller_svc.publishers import Publishers
 from controller_svc.rejections import Rejection, Rejections
 from hitless import logs, names, semver
 from hitless.bus import codec
@@ -45,11 +53,14 @@ class ManagementJobs:
         rejections: Rejections,
         clock: Callable[[], datetime],
         audit: Audit | None = None,
+        publishers: Publishers | None = None,
     ) -> None:
         self._engine = engine
         self._rejections = rejections
         self._clock = clock
         self._audit = audit
+        # The allowed publishers: by default those in the engine's database.
+        self._publishers = publishers or Publishers(engine.repo.sessions)
 
     def handle(self, delivery: Delivery) -> None:
         """Consumer handler for hitless.controller.jobs."""
@@ -60,6 +71,7 @@ class ManagementJobs:
             raise DeadLetter(refused.reason) from None
 
     def _run(self, delivery: Delivery) -> None:
+        self._check_publisher(delivery.user_id)
         if not delivery.message_id:
             raise _Refused(
                 "the message has no message_id property: set one (in the management UI: "
@@ -101,6 +113,22 @@ class ManagementJobs:
             user=delivery.user_id,
         )
         self._record(delivery, f"OK: job {record.id}")
+
+    def _check_publisher(self, user_id: str | None) -> None:
+        """Refuse a job whose publisher the broker did not vouch for, or one not allowed."""
+        if not user_id:
+            raise _Refused(
+                "the message has no user_id property, so nothing says who published it: "
+                "publish as a broker user an admin allowed (`upgradectl jobs allow-publisher "
+                "USER`) and set user_id to that user (in the management UI: Properties, "
+                "user_id)"
+            )
+        if not self._publishers.is_allowed(user_id):
+            raise _Refused(
+                f"broker user {names.shown(user_id, 64)} may not publish management jobs: an "
+                "admin allows it with `upgradectl jobs allow-publisher "
+                f"{shlex.quote(user_id[:255])}`"
+            )
 
     def _record(self, delivery: Delivery, outcome: str) -> None:
         """The audit row of a management job, accepted or rejected, as its publisher's."""

@@ -93,6 +93,8 @@ class ControllerUpgrader:
         argv = [
             sys.executable, str(artifact), "controller-svc", "serve",
             "--listen", str(c.listen),
+            "--gateway-listen", str(c.gateway_address),
+            "--broker-user-prefix", c.broker_user_prefix,
             "--data-dir", str(c.data_dir),
             "--command-deadline", str(c.command_deadline_s),
             "--feed-interval", str(c.feed_interval_s),
@@ -105,10 +107,15 @@ class ControllerUpgrader:
             argv += ["--release-feed", c.release_feed]
         if not c.self_upgrade:
             argv.append("--no-self-upgrade")
+        for name in c.tls_names:
+            argv += ["--tls-name", name]
         return argv
 
     def _secrets(self) -> dict[str, str]:
-        return {cfg.ENV_DB_URL: self._config.db_url, cfg.ENV_AMQP_URL: self._config.bus.url}
+        secrets = {cfg.ENV_DB_URL: self._config.db_url, cfg.ENV_AMQP_URL: self._config.bus.url}
+        if self._config.broker_api:
+            secrets[cfg.ENV_BROKER_API] = self._config.broker_api
+        return secrets
 
 
 def record_release(data_dir: Path, release_version: str, artifact: Path, sha256: str) -> None:

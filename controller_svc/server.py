@@ -3,7 +3,9 @@ plus health checking and reflection. The only module of the controller that impo
 
 Every call is admitted against the budget of its kind (``controller_svc.limits``), then
 its caller is authenticated and authorised (``controller_svc.access``: an API token with a
-role), and each call that changes something is written to the audit log with its outcome.
+role; on the gateway port, a gateway's client certificate, or an operator's with a role,
+``controller_svc.operator_certs``), and each call that changes something is written to the
+audit log with its outcome.
 
 Domain errors become status codes here, in one place; the details carry the full
 sentence, which upgradectl shows as it is. Every call is admitted against the budget of
@@ -31,6 +33,7 @@ from grpc_reflection.v1alpha import reflection
 from controller_svc import convert
 from controller_svc.access import (
     CHANGES,
+    GATEWAY_PREFIXES,
     Audit,
     Caller,
     PermissionDenied,
@@ -43,7 +46,9 @@ from controller_svc.access import (
     role_needed,
 )
 from controller_svc.admins import Admins
+from controller_svc.broker_access import ManagementRefused, ManagementUnavailable
 from controller_svc.engine import Engine
+from controller_svc.enrollment import Enrollments
 from controller_svc.errors import (
     Conflict,
     FailedPrecondition,
@@ -61,16 +66,26 @@ from controller_svc.limits import (
     kind_of,
     peer_host,
 )
+from controller_svc.operator_certs import OperatorCertificates
+from controller_svc.publishers import PublisherRecord, Publishers
 from controller_svc.records import ReleaseRecord
 from controller_svc.rejections import Rejections
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.store import ArtifactStore, stamped_as
-from hitless import logs, names, semver, version
+from hitless import logs, names, pki, semver, version
 from hitless.config import HEARTBEAT_INTERVAL_S, HostPort
 from hitless.errors import BusError, ConfigError, HitlessError
+from hitless.pki import CertificateAuthority
 from hitless.trust.errors import MetadataNotFound
 from hitless.trust.repository import Repository
-from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc, controller_pb2, controller_pb2_grpc
+from hitless.v1 import (
+    artifacts_pb2,
+    artifacts_pb2_grpc,
+    controller_pb2,
+    controller_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+)
 
 log = logs.get(__name__)
 
@@ -80,6 +95,8 @@ OFFLINE_AFTER = timedelta(seconds=3 * HEARTBEAT_INTERVAL_S)
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Refused, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (ManagementUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (ManagementRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (NotFound, grpc.StatusCode.NOT_FOUND),
@@ -138,10 +155,17 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         *,
         tokens: Tokens,
         audit: Audit,
+        enrollments: Enrollments | None = None,
+        publishers: Publishers | None = None,
+        operator_certificates: OperatorCertificates | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._tokens = tokens
+        self._operator_certificates = operator_certificates
         self._audit = audit
+        self._enrollment = enrollments
+        # The allowed publishers of management jobs: by default those in the engine's database.
+        self._publishers = publishers or Publishers(engine.repo.sessions)
         self._engine = engine
         self._repo = engine.repo
         self._store = store
@@ -343,9 +367,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     @_translated
     def CreateToken(self, request: Any, context: grpc.ServicerContext) -> Any:
-        expires = (
-            timedelta(seconds=request.expires_seconds) if request.expires_seconds else None
-        )
+        expires = timedelta(seconds=request.expires_seconds) if request.expires_seconds else None
         if request.expires_seconds < 0:
             raise InvalidRequest("expires_seconds must be 0 (never) or a positive number")
         record, secret = self._tokens.create(
@@ -367,10 +389,100 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         return convert.token(record)
 
     @_translated
+    def IssueCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.expires_seconds < 0:
+            raise InvalidRequest("expires_seconds must be 0 (the default) or a positive number")
+        lifetime = timedelta(seconds=request.expires_seconds) if request.expires_seconds else None
+        issued = self._certificates().issue(
+            request.name, Role.parse(request.role), request.csr_pem, now=datetime.now(UTC),
+            lifetime=lifetime, created_by=current_actor(),
+        )  # fmt: skip
+        return controller_pb2.IssuedCertificate(
+            certificate=convert.operator_certificate(issued.record),
+            certificate_pem=issued.certificate_pem,
+            ca_pem=issued.ca_pem,
+        )
+
+    @_translated
+    def ListCertificates(self, request: Any, context: grpc.ServicerContext) -> Any:
+        certificates = [convert.operator_certificate(c) for c in self._certificates().list()]
+        return controller_pb2.ListCertificatesResponse(certificates=certificates)
+
+    @_translated
+    def RevokeCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
+        record = self._certificates().revoke(request.name, datetime.now(UTC))
+        return convert.operator_certificate(record)
+
+    def _certificates(self) -> OperatorCertificates:
+        if self._operator_certificates is None:
+            raise FailedPrecondition("this controller does not issue operator certificates")
+        return self._operator_certificates
+
+    @_translated
+    def AllowPublisher(self, request: Any, context: grpc.ServicerContext) -> Any:
+        record, created = self._publishers.allow(
+            request.user, datetime.now(UTC), allowed_by=current_actor()
+        )
+        if created:
+            log.info("publisher_allowed", user=record.user, by=current_actor())
+        return self._publisher(record)
+
+    @_translated
+    def DisallowPublisher(self, request: Any, context: grpc.ServicerContext) -> Any:
+        record = self._publishers.disallow(request.user)
+        log.warning("publisher_disallowed", user=record.user, by=current_actor())
+        return self._publisher(record)
+
+    @_translated
+    def ListPublishers(self, request: Any, context: grpc.ServicerContext) -> Any:
+        publishers = [self._publisher(p) for p in self._publishers.list()]
+        return controller_pb2.ListPublishersResponse(publishers=publishers)
+
+    @staticmethod
+    def _publisher(record: PublisherRecord) -> Any:
+        return controller_pb2.Publisher(
+            user=record.user,
+            allowed_at=convert.timestamp(record.allowed_at),
+            allowed_by=record.allowed_by,
+        )
+
+    @_translated
     def ListAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
         since = request.since.ToDatetime(UTC) if request.HasField("since") else None
         events = self._audit.list(since, request.limit or 200)
         return controller_pb2.ListAuditResponse(events=[convert.audit(e) for e in events])
+
+    @_translated
+    def CreateEnrollment(self, request: Any, context: grpc.ServicerContext) -> Any:
+        if request.expires_seconds < 0:
+            raise InvalidRequest("expires_seconds must be 0 (the default) or a positive number")
+        lifetime = timedelta(seconds=request.expires_seconds) if request.expires_seconds else None
+        code, record = self._enrollments().create(
+            request.gateway_id, now=datetime.now(UTC), lifetime=lifetime,
+            created_by=current_actor(),
+        )  # fmt: skip
+        log.info("enrollment_created", gateway=record.gateway_id, by=current_actor())
+        return controller_pb2.EnrollmentCode(
+            gateway_id=record.gateway_id, code=code,
+            expires_at=convert.timestamp(record.code_expires_at),
+        )  # fmt: skip
+
+    @_translated
+    def ListEnrollments(self, request: Any, context: grpc.ServicerContext) -> Any:
+        records = self._enrollments().list(datetime.now(UTC))
+        return controller_pb2.ListEnrollmentsResponse(
+            enrollments=[convert.enrollment(r) for r in records]
+        )
+
+    @_translated
+    def RevokeGateway(self, request: Any, context: grpc.ServicerContext) -> Any:
+        record = self._enrollments().revoke(request.gateway_id, datetime.now(UTC))
+        return convert.enrollment(record)
+
+    def _enrollments(self) -> Enrollments:
+        if self._enrollment is None:
+            raise FailedPrecondition("this controller does not enroll gateways")
+        return self._enrollment
 
     @_translated
     def AddAdmin(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -576,9 +688,18 @@ class _Authorised(grpc.ServerInterceptor):  # type: ignore[misc]
     (``access.current``), and writes each call that changes something to the audit log
     with its outcome, refused ones included."""
 
-    def __init__(self, tokens: Tokens, audit: Audit) -> None:
+    def __init__(
+        self,
+        tokens: Tokens,
+        audit: Audit,
+        enrollments: Enrollments,
+        *,
+        operator_certificates: OperatorCertificates,
+    ) -> None:
         self._tokens = tokens
         self._audit = audit
+        self._enrollments = enrollments
+        self._operator_certificates = operator_certificates
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
@@ -644,17 +765,37 @@ class _Authorised(grpc.ServerInterceptor):  # type: ignore[misc]
         audited: bool,
     ) -> Caller:
         peer = peer_host(context.peer())
+        caller = Caller("anonymous", Role.VIEWER, peer)
+        # Who a refused call was, for the audit: an operator certificate (checked by TLS
+        # against the CA) names its holder even when it is refused.
+        claimed = "anonymous"
         try:
-            caller = self._tokens.authenticate(bearer(metadata), datetime.now(UTC))
+            certificate = _client_certificate(context)
+            operator = None if certificate is None else pki.operator_of(certificate)
+            if certificate is not None and operator is not None:
+                claimed = f"cert:{operator}"
+                caller = self._operator_certificates.authenticate(certificate, datetime.now(UTC))
+            elif certificate is not None:
+                caller = self._gateway(certificate, peer)
+                if not method.startswith(GATEWAY_PREFIXES):
+                    raise PermissionDenied(
+                        f"gateway {caller.gateway}'s certificate may download releases and "
+                        "nothing else: operators call with an API token on the controller's "
+                        "API port"
+                    )
+                return caller
+            else:
+                caller = self._tokens.authenticate(bearer(metadata), datetime.now(UTC))
             if caller.role < needed:
+                credential = "token" if certificate is None else "certificate"
                 raise PermissionDenied(
                     f"{caller.actor} has the role {caller.role}, and {method.rsplit('/', 1)[-1]} "
-                    f"needs {needed}: ask an admin for a token with that role"
+                    f"needs {needed}: ask an admin for a {credential} with that role"
                 )
         except (Unauthenticated, PermissionDenied) as exc:
             log.warning("call_unauthorised", method=method, peer=peer, reason=str(exc))
             if audited:
-                actor = caller.actor if isinstance(exc, PermissionDenied) else "anonymous"
+                actor = caller.actor if isinstance(exc, PermissionDenied) else claimed
                 described = "" if not isinstance(request, Message) else _describe(request)
                 self._audit.record(
                     datetime.now(UTC), actor, method.rsplit("/", 1)[-1], described,
@@ -662,6 +803,17 @@ class _Authorised(grpc.ServerInterceptor):  # type: ignore[misc]
                 )  # fmt: skip
             context.abort(_status_of(exc), str(exc))
         return Caller(caller.actor, caller.role, peer)
+
+    def _gateway(self, certificate: bytes, peer: str) -> Caller:
+        """The gateway a client certificate (verified by TLS against the CA) names, while
+        that certificate is its current one. Raises Unauthenticated."""
+        gateway_id = pki.gateway_of(certificate)
+        if gateway_id is None:
+            raise Unauthenticated("the client certificate names no gateway")
+        refused = self._enrollments.authorise(gateway_id, pki.serial_of(certificate))
+        if refused is not None:
+            raise Unauthenticated(refused)
+        return Caller(f"gateway:{gateway_id}", Role.VIEWER, peer, gateway=gateway_id)
 
     def _record(
         self, caller: Caller, method: str, detail: str, context: grpc.ServicerContext,
@@ -679,6 +831,13 @@ class _Authorised(grpc.ServerInterceptor):  # type: ignore[misc]
             )  # fmt: skip
         except HitlessError as exc:
             log.error("audit_write_failed", method=method, error=str(exc))
+
+
+def _client_certificate(context: grpc.ServicerContext) -> bytes | None:
+    """The caller's verified client certificate (PEM), None when it presented none (the
+    API port asks for none; the gateway port requires one)."""
+    values = context.auth_context().get("x509_pem_cert")
+    return bytes(values[0]) if values else None
 
 
 def _remembering_first(requests: Iterator[Any], first: list[Any]) -> Iterator[Any]:
@@ -720,6 +879,51 @@ def _watched_requests(requests: Iterator[Any], slot: Slot) -> Iterator[Any]:
         yield request
 
 
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):  # type: ignore[misc]
+    """Enrollment.Enroll: open to any caller on the API port, which proves itself with a
+    one-time code. Each attempt is an audit row."""
+
+    def __init__(
+        self,
+        enrollments: Enrollments,
+        audit: Audit,
+        root_metadata: Callable[[], bytes],
+        gateway_port: int,
+    ) -> None:
+        self._enrollments = enrollments
+        self._audit = audit
+        self._root_metadata = root_metadata
+        self._gateway_port = gateway_port
+
+    def Enroll(self, request: Any, context: grpc.ServicerContext) -> Any:
+        gateway_id = request.gateway_id[:64]
+        peer = peer_host(context.peer())
+        now = datetime.now(UTC)
+        try:
+            enrolled = self._enrollments.enroll(
+                request.gateway_id, request.code, request.csr_pem, now
+            )
+            response = enrollment_pb2.EnrollResponse(
+                certificate_pem=enrolled.certificate_pem,
+                ca_pem=enrolled.ca_pem,
+                root_metadata=self._root_metadata(),
+                broker_user=enrolled.broker_user,
+                broker_password=enrolled.broker_password,
+                gateway_port=self._gateway_port,
+            )
+        except HitlessError as exc:
+            log.warning("enrollment_refused", gateway=gateway_id, peer=peer, reason=str(exc))
+            self._audit.record(
+                now, f"gateway:{gateway_id}", "Enroll", f"gateway_id: {gateway_id!r}",
+                f"{_status_of(exc).name}: {exc}", peer,
+            )  # fmt: skip
+            context.abort(_status_of(exc), str(exc))
+        self._audit.record(
+            now, f"gateway:{gateway_id}", "Enroll", f"gateway_id: {gateway_id!r}", "OK", peer
+        )
+        return response
+
+
 class Server:
     """The controller's gRPC server and the watchdog of its streams, started and stopped
     together."""
@@ -741,21 +945,31 @@ class Server:
 
 def build_server(
     listen: HostPort,
+    gateway_listen: HostPort,
     controller: ControllerService,
     artifacts: ArtifactsService,
     *,
+    ca: CertificateAuthority,
     tokens: Tokens,
     audit: Audit,
+    enrollments: Enrollments,
+    operator_certificates: OperatorCertificates,
+    root_metadata: Callable[[], bytes],
     limits: Limits = DEFAULT_LIMITS,
-) -> tuple[Server, int]:
-    """A gRPC server bound to ``listen`` (SO_REUSEPORT on, so a new controller version can
-    bind the same port beside this one), with a thread for each call its ``limits`` admit
-    and some to spare. Returns it and the bound port. Raises ConfigError when it cannot
-    listen there."""
+) -> tuple[Server, int, int]:
+    """A gRPC server with two TLS ports: the API port ``listen`` (operators with API tokens,
+    and enrollment) and the gateway port ``gateway_listen`` (mutual TLS: a client
+    certificate from ``ca`` is required). SO_REUSEPORT is on, so a new controller version
+    can bind the same ports beside this one. A thread serves each call ``limits`` admit,
+    with some to spare. Returns it and the two bound ports. Raises ConfigError when it
+    cannot listen on either."""
     admission = Admission(limits)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
-        interceptors=[_Budgeted(admission), _Authorised(tokens, audit)],
+        interceptors=[
+            _Budgeted(admission),
+            _Authorised(tokens, audit, enrollments, operator_certificates=operator_certificates),
+        ],
         options=[("grpc.so_reuseport", 1)],
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
     )
@@ -766,16 +980,28 @@ def build_server(
     names = [
         controller_pb2.DESCRIPTOR.services_by_name["Controller"].full_name,
         artifacts_pb2.DESCRIPTOR.services_by_name["Artifacts"].full_name,
+        enrollment_pb2.DESCRIPTOR.services_by_name["Enrollment"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ]
     reflection.enable_server_reflection(names, server)
-    for name in ("", *names[:2]):
+    for name in ("", *names[:3]):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    port = _bind(server, listen, ca.server_credentials(require_client_certificate=False))
+    gateway_port = _bind(
+        server, gateway_listen, ca.server_credentials(require_client_certificate=True)
+    )
+    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
+        EnrollmentService(enrollments, audit, root_metadata, gateway_port), server
+    )
+    return Server(server, admission), port, gateway_port
+
+
+def _bind(server: grpc.Server, listen: HostPort, credentials: grpc.ServerCredentials) -> int:
     try:
-        port = server.add_insecure_port(str(listen))
+        port = int(server.add_secure_port(str(listen), credentials))
     except RuntimeError as exc:
         raise ConfigError(f"cannot listen on {listen}: {exc}") from exc
     if port == 0:
         raise ConfigError(f"cannot listen on {listen}: the address is not available")
-    return Server(server, admission), port
+    return port

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import grpc
 from tuf.api.metadata import Root
 
 from gateway_daemon.download import download
@@ -115,9 +116,11 @@ class Agent:
         reporter: Reporter,
         swap: Swap,
         trust: GatewayTrust,
+        credentials: grpc.ChannelCredentials,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._config = config
+        self._credentials = credentials
         self._version = version
         self._state = state
         self._reporter = reporter
@@ -293,11 +296,15 @@ class Agent:
             now = time.monotonic()
             if now - last_report >= PROGRESS_INTERVAL_S or done == total:
                 last_report = now
-                self._status(command, "DOWNLOADING", bytes_done=done, bytes_total=total,
-                             required=False)
+                self._status(
+                    command, "DOWNLOADING", bytes_done=done, bytes_total=total, required=False
+                )
 
         try:
-            download(self._config.controller, sha, size, partial, progress=progress)
+            download(
+                self._config.controller, sha, size, partial,
+                credentials=self._credentials, progress=progress,
+            )  # fmt: skip
             self._status(command, "VERIFYING", bytes_done=size, bytes_total=size)
             verify_artifact(partial, signed)
         except DownloadFailed as exc:

@@ -1,22 +1,26 @@
 """``gateway-daemon``: the gateway's command line. Flags and environment are read here only.
 
-    gateway-daemon run --id ID [--trust-root FILE] [--controller HOST:PORT] [--amqp URL]
-                       [--state-dir DIR]
-                       [--listen HOST:PORT]... [--tunnels FILE] [--handoff-timeout S]
-                       [--vpn-listen HOST:PORT] [--vpn-keepalive-timeout S]
-                       [--heartbeat-interval S]
-    gateway-daemon vpn-service --state-dir DIR --listen HOST:PORT [--keepalive-timeout S]
-    gateway-daemon traffic (--write-lab DIR | --sites FILE) [--rate PPS] [--duration S] ...
+gateway-daemon run --id ID [--controller HOST:PORT] [--amqp URL] [--state-dir DIR]
+                   [--enroll-code CODE --ca-cert FILE] [--trust-root FILE]
+                   [--download-from HOST:PORT]
+                   [--listen HOST:PORT]... [--tunnels FILE] [--handoff-timeout S]
+                   [--vpn-listen HOST:PORT] [--vpn-keepalive-timeout S]
+                   [--heartbeat-interval S]
+gateway-daemon enroll --id ID --code CODE --ca-cert FILE [--controller HOST:PORT]
+                      [--state-dir DIR]
+gateway-daemon vpn-service --state-dir DIR --listen HOST:PORT [--keepalive-timeout S]
+gateway-daemon traffic (--write-lab DIR | --sites FILE) [--rate PPS] [--duration S] ...
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from gateway_daemon import daemon
+from gateway_daemon import daemon, identity
 from gateway_daemon import trust as gateway_trust
 from gateway_daemon.handoff import child
 from gateway_daemon.handoff.parent import Deadlines
@@ -25,8 +29,10 @@ from gateway_daemon.tunnels import traffic
 from gateway_daemon.tunnels.config import TunnelsConfig
 from gateway_daemon.vpn import service as vpn_service
 from gateway_daemon.vpn.config import DEFAULT_KEEPALIVE_TIMEOUT_S, VpnConfig
-from hitless import config, logs
+from hitless import config, logs, pki
 from hitless.errors import ConfigError, HitlessError
+
+ENV_ENROLL_CODE = "HITLESS_ENROLL_CODE"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,8 +76,25 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between heartbeats to the controller, which carry the VPN session "
         f"count (default {config.HEARTBEAT_INTERVAL_S:g})",
     )  # fmt: skip
+    _enroll_arguments(run, code_flag="--enroll-code")
+    run.add_argument(
+        "--download-from", metavar="HOST:PORT",
+        help="the controller's gateway port as this gateway reaches it (default: the "
+        "--controller host and the port enrollment gave), e.g. through a NAT or a proxy",
+    )  # fmt: skip
     # Internal: set by the old version when it hands its sockets to this process.
     run.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)
+    enroll = commands.add_parser(
+        "enroll",
+        help="obtain this gateway's certificate, broker login and trust root with a one-time "
+        "code (upgradectl gateways enroll ID), once; enrolling again replaces them",
+    )
+    enroll.add_argument("--id", required=True, help="this gateway's id, e.g. gw-1")
+    enroll.add_argument(
+        "--controller", help=f"the controller's API HOST:PORT (env {config.ENV_CONTROLLER})"
+    )
+    enroll.add_argument("--state-dir", help="the gateway's state directory")
+    _enroll_arguments(enroll, code_flag="--code")
     vpn = commands.add_parser(
         "vpn-service", help="the VPN service process (normally started by `run --vpn-listen`)"
     )
@@ -83,20 +106,89 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args: argparse.Namespace) -> config.GatewayConfig:
-    state_dir = (
-        config.data_dir(args.state_dir)
-        if args.state_dir
-        else config.data_dir() / "gateways" / args.id
+def _enroll_arguments(parser: argparse.ArgumentParser, code_flag: str) -> None:
+    parser.add_argument(
+        code_flag, dest="code", metavar="CODE",
+        help="the one-time enrollment code `upgradectl gateways enroll ID` printed (env "
+        f"{ENV_ENROLL_CODE}); used once, when the gateway has no identity yet",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ca-cert", type=Path, metavar="FILE",
+        help="the controller's CA certificate (its <data dir>/pki/ca.pem), which checks the "
+        f"controller at enrollment (env {config.ENV_CA_CERT})",
+    )  # fmt: skip
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    if args.state_dir:
+        return config.data_dir(args.state_dir)
+    gateway_id: str = args.id
+    return config.data_dir() / "gateways" / gateway_id
+
+
+def _enroll(args: argparse.Namespace, state_dir: Path, controller: config.HostPort) -> None:
+    """Enroll with the code and CA the arguments (or environment) give."""
+    code = args.code or config.env_secret(ENV_ENROLL_CODE)
+    ca_file = args.ca_cert or os.environ.get(config.ENV_CA_CERT)
+    if not code or not ca_file:
+        missing = " and ".join(
+            what for what, given in (("an enrollment code", code), ("--ca-cert FILE", ca_file))
+            if not given
+        )  # fmt: skip
+        raise ConfigError(
+            f"gateway {args.id} is not enrolled and {missing} is missing: ask an admin for a "
+            f"code (upgradectl gateways enroll {args.id}) and the controller's "
+            "<data dir>/pki/ca.pem, then give them here"
+        )
+    ca_pem = pki.read_certificate(Path(ca_file), "controller CA (--ca-cert)")
+    found = identity.enroll(state_dir, args.id, controller, ca_pem, code)
+    user = f", broker user {found.broker_user}" if found.broker_user else ""
+    print(
+        f"gateway-daemon: enrolled {args.id}{user}; its certificate and credentials are in "
+        f"{identity.directory(state_dir)}",
+        file=sys.stderr,
     )
+
+
+def _enrolled(cfg: config.GatewayConfig, args: argparse.Namespace) -> config.GatewayConfig:
+    """``cfg`` with the identity of the enrolled gateway: downloads from the controller's
+    gateway port, and the gateway's own broker login. Enrolls first when it has none and
+    a code is given."""
+    found = identity.load(cfg.state_dir)
+    if found is None:
+        _enroll(args, cfg.state_dir, cfg.controller)
+        found = identity.load(cfg.state_dir)
+        assert found is not None
+    elif found.gateway_id != cfg.gateway_id:
+        raise ConfigError(
+            f"the state directory {cfg.state_dir} holds the identity of gateway "
+            f"{found.gateway_id}, not {cfg.gateway_id}: give each gateway its own --state-dir"
+        )
+    download_from = (
+        config.HostPort.parse(args.download_from, what="--download-from address")
+        if args.download_from
+        else found.download_address(cfg.controller)
+    )
+    return dataclasses.replace(
+        cfg,
+        controller=download_from,
+        # Its own broker user may declare nothing: the controller declared its queue.
+        bus=dataclasses.replace(
+            cfg.bus, url=found.amqp_url(cfg.bus.url), passive=bool(found.broker_user)
+        ),
+    )
+
+
+def _config(args: argparse.Namespace) -> config.GatewayConfig:
+    state_dir = _state_dir(args)
     return config.GatewayConfig(
         gateway_id=args.id,
         controller=config.HostPort.parse(
             args.controller or os.environ.get(config.ENV_CONTROLLER) or config.DEFAULT_CONTROLLER,
             what="controller address",
         ),
-        bus=config.BusConfig(
-            args.amqp or os.environ.get(config.ENV_AMQP_URL) or config.DEFAULT_AMQP_URL
+        bus=config.BusConfig.from_env(
+            args.amqp or config.env_secret(config.ENV_AMQP_URL) or config.DEFAULT_AMQP_URL
         ),
         state_dir=state_dir,
         listen=tuple(config.HostPort.parse(a, what="listen address") for a in args.listen),
@@ -127,6 +219,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     logs.configure("gateway-daemon", json=True)
     try:
+        if args.command == "enroll":
+            controller = config.HostPort.parse(
+                args.controller
+                or os.environ.get(config.ENV_CONTROLLER)
+                or config.DEFAULT_CONTROLLER,
+                what="controller address",
+            )
+            _enroll(args, _state_dir(args), controller)
+            return 0
         if args.handoff_fd is not None:
             inheritance = child.accept(args.handoff_fd)
             context = inheritance.context
@@ -140,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = _config(args)
         # A staged release checks its own flags and files: exec it before reading them.
         daemon.exec_current_release(AgentState(cfg.state_dir), argv)
+        cfg = _enrolled(cfg, args)
         given = args.trust_root or os.environ.get(config.ENV_TRUST_ROOT)
         gateway_trust.provision(cfg.state_dir, Path(given) if given else None)
         if args.handoff_timeout <= 0:

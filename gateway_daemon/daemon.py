@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway_daemon import dataplane, selfcheck
+import grpc
+
+from gateway_daemon import dataplane, identity, selfcheck
 from gateway_daemon.agent import Agent
 from gateway_daemon.dataplane import DataPlane
 from gateway_daemon.errors import HandoffFailed
@@ -33,7 +35,7 @@ from hitless import logs, staged, version
 from hitless.bus import codec, topology
 from hitless.bus.amqp import Consumer, Publisher
 from hitless.config import BusConfig, GatewayConfig, HostPort
-from hitless.errors import BusError
+from hitless.errors import BusError, ConfigError
 from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
@@ -61,6 +63,8 @@ def config_to_context(
         "gateway_id": config.gateway_id,
         "controller": str(config.controller),
         "amqp_url": config.bus.url,
+        "amqp_passive": config.bus.passive,
+        "amqp_ca_cert": str(config.bus.ca_cert) if config.bus.ca_cert else None,
         "state_dir": str(config.state_dir),
         "listen": [str(a) for a in config.listen],
         "heartbeat_interval_s": config.heartbeat_interval_s,
@@ -72,7 +76,11 @@ def config_from_context(context: dict[str, Any]) -> GatewayConfig:
     return GatewayConfig(
         gateway_id=context["gateway_id"],
         controller=HostPort.parse(context["controller"]),
-        bus=BusConfig(context["amqp_url"]),
+        bus=BusConfig(
+            context["amqp_url"],
+            passive=bool(context.get("amqp_passive", False)),
+            ca_cert=Path(context["amqp_ca_cert"]) if context.get("amqp_ca_cert") else None,
+        ),
         state_dir=Path(context["state_dir"]),
         listen=tuple(HostPort.parse(a) for a in context["listen"]),
         heartbeat_interval_s=float(context["heartbeat_interval_s"]),
@@ -173,6 +181,17 @@ class GatewayDaemon:
             plane, handed_over=(command, outcome), publisher=publisher, predecessor=predecessor
         )
 
+    def _credentials(self) -> grpc.ChannelCredentials:
+        """The gateway's client certificate for the controller's gateway port."""
+        found = identity.load(self.config.state_dir)
+        if found is None:
+            raise ConfigError(
+                f"gateway {self.config.gateway_id} is not enrolled: run `gateway-daemon "
+                "enroll` (or `run --enroll-code CODE --ca-cert FILE`) with a code from "
+                "`upgradectl gateways enroll`"
+            )
+        return found.channel_credentials()
+
     def _publisher(self) -> Publisher:
         queues = [topology.gateway_queue(self.config.gateway_id), topology.CONTROLLER_REPORTS]
         return Publisher(self.config.bus, queues=queues, name="gateway-publisher").start()
@@ -187,9 +206,11 @@ class GatewayDaemon:
         self._plane = plane
         publisher = publisher or self._publisher()
         reporter = Reporter(publisher, self.config.gateway_id, self.version)
+        credentials = self._credentials()
         agent = Agent(
             self.config, self.version, self.state, reporter, self._swap,
-            GatewayTrust(self.config.state_dir, self.config.controller),
+            GatewayTrust(self.config.state_dir, self.config.controller, credentials),
+            credentials,
         )  # fmt: skip
         consumer = Consumer(
             self.config.bus,

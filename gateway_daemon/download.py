@@ -56,13 +56,15 @@ def download(
     size: int,
     dest: Path,
     *,
+    credentials: grpc.ChannelCredentials,
     progress: Progress | None = None,
     max_attempts: int = 8,
     stall_timeout_s: float = 30.0,
     busy_timeout_s: float = BUSY_TIMEOUT_S,
     busy_backoff: Backoff = _BUSY_BACKOFF,
 ) -> DownloadResult:
-    """Download the artifact ``sha256`` of ``size`` bytes to ``dest``.
+    """Download the artifact ``sha256`` of ``size`` bytes to ``dest`` from the controller's
+    gateway port ``controller``, over TLS with ``credentials`` (the gateway's certificate).
 
     Streams that break are resumed, up to ``max_attempts`` attempts that fail; refusals
     because the controller is busy (RESOURCE_EXHAUSTED) are retried with ``busy_backoff``
@@ -86,7 +88,7 @@ def download(
         try:
             # A fresh channel per attempt: the connection that broke (or that a stopping
             # controller sent away) is not reused.
-            with grpc.insecure_channel(str(controller)) as channel:
+            with grpc.secure_channel(str(controller), credentials) as channel:
                 stub = artifacts_pb2_grpc.ArtifactsStub(channel)
                 _stream_into(stub, sha256, offset, size, part, progress, stall_timeout_s)
             break

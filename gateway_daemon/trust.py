@@ -59,17 +59,27 @@ def provision(state_dir: Path, given: Path | None) -> Path:
         if path.is_file():
             return path
         raise ConfigError(
-            "this gateway has no trust root: give --trust-root FILE (the root.json that "
-            "`upgradectl keys init` made) once; it is kept in the state directory"
+            "this gateway has no trust root: enroll it (gateway-daemon enroll, which brings "
+            "the controller's), or give --trust-root FILE (the root.json that `upgradectl "
+            "keys init` made) once; it is kept in the state directory"
         )
     try:
         data = given.read_bytes()
-        md = read_metadata(data, Root)
-        verify_role(md.signed, md, "root")
     except OSError as exc:
         raise ConfigError(f"cannot read the trust root {given}: {exc}") from exc
+    return provision_bytes(state_dir, data, str(given))
+
+
+def provision_bytes(state_dir: Path, data: bytes, source: str) -> Path:
+    """Keep root metadata ``data`` (from ``source``, for messages) as the gateway's anchor,
+    replacing one kept before. Raises ConfigError when it is not self-signed root
+    metadata."""
+    path = anchor_path(state_dir)
+    try:
+        md = read_metadata(data, Root)
+        verify_role(md.signed, md, "root")
     except TrustError as exc:
-        raise ConfigError(f"the trust root {given} is not usable: {exc}") from exc
+        raise ConfigError(f"the trust root from {source} is not usable: {exc}") from exc
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not path.is_file() or path.read_bytes() != data:
         # Metadata verified from another anchor is not trusted from this one.
@@ -87,15 +97,18 @@ def provision(state_dir: Path, given: Path | None) -> Path:
 class ControllerSource:
     """Metadata files from the controller's Artifacts service (``FetchMetadata``)."""
 
-    def __init__(self, controller: HostPort) -> None:
+    def __init__(self, controller: HostPort, credentials: grpc.ChannelCredentials) -> None:
         self._controller = controller
+        self._credentials = credentials
 
     def fetch_metadata(self, name: str) -> bytes:
         """The bytes of metadata file ``name``; MetadataNotFound when the controller has
         none by that name, FetchFailed when it cannot be asked."""
         options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
         try:
-            with grpc.insecure_channel(str(self._controller), options=options) as channel:
+            with grpc.secure_channel(
+                str(self._controller), self._credentials, options=options
+            ) as channel:
                 stub = artifacts_pb2_grpc.ArtifactsStub(channel)
                 reply = stub.FetchMetadata(
                     artifacts_pb2.MetadataRequest(name=name), timeout=FETCH_TIMEOUT_S
@@ -113,15 +126,20 @@ class ControllerSource:
 
 class GatewayTrust:
     """The gateway's verifier: python-tuf's client from the anchor in ``state_dir``, over
-    the controller at ``controller``. One per gateway process.
+    the controller's gateway port ``controller`` (TLS with ``credentials``, the gateway's
+    client certificate). One per gateway process.
 
     Raises ConfigError when the anchor is missing or unusable."""
 
-    def __init__(self, state_dir: Path, controller: HostPort) -> None:
+    def __init__(
+        self, state_dir: Path, controller: HostPort, credentials: grpc.ChannelCredentials
+    ) -> None:
         anchor = provision(state_dir, None)
         try:
             self._client = TrustClient(
-                anchor.read_bytes(), state_dir / "trust" / "metadata", ControllerSource(controller)
+                anchor.read_bytes(),
+                state_dir / "trust" / "metadata",
+                ControllerSource(controller, credentials),
             )
         except TrustError as exc:
             raise ConfigError(f"the trust root {anchor} is not usable: {exc}") from exc

@@ -1,12 +1,18 @@
 """Typed configuration, validated when built. Defaults live here, and only here.
 
 Flags and environment variables are read at the CLI edge (each package's ``cli.py``),
-which builds these objects; everything below the edge receives them.
+which builds these objects; everything below the edge receives them. A variable that holds
+a secret (a URL with a password, an enrollment code) may instead name a file holding it
+in ``<NAME>_FILE`` (``env_secret``), as Docker secrets are mounted.
 
 | setting          | environment variable  | default                                      |
 |------------------|-----------------------|----------------------------------------------|
 | broker URL       | HITLESS_AMQP_URL      | amqp://guest:guest@127.0.0.1:5672/%2F        |
+| broker's CA (amqps) | HITLESS_AMQP_CA_CERT | the system's trusted CAs                   |
 | controller       | HITLESS_CONTROLLER    | 127.0.0.1:50051                              |
+| gateway port     | HITLESS_GATEWAY_LISTEN | the API port's host, port 50052 (mutual TLS) |
+| CA certificate   | HITLESS_CA_CERT       | none: required by clients (<data dir>/pki/ca.pem) |
+| broker mgmt API  | HITLESS_BROKER_API    | none: gateways share the controller's broker login |
 | data directory   | HITLESS_DATA_DIR      | ~/.local/state/hitless                       |
 | database URL     | HITLESS_DB_URL        | sqlite:///<data dir>/controller.db           |
 | trust root       | HITLESS_TRUST_ROOT    | none: required (root.json of `keys init`)    |
@@ -16,27 +22,59 @@ which builds these objects; everything below the edge receives them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from hitless import names
 from hitless.errors import ConfigError
 
 ENV_AMQP_URL = "HITLESS_AMQP_URL"
+ENV_AMQP_CA_CERT = "HITLESS_AMQP_CA_CERT"
 ENV_CONTROLLER = "HITLESS_CONTROLLER"
 ENV_DATA_DIR = "HITLESS_DATA_DIR"
 ENV_DB_URL = "HITLESS_DB_URL"
 ENV_TRUST_ROOT = "HITLESS_TRUST_ROOT"
+ENV_GATEWAY_LISTEN = "HITLESS_GATEWAY_LISTEN"
+ENV_CA_CERT = "HITLESS_CA_CERT"
+ENV_BROKER_API = "HITLESS_BROKER_API"
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
+DEFAULT_GATEWAY_PORT = 50052
+DEFAULT_BROKER_USER_PREFIX = "hitless-"
 DEFAULT_DATA_DIR = Path("~/.local/state/hitless")
 DEFAULT_COMMAND_DEADLINE_S = 600
 HEARTBEAT_INTERVAL_S = 5.0
 DEFAULT_FEED_INTERVAL_S = 300.0
 MAX_FEED_INTERVAL_S = 7 * 24 * 3600
+
+
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
+def env_secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of the environment variable ``name``, else the contents of the file that
+    ``name + "_FILE"`` names (surrounding whitespace stripped), else None: the convention
+    of Docker's and Compose's secrets, mounted as files under /run/secrets. Raises
+    ConfigError naming the variable when the file cannot be read or is empty."""
+    environ = os.environ if environ is None else environ
+    if environ.get(name):
+        return environ[name]
+    path = environ.get(f"{name}_FILE")
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path} ({name}_FILE): {exc.strerror or exc}") from exc
+    text = data.decode("utf-8", errors="replace").strip()
+    if not text or len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(f"{path} ({name}_FILE) must hold one value of at most 64 KiB")
+    return text
 
 
 @dataclass(frozen=True)
@@ -62,6 +100,12 @@ class BusConfig:
     """Where RabbitMQ is. The URL's path is the vhost (``%2F`` for ``/``)."""
 
     url: str = DEFAULT_AMQP_URL
+    # The login may declare nothing (a gateway's own broker user, the notifier's): exchanges
+    # and queues are only checked to exist (passive declares), and someone else declares them.
+    passive: bool = False
+    # For amqps:// URLs, the CA certificate (PEM file) the broker's certificate must chain
+    # to; None: the system's trusted CAs.
+    ca_cert: Path | None = None
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)
@@ -69,6 +113,22 @@ class BusConfig:
             raise ConfigError(
                 f"invalid broker URL {self.url!r}: expected amqp://USER:PASS@HOST:PORT/VHOST"
             )
+        if self.ca_cert is not None and not os.access(self.ca_cert, os.R_OK):
+            raise ConfigError(
+                f"cannot read the broker's CA certificate {self.ca_cert} ({ENV_AMQP_CA_CERT})"
+            )
+
+    @classmethod
+    def from_env(cls, url: str, *, passive: bool = False) -> BusConfig:
+        """``url`` with the broker's CA certificate that ``HITLESS_AMQP_CA_CERT`` names."""
+        ca_cert = os.environ.get(ENV_AMQP_CA_CERT)
+        return cls(url, passive=passive, ca_cert=Path(ca_cert) if ca_cert else None)
+
+    @property
+    def user(self) -> str:
+        """The broker user the URL logs in as (pika's default, guest, when it names none):
+        what a published message's user_id says, and RabbitMQ checks."""
+        return unquote(urlsplit(self.url).username or "guest")
 
     @property
     def safe_url(self) -> str:
@@ -102,6 +162,15 @@ class ControllerConfig:
     # online keys (snapshot, timestamp, command); None: online/ beside the trust root.
     trust_root: Path | None = None
     online_keys: Path | None = None
+    # The port gateways download from, with their client certificates (mutual TLS); None:
+    # the API port's host and DEFAULT_GATEWAY_PORT (port 0 when the API port is 0).
+    gateway_listen: HostPort | None = None
+    # Names the server certificate covers beyond hitless.pki.default_names.
+    tls_names: tuple[str, ...] = ()
+    # RabbitMQ's management API (http://USER:PASS@HOST:15672): with it, each gateway gets
+    # a broker user of its own at enrollment, named with broker_user_prefix.
+    broker_api: str | None = None
+    broker_user_prefix: str = DEFAULT_BROKER_USER_PREFIX
 
     def __post_init__(self) -> None:
         if not 0 < self.feed_interval_s <= MAX_FEED_INTERVAL_S:
@@ -119,6 +188,17 @@ class ControllerConfig:
     @property
     def artifact_dir(self) -> Path:
         return self.data_dir / "artifacts"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    @property
+    def gateway_address(self) -> HostPort:
+        if self.gateway_listen is not None:
+            return self.gateway_listen
+        port = DEFAULT_GATEWAY_PORT if self.listen.port else 0
+        return HostPort(self.listen.host, port)
 
 
 def default_db_url(data: Path) -> str:

@@ -1,7 +1,7 @@
 """``notifier``: emails the admins about releases and upgrade jobs, once per event and admin.
 
     notifier run [--amqp URL] [--smtp HOST:PORT] [--smtp-starttls] [--smtp-user USER]
-                 [--from ADDRESS] [--state FILE]
+                 [--from ADDRESS] [--state FILE] [--controller-user USER]
 
 The SMTP password comes from the environment (HITLESS_SMTP_PASSWORD), never from a flag.
 Exit codes: 0 stopped by a signal; 2 bad configuration; 3 the delivery ledger cannot be
@@ -28,6 +28,9 @@ EXIT_USAGE = 2
 EXIT_LEDGER = 3
 
 _TRUE = {"1", "true", "yes", "on"}
+
+
+ENV_AMQP_PASSIVE = "HITLESS_AMQP_PASSIVE"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +63,21 @@ def _parser() -> argparse.ArgumentParser:
         help=f"the delivery ledger, a SQLite file (env {env.ENV_STATE}; default "
         f"<data dir>/{env.STATE_FILE})",
     )
+    run.add_argument(
+        "--passive",
+        action="store_true",
+        default=None,
+        help="declare nothing, only check that the events queue exists (the controller "
+        "declares it): for a broker user made with `controller-svc broker user --role "
+        f"notifier`, which may not (env {ENV_AMQP_PASSIVE}=1)",
+    )
+    run.add_argument(
+        "--controller-user",
+        metavar="USER",
+        help="the broker user the controller publishes events as: events any other user "
+        f"published are dead-lettered, never mailed (env {env.ENV_CONTROLLER_USER}; default "
+        "the user of the --amqp URL, as when every service shares one login)",
+    )
     return parser
 
 
@@ -68,7 +86,17 @@ def build_config(
 ) -> notifier_config.NotifierConfig:
     """Flags first, then the environment, then the defaults; raises ConfigError."""
     env = notifier_config
-    bus = config.BusConfig(args.amqp or environ.get(config.ENV_AMQP_URL) or config.DEFAULT_AMQP_URL)
+    passive = (
+        args.passive
+        if args.passive is not None
+        else environ.get(ENV_AMQP_PASSIVE, "").strip().lower() in _TRUE
+    )
+    ca_cert = environ.get(config.ENV_AMQP_CA_CERT)
+    bus = config.BusConfig(
+        args.amqp or config.env_secret(config.ENV_AMQP_URL, environ) or config.DEFAULT_AMQP_URL,
+        passive=passive,
+        ca_cert=Path(ca_cert) if ca_cert else None,
+    )
     server = config.HostPort.parse(
         args.smtp or environ.get(env.ENV_SMTP) or env.DEFAULT_SMTP, what="SMTP address"
     )
@@ -88,6 +116,7 @@ def build_config(
         bus=bus,
         smtp=smtp,
         state_path=Path(state).expanduser() if state else config.data_dir() / env.STATE_FILE,
+        controller_user=(args.controller_user or environ.get(env.ENV_CONTROLLER_USER) or bus.user),
         sender=args.sender or environ.get(env.ENV_SMTP_FROM) or env.DEFAULT_SENDER,
     )
 

@@ -2,20 +2,27 @@
 
 Flags and environment variables are read only in ``notifier/cli.py``.
 
-| setting          | flag              | environment            | default                         |
-|------------------|-------------------|------------------------|---------------------------------|
-| SMTP server      | `--smtp`          | HITLESS_SMTP           | 127.0.0.1:25                    |
-| STARTTLS         | `--smtp-starttls` | HITLESS_SMTP_STARTTLS  | off                             |
-| SMTP user        | `--smtp-user`     | HITLESS_SMTP_USER      | none (no login)                 |
-| SMTP password    | (never a flag)    | HITLESS_SMTP_PASSWORD  | none                            |
-| sender           | `--from`          | HITLESS_SMTP_FROM      | hitless@localhost               |
-| delivery ledger  | `--state`         | HITLESS_NOTIFIER_STATE | <data dir>/notifier.db          |
+| setting          | flag                | environment             | default                       |
+|------------------|---------------------|-------------------------|-------------------------------|
+| SMTP server      | `--smtp`            | HITLESS_SMTP            | 127.0.0.1:25                  |
+| STARTTLS         | `--smtp-starttls`   | HITLESS_SMTP_STARTTLS   | off                           |
+| SMTP user        | `--smtp-user`       | HITLESS_SMTP_USER       | none (no login)               |
+| SMTP password    | (never a flag)      | HITLESS_SMTP_PASSWORD   | none                          |
+| sender           | `--from`            | HITLESS_SMTP_FROM       | hitless@localhost             |
+| delivery ledger  | `--state`           | HITLESS_NOTIFIER_STATE  | <data dir>/notifier.db        |
+| controller user  | `--controller-user` | HITLESS_CONTROLLER_USER | the user of the `--amqp` URL  |
+|                  |                     |                         | (``BusConfig.user``)          |
+
+Only events the controller's broker user published are mailed (``notifier.handler``): one
+login shared by every service (one machine, the demo) needs no setting; with a broker user
+per service, give the controller's.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import random
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +35,13 @@ ENV_SMTP_USER = "HITLESS_SMTP_USER"
 ENV_SMTP_PASSWORD = "HITLESS_SMTP_PASSWORD"
 ENV_SMTP_FROM = "HITLESS_SMTP_FROM"
 ENV_STATE = "HITLESS_NOTIFIER_STATE"
+ENV_CONTROLLER_USER = "HITLESS_CONTROLLER_USER"
 
 DEFAULT_SMTP = "127.0.0.1:25"
 DEFAULT_SENDER = "hitless@localhost"
 STATE_FILE = "notifier.db"
+# A message carries user_id as an AMQP 0-9-1 short string: at most 255 bytes.
+MAX_USER_BYTES = 255
 
 
 def is_loopback(host: str) -> bool:
@@ -63,6 +73,23 @@ def check_address(address: str, *, what: str) -> str:
             f"invalid {what} {address!r}: expected a bare ASCII address like ops@example.com"
         )
     return address
+
+
+def check_user(user: str, *, what: str) -> str:
+    """A RabbitMQ user name a message's user_id can carry: 1 to 255 bytes of UTF-8 (an
+    AMQP short string), no control characters, no spaces at either end."""
+    size = len(user.encode("utf-8", errors="replace"))
+    if (
+        not 0 < size <= MAX_USER_BYTES
+        or user != user.strip()
+        or any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in user)
+    ):
+        raise ConfigError(
+            f"invalid {what} {user[:64]!r}: expected the RabbitMQ user name as "
+            f"`rabbitmqctl list_users` shows it (1 to {MAX_USER_BYTES} bytes, no control "
+            "characters, no spaces at either end)"
+        )
+    return user
 
 
 @dataclass(frozen=True)
@@ -126,13 +153,18 @@ class RetryPolicy:
 
 @dataclass(frozen=True)
 class NotifierConfig:
+    """``controller_user``: the broker user the controller publishes events as; events
+    whose broker-validated user_id is anyone else's are dead-lettered, never mailed."""
+
     bus: BusConfig
     smtp: SmtpConfig
     state_path: Path
+    controller_user: str
     sender: str = DEFAULT_SENDER
     retry: RetryPolicy = RetryPolicy()
 
     def __post_init__(self) -> None:
         check_address(self.sender, what="sender address (--from)")
+        check_user(self.controller_user, what="controller user (--controller-user)")
         if self.state_path.exists() and self.state_path.is_dir():
             raise ConfigError(f"--state {self.state_path} is a directory: give a file path")

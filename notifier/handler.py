@@ -1,5 +1,12 @@
 """The event handler: one bus message in, one email per admin out, each exactly once.
 
+Only the controller's events are mailed: an event whose ``user_id`` property is not the
+controller's broker user (``NotifierConfig.controller_user``), or that has none, is
+dead-lettered with the reason and counted (``Counters.not_from_controller``) before it is
+even decoded. RabbitMQ refuses a ``user_id`` that is not the publishing connection's user
+("Validated User-ID", https://www.rabbitmq.com/docs/validated-user-id), so whoever else
+may write to the events exchange cannot have mail sent in the controller's name.
+
 For an event, every admin address is settled in the ledger (SENT or FAILED) before the
 handler returns, and only then does the consumer ack the message. Pairs already settled are
 skipped, so a redelivered event, or one delivered again after a restart, mails nobody twice.
@@ -27,14 +34,14 @@ from dataclasses import dataclass
 
 from structlog.stdlib import BoundLogger
 
-from hitless import addresses, logs
+from hitless import addresses, logs, names
 from hitless.addresses import Address
 from hitless.bus import codec
 from hitless.bus.amqp import DeadLetter, Delivery
 from hitless.errors import DecodeError
 from hitless.v1 import bus_pb2
 from notifier import render
-from notifier.config import RetryPolicy
+from notifier.config import ENV_CONTROLLER_USER, RetryPolicy
 from notifier.errors import DeliveryInterrupted, SessionBroken, SmtpUnavailable
 from notifier.ledger import SETTLED, Ledger, State
 from notifier.mailer import Mailer, Outcome, Session
@@ -53,6 +60,8 @@ class Counters:
     deferred: int = 0
     unavailable: int = 0
     skipped: int = 0
+    # Events dead-lettered unread: published by someone other than the controller's user.
+    not_from_controller: int = 0
 
 
 class EventHandler:
@@ -63,6 +72,7 @@ class EventHandler:
         ledger: Ledger,
         mailer: Mailer,
         *,
+        controller_user: str,
         sender: str,
         retry: RetryPolicy,
         stopping: threading.Event,
@@ -71,6 +81,7 @@ class EventHandler:
     ) -> None:
         self._ledger = ledger
         self._mailer = mailer
+        self._controller_user = controller_user
         self._sender = sender
         self._retry = retry
         self._stopping = stopping
@@ -79,6 +90,17 @@ class EventHandler:
         self.counters = Counters()
 
     def __call__(self, delivery: Delivery) -> None:
+        if delivery.user_id != self._controller_user:
+            self.counters.not_from_controller += 1
+            reason = self._not_from_controller(delivery.user_id)
+            log.warning(
+                "event_not_from_controller",
+                user=delivery.user_id,
+                controller_user=self._controller_user,
+                routing_key=delivery.routing_key,
+                message_id=delivery.message_id,
+            )
+            raise DeadLetter(reason)
         try:
             event = codec.decode(bus_pb2.Event, delivery.body)
         except DecodeError as exc:
@@ -96,6 +118,18 @@ class EventHandler:
             bound.warning("event_without_admins", routing_key=delivery.routing_key)
             return
         self._deliver(event.event_id, recipients, rendered, bound)
+
+    def _not_from_controller(self, user_id: str | None) -> str:
+        controller = names.shown(self._controller_user, 64)
+        if not user_id:
+            who = "the event has no user_id property, so nothing says who published it"
+        else:
+            who = f"the event was published by broker user {names.shown(user_id, 64)}"
+        return (
+            f"{who}: only events the controller publishes as its broker user {controller} "
+            "are mailed; if the controller logs in as another user, start the notifier with "
+            f"--controller-user USER (or {ENV_CONTROLLER_USER})"
+        )
 
     def _recipients(self, event: bus_pb2.Event, bound: BoundLogger) -> list[Address]:
         """Unique addresses; invalid ones are settled as FAILED right away."""

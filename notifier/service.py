@@ -30,6 +30,7 @@ class Notifier:
         self._handler = EventHandler(
             self.ledger,
             mailer or SmtpMailer(config.smtp),
+            controller_user=config.controller_user,
             sender=config.sender,
             retry=config.retry,
             stopping=self._stopping,
@@ -51,6 +52,7 @@ class Notifier:
             login=bool(self.config.smtp.user),
             sender=self.config.sender,
             ledger=str(self.ledger.path),
+            controller_user=self.config.controller_user,
         )
         self._consumer.start()
         return self

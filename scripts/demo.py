@@ -5,6 +5,11 @@ two releases, upgrades the fleet to the latest with live progress, prints the ou
 stops everything it started. Uses the broker at HITLESS_AMQP_URL (default: the local one),
 in a vhost of its own when the management API answers; with no broker reachable, it starts
 a private RabbitMQ node when `rabbitmq-server` is installed.
+
+Every gRPC port is TLS: the controller makes its CA and first admin token on its first
+start; the demo makes a one-time enrollment code for each gateway (`upgradectl gateways
+enroll`), which the gateway trades for its client certificate when it starts. The demo
+prints where each of them is.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ class Demo:
         self.cleanups: list[tuple[str, object]] = []
         self.amqp = os.environ.get("HITLESS_AMQP_URL", DEFAULT_AMQP)
         self.controller = f"127.0.0.1:{free_port()}"
+        self.gateway_port = f"127.0.0.1:{free_port()}"
 
     def say(self, text: str) -> None:
         print(f"\n== {text}", flush=True)
@@ -145,7 +151,7 @@ class Demo:
 
     # Processes -------------------------------------------------------------------------
 
-    def start(self, name: str, *argv: str) -> None:
+    def start(self, name: str, *argv: str, env: dict[str, str] | None = None) -> None:
         log = (self.root / f"{name}.log").open("ab")
         self.procs.append(
             subprocess.Popen(
@@ -153,7 +159,7 @@ class Demo:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                env={**os.environ, "HITLESS_AMQP_URL": self.amqp},
+                env={**os.environ, "HITLESS_AMQP_URL": self.amqp, **(env or {})},
             )
         )
 
@@ -165,6 +171,7 @@ class Demo:
             env={
                 **os.environ,
                 "HITLESS_AMQP_URL": self.amqp,
+                "HITLESS_CA_CERT": str(self.ca_cert),
                 "HITLESS_TOKEN_FILE": str(self.token_file),
             },
         )
@@ -173,6 +180,26 @@ class Demo:
     def token_file(self) -> Path:
         """The admin API token the controller makes at its first start."""
         return self.root / "controller" / "admin.token"
+
+    @property
+    def ca_cert(self) -> Path:
+        """The controller's CA certificate, made at its first start."""
+        return self.root / "controller" / "pki" / "ca.pem"
+
+    def enrollment_code(self, gateway_id: str) -> Path:
+        """A one-time enrollment code for ``gateway_id`` from the controller, in a file
+        only this user may read (a gateway reads it through HITLESS_ENROLL_CODE_FILE, so
+        it never shows on a command line)."""
+        result = self.ctl("gateways", "enroll", gateway_id, "--json", show=False)
+        if result.returncode != 0:
+            raise SystemExit(f"demo: upgradectl gateways enroll {gateway_id}: {result.stderr}")
+        codes = self.root / "enrollment"
+        codes.mkdir(mode=0o700, exist_ok=True)
+        path = codes / f"{gateway_id}.code"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.loads(result.stdout)["code"] + "\n")
+        return path
 
     def gateways_on(self, version: str) -> bool:
         result = self.ctl("gateways", "list", "--json", show=False)
@@ -194,6 +221,8 @@ class Demo:
             "serve",
             "--listen",
             self.controller,
+            "--gateway-listen",
+            self.gateway_port,
             "--data-dir",
             str(self.root / "controller"),
             "--trust-root",
@@ -203,8 +232,15 @@ class Demo:
             lambda: self.token_file.exists() and bool(self.token_file.read_text().strip()),
             "the controller's first admin API token",
         )
-        self.say(f"the admin API token is in {self.token_file} (upgradectl --token-file)")
+        wait(lambda: self.ctl("tokens", "list", show=False).returncode == 0, "the controller")
+        self.say("the controller made its CA and its first admin API token (TLS on every port)")
+        print(f"CA certificate:  {self.ca_cert}  (upgradectl --ca-cert, gateway-daemon --ca-cert)")
+        print(f"admin API token: {self.token_file}  (upgradectl --token-file)")
+        print(f"API port {self.controller}, gateway port {self.gateway_port} (mutual TLS)")
+        self.say(f"enrolling {len(GATEWAYS)} gateways: a one-time code each")
         for gid in GATEWAYS:
+            code = self.enrollment_code(gid)
+            print(f"{gid}: {code}")
             self.start(
                 gid,
                 str(BIN / "gateway-daemon"),
@@ -217,11 +253,13 @@ class Demo:
                 str(self.root / gid),
                 "--listen",
                 f"127.0.0.1:{free_port()}",
-                "--trust-root",
-                trust_root,
+                "--ca-cert",
+                str(self.ca_cert),
+                env={"HITLESS_ENROLL_CODE_FILE": str(code)},
             )
         wait(lambda: self.gateways_on("1.0.0"), "the gateways to register")
         self.ctl("gateways", "list")
+        print(f"each gateway's key and certificate: {self.root}/<id>/identity/ (codes used up)")
 
         self.say("building and publishing releases 1.1.0 and 1.2.0")
         for version in ("1.1.0", "1.2.0"):

@@ -37,13 +37,16 @@ def rabbit() -> Management:
 
 @pytest.fixture
 def vhost(rabbit: Management) -> Iterator[str]:
-    """A vhost of this test's own, deleted afterwards with everything in it."""
+    """A vhost of this test's own, deleted afterwards with everything in it, and with every
+    broker user whose name starts with it (the gateways' users a controller made there:
+    the fleet's controller names them ``<vhost>-gateway-<id>``)."""
     name = f"hitless-test-{uuid.uuid4().hex[:12]}"
     rabbit.create_vhost(name)
     try:
         yield name
     finally:
         rabbit.delete_vhost(name)
+        rabbit.delete_users(prefix=f"{name}-")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from tests.support.wait import wait_for
 
 
 def _stub(fleet: Fleet, token: str | None) -> tuple[grpc.Channel, Any]:
-    channel = grpc.insecure_channel(fleet.controller_address)
+    channel = fleet.channel()
     return channel, _Authed(controller_pb2_grpc.ControllerStub(channel), token)
 
 
@@ -80,9 +80,7 @@ def test_the_first_start_makes_one_admin_token_in_a_private_file(fleet: Fleet) -
     assert (token.name, token.role) == ("bootstrap-admin", "admin")
 
 
-def test_a_call_without_a_token_is_refused_saying_what_is_missing(
-    fleet: Fleet, admin: Any
-) -> None:
+def test_a_call_without_a_token_is_refused_saying_what_is_missing(fleet: Fleet, admin: Any) -> None:
     channel, anonymous = _stub(fleet, None)
     with channel:
         details = _refused(
@@ -148,9 +146,7 @@ def test_a_viewer_cannot_start_an_upgrade(fleet: Fleet, admin: Any) -> None:
     assert row.actor == "token:watcher" and row.outcome.startswith("PERMISSION_DENIED")
 
 
-def test_an_operator_cannot_publish_a_release(
-    fleet: Fleet, admin: Any, tmp_path: Path
-) -> None:
+def test_an_operator_cannot_publish_a_release(fleet: Fleet, admin: Any, tmp_path: Path) -> None:
     artifact = tmp_path / "a.pyz"
     artifact.write_bytes(stamped("1.1.0"))
     targets = fleet.signed_targets("1.1.0", artifact)
@@ -176,7 +172,8 @@ def test_an_operator_cannot_publish_a_release(
     assert admin.ListReleases(controller_pb2.ListReleasesRequest()).releases == []
     assert not list((fleet.data_dir / "artifacts").glob("??/*"))
     assert [t.name for t in admin.ListTokens(controller_pb2.ListTokensRequest()).tokens] == [
-        "bootstrap-admin", "ops"
+        "bootstrap-admin",
+        "ops",
     ]
 
 
@@ -212,7 +209,7 @@ def test_every_change_is_an_audit_row_with_who_and_the_outcome(
 
 
 def test_server_reflection_needs_a_token(fleet: Fleet) -> None:
-    with grpc.insecure_channel(fleet.controller_address) as channel:
+    with fleet.channel() as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         with pytest.raises(grpc.RpcError) as caught:

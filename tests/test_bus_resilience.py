@@ -27,7 +27,7 @@ def test_an_upgrade_survives_a_broker_restart(fleet: Fleet, rabbit: Management) 
     # Downloads go through a proxy held shut, so every gateway is mid-upgrade
     # (DOWNLOADING) while the broker restarts.
     gate = threading.Event()
-    with CuttingProxy(("127.0.0.1", fleet.controller_port), gate=gate) as proxy:
+    with CuttingProxy(("127.0.0.1", fleet.gateway_port), gate=gate) as proxy:
         for gid in gateways:
             fleet.start_gateway(gid, controller=f"127.0.0.1:{proxy.port}")
         fleet.wait_gateways(dict.fromkeys(gateways, BASE))

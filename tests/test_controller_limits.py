@@ -5,6 +5,9 @@ held open, downloads whose client stops reading and uploads whose client stops s
 take only their own budget; the call over a budget is refused with RESOURCE_EXHAUSTED and
 a sentence that says what is full and to retry later; stalled streams are cancelled after
 their bound, and their slots come back. The budgets themselves are unit-tested first.
+
+Operators call the API port over TLS with an API token; downloads are a gateway's, enrolled
+through the Enrollment service, on the gateway port with its client certificate.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ from controller_svc.limits import (
 )
 from controller_svc.repository import Repository
 from controller_svc.store import ArtifactStore
+from gateway_daemon import identity
 from gateway_daemon.download import download
 from gateway_daemon.errors import DownloadFailed
+from gateway_daemon.identity import Identity
 from hitless.backoff import Backoff
 from hitless.config import BusConfig, ControllerConfig, HostPort
 from hitless.trust import keys, release
@@ -166,11 +171,21 @@ def test_kinds() -> None:
 # -- a real controller -------------------------------------------------------------
 
 
-def authed(address: str, token: str, options: list[tuple[str, Any]] | None = None) -> Any:
-    """A channel to ``address`` whose calls carry the API token ``token``."""
-    return grpc.intercept_channel(
-        grpc.insecure_channel(address, options=options or []), bearer(token)
+def authed(
+    address: str, ca_pem: bytes, token: str, options: list[tuple[str, Any]] | None = None
+) -> Any:
+    """A TLS channel to the API port ``address`` (trusting ``ca_pem``) whose calls carry
+    the API token ``token``."""
+    channel = grpc.secure_channel(
+        address, grpc.ssl_channel_credentials(ca_pem), options=options or []
     )
+    return grpc.intercept_channel(channel, bearer(token))
+
+
+def enroll(api: str, ca_pem: bytes, code: str, gateway_id: str, state_dir: Path) -> Identity:
+    """Gateway ``gateway_id`` enrolled at the API port ``api`` with ``code``, as
+    ``gateway-daemon enroll`` does: its certificate for the gateway port."""
+    return identity.enroll(state_dir, gateway_id, HostPort.parse(api), ca_pem, code)
 
 
 @dataclass
@@ -180,9 +195,19 @@ class Controller:
     store: ArtifactStore
     app: ControllerApp
     token: str
+    ca_pem: bytes
+    gateway: Identity  # gw-1, enrolled
 
     def channel(self, options: list[tuple[str, Any]] | None = None) -> Any:
-        return authed(self.address, self.token, options)
+        """An operator's channel to the API port, with the admin token."""
+        return authed(self.address, self.ca_pem, self.token, options)
+
+    def gateway_channel(self, options: list[tuple[str, Any]] | None = None) -> grpc.Channel:
+        """gw-1's channel to the gateway port, with its client certificate."""
+        address = str(self.gateway.download_address(HostPort.parse(self.address)))
+        return grpc.secure_channel(
+            address, self.gateway.channel_credentials(), options=options or []
+        )
 
 
 @contextmanager
@@ -197,6 +222,7 @@ def running_controller(tmp_path: Path, bus: BusConfig, limits: Limits) -> Iterat
         data_dir=data,
         self_upgrade=False,
         trust_root=keys.init(tmp_path / "keys").root_json,
+        gateway_listen=HostPort("127.0.0.1", 0),
     )
     app = ControllerApp(config, limits=limits)
     failed: list[BaseException] = []
@@ -218,7 +244,8 @@ def running_controller(tmp_path: Path, bus: BusConfig, limits: Limits) -> Iterat
         what="the controller's first admin token",
     )
     token = token_file.read_text().strip()
-    with authed(address, token) as channel:
+    ca_pem = config.pki_dir.joinpath("ca.pem").read_bytes()
+    with authed(address, ca_pem, token) as channel:
         stub = controller_pb2_grpc.ControllerStub(channel)
 
         def answers() -> bool:
@@ -231,10 +258,19 @@ def running_controller(tmp_path: Path, bus: BusConfig, limits: Limits) -> Iterat
             return True
 
         wait_for(answers, timeout=30, what="the controller to answer")
+        request = controller_pb2.CreateEnrollmentRequest(gateway_id="gw-1")
+        code = stub.CreateEnrollment(request, timeout=QUICK_S).code
+    gateway = enroll(address, ca_pem, code, "gw-1", tmp_path / "gw-1")
     engine = db.make_engine(config.db_url)
     try:
         yield Controller(
-            address, Repository(engine), ArtifactStore(config.artifact_dir), app, token
+            address,
+            Repository(engine),
+            ArtifactStore(config.artifact_dir),
+            app,
+            token,
+            ca_pem,
+            gateway,
         )
     finally:
         app.stop()
@@ -260,15 +296,16 @@ class Opened:
     refused: list[grpc.RpcError]
 
 
-def open_watches(
-    stack: ExitStack, ctl: Controller | Fleet, job_id: str, count: int
-) -> Opened:
+def open_watches(stack: ExitStack, ctl: Controller | Fleet, job_id: str, count: int) -> Opened:
     """``count`` WatchJob streams, each on its own connection; those admitted are held
     open (their first event read), the others were refused."""
-    address = ctl.address if isinstance(ctl, Controller) else ctl.controller_address
+    if isinstance(ctl, Controller):
+        address, ca_pem = ctl.address, ctl.ca_pem
+    else:
+        address, ca_pem = ctl.controller_address, ctl.ca_cert.read_bytes()
     opened = Opened([], [])
     for _ in range(count):
-        channel = stack.enter_context(authed(address, ctl.token))
+        channel = stack.enter_context(authed(address, ca_pem, ctl.token))
         call = controller_pb2_grpc.ControllerStub(channel).WatchJob(
             controller_pb2.WatchJobRequest(job_id=job_id)
         )
@@ -294,9 +331,13 @@ def list_gateways(ctl: Controller) -> None:
         )
 
 
-def fetch(ctl: Controller | str, sha256: str, dest: Path, **options: Any) -> bytes:
-    address = ctl if isinstance(ctl, str) else ctl.address
-    result = download(HostPort.parse(address), sha256, ARTIFACT_SIZE, dest, **options)
+def fetch(api: str, gateway: Identity, sha256: str, dest: Path, **options: Any) -> bytes:
+    """What ``gateway`` downloads of ``sha256`` from the gateway port of the controller
+    whose API port is ``api`` (the port enrollment named), as its agent does."""
+    result = download(
+        gateway.download_address(HostPort.parse(api)), sha256, ARTIFACT_SIZE, dest,
+        credentials=gateway.channel_credentials(), **options,
+    )  # fmt: skip
     return result.path.read_bytes()
 
 
@@ -314,7 +355,7 @@ def test_watch_streams_held_open_leave_other_calls_and_downloads_alone(
             assert "limit of 6 watch streams" in (exc.details() or "")
             assert "retry later" in (exc.details() or "")
         assert timed(lambda: list_gateways(ctl)) < QUICK_S
-        data = fetch(ctl, sha, tmp_path / "gw" / "a.pyz")
+        data = fetch(ctl.address, ctl.gateway, sha, tmp_path / "gw" / "a.pyz")
         assert data == ctl.store.path(sha).read_bytes()
         # The watches held open still work, and closing them gives their slots back.
         assert all(call.is_active() for call in opened.held)
@@ -365,10 +406,11 @@ def test_a_watch_ends_at_its_lifetime_saying_where_to_resume(
 
 
 def stalled_downloads(stack: ExitStack, ctl: Controller, sha: str, count: int) -> list[Any]:
-    """``count`` Download streams whose client read one chunk and then stopped reading."""
+    """``count`` Download streams of gw-1 whose client read one chunk and then stopped
+    reading."""
     calls = []
     for _ in range(count):
-        channel = stack.enter_context(ctl.channel(STALLING_CLIENT))
+        channel = stack.enter_context(ctl.gateway_channel(STALLING_CLIENT))
         call = artifacts_pb2_grpc.ArtifactsStub(channel).Download(
             artifacts_pb2.DownloadRequest(sha256=sha, offset=0)
         )
@@ -388,7 +430,7 @@ def test_downloads_that_stop_reading_are_ended_and_others_get_through(
         stalled = stalled_downloads(stack, ctl, sha, 3)
         # While they hold every download slot: the next download is refused, at once,
         # and the rest of the API answers.
-        with pytest.raises(grpc.RpcError) as refused, ctl.channel() as channel:
+        with pytest.raises(grpc.RpcError) as refused, ctl.gateway_channel() as channel:
             next(
                 artifacts_pb2_grpc.ArtifactsStub(channel).Download(
                     artifacts_pb2.DownloadRequest(sha256=sha), timeout=QUICK_S
@@ -405,9 +447,11 @@ def test_downloads_that_stop_reading_are_ended_and_others_get_through(
             try:
                 dest = tmp_path / "gw" / "a.pyz"
                 # max_attempts=1: being turned away is waiting, not a failed attempt.
-                got.append(
-                    fetch(ctl, sha, dest, busy_backoff=FAST_BUSY, busy_timeout_s=20, max_attempts=1)
-                )
+                data = fetch(
+                    ctl.address, ctl.gateway, sha, dest,
+                    busy_backoff=FAST_BUSY, busy_timeout_s=20, max_attempts=1,
+                )  # fmt: skip
+                got.append(data)
             except BaseException as exc:
                 got.append(exc)
 
@@ -448,7 +492,10 @@ def test_a_gateway_gives_up_when_the_controller_stays_busy(tmp_path: Path, bus: 
         _, sha = pending_job(ctl.repo, ctl.store)
         stalled_downloads(stack, ctl, sha, 1)
         with pytest.raises(DownloadFailed, match=r"stayed busy .*RESOURCE_EXHAUSTED"):
-            fetch(ctl, sha, tmp_path / "a.pyz", busy_backoff=FAST_BUSY, busy_timeout_s=0.5)
+            fetch(
+                ctl.address, ctl.gateway, sha, tmp_path / "a.pyz",
+                busy_backoff=FAST_BUSY, busy_timeout_s=0.5,
+            )  # fmt: skip
 
 
 def test_an_upload_that_stops_sending_is_ended_and_frees_its_slot(
@@ -528,7 +575,11 @@ def test_default_controller_survives_forty_watches_from_one_host(
             assert {exc.code() for exc in opened.refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
             listed = fleet.cli("gateways", "list", "--json")
             assert listed.returncode == 0
-            data = fetch(fleet.controller_address, sha, tmp_path / "gw" / "a.pyz")
+            gateway = enroll(
+                fleet.controller_address, fleet.ca_cert.read_bytes(),
+                fleet.enrollment_code("gw-1"), "gw-1", tmp_path / "gw-1",
+            )  # fmt: skip
+            data = fetch(fleet.controller_address, gateway, sha, tmp_path / "gw" / "a.pyz")
             assert len(data) == ARTIFACT_SIZE
             assert all(call.is_active() for call in opened.held)
     finally:

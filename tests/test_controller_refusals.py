@@ -18,6 +18,7 @@ from controller_svc.repository import Repository
 from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
 from hitless.bus import topology
+from hitless.bus.topology import REPORTS
 from hitless.config import BusConfig, ControllerConfig, HostPort
 from hitless.digest import file_sha256
 from hitless.errors import ConfigError
@@ -40,38 +41,55 @@ def _dead_letters(rabbit: Management, vhost: str) -> list[dict[str, object]]:
     return rabbit.get_messages(vhost, topology.DEAD_LETTERS.name, count=100)
 
 
-def test_a_forged_hello_with_an_id_the_bus_cannot_carry_is_dead_lettered(
+def test_forged_announcements_are_dead_lettered_and_the_gateway_named_is_untouched(
     fleet: Fleet, rabbit: Management, vhost: str
 ) -> None:
-    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
-    for gid, message_id in ((LONG_ID, "long"), ("gw.1", "dotted"), ("gw-é", "accented")):
-        body = json.dumps({"gateway_id": gid, "version": BASE, "at": now})
-        assert rabbit.publish(
-            vhost, "hitless.reports", "gateway.x.hello", body, message_id=message_id
-        )
-    version = json.dumps({"gateway_id": "gw-v", "version": "1." * 40 + "0", "at": now})
-    assert rabbit.publish(vhost, "hitless.reports", "gateway.x.hello", version, message_id="v")
-    negative = json.dumps({"gateway_id": "gw-n", "version": BASE, "at": now, "vpn_sessions": -5})
-    assert rabbit.publish(
-        vhost, "hitless.reports", "gateway.x.heartbeat", negative, message_id="negative"
-    )
+    """Announcements not sent by the gateway they name: from a user that is no gateway's
+    (even naming a real gateway, or ids the bus cannot carry), and from one gateway's user
+    naming another in the body. Then a gateway's own user with values out of range."""
     fleet.start_gateway("gw-1")
     fleet.wait_gateways({"gw-1": BASE})
+    before = fleet.gateways()["gw-1"]
+    now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+    forged = (("gw-1", "as-gw-1"), (LONG_ID, "long"), ("gw.1", "dotted"), ("gw-é", "accented"))
+    for gid, message_id in forged:
+        body = json.dumps({"gateway_id": gid, "version": "9.9.9", "at": now})
+        assert rabbit.publish(
+            vhost, "hitless.reports", "gateway.gw-1.hello", body, message_id=message_id
+        )
+    with fleet.as_gateway("gw-a") as publisher:
+        other = {"gateway_id": "gw-1", "version": "9.9.9", "at": now}
+        publisher.publish(
+            REPORTS, "gateway.gw-a.hello", json.dumps(other).encode(), message_id="body"
+        )
+    with fleet.as_gateway("gw-v") as publisher:
+        version = {"gateway_id": "gw-v", "version": "1." * 40 + "0", "at": now}
+        publisher.publish(
+            REPORTS, "gateway.gw-v.hello", json.dumps(version).encode(), message_id="v"
+        )
+    with fleet.as_gateway("gw-n") as publisher:
+        negative = {"gateway_id": "gw-n", "version": BASE, "at": now, "vpn_sessions": -5}
+        publisher.publish(
+            REPORTS, "gateway.gw-n.heartbeat", json.dumps(negative).encode(), message_id="negative"
+        )
 
     def reasons() -> dict[str, str] | None:
         found = {
             m["properties"]["message_id"]: m["properties"]["headers"][topology.REASON_HEADER]
             for m in _dead_letters(rabbit, vhost)
         }
-        return found if len(found) == 5 else None
+        return found if len(found) == 7 else None
 
-    found = wait_for(reasons, timeout=15, what="five refused announcements dead-lettered")
-    for message_id in ("long", "dotted", "accented"):
-        assert "invalid gateway id" in found[message_id], found
-        assert "ASCII letters, digits" in found[message_id], found
+    found = wait_for(reasons, timeout=15, what="seven refused announcements dead-lettered")
+    for message_id in ("as-gw-1", "long", "dotted", "accented"):
+        assert (
+            "published by broker user (no user_id), which is no gateway's user" in found[message_id]
+        ), found
+    assert "gateway gw-a's broker user sent a hello naming gateway 'gw-1'" in found["body"]
     assert "is not MAJOR.MINOR.PATCH" in found["v"]
     assert "-5 VPN sessions is outside 0 to 1000000" in found["negative"]
     assert list(fleet.gateways()) == ["gw-1"], "nothing refused may be recorded"
+    assert fleet.gateways()["gw-1"]["version"] == before["version"] == BASE
 
 
 def test_a_gateway_the_broker_cannot_address_fails_alone(
@@ -129,6 +147,7 @@ def test_a_refused_management_job_with_user_id_does_not_wedge_the_queue(
     fleet.wait_gateways({"gw-1": BASE})
     fleet.release("0.9.0")
     user = ui_user.request("GET", "/whoami")["name"]
+    fleet.stub().AllowPublisher(controller_pb2.PublisherRequest(user=user), timeout=10)
     downgrade = json.dumps({"action": "upgrade", "version": "0.9.0"})
     assert ui_user.publish(vhost, "hitless.jobs", "upgrade", downgrade, message_id="down",
                            user_id=user)  # fmt: skip
@@ -256,7 +275,10 @@ def test_a_job_with_a_message_id_too_long_to_keep_is_refused_and_recorded(
     fleet.start_controller(pg_url)
     long_id = "m" * 200
     body = json.dumps({"action": "upgrade", "target": "latest"})
-    assert rabbit.publish(vhost, "hitless.jobs", "upgrade", body, message_id=long_id)
+    fleet.stub().AllowPublisher(controller_pb2.PublisherRequest(user="guest"), timeout=10)
+    assert rabbit.publish(
+        vhost, "hitless.jobs", "upgrade", body, message_id=long_id, user_id="guest"
+    )
     (rejected,) = wait_for(
         lambda: fleet.cli_json("jobs", "rejected"), timeout=15, what="the job refused"
     )

@@ -33,6 +33,7 @@ class Caller:
         self.client = ControllerClient(
             HostPort(host, int(port)),
             timeout=10,
+            ca_cert=fleet.ca_cert.read_bytes(),
             credentials=Credentials(fleet.token, "the fleet's admin token"),
         )
         self.job_id = job_id
@@ -97,7 +98,7 @@ def _upgrade_controller(fleet: Fleet, version: str) -> controller_pb2.Controller
 def stalled_fleet(fleet: Fleet) -> Iterator[tuple[Fleet, threading.Event]]:
     """Two gateways whose downloads hang until the test opens the gate."""
     gate = threading.Event()
-    with CuttingProxy(("127.0.0.1", fleet.controller_port), gate=gate) as proxy:
+    with CuttingProxy(("127.0.0.1", fleet.gateway_port), gate=gate) as proxy:
         for gid in ("gw-1", "gw-2"):
             fleet.start_gateway(gid, controller=f"127.0.0.1:{proxy.port}")
         fleet.wait_gateways({"gw-1": BASE, "gw-2": BASE})

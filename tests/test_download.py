@@ -1,6 +1,7 @@
-"""Artifact download over the controller's real gRPC server: a stream cut in the middle
-resumes from its offset, and the file is whole; a server that sends more than the length
-asked for (the signed length) is cut off there."""
+"""Artifact download over the controller's real gRPC service, on a port that requires a
+gateway's client certificate (mutual TLS) as the controller's gateway port does: a stream
+cut in the middle resumes from its offset, and the file is whole; a server that sends more
+than the length asked for (the signed length) is cut off there."""
 
 from __future__ import annotations
 
@@ -17,24 +18,45 @@ from controller_svc.server import ArtifactsService
 from controller_svc.store import ArtifactStore
 from gateway_daemon.download import download
 from gateway_daemon.errors import DownloadFailed
+from gateway_daemon.identity import Identity
 from hitless.config import HostPort
+from hitless.pki import CertificateAuthority
 from hitless.trust import keys
 from hitless.trust.repository import Repository
 from hitless.v1 import artifacts_pb2, artifacts_pb2_grpc
+from tests.support import certificates
 from tests.support.proxy import CuttingProxy
 
 SIZE = 6 * 1024 * 1024 + 123
 
 
 @pytest.fixture
-def artifact_server(tmp_path: Path) -> Iterator[tuple[int, str, bytes]]:
+def ca(tmp_path: Path) -> CertificateAuthority:
+    return certificates.certificate_authority(tmp_path / "pki")
+
+
+@pytest.fixture
+def gateway(ca: CertificateAuthority) -> Identity:
+    """gw-1's identity from ``ca`` (the port it names is not used: tests give addresses)."""
+    return certificates.gateway_identity(ca, "gw-1", 0)
+
+
+def serve(server: grpc.Server, ca: CertificateAuthority) -> int:
+    """Bind ``server`` to a loopback port that requires a client certificate from ``ca``."""
+    credentials = ca.server_credentials(require_client_certificate=True)
+    port: int = server.add_secure_port("127.0.0.1:0", credentials)
+    return port
+
+
+@pytest.fixture
+def artifact_server(tmp_path: Path, ca: CertificateAuthority) -> Iterator[tuple[int, str, bytes]]:
     store = ArtifactStore(tmp_path / "store")
     data = os.urandom(SIZE)
     stored = store.put([data[i : i + 65536] for i in range(0, SIZE, 65536)])
     server = grpc.server(futures.ThreadPoolExecutor(4))
     service = ArtifactsService(store, metadata(tmp_path))
     artifacts_pb2_grpc.add_ArtifactsServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = serve(server, ca)
     server.start()
     try:
         yield port, stored.sha256, data
@@ -43,7 +65,7 @@ def artifact_server(tmp_path: Path) -> Iterator[tuple[int, str, bytes]]:
 
 
 def test_cut_stream_resumes_from_its_offset(
-    artifact_server: tuple[int, str, bytes], tmp_path: Path
+    artifact_server: tuple[int, str, bytes], gateway: Identity, tmp_path: Path
 ) -> None:
     port, sha, data = artifact_server
     progress: list[int] = []
@@ -53,6 +75,7 @@ def test_cut_stream_resumes_from_its_offset(
             sha,
             SIZE,
             tmp_path / "a.pyz",
+            credentials=gateway.channel_credentials(),
             progress=lambda done, total: progress.append(done),
         )
     assert proxy.connections >= 2
@@ -66,11 +89,14 @@ def test_cut_stream_resumes_from_its_offset(
 
 
 def test_unknown_artifact_fails_without_retrying_forever(
-    artifact_server: tuple[int, str, bytes], tmp_path: Path
+    artifact_server: tuple[int, str, bytes], gateway: Identity, tmp_path: Path
 ) -> None:
     port, _, _ = artifact_server
     with pytest.raises(DownloadFailed, match="NOT_FOUND"):
-        download(HostPort("127.0.0.1", port), "ab" * 32, 10, tmp_path / "x.pyz")
+        download(
+            HostPort("127.0.0.1", port), "ab" * 32, 10, tmp_path / "x.pyz",
+            credentials=gateway.channel_credentials(),
+        )  # fmt: skip
 
 
 def metadata(tmp_path: Path) -> Repository:
@@ -90,16 +116,21 @@ class _Endless(ArtifactsService):
 SIGNED = 100_000
 
 
-def test_a_stream_longer_than_the_signed_length_is_cut_off_there(tmp_path: Path) -> None:
+def test_a_stream_longer_than_the_signed_length_is_cut_off_there(
+    tmp_path: Path, ca: CertificateAuthority, gateway: Identity
+) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(2))
     service = _Endless(ArtifactStore(tmp_path / "store"), metadata(tmp_path))
     artifacts_pb2_grpc.add_ArtifactsServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = serve(server, ca)
     server.start()
     dest = tmp_path / "a.pyz"
     try:
         with pytest.raises(DownloadFailed, match="more than the signed length of 100000 bytes"):
-            download(HostPort("127.0.0.1", port), "ab" * 32, SIGNED, dest, max_attempts=1)
+            download(
+                HostPort("127.0.0.1", port), "ab" * 32, SIGNED, dest,
+                credentials=gateway.channel_credentials(), max_attempts=1,
+            )  # fmt: skip
     finally:
         server.stop(0).wait()
     assert not dest.exists()

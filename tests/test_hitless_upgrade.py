@@ -46,8 +46,7 @@ def test_three_upgrades_a_b_a_b_under_load_lose_nothing_and_tcp_arrives_byte_exa
         procs,
         tmp_path,
         amqp_url=amqp_url(vhost),
-        controller=upgrades.controller,
-        trust_root=upgrades.trust_root,
+        upgrades=upgrades,
         release=a,
     )
     with Traffic(gateway.sites) as traffic:
@@ -73,8 +72,7 @@ def test_a_packet_captured_before_the_upgrade_is_rejected_after_it(
 ) -> None:
     b = releases.build("1.2.0", tmp_path / "b.pyz")
     gateway = start_gateway(
-        procs, tmp_path, amqp_url=amqp_url(vhost), controller=upgrades.controller,
-        trust_root=upgrades.trust_root,
+        procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades,
         udp_tunnels=1, tcp_tunnels=0,
     )  # fmt: skip
     sites = gateway.sites
@@ -117,8 +115,7 @@ def test_broken_new_versions_roll_back_without_loss_and_a_good_one_then_takes_ov
     vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
 ) -> None:
     gateway = start_gateway(
-        procs, tmp_path, amqp_url=amqp_url(vhost), controller=upgrades.controller,
-        trust_root=upgrades.trust_root,
+        procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades,
         handoff_timeout=3.0,
     )  # fmt: skip
     expected = {
@@ -151,8 +148,7 @@ def test_new_process_killed_in_the_middle_of_the_handoff_rolls_back_without_loss
         procs,
         tmp_path,
         amqp_url=amqp_url(vhost),
-        controller=upgrades.controller,
-        trust_root=upgrades.trust_root,
+        upgrades=upgrades,
     )
     stuck = releases.build("1.2.0", tmp_path / "stuck.pyz", broken="stuck-in-selfcheck")
     old = gateway.serving_pid()

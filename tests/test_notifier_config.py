@@ -52,6 +52,18 @@ def test_environment_fallbacks() -> None:
     assert settings.sender == "n@example.com" and settings.state_path == Path("/tmp/n.db")
 
 
+def test_the_controller_user_is_the_flag_else_the_environment_else_the_amqp_urls() -> None:
+    assert build([]).controller_user == "guest", "the default URL logs in as guest"
+    url = "amqp://hitless%2Dnotifier%40ops:pw@rabbit.example.com/fleet"
+    assert build(["--amqp", url]).controller_user == "hitless-notifier@ops"
+    assert build(["--amqp", "amqp://rabbit.example.com/fleet"]).controller_user == "guest"
+    environ = {"HITLESS_CONTROLLER_USER": "hitless-controller"}
+    assert build(["--amqp", url], environ).controller_user == "hitless-controller"
+    flag = ["--controller-user", "ctl-2"]
+    assert build(flag, environ).controller_user == "ctl-2"
+    assert build(["--controller-user", "é" * 127]).controller_user == "é" * 127
+
+
 def test_there_is_no_password_flag() -> None:
     with pytest.raises(SystemExit):
         cli._parser().parse_args(["run", "--smtp-password", "pw"])
@@ -68,6 +80,10 @@ def test_there_is_no_password_flag() -> None:
         (["--from", "not an address"], {}, "invalid sender address"),
         (["--from", "a@b.c\r\nBcc: x@y.z"], {}, "invalid sender address"),
         (["--from", "jörg@example.com"], {}, "invalid sender address .* bare ASCII address"),
+        (["--controller-user", " guest"], {}, "invalid controller user .* no spaces"),
+        (["--controller-user", "ctl\x1b[2J"], {}, "invalid controller user"),
+        (["--controller-user", "é" * 128], {}, "invalid controller user .*1 to 255 bytes"),
+        ([], {"HITLESS_CONTROLLER_USER": "ctl\u202e"}, "invalid controller user"),
     ],
 )  # fmt: skip
 def test_invalid_configuration_is_a_clear_config_error(
@@ -106,3 +122,14 @@ def test_ledger_survives_reopening(tmp_path: Path) -> None:
         assert ledger.states("other") == {}
     finally:
         ledger.close()
+
+
+def test_a_login_that_may_not_declare_is_passive_by_flag_or_environment(tmp_path: Path) -> None:
+    state = ["--state", str(tmp_path / "n.db")]
+    assert not build(state).bus.passive
+    assert build([*state, "--passive"]).bus.passive
+    assert build(state, {"HITLESS_AMQP_PASSIVE": "1"}).bus.passive
+    secret = tmp_path / "amqp.url"
+    secret.write_text("amqp://notifier:pw@broker:5672/%2F\n")
+    from_file = build(state, {"HITLESS_AMQP_URL_FILE": str(secret)}).bus
+    assert from_file.user == "notifier" and from_file.url.endswith("/%2F")

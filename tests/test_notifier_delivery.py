@@ -1,5 +1,9 @@
 """The notifier against a real RabbitMQ and a real SMTP server (aiosmtpd on loopback):
-one email per (event, admin), through redeliveries, restarts, outages and bad addresses."""
+one email per (event, admin), through redeliveries, restarts, outages and bad addresses;
+only events the controller's broker user published are mailed.
+
+Events are published through the broker's management API with ``user_id`` set, as the
+controller publishes them; RabbitMQ checks it against the login that publishes."""
 
 from __future__ import annotations
 
@@ -14,8 +18,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from hitless.bus import topology
-from hitless.bus.amqp import Publisher
+from hitless.bus import codec, topology
+from hitless.bus.amqp import ORIGINAL_USER_HEADER, Publisher
 from hitless.config import BusConfig, HostPort
 from hitless.v1 import bus_pb2, common_pb2, controller_pb2
 from notifier.config import NotifierConfig, RetryPolicy, SmtpConfig
@@ -30,6 +34,9 @@ from tests.support.wait import wait_for
 SENDER = "hitless@example.com"
 ADMINS = ["alice@example.com", "bob@example.com", "carol@example.com"]
 FAST = RetryPolicy(initial_s=0.05, max_s=0.3, recipient_deadline_s=30)
+# The controller's broker user in these tests: the login of tests.support.rabbit, as on one
+# machine where every service shares it.
+CONTROLLER_USER = "guest"
 
 
 @pytest.fixture
@@ -76,12 +83,56 @@ def start_smtp(smtp_port: int, sink: Sink) -> Iterator[Callable[..., Controller]
         controller.stop()
 
 
+@dataclass
+class Events:
+    """Publishes events to ``hitless.events`` on ``vhost`` as the broker user ``as_``
+    logs in (the controller's user unless a test says otherwise)."""
+
+    rabbit: Management
+    vhost: str
+
+    def publish(
+        self,
+        event: bus_pb2.Event,
+        key: str,
+        *,
+        user_id: str | None = CONTROLLER_USER,
+        as_: Management | None = None,
+    ) -> None:
+        properties: dict[str, Any] = {"message_id": event.event_id}
+        if user_id is not None:
+            properties["user_id"] = user_id
+        routed = (as_ or self.rabbit).publish(
+            self.vhost, topology.EVENTS.name, key, codec.encode(event).decode(), **properties
+        )
+        assert routed, f"event {event.event_id} was not routed to the notifier's queue"
+
+
 @pytest.fixture
-def publisher(bus: BusConfig) -> Iterator[Publisher]:
+def publisher(bus: BusConfig, rabbit: Management, vhost: str) -> Events:
+    """Publishes events; the notifier's queue is declared first, so events wait there
+    while no notifier runs."""
     pub = Publisher(bus, queues=(topology.NOTIFIER_EVENTS,), name="test-events").start()
-    assert pub.wait_connected(10), "the test publisher could not reach RabbitMQ"
-    yield pub
-    pub.close()
+    try:
+        assert pub.wait_connected(10), "the test publisher could not reach RabbitMQ"
+    finally:
+        pub.close()
+    return Events(rabbit, vhost)
+
+
+@pytest.fixture
+def other_user(rabbit: Management, vhost: str) -> Iterator[Management]:
+    """A second broker user, allowed to write to this test's vhost (someone who may
+    publish to the events exchange but is not the controller), removed afterwards."""
+    name, password = f"notif-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    rabbit.request("PUT", f"/users/{name}", {"password": password, "tags": "management"})
+    rabbit.request(
+        "PUT", f"/permissions/{vhost}/{name}", {"configure": ".*", "write": ".*", "read": ".*"}
+    )
+    try:
+        yield Management(user=name, password=password)
+    finally:
+        rabbit.request("DELETE", f"/users/{name}")
 
 
 @pytest.fixture
@@ -95,6 +146,7 @@ def make_notifier(
             bus=bus,
             smtp=smtp or SmtpConfig(HostPort("127.0.0.1", smtp_port), timeout_s=5),
             state_path=tmp_path / "notifier.db",
+            controller_user=CONTROLLER_USER,
             sender=SENDER,
             retry=retry,
         )
@@ -126,8 +178,9 @@ def release_event(event_id: str | None = None, *, vpn: bool = True) -> bus_pb2.E
     )
 
 
-def publish(publisher: Publisher, event: bus_pb2.Event, key: str) -> None:
-    publisher.publish(topology.EVENTS, key, event, message_id=event.event_id)
+def publish(publisher: Events, event: bus_pb2.Event, key: str) -> None:
+    """Publish ``event`` as the controller does."""
+    publisher.publish(event, key)
 
 
 def assert_queue_settled(rabbit: Management, vhost: str) -> None:
@@ -149,7 +202,7 @@ def test_release_event_mails_each_admin_once_with_notes_and_vpn_warning(
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
 ) -> None:
@@ -177,7 +230,7 @@ def test_the_same_event_delivered_twice_mails_once(
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
 ) -> None:
@@ -202,7 +255,7 @@ def test_smtp_down_then_back_delivers_every_email_once(
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
 ) -> None:
@@ -231,7 +284,7 @@ def test_a_rejected_address_does_not_block_the_others(
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
     tmp_path: Path,
@@ -284,7 +337,7 @@ def test_temporary_refusals_are_retried_until_the_recipient_deadline(
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
 ) -> None:
@@ -317,7 +370,7 @@ def test_a_send_interrupted_before_the_ledger_commit_is_sent_again_with_the_same
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     tmp_path: Path,
 ) -> None:
     event = release_event()
@@ -341,7 +394,7 @@ def test_login_on_loopback(
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     smtp_port: int,
 ) -> None:
     start_smtp(authenticator=sink.authenticate, auth_require_tls=False)
@@ -358,7 +411,7 @@ def test_notifier_process_restart_between_deliveries_mails_once(
     bus: BusConfig,
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     smtp_port: int,
     tmp_path: Path,
     rabbit: Management,
@@ -407,7 +460,7 @@ def test_an_address_the_server_cannot_take_fails_once_and_later_events_go_on(
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: RcptSink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
     tmp_path: Path,
@@ -466,7 +519,7 @@ def test_an_internationalised_address_is_sent_with_smtputf8_when_offered(
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: RcptSink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
 ) -> None:
@@ -491,7 +544,7 @@ def test_a_recipient_refused_for_good_is_tried_once_per_event_and_holds_no_later
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: RcptSink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
     tmp_path: Path,
@@ -534,7 +587,7 @@ def test_a_recipient_that_breaks_the_session_goes_last_and_fails_at_its_deadline
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: RcptSink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
     tmp_path: Path,
@@ -576,7 +629,7 @@ def test_a_refused_command_mails_each_admin_a_security_email_once_when_delivered
     make_notifier: Callable[..., Notifier],
     start_smtp: Callable[..., Controller],
     sink: Sink,
-    publisher: Publisher,
+    publisher: Events,
     rabbit: Management,
     vhost: str,
 ) -> None:
@@ -616,3 +669,89 @@ def test_a_refused_command_mails_each_admin_a_security_email_once_when_delivered
         assert "Version it keeps running: 1.3.0" in text
         assert "hitless.commands exchange" in text
     assert_queue_settled(rabbit, vhost)
+
+
+def test_only_events_from_the_controllers_user_are_mailed(
+    make_notifier: Callable[..., Notifier],
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Events,
+    other_user: Management,
+    rabbit: Management,
+    vhost: str,
+) -> None:
+    """An event another broker user published, or one without user_id, is dead-lettered
+    with the reason and counted, never mailed; the controller's next event is mailed."""
+    start_smtp()
+    notifier = make_notifier()
+    other = other_user.request("GET", "/whoami")["name"]
+    forged, anonymous, genuine = (release_event(f"ev-{n}") for n in ("forged", "anon", "real"))
+    publisher.publish(forged, topology.RELEASE_PUBLISHED, user_id=other, as_=other_user)
+    publisher.publish(anonymous, topology.RELEASE_PUBLISHED, user_id=None)
+    publisher.publish(genuine, topology.RELEASE_PUBLISHED)
+
+    wait_for(lambda: len(sink.mails) >= 3, timeout=10, what="3 emails", describe=sink.count)
+    stop(notifier)
+    assert {mail["X-Hitless-Event"] for _, mail in sink.mails} == {"ev-real"}
+    assert sink.count() == Counter(ADMINS)
+    assert notifier.counters.not_from_controller == 2, notifier.counters
+    dead = {
+        m["properties"]["message_id"]: m
+        for m in rabbit.get_messages(vhost, topology.DEAD_LETTERS.name)
+    }
+    assert sorted(dead) == ["ev-anon", "ev-forged"], f"dead-lettered: {sorted(dead)}"
+    forged_dead = dead["ev-forged"]["properties"]
+    reason = forged_dead["headers"][topology.REASON_HEADER]
+    assert f"published by broker user {other!r}" in reason, reason
+    assert "'guest'" in reason and "--controller-user" in reason, reason
+    # Dead-lettered by the notifier's own user: the original user_id travels as a header.
+    assert "user_id" not in forged_dead
+    assert forged_dead["headers"][ORIGINAL_USER_HEADER] == other
+    reason = dead["ev-anon"]["properties"]["headers"][topology.REASON_HEADER]
+    assert "no user_id property" in reason, reason
+    assert dead["ev-forged"]["payload"] == codec.encode(forged).decode(), "body untouched"
+    left = rabbit.get_messages(vhost, topology.NOTIFIER_EVENTS.name)
+    assert left == [], "the events queue keeps flowing"
+    ledger = Ledger(notifier.config.state_path)
+    try:
+        assert ledger.states("ev-forged") == {} and ledger.states("ev-anon") == {}
+    finally:
+        ledger.close()
+
+
+def test_the_notifier_process_mails_only_what_its_controller_user_published(
+    procs: Procs,
+    bus: BusConfig,
+    start_smtp: Callable[..., Controller],
+    sink: Sink,
+    publisher: Events,
+    other_user: Management,
+    smtp_port: int,
+    tmp_path: Path,
+    rabbit: Management,
+) -> None:
+    """With a broker user per service: ``--controller-user`` names the controller's, and
+    events from the notifier's own login (guest here) are not mailed."""
+    start_smtp()
+    controller = other_user.request("GET", "/whoami")["name"]
+    notifier = procs.start(
+        "notifier",
+        [command("notifier"), "run", "--amqp", bus.url, "--smtp", f"127.0.0.1:{smtp_port}",
+         "--from", SENDER, "--state", str(tmp_path / "ledger.db"),
+         "--controller-user", controller],
+    )  # fmt: skip
+    publisher.publish(release_event("ev-guest"), topology.RELEASE_PUBLISHED)
+    publisher.publish(
+        release_event("ev-controller"), topology.RELEASE_PUBLISHED, user_id=controller,
+        as_=other_user,
+    )  # fmt: skip
+    wait_for(
+        lambda: "event_delivered" in notifier.log(), timeout=15,
+        what="the controller's event mailed", describe=procs.dump_logs,
+    )  # fmt: skip
+    procs.stop(notifier)
+    assert {mail["X-Hitless-Event"] for _, mail in sink.mails} == {"ev-controller"}
+    assert sink.count() == Counter(ADMINS)
+    assert "event_not_from_controller" in notifier.log()
+    dead = rabbit.get_messages(publisher.vhost, topology.DEAD_LETTERS.name)
+    assert [m["properties"]["message_id"] for m in dead] == ["ev-guest"]

@@ -49,9 +49,11 @@ class Gateway:
     def snapshot(self) -> dict[str, Any]:
         """What an accepted upgrade would change: the serving process, the staged and
         downloaded files, and the release the gateway records as the one it runs."""
-        recorded = json.loads((self.state_dir / "agent.json").read_text()) if (
-            self.state_dir / "agent.json"
-        ).exists() else {}
+        recorded = (
+            json.loads((self.state_dir / "agent.json").read_text())
+            if (self.state_dir / "agent.json").exists()
+            else {}
+        )
         return {
             "pid": self.proc.serving_pid(),
             "serving": len(self.proc.events("gateway_serving")),
@@ -64,12 +66,10 @@ class Gateway:
 
 
 @pytest.fixture
-def gateway(
-    vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
-) -> Gateway:
+def gateway(vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades) -> Gateway:
     proc = start_gateway(
-        procs, tmp_path, amqp_url=amqp_url(vhost), controller=upgrades.controller,
-        trust_root=upgrades.trust_root, udp_tunnels=1, tcp_tunnels=0,
+        procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades,
+        udp_tunnels=1, tcp_tunnels=0,
     )  # fmt: skip
     return Gateway(proc, tmp_path / "state")
 
@@ -127,7 +127,9 @@ def test_a_command_without_a_signature_is_refused(
     upgrades.send(cmd, {topology.ISSUED_AT_HEADER: datetime.now().astimezone().isoformat()})
     refusal = refused(upgrades)
     assert (refusal.kind, refusal.command_id, refusal.gateway_id) == (
-        "unsigned", cmd.command_id, GATEWAY_ID
+        "unsigned",
+        cmd.command_id,
+        GATEWAY_ID,
     )
     assert refusal.from_version == INSTALLED
     assert "carries no signature" in refusal.reason
@@ -466,9 +468,9 @@ def test_a_staged_release_altered_on_disk_is_not_run(
     port = free_port()
     argv = [
         command("gateway-daemon"), "run", "--id", "gw-disk",
-        "--controller", upgrades.controller, "--amqp", amqp_url(vhost),
+        "--amqp", amqp_url(vhost),
         "--state-dir", str(state.dir), "--listen", f"127.0.0.1:{port}",
-        "--trust-root", str(upgrades.trust_root),
+        *upgrades.provision("gw-disk", state.dir),
     ]  # fmt: skip
 
     # As staged: a restart runs the staged release.

@@ -1,7 +1,9 @@
 """The CLI and its gRPC client against a real gRPC server with canned answers.
 
 The servicer below stands in for controller_svc: it speaks the real protocol over a real
-socket, and aborts with the status codes the real controller uses, so what is tested is
+socket, over TLS with a certificate from a CA of its own (made by ``hitless.pki`` as the
+controller makes its own; the CLI is given it as ``HITLESS_CA_CERT``), and aborts with the
+status codes the real controller uses, so what is tested is
 the client's translation, retries, resumption and the CLI's output and exit codes. For
 signed releases it hosts a real TUF repository (``hitless.trust.repository``, what the
 controller uses), so signed metadata the CLI sends is accepted or refused for real.
@@ -35,7 +37,8 @@ import grpc
 import pytest
 from tuf.api.metadata import Targets
 
-from hitless.config import ENV_CONTROLLER
+from hitless.config import ENV_CA_CERT, ENV_CONTROLLER
+from hitless.pki import CertificateAuthority
 from hitless.trust import keys as trust_keys
 from hitless.trust.client import DirectorySource, TrustClient, verify_artifact
 from hitless.trust.errors import TrustError
@@ -43,6 +46,7 @@ from hitless.trust.release import target_name
 from hitless.trust.repository import Repository
 from hitless.trust.verify import read_metadata, verify_role
 from hitless.v1 import common_pb2, controller_pb2, controller_pb2_grpc
+from tests.support import certificates
 from tests.support.fleet import Fleet
 from tests.support.procs import free_port
 from upgradectl import render
@@ -489,14 +493,38 @@ def keys_dir(tmp_path: Path, fake: FakeController) -> Path:
     return paths.dir
 
 
+class Address(str):
+    """HOST:PORT of a controller, with the CA certificate (file) its TLS port chains to."""
+
+    ca_cert: Path
+
+    def __new__(cls, value: str, ca_cert: Path) -> Address:
+        address = super().__new__(cls, value)
+        address.ca_cert = ca_cert
+        return address
+
+
+@pytest.fixture(scope="session")
+def tls_ca(tmp_path_factory: pytest.TempPathFactory) -> CertificateAuthority:
+    """The CA of the fake controller's TLS port."""
+    return certificates.certificate_authority(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
-def addr(fake: FakeController) -> Iterator[str]:
+def ca_cert(tls_ca: CertificateAuthority) -> Path:
+    """What an operator gives upgradectl as --ca-cert (the controller's pki/ca.pem)."""
+    return tls_ca.ca_path
+
+
+@pytest.fixture
+def addr(fake: FakeController, tls_ca: CertificateAuthority) -> Iterator[Address]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[_Gate(fake)])
     controller_pb2_grpc.add_ControllerServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    credentials = tls_ca.server_credentials(require_client_certificate=False)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     try:
-        yield f"127.0.0.1:{port}"
+        yield Address(f"127.0.0.1:{port}", tls_ca.ca_path)
     finally:
         server.stop(grace=None).wait()
 
@@ -511,12 +539,14 @@ def cli(
     """Run upgradectl's real entry point against ``addr``; exit code, stdout, stderr.
 
     Standard input is not a terminal unless the test passes one (``_Terminal``). The
-    environment is ``env`` alone (default: empty), never the test process's.
+    environment is ``env`` alone (default: empty), never the test process's, and
+    HITLESS_CA_CERT when ``addr`` is an ``Address`` (unless ``env`` sets it).
     """
     out, err = io.StringIO(), io.StringIO()
+    tls = {ENV_CA_CERT: str(addr.ca_cert)} if isinstance(addr, Address) else {}
     code = run(
         ["--controller", addr, *args],
-        env=env or {},
+        env={**tls, **(env or {})},
         out=out,
         err=err,
         retry=FAST_RETRY,
@@ -705,11 +735,15 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_status_watch_on_a_terminal_redraws_the_table(addr: str, fake: FakeController) -> None:
+def test_status_watch_on_a_terminal_redraws_the_table(addr: Address, fake: FakeController) -> None:
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     out, err = _Terminal(), io.StringIO()
     code = run(
-        ["--controller", addr, "status", "--watch"], env={}, out=out, err=err, retry=FAST_RETRY
+        ["--controller", addr, "status", "--watch"],
+        env={ENV_CA_CERT: str(addr.ca_cert)},
+        out=out,
+        err=err,
+        retry=FAST_RETRY,
     )
     assert (code, err.getvalue()) == (ExitCode.OK, "")
     frames = out.getvalue().split("\x1b[J")
@@ -886,13 +920,13 @@ def test_controller_failure_is_internal(addr: str, fake: FakeController) -> None
     assert err.startswith(f"upgradectl: error: the controller failed on ListReleases at {addr}: ")
 
 
-def test_no_controller_listening_is_unreachable_with_a_hint() -> None:
+def test_no_controller_listening_is_unreachable_with_a_hint(ca_cert: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     port = free_port()  # nothing listens there
     # The address comes from the environment when --controller is absent.
     code = run(
         ["gateways", "list"],
-        env={ENV_CONTROLLER: f"127.0.0.1:{port}"},
+        env={ENV_CONTROLLER: f"127.0.0.1:{port}", ENV_CA_CERT: str(ca_cert)},
         out=out,
         err=err,
         retry=FAST_RETRY,
@@ -908,9 +942,10 @@ def test_no_controller_listening_is_unreachable_with_a_hint() -> None:
 
 
 def test_main_reads_the_environment(
-    addr: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    addr: Address, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv(ENV_CONTROLLER, addr)
+    monkeypatch.setenv(ENV_CA_CERT, str(addr.ca_cert))
     assert main(["gateways", "list", "--json"]) == ExitCode.OK
     assert [g["id"] for g in json.loads(capsys.readouterr().out)] == ["gw-1", "gw-22"]
 
@@ -1108,7 +1143,9 @@ def test_vpn_release_on_a_terminal_aborts_on_anything_else(
     assert fake.start_requests == []
 
 
-def test_vpn_question_on_a_real_terminal(addr: str, fake: FakeController, tmp_path: Path) -> None:
+def test_vpn_question_on_a_real_terminal(
+    addr: Address, fake: FakeController, tmp_path: Path
+) -> None:
     """The installed entry point asks on its own stdin when that is a terminal (a pty)."""
     _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
     _vpn_release(fake)
@@ -1119,6 +1156,7 @@ def test_vpn_question_on_a_real_terminal(addr: str, fake: FakeController, tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=tmp_path,
+        env={**os.environ, ENV_CA_CERT: str(addr.ca_cert)},
     ) as proc:
         os.close(terminal)
         assert proc.stderr is not None
@@ -1418,9 +1456,7 @@ def _hostile(fake: FakeController) -> None:
     ]
     fake.admins = [NASTY]
     fake.feed = [_release("1.3.0", notes=NASTY)]
-    fake.tokens = [
-        controller_pb2.Token(name=NASTY, role=NASTY, created_at=_ts(), created_by=NASTY)
-    ]
+    fake.tokens = [controller_pb2.Token(name=NASTY, role=NASTY, created_at=_ts(), created_by=NASTY)]
     fake.audit = [
         controller_pb2.AuditEvent(
             seq=1, at=_ts(), actor=NASTY, peer=NASTY, action=NASTY, detail=NASTY, outcome=NASTY
@@ -1948,11 +1984,11 @@ def test_a_rotation_the_controller_refuses_is_kept_and_sent_again_with_resend(
 
 
 def test_nothing_is_rotated_when_the_controller_cannot_be_reached(
-    tmp_path: Path, keys_dir: Path
+    tmp_path: Path, keys_dir: Path, ca_cert: Path
 ) -> None:
     before = _tree(keys_dir)
-    code, _, err = cli(f"127.0.0.1:{free_port()}", "keys", "rotate", "--dir", str(keys_dir),
-                       "--roles", "targets")  # fmt: skip
+    nobody = Address(f"127.0.0.1:{free_port()}", ca_cert)
+    code, _, err = cli(nobody, "keys", "rotate", "--dir", str(keys_dir), "--roles", "targets")
     assert code == ExitCode.UNREACHABLE
     assert "cannot reach the controller" in err
     assert _tree(keys_dir) == before
@@ -2342,8 +2378,11 @@ def test_tokens_create_expiry_units(
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--expires", "90"], "argument --expires: expected a duration: a whole number and a "
-                              "unit, s, m, h or d (e.g. 90d, 12h, 30m, 3600s), not '90'"),
+        (
+            ["--expires", "90"],
+            "argument --expires: expected a duration: a whole number and a "
+            "unit, s, m, h or d (e.g. 90d, 12h, 30m, 3600s), not '90'",
+        ),
         (["--expires", "1w"], "argument --expires: expected a duration: "),
         (["--expires=-5m"], "argument --expires: expected a duration: "),
         (["--expires", "1.5h"], "argument --expires: expected a duration: "),
@@ -2380,8 +2419,7 @@ def test_tokens_create_unanswered_is_unconfirmed_and_not_retried(
         "controller is restarting); the token ci may have been created, its secret lost with "
         "the answer",
         "  to look: 'upgradectl tokens list'",
-        "  if it is listed: 'upgradectl tokens revoke ci', then create a token under another "
-        "name",
+        "  if it is listed: 'upgradectl tokens revoke ci', then create a token under another name",
     ]
 
 
@@ -2537,10 +2575,13 @@ def test_audit_with_nothing_since_says_so(addr: str, fake: FakeController) -> No
 @pytest.mark.parametrize(
     ("since", "expected"),
     [
-        ("yesterday", "argument --since: expected a time, ISO 8601 (e.g. 2025-03-01T12:00:00Z; "
-                      "UTC unless it names an offset), or a duration back from now, a whole "
-                      "number and a unit, s, m, h or d (e.g. 90d, 12h, 30m, 3600s), not "
-                      "'yesterday'"),
+        (
+            "yesterday",
+            "argument --since: expected a time, ISO 8601 (e.g. 2025-03-01T12:00:00Z; "
+            "UTC unless it names an offset), or a duration back from now, a whole "
+            "number and a unit, s, m, h or d (e.g. 90d, 12h, 30m, 3600s), not "
+            "'yesterday'",
+        ),
         ("2025-13-01", "argument --since: expected a time, ISO 8601"),
         ("2h30m", "argument --since: expected a time, ISO 8601"),
         ("0h", "argument --since: expected a duration of at least 1s, not '0h'"),

@@ -265,7 +265,7 @@ def test_keys_init_lines_list_each_key_and_where_each_part_goes() -> None:
         "  /srv/keys/root.json",
         "      the trust anchor: give it to the controller (controller-svc serve --trust-root "
         "FILE)",
-        "      and to every gateway (gateway-daemon run --trust-root FILE)",
+        "      gateways get it from the controller when they enroll (upgradectl gateways enroll)",
         "  /srv/keys/offline/  (root and targets keys)",
         "      stay with the release manager, never on the controller or a gateway; keep a "
         "backup offline",

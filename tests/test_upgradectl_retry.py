@@ -71,7 +71,7 @@ def fleet_on(db_url: str, vhost: str, tmp_path: Path, procs: Procs) -> Iterator[
     try:
         # The fleet alone: this is about StartUpgrade, not the controller's own upgrade.
         fleet.start_controller(db_url, "--no-self-upgrade")
-        with CuttingProxy(("127.0.0.1", fleet.controller_port), gate=threading.Event()) as shut:
+        with CuttingProxy(("127.0.0.1", fleet.gateway_port), gate=threading.Event()) as shut:
             fleet.start_gateway("gw-1", controller=f"127.0.0.1:{shut.port}")
             wait_for(
                 lambda: fleet.gateways().get("gw-1", {}).get("state") == "ONLINE",
@@ -99,7 +99,7 @@ def test_a_lost_answer_names_the_request_and_its_retry_starts_no_second_job(
     with _no_job_can_be_written(db_url):
         code = run(
             ["--controller", fleet.controller_address, "upgrade", "--version", TARGET, "--json"],
-            env={"HITLESS_TOKEN": fleet.token},
+            env={"HITLESS_TOKEN": fleet.token, "HITLESS_CA_CERT": str(fleet.ca_cert)},
             out=out,
             err=err,
             stdin=io.StringIO(),

@@ -1,6 +1,10 @@
 """``upgradectl``: the operator's command line over the controller's gRPC API.
 
-    upgradectl [--controller HOST:PORT] [--token-file FILE] gateways list [--json]
+    upgradectl [--controller HOST:PORT] [--ca-cert FILE] [--token-file FILE] gateways list
+    upgradectl --controller HOST:GATEWAY_PORT --client-cert FILE --client-key FILE ...
+    upgradectl gateways enroll ID [--expires D] [--json]
+    upgradectl gateways enrollments [--json]
+    upgradectl gateways revoke ID
     upgradectl keys init --dir DIR
     upgradectl keys rotate --dir DIR (--roles ROLE,... | --resend)
     upgradectl releases list [--json]
@@ -14,22 +18,37 @@
     upgradectl status [JOB] [--watch] [--json]
     upgradectl jobs list [--json]
     upgradectl jobs rejected [--json]
+    upgradectl jobs (allow-publisher USER | disallow-publisher USER | publishers [--json])
     upgradectl admins (add EMAIL | remove EMAIL | list [--json])
     upgradectl tokens create --role viewer|operator|admin --name NAME [--expires D] [--json]
     upgradectl tokens list [--json]
     upgradectl tokens revoke NAME
+    upgradectl certs issue --name NAME --role viewer|operator|admin [--expires D] --out DIR
+                           [--json]
+    upgradectl certs list [--json]
+    upgradectl certs revoke NAME
     upgradectl audit [--since T] [--json]
 
 The controller is ``--controller``, else ``$HITLESS_CONTROLLER``, else 127.0.0.1:50051;
 this module is the only place that reads flags and the environment. Expected failures print
 ``upgradectl: error: <message>`` and exit with a code named in ``upgradectl.errors.ExitCode``.
 
-Every call carries the operator's API token: ``$HITLESS_TOKEN``, else the file named by
-``--token-file`` or ``$HITLESS_TOKEN_FILE`` (``upgradectl.credentials``; never a flag holding
-the secret, which ``ps`` would show). The file is read when a command first needs the
+Every call goes over TLS to a controller whose certificate chains to ``--ca-cert`` (else
+``$HITLESS_CA_CERT``), its ``<data dir>/pki/ca.pem``, and carries the operator's API
+token: ``$HITLESS_TOKEN``, else the file named by ``--token-file`` or
+``$HITLESS_TOKEN_FILE`` (``upgradectl.credentials``; never a flag holding the secret, which
+``ps`` would show). The file is read when a command first needs the
 controller, so commands that work offline (``keys init``, ``releases build``) never read
 it. The controller's refusal of the token (UNAUTHENTICATED) or of its role
 (PERMISSION_DENIED) exits 4 with its words after "the controller refused the credentials".
+
+Instead of a token, an operator may present a client certificate that ``certs issue`` made
+(``--client-cert`` and ``--client-key``, else ``$HITLESS_CLIENT_CERT`` and
+``$HITLESS_CLIENT_KEY``) to the controller's gateway port, the one that asks for client
+certificates; no token is read or sent then. The key file must be readable by its owner
+only (exit 2 otherwise); a certificate that is expired, not the key's, or not from the CA
+of ``--ca-cert`` is refused here (exit 4) rather than by a handshake that would only close
+the connection.
 
 ``upgrade`` shows the controller's plan (release, notes, each gateway's change) before it
 starts anything, and gets the operator's consent through ``upgradectl.confirm``; so does
@@ -55,6 +74,7 @@ import os
 import re
 import shlex
 import sys
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,17 +82,22 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from hitless import names
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+
+from hitless import names, pki
 from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
 from hitless.errors import HitlessError, InvalidName
 from hitless.trust.keys import ROLES
 from upgradectl import credentials, durations, render, signing
 from upgradectl.build import build_release
-from upgradectl.client import ControllerClient, RetryPolicy
+from upgradectl.client import ClientCertificate, ControllerClient, RetryPolicy
 from upgradectl.confirm import Terminal, agree, confirm
-from upgradectl.credentials import ENV_TOKEN, ENV_TOKEN_FILE
+from upgradectl.credentials import ENV_CA_CERT, ENV_TOKEN, ENV_TOKEN_FILE
 from upgradectl.errors import (
     ControllerFailed,
+    CredentialsMissing,
     CredentialsRefused,
     ExitCode,
     JobNotSucceeded,
@@ -95,6 +120,13 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # a typo is a usage error before anything is sent.
 TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TOKEN_ROLES = ("viewer", "operator", "admin")
+ENV_CLIENT_CERT = "HITLESS_CLIENT_CERT"
+ENV_CLIENT_KEY = "HITLESS_CLIENT_KEY"
+# What ``certs issue --out DIR`` writes.
+KEY_FILE, CERT_FILE = "key.pem", "cert.pem"
+# The controller's rule for a job publisher's broker user (a message's user_id is an AMQP
+# short string), checked here too.
+BROKER_USER_MAX_BYTES = 255
 
 
 class _ArgumentError(Exception):
@@ -179,12 +211,30 @@ def run(
         )
 
         def connect() -> ControllerClient:
-            caller = credentials.load(
-                token=env.get(ENV_TOKEN),
-                token_file=args.token_file,
-                env_token_file=env.get(ENV_TOKEN_FILE),
+            cert_file = args.client_cert or env.get(ENV_CLIENT_CERT)
+            key_file = args.client_key or env.get(ENV_CLIENT_KEY)
+            with_certificate = bool(cert_file or key_file)
+            caller = (
+                None
+                if with_certificate
+                else credentials.load(
+                    token=env.get(ENV_TOKEN),
+                    token_file=args.token_file,
+                    env_token_file=env.get(ENV_TOKEN_FILE),
+                )
             )
-            return ControllerClient(controller, call_timeout, credentials=caller, retry=retry)
+            ca_cert = credentials.load_ca(ca_cert=args.ca_cert, env_ca_cert=env.get(ENV_CA_CERT))
+            certificate = (
+                _client_certificate(cert_file, key_file, ca_cert) if with_certificate else None
+            )
+            return ControllerClient(
+                controller,
+                call_timeout,
+                ca_cert=ca_cert,
+                credentials=caller,
+                client_certificate=certificate,
+                retry=retry,
+            )
 
         handler: Callable[[_Context], ExitCode] = args.handler
         return int(handler(_Context(args, out, err, stdin, connect)))
@@ -214,6 +264,24 @@ def _build_parser() -> _Parser:
         f"(default: ${ENV_TOKEN_FILE}); ${ENV_TOKEN}, when set, is sent instead. The secret "
         "itself is never a flag: command lines are visible to every user (ps)",
     )
+    parser.add_argument(
+        "--ca-cert",
+        metavar="FILE",
+        help=f"the CA certificate that the controller's TLS certificate must chain to, its "
+        f"<data dir>/pki/ca.pem (default: ${ENV_CA_CERT})",
+    )
+    parser.add_argument(
+        "--client-cert",
+        metavar="FILE",
+        help="an operator's client certificate ('certs issue' wrote it) to present instead of "
+        "an API token; the controller asks for it on its gateway port (controller-svc "
+        f"--gateway-listen), so point --controller there (default: ${ENV_CLIENT_CERT})",
+    )
+    parser.add_argument(
+        "--client-key",
+        metavar="FILE",
+        help=f"the key of --client-cert, readable by its owner only (default: ${ENV_CLIENT_KEY})",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gateways = commands.add_parser("gateways", help="the gateways the controller knows")
@@ -221,6 +289,36 @@ def _build_parser() -> _Parser:
     gw_list = gateways_sub.add_parser("list", help="list gateways, their versions and state")
     gw_list.add_argument("--json", action="store_true", help="print JSON for machines")
     gw_list.set_defaults(handler=_gateways_list)
+    gw_enroll = gateways_sub.add_parser(
+        "enroll",
+        help="make a one-time code with which a gateway gets its certificate and broker "
+        "credentials (gateway-daemon enroll); needs the admin role",
+    )
+    gw_enroll.add_argument("gateway_id", type=_gateway_id, metavar="ID", help="e.g. gw-1")
+    gw_enroll.add_argument(
+        "--expires",
+        type=_duration,
+        metavar="D",
+        help="the code stops working this long from now, e.g. 1h, 7d (default: 24h; at most 30d)",
+    )
+    gw_enroll.add_argument(
+        "--json", action="store_true", help='print {"gateway_id", "code", "expires_at"}'
+    )
+    gw_enroll.set_defaults(handler=_gateways_enroll)
+    gw_enrollments = gateways_sub.add_parser(
+        "enrollments", help="every gateway enrollment: pending codes, certificates, revocations"
+    )
+    gw_enrollments.add_argument("--json", action="store_true", help="print JSON for machines")
+    gw_enrollments.set_defaults(handler=_gateways_enrollments)
+    gw_revoke = gateways_sub.add_parser(
+        "revoke",
+        help="revoke a gateway's certificate and delete its broker user: it can download and "
+        "report nothing more until it enrolls again",
+    )
+    gw_revoke.add_argument(
+        "gateway_id", type=_gateway_id, metavar="ID", help="the gateway's id, e.g. gw-1"
+    )
+    gw_revoke.set_defaults(handler=_gateways_revoke)
 
     keys = commands.add_parser(
         "keys", help="the signing keys: the release manager's key directory and rotations"
@@ -388,6 +486,29 @@ def _build_parser() -> _Parser:
     )
     jobs_rejected.add_argument("--json", action="store_true", help="print JSON for machines")
     jobs_rejected.set_defaults(handler=_jobs_rejected)
+    allow_pub = jobs_sub.add_parser(
+        "allow-publisher",
+        help="let a broker user publish management jobs: the controller runs a job only "
+        "when its user_id property names an allowed user (needs the admin role)",
+    )
+    allow_pub.add_argument(
+        "user", type=_broker_user, metavar="USER", help="the RabbitMQ user, e.g. ops-alice"
+    )
+    allow_pub.set_defaults(handler=_jobs_allow_publisher)
+    disallow_pub = jobs_sub.add_parser(
+        "disallow-publisher",
+        help="stop running management jobs a broker user publishes (needs the admin role)",
+    )
+    disallow_pub.add_argument(
+        "user", type=_broker_user, metavar="USER", help="the user, as 'jobs publishers' shows"
+    )
+    disallow_pub.set_defaults(handler=_jobs_disallow_publisher)
+    publishers = jobs_sub.add_parser(
+        "publishers",
+        help="the broker users allowed to publish management jobs (needs the admin role)",
+    )
+    publishers.add_argument("--json", action="store_true", help="print JSON for machines")
+    publishers.set_defaults(handler=_jobs_publishers)
 
     admins = commands.add_parser("admins", help="who the notifier emails")
     admins_sub = admins.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -450,6 +571,62 @@ def _build_parser() -> _Parser:
     )
     tok_revoke.set_defaults(handler=_tokens_revoke)
 
+    certs = commands.add_parser(
+        "certs", help="operators' client certificates and their roles (needs the admin role)"
+    )
+    certs_sub = certs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    cert_issue = certs_sub.add_parser(
+        "issue",
+        help="make a key here and have the controller's CA certify it for an operator; only "
+        "the certificate request is sent",
+    )
+    cert_issue.add_argument(
+        "--name",
+        required=True,
+        type=_certificate_name,
+        metavar="NAME",
+        help="whom it is for, e.g. alice: 1 to 64 letters, digits, '.', '_' or '-'; never "
+        "reused; the audit log shows it as the actor (cert:NAME)",
+    )
+    cert_issue.add_argument(
+        "--role",
+        required=True,
+        choices=TOKEN_ROLES,
+        help="viewer: read only; operator: also plan, start and watch upgrades; admin: everything",
+    )
+    cert_issue.add_argument(
+        "--expires",
+        type=_duration,
+        metavar="D",
+        help="the certificate stops working this long from now, e.g. 90d, 12h "
+        f"(default: 365d; at most {durations.MAX_DURATION.days}d)",
+    )
+    cert_issue.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help=f"where to write {KEY_FILE} (mode 0600) and {CERT_FILE}; made when missing, "
+        "refused when either file is there already (nothing is overwritten)",
+    )
+    cert_issue.add_argument("--json", action="store_true", help="print JSON for machines")
+    cert_issue.set_defaults(handler=_certs_issue)
+    cert_list = certs_sub.add_parser(
+        "list", help="every operator certificate, revoked and expired ones included"
+    )
+    cert_list.add_argument("--json", action="store_true", help="print JSON for machines")
+    cert_list.set_defaults(handler=_certs_list)
+    cert_revoke = certs_sub.add_parser(
+        "revoke", help="revoke a certificate: the controller refuses it from now on"
+    )
+    cert_revoke.add_argument(
+        "name",
+        type=_certificate_name,
+        metavar="NAME",
+        help="the certificate's name, as 'certs list' shows",
+    )
+    cert_revoke.set_defaults(handler=_certs_revoke)
+
     audit = commands.add_parser(
         "audit", help="who changed what, newest first (needs the admin role)"
     )
@@ -510,6 +687,38 @@ def _token_name(text: str) -> str:
     return text
 
 
+def _certificate_name(text: str) -> str:
+    """An operator certificate's name: ``--name`` of ``certs issue``, NAME of ``certs
+    revoke`` (the controller's rule, the same as a token name's)."""
+    if not TOKEN_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"expected a certificate name of 1 to 64 letters, digits, '.', '_' or '-', "
+            f"not {names.shown(text)}"
+        )
+    return text
+
+
+def _broker_user(text: str) -> str:
+    """A job publisher's broker user, by the controller's rule
+    (``controller_svc.publishers.broker_user``)."""
+    size = len(text.encode("utf-8", errors="replace"))
+    invisible = any(unicodedata.category(c) in ("Cc", "Cf", "Cs") for c in text)
+    if not 0 < size <= BROKER_USER_MAX_BYTES or invisible or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"expected a RabbitMQ user name of 1 to {BROKER_USER_MAX_BYTES} bytes, without "
+            f"control characters or spaces at either end, not {names.shown(text)}"
+        )
+    return text
+
+
+def _gateway_id(text: str) -> str:
+    """A gateway id argument (``hitless.names.gateway_id``)."""
+    try:
+        return names.gateway_id(text)
+    except InvalidName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _duration(text: str) -> timedelta:
     """An ``--expires``: a duration such as 90d (``upgradectl.durations``)."""
     try:
@@ -555,9 +764,7 @@ def _releases_build(ctx: _Context) -> ExitCode:
     output: Path = ctx.args.output
     built = build_release(ctx.args.version, output)
     ctx.emit_lines(
-        render.built_lines(
-            ctx.args.version, shlex.quote(str(output)), built.size, built.sha256
-        )
+        render.built_lines(ctx.args.version, shlex.quote(str(output)), built.size, built.sha256)
     )
     return ExitCode.OK
 
@@ -612,9 +819,7 @@ def _keys_init(ctx: _Context) -> ExitCode:
 
 def _keys_rotate(ctx: _Context) -> ExitCode:
     directory: Path = ctx.args.dir
-    resend = shlex.join(
-        [*_prog_argv(ctx), "keys", "rotate", "--dir", str(directory), "--resend"]
-    )
+    resend = shlex.join([*_prog_argv(ctx), "keys", "rotate", "--dir", str(directory), "--resend"])
     with ctx.connect() as client:
         if ctx.args.resend:
             rotation = signing.send_root(client, directory, resend=resend)
@@ -810,6 +1015,28 @@ def _jobs_rejected(ctx: _Context) -> ExitCode:
     return _listing(ctx, [r.to_json() for r in rejected], lambda: render.rejected_table(rejected))
 
 
+def _jobs_allow_publisher(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        publisher = client.allow_publisher(ctx.args.user)
+    ctx.emit_lines(render.allowed_publisher_lines(publisher))
+    return ExitCode.OK
+
+
+def _jobs_disallow_publisher(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        publisher = client.disallow_publisher(ctx.args.user)
+    ctx.emit_lines(render.disallowed_publisher_lines(publisher))
+    return ExitCode.OK
+
+
+def _jobs_publishers(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        publishers = client.list_publishers()
+    return _listing(
+        ctx, [p.to_json() for p in publishers], lambda: render.publishers_table(publishers)
+    )
+
+
 def _admins_add(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         email = client.add_admin(ctx.args.email)
@@ -828,6 +1055,34 @@ def _admins_list(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         admins = client.list_admins()
     return _listing(ctx, [{"email": a} for a in admins], lambda: render.admins_table(admins))
+
+
+def _gateways_enroll(ctx: _Context) -> ExitCode:
+    expires: timedelta | None = ctx.args.expires
+    with ctx.connect() as client:
+        code = client.create_enrollment(
+            ctx.args.gateway_id, int(expires.total_seconds()) if expires else 0
+        )
+    if ctx.args.json:
+        ctx.emit_json(code.to_json())
+    else:
+        ctx.emit_lines(render.enrollment_code_lines(code))
+    return ExitCode.OK
+
+
+def _gateways_enrollments(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        enrollments = client.list_enrollments()
+    return _listing(
+        ctx, [e.to_json() for e in enrollments], lambda: render.enrollments_table(enrollments)
+    )
+
+
+def _gateways_revoke(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        enrollment = client.revoke_gateway(ctx.args.gateway_id)
+    ctx.emit_lines(render.revoked_gateway_lines(enrollment))
+    return ExitCode.OK
 
 
 def _tokens_create(ctx: _Context) -> ExitCode:
@@ -869,13 +1124,146 @@ def _tokens_revoke(ctx: _Context) -> ExitCode:
     return ExitCode.OK
 
 
+def _certs_issue(ctx: _Context) -> ExitCode:
+    name: str = ctx.args.name
+    out: Path = ctx.args.out
+    expires: timedelta | None = ctx.args.expires
+    key_path, cert_path = out / KEY_FILE, out / CERT_FILE
+    for path in (key_path, cert_path):
+        if path.exists():
+            raise UsageError(
+                f"{path} exists already: choose another --out (nothing is overwritten)"
+            )
+    key = pki.new_key()
+    # The key is on disk before the request leaves, so a directory that cannot take it
+    # never costs a name (names are never reused).
+    _write_new(key_path, pki.key_pem(key), 0o600, make_parent=True)
+    try:
+        with ctx.connect() as client:
+            issued = client.issue_certificate(
+                name,
+                ctx.args.role,
+                pki.certificate_request(key, name),
+                int(expires.total_seconds()) if expires else 0,
+            )
+    except Unconfirmed as exc:
+        key_path.unlink()
+        raise Unconfirmed(
+            f"{exc}; the certificate {name} may have been issued, lost with the answer\n"
+            f"  to look: '{PROG} certs list'\n  if it is listed: '{PROG} certs revoke "
+            f"{name}', then issue one under another name"
+        ) from exc
+    except BaseException:
+        key_path.unlink()
+        raise
+    _write_new(cert_path, issued.certificate_pem, 0o644)
+    if ctx.args.json:
+        ctx.emit_json(
+            {
+                **issued.certificate.to_json(),
+                "key_file": str(key_path),
+                "certificate_file": str(cert_path),
+            }
+        )
+    else:
+        ctx.emit_lines(
+            render.issued_certificate_lines(
+                issued, shlex.quote(str(key_path)), shlex.quote(str(cert_path))
+            )
+        )
+    return ExitCode.OK
+
+
+def _certs_list(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        certificates = client.list_certificates()
+    return _listing(
+        ctx,
+        [c.to_json() for c in certificates],
+        lambda: render.certificates_table(certificates, datetime.now(UTC)),
+    )
+
+
+def _certs_revoke(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        certificate = client.revoke_certificate(ctx.args.name)
+    ctx.emit_lines(render.revoked_certificate_lines(certificate))
+    return ExitCode.OK
+
+
+def _write_new(path: Path, data: bytes, mode: int, *, make_parent: bool = False) -> None:
+    """Write ``data`` to the new file ``path`` with ``mode`` (its directory made 0700 when
+    ``make_parent``). UsageError naming the file when it exists or cannot be written."""
+    try:
+        if make_parent:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _client_certificate(
+    cert_file: str | None, key_file: str | None, ca_pem: bytes
+) -> ClientCertificate:
+    """The client certificate ``cert_file`` and its key ``key_file`` (from
+    ``--client-cert``/``--client-key`` or the environment), checked before anything is
+    sent: the handshake refuses a bad one by closing the connection, which says nothing.
+
+    Raises UsageError when one of the two is missing or not PEM, or the key is not the
+    certificate's; ConfigError (exit 2) when the key file may be read by others (the rule
+    ssh has for its keys); CredentialsMissing (exit 4) when the certificate is not from the
+    CA of ``ca_pem`` or is outside its validity."""
+    if not (cert_file and key_file):
+        raise UsageError(
+            "a client certificate goes with its key: give both --client-cert FILE and "
+            f"--client-key FILE (or {ENV_CLIENT_CERT} and {ENV_CLIENT_KEY})"
+        )
+    cert_path, key_path = Path(cert_file), Path(key_file)
+    cert_pem = pki.read_certificate(cert_path, "client certificate")
+    key_pem = pki.read_private(key_path)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError):
+        raise UsageError(
+            f"{key_path} is not an unencrypted PEM private key (--client-key)"
+        ) from None
+    if key.public_key() != cert.public_key():
+        raise UsageError(
+            f"{key_path} is not the key of the certificate {cert_path}: give the {KEY_FILE} "
+            f"that 'certs issue' wrote beside it"
+        )
+    now = datetime.now(UTC)
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        raise CredentialsMissing(
+            f"the client certificate {cert_path} is valid from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC, not now: ask an admin for a "
+            "new one (upgradectl certs issue)"
+        )
+    if not any(_issued_by(cert, ca) for ca in x509.load_pem_x509_certificates(ca_pem)):
+        raise CredentialsMissing(
+            f"the client certificate {cert_path} was not issued by the controller's CA (the "
+            "--ca-cert given): ask that controller's admin for one (upgradectl certs issue)"
+        )
+    return ClientCertificate(key_pem, cert_pem, f"the file {cert_path}")
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
 def _audit(ctx: _Context) -> ExitCode:
     since: datetime | None = ctx.args.since
     with ctx.connect() as client:
         events = client.list_audit(since)
-    return _listing(
-        ctx, [e.to_json() for e in events], lambda: render.audit_table(events, since)
-    )
+    return _listing(ctx, [e.to_json() for e in events], lambda: render.audit_table(events, since))
 
 
 def _prog_argv(ctx: _Context) -> list[str]:
@@ -886,6 +1274,12 @@ def _prog_argv(ctx: _Context) -> list[str]:
         argv += ["--controller", ctx.args.controller]
     if ctx.args.token_file:
         argv += ["--token-file", ctx.args.token_file]
+    if ctx.args.ca_cert:
+        argv += ["--ca-cert", ctx.args.ca_cert]
+    if ctx.args.client_cert:
+        argv += ["--client-cert", ctx.args.client_cert]
+    if ctx.args.client_key:
+        argv += ["--client-key", ctx.args.client_key]
     return argv
 
 

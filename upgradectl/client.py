@@ -23,7 +23,9 @@ Every call, unary or streaming, carries the caller's API token (``upgradectl.cre
 as the metadata ``authorization: Bearer <secret>``, added in one place: the channel's
 interceptor. Without a token the calls carry none, and the controller's UNAUTHENTICATED
 says what is missing. A refusal of a token sent adds where it came from, so the operator
-knows which one to replace.
+knows which one to replace. An operator with a client certificate (``ClientCertificate``)
+presents it in the TLS handshake instead, on the controller's gateway port (the API port
+asks for none); a refusal then names the certificate's file.
 
 The controller upgrades itself by starting a new process on the same port and stopping the
 old one, so a client may meet UNAVAILABLE (or CANCELLED, for a call that arrived as the old
@@ -42,16 +44,17 @@ it saw.
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
-from hitless.config import ENV_CONTROLLER, HostPort
+from hitless.config import ENV_CA_CERT, ENV_CONTROLLER, HostPort
 from hitless.digest import file_sha256
 from hitless.v1 import controller_pb2, controller_pb2_grpc
 from upgradectl.credentials import Credentials
@@ -66,10 +69,15 @@ from upgradectl.errors import (
 )
 from upgradectl.model import (
     AuditEvent,
+    CertificateInfo,
     CreatedToken,
+    EnrollmentCode,
+    EnrollmentInfo,
     GatewayInfo,
+    IssuedCertificate,
     JobEvent,
     JobView,
+    PublisherInfo,
     RejectedJob,
     ReleaseInfo,
     TokenInfo,
@@ -91,6 +99,12 @@ _REFUSED = frozenset(
         grpc.StatusCode.FAILED_PRECONDITION,
     }
 )
+# How gRPC words a failed TLS handshake (certificate not trusted, name not covered, a
+# plain-text server) in an UNAVAILABLE status's details.
+_TLS_FAILURE = re.compile(r"handshake|SSL|certificate|TLS", re.IGNORECASE)
+# The part of those that retrying cannot mend: the controller's certificate does not chain
+# to the CA given, or does not name the host called.
+_TLS_REFUSED = re.compile(r"CERTIFICATE_VERIFY_FAILED|not in peer certificate", re.IGNORECASE)
 _CREDENTIALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 _UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 # Worth another try after a pause: a controller handing over (a call that arrived as the
@@ -167,16 +181,31 @@ class Authorization(
         return continuation(self._with_token(details), requests)
 
 
+@dataclass(frozen=True)
+class ClientCertificate:
+    """An operator's client certificate and its key (PEM), and ``source``, the words that
+    say where they came from (``the file F (--client-cert)``). The key is left out of the
+    repr."""
+
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+    source: str
+
+
 class ControllerClient:
-    """A connection to the controller's ``hitless.v1.Controller`` service, calling as the
-    holder of ``credentials`` (None: no token is sent)."""
+    """A connection to the controller's ``hitless.v1.Controller`` service over TLS, trusting
+    only the CA certificate ``ca_cert`` (PEM), calling as the holder of ``credentials``
+    (None: no token is sent) or presenting ``client_certificate`` in the handshake (the
+    controller's gateway port takes it; its API port asks for none)."""
 
     def __init__(
         self,
         target: HostPort,
         timeout: float,
         *,
+        ca_cert: bytes,
         credentials: Credentials | None = None,
+        client_certificate: ClientCertificate | None = None,
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
@@ -184,10 +213,18 @@ class ControllerClient:
         self.target = target
         self.timeout = timeout
         self._credentials = credentials
+        self._client_certificate = client_certificate
         self._retry = retry or RetryPolicy()
         self._sleep = sleep
         self._clock = clock
-        self._channel = grpc.insecure_channel(str(target))
+        key, cert = (
+            (client_certificate.key_pem, client_certificate.cert_pem)
+            if client_certificate is not None
+            else (None, None)
+        )
+        self._channel = grpc.secure_channel(
+            str(target), grpc.ssl_channel_credentials(ca_cert, key, cert)
+        )
         channel = self._channel
         if credentials is not None:
             channel = grpc.intercept_channel(channel, Authorization(credentials))
@@ -400,6 +437,93 @@ class ControllerClient:
         request = controller_pb2.RevokeTokenRequest(name=name)
         return TokenInfo.from_proto(self._unary("RevokeToken", self._stub.RevokeToken, request))
 
+    def issue_certificate(
+        self, name: str, role: str, csr_pem: bytes, expires_seconds: int = 0
+    ) -> IssuedCertificate:
+        """Have the controller's CA issue the operator certificate ``name`` with ``role``
+        (viewer, operator, admin) on the key of ``csr_pem`` (a PEM PKCS#10 request; the key
+        stays here), valid ``expires_seconds`` (0: the controller's default, 365 days).
+
+        Sent once, never retried: names are never reused, so a retry would be refused.
+        Raises ``Rejected`` when the controller refuses (a name taken or malformed, a bad
+        request or role), ``CredentialsRefused`` when the caller may not, and
+        ``Unconfirmed`` when no answer came: the certificate may exist, lost with the answer.
+        """
+        request = controller_pb2.IssueCertificateRequest(
+            name=name, role=role, csr_pem=csr_pem, expires_seconds=expires_seconds
+        )
+        answer = self._unary(
+            "IssueCertificate", self._stub.IssueCertificate, request, creates=True, retried=False
+        )
+        return IssuedCertificate.from_proto(answer)
+
+    def list_certificates(self) -> list[CertificateInfo]:
+        """Every operator certificate the controller issued, revoked and expired included."""
+        resp = self._unary(
+            "ListCertificates",
+            self._stub.ListCertificates,
+            controller_pb2.ListCertificatesRequest(),
+        )
+        return [CertificateInfo.from_proto(c) for c in resp.certificates]
+
+    def revoke_certificate(self, name: str) -> CertificateInfo:
+        """Revoke the operator certificate ``name``: the controller refuses it from now on.
+        The certificate as the controller now describes it. Raises ``Rejected`` for an
+        unknown name."""
+        request = controller_pb2.RevokeCertificateRequest(name=name)
+        answer = self._unary("RevokeCertificate", self._stub.RevokeCertificate, request)
+        return CertificateInfo.from_proto(answer)
+
+    def create_enrollment(self, gateway_id: str, expires_seconds: int = 0) -> EnrollmentCode:
+        """A one-time code with which gateway ``gateway_id`` enrolls (``gateway-daemon
+        enroll``), expiring ``expires_seconds`` from now (0: the controller's default, 24
+        hours). Sent once, never retried: a new call makes a new code and voids this one.
+        Raises ``Rejected`` for a bad id, ``Unconfirmed`` when no answer came."""
+        request = controller_pb2.CreateEnrollmentRequest(
+            gateway_id=gateway_id, expires_seconds=expires_seconds
+        )
+        answer = self._unary(
+            "CreateEnrollment", self._stub.CreateEnrollment, request, creates=True, retried=False
+        )
+        return EnrollmentCode.from_proto(answer)
+
+    def list_enrollments(self) -> list[EnrollmentInfo]:
+        """Every gateway enrollment the controller knows, by gateway id."""
+        resp = self._unary(
+            "ListEnrollments", self._stub.ListEnrollments, controller_pb2.ListEnrollmentsRequest()
+        )
+        return [EnrollmentInfo.from_proto(e) for e in resp.enrollments]
+
+    def revoke_gateway(self, gateway_id: str) -> EnrollmentInfo:
+        """Revoke gateway ``gateway_id``'s certificate and broker user. Raises ``Rejected``
+        (NOT_FOUND) for a gateway never enrolled."""
+        request = controller_pb2.RevokeGatewayRequest(gateway_id=gateway_id)
+        return EnrollmentInfo.from_proto(
+            self._unary("RevokeGateway", self._stub.RevokeGateway, request)
+        )
+
+    def allow_publisher(self, user: str) -> PublisherInfo:
+        """Let the broker user ``user`` publish management jobs; the publisher as the
+        controller now describes it (allowing twice keeps the first time). Raises
+        ``Rejected`` for a name the controller refuses."""
+        request = controller_pb2.PublisherRequest(user=user)
+        answer = self._unary("AllowPublisher", self._stub.AllowPublisher, request)
+        return PublisherInfo.from_proto(answer)
+
+    def disallow_publisher(self, user: str) -> PublisherInfo:
+        """Stop running management jobs that ``user`` publishes; the publisher removed.
+        Raises ``Rejected``, naming the allowed users, when it was not allowed."""
+        request = controller_pb2.PublisherRequest(user=user)
+        answer = self._unary("DisallowPublisher", self._stub.DisallowPublisher, request)
+        return PublisherInfo.from_proto(answer)
+
+    def list_publishers(self) -> list[PublisherInfo]:
+        """The broker users allowed to publish management jobs, by name."""
+        resp = self._unary(
+            "ListPublishers", self._stub.ListPublishers, controller_pb2.ListPublishersRequest()
+        )
+        return [PublisherInfo.from_proto(p) for p in resp.publishers]
+
     def list_audit(self, since: datetime | None = None) -> list[AuditEvent]:
         """The audit log, newest first: events at or after ``since`` (an aware datetime;
         None: from the start), as many as the controller answers by default."""
@@ -437,7 +561,7 @@ class ControllerClient:
                     continue  # our own periodic reopen, not a failure
                 # A controller that stops mid-stream may end it CANCELLED rather than
                 # UNAVAILABLE; we never cancel our own calls, so both mean "it went away".
-                if code not in _RETRIED:
+                if code not in _RETRIED or _tls_refused(exc):
                     raise self._translate("WatchJob", exc) from exc
                 delay = self._retry.delay(attempt)
                 if self._clock() + delay > give_up_at:
@@ -466,7 +590,7 @@ class ControllerClient:
             try:
                 return call(request, timeout=self.timeout)
             except grpc.RpcError as exc:
-                if retried and exc.code() in _RETRIED:
+                if retried and exc.code() in _RETRIED and not _tls_refused(exc):
                     delay = self._retry.delay(attempt)
                     if self._clock() + delay <= give_up_at:
                         self._sleep(delay)
@@ -481,9 +605,29 @@ class ControllerClient:
             # Nothing was done. The controller's words say what is wrong (no token, unknown,
             # expired, revoked; the role needed); which token it was is ours to say.
             message = f"the controller refused the credentials: {details or code.name}"
-            if self._credentials is not None:
+            if self._client_certificate is not None:
+                message += (
+                    f"\nthe client certificate offered came from {self._client_certificate.source}"
+                )
+                if "certificate" not in details:
+                    # The controller's words are about tokens: it saw no certificate, as on
+                    # its API port, which asks for none.
+                    message += (
+                        " (the controller takes client certificates on its gateway port only: "
+                        "--controller HOST:PORT of controller-svc --gateway-listen)"
+                    )
+            elif self._credentials is not None:
                 message += f"\nthe token sent came from {self._credentials.source}"
             return CredentialsRefused(message)
+        # A certificate refused at the handshake: nothing was sent, nothing was created.
+        if _tls_refused(exc) or (
+            code == grpc.StatusCode.UNAVAILABLE and not creates and _TLS_FAILURE.search(details)
+        ):
+            return Unreachable(
+                f"no TLS connection with the controller at {self.target}: {details}; check "
+                f"that --ca-cert (or {ENV_CA_CERT}) is that controller's <data dir>/pki/ca.pem "
+                "and that its certificate covers the name used (controller-svc --tls-name)"
+            )
         if creates and code not in _REFUSED:
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 what = f"no answer within {self.timeout:g} s"
@@ -494,9 +638,16 @@ class ControllerClient:
             return Unreachable(f"the controller at {self.target} turned the call away: {details}")
         if code in _UNREACHABLE:
             reason = details or code.name
+            refused_certificate = (
+                f"; or it refused the client certificate from {self._client_certificate.source} "
+                "in the handshake, which closes the connection (expired, or not from its CA)"
+                if self._client_certificate is not None
+                else ""
+            )
             return Unreachable(
                 f"cannot reach the controller at {self.target}: {reason}; "
                 f"is controller-svc running? (set --controller or {ENV_CONTROLLER})"
+                + refused_certificate
             )
         if code in _REFUSED:
             # The controller words these for the operator; add nothing.
@@ -505,6 +656,14 @@ class ControllerClient:
             f"the controller failed on {method} at {self.target}: {code.name}: {details}; "
             "see the controller's log"
         )
+
+
+def _tls_refused(exc: grpc.RpcError) -> bool:
+    """Whether the call failed because the controller's certificate was refused: nothing
+    was sent, and trying again with the same CA certificate fails the same way."""
+    return exc.code() == grpc.StatusCode.UNAVAILABLE and bool(
+        _TLS_REFUSED.search(exc.details() or "")
+    )
 
 
 def _upgrade_request(

@@ -23,9 +23,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from upgradectl.errors import UsageError
+from cryptography import x509
+
+from upgradectl.errors import CredentialsMissing, UsageError
 
 ENV_TOKEN = "HITLESS_TOKEN"
+ENV_CA_CERT = "HITLESS_CA_CERT"
+MAX_CA_FILE_BYTES = 256 * 1024
 ENV_TOKEN_FILE = "HITLESS_TOKEN_FILE"
 # A secret is tens of bytes; a file much larger than that is the wrong file.
 MAX_TOKEN_FILE_BYTES = 4096
@@ -102,3 +106,35 @@ def _checked(secret: str, source: str) -> str:
         )
     return secret
 
+
+def load_ca(*, ca_cert: str | None, env_ca_cert: str | None) -> bytes:
+    """The PEM certificate of the CA the controller's TLS certificate must chain to: the
+    file ``ca_cert`` (``--ca-cert``) names, else ``env_ca_cert`` (``$HITLESS_CA_CERT``).
+    Raises CredentialsMissing when neither is set, UsageError naming the file when it
+    cannot be read or holds no PEM certificate."""
+    if ca_cert:
+        path, named_by = Path(ca_cert), "--ca-cert"
+    elif env_ca_cert:
+        path, named_by = Path(env_ca_cert), ENV_CA_CERT
+    else:
+        raise CredentialsMissing(
+            "no CA certificate to check the controller with: give --ca-cert FILE or set "
+            f"{ENV_CA_CERT} (the controller's <data dir>/pki/ca.pem)"
+        )
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_CA_FILE_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot read the CA certificate {path} ({named_by}): {exc.strerror or exc}"
+        ) from exc
+    try:
+        if len(data) > MAX_CA_FILE_BYTES:
+            raise ValueError
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise UsageError(
+            f"{path} ({named_by}) is not a PEM certificate: give the controller's "
+            "<data dir>/pki/ca.pem"
+        ) from None
+    return data

@@ -102,6 +102,13 @@ class CredentialsRefused(Rejected):
     (PERMISSION_DENIED); the message carries the controller's details as they came."""
 
 
+class CredentialsMissing(CliError):
+    """A credential the call needs was not given (the CA certificate that checks the
+    controller); nothing was sent."""
+
+    exit_code = ExitCode.REJECTED
+
+
 class NeedsConfirmation(CliError):
     """The upgrade (or yank) needs the operator's yes, and it could neither be asked nor
     was given."""

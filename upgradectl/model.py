@@ -284,7 +284,7 @@ class PlannedGateway:
 
     @property
     def running(self) -> str:
-        """"1.2.0", or "1.2.0 (7.2.0 once its unfinished job is done)"."""
+        """ "1.2.0", or "1.2.0 (7.2.0 once its unfinished job is done)"."""
         if not self.pending_version or self.pending_version == self.from_version:
             return self.from_version
         return f"{self.from_version} ({self.pending_version} once its unfinished job is done)"
@@ -337,6 +337,28 @@ class RejectedJob:
             "body": self.body,
             "user_id": self.user_id or None,
             "at": iso(self.at),
+        }
+
+
+@dataclass(frozen=True)
+class PublisherInfo:
+    """A broker user allowed to publish management jobs: since when, and by whom
+    (``token:NAME``; "" when the controller does not say)."""
+
+    user: str
+    allowed_at: datetime | None
+    allowed_by: str
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.Publisher) -> PublisherInfo:
+        return cls(msg.user, timestamp(msg.allowed_at), msg.allowed_by)
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of one publisher in ``jobs publishers --json``."""
+        return {
+            "user": self.user,
+            "allowed_at": iso(self.allowed_at),
+            "allowed_by": self.allowed_by or None,
         }
 
 
@@ -452,6 +474,60 @@ class CreatedToken:
 
 
 @dataclass(frozen=True)
+class CertificateInfo:
+    """An operator's client certificate as the controller describes it, without the key
+    (which never left the operator's machine).
+
+    ``role`` is viewer, operator or admin; ``serial`` hex; ``revoked_at`` None is not
+    revoked; ``created_by`` names the caller that had it issued (``token:NAME``,
+    ``cert:NAME``).
+    """
+
+    name: str
+    role: str
+    serial: str
+    created_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_by: str
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.OperatorCertificate) -> CertificateInfo:
+        return cls(
+            msg.name, msg.role, msg.serial, timestamp(msg.created_at), timestamp(msg.expires_at),
+            timestamp(msg.revoked_at), msg.created_by,
+        )  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of one certificate in ``certs list --json``: times ISO 8601 or null."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "serial": self.serial,
+            "created_at": iso(self.created_at),
+            "expires_at": iso(self.expires_at),
+            "revoked_at": iso(self.revoked_at),
+            "created_by": self.created_by,
+        }
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A certificate just issued: its description, its PEM and the CA's PEM."""
+
+    certificate: CertificateInfo
+    certificate_pem: bytes
+    ca_pem: bytes
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.IssuedCertificate) -> IssuedCertificate:
+        return cls(
+            CertificateInfo.from_proto(msg.certificate), bytes(msg.certificate_pem),
+            bytes(msg.ca_pem),
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
 class AuditEvent:
     """One change the controller recorded, and who asked for it.
 
@@ -491,4 +567,66 @@ class AuditEvent:
             "action": self.action,
             "detail": self.detail,
             "outcome": self.outcome,
+        }
+
+
+@dataclass(frozen=True)
+class EnrollmentInfo:
+    """A gateway's enrollment as the controller describes it: ``state`` PENDING (a code
+    not used yet), ENROLLED, EXPIRED or REVOKED; ``certificate_serial`` hex, "" before
+    enrollment; ``broker_user`` "" when the controller makes no broker users."""
+
+    gateway_id: str
+    state: str
+    created_at: datetime | None
+    code_expires_at: datetime | None
+    enrolled_at: datetime | None
+    revoked_at: datetime | None
+    certificate_serial: str
+    certificate_expires_at: datetime | None
+    broker_user: str
+    created_by: str
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.GatewayEnrollment) -> EnrollmentInfo:
+        return cls(
+            msg.gateway_id, msg.state, timestamp(msg.created_at), timestamp(msg.code_expires_at),
+            timestamp(msg.enrolled_at), timestamp(msg.revoked_at), msg.certificate_serial,
+            timestamp(msg.certificate_expires_at), msg.broker_user, msg.created_by,
+        )  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of one enrollment in ``gateways enrollments --json``."""
+        return {
+            "gateway_id": self.gateway_id,
+            "state": self.state,
+            "created_at": iso(self.created_at),
+            "code_expires_at": iso(self.code_expires_at),
+            "enrolled_at": iso(self.enrolled_at),
+            "revoked_at": iso(self.revoked_at),
+            "certificate_serial": self.certificate_serial,
+            "certificate_expires_at": iso(self.certificate_expires_at),
+            "broker_user": self.broker_user,
+            "created_by": self.created_by,
+        }
+
+
+@dataclass(frozen=True)
+class EnrollmentCode:
+    """A one-time enrollment code, shown once: the controller keeps only its sha256."""
+
+    gateway_id: str
+    code: str = dataclasses.field(repr=False)
+    expires_at: datetime | None = None
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.EnrollmentCode) -> EnrollmentCode:
+        return cls(msg.gateway_id, msg.code, timestamp(msg.expires_at))
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape ``gateways enroll --json`` prints (the issue's contract)."""
+        return {
+            "gateway_id": self.gateway_id,
+            "code": self.code,
+            "expires_at": iso(self.expires_at),
         }

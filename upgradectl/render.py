@@ -22,13 +22,18 @@ from typing import TextIO
 from upgradectl.credentials import ENV_TOKEN, ENV_TOKEN_FILE
 from upgradectl.model import (
     AuditEvent,
+    CertificateInfo,
     CreatedToken,
+    EnrollmentCode,
+    EnrollmentInfo,
     GatewayInfo,
     GatewayProgress,
+    IssuedCertificate,
     JobEvent,
     JobView,
     KeyDirectory,
     PlannedGateway,
+    PublisherInfo,
     RejectedJob,
     ReleaseInfo,
     Rotation,
@@ -175,9 +180,7 @@ def built_lines(version: str, output: str, size: int, sha256: str) -> list[str]:
 
 def published_lines(release: ReleaseInfo, signed: TargetsChange | None) -> list[str]:
     """What ``releases publish`` uploaded, and the targets version that signs it."""
-    lines = [
-        f"published {release.version}: {human_size(release.size)}, sha256 {release.sha256}"
-    ]
+    lines = [f"published {release.version}: {human_size(release.size)}, sha256 {release.sha256}"]
     if signed is not None:
         lines.append(
             f"signing: {release.signing or '-'} (targets version {signed.version} lists "
@@ -199,7 +202,7 @@ def keys_init_lines(made: KeyDirectory) -> list[str]:
         f"  {made.root_json}",
         "      the trust anchor: give it to the controller (controller-svc serve --trust-root "
         "FILE)",
-        "      and to every gateway (gateway-daemon run --trust-root FILE)",
+        "      gateways get it from the controller when they enroll (upgradectl gateways enroll)",
         f"  {made.offline}/  (root and targets keys)",
         "      stay with the release manager, never on the controller or a gateway; keep a "
         "backup offline",
@@ -276,6 +279,32 @@ def rejected_table(rejected: Sequence[RejectedJob]) -> list[str]:
     return table(["AT", "MESSAGE ID", "USER", "REASON"], rows)
 
 
+def publishers_table(publishers: Sequence[PublisherInfo]) -> list[str]:
+    """``jobs publishers`` for people: USER ALLOWED BY."""
+    if not publishers:
+        return ["no broker user may publish management jobs (upgradectl jobs allow-publisher USER)"]
+    rows = [[p.user, short_time(p.allowed_at), p.allowed_by or "-"] for p in publishers]
+    return table(["USER", "ALLOWED", "BY"], rows)
+
+
+def allowed_publisher_lines(publisher: PublisherInfo) -> list[str]:
+    """What ``jobs allow-publisher`` did (allowing twice keeps the first time)."""
+    by = f" by {publisher.allowed_by}" if publisher.allowed_by else ""
+    return [
+        f"broker user {publisher.user} may publish management jobs (allowed at "
+        f"{short_time(publisher.allowed_at)}{by}): the controller runs a job it publishes "
+        "with user_id set to that user"
+    ]
+
+
+def disallowed_publisher_lines(publisher: PublisherInfo) -> list[str]:
+    """What ``jobs disallow-publisher`` did."""
+    return [
+        f"broker user {publisher.user} may no longer publish management jobs: the "
+        "controller rejects its jobs from now on"
+    ]
+
+
 def admins_table(admins: Sequence[str]) -> list[str]:
     if not admins:
         return ["no admins yet (upgradectl admins add EMAIL)"]
@@ -339,6 +368,46 @@ def revoked_token_lines(token: TokenInfo) -> list[str]:
     ]
 
 
+def certificates_table(certificates: Sequence[CertificateInfo], now: datetime) -> list[str]:
+    """``certs list`` for people: NAME ROLE SERIAL CREATED EXPIRES REVOKED BY. An expiry
+    before ``now`` says ``(expired)``."""
+    if not certificates:
+        return ["no operator certificates yet (upgradectl certs issue --name NAME --role ROLE)"]
+    rows = [
+        [
+            c.name, c.role, c.serial, short_time(c.created_at), _expires(c.expires_at, now),
+            short_time(c.revoked_at), c.created_by or "-",
+        ]
+        for c in certificates
+    ]  # fmt: skip
+    return table(["NAME", "ROLE", "SERIAL", "CREATED", "EXPIRES", "REVOKED", "BY"], rows)
+
+
+def issued_certificate_lines(issued: IssuedCertificate, key: str, cert: str) -> list[str]:
+    """What ``certs issue`` made and wrote (``key`` and ``cert`` are the files, quoted for
+    a shell), and how to use it."""
+    c = issued.certificate
+    return [
+        f"issued certificate {c.name}: role {c.role}, expires {short_time(c.expires_at)}, "
+        f"serial {c.serial}",
+        f"  key:         {key} (mode 0600; it never left this machine)",
+        f"  certificate: {cert}",
+        f"use them on the controller's gateway port (controller-svc --gateway-listen): "
+        f"upgradectl --controller HOST:PORT --client-cert {cert} --client-key {key} ...",
+        "(or HITLESS_CLIENT_CERT and HITLESS_CLIENT_KEY); the audit log shows the caller as "
+        f"cert:{c.name}",
+    ]
+
+
+def revoked_certificate_lines(certificate: CertificateInfo) -> list[str]:
+    """What ``certs revoke`` did."""
+    return [
+        f"revoked certificate {certificate.name} (role {certificate.role}, serial "
+        f"{certificate.serial}) at {short_time(certificate.revoked_at)}: the controller "
+        "refuses it from now on"
+    ]
+
+
 def audit_table(events: Sequence[AuditEvent], since: datetime | None = None) -> list[str]:
     """``audit`` for people, newest first as the controller sends them: SEQ AT ACTOR PEER
     ACTION DETAIL OUTCOME, every cell escaped and kept on its row."""
@@ -375,8 +444,7 @@ def plan_lines(plan: UpgradePlan) -> list[str]:
     vpn = release.restarts_vpn_service
     headers = ["GATEWAY", "FROM", "TO", "ACTION"] + (["VPN USERS"] if vpn else [])
     rows = [
-        [g.id, _from(g), release.version, g.action]
-        + ([str(g.vpn_sessions)] if vpn else [])
+        [g.id, _from(g), release.version, g.action] + ([str(g.vpn_sessions)] if vpn else [])
         for g in plan.gateways
     ]
     return [*lines, "", *table(headers, rows)]
@@ -499,3 +567,46 @@ class LiveDisplay:
     def _write(self, lines: list[str]) -> None:
         self._out.write("".join(f"{printable(line)}\n" for line in lines))
         self._out.flush()
+
+
+def enrollment_code_lines(code: EnrollmentCode) -> list[str]:
+    """What ``gateways enroll`` made: the code, its expiry, and how the gateway uses it."""
+    return [
+        f"enrollment code for gateway {code.gateway_id}, valid once until "
+        f"{short_time(code.expires_at)}:",
+        "",
+        f"    {code.code}",
+        "",
+        "On the gateway (the code is not shown again; the controller keeps only its sha256):",
+        f"    gateway-daemon enroll --id {code.gateway_id} --controller HOST:PORT --ca-cert "
+        "ca.pem --code CODE --state-dir DIR",
+        "or give it to the first `gateway-daemon run --enroll-code CODE --ca-cert ca.pem`.",
+    ]
+
+
+def enrollments_table(enrollments: Sequence[EnrollmentInfo]) -> list[str]:
+    """``gateways enrollments`` for people: GATEWAY STATE ENROLLED CERT-EXPIRES BROKER-USER
+    CODE-EXPIRES BY."""
+    if not enrollments:
+        return ["no gateway enrolled yet (upgradectl gateways enroll ID)"]
+    rows = [
+        [
+            e.gateway_id, e.state, short_time(e.enrolled_at), short_time(e.certificate_expires_at),
+            e.broker_user or "-", short_time(e.code_expires_at) if e.state == "PENDING" else "-",
+            e.created_by or "-",
+        ]
+        for e in enrollments
+    ]  # fmt: skip
+    return table(
+        ["GATEWAY", "STATE", "ENROLLED", "CERT EXPIRES", "BROKER USER", "CODE EXPIRES", "BY"], rows
+    )
+
+
+def revoked_gateway_lines(enrollment: EnrollmentInfo) -> list[str]:
+    """What ``gateways revoke`` did."""
+    user = f" and broker user {enrollment.broker_user}" if enrollment.broker_user else ""
+    return [
+        f"revoked gateway {enrollment.gateway_id}'s certificate{user} at "
+        f"{short_time(enrollment.revoked_at)}: the controller refuses it from now on; "
+        f"`upgradectl gateways enroll {enrollment.gateway_id}` makes a new code"
+    ]

@@ -405,3 +405,143 @@ class ListAuditResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ...) -> None: ...
+
+class CreateEnrollmentRequest(_message.Message):
+    __slots__ = ("gateway_id", "expires_seconds")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    expires_seconds: int
+    def __init__(self, gateway_id: _Optional[str] = ..., expires_seconds: _Optional[int] = ...) -> None: ...
+
+class EnrollmentCode(_message.Message):
+    __slots__ = ("gateway_id", "code", "expires_at")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    code: str
+    expires_at: _timestamp_pb2.Timestamp
+    def __init__(self, gateway_id: _Optional[str] = ..., code: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class GatewayEnrollment(_message.Message):
+    __slots__ = ("gateway_id", "state", "created_at", "code_expires_at", "enrolled_at", "revoked_at", "certificate_serial", "certificate_expires_at", "broker_user", "created_by")
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CODE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_SERIAL_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    BROKER_USER_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    state: str
+    created_at: _timestamp_pb2.Timestamp
+    code_expires_at: _timestamp_pb2.Timestamp
+    enrolled_at: _timestamp_pb2.Timestamp
+    revoked_at: _timestamp_pb2.Timestamp
+    certificate_serial: str
+    certificate_expires_at: _timestamp_pb2.Timestamp
+    broker_user: str
+    created_by: str
+    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., code_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate_serial: _Optional[str] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., broker_user: _Optional[str] = ..., created_by: _Optional[str] = ...) -> None: ...
+
+class ListEnrollmentsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListEnrollmentsResponse(_message.Message):
+    __slots__ = ("enrollments",)
+    ENROLLMENTS_FIELD_NUMBER: _ClassVar[int]
+    enrollments: _containers.RepeatedCompositeFieldContainer[GatewayEnrollment]
+    def __init__(self, enrollments: _Optional[_Iterable[_Union[GatewayEnrollment, _Mapping]]] = ...) -> None: ...
+
+class RevokeGatewayRequest(_message.Message):
+    __slots__ = ("gateway_id",)
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    gateway_id: str
+    def __init__(self, gateway_id: _Optional[str] = ...) -> None: ...
+
+class PublisherRequest(_message.Message):
+    __slots__ = ("user",)
+    USER_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    def __init__(self, user: _Optional[str] = ...) -> None: ...
+
+class Publisher(_message.Message):
+    __slots__ = ("user", "allowed_at", "allowed_by")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_AT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_BY_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    allowed_at: _timestamp_pb2.Timestamp
+    allowed_by: str
+    def __init__(self, user: _Optional[str] = ..., allowed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allowed_by: _Optional[str] = ...) -> None: ...
+
+class ListPublishersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListPublishersResponse(_message.Message):
+    __slots__ = ("publishers",)
+    PUBLISHERS_FIELD_NUMBER: _ClassVar[int]
+    publishers: _containers.RepeatedCompositeFieldContainer[Publisher]
+    def __init__(self, publishers: _Optional[_Iterable[_Union[Publisher, _Mapping]]] = ...) -> None: ...
+
+class IssueCertificateRequest(_message.Message):
+    __slots__ = ("name", "role", "csr_pem", "expires_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    csr_pem: bytes
+    expires_seconds: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., csr_pem: _Optional[bytes] = ..., expires_seconds: _Optional[int] = ...) -> None: ...
+
+class OperatorCertificate(_message.Message):
+    __slots__ = ("name", "role", "serial", "created_at", "expires_at", "revoked_at", "created_by")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    role: str
+    serial: str
+    created_at: _timestamp_pb2.Timestamp
+    expires_at: _timestamp_pb2.Timestamp
+    revoked_at: _timestamp_pb2.Timestamp
+    created_by: str
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., serial: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ...) -> None: ...
+
+class IssuedCertificate(_message.Message):
+    __slots__ = ("certificate", "certificate_pem", "ca_pem")
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    certificate: OperatorCertificate
+    certificate_pem: bytes
+    ca_pem: bytes
+    def __init__(self, certificate: _Optional[_Union[OperatorCertificate, _Mapping]] = ..., certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ...) -> None: ...
+
+class ListCertificatesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListCertificatesResponse(_message.Message):
+    __slots__ = ("certificates",)
+    CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    certificates: _containers.RepeatedCompositeFieldContainer[OperatorCertificate]
+    def __init__(self, certificates: _Optional[_Iterable[_Union[OperatorCertificate, _Mapping]]] = ...) -> None: ...
+
+class RevokeCertificateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...

@@ -144,6 +144,51 @@ class ControllerStub:
                 request_serializer=hitless_dot_v1_dot_controller__pb2.ListAuditRequest.SerializeToString,
                 response_deserializer=hitless_dot_v1_dot_controller__pb2.ListAuditResponse.FromString,
                 _registered_method=True)
+        self.CreateEnrollment = channel.unary_unary(
+                '/hitless.v1.Controller/CreateEnrollment',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.CreateEnrollmentRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.EnrollmentCode.FromString,
+                _registered_method=True)
+        self.ListEnrollments = channel.unary_unary(
+                '/hitless.v1.Controller/ListEnrollments',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListEnrollmentsRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListEnrollmentsResponse.FromString,
+                _registered_method=True)
+        self.RevokeGateway = channel.unary_unary(
+                '/hitless.v1.Controller/RevokeGateway',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.RevokeGatewayRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.GatewayEnrollment.FromString,
+                _registered_method=True)
+        self.AllowPublisher = channel.unary_unary(
+                '/hitless.v1.Controller/AllowPublisher',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.PublisherRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Publisher.FromString,
+                _registered_method=True)
+        self.DisallowPublisher = channel.unary_unary(
+                '/hitless.v1.Controller/DisallowPublisher',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.PublisherRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Publisher.FromString,
+                _registered_method=True)
+        self.ListPublishers = channel.unary_unary(
+                '/hitless.v1.Controller/ListPublishers',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListPublishersRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListPublishersResponse.FromString,
+                _registered_method=True)
+        self.IssueCertificate = channel.unary_unary(
+                '/hitless.v1.Controller/IssueCertificate',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.IssueCertificateRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.IssuedCertificate.FromString,
+                _registered_method=True)
+        self.ListCertificates = channel.unary_unary(
+                '/hitless.v1.Controller/ListCertificates',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListCertificatesRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListCertificatesResponse.FromString,
+                _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/hitless.v1.Controller/RevokeCertificate',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.RevokeCertificateRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.OperatorCertificate.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -298,6 +343,66 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEnrollment(self, request, context):
+        """Gateway enrollment (admin): a one-time code that the gateway trades, once, for its
+        client certificate, broker credentials and trust anchors (Enrollment.Enroll).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnrollments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeGateway(self, request, context):
+        """Revoke a gateway's certificate and delete its broker user (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AllowPublisher(self, request, context):
+        """Broker users whose management jobs the controller accepts (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisallowPublisher(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPublishers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def IssueCertificate(self, request, context):
+        """Operators' client certificates (admin): an alternative to an API token, for calls on
+        the gateway port (mutual TLS). The key stays with the operator; only its CSR is sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCertificates(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCertificate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -410,6 +515,51 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.ListAudit,
                     request_deserializer=hitless_dot_v1_dot_controller__pb2.ListAuditRequest.FromString,
                     response_serializer=hitless_dot_v1_dot_controller__pb2.ListAuditResponse.SerializeToString,
+            ),
+            'CreateEnrollment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrollment,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.CreateEnrollmentRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.EnrollmentCode.SerializeToString,
+            ),
+            'ListEnrollments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollments,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListEnrollmentsRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListEnrollmentsResponse.SerializeToString,
+            ),
+            'RevokeGateway': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeGateway,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.RevokeGatewayRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.GatewayEnrollment.SerializeToString,
+            ),
+            'AllowPublisher': grpc.unary_unary_rpc_method_handler(
+                    servicer.AllowPublisher,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.PublisherRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Publisher.SerializeToString,
+            ),
+            'DisallowPublisher': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisallowPublisher,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.PublisherRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Publisher.SerializeToString,
+            ),
+            'ListPublishers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPublishers,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListPublishersRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListPublishersResponse.SerializeToString,
+            ),
+            'IssueCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueCertificate,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.IssueCertificateRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.IssuedCertificate.SerializeToString,
+            ),
+            'ListCertificates': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCertificates,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListCertificatesRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListCertificatesResponse.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.RevokeCertificateRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.OperatorCertificate.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1006,6 +1156,249 @@ class Controller:
             '/hitless.v1.Controller/ListAudit',
             hitless_dot_v1_dot_controller__pb2.ListAuditRequest.SerializeToString,
             hitless_dot_v1_dot_controller__pb2.ListAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrollment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/CreateEnrollment',
+            hitless_dot_v1_dot_controller__pb2.CreateEnrollmentRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.EnrollmentCode.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListEnrollments',
+            hitless_dot_v1_dot_controller__pb2.ListEnrollmentsRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListEnrollmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeGateway(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/RevokeGateway',
+            hitless_dot_v1_dot_controller__pb2.RevokeGatewayRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.GatewayEnrollment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AllowPublisher(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/AllowPublisher',
+            hitless_dot_v1_dot_controller__pb2.PublisherRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Publisher.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisallowPublisher(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/DisallowPublisher',
+            hitless_dot_v1_dot_controller__pb2.PublisherRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Publisher.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPublishers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListPublishers',
+            hitless_dot_v1_dot_controller__pb2.ListPublishersRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListPublishersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/IssueCertificate',
+            hitless_dot_v1_dot_controller__pb2.IssueCertificateRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.IssuedCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCertificates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListCertificates',
+            hitless_dot_v1_dot_controller__pb2.ListCertificatesRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListCertificatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/RevokeCertificate',
+            hitless_dot_v1_dot_controller__pb2.RevokeCertificateRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.OperatorCertificate.FromString,
             options,
             channel_credentials,
             insecure,

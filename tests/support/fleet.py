@@ -3,16 +3,22 @@ through the real ``upgradectl``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import grpc
 
+from controller_svc.broker_access import BrokerAccess, vhost_of
+from hitless.bus.amqp import Publisher
+from hitless.config import BusConfig
 from hitless.trust import keys, release
 from hitless.v1 import controller_pb2, controller_pb2_grpc
 from tests.support.procs import Proc, Procs, command, free_port
@@ -21,6 +27,7 @@ from upgradectl.client import Authorization
 from upgradectl.credentials import Credentials
 
 CLI_TIMEOUT_S = 120
+MANAGEMENT_URL = "http://guest:guest@127.0.0.1:15672"
 
 
 class Fleet:
@@ -29,6 +36,7 @@ class Fleet:
         self.root = root
         self.amqp_url = amqp_url
         self.controller_port = free_port()
+        self.gateway_port = free_port()  # the controller's port for gateways (mutual TLS)
         self.controller: Proc | None = None
         self.gateway_ports: dict[str, int] = {}
         self._channel: grpc.Channel | None = None
@@ -50,7 +58,11 @@ class Fleet:
 
     @property
     def env(self) -> dict[str, str]:
-        env = {"HITLESS_CONTROLLER": self.controller_address, "HITLESS_AMQP_URL": self.amqp_url}
+        env = {
+            "HITLESS_CONTROLLER": self.controller_address,
+            "HITLESS_AMQP_URL": self.amqp_url,
+            "HITLESS_CA_CERT": str(self.ca_cert),
+        }
         if self.token:
             env["HITLESS_TOKEN"] = self.token
         return env
@@ -59,10 +71,28 @@ class Fleet:
     def data_dir(self) -> Path:
         return self.root / "controller"
 
+    @property
+    def ca_cert(self) -> Path:
+        """The controller's CA certificate, made on its first start."""
+        return self.data_dir / "pki" / "ca.pem"
+
+    def channel(self, address: str | None = None) -> grpc.Channel:
+        """A TLS channel to the controller's API port (or ``address``), trusting its CA."""
+        return grpc.secure_channel(
+            address or self.controller_address,
+            grpc.ssl_channel_credentials(self.ca_cert.read_bytes()),
+        )
+
+    def enrollment_code(self, gateway_id: str) -> str:
+        """A one-time enrollment code for ``gateway_id`` (``upgradectl gateways enroll``)."""
+        request = controller_pb2.CreateEnrollmentRequest(gateway_id=gateway_id)
+        return str(self.stub().CreateEnrollment(request, timeout=30).code)
+
     def start_controller(self, db_url: str | None = None, *extra: str) -> Proc:
         argv = [
             command("controller-svc"), "serve",
             "--listen", self.controller_address,
+            "--gateway-listen", f"127.0.0.1:{self.gateway_port}",
             "--data-dir", str(self.data_dir),
             "--amqp", self.amqp_url,
             "--trust-root", str(self.keys.root_json),
@@ -70,7 +100,11 @@ class Fleet:
         ]  # fmt: skip
         if db_url:
             argv += ["--db", db_url]
-        self.controller = self.procs.start("controller", argv)
+        # A broker user per gateway, made at enrollment, named after this test's vhost (the
+        # vhost fixture deletes them).
+        argv += ["--broker-user-prefix", f"{vhost_of(self.amqp_url)}-"]
+        env = {"HITLESS_BROKER_API": MANAGEMENT_URL}
+        self.controller = self.procs.start("controller", argv, env)
         if not self.token:
             token_file = self.data_dir / "admin.token"
             wait_for(
@@ -110,19 +144,28 @@ class Fleet:
             self._channel = None
 
     def start_gateway(self, gateway_id: str, controller: str | None = None, *extra: str) -> Proc:
-        """A gateway daemon; ``controller`` overrides the address it downloads from;
-        ``extra`` are more ``gateway-daemon run`` flags (e.g. ``--vpn-listen``)."""
+        """A gateway daemon, enrolled with a fresh code on its first start (which brings
+        its certificate and trust root); ``controller`` overrides the address it downloads
+        from (``--download-from``); ``extra`` are more ``gateway-daemon run`` flags (e.g.
+        ``--vpn-listen``)."""
         port = self.gateway_ports.setdefault(gateway_id, free_port())
+        state_dir = self.root / gateway_id
         argv = [
             command("gateway-daemon"), "run",
             "--id", gateway_id,
-            "--controller", controller or self.controller_address,
+            "--controller", self.controller_address,
             "--amqp", self.amqp_url,
-            "--state-dir", str(self.root / gateway_id),
+            "--state-dir", str(state_dir),
             "--listen", f"127.0.0.1:{port}",
-            "--trust-root", str(self.keys.root_json),
             *extra,
         ]  # fmt: skip
+        if controller:
+            argv += ["--download-from", controller]
+        if not (state_dir / "identity").exists():
+            argv += [
+                "--enroll-code", self.enrollment_code(gateway_id),
+                "--ca-cert", str(self.ca_cert),
+            ]  # fmt: skip
         return self.procs.start(gateway_id, argv)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -179,9 +222,11 @@ class Fleet:
         """The controller's next targets metadata with ``artifact`` listed as release
         ``version``, signed with this fleet's targets key (what ``releases publish --keys``
         sends)."""
-        current = self.stub().GetTargetsMetadata(
-            controller_pb2.GetTargetsMetadataRequest(), timeout=30
-        ).data
+        current = (
+            self.stub()
+            .GetTargetsMetadata(controller_pb2.GetTargetsMetadataRequest(), timeout=30)
+            .data
+        )
         return release.sign_targets(
             current or None, self.keys.dir, add={release.target_name(version): artifact}
         )
@@ -190,7 +235,7 @@ class Fleet:
         """A gRPC stub on the controller, for what the CLI does not show. Like upgradectl,
         it retries unary calls that a controller handing over turned away."""
         if self._channel is None:
-            self._raw_channel = grpc.insecure_channel(self.controller_address)
+            self._raw_channel = self.channel()
             self._channel = grpc.intercept_channel(
                 self._raw_channel, _RetryTurnedAway(), bearer(self.token)
             )
@@ -199,6 +244,24 @@ class Fleet:
     def close(self) -> None:
         if self._raw_channel is not None:
             self._raw_channel.close()
+
+    @contextlib.contextmanager
+    def as_gateway(self, gateway_id: str) -> Iterator[Publisher]:
+        """A publisher logged in as ``gateway_id``'s own broker user, made here the way the
+        controller makes it at enrollment (its permissions included): what a gateway, or
+        someone holding its broker password, can publish."""
+        vhost = vhost_of(self.amqp_url)
+        access = BrokerAccess(MANAGEMENT_URL, prefix=f"{vhost}-")
+        user, password = access.enroll_gateway(vhost, gateway_id)
+        parts = urlsplit(self.amqp_url)
+        login = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        url = f"amqp://{login}@{parts.netloc.rpartition('@')[2]}{parts.path}"
+        publisher = Publisher(BusConfig(url, passive=True), name=f"as-{gateway_id}").start()
+        try:
+            assert publisher.wait_connected(30), f"cannot connect as {user}"
+            yield publisher
+        finally:
+            publisher.close()
 
     def greeting(self, gateway_id: str) -> str:
         """What the gateway's listener says: 'hitless-gateway ID VERSION'."""

@@ -6,6 +6,11 @@ onto the gateway's queue, and the gateway's status reports (and refusals) are re
 the controller's report queue. The release manager's keys are ``keys``; gateways take
 ``trust_root`` as their ``--trust-root``.
 
+Like the controller's gateway port, the artifact service speaks mutual TLS with a CA of its
+own (``hitless.pki``): each gateway is given the identity enrollment would give it (its
+key, a certificate from that CA, the CA and this port) before it starts
+(``provision``).
+
 The gateway side is entirely real: its agent takes the command, downloads, verifies,
 stages, and hands its data plane to the new version (``daemon._swap`` → ``hand_off``).
 Also used by ``bench/hitless.py``.
@@ -26,11 +31,13 @@ import grpc
 from controller_svc.server import ArtifactsService
 from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
+from gateway_daemon import identity
 from hitless.bus import codec, topology
 from hitless.bus.amqp import Consumer, Delivery, Publisher
 from hitless.config import BusConfig
 from hitless.trust import keys, release
 from hitless.v1 import artifacts_pb2_grpc, bus_pb2, common_pb2
+from tests.support import certificates
 
 FINAL_STATES = frozenset({"SUCCEEDED", "ROLLED_BACK", "FAILED", "UNREACHABLE"})
 CHUNK = 256 * 1024
@@ -48,10 +55,13 @@ class GatewayUpgrades:
             self.keys.root_json.read_bytes(),
             self.keys.online,
         )
+        self.ca = certificates.certificate_authority(store_dir.with_name(store_dir.name + "-pki"))
         self._server = grpc.server(futures.ThreadPoolExecutor(4))
         service = ArtifactsService(self._store, self.trust.repository)
         artifacts_pb2_grpc.add_ArtifactsServicer_to_server(service, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_secure_port(
+            "127.0.0.1:0", self.ca.server_credentials(require_client_certificate=True)
+        )
         self._server.start()
         self._reports: list[bus_pb2.StatusReport] = []
         self.refusals: list[bus_pb2.CommandRefused] = []
@@ -75,6 +85,14 @@ class GatewayUpgrades:
     def controller(self) -> str:
         """What to pass a gateway as ``--controller`` (downloads come from here)."""
         return f"127.0.0.1:{self.port}"
+
+    def provision(self, gateway_id: str, state_dir: Path) -> list[str]:
+        """Give gateway ``gateway_id`` (state directory ``state_dir``) the identity that
+        enrollment would: a fresh key, a client certificate for it from this server's CA,
+        the CA and this port (``gateway_daemon.identity``). Returns the ``gateway-daemon
+        run`` flags that make it download from here and trust ``trust_root``."""
+        identity.save(state_dir, certificates.gateway_identity(self.ca, gateway_id, self.port))
+        return ["--controller", self.controller, "--trust-root", str(self.trust_root)]
 
     def close(self) -> None:
         self._consumer.stop()
@@ -142,9 +160,7 @@ class GatewayUpgrades:
             command, datetime.now(UTC), allow_downgrade=allow_downgrade
         )
 
-    def send(
-        self, command: bus_pb2.UpgradeCommand, headers: dict[str, Any], to: str = ""
-    ) -> None:
+    def send(self, command: bus_pb2.UpgradeCommand, headers: dict[str, Any], to: str = "") -> None:
         """Publish ``command`` with ``headers``, as given, on the queue of gateway ``to``
         (default: the gateway the command names)."""
         gateway_id = to or command.gateway_id

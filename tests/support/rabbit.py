@@ -50,6 +50,17 @@ class Management:
             if exc.code != 404:
                 raise
 
+    def delete_users(self, prefix: str) -> list[str]:
+        """Delete every broker user whose name starts with ``prefix``; their names."""
+        doomed = [u["name"] for u in self.request("GET", "/users") if u["name"].startswith(prefix)]
+        for name in doomed:
+            try:
+                self.request("DELETE", f"/users/{quote(name, safe='')}")
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:
+                    raise
+        return doomed
+
     def get_messages(self, vhost: str, name: str, count: int = 50) -> list[dict[str, Any]]:
         """Read messages without removing them (they are requeued)."""
         result: list[dict[str, Any]] = self.request(

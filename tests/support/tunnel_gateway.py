@@ -13,6 +13,7 @@ from pathlib import Path
 from gateway_daemon.tunnels.lab import Sites, make_lab
 from gateway_daemon.tunnels.report import TrafficReport
 from gateway_daemon.tunnels.traffic import TrafficConfig, TrafficRun
+from tests.support.gateway_upgrades import GatewayUpgrades
 from tests.support.procs import Proc, Procs, command, free_port, group_members
 from tests.support.wait import wait_for
 
@@ -83,14 +84,14 @@ def start_gateway(
     root: Path,
     *,
     amqp_url: str,
-    controller: str,
-    trust_root: Path,
+    upgrades: GatewayUpgrades,
     udp_tunnels: int = 6,
     tcp_tunnels: int = 2,
     release: Path | None = None,
     handoff_timeout: float = 5.0,
 ) -> TunnelGateway:
-    """Start a gateway (from ``release``, or the installed package) serving a fresh lab;
+    """Start a gateway (from ``release``, or the installed package) serving a fresh lab,
+    provisioned by ``upgrades`` (its identity and trust root; it downloads from there);
     return once it serves."""
     tunnels, sites = write_lab(root, udp_tunnels, tcp_tunnels)
     program = (
@@ -99,12 +100,11 @@ def start_gateway(
     argv = [
         *program, "run",
         "--id", GATEWAY_ID,
-        "--controller", controller,
         "--amqp", amqp_url,
         "--state-dir", str(root / "state"),
         "--tunnels", str(tunnels),
         "--handoff-timeout", str(handoff_timeout),
-        "--trust-root", str(trust_root),
+        *upgrades.provision(GATEWAY_ID, root / "state"),
     ]  # fmt: skip
     gateway = TunnelGateway(procs.start(GATEWAY_ID, argv), sites)
     gateway.wait_serving()

@@ -10,7 +10,9 @@ thread-safe, and BlockingConnection services heartbeats only inside pika calls):
   ``add_callback_threadsafe`` once the handler has committed its effect.
 
 Both reconnect with bounded exponential backoff and jitter and declare the topology again
-after every reconnect.
+after every reconnect. With ``passive=True`` they only check that it exists: a broker user
+without configure permission (a gateway's, the notifier's) declares nothing, since
+RabbitMQ asks no permission for a passive declare.
 
 What the broker refuses for one message (a 406 PRECONDITION_FAILED closing the channel, a
 name longer than AMQP's 255-byte short string, properties that do not fit a frame) fails

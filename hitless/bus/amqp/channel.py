@@ -9,11 +9,13 @@ message's own error (``refusal``); only ``CONNECT_ERRORS`` mean the connection i
 from __future__ import annotations
 
 import contextlib
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import pika
 import pika.exceptions
@@ -24,7 +26,7 @@ from hitless.backoff import Backoff
 from hitless.bus import topology
 from hitless.bus.topology import Queue
 from hitless.config import BusConfig
-from hitless.errors import HitlessError, PublishFailed
+from hitless.errors import ConfigError, HitlessError, PublishFailed
 
 log = logs.get(__name__)
 
@@ -93,14 +95,19 @@ def connect(
     bus: BusConfig,
     queues: Iterable[Queue],
     on_refused: Callable[[Queue, BaseException], None] | None = None,
+    *,
+    passive: bool = False,
 ) -> tuple[pika.BlockingConnection, BlockingChannel]:
     """Connect, declare the topology and ``queues``, and return a channel.
 
     With ``on_refused``, a queue the broker refuses (e.g. one redeclared by hand with other
     arguments: 406 PRECONDITION_FAILED) is handed to it and skipped, so that one queue never
     keeps the connection from coming up; without, the refusal propagates.
+
+    With ``passive``, every exchange and queue is only checked to exist (see ``declare``):
+    for a broker user without configure permission, such as a gateway's.
     """
-    params = pika.URLParameters(bus.url)
+    params = parameters(bus)
     if "heartbeat=" not in bus.url:
         params.heartbeat = 30
     params.blocked_connection_timeout = 30
@@ -109,10 +116,10 @@ def connect(
     connection = pika.BlockingConnection(params)
     try:
         channel = connection.channel()
-        declare_topology(channel)
+        declare_topology(channel, passive=passive)
         for q in queues:
             try:
-                declare(channel, [q])
+                declare(channel, [q], passive=passive)
             except (pika.exceptions.ChannelClosedByBroker, *REFUSED_BY_CLIENT) as exc:
                 if on_refused is None:
                     raise
@@ -125,16 +132,50 @@ def connect(
     return connection, channel
 
 
-def declare_topology(channel: BlockingChannel) -> None:
-    """Declare every exchange and the base queues: what every service needs."""
+def parameters(bus: BusConfig) -> pika.URLParameters:
+    """pika's connection parameters for ``bus``. For ``amqps://``, TLS that checks the
+    broker's certificate against ``bus.ca_cert`` (else the system's CAs) and its name
+    against the URL's host (``ssl.create_default_context``: CERT_REQUIRED, hostname
+    checked); pika's own amqps default names no server, so it could not check the name.
+    Raises ConfigError when the CA file cannot be read."""
+    params = pika.URLParameters(bus.url)
+    if urlsplit(bus.url).scheme == "amqps":
+        try:
+            context = ssl.create_default_context(cafile=str(bus.ca_cert) if bus.ca_cert else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot use the broker's CA certificate {bus.ca_cert}: {exc}"
+            ) from exc
+        params.ssl_options = pika.SSLOptions(context, server_hostname=params.host)
+    return params
+
+
+def declare_topology(channel: BlockingChannel, *, passive: bool = False) -> None:
+    """Declare every exchange and the base queues: what every service needs (with
+    ``passive``, check that they exist, as ``declare``)."""
     for exchange in topology.EXCHANGES:
-        channel.exchange_declare(exchange=exchange.name, exchange_type=exchange.kind, durable=True)
-    declare(channel, topology.BASE_QUEUES)
+        channel.exchange_declare(
+            exchange=exchange.name, exchange_type=exchange.kind, durable=True, passive=passive
+        )
+    declare(channel, topology.BASE_QUEUES, passive=passive)
 
 
-def declare(channel: BlockingChannel, queues: Iterable[Queue]) -> None:
-    """Declare ``queues`` with their bindings (their exchanges must exist already)."""
+def declare(channel: BlockingChannel, queues: Iterable[Queue], *, passive: bool = False) -> None:
+    """Declare ``queues`` with their bindings (their exchanges must exist already).
+
+    With ``passive``, only check that each queue exists and bind nothing: RabbitMQ asks no
+    permission for a passive declare (access control guide, "How Permissions Work":
+    ``exchange.declare`` and ``queue.declare`` with ``passive=true``), while an active one
+    needs configure on the queue and, for its dead-letter exchange, write on that exchange
+    and read on the queue, and a binding needs write on the queue and read on the exchange.
+    A missing exchange or queue is a 404 NOT_FOUND that closes the channel
+    (``pika.exceptions.ChannelClosedByBroker``): whoever owns the topology has not
+    declared it yet.
+    """
     for q in queues:
+        if passive:
+            channel.queue_declare(queue=q.name, passive=True)
+            continue
         channel.queue_declare(queue=q.name, durable=True, arguments=dict(q.arguments) or None)
         for binding in q.bindings:
             channel.queue_bind(

@@ -55,8 +55,9 @@ class Consumer:
     again on redelivery, so a poison message cannot stall the queue.
 
     Dead-lettering republishes the message under this service's broker user, on a channel
-    of its own: the original ``user_id`` property (which RabbitMQ checks against the
-    publishing user) moves to the ``x-hitless-original-user-id`` header, and a message the
+    of its own, and never with a ``user_id`` property: the original one (which RabbitMQ
+    checks against the publishing user) moves to the ``x-hitless-original-user-id`` header
+    (a header of that name the publisher set itself is dropped), and a message the
     broker still refuses there is logged, counted (``dead_letter_failures``) and acked all
     the same, never redelivered forever.
 
@@ -64,6 +65,12 @@ class Consumer:
     message goes to the lane its key picks: messages with the same key are handled one
     at a time, in the order the broker delivered them (a gateway's reports, for one).
     Without it, any free worker takes the next message.
+
+    With ``passive`` (default: ``bus.passive``), the topology, ``queues`` and ``source``
+    are only checked to exist,
+    never declared or bound (``channel.declare``): for a broker user with no configure
+    permission, which can still consume and dead-letter. Until their owner has declared
+    them, connecting fails and is retried like a lost connection.
     """
 
     def __init__(
@@ -78,8 +85,10 @@ class Consumer:
         name: str = "consumer",
         backoff: Backoff = Backoff(),
         lane: Callable[[Delivery], str] | None = None,
+        passive: bool | None = None,
     ) -> None:
         self._bus = bus
+        self._passive = bus.passive if passive is None else passive
         self._source = source
         self._handler = handler
         self._lane = lane
@@ -127,7 +136,7 @@ class Consumer:
         while not self._stop.is_set():
             connection = None
             try:
-                connection, channel = connect(self._bus, self._queues)
+                connection, channel = connect(self._bus, self._queues, passive=self._passive)
                 self._dead_letters = connection.channel()
                 self._dead_letters.confirm_delivery()
                 channel.basic_qos(prefetch_count=self._prefetch)
@@ -239,6 +248,9 @@ class Consumer:
         """Republish to the dead-letter exchange, body untouched, then ack; a message the
         broker will not take there is acked all the same (logged and counted)."""
         headers = dead_letter_headers(delivery.headers, reason, self._source.name)
+        # Only the broker-validated user_id may speak for who published: a header of that
+        # name that came with the message is the publisher's own claim, and is dropped.
+        headers.pop(ORIGINAL_USER_HEADER, None)
         if delivery.user_id:
             headers[ORIGINAL_USER_HEADER] = delivery.user_id
         properties = pika.BasicProperties(

@@ -63,7 +63,13 @@ class _Request:
 
 
 class Publisher:
-    """Publishes persistent messages with confirms and mandatory routing, from any thread."""
+    """Publishes persistent messages with confirms and mandatory routing, from any thread.
+
+    With ``passive``, the topology and ``queues`` (and those of ``declare``) are only
+    checked to exist, never declared or bound (``channel.declare``): for a broker user with
+    no configure permission. A kept queue that does not exist is forgotten as one the
+    broker refuses; a missing exchange fails the connection, which is retried.
+    """
 
     def __init__(
         self,
@@ -72,8 +78,10 @@ class Publisher:
         queues: Iterable[Queue] = (),
         name: str = "publisher",
         backoff: Backoff = Backoff(),
+        passive: bool | None = None,
     ) -> None:
         self._bus = bus
+        self._passive = bus.passive if passive is None else passive
         self._queues = tuple(queues)
         self._queues_lock = threading.Lock()
         self._name = name
@@ -108,11 +116,15 @@ class Publisher:
         message_id: str | None = None,
         headers: Mapping[str, Any] | None = None,
         expiration_ms: int | None = None,
+        user_id: str | None = None,
         timeout: float = 30.0,
     ) -> None:
         """Publish and wait for the broker's confirm.
 
-        Raises PublishFailed when the broker nacks or cannot route the message, and
+        ``user_id`` (default: this connection's broker user, ``BusConfig.user``) lets the
+        consumer know who published: RabbitMQ refuses a message whose user_id is not the
+        publishing user's (https://www.rabbitmq.com/docs/validated-user-id). Raises
+        PublishFailed when the broker refuses, nacks or cannot route the message, and
         BusUnavailable when no confirm came within ``timeout`` (the broker is away).
         """
         what = f"publish to {exchange.name} with key {cut(routing_key, 80)!r}"
@@ -129,6 +141,7 @@ class Publisher:
             headers=dict(headers) if headers else None,
             expiration=str(expiration_ms) if expiration_ms is not None else None,
             timestamp=int(time.time()),
+            user_id=user_id or self._bus.user,
         )
         check_properties(properties, what)
 
@@ -169,7 +182,9 @@ class Publisher:
         reconnect. Raises PublishFailed when the broker refuses one (nothing is kept from
         this call then), BusUnavailable as ``publish``."""
         new = tuple(queues)
-        self._submit(lambda channel: declare(channel, new), timeout, "declare queues")
+        self._submit(
+            lambda channel: declare(channel, new, passive=self._passive), timeout, "declare queues"
+        )
         with self._queues_lock:
             self._queues = (*self._queues, *(q for q in new if q not in self._queues))
 
@@ -203,7 +218,7 @@ class Publisher:
             try:
                 with self._queues_lock:
                     kept = self._queues
-                connection, channel = connect(self._bus, kept, self._forget)
+                connection, channel = connect(self._bus, kept, self._forget, passive=self._passive)
                 channel.confirm_delivery()
                 attempt = 0
                 self._connected.set()
