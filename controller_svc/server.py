@@ -90,6 +90,8 @@ from hitless.v1 import (
 log = logs.get(__name__)
 
 CHUNK_SIZE = 512 * 1024
+# The most rows one list call returns (ListJobs, ListAudit): a bounded answer per call.
+MAX_LIST_LIMIT = 1000
 WATCH_POLL_S = 0.5
 OFFLINE_AFTER = timedelta(seconds=3 * HEARTBEAT_INTERVAL_S)
 
@@ -321,7 +323,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     @_translated
     def ListJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
-        jobs = self._repo.list_jobs(limit=request.limit or 50)
+        jobs = self._repo.list_jobs(limit=_list_limit(request.limit, 50, "jobs"))
         return controller_pb2.ListJobsResponse(jobs=[convert.job(j) for j in jobs])
 
     @_translated
@@ -449,7 +451,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
     @_translated
     def ListAudit(self, request: Any, context: grpc.ServicerContext) -> Any:
         since = request.since.ToDatetime(UTC) if request.HasField("since") else None
-        events = self._audit.list(since, request.limit or 200)
+        events = self._audit.list(since, _list_limit(request.limit, 200, "audit events"))
         return controller_pb2.ListAuditResponse(events=[convert.audit(e) for e in events])
 
     @_translated
@@ -831,6 +833,19 @@ class _Authorised(grpc.ServerInterceptor):  # type: ignore[misc]
             )  # fmt: skip
         except HitlessError as exc:
             log.error("audit_write_failed", method=method, error=str(exc))
+
+
+def _list_limit(asked: int, default: int, what: str) -> int:
+    """How many rows a list call returns: ``default`` for 0, else ``asked`` up to
+    MAX_LIST_LIMIT. Raises InvalidRequest for a negative or larger number."""
+    if asked == 0:
+        return default
+    if not 0 < asked <= MAX_LIST_LIMIT:
+        raise InvalidRequest(
+            f"limit {asked} is outside 1 to {MAX_LIST_LIMIT} {what}: ask for fewer (0 for the "
+            f"default, {default})"
+        )
+    return asked
 
 
 def _client_certificate(context: grpc.ServicerContext) -> bytes | None:

@@ -219,3 +219,19 @@ def test_server_reflection_needs_a_token(fleet: Fleet) -> None:
         answers = list(stub.ServerReflectionInfo(iter([request]), metadata=metadata, timeout=10))
     names = {s.name for s in answers[0].list_services_response.service}
     assert "hitless.v1.Controller" in names
+
+
+def test_a_list_call_answers_a_bounded_number_of_rows(admin: Any) -> None:
+    calls = [
+        (admin.ListJobs, controller_pb2.ListJobsRequest(limit=1_000_000)),
+        (admin.ListJobs, controller_pb2.ListJobsRequest(limit=-1)),
+        (admin.ListAudit, controller_pb2.ListAuditRequest(limit=1001)),
+    ]
+    for method, request in calls:
+        details = _refused(
+            lambda method=method, request=request: method(request),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert "outside 1 to 1000" in details, details
+    admin.ListJobs(controller_pb2.ListJobsRequest(limit=1000))
+    assert len(admin.ListAudit(controller_pb2.ListAuditRequest(limit=1)).events) <= 1
