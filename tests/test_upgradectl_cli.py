@@ -1708,7 +1708,10 @@ def test_keys_init_says_what_it_made_and_where_each_part_goes(tmp_path: Path) ->
         assert keyid == trust_keys.load_signer(paths.key(role)).public_key.keyid
     text = "\n".join(lines[8:])
     assert f"  {directory}/root.json\n      the trust anchor: give it to the controller" in text
-    assert "--trust-root FILE" in text and "gateway-daemon run --trust-root FILE" in text
+    assert (
+        "--trust-root FILE" in text
+        and "gateways get it from the controller when they enroll" in text
+    )
     assert f"  {directory}/offline/  (root and targets keys)\n      stay with the release " in text
     assert f"  {directory}/online/  (snapshot, timestamp and command keys)\n      go to " in text
     assert "controller-svc serve --online-keys DIR" in text

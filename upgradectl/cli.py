@@ -82,22 +82,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-
 from hitless import names, pki
 from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
 from hitless.errors import HitlessError, InvalidName
 from hitless.trust.keys import ROLES
 from upgradectl import credentials, durations, render, signing
 from upgradectl.build import build_release
-from upgradectl.client import ClientCertificate, ControllerClient, RetryPolicy
+from upgradectl.client import ControllerClient, RetryPolicy
 from upgradectl.confirm import Terminal, agree, confirm
-from upgradectl.credentials import ENV_CA_CERT, ENV_TOKEN, ENV_TOKEN_FILE
+from upgradectl.credentials import (
+    ENV_CA_CERT,
+    ENV_CLIENT_CERT,
+    ENV_CLIENT_KEY,
+    ENV_TOKEN,
+    ENV_TOKEN_FILE,
+)
 from upgradectl.errors import (
     ControllerFailed,
-    CredentialsMissing,
     CredentialsRefused,
     ExitCode,
     JobNotSucceeded,
@@ -120,8 +121,6 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # a typo is a usage error before anything is sent.
 TOKEN_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 TOKEN_ROLES = ("viewer", "operator", "admin")
-ENV_CLIENT_CERT = "HITLESS_CLIENT_CERT"
-ENV_CLIENT_KEY = "HITLESS_CLIENT_KEY"
 # What ``certs issue --out DIR`` writes.
 KEY_FILE, CERT_FILE = "key.pem", "cert.pem"
 # The controller's rule for a job publisher's broker user (a message's user_id is an AMQP
@@ -225,7 +224,9 @@ def run(
             )
             ca_cert = credentials.load_ca(ca_cert=args.ca_cert, env_ca_cert=env.get(ENV_CA_CERT))
             certificate = (
-                _client_certificate(cert_file, key_file, ca_cert) if with_certificate else None
+                credentials.load_client_certificate(cert_file, key_file, ca_cert)
+                if with_certificate
+                else None
             )
             return ControllerClient(
                 controller,
@@ -1202,61 +1203,6 @@ def _write_new(path: Path, data: bytes, mode: int, *, make_parent: bool = False)
             fh.write(data)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
-
-
-def _client_certificate(
-    cert_file: str | None, key_file: str | None, ca_pem: bytes
-) -> ClientCertificate:
-    """The client certificate ``cert_file`` and its key ``key_file`` (from
-    ``--client-cert``/``--client-key`` or the environment), checked before anything is
-    sent: the handshake refuses a bad one by closing the connection, which says nothing.
-
-    Raises UsageError when one of the two is missing or not PEM, or the key is not the
-    certificate's; ConfigError (exit 2) when the key file may be read by others (the rule
-    ssh has for its keys); CredentialsMissing (exit 4) when the certificate is not from the
-    CA of ``ca_pem`` or is outside its validity."""
-    if not (cert_file and key_file):
-        raise UsageError(
-            "a client certificate goes with its key: give both --client-cert FILE and "
-            f"--client-key FILE (or {ENV_CLIENT_CERT} and {ENV_CLIENT_KEY})"
-        )
-    cert_path, key_path = Path(cert_file), Path(key_file)
-    cert_pem = pki.read_certificate(cert_path, "client certificate")
-    key_pem = pki.read_private(key_path)
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    try:
-        key = serialization.load_pem_private_key(key_pem, None)
-    except (ValueError, TypeError):
-        raise UsageError(
-            f"{key_path} is not an unencrypted PEM private key (--client-key)"
-        ) from None
-    if key.public_key() != cert.public_key():
-        raise UsageError(
-            f"{key_path} is not the key of the certificate {cert_path}: give the {KEY_FILE} "
-            f"that 'certs issue' wrote beside it"
-        )
-    now = datetime.now(UTC)
-    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-        raise CredentialsMissing(
-            f"the client certificate {cert_path} is valid from "
-            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
-            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC, not now: ask an admin for a "
-            "new one (upgradectl certs issue)"
-        )
-    if not any(_issued_by(cert, ca) for ca in x509.load_pem_x509_certificates(ca_pem)):
-        raise CredentialsMissing(
-            f"the client certificate {cert_path} was not issued by the controller's CA (the "
-            "--ca-cert given): ask that controller's admin for one (upgradectl certs issue)"
-        )
-    return ClientCertificate(key_pem, cert_pem, f"the file {cert_path}")
-
-
-def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _audit(ctx: _Context) -> ExitCode:

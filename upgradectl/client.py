@@ -47,7 +47,7 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,7 +57,7 @@ import grpc
 from hitless.config import ENV_CA_CERT, ENV_CONTROLLER, HostPort
 from hitless.digest import file_sha256
 from hitless.v1 import controller_pb2, controller_pb2_grpc
-from upgradectl.credentials import Credentials
+from upgradectl.credentials import ClientCertificate, Credentials
 from upgradectl.errors import (
     CliError,
     ControllerFailed,
@@ -179,17 +179,6 @@ class Authorization(
 
     def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
         return continuation(self._with_token(details), requests)
-
-
-@dataclass(frozen=True)
-class ClientCertificate:
-    """An operator's client certificate and its key (PEM), and ``source``, the words that
-    say where they came from (``the file F (--client-cert)``). The key is left out of the
-    repr."""
-
-    key_pem: bytes = field(repr=False)
-    cert_pem: bytes
-    source: str
 
 
 class ControllerClient:

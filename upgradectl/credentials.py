@@ -15,20 +15,31 @@ sends none, and the controller's refusal says what is missing.
 
 The secret is never shown: messages name where it came from, and ``Credentials`` leaves
 it out of its repr.
+
+Two more credentials live here: the CA certificate that checks the controller
+(``load_ca``: ``--ca-cert``, else ``$HITLESS_CA_CERT``; required), and an operator's client
+certificate with its key (``load_client_certificate``: ``--client-cert``/``--client-key``,
+else ``$HITLESS_CLIENT_CERT``/``$HITLESS_CLIENT_KEY``), checked before anything is sent.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
+from hitless import pki
 from upgradectl.errors import CredentialsMissing, UsageError
 
 ENV_TOKEN = "HITLESS_TOKEN"
 ENV_CA_CERT = "HITLESS_CA_CERT"
+ENV_CLIENT_CERT = "HITLESS_CLIENT_CERT"
+ENV_CLIENT_KEY = "HITLESS_CLIENT_KEY"
 MAX_CA_FILE_BYTES = 256 * 1024
 ENV_TOKEN_FILE = "HITLESS_TOKEN_FILE"
 # A secret is tens of bytes; a file much larger than that is the wrong file.
@@ -138,3 +149,69 @@ def load_ca(*, ca_cert: str | None, env_ca_cert: str | None) -> bytes:
             "<data dir>/pki/ca.pem"
         ) from None
     return data
+
+
+@dataclass(frozen=True)
+class ClientCertificate:
+    """An operator's client certificate and its key (PEM), and ``source``, the words that
+    say where they came from (``the file F (--client-cert)``). The key is left out of the
+    repr."""
+
+    key_pem: bytes = field(repr=False)
+    cert_pem: bytes
+    source: str
+
+
+def load_client_certificate(
+    cert_file: str | None, key_file: str | None, ca_pem: bytes
+) -> ClientCertificate:
+    """The client certificate ``cert_file`` and its key ``key_file`` (from
+    ``--client-cert``/``--client-key`` or the environment), checked before anything is
+    sent: the handshake refuses a bad one by closing the connection, which says nothing.
+
+    Raises UsageError when one of the two is missing or not PEM, or the key is not the
+    certificate's; ConfigError (exit 2) when the key file may be read by others (the rule
+    ssh has for its keys); CredentialsMissing (exit 4) when the certificate is not from the
+    CA of ``ca_pem`` or is outside its validity."""
+    if not (cert_file and key_file):
+        raise UsageError(
+            "a client certificate goes with its key: give both --client-cert FILE and "
+            f"--client-key FILE (or {ENV_CLIENT_CERT} and {ENV_CLIENT_KEY})"
+        )
+    cert_path, key_path = Path(cert_file), Path(key_file)
+    cert_pem = pki.read_certificate(cert_path, "client certificate")
+    key_pem = pki.read_private(key_path)
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        key = serialization.load_pem_private_key(key_pem, None)
+    except (ValueError, TypeError):
+        raise UsageError(
+            f"{key_path} is not an unencrypted PEM private key (--client-key)"
+        ) from None
+    if key.public_key() != cert.public_key():
+        raise UsageError(
+            f"{key_path} is not the key of the certificate {cert_path}: give the key.pem "
+            f"that 'certs issue' wrote beside it"
+        )
+    now = datetime.now(UTC)
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        raise CredentialsMissing(
+            f"the client certificate {cert_path} is valid from "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC, not now: ask an admin for a "
+            "new one (upgradectl certs issue)"
+        )
+    if not any(_issued_by(cert, ca) for ca in x509.load_pem_x509_certificates(ca_pem)):
+        raise CredentialsMissing(
+            f"the client certificate {cert_path} was not issued by the controller's CA (the "
+            "--ca-cert given): ask that controller's admin for one (upgradectl certs issue)"
+        )
+    return ClientCertificate(key_pem, cert_pem, f"the file {cert_path}")
+
+
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
