@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv proto test lint typecheck demo bench-hitless bench-controller-upgrade bench-dispatch bench-verify clean
+.PHONY: venv proto test lint typecheck demo screenshots bench-hitless bench-controller-upgrade bench-dispatch bench-verify clean
 
 venv: $(STAMP)
 
@@ -44,3 +44,7 @@ bench-verify: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# The web console's screenshots in docs/screenshots/, from its tests in a real browser.
+screenshots: $(STAMP)
+	HITLESS_SCREENSHOTS=docs/screenshots $(BIN)/python -m pytest -q tests/test_web_browser.py

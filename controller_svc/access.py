@@ -91,7 +91,7 @@ CHANGES = frozenset(
         "PublishRelease", "StartUpgrade", "SyncReleases", "AddAdmin", "RemoveAdmin",
         "UpgradeController", "YankRelease", "RotateRoot", "CreateToken", "RevokeToken",
         "CreateEnrollment", "RevokeGateway", "AllowPublisher", "DisallowPublisher",
-        "IssueCertificate", "RevokeCertificate",
+        "IssueCertificate", "RevokeCertificate", "AddUser", "RemoveUser",
     )
 )  # fmt: skip
 # Reached without a token: health checks, and enrollment (the caller holds a one-time code).

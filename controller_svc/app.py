@@ -1,5 +1,5 @@
-"""One controller process: database, artifact store, bus, job engine and gRPC server,
-started in order and stopped in reverse."""
+"""One controller process: database, artifact store, bus, job engine, gRPC server and web
+console, started in order and stopped in reverse."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ from controller_svc.senders import ReportSenders
 from controller_svc.server import ArtifactsService, ControllerService, build_server
 from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
+from controller_svc.users import Users
 from hitless import logs, pki, version
 from hitless.bus import topology
 from hitless.bus.amqp import Consumer, Publisher
-from hitless.config import ControllerConfig
+from hitless.config import ControllerConfig, HostPort
 from hitless.errors import ConfigError
 from hitless.pki import CertificateAuthority
 
@@ -51,13 +52,16 @@ class ControllerApp:
         ready_fd: int | None = None,
         *,
         limits: Limits = DEFAULT_LIMITS,
+        http: HostPort | None = None,
     ) -> None:
         self.config = config
         self._ready_fd = ready_fd
         self._limits = limits
+        self._http = http  # where the web console listens; None: no console
         self._stop = threading.Event()
         self.port: int | None = None
         self.gateway_port: int | None = None
+        self.http_port: int | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -72,6 +76,9 @@ class ControllerApp:
         trust = Trust.open(config.data_dir, config.trust_root, config.online_keys)
         ca = CertificateAuthority(config.pki_dir)
         server_names = [*pki.default_names(config.listen.host), *config.tls_names]
+        if self._http is not None:
+            server_names += pki.default_names(self._http.host)
+        server_names = list(dict.fromkeys(server_names))
         for path in ca.init(server_names, utc_now()):
             log.warning("tls_material_created", file=str(path))
             if path == ca.ca_path:
@@ -91,7 +98,7 @@ class ControllerApp:
         repo = Repository(engine_db)
         admins = Admins(repo.sessions)
         upgrader = (
-            ControllerUpgrader(config, store, trust, hand_over=self._stop.set)
+            ControllerUpgrader(config, store, trust, hand_over=self._stop.set, http=self._http)
             if config.self_upgrade
             else None
         )
@@ -105,6 +112,7 @@ class ControllerApp:
         )
         rejections = Rejections(repo.sessions)
         tokens, audit = Tokens(repo.sessions), Audit(repo.sessions)
+        users = Users(repo.sessions)
         jobs = Consumer(
             config.bus,
             topology.CONTROLLER_JOBS,
@@ -176,6 +184,7 @@ class ControllerApp:
                 audit=audit,
                 enrollments=enrollments,
                 operator_certificates=operator_certificates,
+                users=users,
                 limits=self._limits,
             ),
             ArtifactsService(store, trust.repository, limits=self._limits),
@@ -194,10 +203,22 @@ class ControllerApp:
             if feed
             else None
         )
+        console = None
+        if self._http is not None:
+            # Imported here: a controller without the console never loads the web stack.
+            from controller_svc.web.serve import console_server
+
+            console = console_server(
+                self._http, engine=engine, admins=admins, rejections=rejections, audit=audit,
+                users=users, ca=ca, data_dir=config.data_dir, stopping=self._stop,
+                grace_s=STOP_GRACE_S,
+            )  # fmt: skip
         try:
             consumer.start()
             jobs.start()
             server.start()
+            if console is not None:
+                self.http_port = console.start()
             if poller is not None:
                 poller.start()
             log.info(
@@ -215,6 +236,8 @@ class ControllerApp:
                 trust.refresh()
         finally:
             log.info("controller_stopping")
+            if console is not None:
+                console.stop()
             server.stop(STOP_GRACE_S)
             if poller is not None:
                 poller.join(timeout=STOP_GRACE_S)

@@ -2,7 +2,7 @@
 
 controller-svc serve --trust-root FILE [--online-keys DIR] [--listen HOST:PORT] [--db URL]
                      [--gateway-listen HOST:PORT] [--tls-name NAME ...] [--broker-api URL]
-                     [--amqp URL] [--data-dir DIR]
+                     [--amqp URL] [--data-dir DIR] [--http HOST:PORT|off]
 controller-svc pki init [--data-dir DIR] [--listen HOST:PORT] [--tls-name NAME ...]
 controller-svc broker user --role controller|notifier|job-publisher --name USER [--vhost V]
                            [--password-stdin]
@@ -21,6 +21,11 @@ from controller_svc import broker_access, takeover
 from controller_svc.selfupgrade import exec_recorded_release
 from hitless import config, logs, pki
 from hitless.errors import ConfigError, HitlessError
+
+# Where the web console listens (HTTPS), unless --http says otherwise; "off": no console.
+ENV_HTTP_LISTEN = config.ENV_HTTP_LISTEN
+DEFAULT_HTTP_LISTEN = config.DEFAULT_HTTP_LISTEN
+HTTP_OFF = "off"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--broker-user-prefix", default=config.DEFAULT_BROKER_USER_PREFIX, metavar="TEXT",
         help="prefix of the broker users made for gateways",
+    )  # fmt: skip
+    serve.add_argument(
+        "--http", metavar="HOST:PORT|off",
+        help="where the web console listens, over HTTPS with the controller's server "
+        f"certificate (env {ENV_HTTP_LISTEN}; default {DEFAULT_HTTP_LISTEN}); off: no console",
     )  # fmt: skip
     # Internal: set by the controller version that starts this one (inline upgrade).
     serve.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
@@ -189,6 +199,15 @@ def _config(args: argparse.Namespace) -> config.ControllerConfig:
     )
 
 
+def _http(args: argparse.Namespace) -> config.HostPort | None:
+    """Where the web console listens: --http, else $HITLESS_HTTP_LISTEN, else the
+    default; None for "off"."""
+    text = args.http or os.environ.get(ENV_HTTP_LISTEN) or DEFAULT_HTTP_LISTEN
+    if text.strip().lower() == HTTP_OFF:
+        return None
+    return config.HostPort.parse(text, what="web console address (--http)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
@@ -210,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
         if args.ready_fd is None and config.self_upgrade:
             exec_recorded_release(config.data_dir, argv)
-        app = ControllerApp(config, ready_fd=args.ready_fd)
+        app = ControllerApp(config, ready_fd=args.ready_fd, http=_http(args))
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: app.stop())
         return app.run()

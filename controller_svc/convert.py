@@ -19,6 +19,7 @@ from controller_svc.records import (
     ReportIn,
 )
 from controller_svc.states import GatewayState, JobState
+from controller_svc.users import UserRecord
 from hitless.v1 import bus_pb2, common_pb2, controller_pb2
 
 
@@ -178,4 +179,16 @@ def operator_certificate(record: CertificateRecord) -> controller_pb2.OperatorCe
     )
     if record.revoked_at is not None:
         message.revoked_at.CopyFrom(timestamp(record.revoked_at))
+    return message
+
+
+def user(record: UserRecord) -> controller_pb2.ConsoleUser:
+    message = controller_pb2.ConsoleUser(
+        name=record.name,
+        role=str(record.role),
+        created_at=timestamp(record.created_at),
+        created_by=record.created_by,
+    )
+    if record.last_login_at is not None:
+        message.last_login_at.CopyFrom(timestamp(record.last_login_at))
     return message

@@ -284,6 +284,22 @@ class JobPublisher(Base):
     allowed_by: Mapped[str] = mapped_column(String(128), server_default="")
 
 
+class ConsoleUser(Base):
+    """A web console user: a role and the scrypt hash of the password
+    (``controller_svc.users``); failed_logins and locked_until slow down guessing."""
+
+    __tablename__ = "console_users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    created_by: Mapped[str] = mapped_column(String(128), server_default="")
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failed_logins: Mapped[int] = mapped_column(Integer, server_default="0")
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class AuditEvent(Base):
     """One change and who asked for it."""
 

@@ -67,7 +67,7 @@ __all__ = [
     "Repository",
 ]
 
-SOURCES = frozenset({"cli", "management"})
+SOURCES = frozenset({"cli", "management", "ui"})
 _ACTIVE_GATEWAY = [s.value for s in GatewayState if not s.terminal]
 _ACTIVE_JOB = [s.value for s in JobState if not s.terminal]
 

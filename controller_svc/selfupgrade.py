@@ -42,8 +42,11 @@ class ControllerUpgrader:
         trust: Trust,
         hand_over: Callable[[], None],
         spawn: Spawn = start_successor,
+        *,
+        http: cfg.HostPort | None = None,
     ) -> None:
         self._config = config
+        self._http = http  # the web console's address, which the next version serves too
         self._store = store
         self._trust = trust
         self._hand_over = hand_over
@@ -115,6 +118,8 @@ class ControllerUpgrader:
         secrets = {cfg.ENV_DB_URL: self._config.db_url, cfg.ENV_AMQP_URL: self._config.bus.url}
         if self._config.broker_api:
             secrets[cfg.ENV_BROKER_API] = self._config.broker_api
+        # In the environment, not a flag: a version from before the console ignores it.
+        secrets[cfg.ENV_HTTP_LISTEN] = str(self._http) if self._http is not None else "off"
         return secrets
 
 

@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controller_svc import convert
+from controller_svc import convert, follow
 from controller_svc.access import (
     CHANGES,
     GATEWAY_PREFIXES,
@@ -66,14 +66,16 @@ from controller_svc.limits import (
     kind_of,
     peer_host,
 )
+from controller_svc.liveness import gateway_state
 from controller_svc.operator_certs import OperatorCertificates
 from controller_svc.publishers import PublisherRecord, Publishers
 from controller_svc.records import ReleaseRecord
 from controller_svc.rejections import Rejections
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.store import ArtifactStore, stamped_as
+from controller_svc.users import Users
 from hitless import logs, names, pki, semver, version
-from hitless.config import HEARTBEAT_INTERVAL_S, HostPort
+from hitless.config import HostPort
 from hitless.errors import BusError, ConfigError, HitlessError
 from hitless.pki import CertificateAuthority
 from hitless.trust.errors import MetadataNotFound
@@ -93,7 +95,8 @@ CHUNK_SIZE = 512 * 1024
 # The most rows one list call returns (ListJobs, ListAudit): a bounded answer per call.
 MAX_LIST_LIMIT = 1000
 WATCH_POLL_S = 0.5
-OFFLINE_AFTER = timedelta(seconds=3 * HEARTBEAT_INTERVAL_S)
+# Request fields never written to the audit log (AddUser's password).
+SECRET_FIELDS = frozenset({"password"})
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (Refused, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -160,9 +163,11 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         enrollments: Enrollments | None = None,
         publishers: Publishers | None = None,
         operator_certificates: OperatorCertificates | None = None,
+        users: Users | None = None,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self._tokens = tokens
+        self._users = users
         self._operator_certificates = operator_certificates
         self._audit = audit
         self._enrollment = enrollments
@@ -182,15 +187,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
     @_translated
     def ListGateways(self, request: Any, context: grpc.ServicerContext) -> Any:
         now = datetime.now(UTC)
-        gateways = []
-        for record in self._repo.list_gateways():
-            if record.busy:
-                state = "UPGRADING"
-            elif now - record.last_seen <= OFFLINE_AFTER:
-                state = "ONLINE"
-            else:
-                state = "OFFLINE"
-            gateways.append(convert.gateway(record, state))
+        gateways = [convert.gateway(r, gateway_state(r, now)) for r in self._repo.list_gateways()]
         return controller_pb2.ListGatewaysResponse(gateways=gateways)
 
     @_translated
@@ -297,6 +294,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             gateway_ids=list(request.gateway_ids),
             request_id=request.request_id or None,
             source="cli",
+            requested_by=current_actor(),
             deadline=deadline,
             allow_downgrade=request.allow_downgrade,
             accept_vpn_disruption=request.accept_vpn_disruption,
@@ -389,6 +387,31 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         record = self._tokens.revoke(request.name, datetime.now(UTC))
         log.warning("token_revoked", name=record.name, by=current_actor())
         return convert.token(record)
+
+    @_translated
+    def AddUser(self, request: Any, context: grpc.ServicerContext) -> Any:
+        record = self._console_users().add(
+            request.name, Role.parse(request.role), request.password, datetime.now(UTC),
+            created_by=current_actor(),
+        )  # fmt: skip
+        log.info("console_user_added", name=record.name, role=str(record.role), by=current_actor())
+        return convert.user(record)
+
+    @_translated
+    def ListUsers(self, request: Any, context: grpc.ServicerContext) -> Any:
+        users = [convert.user(u) for u in self._console_users().list()]
+        return controller_pb2.ListUsersResponse(users=users)
+
+    @_translated
+    def RemoveUser(self, request: Any, context: grpc.ServicerContext) -> Any:
+        record = self._console_users().remove(request.name)
+        log.warning("console_user_removed", name=record.name, by=current_actor())
+        return convert.user(record)
+
+    def _console_users(self) -> Users:
+        if self._users is None:
+            raise FailedPrecondition("this controller has no web console users")
+        return self._users
 
     @_translated
     def IssueCertificate(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -525,21 +548,15 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         lifetime = self._watch_lifetime_s
         ends_at = None if lifetime is None else time.monotonic() + lifetime
         while context.is_active() and not self._stopping.is_set():
-            events = self._repo.events_after(job_id, seq)
-            for event in events:
+            batch = follow.next_events(self._repo, job_id, seq)
+            for event in batch.events:
                 yield convert.event(event)
                 seq = event.seq
-                if event.job_state is not None and event.job_state.terminal:
-                    return
-            if (
-                not events
-                and self._job(job_id).state.terminal
-                and not self._repo.events_after(job_id, seq)
-            ):
+            if batch.finished:
                 return
             if ends_at is not None and time.monotonic() >= ends_at:
                 break
-            if not events:
+            if not batch.events:
                 self._engine.wait_for_change(WATCH_POLL_S)
         if self._stopping.is_set():
             context.abort(
@@ -864,7 +881,8 @@ def _remembering_first(requests: Iterator[Any], first: list[Any]) -> Iterator[An
 
 
 def _describe(request: Any) -> str:
-    """What a request asks, on one line, without its bytes (artifacts, metadata)."""
+    """What a request asks, on one line, without its bytes (artifacts, metadata) and its
+    secrets (SECRET_FIELDS)."""
     if not isinstance(request, Message):
         return ""
     copy = type(request)()
@@ -875,7 +893,7 @@ def _describe(request: Any) -> str:
 
 def _drop_bytes(message: Message) -> None:
     for field, value in message.ListFields():
-        if field.type == field.TYPE_BYTES:
+        if field.type == field.TYPE_BYTES or field.name in SECRET_FIELDS:
             message.ClearField(field.name)
         elif field.type == field.TYPE_MESSAGE and isinstance(value, Message):
             _drop_bytes(value)

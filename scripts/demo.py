@@ -18,6 +18,7 @@ import base64
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -67,6 +68,7 @@ class Demo:
         self.amqp = os.environ.get("HITLESS_AMQP_URL", DEFAULT_AMQP)
         self.controller = f"127.0.0.1:{free_port()}"
         self.gateway_port = f"127.0.0.1:{free_port()}"
+        self.console = f"127.0.0.1:{free_port()}"
 
     def say(self, text: str) -> None:
         print(f"\n== {text}", flush=True)
@@ -163,10 +165,13 @@ class Demo:
             )
         )
 
-    def ctl(self, *args: str, show: bool = True) -> subprocess.CompletedProcess[str]:
+    def ctl(
+        self, *args: str, show: bool = True, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(BIN / "upgradectl"), "--controller", self.controller, *args],
             text=True,
+            input=stdin,
             capture_output=not show,
             env={
                 **os.environ,
@@ -223,6 +228,8 @@ class Demo:
             self.controller,
             "--gateway-listen",
             self.gateway_port,
+            "--http",
+            self.console,
             "--data-dir",
             str(self.root / "controller"),
             "--trust-root",
@@ -237,6 +244,17 @@ class Demo:
         print(f"CA certificate:  {self.ca_cert}  (upgradectl --ca-cert, gateway-daemon --ca-cert)")
         print(f"admin API token: {self.token_file}  (upgradectl --token-file)")
         print(f"API port {self.controller}, gateway port {self.gateway_port} (mutual TLS)")
+        password = secrets.token_urlsafe(12)
+        made = self.ctl(
+            "users", "add", "admin", "--role", "admin", "--password-stdin",
+            show=False, stdin=password + "\n",
+        )  # fmt: skip
+        if made.returncode != 0:
+            raise SystemExit(f"demo: upgradectl users add: {made.stderr}")
+        print(
+            f"web console: https://{self.console}/  user admin, password {password} (a throwaway"
+            f" for this demo; the browser will ask you to trust {self.ca_cert})"
+        )
         self.say(f"enrolling {len(GATEWAYS)} gateways: a one-time code each")
         for gid in GATEWAYS:
             code = self.enrollment_code(gid)

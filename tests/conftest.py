@@ -12,6 +12,7 @@ import pytest
 
 from hitless.bus import topology
 from hitless.config import BusConfig
+from tests.support.browser import browser  # noqa: F401  (the fixture, for every test)
 from tests.support.databases import BACKENDS, database_url
 from tests.support.fleet import Fleet
 from tests.support.gateway_upgrades import GatewayUpgrades

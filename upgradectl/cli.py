@@ -23,6 +23,9 @@
     upgradectl tokens create --role viewer|operator|admin --name NAME [--expires D] [--json]
     upgradectl tokens list [--json]
     upgradectl tokens revoke NAME
+    upgradectl users add NAME --role viewer|operator|admin --password-stdin
+    upgradectl users list [--json]
+    upgradectl users remove NAME
     upgradectl certs issue --name NAME --role viewer|operator|admin [--expires D] --out DIR
                            [--json]
     upgradectl certs list [--json]
@@ -572,6 +575,46 @@ def _build_parser() -> _Parser:
     )
     tok_revoke.set_defaults(handler=_tokens_revoke)
 
+    users = commands.add_parser(
+        "users", help="who may log in to the web console, and their roles (needs the admin role)"
+    )
+    users_sub = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    user_add = users_sub.add_parser(
+        "add", help="add a web console user; the controller keeps only a slow hash of the password"
+    )
+    user_add.add_argument(
+        "name",
+        type=_user_name,
+        metavar="NAME",
+        help="the user's name, e.g. alice: 1 to 64 letters, digits, '.', '_' or '-'; the audit "
+        "log shows it as the actor (user:NAME)",
+    )
+    user_add.add_argument(
+        "--role",
+        required=True,
+        choices=TOKEN_ROLES,
+        help="viewer: read only; operator: also plan, start and watch upgrades; admin: "
+        "everything the console offers",
+    )
+    user_add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        required=True,
+        help="read the password (at least 12 characters) from the first line of standard "
+        "input: never a flag, which every user could see (ps)",
+    )
+    user_add.set_defaults(handler=_users_add)
+    user_list = users_sub.add_parser("list", help="every web console user (never a password)")
+    user_list.add_argument("--json", action="store_true", help="print JSON for machines")
+    user_list.set_defaults(handler=_users_list)
+    user_remove = users_sub.add_parser(
+        "remove", help="remove a web console user: its sessions end with their next request"
+    )
+    user_remove.add_argument(
+        "name", type=_user_name, metavar="NAME", help="the user's name, as 'users list' shows"
+    )
+    user_remove.set_defaults(handler=_users_remove)
+
     certs = commands.add_parser(
         "certs", help="operators' client certificates and their roles (needs the admin role)"
     )
@@ -683,6 +726,17 @@ def _token_name(text: str) -> str:
     if not TOKEN_NAME.fullmatch(text):
         raise argparse.ArgumentTypeError(
             f"expected a token name of 1 to 64 letters, digits, '.', '_' or '-', "
+            f"not {names.shown(text)}"
+        )
+    return text
+
+
+def _user_name(text: str) -> str:
+    """A web console user's name: NAME of ``users add`` and ``users remove`` (the
+    controller's rule, the same as a token name's)."""
+    if not TOKEN_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"expected a user name of 1 to 64 letters, digits, '.', '_' or '-', "
             f"not {names.shown(text)}"
         )
     return text
@@ -1122,6 +1176,40 @@ def _tokens_revoke(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         token = client.revoke_token(ctx.args.name)
     ctx.emit_lines(render.revoked_token_lines(token))
+    return ExitCode.OK
+
+
+def _users_add(ctx: _Context) -> ExitCode:
+    name: str = ctx.args.name
+    # One line, as `docker login --password-stdin` reads it; only its line ending is not
+    # part of the password.
+    password = ctx.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UsageError(
+            "no password on standard input: give it on the first line, e.g. "
+            f"'{PROG} users add {name} --role ROLE --password-stdin < FILE'"
+        )
+    with ctx.connect() as client:
+        try:
+            user = client.add_user(name, ctx.args.role, password)
+        except Unconfirmed as exc:
+            raise Unconfirmed(
+                f"{exc}; the user {name} may have been added\n  to look: '{PROG} users list'"
+            ) from exc
+    ctx.emit_lines(render.added_user_lines(user))
+    return ExitCode.OK
+
+
+def _users_list(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        users = client.list_users()
+    return _listing(ctx, [u.to_json() for u in users], lambda: render.users_table(users))
+
+
+def _users_remove(ctx: _Context) -> ExitCode:
+    with ctx.connect() as client:
+        user = client.remove_user(ctx.args.name)
+    ctx.emit_lines(render.removed_user_lines(user))
     return ExitCode.OK
 
 

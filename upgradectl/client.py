@@ -82,6 +82,7 @@ from upgradectl.model import (
     ReleaseInfo,
     TokenInfo,
     UpgradePlan,
+    UserInfo,
 )
 
 CHUNK_SIZE = 256 * 1024
@@ -425,6 +426,32 @@ class ControllerClient:
         as the controller now describes it. Raises ``Rejected`` for an unknown name."""
         request = controller_pb2.RevokeTokenRequest(name=name)
         return TokenInfo.from_proto(self._unary("RevokeToken", self._stub.RevokeToken, request))
+
+    def add_user(self, name: str, role: str, password: str) -> UserInfo:
+        """Add the web console user ``name`` with ``role`` (viewer, operator, admin) and
+        ``password`` (the controller keeps only its scrypt hash).
+
+        Sent once, never retried: a retry of a call whose answer was lost would be refused
+        as a name already taken. Raises ``Rejected`` when the controller refuses (a name
+        taken or malformed, a password too short), ``CredentialsRefused`` when the caller
+        may not, and ``Unconfirmed`` when no answer came: the user may exist.
+        """
+        request = controller_pb2.AddUserRequest(name=name, role=role, password=password)
+        answer = self._unary("AddUser", self._stub.AddUser, request, creates=True, retried=False)
+        return UserInfo.from_proto(answer)
+
+    def list_users(self) -> list[UserInfo]:
+        """Every web console user, by name."""
+        resp = self._unary("ListUsers", self._stub.ListUsers, controller_pb2.ListUsersRequest())
+        return [UserInfo.from_proto(u) for u in resp.users]
+
+    def remove_user(self, name: str) -> UserInfo:
+        """Remove the web console user ``name``; its sessions end with their next request.
+        Never retried: a retry after a lost answer would be refused as an unknown name.
+        Raises ``Rejected`` for an unknown name."""
+        request = controller_pb2.RemoveUserRequest(name=name)
+        answer = self._unary("RemoveUser", self._stub.RemoveUser, request, retried=False)
+        return UserInfo.from_proto(answer)
 
     def issue_certificate(
         self, name: str, role: str, csr_pem: bytes, expires_seconds: int = 0

@@ -452,6 +452,41 @@ class TokenInfo:
 
 
 @dataclass(frozen=True)
+class UserInfo:
+    """A web console user as the controller describes it (never its password).
+
+    ``role`` is viewer, operator or admin; ``created_by`` names the caller that added it
+    (``token:NAME``, ...); ``last_login_at`` None: never logged in.
+    """
+
+    name: str
+    role: str
+    created_at: datetime | None
+    created_by: str
+    last_login_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, msg: controller_pb2.ConsoleUser) -> UserInfo:
+        return cls(
+            msg.name,
+            msg.role,
+            timestamp(msg.created_at),
+            msg.created_by,
+            timestamp(msg.last_login_at),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of one user in ``users list``: times ISO 8601 in UTC or null."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "created_at": iso(self.created_at),
+            "created_by": self.created_by,
+            "last_login_at": iso(self.last_login_at),
+        }
+
+
+@dataclass(frozen=True)
 class CreatedToken:
     """A token just created, with its ``secret``: the controller keeps only its sha256,
     so this is the one time anyone sees it. Left out of the repr."""

@@ -40,6 +40,7 @@ from upgradectl.model import (
     TargetsChange,
     TokenInfo,
     UpgradePlan,
+    UserInfo,
 )
 
 # Cursor to the start of the line N lines up, then clear to the end of the screen.
@@ -365,6 +366,36 @@ def revoked_token_lines(token: TokenInfo) -> list[str]:
     return [
         f"revoked token {token.name} (role {token.role}) at {short_time(token.revoked_at)}: "
         "the controller refuses it from now on"
+    ]
+
+
+def users_table(users: Sequence[UserInfo]) -> list[str]:
+    """``users list`` for people: NAME ROLE CREATED BY LAST LOGIN."""
+    if not users:
+        return ["no web console users yet (upgradectl users add NAME --role ROLE --password-stdin)"]
+    rows = [
+        [
+            u.name,
+            u.role,
+            short_time(u.created_at),
+            u.created_by or "-",
+            short_time(u.last_login_at) if u.last_login_at else "never",
+        ]
+        for u in users
+    ]
+    return table(["NAME", "ROLE", "CREATED", "BY", "LAST LOGIN"], rows)
+
+
+def added_user_lines(user: UserInfo) -> list[str]:
+    """What ``users add`` did."""
+    return [f"added web console user {user.name} (role {user.role}): it may log in now"]
+
+
+def removed_user_lines(user: UserInfo) -> list[str]:
+    """What ``users remove`` did."""
+    return [
+        f"removed web console user {user.name} (role {user.role}): its sessions end with "
+        "their next request"
     ]
 
 

@@ -189,6 +189,21 @@ class ControllerStub:
                 request_serializer=hitless_dot_v1_dot_controller__pb2.RevokeCertificateRequest.SerializeToString,
                 response_deserializer=hitless_dot_v1_dot_controller__pb2.OperatorCertificate.FromString,
                 _registered_method=True)
+        self.AddUser = channel.unary_unary(
+                '/hitless.v1.Controller/AddUser',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.AddUserRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ConsoleUser.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/hitless.v1.Controller/ListUsers',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.RemoveUser = channel.unary_unary(
+                '/hitless.v1.Controller/RemoveUser',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.RemoveUserRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.ConsoleUser.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -403,6 +418,25 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddUser(self, request, context):
+        """Web console users (admin): a name, a role and a password (kept as a slow hash).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -560,6 +594,21 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.RevokeCertificate,
                     request_deserializer=hitless_dot_v1_dot_controller__pb2.RevokeCertificateRequest.FromString,
                     response_serializer=hitless_dot_v1_dot_controller__pb2.OperatorCertificate.SerializeToString,
+            ),
+            'AddUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddUser,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.AddUserRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ConsoleUser.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.ListUsersRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'RemoveUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveUser,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.RemoveUserRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.ConsoleUser.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1399,6 +1448,87 @@ class Controller:
             '/hitless.v1.Controller/RevokeCertificate',
             hitless_dot_v1_dot_controller__pb2.RevokeCertificateRequest.SerializeToString,
             hitless_dot_v1_dot_controller__pb2.OperatorCertificate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/AddUser',
+            hitless_dot_v1_dot_controller__pb2.AddUserRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ConsoleUser.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ListUsers',
+            hitless_dot_v1_dot_controller__pb2.ListUsersRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/RemoveUser',
+            hitless_dot_v1_dot_controller__pb2.RemoveUserRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.ConsoleUser.FromString,
             options,
             channel_credentials,
             insecure,

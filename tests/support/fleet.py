@@ -37,6 +37,7 @@ class Fleet:
         self.amqp_url = amqp_url
         self.controller_port = free_port()
         self.gateway_port = free_port()  # the controller's port for gateways (mutual TLS)
+        self.http_port = free_port()  # the controller's web console (HTTPS)
         self.controller: Proc | None = None
         self.gateway_ports: dict[str, int] = {}
         self._channel: grpc.Channel | None = None
@@ -55,6 +56,11 @@ class Fleet:
     @property
     def controller_address(self) -> str:
         return f"127.0.0.1:{self.controller_port}"
+
+    @property
+    def console_url(self) -> str:
+        """The web console, unless the controller was started with an --http of its own."""
+        return f"https://127.0.0.1:{self.http_port}"
 
     @property
     def env(self) -> dict[str, str]:
@@ -100,6 +106,8 @@ class Fleet:
         ]  # fmt: skip
         if db_url:
             argv += ["--db", db_url]
+        if "--http" not in extra:
+            argv += ["--http", f"127.0.0.1:{self.http_port}"]
         # A broker user per gateway, made at enrollment, named after this test's vhost (the
         # vhost fixture deletes them).
         argv += ["--broker-user-prefix", f"{vhost_of(self.amqp_url)}-"]
@@ -168,10 +176,15 @@ class Fleet:
             ]  # fmt: skip
         return self.procs.start(gateway_id, argv)
 
-    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``upgradectl ARGS`` as the fleet's admin; ``input`` is its standard input
+        (e.g. a password for ``users add --password-stdin``)."""
         result = subprocess.run(
             [command("upgradectl"), *args],
             env={**os.environ, **self.env},
+            input=input,
             capture_output=True,
             text=True,
             timeout=CLI_TIMEOUT_S,
