@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv proto test lint typecheck demo screenshots bench-hitless bench-controller-upgrade bench-dispatch bench-verify clean
+.PHONY: venv proto test lint typecheck demo screenshots bench-hitless bench-controller-upgrade bench-dispatch bench-verify bench-fleet bench-stream clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,11 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. \
 		proto/hitless/v1/*.proto
 
+# Two processes (tests are isolated by vhost, database, ports and tmp dirs); the test that
+# restarts the broker runs alone afterwards.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 -m "not broker_restart"
+	$(BIN)/python -m pytest -q -m broker_restart
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -41,6 +44,14 @@ bench-dispatch: $(STAMP)
 
 bench-verify: $(STAMP)
 	$(BIN)/python bench/verify.py
+
+# 100 real and 1,000 simulated gateways upgraded at once, beside the floor (bench/fleet.py).
+bench-fleet: $(STAMP)
+	$(BIN)/python bench/fleet.py
+
+# Artifact downloads against raw loopback TCP, 1, 8 and 32 at once (bench/stream.py).
+bench-stream: $(STAMP)
+	$(BIN)/python bench/stream.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Gateways that exist only as messages, for counting reports exactly.
+"""Gateways that exist only as messages, for counting reports exactly; run as a script,
+the controller's report ingestion rate.
 
 A real gateway reports progress only while it downloads, and heartbeats every 5 s; these
 say hello like a gateway, take their upgrade command from their own queue, and then report
@@ -6,25 +7,50 @@ DOWNLOADING with growing ``bytes_done`` at a steady rate for as long as they are
 Every report has its own ``report_id`` (also its ``message_id``) and is counted as
 published only once the broker confirmed it, so "reports published - reports recorded"
 is exactly what the controller lost.
+
+``python bench/controller_reporters.py [--db sqlite|postgresql] [--gateways N]
+[--reports M]``: M status reports of one job over N gateways (DOWNLOADING progress, then
+SUCCEEDED from each, which finishes the job) wait in the controller's reports queue; the
+controller's own reports consumer and job engine (``controller_svc.app.reports_consumer``)
+are started on them, and the rate is M over the time from its start to the last report
+recorded and the job finished. Prints one line per database and writes
+bench/results/reporters.json. Needs RabbitMQ with its management plugin (a throwaway
+vhost) and, for PostgreSQL, a server at ``--pg-admin`` (a throwaway database). Not a test:
+nothing passes or fails on timing.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
+import json
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # before bench/, whose hitless.py would shadow the package
 
-from hitless.bus import codec, topology
-from hitless.bus.amqp import Publisher
-from hitless.config import BusConfig
-from hitless.errors import BusError
-from hitless.v1 import bus_pb2, common_pb2
-from tests.support.rabbit import Management
-from tests.support.wait import wait_for
+import pika  # noqa: E402
+from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from hitless import logs  # noqa: E402
+from hitless.bus import codec, topology  # noqa: E402
+from hitless.bus.amqp import Publisher  # noqa: E402
+from hitless.config import BusConfig  # noqa: E402
+from hitless.errors import BusError  # noqa: E402
+from hitless.v1 import bus_pb2, common_pb2  # noqa: E402
+from tests.support.rabbit import Management, amqp_url  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
 
 CHUNK = 64 * 1024
 TOTAL = 1 << 40  # never reached: the job stays in DOWNLOADING until it is finished
@@ -166,3 +192,290 @@ class FakeGateways:
             message_id=report_id,
             timeout=10,
         )
+
+
+RESULTS = ROOT / "bench" / "results" / "reporters.json"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+BENCH_VERSION, BENCH_TARGET = "1.0.0", "1.1.0"
+QUEUED_S = 120.0  # for the broker to hold every report published
+DRAIN_S = 600.0  # for the controller to record them all
+VHOST_S = 300.0  # for the management API to create or delete the bench's vhost
+
+
+@contextmanager
+def _database(kind: str, work: Path, pg_admin: str) -> Iterator[str]:
+    """A fresh database of ``kind``, removed afterwards."""
+    if kind == "sqlite":
+        yield f"sqlite:///{work / 'reporters.db'}"
+        return
+    import psycopg
+
+    name = f"hitless_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_admin, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _reports(job_id: str, commands: dict[str, str], count: int) -> Iterator[tuple[str, bytes, str]]:
+    """(routing key, body, message id) of ``count`` reports: progress, then SUCCEEDED from
+    each gateway last."""
+    ids = sorted(commands)
+    progress = count - len(ids)
+    for n in range(count):
+        gid = ids[n % len(ids)]
+        final = n >= progress
+        report = bus_pb2.StatusReport(
+            report_id=f"{gid}-{n}",
+            command_id=commands[gid],
+            job_id=job_id,
+            gateway_id=gid,
+            state=(
+                common_pb2.GATEWAY_JOB_STATE_SUCCEEDED
+                if final
+                else common_pb2.GATEWAY_JOB_STATE_DOWNLOADING
+            ),
+            from_version=BENCH_VERSION,
+            to_version=BENCH_TARGET,
+            bytes_done=(n + 1) * CHUNK,
+            bytes_total=TOTAL,
+            at=_now(),
+        )
+        yield topology.report_key(gid, topology.STATUS), codec.encode(report), f"{gid}-{n}"
+
+
+def _fill(url: str, reports: Iterable[tuple[str, bytes, str]], count: int) -> None:
+    """Publish the reports (persistent, unconfirmed) and wait until the queue holds them."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        for key, body, message_id in reports:
+            channel.basic_publish(
+                topology.REPORTS.name,
+                key,
+                body,
+                pika.BasicProperties(
+                    content_type=codec.CONTENT_TYPE,
+                    delivery_mode=pika.DeliveryMode.Persistent,
+                    message_id=message_id,
+                ),
+            )
+        queue = topology.CONTROLLER_REPORTS.name
+        wait_for(
+            lambda: channel.queue_declare(queue, passive=True).method.message_count >= count,
+            timeout=QUEUED_S,
+            what=f"{count} reports in {queue}",
+            interval=0.1,
+        )
+    finally:
+        connection.close()
+
+
+def _broker_call(call: Callable[[], None], what: str) -> None:
+    """``call`` to the management API, again while it times out (creating and deleting
+    a vhost is idempotent, and slow on a broker holding many quorum queues)."""
+    deadline = time.monotonic() + VHOST_S
+    while True:
+        try:
+            call()
+            return
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the broker did not {what} in {VHOST_S:.0f}s") from None
+
+
+def ingest(kind: str, gateways: int, count: int, pg_admin: str) -> dict[str, object]:
+    """Seconds for one controller to record ``count`` queued reports of one job."""
+    from controller_svc import db
+    from controller_svc.admins import Admins
+    from controller_svc.app import PUBLISHED_QUEUES, reports_consumer
+    from controller_svc.db import Job, SeenMessage
+    from controller_svc.engine import Engine
+    from controller_svc.events import Announcer
+    from controller_svc.outbox import Outbox
+    from controller_svc.repository import Repository
+    from controller_svc.signing import Trust
+    from hitless.trust import keys as trust_keys
+
+    rabbit = Management()
+    vhost = f"hitless-bench-reporters-{uuid.uuid4().hex[:8]}"
+    _broker_call(lambda: rabbit.create_vhost(vhost), f"create vhost {vhost}")
+    try:
+        bus = BusConfig(amqp_url(vhost))
+        with tempfile.TemporaryDirectory() as tmp, _database(kind, Path(tmp), pg_admin) as url:
+            engine_db = db.make_engine(url)
+            db.migrate(engine_db)
+            repo = Repository(engine_db)
+            now = datetime.now(UTC)
+            ids = [f"gw-{i:05d}" for i in range(gateways)]
+            for gid in ids:
+                repo.record_gateway_seen(gid, BENCH_VERSION, now)
+            repo.add_release(BENCH_TARGET, "ab" * 32, 1, "", now)
+            job, _ = repo.create_job(
+                BENCH_TARGET,
+                [(gid, BENCH_VERSION) for gid in ids],
+                deadline=now + timedelta(hours=1),
+                now=now,
+            )
+            repo.mark_running(job.id, now)
+            commands = {g.gateway_id: g.command_id for g in job.gateways}
+            keys_dir = trust_keys.init(Path(tmp) / "keys")
+            trust = Trust(Path(tmp) / "tuf", keys_dir.root_json.read_bytes(), keys_dir.online)
+            publisher = Publisher(bus, queues=PUBLISHED_QUEUES, name="bench-controller").start()
+            publisher.wait_connected(10)
+            engine = Engine(
+                repo,
+                publisher,
+                Announcer(publisher, Admins(repo.sessions), Outbox(repo.sessions)),
+                trust,
+                command_deadline=timedelta(hours=1),
+            )
+            _fill(bus.url, _reports(job.id, commands, count), count)
+
+            def recorded() -> int:
+                with repo.sessions.read() as session:
+                    return int(session.scalar(select(func.count()).select_from(SeenMessage)) or 0)
+
+            def finished() -> bool:
+                with repo.sessions.read() as session:
+                    state = session.scalar(select(Job.state).where(Job.id == job.id))
+                return recorded() >= count and state == "SUCCEEDED"
+
+            consumer = reports_consumer(bus, engine.on_reports)
+            started = time.perf_counter()
+            consumer.start()
+            try:
+                wait_for(
+                    finished,
+                    timeout=DRAIN_S,
+                    what=f"{count} reports recorded and the job SUCCEEDED",
+                    interval=0.02,
+                    describe=lambda: f"{recorded()} recorded",
+                )
+                elapsed = time.perf_counter() - started
+            finally:
+                consumer.stop()
+                publisher.close()
+                engine_db.dispose()
+    finally:
+        _broker_call(lambda: rabbit.delete_vhost(vhost), f"delete vhost {vhost}")
+    return {
+        "db": kind,
+        "gateways": gateways,
+        "reports": count,
+        "seconds": round(elapsed, 3),
+        "reports_per_s": round(count / elapsed, 1),
+    }
+
+
+def apply_only(
+    kind: str, gateways: int, count: int, batch: int, pg_admin: str
+) -> dict[str, object]:
+    """Reports per second ``Repository.apply_reports`` records ``batch`` at a time (1: one
+    ``apply_report`` each), with no broker: the database's share of ingestion."""
+    from controller_svc import db
+    from controller_svc.records import ReportIn
+    from controller_svc.repository import Repository
+    from controller_svc.states import GatewayState
+
+    with tempfile.TemporaryDirectory() as tmp, _database(kind, Path(tmp), pg_admin) as url:
+        engine_db = db.make_engine(url)
+        try:
+            db.migrate(engine_db)
+            repo = Repository(engine_db)
+            now = datetime.now(UTC)
+            ids = [f"gw-{i:05d}" for i in range(gateways)]
+            repo.add_release(BENCH_TARGET, "ab" * 32, 1, "", now)
+            for gid in ids:
+                repo.record_gateway_seen(gid, BENCH_VERSION, now)
+            job, _ = repo.create_job(
+                BENCH_TARGET,
+                [(gid, BENCH_VERSION) for gid in ids],
+                deadline=now + timedelta(hours=1),
+                now=now,
+            )
+            rows = {g.gateway_id: g.command_id for g in job.gateways}
+            final = count - gateways  # from here on, each gateway's SUCCEEDED
+            reports = [
+                ReportIn(
+                    report_id=f"r-{n}",
+                    job_id=job.id,
+                    command_id=rows[ids[n % gateways]],
+                    gateway_id=ids[n % gateways],
+                    state=GatewayState.SUCCEEDED if n >= final else GatewayState.DOWNLOADING,
+                    from_version=BENCH_VERSION,
+                    to_version=BENCH_TARGET,
+                    error="",
+                    bytes_done=(n + 1) * CHUNK,
+                    bytes_total=TOTAL,
+                    at=now,
+                )
+                for n in range(count)
+            ]
+            started = time.perf_counter()
+            if batch == 1:
+                for report in reports:
+                    repo.apply_report(report)
+            else:
+                for i in range(0, count, batch):
+                    repo.apply_reports(reports[i : i + batch])
+            elapsed = time.perf_counter() - started
+            finished = repo.get_job(job.id)
+            assert finished is not None and finished.state.value == "SUCCEEDED", finished
+        finally:
+            engine_db.dispose()
+    return {
+        "db": kind,
+        "mode": f"repository, batch {batch}",
+        "gateways": gateways,
+        "reports": count,
+        "seconds": round(elapsed, 3),
+        "reports_per_s": round(count / elapsed, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", choices=("sqlite", "postgresql", "both"), default="both")
+    parser.add_argument("--gateways", type=int, default=100)
+    parser.add_argument("--reports", type=int, default=20_000)
+    parser.add_argument("--pg-admin", default=PG_ADMIN)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--repository-only",
+        action="store_true",
+        help="no broker: time Repository.apply_reports alone, one by one and in batches",
+    )
+    parser.add_argument("--batch", type=int, default=200, help="with --repository-only")
+    args = parser.parse_args()
+    logs.configure("bench-reporters", json=False, level="WARNING")
+    kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
+    if args.repository_only:
+        rows = [
+            apply_only(kind, args.gateways, args.reports, batch, args.pg_admin)
+            for kind in kinds
+            for batch in (1, args.batch)
+        ]
+    else:
+        rows = [ingest(kind, args.gateways, args.reports, args.pg_admin) for kind in kinds]
+        for row in rows:
+            row["mode"] = "reports queue -> controller consumer"
+    print(
+        f"{'db':>10}  {'mode':<36}  {'gateways':>8}  {'reports':>8}  {'seconds':>8}  "
+        f"{'reports/s':>9}"
+    )
+    for row in rows:
+        print(
+            f"{row['db']:>10}  {row['mode']!s:<36}  {row['gateways']:>8}  {row['reports']:>8}  "
+            f"{row['seconds']:>8}  {row['reports_per_s']:>9}"
+        )
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"runs": rows}, indent=2) + "\n")
+    print(f"written {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

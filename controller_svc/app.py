@@ -30,7 +30,8 @@ from controller_svc.users import Users
 from hitless import logs, pki, version
 from hitless.bus import topology
 from hitless.bus.amqp import Consumer, Publisher
-from hitless.config import ControllerConfig, HostPort
+from hitless.bus.amqp.consumer import Batched, BatchHandler
+from hitless.config import BusConfig, ControllerConfig, HostPort
 from hitless.errors import ConfigError
 from hitless.pki import CertificateAuthority
 
@@ -39,10 +40,34 @@ log = logs.get(__name__)
 SWEEP_INTERVAL_S = 1.0
 STOP_GRACE_S = 5.0
 BUS_WAIT_S = 30.0
+# Connections the controller publishes on side by side: confirms in flight while a job's
+# commands are dispatched (hitless.bus.amqp.publisher).
+PUBLISH_LANES = 4
 
 # Queues the controller publishes into: declared so that mandatory publishing succeeds
 # and messages wait there while their consumer is away.
 PUBLISHED_QUEUES = (topology.CONTROLLER_REPORTS, topology.NOTIFIER_EVENTS, topology.CONTROLLER_JOBS)
+# Reports applied in one transaction at most, and the lanes applying them (a gateway's
+# reports always take the same lane, so they are applied in the order it sent them).
+REPORT_BATCH = 200
+REPORT_LANES = 4
+
+
+def reports_consumer(bus: BusConfig, on_reports: BatchHandler) -> Consumer:
+    """The consumer of the controller's reports queue, as a controller process runs it:
+    up to REPORT_BATCH reports at hand go to ``on_reports`` (``Engine.on_reports``)
+    together, and are applied in one transaction."""
+    return Consumer(
+        bus,
+        topology.CONTROLLER_REPORTS,
+        Batched(on_reports, REPORT_BATCH),
+        queues=PUBLISHED_QUEUES,
+        prefetch=REPORT_BATCH * REPORT_LANES,
+        workers=REPORT_LANES,
+        name="controller-reports",
+        # A gateway's reports are applied in the order it sent them.
+        lane=lambda delivery: topology.reporting_gateway(delivery.routing_key),
+    )
 
 
 class ControllerApp:
@@ -93,7 +118,9 @@ class ControllerApp:
         migrated = db.migrate(engine_db)
         log.info("database_ready", migrated=migrated)
         store = ArtifactStore(config.artifact_dir)
-        publisher = Publisher(config.bus, queues=PUBLISHED_QUEUES, name="controller-publisher")
+        publisher = Publisher(
+            config.bus, queues=PUBLISHED_QUEUES, name="controller-publisher", lanes=PUBLISH_LANES
+        )
         publisher.start()
         repo = Repository(engine_db)
         admins = Admins(repo.sessions)
@@ -121,28 +148,18 @@ class ControllerApp:
             name="controller-jobs",
         )
         if config.broker_api:
-            on_report = ReportSenders(config.broker_user_prefix, config.bus.user).checked(
-                engine.on_report
+            on_report = ReportSenders(config.broker_user_prefix, config.bus.user).checked_batch(
+                engine.on_reports
             )
         else:
-            on_report = engine.on_report
+            on_report = engine.on_reports
             log.warning(
                 "reports_not_tied_to_gateways",
                 hint="without --broker-api every gateway shares one broker login, so a "
                 "report's sender is not checked; give the management API to make a broker "
                 "user per gateway",
             )
-        consumer = Consumer(
-            config.bus,
-            topology.CONTROLLER_REPORTS,
-            on_report,
-            queues=PUBLISHED_QUEUES,
-            prefetch=32,
-            workers=4,
-            name="controller-reports",
-            # A gateway's reports are applied in the order it sent them.
-            lane=lambda delivery: topology.reporting_gateway(delivery.routing_key),
-        )
+        consumer = reports_consumer(config.bus, on_report)
         feed = (
             FeedSync(ReleaseFeed(config.release_feed), repo, store, engine.announcer, trust)
             if config.release_feed
@@ -214,6 +231,7 @@ class ControllerApp:
                 grace_s=STOP_GRACE_S,
             )  # fmt: skip
         try:
+            engine.start()
             consumer.start()
             jobs.start()
             server.start()
@@ -243,6 +261,7 @@ class ControllerApp:
                 poller.join(timeout=STOP_GRACE_S)
             jobs.stop()
             consumer.stop()
+            engine.stop()
             publisher.close()
             engine_db.dispose()
         return 0

@@ -39,7 +39,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 from urllib.parse import quote, unquote, urlsplit
 
 from controller_svc.errors import ControllerError
@@ -419,6 +419,58 @@ class BrokerAccess:
         ``revoke_gateway`` by gateway id)."""
         return GatewayUsers(self, vhost)
 
+    def migrate_queues(self, vhost: str) -> list[QueueMove]:
+        """Move every classic queue of ``vhost`` that ``hitless.bus.topology`` describes as a
+        quorum queue (the service queues and each ``hitless.gateway.<id>``) to a quorum queue,
+        one at a time, in name order; what happened to each, as ``QueueMove``.
+
+        RabbitMQ cannot change a queue's type, so a queue is deleted and declared again with
+        its bindings. It is deleted only when it is empty and has no consumer: the management
+        API's ``DELETE /api/queues/VHOST/NAME?if-empty=true&if-unused=true``, which the broker
+        refuses atomically otherwise. A queue refused (messages waiting, a consumer, or the
+        listing's unacknowledged count not yet zero) is kept classic and works on: stop its
+        consumer (for a gateway queue, its gateway) and run this again. Until it is declared
+        again, a few milliseconds, a mandatory publish to it is unroutable (the publisher's
+        PublishFailed) and a consumer's declare fails and is retried.
+
+        Run it once no process of a release before quorum queues declares these queues: such
+        a process declares them without ``x-queue-type`` and is refused by a quorum queue.
+        Raises ManagementRefused, ManagementUnavailable as the other calls.
+        """
+        self._ready(vhost)
+        v = _q(vhost)
+        listed = self._api.call(
+            "GET",
+            f"/queues/{v}?columns=name,type,messages,messages_unacknowledged,consumers",
+            what=f"list the queues of vhost {vhost!r}",
+        )
+        moves: list[QueueMove] = []
+        for row in sorted(listed or (), key=lambda r: str(r.get("name"))):
+            queue = _described(str(row.get("name", "")))
+            if queue is None or not queue.quorum:
+                continue
+            if row.get("type") == topology.QUORUM:
+                moves.append(QueueMove(queue.name, QueueMove.QUORUM))
+                continue
+            unacked = int(row.get("messages_unacknowledged") or 0)
+            if unacked:
+                reason = f"{unacked} message(s) delivered and not yet acknowledged"
+                moves.append(QueueMove(queue.name, QueueMove.KEPT, reason))
+                continue
+            try:
+                self._api.call(
+                    "DELETE",
+                    f"/queues/{v}/{_q(queue.name)}?if-empty=true&if-unused=true",
+                    what=f"delete the classic queue {queue.name}",
+                )
+            except ManagementRefused as exc:
+                moves.append(QueueMove(queue.name, QueueMove.KEPT, _kept_reason(row, exc)))
+                continue
+            self._declare_queue(vhost, queue)
+            log.warning("queue_migrated", queue=queue.name, vhost=vhost, type=topology.QUORUM)
+            moves.append(QueueMove(queue.name, QueueMove.MOVED))
+        return moves
+
     def _ready(self, vhost: str) -> None:
         if not self._checked:
             self.check()
@@ -503,9 +555,23 @@ class BrokerAccess:
         )
 
     def _declare_queue(self, vhost: str, queue: topology.Queue) -> None:
+        """Declare ``queue`` and its bindings; one that exists as a classic queue is kept
+        classic, as ``hitless.bus.amqp.declare`` keeps it (RabbitMQ refuses to change a
+        queue's type: 400, inequivalent arg)."""
         body = {"durable": True, "auto_delete": False, "arguments": dict(queue.arguments)}
         v, q = _q(vhost), _q(queue.name)
-        self._api.call("PUT", f"/queues/{v}/{q}", body, what=f"declare queue {queue.name}")
+        what = f"declare queue {queue.name}"
+        try:
+            self._api.call("PUT", f"/queues/{v}/{q}", body, what=what)
+        except ManagementRefused as exc:
+            if not (queue.quorum and "inequivalent arg" in str(exc)):
+                raise
+            body["arguments"] = dict(topology.classic(queue).arguments)
+            try:
+                self._api.call("PUT", f"/queues/{v}/{q}", body, what=what)
+            except ManagementRefused:
+                raise exc from None  # not a classic queue of ours either: the first refusal
+            log.info("queue_kept_classic", queue=queue.name, vhost=vhost)
         for binding in queue.bindings:
             self._api.call(
                 "POST",
@@ -513,6 +579,43 @@ class BrokerAccess:
                 {"routing_key": binding.routing_key, "arguments": {}},
                 what=f"bind queue {queue.name} to {binding.exchange.name}",
             )
+
+
+@dataclass(frozen=True)
+class QueueMove:
+    """What ``BrokerAccess.migrate_queues`` did with one queue: ``outcome`` is MOVED (now a
+    quorum queue), QUORUM (one already) or KEPT (still classic, ``reason`` says why)."""
+
+    MOVED: ClassVar[str] = "moved"
+    QUORUM: ClassVar[str] = "quorum already"
+    KEPT: ClassVar[str] = "kept classic"
+
+    queue: str
+    outcome: str
+    reason: str = ""
+
+
+def _described(name: str) -> topology.Queue | None:
+    """The topology's description of the queue named ``name``; None for any other queue."""
+    for queue in topology.SERVICE_QUEUES:
+        if queue.name == name:
+            return queue
+    if name.startswith(topology.GATEWAY_QUEUE_PREFIX):
+        try:
+            return topology.gateway_queue(
+                names.gateway_id(name.removeprefix(topology.GATEWAY_QUEUE_PREFIX))
+            )
+        except InvalidName:
+            return None
+    return None
+
+
+def _kept_reason(row: Mapping[str, Any], exc: ManagementRefused) -> str:
+    """Why the broker would not delete a queue (``if-empty``/``if-unused``), in its terms
+    and the listing's counts."""
+    messages, consumers = int(row.get("messages") or 0), int(row.get("consumers") or 0)
+    counts = f"{messages} message(s) waiting, {consumers} consumer(s) when listed"
+    return f"the broker would not delete it ({counts}): {exc}"
 
 
 @dataclass(frozen=True)

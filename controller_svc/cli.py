@@ -6,6 +6,7 @@ controller-svc serve --trust-root FILE [--online-keys DIR] [--listen HOST:PORT] 
 controller-svc pki init [--data-dir DIR] [--listen HOST:PORT] [--tls-name NAME ...]
 controller-svc broker user --role controller|notifier|job-publisher --name USER [--vhost V]
                            [--password-stdin]
+controller-svc broker migrate-queues [--vhost V]
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from hitless.errors import ConfigError, HitlessError
 ENV_HTTP_LISTEN = config.ENV_HTTP_LISTEN
 DEFAULT_HTTP_LISTEN = config.DEFAULT_HTTP_LISTEN
 HTTP_OFF = "off"
+# `broker migrate-queues`: some queue is still classic (each is listed with the reason).
+EXIT_QUEUES_KEPT = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,16 +119,53 @@ def _parser() -> argparse.ArgumentParser:
         help="read the password from stdin (default: make a random one and print it once)",
     )  # fmt: skip
     user.add_argument("--broker-api", metavar="URL", help=argparse.SUPPRESS)
+    migrate = broker_commands.add_parser(
+        "migrate-queues",
+        help="move the command, report, job and event queues that are still classic queues "
+        "to quorum queues, each once it is empty and unused, through the management API in "
+        f"{config.ENV_BROKER_API} (README: Troubleshooting)",
+    )
+    migrate.add_argument("--vhost", default="/", help="the deployment's vhost (default /)")
+    migrate.add_argument("--broker-api", metavar="URL", help=argparse.SUPPRESS)
     return parser
 
 
-def _broker_user(args: argparse.Namespace) -> int:
-    url = args.broker_api or config.env_secret(config.ENV_BROKER_API)
+def _management_url(args: argparse.Namespace) -> str:
+    url: str | None = args.broker_api or config.env_secret(config.ENV_BROKER_API)
     if not url:
         raise ConfigError(
             f"set {config.ENV_BROKER_API} (or {config.ENV_BROKER_API}_FILE) to the management "
             "API of a RabbitMQ administrator, http://USER:PASS@HOST:15672"
         )
+    return url
+
+
+def _broker(args: argparse.Namespace) -> int:
+    if args.broker_command == "migrate-queues":
+        return _migrate_queues(args)
+    return _broker_user(args)
+
+
+def _migrate_queues(args: argparse.Namespace) -> int:
+    """One line per queue; EXIT_QUEUES_KEPT when any stays classic (run it again later)."""
+    access = broker_access.BrokerAccess(_management_url(args))
+    moves = access.migrate_queues(args.vhost)
+    for move in moves:
+        print(f"{move.queue}: {move.outcome}" + (f": {move.reason}" if move.reason else ""))
+    kept = [m for m in moves if m.outcome == broker_access.QueueMove.KEPT]
+    if kept:
+        print(
+            f"{len(kept)} queue(s) kept classic; they work as they are. Stop their consumers "
+            "(a gateway queue: its gateway) or let them drain, then run this again.",
+            file=sys.stderr,
+        )
+        return EXIT_QUEUES_KEPT
+    print(f"every queue of vhost {args.vhost} that should be a quorum queue is one")
+    return 0
+
+
+def _broker_user(args: argparse.Namespace) -> int:
+    url = _management_url(args)
     if args.password_stdin:
         password = sys.stdin.readline().strip()
         shown = False
@@ -214,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("controller-svc", json=True)
     if args.command in ("pki", "broker"):
         try:
-            return _pki_init(args) if args.command == "pki" else _broker_user(args)
+            return _pki_init(args) if args.command == "pki" else _broker(args)
         except (ConfigError, OSError) as exc:
             print(f"controller-svc: error: {exc}", file=sys.stderr)
             return 2

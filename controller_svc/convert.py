@@ -79,7 +79,11 @@ def gateway_job(record: GatewayJobRecord) -> controller_pb2.GatewayJob:
     )
 
 
-def job(record: JobRecord) -> controller_pb2.Job:
+def job(
+    record: JobRecord, *, gateway_count: int | None = None, next_page_token: str = ""
+) -> controller_pb2.Job:
+    """The job with the gateways ``record`` carries: all of them, or one page of
+    ``gateway_count`` (None: the record carries all) followed by ``next_page_token``."""
     return controller_pb2.Job(
         job_id=record.id,
         state=job_state(record.state),
@@ -89,6 +93,8 @@ def job(record: JobRecord) -> controller_pb2.Job:
         gateways=[gateway_job(g) for g in record.gateways],
         source=record.source,
         requested_by=record.requested_by,
+        next_page_token=next_page_token,
+        gateway_count=len(record.gateways) if gateway_count is None else gateway_count,
     )
 
 

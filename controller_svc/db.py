@@ -127,6 +127,9 @@ class Gateway(Base):
     pid: Mapped[int | None] = mapped_column(Integer)
     listen: Mapped[list[str]] = mapped_column(JSON)
     vpn_sessions: Mapped[int] = mapped_column(Integer, server_default="0")
+    # The heartbeat interval its newest hello announced; NULL: none announced (a gateway
+    # of an earlier release), so the default applies (``controller_svc.liveness``).
+    heartbeat_interval_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class Job(Base):

@@ -5,28 +5,41 @@ Every change is a database row first and a message second, so a restarted contro
 picks up where it was: jobs still PENDING (commands maybe not all published) are
 dispatched again on start, and gateways answer a command they already ran from their own
 records.
+
+Starting a job only records it: the engine's dispatcher thread publishes its commands
+(``start`` / ``stop``), so a caller never waits for a fleet's worth of confirms. Whatever
+keeps a command from being sent (the broker away, the controller stopped, the database
+failing mid-way) leaves its gateway QUEUED and unpublished in the database, and the
+periodic ``sweep`` hands every such job (``Repository.pending_jobs``) to the dispatcher
+again, until the deadline: then each command never sent fails its gateway with the last
+error that kept it from being sent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from controller_svc import convert
 from controller_svc.errors import ControllerError, NotFound
 from controller_svc.events import Announcer
+from controller_svc.follow import JobWatches
+from controller_svc.outbox import OutboxEntry
 from controller_svc.planner import Plan, check, make_plan
 from controller_svc.records import JobRecord, ReleaseRecord, ReportIn
-from controller_svc.repository import Repository
+from controller_svc.repository import MAX_HEARTBEAT_INTERVAL, Announce, Repository
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.signing import Signing, Trust
 from controller_svc.states import GatewayState
-from controller_svc.transitions import EXPIRED_QUEUED
+from controller_svc.transitions import EXPIRED_QUEUED, UNSENT
 from hitless import logs, names, semver
 from hitless.bus import codec, topology
-from hitless.bus.amqp import DeadLetter, Delivery, Publisher
+from hitless.bus.amqp import DeadLetter, Delivery, Publisher, Requeue
+from hitless.bus.amqp.publisher import Confirm
 from hitless.errors import BusError, BusUnavailable, DecodeError, InvalidName, PublishFailed
 from hitless.v1 import bus_pb2
 
@@ -39,8 +52,16 @@ Clock = Callable[[], datetime]
 DEADLINE_GRACE = timedelta(seconds=60)
 # Confirmed commands are recorded as published this many at a time: one that was sent but
 # not yet recorded when the controller stops is sent again by the next one, and a gateway
-# answers a command id it already has from its own records.
+# answers a command id it already has from its own records. This is also how many
+# commands are handed to the publisher at once (it has ``Publisher.lanes`` of them in
+# flight).
 PUBLISHED_BATCH = 100
+# How long one command may wait for the broker's confirm before dispatch stops and leaves
+# the rest to the sweep.
+CONFIRM_TIMEOUT_S = 30.0
+# The reason a command never sent gets at the deadline, before the error that kept it
+# (or NO_SEND_ERROR when this controller saw none, e.g. it started after the deadline).
+NO_SEND_ERROR = "no controller sent it in time, and none recorded a broker error"
 
 
 def utc_now() -> datetime:
@@ -67,20 +88,84 @@ class Engine:
         self._clock = clock
         self._upgrader = upgrader
         self._changed = threading.Condition()
-        # Jobs left PENDING because the broker could not be reached (guarded by _changed).
-        self._undispatched: set[str] = set()
+        self._watches = JobWatches()
+        # Dispatching (all guarded by _changed): the job ids waiting for the dispatcher
+        # thread, those queued or being dispatched (each at most once in the queue), those
+        # held back while the controller moves to their release first, and the last bus
+        # error that kept a job's commands from being sent.
+        self._to_dispatch: queue.Queue[str | None] = queue.Queue()
+        self._dispatching: set[str] = set()
+        self._held: set[str] = set()
+        self._bus_errors: dict[str, str] = {}
+        self._dispatcher: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # Running ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the dispatcher thread, which publishes the commands of the jobs handed to
+        it (by ``start_upgrade``, ``resume_pending`` and ``sweep``), one job at a time."""
+        if self._dispatcher is not None:
+            return
+        self._stopping.clear()
+        self._dispatcher = threading.Thread(
+            target=self._dispatch_loop, name="dispatcher", daemon=True
+        )
+        self._dispatcher.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the dispatcher once the batch of commands it is on is confirmed (within
+        ``timeout`` seconds, unless the broker stopped answering: at most
+        CONFIRM_TIMEOUT_S more). What was not sent stays unpublished in the database for
+        the next controller to send."""
+        thread, self._dispatcher = self._dispatcher, None
+        if thread is None:
+            return
+        self._stopping.set()
+        self._to_dispatch.put(None)
+        thread.join(timeout)
+
+    def _dispatch_loop(self) -> None:
+        while (job_id := self._to_dispatch.get()) is not None and not self._stopping.is_set():
+            try:
+                job = self.repo.get_job(job_id)
+                if job is not None and not job.state.terminal:
+                    self.dispatch(job)
+            except Exception as exc:  # the job stays in the database; the sweep retries it
+                log.exception("dispatch_failed", job_id=job_id, error=str(exc))
+                with self._changed:
+                    self._bus_errors[job_id] = f"dispatching failed: {exc}"
+            finally:
+                with self._changed:
+                    self._dispatching.discard(job_id)
+                    self._changed.notify_all()
+
+    def _enqueue(self, job_id: str) -> bool:
+        """Hand a job to the dispatcher, unless it is there already or held back; True
+        when handed."""
+        with self._changed:
+            if job_id in self._dispatching or job_id in self._held:
+                return False
+            self._dispatching.add(job_id)
+        self._to_dispatch.put(job_id)
+        return True
+
+    def wait_dispatched(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the dispatcher to have no job queued or in
+        hand; True when it has none (the jobs it had are sent, or left for the sweep)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._dispatching, timeout)
 
     # Watching ---------------------------------------------------------------------------
 
-    def notify(self) -> None:
-        with self._changed:
-            self._changed.notify_all()
+    def notify(self, job_ids: Iterable[str] | None = None) -> None:
+        """Wake the watchers of ``job_ids`` (None: of every job)."""
+        self._watches.notify(job_ids)
 
-    def wait_for_change(self, timeout: float) -> None:
-        """Block until something changed here, or ``timeout`` (changes made by another
-        controller process are seen by polling)."""
-        with self._changed:
-            self._changed.wait(timeout)
+    def wait_for_change(self, job_id: str, timeout: float) -> None:
+        """Block until ``job_id`` changed here, or ``timeout`` seconds (changes made by
+        another controller process are seen by polling)."""
+        self._watches.wait(job_id, timeout)
 
     # Starting jobs ---------------------------------------------------------------------
 
@@ -131,11 +216,13 @@ class Engine:
         allow_downgrade: bool = False,
         accept_vpn_disruption: bool = False,
     ) -> JobRecord:
-        """Create the job for an upgrade and dispatch it (or leave it PENDING for the
-        controller's own upgrade, or for the broker to come back).
+        """Record the job for an upgrade and return it PENDING, at once: the dispatcher
+        thread publishes its commands (see ``dispatch``), unless the controller moves to
+        that release first (its next version dispatches the job).
 
-        ``request_id`` is the idempotency key: a request id already used returns that job.
-        Raises InvalidName (malformed request id, gateway id or deadline), NotFound and
+        ``request_id`` is the idempotency key: a request id already used returns that job,
+        and hands it to the dispatcher again if commands of it were never sent. Raises
+        InvalidName (malformed request id, gateway id or deadline), NotFound and
         FailedPrecondition (see ``planner.check``).
         """
         if request_id is not None:
@@ -145,21 +232,29 @@ class Engine:
         if request_id is not None:
             existing = self.repo.job_by_request(request_id)
             if existing is not None:
+                self._dispatch_if_unsent(existing)
                 return existing
         plan = self.plan(version, gateway_ids)
         check(plan, allow_downgrade=allow_downgrade, accept_vpn_disruption=accept_vpn_disruption)
         now = self._clock()
-        job, created = self.repo.create_job(
-            plan.release.version,
-            [(g.gateway_id, g.from_version) for g in plan.changes],
-            deadline=now + (deadline or self._deadline),
-            source=source,
-            request_id=request_id,
-            requested_by=requested_by,
-            allow_downgrade=allow_downgrade,
-            now=now,
-        )
+        moving = self._upgrader is not None and self._upgrader.needed(plan.release)
+        # A job to a release the controller moves to first is held back as it is written:
+        # the sweep, which may see it as soon as it is committed, skips it under this lock.
+        with self._changed if moving else contextlib.nullcontext():
+            job, created = self.repo.create_job(
+                plan.release.version,
+                [(g.gateway_id, g.from_version) for g in plan.changes],
+                deadline=now + (deadline or self._deadline),
+                source=source,
+                request_id=request_id,
+                requested_by=requested_by,
+                allow_downgrade=allow_downgrade,
+                now=now,
+            )
+            if created and moving:
+                self._held.add(job.id)
         if not created:
+            self._dispatch_if_unsent(job)
             return job
         log.info(
             "job_created",
@@ -168,7 +263,7 @@ class Engine:
             gateways=[g.gateway_id for g in job.gateways],
             source=source,
         )
-        if self._upgrader is not None and self._upgrader.needed(plan.release):
+        if moving:
             # The controller moves first; its new version dispatches the PENDING job.
             threading.Thread(
                 target=self._upgrade_controller_then_fleet,
@@ -177,7 +272,15 @@ class Engine:
                 daemon=True,
             ).start()
             return job
-        return self.dispatch(job)
+        self._enqueue(job.id)
+        return job
+
+    def _dispatch_if_unsent(self, job: JobRecord) -> None:
+        """Hand an unfinished job with a command never sent to the dispatcher."""
+        if not job.state.terminal and any(
+            g.state is GatewayState.QUEUED and not g.published for g in job.gateways
+        ):
+            self._enqueue(job.id)
 
     def _upgrade_controller_then_fleet(self, release: ReleaseRecord, job: JobRecord) -> None:
         assert self._upgrader is not None
@@ -195,21 +298,29 @@ class Engine:
                 )
 
     def dispatch(self, job: JobRecord) -> JobRecord:
-        """Publish the command of every gateway still QUEUED, then mark the job RUNNING.
+        """Publish the command of every gateway still QUEUED and never confirmed, then mark
+        the job RUNNING; the dispatcher thread calls this (callers use ``start_upgrade``).
 
-        A command the broker refuses (its queue cannot be declared, the message cannot be
-        published) fails that gateway alone, with the reason, and the command goes to the
-        dead-letter queue. When the broker cannot be reached, the commands not yet confirmed
-        wait (their gateways stay QUEUED) and the sweep publishes them once it can be; so
-        does the next controller to start. Only commands never confirmed are published, so
-        dispatching a job again sends nothing twice.
+        The commands go PUBLISHED_BATCH at a time: their queues declared (those this
+        process declared before are not declared again), then the commands published with
+        ``Publisher.lanes`` confirms in flight, and the batch recorded as published once
+        confirmed. A command the broker refuses (its queue
+        cannot be declared, the message cannot be published or routed, even after
+        declaring its queue again) fails that gateway alone, with the reason, and the
+        command goes to the dead-letter queue. When the broker cannot be reached
+        (BusUnavailable), the commands not yet confirmed stay QUEUED and unpublished, the
+        job stays as it was, and the sweep hands it back until the deadline. From the
+        deadline on, no batch is published (``sweep`` fails what was never sent). Only commands
+        never confirmed are published, so dispatching a job again sends nothing twice.
         """
         release = self.resolve_release(job.target_version)
         queued = [g for g in job.gateways if g.state is GatewayState.QUEUED and not g.published]
+        if queued and job.deadline <= self._clock():
+            return job
         if queued and not self._publisher.connected:
             return self._postpone(job, "the broker is not connected")
         deadline = convert.timestamp(job.deadline)
-        published: list[str] = []
+        commands: list[bus_pb2.UpgradeCommand] = []
         for row in queued:
             command = bus_pb2.UpgradeCommand(
                 command_id=row.command_id,
@@ -221,42 +332,129 @@ class Engine:
                 restarts_vpn_service=release.restarts_vpn_service,
                 deadline=deadline,
             )
-            ttl_ms = max(1, int((job.deadline - self._clock()).total_seconds() * 1000))
             try:
                 names.gateway_id(row.gateway_id)
-                self._publisher.declare([topology.gateway_queue(row.gateway_id)])
-                self._publisher.publish(
-                    topology.COMMANDS,
-                    topology.command_key(row.gateway_id),
-                    command,
-                    message_id=row.command_id,
-                    headers=self.trust.command_headers(
-                        command, job.created_at, allow_downgrade=job.allow_downgrade
-                    ),
-                    expiration_ms=ttl_ms,
-                )
-            except BusUnavailable as exc:
-                self.repo.mark_published(published, self._clock())
-                return self._postpone(job, str(exc))
-            except (PublishFailed, InvalidName) as exc:
+            except InvalidName as exc:
                 self._refuse_command(job, row.gateway_id, command, str(exc))
                 continue
-            published.append(row.command_id)
-            if len(published) >= PUBLISHED_BATCH:
-                self.repo.mark_published(published, self._clock())
-                published = []
-        self.repo.mark_published(published, self._clock())
+            commands.append(command)
+        try:
+            for start in range(0, len(commands), PUBLISHED_BATCH):
+                if self._stopping.is_set():
+                    return self._postpone(job, "the controller stopped before sending it")
+                if job.deadline <= self._clock():
+                    log.warning("dispatch_stopped_at_deadline", job_id=job.id)
+                    return self.repo.get_job(job.id) or job
+                batch = commands[start : start + PUBLISHED_BATCH]
+                refused = self._declare_queues(batch)
+                for command in batch:
+                    if command.gateway_id in refused:
+                        why = refused[command.gateway_id]
+                        self._refuse_command(job, command.gateway_id, command, why)
+                self._publish_batch(job, [c for c in batch if c.gateway_id not in refused])
+        except BusUnavailable as exc:
+            return self._postpone(job, str(exc))
         with self._changed:
-            self._undispatched.discard(job.id)
+            self._bus_errors.pop(job.id, None)
         updated = self.repo.mark_running(job.id, self._clock())
-        self.notify()
+        self.notify([job.id])
         return updated
 
+    def _declare_queues(self, commands: Sequence[bus_pb2.UpgradeCommand]) -> dict[str, str]:
+        """Declare the gateways' command queues (those not declared by this process yet),
+        all at once; a refusal sends each again alone to find the ones refused. Returns
+        gateway id -> why its queue was refused. Raises BusUnavailable."""
+        queues = [topology.gateway_queue(c.gateway_id) for c in commands]
+        try:
+            self._publisher.declare(queues, CONFIRM_TIMEOUT_S)
+            return {}
+        except PublishFailed:
+            pass
+        refused: dict[str, str] = {}
+        for command, q in zip(commands, queues, strict=True):
+            try:
+                self._publisher.declare([q], CONFIRM_TIMEOUT_S)
+            except PublishFailed as exc:
+                refused[command.gateway_id] = str(exc)
+        return refused
+
+    def _publish_batch(self, job: JobRecord, commands: Sequence[bus_pb2.UpgradeCommand]) -> None:
+        """Publish ``commands`` together, record the confirmed ones as published, and fail
+        alone each gateway whose command the broker refuses twice (the second time after
+        declaring its queue again: it may have been deleted since this process declared
+        it). Raises BusUnavailable, after recording what was confirmed."""
+        ttl_ms = max(1, int((job.deadline - self._clock()).total_seconds() * 1000))
+        sent: list[tuple[bus_pb2.UpgradeCommand, Confirm | PublishFailed]] = []
+        unavailable: BusUnavailable | None = None
+        for command in commands:
+            try:
+                sent.append((command, self._send(job, command, ttl_ms)))
+            except PublishFailed as exc:
+                sent.append((command, exc))
+            except BusUnavailable as exc:
+                unavailable = exc
+                break
+        published: list[str] = []
+        try:
+            for command, confirm in sent:
+                if unavailable is not None:
+                    # Keep what was confirmed meanwhile; drop the rest, never sent late.
+                    if isinstance(confirm, Confirm) and _confirmed_now(confirm):
+                        published.append(command.command_id)
+                    continue
+                try:
+                    if self._confirmed(job, command, confirm, ttl_ms):
+                        published.append(command.command_id)
+                except BusUnavailable as exc:
+                    unavailable = exc
+        finally:
+            self.repo.mark_published(published, self._clock())
+        if unavailable is not None:
+            raise unavailable
+
+    def _confirmed(
+        self,
+        job: JobRecord,
+        command: bus_pb2.UpgradeCommand,
+        confirm: Confirm | PublishFailed,
+        ttl_ms: int,
+    ) -> bool:
+        """True once the broker confirmed ``command``; False when it refused it twice (the
+        gateway then FAILED alone). Raises BusUnavailable."""
+        try:
+            if isinstance(confirm, PublishFailed):
+                raise confirm
+            confirm.wait(CONFIRM_TIMEOUT_S)
+            return True
+        except PublishFailed:
+            pass
+        queue_ = topology.gateway_queue(command.gateway_id)
+        try:
+            self._publisher.declare([queue_], CONFIRM_TIMEOUT_S, again=True)
+            self._send(job, command, ttl_ms).wait(CONFIRM_TIMEOUT_S)
+        except PublishFailed as exc:
+            self._refuse_command(job, command.gateway_id, command, str(exc))
+            return False
+        return True
+
+    def _send(self, job: JobRecord, command: bus_pb2.UpgradeCommand, ttl_ms: int) -> Confirm:
+        return self._publisher.publish_nowait(
+            topology.COMMANDS,
+            topology.command_key(command.gateway_id),
+            command,
+            message_id=command.command_id,
+            headers=self.trust.command_headers(
+                command, job.created_at, allow_downgrade=job.allow_downgrade
+            ),
+            expiration_ms=ttl_ms,
+        )
+
     def _postpone(self, job: JobRecord, why: str) -> JobRecord:
-        """Leave the rest of ``job``'s commands for the sweep to publish."""
+        """Leave the rest of ``job``'s commands for the sweep to publish; ``why`` is kept
+        as the reason its gateways fail if the deadline comes first."""
         log.warning("dispatch_postponed", job_id=job.id, error=why)
         with self._changed:
-            self._undispatched.add(job.id)
+            self._bus_errors[job.id] = why
         return self.repo.get_job(job.id) or job
 
     def _refuse_command(
@@ -279,32 +477,41 @@ class Engine:
             log.error("command_not_dead_lettered", job_id=job.id, error=str(exc))
 
     def resume_pending(self) -> None:
-        """Dispatch jobs a previous controller created but did not finish dispatching
-        (``Repository.pending_jobs``): now if the broker answers, else from the sweep once
-        it does."""
-        pending = [job.id for job in self.repo.pending_jobs()]
-        for job_id in pending:
-            log.info("job_resumed", job_id=job_id)
-        with self._changed:
-            self._undispatched.update(pending)
-        self._retry_undispatched()
+        """Hand the dispatcher the jobs a previous controller created but did not finish
+        dispatching (``Repository.pending_jobs``); those the broker keeps from being sent
+        now are handed again by the sweep."""
+        for job in self.repo.pending_jobs():
+            if self._enqueue(job.id):
+                log.info("job_resumed", job_id=job.id)
 
-    def _retry_undispatched(self) -> None:
-        """Dispatch the jobs waiting for the broker, while it answers."""
-        if not self._publisher.connected:
-            return
-        with self._changed:
-            waiting = sorted(self._undispatched)
-        for job_id in waiting:
-            job = self.repo.get_job(job_id)
-            if job is None or job.state.terminal:
-                with self._changed:
-                    self._undispatched.discard(job_id)
-                continue
-            self.dispatch(job)
+    def _sweep_unsent(self) -> None:
+        """For every unfinished job with a command never sent (read from the database, so
+        jobs any controller left behind are found): past its deadline, fail each such
+        gateway with UNSENT and the last error that kept it from being sent (a command
+        that never left cannot have expired in a queue: not UNREACHABLE); before it, hand
+        the job to the dispatcher while the broker answers."""
+        now = self._clock()
+        for job in self.repo.pending_jobs():
             with self._changed:
-                if job_id in self._undispatched:
-                    return  # the broker went away again
+                why = self._bus_errors.get(job.id)
+            if job.deadline < now:
+                # Even while the dispatcher holds the job: it sends nothing past the
+                # deadline (a batch in flight at that moment may still be confirmed).
+                self._fail_unsent(job, why)
+            elif self._publisher.connected:
+                self._enqueue(job.id)
+
+    def _fail_unsent(self, job: JobRecord, why: str | None) -> None:
+        reason = f"{UNSENT}: {why or NO_SEND_ERROR}"
+        for row in job.gateways:
+            if row.state is GatewayState.QUEUED and not row.published:
+                self._record_verdict(
+                    f"unsent:{row.command_id}", job.id, row.command_id, row.gateway_id,
+                    GatewayState.FAILED, job.target_version, reason,
+                )  # fmt: skip
+        log.warning("job_unsent_at_deadline", job_id=job.id, reason=reason)
+        with self._changed:
+            self._bus_errors.pop(job.id, None)
 
     def _record_local_failure(
         self, job: JobRecord, gateway_id: str, command_id: str, error: str
@@ -325,7 +532,9 @@ class Engine:
         error: str,
     ) -> None:
         """Record what the controller itself concluded about a gateway in a job, as a
-        report of its own, and announce the job if that finished it."""
+        report of its own, and announce the job if that finished it (the event written
+        in the same transaction)."""
+        announce, staged = self._stager()
         outcome = self.repo.apply_report(
             ReportIn(
                 report_id=report_id,
@@ -339,22 +548,54 @@ class Engine:
                 bytes_done=0,
                 bytes_total=0,
                 at=self._clock(),
-            )
+            ),
+            announce=announce,
         )
-        if outcome.job_finished is not None:
-            self._after_change(outcome.job)
+        self._after_change(outcome.job if outcome.job_finished else None, staged)
+        self.notify([job_id])
 
     # Reports ---------------------------------------------------------------------------
 
+    def on_reports(self, deliveries: Sequence[Delivery]) -> list[BaseException | None]:
+        """Batch handler for the controller's reports queue (``Consumer(batch=...)``):
+        one outcome per delivery, in order: None when handled (applied, or ignored as a
+        duplicate or an illegal move), DeadLetter or Requeue for that delivery alone.
+
+        Consecutive status reports are applied in one transaction
+        (``Repository.apply_reports``); any other kind goes through ``on_report`` in its
+        place, so a gateway's messages keep the order it sent them in. Raises whatever
+        else fails (StorageError, ...): the consumer then hands each delivery alone.
+        """
+        outcomes: list[BaseException | None] = [None] * len(deliveries)
+        statuses: list[ReportIn] = []
+        for index, delivery in enumerate(deliveries):
+            try:
+                if delivery.routing_key.rsplit(".", 1)[-1] == topology.STATUS:
+                    statuses.append(self._status_report(delivery))
+                    continue
+                self._apply_statuses(statuses)
+                statuses = []
+                self.on_report(delivery)
+            except (DeadLetter, Requeue) as exc:
+                outcomes[index] = exc
+        self._apply_statuses(statuses)
+        return outcomes
+
     def on_report(self, delivery: Delivery) -> None:
-        """Consumer handler for the controller's reports queue."""
+        """Consumer handler for the controller's reports queue, one delivery at a time."""
         kind = delivery.routing_key.rsplit(".", 1)[-1]
         try:
             if kind == topology.STATUS:
                 self._on_status(delivery)
             elif kind == topology.HELLO:
                 hello = codec.decode(bus_pb2.GatewayHello, delivery.body)
-                self._seen(hello.gateway_id, hello.version, pid=hello.pid, listen=hello.listen)
+                self._seen(
+                    hello.gateway_id,
+                    hello.version,
+                    pid=hello.pid,
+                    listen=hello.listen,
+                    heartbeat_interval=hello.heartbeat_interval.ToTimedelta(),
+                )
                 log.info("gateway_hello", gateway_id=hello.gateway_id, version=hello.version)
             elif kind == topology.HEARTBEAT:
                 beat = codec.decode(bus_pb2.GatewayHeartbeat, delivery.body)
@@ -367,8 +608,6 @@ class Engine:
                 raise DeadLetter(f"unknown report kind {kind!r} in key {delivery.routing_key!r}")
         except DecodeError as exc:
             raise DeadLetter(str(exc)) from exc
-        if kind in (topology.STATUS, topology.EXPIRED, topology.REFUSED):
-            self.notify()  # job events may have changed; hellos and heartbeats make none
 
     def _seen(
         self,
@@ -378,6 +617,7 @@ class Engine:
         pid: int | None = None,
         listen: Sequence[str] = (),
         vpn_sessions: int | None = None,
+        heartbeat_interval: timedelta | None = None,
     ) -> None:
         if not gateway_id or not version:
             raise DeadLetter("a gateway announcement needs gateway_id and version")
@@ -391,27 +631,57 @@ class Engine:
                 f"{names.shown(version)} is not MAJOR.MINOR.PATCH"
             )
         problem = _announcement_problem(pid, listen, vpn_sessions)
+        if heartbeat_interval is not None and not (
+            timedelta(0) <= heartbeat_interval <= MAX_HEARTBEAT_INTERVAL
+        ):
+            problem = (
+                f"heartbeat interval {heartbeat_interval.total_seconds():g} s is outside 0 to "
+                f"{MAX_HEARTBEAT_INTERVAL.total_seconds():g} s"
+            )
         if problem:
             raise DeadLetter(f"refused announcement from {gateway_id}: {problem}")
         self.repo.record_gateway_seen(
-            gateway_id, version, self._clock(), pid=pid, listen=listen, vpn_sessions=vpn_sessions
+            gateway_id,
+            version,
+            self._clock(),
+            pid=pid,
+            listen=listen,
+            vpn_sessions=vpn_sessions,
+            heartbeat_interval=heartbeat_interval,
         )
 
     def _on_status(self, delivery: Delivery) -> None:
-        message = codec.decode(bus_pb2.StatusReport, delivery.body)
+        self._apply_statuses([self._status_report(delivery)])
+
+    def _status_report(self, delivery: Delivery) -> ReportIn:
+        """The status report ``delivery`` carries; DeadLetter saying why it is none."""
+        try:
+            message = codec.decode(bus_pb2.StatusReport, delivery.body)
+        except DecodeError as exc:
+            raise DeadLetter(str(exc)) from exc
         if message.state == 0 or not message.job_id or not message.command_id:
             raise DeadLetter("a status report needs job_id, command_id and a state")
-        report_id = delivery.message_id or message.report_id
-        outcome = self.repo.apply_report(convert.report(message, report_id))
-        if not outcome.applied and not outcome.duplicate:
-            log.info(
-                "report_ignored",
-                job_id=message.job_id,
-                gateway_id=message.gateway_id,
-                reason=outcome.reason,
-            )
-        if outcome.job_finished is not None:
-            self._after_change(outcome.job)
+        return convert.report(message, delivery.message_id or message.report_id)
+
+    def _apply_statuses(self, reports: Sequence[ReportIn]) -> None:
+        """Apply status reports in one transaction, then announce the jobs they finished
+        and wake those jobs' watchers."""
+        if not reports:
+            return
+        announce, staged = self._stager()
+        outcomes = self.repo.apply_reports(reports, announce=announce)
+        for report, outcome in zip(reports, outcomes, strict=True):
+            if not outcome.applied and not outcome.duplicate:
+                log.info(
+                    "report_ignored",
+                    job_id=report.job_id,
+                    gateway_id=report.gateway_id,
+                    reason=outcome.reason,
+                )
+            if outcome.job_finished is not None:
+                self._after_change(outcome.job, ())
+        self.announcer.publish(staged)
+        self.notify({report.job_id for report in reports})
 
     def _on_expired(self, command: bus_pb2.UpgradeCommand) -> None:
         """A command's TTL ran out in its gateway's queue: the gateway never took it."""
@@ -448,19 +718,43 @@ class Engine:
         )
         self.announcer.command_refused(refused)
 
-    def _after_change(self, job: JobRecord | None) -> None:
+    def _stager(self) -> tuple[Announce, list[OutboxEntry]]:
+        """An ``announce`` for the repository, and the list of the events it built: the
+        repository writes each in its transaction, the caller publishes them after."""
+        staged: list[OutboxEntry] = []
+
+        def announce(job: JobRecord) -> OutboxEntry:
+            entry = self.announcer.job_finished(job)
+            staged.append(entry)
+            return entry
+
+        return announce, staged
+
+    def _after_change(
+        self, job: JobRecord | None, staged: Sequence[OutboxEntry] | None = None
+    ) -> None:
+        """Log a job that ended and publish ``staged``, the events already written with
+        the change (``_stager``). With ``staged`` None, the event for ``job`` was not
+        written with the change: it goes to the outbox now, then out."""
         if job is not None and job.state.terminal:
             log.info("job_finished", job_id=job.id, state=job.state.value)
-            self.announcer.job_finished(job)
+            if staged is None:
+                staged = [self.announcer.job_finished(job)]
+                self.announcer.keep(staged)
+        self.announcer.publish(staged or ())
 
     # Deadlines ---------------------------------------------------------------------------
 
     def sweep(self) -> None:
-        """Expire what passed its deadline and send events still waiting; called
+        """Dispatch again the jobs with commands never sent (or fail those commands at the
+        deadline), expire what passed its deadline and send events still waiting; called
         periodically."""
-        self._retry_undispatched()
-        for job in self.repo.expire_overdue(self._clock(), grace=DEADLINE_GRACE):
-            self._after_change(job)
+        self._sweep_unsent()
+        announce, staged = self._stager()
+        expired = self.repo.expire_overdue(self._clock(), grace=DEADLINE_GRACE, announce=announce)
+        for job in expired:
+            self._after_change(job, ())
+        self.announcer.publish(staged)
         self.announcer.flush()
         self.notify()
 
@@ -472,6 +766,15 @@ MAX_REASON_CHARS = 2000
 MAX_VPN_SESSIONS = 1_000_000
 MAX_LISTEN_ADDRESSES = 64
 MAX_ADDRESS_CHARS = 64
+
+
+def _confirmed_now(confirm: Confirm) -> bool:
+    """Whether the broker has confirmed already; a message not yet sent is dropped."""
+    try:
+        confirm.wait(0)
+    except BusError:
+        return False
+    return True
 
 
 def _announcement_problem(pid: int | None, listen: Sequence[str], vpn_sessions: int | None) -> str:

@@ -1,14 +1,16 @@
 """What the controller tells the notifier: one ``hitless.v1.Event`` per happening, with
 the admins to tell as they are now, and an id that makes the email go out once. Every
-event goes through the outbox, so none is lost while the broker is away."""
+event goes through the outbox, so none is lost while the broker is away; the one announcing
+a job's end is written in the transaction that ended it (``job_finished``)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from controller_svc import convert
 from controller_svc.admins import Admins
-from controller_svc.outbox import Outbox
+from controller_svc.outbox import Outbox, OutboxEntry
 from controller_svc.records import JobRecord, ReleaseRecord
 from controller_svc.rejections import Rejection
 from hitless import logs
@@ -35,10 +37,25 @@ class Announcer:
         event.release_published.CopyFrom(convert.release(release))
         self._send(topology.RELEASE_PUBLISHED, event)
 
-    def job_finished(self, job: JobRecord) -> None:
+    def job_finished(self, job: JobRecord) -> OutboxEntry:
+        """The event announcing that ``job`` ended, for the caller to write in the
+        transaction that ended it (``outbox.stage``) and to ``publish`` once committed."""
         event = self._event(f"job:{job.id}")
         event.job_finished.CopyFrom(convert.job(job))
-        self._send(topology.JOB_FINISHED, event)
+        return OutboxEntry(event.event_id, topology.JOB_FINISHED, codec.encode(event))
+
+    def keep(self, entries: Sequence[OutboxEntry]) -> None:
+        """Write events to the outbox in a transaction of their own, for a change whose
+        own transaction did not write them."""
+        now = datetime.now(UTC)
+        for entry in entries:
+            self._outbox.add(entry.event_id, entry.routing_key, entry.body, now)
+
+    def publish(self, entries: Sequence[OutboxEntry]) -> None:
+        """Publish events already in the outbox; one the broker does not confirm stays
+        there for ``flush``."""
+        for entry in entries:
+            self._publish(entry.event_id, entry.routing_key, entry.body)
 
     def job_rejected(self, rejection: Rejection) -> None:
         event = self._event(f"rejected:{rejection.message_id}")

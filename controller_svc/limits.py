@@ -8,8 +8,12 @@ stops reading holds its thread too: the handler blocks inside grpc once the HTTP
 control window is full (measured: after about 20 MB with grpcio's default client window,
 after one 512 KiB chunk without BDP probing), until the call ends.
 
-So each kind of call has a budget of its own, and the budgets together fit the pool with
-threads to spare for answering refusals (``Limits.workers``):
+The controller runs one such server per port (``controller_svc.server.build_server``),
+each with a pool and a completion queue of its own: the gateways' downloads on the gateway
+port never hold the threads, or delay the events, of calls on the API port.
+
+So each kind of call has a budget of its own, counted over both ports, and the budgets
+together fit each pool with threads to spare for answering refusals (``Limits.workers``):
 
 | kind     | calls                                         | total | per client host |
 |----------|-----------------------------------------------|-------|-----------------|
@@ -149,12 +153,12 @@ class Limits:
 
     @property
     def workers(self) -> int:
-        """Threads of the server's pool: every budget full still leaves spare ones."""
+        """Threads of each port's pool: every budget full still leaves spare ones."""
         return sum(self.budget(k).total for k in Kind) + self.spare_workers
 
     @property
     def max_concurrent_rpcs(self) -> int:
-        """grpcio's own cap on calls running or waiting for a thread."""
+        """grpcio's own cap, per port, on calls running or waiting for a thread."""
         return self.workers + self.backlog
 
     def download_time_s(self, nbytes: int) -> float:

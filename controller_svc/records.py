@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -41,6 +41,9 @@ class GatewayRecord:
     vpn_sessions: int = 0
     # While busy: the version its newest unfinished job takes it to.
     pending_version: str | None = None
+    # The heartbeat interval its newest hello announced; None: none announced (a gateway
+    # of an earlier release), so the default applies.
+    heartbeat_interval: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,16 @@ class JobRecord:
     gateways: tuple[GatewayJobRecord, ...]
     requested_by: str = ""
     allow_downgrade: bool = False
+
+
+@dataclass(frozen=True)
+class JobPage:
+    """A job with one page of its gateways (``job.gateways``, sorted by gateway id):
+    ``gateway_count`` is how many it has over all pages, ``more`` whether pages follow."""
+
+    job: JobRecord
+    gateway_count: int
+    more: bool
 
 
 @dataclass(frozen=True)
@@ -146,6 +159,11 @@ def job_records(session: Session, jobs: Sequence[Job]) -> list[JobRecord]:
     return [_job_record(job, by_job[job.id]) for job in jobs]
 
 
+def job_page_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
+    """The job with only the gateway rows ``rows`` (one page of them, sorted by id)."""
+    return _job_record(job, rows)
+
+
 def _job_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
     return JobRecord(
         id=job.id,
@@ -191,6 +209,9 @@ def gateway_record(row: Gateway, pending_version: str | None) -> GatewayRecord:
         listen=tuple(row.listen),
         vpn_sessions=row.vpn_sessions,
         pending_version=pending_version,
+        heartbeat_interval=(
+            timedelta(milliseconds=row.heartbeat_interval_ms) if row.heartbeat_interval_ms else None
+        ),
     )
 
 

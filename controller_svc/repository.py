@@ -13,11 +13,12 @@ never misses an event.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from controller_svc.db import (
@@ -29,16 +30,19 @@ from controller_svc.db import (
     SeenMessage,
 )
 from controller_svc.errors import Conflict, InvalidRequest, NotFound, StorageError
+from controller_svc.outbox import OutboxEntry, stage
 from controller_svc.records import (
     EventRecord,
     GatewayJobRecord,
     GatewayRecord,
+    JobPage,
     JobRecord,
     ReleaseRecord,
     ReportIn,
     ReportOutcome,
     event_record,
     gateway_record,
+    job_page_record,
     job_record,
     job_records,
     release_record,
@@ -60,6 +64,7 @@ __all__ = [
     "EventRecord",
     "GatewayJobRecord",
     "GatewayRecord",
+    "JobPage",
     "JobRecord",
     "ReleaseRecord",
     "ReportIn",
@@ -70,6 +75,11 @@ __all__ = [
 SOURCES = frozenset({"cli", "management", "ui"})
 _ACTIVE_GATEWAY = [s.value for s in GatewayState if not s.terminal]
 _ACTIVE_JOB = [s.value for s in JobState if not s.terminal]
+
+# Builds the event announcing a job that has just ended (``events.Announcer.job_finished``).
+Announce = Callable[[JobRecord], OutboxEntry]
+# The longest heartbeat interval a hello may announce.
+MAX_HEARTBEAT_INTERVAL = timedelta(days=1)
 
 
 class Repository:
@@ -92,15 +102,20 @@ class Repository:
         pid: int | None = None,
         listen: Sequence[str] = (),
         vpn_sessions: int | None = None,
+        heartbeat_interval: timedelta | None = None,
     ) -> bool:
         """Note a hello or heartbeat; True when the gateway was not known before.
 
         A message older than the last one seen changes nothing, so a delayed heartbeat
-        cannot roll a gateway's recorded version back.
+        cannot roll a gateway's recorded version back. ``heartbeat_interval`` is what a
+        hello announces: zero for a hello that announced none (the default then applies),
+        None for a message that does not say (a heartbeat: the recorded one stays).
+        Raises InvalidRequest for a negative interval or one over a day.
         """
         _require_aware(at, "at")
         if not gateway_id:
             raise InvalidRequest("a gateway id is required")
+        interval_ms = _interval_ms(heartbeat_interval)
         with self._write() as session:
             stmt = (
                 self._insert(Gateway)
@@ -112,16 +127,20 @@ class Repository:
                     pid=pid,
                     listen=list(listen),
                     vpn_sessions=vpn_sessions or 0,
+                    heartbeat_interval_ms=interval_ms or None,
                 )
                 .on_conflict_do_nothing(index_elements=[Gateway.id])
                 .returning(Gateway.id)
             )
             created = session.execute(stmt).scalar_one_or_none() is not None
             if not created:
+                values = _announced(pid, listen, vpn_sessions)
+                if interval_ms is not None:
+                    values["heartbeat_interval_ms"] = interval_ms or None
                 session.execute(
                     update(Gateway)
                     .where(Gateway.id == gateway_id, Gateway.last_seen <= at)
-                    .values(version=version, last_seen=at, **_announced(pid, listen, vpn_sessions))
+                    .values(version=version, last_seen=at, **values)
                 )
             return created
 
@@ -131,6 +150,21 @@ class Repository:
             pending = _pending_versions(session)
             rows = session.scalars(select(Gateway).order_by(Gateway.id)).all()
             return [gateway_record(row, pending.get(row.id)) for row in rows]
+
+    def gateways_page(self, after: str | None, limit: int) -> tuple[list[GatewayRecord], bool]:
+        """Up to ``limit`` gateways whose id sorts after ``after`` (None: from the first),
+        sorted by id, and whether more follow: one keyset-paged query on the primary key.
+        Raises InvalidRequest when ``limit`` is not positive."""
+        if limit <= 0:
+            raise InvalidRequest(f"invalid limit {limit}: must be a positive number")
+        with self._read() as session:
+            stmt = select(Gateway).order_by(Gateway.id).limit(limit + 1)
+            if after is not None:
+                stmt = stmt.where(Gateway.id > after)
+            rows = session.scalars(stmt).all()
+            page = rows[:limit]
+            pending = _pending_versions_between(session, page[0].id, page[-1].id) if page else {}
+            return [gateway_record(row, pending.get(row.id)) for row in page], len(rows) > limit
 
     def get_gateway(self, gateway_id: str) -> GatewayRecord | None:
         """One gateway, or None when it has never been seen."""
@@ -304,38 +338,137 @@ class Repository:
                 set_job_state(session, job, JobState.RUNNING, now)
             return job_record(session, job)
 
-    def apply_report(self, report: ReportIn) -> ReportOutcome:
-        """Apply one gateway report; see ReportOutcome for what can come of it."""
-        _require_aware(report.at, "report.at")
+    def apply_report(self, report: ReportIn, *, announce: Announce | None = None) -> ReportOutcome:
+        """Apply one gateway report; see ReportOutcome for what can come of it (``job`` is
+        the job as this report left it) and ``apply_reports`` for ``announce``."""
+        return self._apply([report], announce, records=True)[0]
+
+    def apply_reports(
+        self, reports: Sequence[ReportIn], *, announce: Announce | None = None
+    ) -> list[ReportOutcome]:
+        """Apply gateway reports in one transaction, in order: one outcome per report, as
+        ``apply_report`` gives, except that ``job`` is set only on the outcome of the
+        report that finished its job.
+
+        A report already applied (its id in ``seen_messages``, or earlier in this batch)
+        is a duplicate; one for an unknown job or command, or a move the state machine
+        forbids, is refused with the reason; neither changes anything. Each job the batch
+        touches is locked once (in id order, the order every writer takes job locks in) and
+        checked for its end once, by counts of its gateways' states.
+
+        ``announce`` builds the event announcing a job that has ended; it is written to the
+        outbox in this same transaction, so the event exists exactly when the end does, and
+        the caller publishes it after commit (``Outbox.pending`` finds it if that fails).
+        Raises InvalidRequest, before anything is written, for a report whose ``at`` is not
+        tz-aware; StorageError when the database fails (nothing of the batch is written).
+        """
+        return self._apply(list(reports), announce, records=False)
+
+    def _apply(
+        self, reports: list[ReportIn], announce: Announce | None, *, records: bool
+    ) -> list[ReportOutcome]:
+        for report in reports:
+            _require_aware(report.at, "report.at")
+        if not reports:
+            return []
         with self._write() as session:
-            job = _lock_job(session, report.job_id)
-            # Checked under the job lock, so two deliveries of one report cannot both pass.
-            if session.get(SeenMessage, report.report_id) is not None:
-                record = job_record(session, job) if job else None
-                return ReportOutcome(False, True, "report already applied", None, record)
-            if job is None:
-                return ReportOutcome(False, False, f"unknown job {report.job_id}", None, None)
-            row = session.scalars(
-                select(JobGateway).where(JobGateway.command_id == report.command_id)
-            ).one_or_none()
-            if row is None or row.job_id != job.id or row.gateway_id != report.gateway_id:
-                reason = (
-                    f"unknown command {report.command_id} for gateway {report.gateway_id} "
-                    f"in job {job.id}"
+            jobs = {
+                job.id: job
+                for job in session.scalars(
+                    select(Job)
+                    .where(Job.id.in_(sorted({r.job_id for r in reports})))
+                    .order_by(Job.id)
+                    .with_for_update()
                 )
-                return ReportOutcome(False, False, reason, None, job_record(session, job))
-            session.add(SeenMessage(message_id=report.report_id, at=report.at))
-            current = GatewayState(row.state)
-            if not can_move(current, report.state):
-                reason = f"gateway {row.gateway_id} cannot move from {current} to {report.state}"
-                return ReportOutcome(False, False, reason, None, job_record(session, job))
-            if job.state == JobState.PENDING.value:
-                # A report can overtake mark_running; the job is running either way.
-                set_job_state(session, job, JobState.RUNNING, report.at)
-            apply_to_row(session, row, report)
-            job.updated_at = report.at
-            finished = finish_if_done(session, job, report.at)
-            return ReportOutcome(True, False, "", finished, job_record(session, job))
+            }
+            # Read under the job locks, so two deliveries of one report cannot both pass.
+            seen = set(
+                session.scalars(
+                    select(SeenMessage.message_id).where(
+                        SeenMessage.message_id.in_({r.report_id for r in reports})
+                    )
+                )
+            )
+            rows = {
+                row.command_id: row
+                for row in session.scalars(
+                    select(JobGateway).where(
+                        JobGateway.command_id.in_({r.command_id for r in reports})
+                    )
+                )
+            }
+            outcomes: list[ReportOutcome] = []
+            # Job id -> (index of its last report that closed a gateway, that report's time).
+            closing: dict[str, tuple[int, datetime]] = {}
+            # Rows written in bulk after the loop: far cheaper than one ORM object each.
+            seen_rows: list[dict[str, Any]] = []
+            events: list[dict[str, Any]] = []
+            versions: dict[str, str] = {}
+            for report in reports:
+                job = jobs.get(report.job_id)
+                if report.report_id in seen:
+                    outcomes.append(_DUPLICATE)
+                    continue
+                if job is None:
+                    outcomes.append(_refused(f"unknown job {report.job_id}"))
+                    continue
+                row = rows.get(report.command_id)
+                if row is None or row.job_id != job.id or row.gateway_id != report.gateway_id:
+                    reason = (
+                        f"unknown command {report.command_id} for gateway {report.gateway_id} "
+                        f"in job {job.id}"
+                    )
+                    outcomes.append(_refused(reason))
+                    continue
+                seen.add(report.report_id)
+                seen_rows.append({"message_id": report.report_id, "at": report.at})
+                current = GatewayState(row.state)
+                if not can_move(current, report.state):
+                    moves = f"from {current} to {report.state}"
+                    outcomes.append(_refused(f"gateway {row.gateway_id} cannot move {moves}"))
+                    continue
+                if job.state == JobState.PENDING.value:
+                    # A report can overtake mark_running; the job is running either way.
+                    set_job_state(session, job, JobState.RUNNING, report.at)
+                events.append(apply_to_row(row, report))
+                if report.state is GatewayState.SUCCEEDED:
+                    versions[row.gateway_id] = row.to_version
+                job.updated_at = report.at
+                if report.state.terminal:
+                    closing[job.id] = (len(outcomes), report.at)
+                outcomes.append(ReportOutcome(True, False, "", None, None))
+            # A job's RUNNING event (flushed here) comes before its gateways' events.
+            session.flush()
+            # RETURNING makes SQLAlchemy send these as multi-row INSERTs ("insertmanyvalues");
+            # without it each row would be a statement (and a round trip) of its own.
+            if seen_rows:
+                session.execute(insert(SeenMessage).returning(SeenMessage.message_id), seen_rows)
+            if events:
+                session.execute(insert(JobEvent).returning(JobEvent.seq), events)
+            if versions:
+                # Core, not an ORM bulk update: a gateway without a row is no error here.
+                session.connection().execute(
+                    update(Gateway)
+                    .where(Gateway.id == bindparam("gateway_id"))
+                    .values(version=bindparam("to_version")),
+                    [{"gateway_id": g, "to_version": v} for g, v in versions.items()],
+                )
+            for job_id, (index, at) in closing.items():
+                job = jobs[job_id]
+                finished = finish_if_done(session, job, at)
+                if finished is None:
+                    continue
+                record = job_record(session, job)
+                if announce is not None:
+                    stage(session, self._insert, announce(record), _outbox_now())
+                outcomes[index] = replace(outcomes[index], job_finished=finished, job=record)
+            if records:
+                known = {job_id: job_record(session, job) for job_id, job in jobs.items()}
+                outcomes = [
+                    replace(outcome, job=known.get(report.job_id))
+                    for report, outcome in zip(reports, outcomes, strict=True)
+                ]
+            return outcomes
 
     def get_job(self, job_id: str) -> JobRecord | None:
         """One job with its gateways, or None."""
@@ -357,6 +490,56 @@ class Repository:
                 select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
             ).all()
             return job_records(session, jobs)
+
+    def jobs_page(
+        self, after: tuple[datetime, str] | None, limit: int
+    ) -> tuple[list[JobRecord], bool]:
+        """Up to ``limit`` jobs, newest first (created_at, then id, both descending), that
+        sort after the job keyed ``after`` = (created_at, id) (None: from the newest), with
+        their gateways, and whether more follow. Raises InvalidRequest when ``limit`` is
+        not positive."""
+        if limit <= 0:
+            raise InvalidRequest(f"invalid limit {limit}: must be a positive number")
+        stmt = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        if after is not None:
+            created, job_id = after
+            _require_aware(created, "after")
+            stmt = stmt.where(
+                or_(Job.created_at < created, and_(Job.created_at == created, Job.id < job_id))
+            )
+        with self._read() as session:
+            jobs = session.scalars(stmt).all()
+            return job_records(session, jobs[:limit]), len(jobs) > limit
+
+    def job_page(self, job_id: str | None, after: str | None, limit: int) -> JobPage | None:
+        """The job ``job_id`` (None: the most recently created) with up to ``limit`` of its
+        gateways whose id sorts after ``after`` (None: from the first), sorted by gateway
+        id; None when there is no such job. Raises InvalidRequest when ``limit`` is not
+        positive."""
+        if limit <= 0:
+            raise InvalidRequest(f"invalid limit {limit}: must be a positive number")
+        with self._read() as session:
+            if job_id is None:
+                job = session.scalars(
+                    select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
+                ).one_or_none()
+            else:
+                job = session.get(Job, job_id)
+            if job is None:
+                return None
+            stmt = (
+                select(JobGateway)
+                .where(JobGateway.job_id == job.id)
+                .order_by(JobGateway.gateway_id)
+                .limit(limit + 1)
+            )
+            if after is not None:
+                stmt = stmt.where(JobGateway.gateway_id > after)
+            rows = session.scalars(stmt).all()
+            count = session.scalar(
+                select(func.count()).select_from(JobGateway).where(JobGateway.job_id == job.id)
+            )
+            return JobPage(job_page_record(job, rows[:limit]), int(count or 0), len(rows) > limit)
 
     def pending_jobs(self) -> list[JobRecord]:
         """The unfinished jobs with a gateway still QUEUED whose command was never confirmed
@@ -403,11 +586,15 @@ class Repository:
             ).all()
             return [event_record(row) for row in rows]
 
-    def expire_overdue(self, now: datetime, *, grace: timedelta) -> list[JobRecord]:
+    def expire_overdue(
+        self, now: datetime, *, grace: timedelta, announce: Announce | None = None
+    ) -> list[JobRecord]:
         """Close what the deadline has passed on; return the jobs that finished because of it.
 
         A command still QUEUED at the deadline was never taken: UNREACHABLE. A gateway
         that took it gets ``grace`` more to report (a swap in progress is not cut short).
+        ``announce`` as for ``apply_reports``: each finished job's event is written to the
+        outbox in this transaction.
         """
         _require_aware(now, "now")
         with self._write() as session:
@@ -423,7 +610,17 @@ class Repository:
                     job.updated_at = now
                 if finish_if_done(session, job, now) is not None:
                     finished.append(job)
-            return job_records(session, finished)
+            records = job_records(session, finished)
+            if announce is not None:
+                for record in records:
+                    stage(session, self._insert, announce(record), _outbox_now())
+            return records
+
+    def job_state(self, job_id: str) -> JobState | None:
+        """The job's state alone (none of its gateways), or None when there is no such job."""
+        with self._read() as session:
+            state = session.scalar(select(Job.state).where(Job.id == job_id))
+            return JobState(state) if state is not None else None
 
     def prune_seen(self, before: datetime) -> int:
         """Forget de-duplication ids older than ``before`` (no redelivery comes that late)."""
@@ -431,6 +628,19 @@ class Repository:
         with self._write() as session:
             result = session.execute(delete(SeenMessage).where(SeenMessage.at < before))
             return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def _outbox_now() -> datetime:
+    """When an outbox row is written: the controller's wall clock, which ``Outbox.pending``
+    compares with (a report's own time is the gateway's clock)."""
+    return datetime.now(UTC)
+
+
+_DUPLICATE = ReportOutcome(False, True, "report already applied", None, None)
+
+
+def _refused(reason: str) -> ReportOutcome:
+    return ReportOutcome(False, False, reason, None, None)
 
 
 def _announced(pid: int | None, listen: Sequence[str], vpn: int | None) -> dict[str, Any]:
@@ -444,6 +654,19 @@ def _announced(pid: int | None, listen: Sequence[str], vpn: int | None) -> dict[
     if vpn is not None:
         values["vpn_sessions"] = vpn
     return values
+
+
+def _interval_ms(interval: timedelta | None) -> int | None:
+    """A hello's heartbeat interval in whole milliseconds (0: none announced), None when
+    the message says nothing of it."""
+    if interval is None:
+        return None
+    if not timedelta(0) <= interval <= MAX_HEARTBEAT_INTERVAL:
+        raise InvalidRequest(
+            f"heartbeat interval {interval.total_seconds():g} s is outside 0 to "
+            f"{MAX_HEARTBEAT_INTERVAL.total_seconds():g} s"
+        )
+    return round(interval / timedelta(milliseconds=1))
 
 
 def _require_aware(value: datetime, name: str) -> None:
@@ -477,4 +700,20 @@ def _pending_versions(session: Session, gateway_id: str | None = None) -> dict[s
     )
     if gateway_id is not None:
         stmt = stmt.where(JobGateway.gateway_id == gateway_id)
+    return {gid: target for gid, target in session.execute(stmt).all()}
+
+
+def _pending_versions_between(session: Session, first: str, last: str) -> dict[str, str]:
+    """``_pending_versions`` for the gateways whose id is from ``first`` to ``last`` (one
+    page of them): a range on the gateway_id index, cheaper than a list of 1000 ids."""
+    stmt = (
+        select(JobGateway.gateway_id, Job.target_version)
+        .join(Job, Job.id == JobGateway.job_id)
+        .where(
+            JobGateway.gateway_id.between(first, last),
+            JobGateway.state.in_(_ACTIVE_GATEWAY),
+            Job.state.in_(_ACTIVE_JOB),
+        )
+        .order_by(Job.created_at)
+    )
     return {gid: target for gid, target in session.execute(stmt).all()}

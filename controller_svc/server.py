@@ -30,7 +30,7 @@ from google.protobuf.message import Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controller_svc import convert, follow
+from controller_svc import convert, follow, paging
 from controller_svc.access import (
     CHANGES,
     GATEWAY_PREFIXES,
@@ -91,9 +91,16 @@ from hitless.v1 import (
 
 log = logs.get(__name__)
 
-CHUNK_SIZE = 512 * 1024
+# Bytes of artifact per Download message: fewer, larger messages cost less per byte (each
+# is a pass through grpc's Python layer and a thread handoff); a gateway of any release
+# accepts up to grpc's default 4 MiB per message.
+CHUNK_SIZE = 1024 * 1024
 # The most rows one list call returns (ListJobs, ListAudit): a bounded answer per call.
 MAX_LIST_LIMIT = 1000
+# The rows of a page when the request gives no page_size (AIP-158: the API's default).
+DEFAULT_GATEWAYS_PAGE = paging.MAX_PAGE_SIZE
+DEFAULT_JOBS_PAGE = 50
+DEFAULT_JOB_GATEWAYS_PAGE = paging.MAX_PAGE_SIZE
 WATCH_POLL_S = 0.5
 # Request fields never written to the audit log (AddUser's password).
 SECRET_FIELDS = frozenset({"password"})
@@ -186,9 +193,18 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     @_translated
     def ListGateways(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """A page of gateways sorted by id (AIP-158 paging; see ``controller_svc.paging``)."""
+        size = paging.page_size(request.page_size, DEFAULT_GATEWAYS_PAGE)
+        cursor = paging.decode(request.page_token, "gateways")
+        records, more = self._repo.gateways_page(cursor.after[0] if cursor else None, size)
         now = datetime.now(UTC)
-        gateways = [convert.gateway(r, gateway_state(r, now)) for r in self._repo.list_gateways()]
-        return controller_pb2.ListGatewaysResponse(gateways=gateways)
+        token = ""
+        if more:
+            token = paging.encode(paging.Cursor("gateways", "", (records[-1].id,)))
+        return controller_pb2.ListGatewaysResponse(
+            gateways=[convert.gateway(r, gateway_state(r, now)) for r in records],
+            next_page_token=token,
+        )
 
     @_translated
     def ListReleases(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -321,8 +337,27 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     @_translated
     def ListJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
-        jobs = self._repo.list_jobs(limit=_list_limit(request.limit, 50, "jobs"))
-        return controller_pb2.ListJobsResponse(jobs=[convert.job(j) for j in jobs])
+        """A page of jobs, newest first: ``page_size`` rows (AIP-158), or ``limit`` as
+        before paging (1 to MAX_LIST_LIMIT), or DEFAULT_JOBS_PAGE."""
+        if request.page_size and request.limit:
+            raise InvalidRequest(
+                f"page_size {request.page_size} and limit {request.limit} both given: limit "
+                "is the older name of page_size; give one"
+            )
+        if request.page_size:
+            size = paging.page_size(request.page_size, DEFAULT_JOBS_PAGE)
+        else:
+            size = _list_limit(request.limit, DEFAULT_JOBS_PAGE, "jobs")
+        cursor = paging.decode(request.page_token, "jobs", key_length=2)
+        jobs, more = self._repo.jobs_page(_job_key(cursor) if cursor else None, size)
+        token = ""
+        if more:
+            last = jobs[-1]
+            key = (last.created_at.isoformat(), last.id)
+            token = paging.encode(paging.Cursor("jobs", "", key))
+        return controller_pb2.ListJobsResponse(
+            jobs=[convert.job(j) for j in jobs], next_page_token=token
+        )
 
     @_translated
     def ListRejectedJobs(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -525,7 +560,23 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     @_translated
     def GetJob(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return convert.job(self._job(request.job_id))
+        """The job with every gateway; with a page_size or page_token, with one page of
+        them sorted by gateway id and the token of the next (AIP-158)."""
+        if not request.page_size and not request.page_token:
+            return convert.job(self._job(request.job_id))
+        size = paging.page_size(request.page_size, DEFAULT_JOB_GATEWAYS_PAGE)
+        cursor = paging.decode(request.page_token, "job-gateways", request.job_id or None)
+        job_id = cursor.scope if cursor else request.job_id or None
+        page = self._repo.job_page(job_id, cursor.after[0] if cursor else None, size)
+        if page is None:
+            if job_id is None:
+                raise NotFound("no upgrade job has run yet: start one with `upgradectl upgrade`")
+            raise NotFound(f"no job with id {names.shown(job_id)}")
+        token = ""
+        if page.more:
+            last = page.job.gateways[-1].gateway_id
+            token = paging.encode(paging.Cursor("job-gateways", page.job.id, (last,)))
+        return convert.job(page.job, gateway_count=page.gateway_count, next_page_token=token)
 
     def _job(self, job_id: str) -> Any:
         if not job_id:
@@ -557,7 +608,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             if ends_at is not None and time.monotonic() >= ends_at:
                 break
             if not batch.events:
-                self._engine.wait_for_change(WATCH_POLL_S)
+                self._engine.wait_for_change(job_id, WATCH_POLL_S)
         if self._stopping.is_set():
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
@@ -601,10 +652,11 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[mi
         return artifacts_pb2.MetadataFile(data=data)
 
     @_translated_stream
-    def Download(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        """The artifact's bytes from ``offset``, in chunks. A download slower than
-        ``Limits.download_time_s`` allows ends DEADLINE_EXCEEDED, naming the offset to
-        resume from."""
+    def Download(self, request: Any, context: grpc.ServicerContext) -> Iterator[bytes]:
+        """The artifact's bytes from ``offset``, in chunks of CHUNK_SIZE, each already in
+        its wire encoding (``chunk_bytes``: serve this with ``add_artifacts``). A download
+        slower than ``Limits.download_time_s`` allows ends DEADLINE_EXCEEDED, naming the
+        offset to resume from."""
         total = self._store.size(request.sha256)
         offset = request.offset
         if offset < 0 or offset > total:
@@ -616,6 +668,7 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[mi
         ends_at = time.monotonic() + allowed_s
         with self._store.open_at(request.sha256, offset) as f:
             while context.is_active():
+                # A read this large bypasses the file's buffer: one copy, into ``data``.
                 data = f.read(CHUNK_SIZE)
                 if not data:
                     return
@@ -627,8 +680,58 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[mi
                         f"{self._limits.download_floor_bytes_per_s} bytes/s); "
                         f"resume from offset {offset}",
                     )
-                yield artifacts_pb2.Chunk(offset=offset, data=data, total_size=total)
+                yield chunk_bytes(offset, data, total)
                 offset += len(data)
+
+
+def chunk_bytes(offset: int, data: bytes, total_size: int) -> bytes:
+    """The wire encoding of ``hitless.v1.Chunk(offset=offset, data=data,
+    total_size=total_size)``, byte for byte what its ``SerializeToString`` gives (fields in
+    number order, zeros left out: https://protobuf.dev/programming-guides/encoding/), made
+    with one copy of ``data`` where building the message and serializing it make two and
+    take several times as long. Both numbers must not be negative (ValueError)."""
+    parts = []
+    if offset:
+        parts += [b"\x08", _varint(offset)]  # field 1, varint
+    if data:
+        parts += [b"\x12", _varint(len(data)), data]  # field 2, length-delimited
+    if total_size:
+        parts += [b"\x18", _varint(total_size)]  # field 3, varint
+    return b"".join(parts)
+
+
+def _varint(value: int) -> bytes:
+    """``value`` as a base-128 varint, least significant group first."""
+    if value < 0:
+        raise ValueError(f"a chunk's offset and size are not negative, not {value}")
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def add_artifacts(service: ArtifactsService, server: grpc.Server) -> None:
+    """Serve ``service`` on ``server``, as the generated ``add_ArtifactsServicer_to_server``
+    does, except that Download's messages go out as the bytes the service made
+    (``chunk_bytes``): grpc sends a message the handler gives as bytes when there is no
+    serializer."""
+    handlers = {
+        "Download": grpc.unary_stream_rpc_method_handler(
+            service.Download,
+            request_deserializer=artifacts_pb2.DownloadRequest.FromString,
+            response_serializer=None,
+        ),
+        "FetchMetadata": grpc.unary_unary_rpc_method_handler(
+            service.FetchMetadata,
+            request_deserializer=artifacts_pb2.MetadataRequest.FromString,
+            response_serializer=artifacts_pb2.MetadataFile.SerializeToString,
+        ),
+    }
+    name = artifacts_pb2.DESCRIPTOR.services_by_name["Artifacts"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class _Budgeted(grpc.ServerInterceptor):  # type: ignore[misc]
@@ -852,6 +955,21 @@ class _Authorised(grpc.ServerInterceptor):  # type: ignore[misc]
             log.error("audit_write_failed", method=method, error=str(exc))
 
 
+def _job_key(cursor: paging.Cursor) -> tuple[datetime, str]:
+    """The (created_at, id) a jobs page token carries; InvalidRequest when it is no such."""
+    created, job_id = cursor.after
+    try:
+        at = datetime.fromisoformat(created)
+    except ValueError:
+        at = None
+    if at is None or at.tzinfo is None:
+        raise InvalidRequest(
+            "invalid page_token for jobs: it was not made by this controller; start again "
+            "without a page_token"
+        )
+    return at, job_id
+
+
 def _list_limit(asked: int, default: int, what: str) -> int:
     """How many rows a list call returns: ``default`` for 0, else ``asked`` up to
     MAX_LIST_LIMIT. Raises InvalidRequest for a negative or larger number."""
@@ -958,21 +1076,25 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServicer):  # type: ignore
 
 
 class Server:
-    """The controller's gRPC server and the watchdog of its streams, started and stopped
-    together."""
+    """The controller's gRPC servers (one per port: ``servers[0]`` the API port's,
+    ``servers[1]`` the gateway port's) and the watchdog of their streams, started and
+    stopped together."""
 
-    def __init__(self, server: grpc.Server, admission: Admission) -> None:
-        self.grpc = server
+    def __init__(self, servers: tuple[grpc.Server, ...], admission: Admission) -> None:
+        self.servers = servers
         self.admission = admission
 
     def start(self) -> None:
         self.admission.start()
-        self.grpc.start()
+        for server in self.servers:
+            server.start()
 
     def stop(self, grace_s: float) -> None:
         """Take no new calls, give those running ``grace_s`` seconds, cancel the rest;
-        returns once the server has stopped (or a second after the grace)."""
-        self.grpc.stop(grace_s).wait(grace_s + 1)
+        returns once the servers have stopped (or a second after the grace)."""
+        stopped = [server.stop(grace_s) for server in self.servers]
+        for event in stopped:
+            event.wait(grace_s + 1)
         self.admission.stop()
 
 
@@ -990,26 +1112,21 @@ def build_server(
     root_metadata: Callable[[], bytes],
     limits: Limits = DEFAULT_LIMITS,
 ) -> tuple[Server, int, int]:
-    """A gRPC server with two TLS ports: the API port ``listen`` (operators with API tokens,
-    and enrollment) and the gateway port ``gateway_listen`` (mutual TLS: a client
-    certificate from ``ca`` is required). SO_REUSEPORT is on, so a new controller version
-    can bind the same ports beside this one. A thread serves each call ``limits`` admit,
-    with some to spare. Returns it and the two bound ports. Raises ConfigError when it
-    cannot listen on either."""
+    """The controller's gRPC servers on two TLS ports: the API port ``listen`` (operators
+    with API tokens, and enrollment) and the gateway port ``gateway_listen`` (mutual TLS: a
+    client certificate from ``ca`` is required), where gateways download. Both ports serve
+    the same services, each from a server of its own: its own thread pool (a thread for
+    each call ``limits`` admit, with some to spare) and its own completion queue, so calls
+    on the API port never wait behind the gateways' downloads. The budgets of
+    ``limits`` count the calls of both together. SO_REUSEPORT is on, so a new controller
+    version can bind the same ports beside this one. Returns it and the two bound ports.
+    Raises ConfigError when it cannot listen on either."""
     admission = Admission(limits)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
-        interceptors=[
-            _Budgeted(admission),
-            _Authorised(tokens, audit, enrollments, operator_certificates=operator_certificates),
-        ],
-        options=[("grpc.so_reuseport", 1)],
-        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-    )
-    controller_pb2_grpc.add_ControllerServicer_to_server(controller, server)
-    artifacts_pb2_grpc.add_ArtifactsServicer_to_server(artifacts, server)
+    interceptors = [
+        _Budgeted(admission),
+        _Authorised(tokens, audit, enrollments, operator_certificates=operator_certificates),
+    ]
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [
         controller_pb2.DESCRIPTOR.services_by_name["Controller"].full_name,
         artifacts_pb2.DESCRIPTOR.services_by_name["Artifacts"].full_name,
@@ -1017,17 +1134,33 @@ def build_server(
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ]
-    reflection.enable_server_reflection(names, server)
     for name in ("", *names[:3]):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    port = _bind(server, listen, ca.server_credentials(require_client_certificate=False))
+
+    def server(port_name: str) -> grpc.Server:
+        made = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=limits.workers, thread_name_prefix=f"grpc-{port_name}"
+            ),
+            interceptors=interceptors,
+            options=[("grpc.so_reuseport", 1)],
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        )
+        controller_pb2_grpc.add_ControllerServicer_to_server(controller, made)
+        add_artifacts(artifacts, made)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, made)
+        reflection.enable_server_reflection(names, made)
+        return made
+
+    api, gateways = server("api"), server("gateway")
+    port = _bind(api, listen, ca.server_credentials(require_client_certificate=False))
     gateway_port = _bind(
-        server, gateway_listen, ca.server_credentials(require_client_certificate=True)
+        gateways, gateway_listen, ca.server_credentials(require_client_certificate=True)
     )
-    enrollment_pb2_grpc.add_EnrollmentServicer_to_server(
-        EnrollmentService(enrollments, audit, root_metadata, gateway_port), server
-    )
-    return Server(server, admission), port, gateway_port
+    enrollment = EnrollmentService(enrollments, audit, root_metadata, gateway_port)
+    for made in (api, gateways):
+        enrollment_pb2_grpc.add_EnrollmentServicer_to_server(enrollment, made)
+    return Server((api, gateways), admission), port, gateway_port
 
 
 def _bind(server: grpc.Server, listen: HostPort, credentials: grpc.ServerCredentials) -> int:

@@ -1,17 +1,22 @@
 """The two state machines of an upgrade, as enums and transition rules.
 
     Job:              PENDING -> RUNNING -> SUCCEEDED | PARTIAL | FAILED  (| CANCELLED)
+                      PENDING -> FAILED    (its deadline passed before any command was sent)
     Gateway in a job: QUEUED -> DOWNLOADING -> VERIFYING -> SWAPPING
                              -> SUCCEEDED | FAILED | ROLLED_BACK | UNREACHABLE
 
-Reports may skip states (a gateway already on the target reports SUCCEEDED at once; a
-report may be lost) but never go back: a late DOWNLOADING after SWAPPING is ignored.
+A job's moves are the table ``JOB_MOVES``; every writer of a job's state checks its move
+with ``check_job_move``, which raises IllegalJobMove for any other. Reports may skip
+gateway states (a gateway already on the target reports SUCCEEDED at once; a report may
+be lost) but never go back: a late DOWNLOADING after SWAPPING is ignored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
+
+from controller_svc.errors import FailedPrecondition
 
 
 class JobState(StrEnum):
@@ -60,6 +65,43 @@ _RANK = {
     GatewayState.SWAPPING: 3,
 }
 NEEDS_REASON = frozenset({GatewayState.FAILED, GatewayState.ROLLED_BACK})
+
+# The moves a job may make. A terminal state has none. PENDING -> FAILED is the deadline
+# passing before any gateway moved; CANCELLED is reachable from every unfinished state.
+# Rollouts add PAUSED (RUNNING <-> PAUSED) and ABORTED (RUNNING | PAUSED -> ABORTED, the
+# failure threshold) here, as rows of this table, not as checks elsewhere.
+JOB_MOVES: Mapping[JobState, frozenset[JobState]] = {
+    JobState.PENDING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED}
+    ),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.PARTIAL: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+
+class IllegalJobMove(FailedPrecondition):
+    """A job was asked to move between two states ``JOB_MOVES`` does not connect."""
+
+    def __init__(self, job_id: str, current: JobState, new: JobState) -> None:
+        allowed = ", ".join(sorted(JOB_MOVES[current])) or "none: it is final"
+        super().__init__(
+            f"job {job_id} cannot move from {current} to {new} (moves from {current}: {allowed})"
+        )
+        self.job_id, self.current, self.new = job_id, current, new
+
+
+def can_move_job(current: JobState, new: JobState) -> bool:
+    """Whether a job in ``current`` may move to ``new`` (``JOB_MOVES``)."""
+    return new in JOB_MOVES[current]
+
+
+def check_job_move(job_id: str, current: JobState, new: JobState) -> None:
+    """Raise IllegalJobMove unless ``JOB_MOVES`` allows ``current`` -> ``new``."""
+    if not can_move_job(current, new):
+        raise IllegalJobMove(job_id, current, new)
 
 
 def can_move(current: GatewayState, new: GatewayState) -> bool:

@@ -8,22 +8,34 @@ in states.py; this module only applies them to rows.
 
 from __future__ import annotations
 
+import itertools
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from controller_svc.db import Gateway, Job, JobEvent, JobGateway
+from controller_svc.db import Job, JobEvent, JobGateway
 from controller_svc.records import ReportIn
-from controller_svc.states import NEEDS_REASON, GatewayState, JobState, job_outcome
+from controller_svc.states import (
+    NEEDS_REASON,
+    GatewayState,
+    JobState,
+    check_job_move,
+    job_outcome,
+)
 
 NO_REASON = "no reason given by the gateway"
 EXPIRED_QUEUED = "the command expired before the gateway took it"
 EXPIRED_ACTIVE = "no report from the gateway before the deadline"
+UNSENT = "the command could not be sent before the deadline"
 
 
-def apply_to_row(session: Session, row: JobGateway, report: ReportIn) -> None:
-    """Apply a report the state machine allows; FAILED/ROLLED_BACK always get a reason."""
+def apply_to_row(row: JobGateway, report: ReportIn) -> dict[str, Any]:
+    """Apply a report the state machine allows to its row; FAILED/ROLLED_BACK always get a
+    reason. Returns the values of the ``job_events`` row recording it, for the caller to
+    insert with the others of its transaction (and, on SUCCEEDED, the caller records the
+    gateway's new version: ``row.to_version``)."""
     row.state = report.state.value
     row.from_version = report.from_version or row.from_version
     row.to_version = report.to_version or row.to_version
@@ -37,23 +49,32 @@ def apply_to_row(session: Session, row: JobGateway, report: ReportIn) -> None:
     if report.vpn_sessions_dropped:
         row.vpn_sessions_dropped = report.vpn_sessions_dropped
     row.updated_at = report.at
-    session.add(gateway_event(row, report.at))
-    if report.state is GatewayState.SUCCEEDED:
-        session.execute(
-            update(Gateway).where(Gateway.id == row.gateway_id).values(version=row.to_version)
-        )
+    return {
+        "job_id": row.job_id,
+        "gateway_id": row.gateway_id,
+        "gateway_state": row.state,
+        "job_state": None,
+        "error": row.error,
+        "bytes_done": row.bytes_done,
+        "bytes_total": row.bytes_total,
+        "at": report.at,
+    }
 
 
 def expire_rows(session: Session, job: Job, now: datetime, grace: timedelta) -> bool:
     """Close the job's gateways its deadline (plus ``grace`` once taken) has passed on;
-    True when any changed."""
+    True when any changed. A command never confirmed published was never the gateway's
+    to take: FAILED with UNSENT, not UNREACHABLE (the sweep of the controller that tried
+    to send it records the bus error too)."""
     changed = False
     rows = session.scalars(
         select(JobGateway).where(JobGateway.job_id == job.id).order_by(JobGateway.gateway_id)
     ).all()
     for row in rows:
         state = GatewayState(row.state)
-        if state is GatewayState.QUEUED:
+        if state is GatewayState.QUEUED and row.published_at is None:
+            row.state, row.error = GatewayState.FAILED.value, UNSENT
+        elif state is GatewayState.QUEUED:
             row.state, row.error = GatewayState.UNREACHABLE.value, EXPIRED_QUEUED
         elif not state.terminal and now > job.deadline + grace:
             row.state, row.error = GatewayState.FAILED.value, EXPIRED_ACTIVE
@@ -67,19 +88,32 @@ def expire_rows(session: Session, job: Job, now: datetime, grace: timedelta) -> 
 
 def finish_if_done(session: Session, job: Job, at: datetime) -> JobState | None:
     """Set the job's final state once all its gateways are final. The caller holds the job
-    lock, so of two transactions racing here only the first sees a non-final job."""
+    lock, so of two transactions racing here only the first sees a non-final job.
+
+    Reads one count per gateway state (``GROUP BY``), never the job's rows themselves, so
+    a job of thousands of gateways costs one small query per call."""
     if JobState(job.state).terminal:
         return None
     session.flush()
-    states = session.scalars(select(JobGateway.state).where(JobGateway.job_id == job.id)).all()
-    outcome = job_outcome(GatewayState(state) for state in states)
+    counts = session.execute(
+        select(JobGateway.state, func.count())
+        .where(JobGateway.job_id == job.id)
+        .group_by(JobGateway.state)
+    ).all()
+    outcome = job_outcome(
+        itertools.chain.from_iterable(itertools.repeat(GatewayState(s), n) for s, n in counts)
+    )
     if outcome is not None:
         set_job_state(session, job, outcome, at)
     return outcome
 
 
 def set_job_state(session: Session, job: Job, state: JobState, at: datetime) -> None:
-    """Move the job to ``state`` and record the job-level event."""
+    """Move the job to ``state`` and record the job-level event.
+
+    Raises IllegalJobMove (states.py) for a move ``JOB_MOVES`` does not allow, changing
+    nothing: this is the one place a job's state is written after it is created."""
+    check_job_move(job.id, JobState(job.state), state)
     job.state = state.value
     job.updated_at = at
     session.add(JobEvent(job_id=job.id, job_state=state.value, at=at))

@@ -47,7 +47,7 @@ from gateway_daemon.errors import (
     HandoffFailed,
 )
 from gateway_daemon.reporter import Reporter
-from gateway_daemon.state import AgentState, Outcome, Taken
+from gateway_daemon.state import AgentState, CommandState, CommandStates, Outcome, Taken
 from gateway_daemon.trust import GatewayTrust
 from hitless import logs, semver, version
 from hitless.bus import codec, topology
@@ -129,6 +129,7 @@ class Agent:
         self._clock = clock
         self._retired = False
         self._refreshed_at = -REFRESH_INTERVAL_S
+        self._states = CommandStates()
 
     def handle(self, delivery: Delivery) -> None:
         if self._retired:
@@ -158,21 +159,21 @@ class Agent:
             self._reporter.refused(command.command_id, command.job_id, "expired", str(exc))
             self._finish(
                 command,
-                Outcome("UNREACHABLE", command.target_version, self._version,
+                Outcome(CommandState.UNREACHABLE, command.target_version, self._version,
                         "the command expired before the gateway took it"),
             )  # fmt: skip
             return
         refusal = self._refusal(command)
         if refusal is not None:
             bound.warning("command_refused", reason=refusal)
-            self._finish(command, Outcome("FAILED", command.target_version, self._version,
-                                          refusal))  # fmt: skip
+            self._finish(command, Outcome(CommandState.FAILED, command.target_version,
+                                          self._version, refusal))  # fmt: skip
             return
         if command.HasField("issued_at"):
             issued = command.issued_at.ToDatetime(UTC)
             self._state.record_taken(Taken(issued, command.job_id))
         if command.target_version == self._version:
-            self._finish(command, Outcome("SUCCEEDED", self._version, self._version))
+            self._finish(command, Outcome(CommandState.SUCCEEDED, self._version, self._version))
             return
         bound.info("upgrade_started", target_version=command.target_version)
         self._upgrade(command, opened.keyid)
@@ -263,8 +264,8 @@ class Agent:
     def _upgrade(self, command: bus_pb2.UpgradeCommand, keyid: str) -> None:
         target = command.target_version
         # Fetching the signed metadata is the start of the download.
-        self._status(command, "DOWNLOADING", bytes_done=0, bytes_total=command.artifact_size,
-                     required=False)  # fmt: skip
+        self._status(command, CommandState.DOWNLOADING, bytes_done=0,
+                     bytes_total=command.artifact_size, required=False)  # fmt: skip
         try:
             signed = self._trust.release(target)
         except TrustError as exc:
@@ -278,7 +279,7 @@ class Agent:
                 "was not run"
             )
             self._reporter.refused(command.command_id, command.job_id, "unknown-key", reason)
-            self._finish(command, Outcome("FAILED", target, self._version, reason))
+            self._finish(command, Outcome(CommandState.FAILED, target, self._version, reason))
             return
         sha, size = str(signed.hashes.get("sha256", "")), signed.length
         if (command.artifact_sha256, command.artifact_size) != (sha, size):
@@ -297,19 +298,23 @@ class Agent:
             if now - last_report >= PROGRESS_INTERVAL_S or done == total:
                 last_report = now
                 self._status(
-                    command, "DOWNLOADING", bytes_done=done, bytes_total=total, required=False
+                    command,
+                    CommandState.DOWNLOADING,
+                    bytes_done=done,
+                    bytes_total=total,
+                    required=False,
                 )
 
         try:
             download(
                 self._config.controller, sha, size, partial,
-                credentials=self._credentials, progress=progress,
+                channel=self._trust.channel, progress=progress,
             )  # fmt: skip
-            self._status(command, "VERIFYING", bytes_done=size, bytes_total=size)
+            self._status(command, CommandState.VERIFYING, bytes_done=size, bytes_total=size)
             verify_artifact(partial, signed)
         except DownloadFailed as exc:
             partial.unlink(missing_ok=True)
-            self._finish(command, Outcome("FAILED", target, self._version, str(exc)))
+            self._finish(command, Outcome(CommandState.FAILED, target, self._version, str(exc)))
             return
         except TrustError as exc:
             partial.unlink(missing_ok=True)
@@ -320,7 +325,7 @@ class Agent:
             partial.unlink(missing_ok=True)
             found = "no version stamp" if stamp is None else f"the stamp {stamp!r}"
             self._finish(command, Outcome(
-                "FAILED", target, self._version,
+                CommandState.FAILED, target, self._version,
                 f"the artifact of release {target} carries {found}: it is not that release; "
                 f"build it (upgradectl releases build --version V) and publish it under a new "
                 f"version V, since {target} names the artifact already stored",
@@ -332,14 +337,19 @@ class Agent:
         verified = bus_pb2.UpgradeCommand()
         verified.CopyFrom(command)
         verified.artifact_sha256, verified.artifact_size = sha, size
-        self._status(command, "SWAPPING")
+        self._status(command, CommandState.SWAPPING)
         try:
             self._swap(verified, staged)
             self._retired = True
         except HandoffFailed as exc:
             self._finish(
                 command,
-                Outcome("ROLLED_BACK", target, self._version, f"handoff to {target} failed: {exc}"),
+                Outcome(
+                    CommandState.ROLLED_BACK,
+                    target,
+                    self._version,
+                    f"handoff to {target} failed: {exc}",
+                ),
             )
 
     def _untrusted(self, command: bus_pb2.UpgradeCommand, reason: str, exc: TrustError) -> None:
@@ -348,9 +358,14 @@ class Agent:
         if isinstance(exc, _UNTRUSTED_RELEASE):
             self._reporter.refused(command.command_id, command.job_id, "unverified-release",
                                    reason)  # fmt: skip
-        self._finish(command, Outcome("FAILED", command.target_version, self._version, reason))
+        self._finish(
+            command, Outcome(CommandState.FAILED, command.target_version, self._version, reason)
+        )
 
-    def _status(self, command: bus_pb2.UpgradeCommand, state: str, **extra: object) -> None:
+    def _status(
+        self, command: bus_pb2.UpgradeCommand, state: CommandState, **extra: object
+    ) -> None:
+        self._states.move(command.command_id, state)
         self._reporter.status(
             command,
             state,
@@ -360,6 +375,7 @@ class Agent:
         )
 
     def _finish(self, command: bus_pb2.UpgradeCommand, outcome: Outcome) -> None:
+        self._states.move(command.command_id, outcome.state)
         self._state.record_outcome(command.command_id, outcome)
         self._reporter.outcome(command, outcome)
 

@@ -26,7 +26,7 @@ from gateway_daemon.dataplane import DataPlane
 from gateway_daemon.errors import HandoffFailed
 from gateway_daemon.handoff import child, parent
 from gateway_daemon.reporter import Reporter
-from gateway_daemon.state import AgentState, Outcome
+from gateway_daemon.state import AgentState, CommandState, Outcome, transition
 from gateway_daemon.trust import GatewayTrust
 from gateway_daemon.tunnels.config import TunnelsConfig
 from gateway_daemon.vpn.config import VpnConfig
@@ -171,7 +171,9 @@ class GatewayDaemon:
                 sock.close()
             publisher.close()
             return 1
-        outcome = Outcome("SUCCEEDED", self.version, context["from_version"])
+        # The process that handed over reported SWAPPING; this one ends the command.
+        state = transition(CommandState.SWAPPING, CommandState.SUCCEEDED)
+        outcome = Outcome(state, self.version, context["from_version"])
         self.state.record_outcome(command.command_id, outcome)
         self.state.set_current_release(
             self.version, Path(context["artifact"]), command.artifact_sha256
@@ -273,7 +275,7 @@ class GatewayDaemon:
 
     def _announce(self, reporter: Reporter, plane: DataPlane) -> None:
         try:
-            reporter.hello(plane.endpoints())
+            reporter.hello(plane.endpoints(), self.config.heartbeat_interval_s)
         except BusError as exc:
             log.warning("hello_failed", error=str(exc))
 

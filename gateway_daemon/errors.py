@@ -8,6 +8,7 @@ HitlessError
     │   ├── HandoffTimeout    a handoff step missed its deadline
     │   └── SelfCheckFailed   the new version found itself unfit to serve
     ├── VpnServiceError       the VPN service could not be started, reached or stopped
+    ├── TransitionRefused     a command's state would move against state.TRANSITIONS
     └── tunnels.errors.TunnelError   the data plane (its own subtree there)
 """
 
@@ -44,3 +45,8 @@ class SelfCheckFailed(HandoffFailed):
 
 class VpnServiceError(GatewayError):
     """The VPN service (gateway_daemon.vpn) could not be started, reached or stopped."""
+
+
+class TransitionRefused(GatewayError):
+    """A command's state was asked to move where the gateway's transition table
+    (``gateway_daemon.state.TRANSITIONS``) does not lead: a defect, reported, never sent."""

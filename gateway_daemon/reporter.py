@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -112,7 +112,9 @@ class Reporter:
         self._publisher.publish(topology.REPORTS, key, message, message_id=message.report_id)
         log.warning("command_refused", command_id=command_id, kind=kind, reason=reason)
 
-    def hello(self, endpoints: Sequence[str]) -> None:
+    def hello(self, endpoints: Sequence[str], heartbeat_interval_s: float) -> None:
+        """Announce this process: its version, pid, served addresses, and how often it
+        sends a heartbeat (the controller counts it OFFLINE after three missed)."""
         message = bus_pb2.GatewayHello(
             gateway_id=self._gateway_id,
             version=self._version,
@@ -120,6 +122,7 @@ class Reporter:
             listen=list(endpoints),
             at=_now(),
         )
+        message.heartbeat_interval.FromTimedelta(timedelta(seconds=heartbeat_interval_s))
         key = topology.report_key(self._gateway_id, topology.HELLO)
         self._publisher.publish(topology.REPORTS, key, message)
 

@@ -7,6 +7,16 @@ answered, never run twice), the digest of each signed command taken (so the same
 id with other content is refused as a replay) and when the newest command it took was
 issued (so one issued earlier, delivered late, is refused). Writes are atomic: temp file,
 fsync, rename. The state directory and those below it are created 0700.
+
+The states a gateway reports for a command are one enum, ``CommandState`` (the names of
+the protocol's ``GatewayJobState``), and move only along ``TRANSITIONS``:
+
+    QUEUED -> DOWNLOADING -> VERIFYING -> SWAPPING -> SUCCEEDED | ROLLED_BACK
+           -> SUCCEEDED (already on the target)
+           -> UNREACHABLE (expired before it was taken)
+    any state before the end -> FAILED;   DOWNLOADING -> DOWNLOADING carries progress
+
+``CommandStates`` holds each command's state in this process and refuses any other move.
 """
 
 from __future__ import annotations
@@ -14,17 +24,102 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+
+from gateway_daemon.errors import TransitionRefused
 
 KEEP_OUTCOMES = 200
 
 
+class CommandState(StrEnum):
+    """What the gateway reports about a command it took: ``hitless.v1.GatewayJobState``
+    without its prefix. QUEUED is where a command starts; it is never reported."""
+
+    QUEUED = "QUEUED"
+    DOWNLOADING = "DOWNLOADING"
+    VERIFYING = "VERIFYING"
+    SWAPPING = "SWAPPING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    ROLLED_BACK = "ROLLED_BACK"
+    UNREACHABLE = "UNREACHABLE"
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the command has ended: no move leads out of it."""
+        return not TRANSITIONS[self]
+
+
+# Each state and the states it may move to; an ended command moves nowhere.
+TRANSITIONS: Mapping[CommandState, frozenset[CommandState]] = {
+    CommandState.QUEUED: frozenset(
+        {
+            CommandState.DOWNLOADING,
+            CommandState.SUCCEEDED,
+            CommandState.FAILED,
+            CommandState.UNREACHABLE,
+        }
+    ),
+    CommandState.DOWNLOADING: frozenset(
+        {CommandState.DOWNLOADING, CommandState.VERIFYING, CommandState.FAILED}
+    ),
+    CommandState.VERIFYING: frozenset({CommandState.SWAPPING, CommandState.FAILED}),
+    CommandState.SWAPPING: frozenset(
+        {CommandState.SUCCEEDED, CommandState.ROLLED_BACK, CommandState.FAILED}
+    ),
+    CommandState.SUCCEEDED: frozenset(),
+    CommandState.FAILED: frozenset(),
+    CommandState.ROLLED_BACK: frozenset(),
+    CommandState.UNREACHABLE: frozenset(),
+}
+
+
+def transition(current: CommandState, new: CommandState) -> CommandState:
+    """``new``, when TRANSITIONS lets a command in ``current`` move there; else raises
+    TransitionRefused naming both."""
+    if new not in TRANSITIONS[current]:
+        allowed = ", ".join(sorted(TRANSITIONS[current])) or "nothing: it has ended"
+        raise TransitionRefused(
+            f"a command cannot move from {current} to {new} (from {current}: {allowed})"
+        )
+    return new
+
+
+class CommandStates:
+    """The state of each command this process has taken, moved only by ``move``.
+
+    Thread-safe. Keeps the newest KEEP_OUTCOMES commands; one not kept starts at QUEUED.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[str, CommandState] = {}
+        self._lock = threading.Lock()
+
+    def get(self, command_id: str) -> CommandState:
+        """The command's state in this process (QUEUED before its first move)."""
+        with self._lock:
+            return self._states.get(command_id, CommandState.QUEUED)
+
+    def move(self, command_id: str, new: CommandState) -> CommandState:
+        """Move the command to ``new``; raises TransitionRefused (and changes nothing)
+        when TRANSITIONS does not lead there from its state."""
+        with self._lock:
+            transition(self._states.get(command_id, CommandState.QUEUED), new)
+            self._states.pop(command_id, None)  # re-inserted last: the newest
+            self._states[command_id] = new
+            for old in list(self._states)[: max(0, len(self._states) - KEEP_OUTCOMES)]:
+                del self._states[old]
+            return new
+
+
 @dataclass(frozen=True)
 class Outcome:
-    state: str
+    state: CommandState
     to_version: str
     from_version: str
     error: str = ""
@@ -128,7 +223,9 @@ class AgentState:
         if not found:
             return None
         dropped = found.get("vpn_sessions_dropped", 0)
-        return Outcome(**found["outcome"], vpn_sessions_dropped=dropped)
+        fields = dict(found["outcome"])
+        fields["state"] = CommandState(fields["state"])
+        return Outcome(**fields, vpn_sessions_dropped=dropped)
 
     def record_outcome(self, command_id: str, outcome: Outcome) -> None:
         with self._lock:

@@ -23,11 +23,12 @@ from pathlib import Path
 import grpc
 from tuf.api.metadata import Root, TargetFile
 
+from gateway_daemon.download import ControllerChannel
 from hitless import logs
 from hitless.backoff import Backoff
 from hitless.config import HostPort
 from hitless.errors import ConfigError
-from hitless.trust.client import MAX_METADATA_BYTES, TrustClient
+from hitless.trust.client import TrustClient
 from hitless.trust.errors import FetchFailed, MetadataNotFound, TrustError
 from hitless.trust.release import target_name
 from hitless.trust.verify import read_metadata, verify_role
@@ -38,8 +39,6 @@ log = logs.get(__name__)
 FETCH_TIMEOUT_S = 30.0
 FETCH_ATTEMPTS = 8
 _BACKOFF = Backoff()
-# A metadata file, with room for the message around it.
-_MAX_MESSAGE_BYTES = MAX_METADATA_BYTES + 64 * 1024
 
 
 def anchor_path(state_dir: Path) -> Path:
@@ -95,27 +94,33 @@ def provision_bytes(state_dir: Path, data: bytes, source: str) -> Path:
 
 
 class ControllerSource:
-    """Metadata files from the controller's Artifacts service (``FetchMetadata``)."""
+    """Metadata files from the controller's Artifacts service (``FetchMetadata``), over
+    ``channel`` when given (shared with the download), else over one of its own to
+    ``controller`` with ``credentials``, opened at the first fetch and kept."""
 
-    def __init__(self, controller: HostPort, credentials: grpc.ChannelCredentials) -> None:
+    def __init__(
+        self,
+        controller: HostPort,
+        credentials: grpc.ChannelCredentials,
+        channel: ControllerChannel | None = None,
+    ) -> None:
         self._controller = controller
-        self._credentials = credentials
+        self.channel = channel or ControllerChannel(controller, credentials)
 
     def fetch_metadata(self, name: str) -> bytes:
         """The bytes of metadata file ``name``; MetadataNotFound when the controller has
-        none by that name, FetchFailed when it cannot be asked."""
-        options = [("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)]
+        none by that name, FetchFailed when it cannot be asked (unless the controller only
+        said it is busy, the channel is then closed, and the next fetch opens a new one)."""
         try:
-            with grpc.secure_channel(
-                str(self._controller), self._credentials, options=options
-            ) as channel:
-                stub = artifacts_pb2_grpc.ArtifactsStub(channel)
-                reply = stub.FetchMetadata(
-                    artifacts_pb2.MetadataRequest(name=name), timeout=FETCH_TIMEOUT_S
-                )
+            stub = artifacts_pb2_grpc.ArtifactsStub(self.channel.get())
+            reply = stub.FetchMetadata(
+                artifacts_pb2.MetadataRequest(name=name), timeout=FETCH_TIMEOUT_S
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise MetadataNotFound(f"{name}: {exc.details()}") from exc
+            if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # a busy controller answered
+                self.channel.reset()
             raise FetchFailed(
                 f"cannot fetch {name} from the controller at {self._controller}: "
                 f"{exc.code().name}: {exc.details()}"
@@ -127,7 +132,8 @@ class ControllerSource:
 class GatewayTrust:
     """The gateway's verifier: python-tuf's client from the anchor in ``state_dir``, over
     the controller's gateway port ``controller`` (TLS with ``credentials``, the gateway's
-    client certificate). One per gateway process.
+    client certificate). One per gateway process. Its ``channel`` is the one its metadata
+    fetches use: the download of the release verified goes over it too.
 
     Raises ConfigError when the anchor is missing or unusable."""
 
@@ -135,11 +141,13 @@ class GatewayTrust:
         self, state_dir: Path, controller: HostPort, credentials: grpc.ChannelCredentials
     ) -> None:
         anchor = provision(state_dir, None)
+        source = ControllerSource(controller, credentials)
+        self.channel = source.channel
         try:
             self._client = TrustClient(
                 anchor.read_bytes(),
                 state_dir / "trust" / "metadata",
-                ControllerSource(controller, credentials),
+                source,
             )
         except TrustError as exc:
             raise ConfigError(f"the trust root {anchor} is not usable: {exc}") from exc

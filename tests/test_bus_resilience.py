@@ -6,6 +6,8 @@ from __future__ import annotations
 import subprocess
 import threading
 
+import pytest
+
 from hitless.v1 import common_pb2, controller_pb2
 from tests.support.fleet import Fleet
 from tests.support.proxy import CuttingProxy
@@ -19,6 +21,7 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
 
 
+@pytest.mark.broker_restart
 def test_an_upgrade_survives_a_broker_restart(fleet: Fleet, rabbit: Management) -> None:
     gateways = ["gw-1", "gw-2", "gw-3"]
     # The fleet alone: this is about the broker, not the controller's own upgrade.

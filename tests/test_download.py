@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from controller_svc.server import ArtifactsService
+from controller_svc.server import ArtifactsService, add_artifacts
 from controller_svc.store import ArtifactStore
 from gateway_daemon.download import download
 from gateway_daemon.errors import DownloadFailed
@@ -54,8 +54,7 @@ def artifact_server(tmp_path: Path, ca: CertificateAuthority) -> Iterator[tuple[
     data = os.urandom(SIZE)
     stored = store.put([data[i : i + 65536] for i in range(0, SIZE, 65536)])
     server = grpc.server(futures.ThreadPoolExecutor(4))
-    service = ArtifactsService(store, metadata(tmp_path))
-    artifacts_pb2_grpc.add_ArtifactsServicer_to_server(service, server)
+    add_artifacts(ArtifactsService(store, metadata(tmp_path)), server)
     port = serve(server, ca)
     server.start()
     try:

@@ -18,7 +18,7 @@ from controller_svc.repository import (
     Repository,
 )
 from controller_svc.states import GatewayState, JobState
-from controller_svc.transitions import EXPIRED_ACTIVE, EXPIRED_QUEUED, NO_REASON
+from controller_svc.transitions import EXPIRED_ACTIVE, EXPIRED_QUEUED, NO_REASON, UNSENT
 
 T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 DIGEST = "ab" * 32
@@ -472,6 +472,7 @@ def test_racing_final_reports_finish_the_job_exactly_once(
 
 def test_expire_overdue(repo: Repository) -> None:
     job = repo.mark_running(_job(repo, gateways=3).id, _at(1))
+    repo.mark_published([g.command_id for g in job.gateways], _at(1))
     repo.apply_report(_report(job, "gw-2", GatewayState.DOWNLOADING, at=100, done=1, total=9))
     repo.apply_report(_report(job, "gw-3", GatewayState.SUCCEEDED, at=200))
     grace = timedelta(seconds=60)
@@ -498,9 +499,20 @@ def test_expire_overdue(repo: Repository) -> None:
 
 def test_expire_overdue_closes_a_job_nobody_took(repo: Repository) -> None:
     job = _job(repo)
+    repo.mark_published([g.command_id for g in job.gateways], _at(1))
     finished = repo.expire_overdue(_at(601), grace=timedelta(0))
     assert [(j.id, j.state) for j in finished] == [(job.id, JobState.FAILED)]
     assert {g.state for g in finished[0].gateways} == {GatewayState.UNREACHABLE}
+
+
+def test_a_command_never_published_is_failed_unsent_at_the_deadline(repo: Repository) -> None:
+    job = _job(repo, gateways=2)
+    repo.mark_published([job.gateways[0].command_id], _at(1))
+    finished = repo.expire_overdue(_at(601), grace=timedelta(0))
+    assert [(g.state, g.error) for g in finished[0].gateways] == [
+        (GatewayState.UNREACHABLE, EXPIRED_QUEUED),
+        (GatewayState.FAILED, UNSENT),
+    ]
 
 
 def test_prune_seen_forgets_old_report_ids(repo: Repository) -> None:

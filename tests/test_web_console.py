@@ -722,8 +722,14 @@ def test_a_job_started_in_the_console_streams_its_events_and_resumes_after_a_bre
         started = client.post("/upgrade/start", data={"target": "latest", "csrf_token": token})
         assert started.status_code == 303, started.text
         job_id = started.headers["location"].rsplit("/", 1)[1]
-        page = _Page(client.get(f"/jobs/{job_id}").text)
-        assert page.text("job-state") == "RUNNING"
+        # The start answers once the job is recorded; it is RUNNING once its commands are out.
+        page = wait_for(
+            lambda: (p := _Page(client.get(f"/jobs/{job_id}").text)).text("job-state")
+            == "RUNNING"
+            and p,
+            timeout=30,
+            what="the job dispatched",
+        )
         for gateway_id in ("gw-1", "gw-2"):
             assert "QUEUED" in page.text(f"job-gw-{gateway_id}")
         table = page.attrs("job-gateways")

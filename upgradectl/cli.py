@@ -111,7 +111,7 @@ from upgradectl.errors import (
     UsageError,
     exit_code_for,
 )
-from upgradectl.model import JobView
+from upgradectl.model import JobView, LiveJob
 
 PROG = "upgradectl"
 CALL_TIMEOUT_S = 10.0
@@ -1025,14 +1025,22 @@ def _follow(ctx: _Context, client: ControllerClient, job: JobView) -> tuple[JobV
     """
     if job.finished:
         return job, False
-    display = None if ctx.args.json else render.LiveDisplay(ctx.out, _isatty(ctx.out))
+    display = (
+        None
+        if ctx.args.json
+        else render.LiveDisplay(ctx.out, _isatty(ctx.out), redraw_every_s=render.LIVE_REDRAW_S)
+    )
     if display:
         display.start(job)
+    # Each event changes the job already held (one gateway, or the job's state): no job
+    # of 1,000 gateways is read again per event.
+    live = LiveJob(job)
     for event in client.watch_job(job.job_id):
-        job = job.apply(event)
+        live.apply(event)
         if display:
-            display.update(job, event)
-    # Events carry changes only; the job itself is the authoritative final picture.
+            display.update(live, event)
+    # Events carry changes only; the job itself is the authoritative final picture, read
+    # once at the end.
     job = client.get_job(job.job_id)
     if display:
         display.finish(job)

@@ -43,6 +43,7 @@ it saw.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 import time
@@ -74,6 +75,7 @@ from upgradectl.model import (
     EnrollmentCode,
     EnrollmentInfo,
     GatewayInfo,
+    GatewayProgress,
     IssuedCertificate,
     JobEvent,
     JobView,
@@ -86,6 +88,11 @@ from upgradectl.model import (
 )
 
 CHUNK_SIZE = 256 * 1024
+# Rows asked for per page of a list (the controller answers at most 1000): a fleet of
+# 1,000 gateways comes in two calls of about 50 KiB each.
+PAGE_SIZE = 500
+# Jobs per page of ListJobs: each job carries all of its gateways.
+JOBS_PAGE_SIZE = 20
 # A watch stream is reopened at this interval even when quiet, so a half-open connection
 # is noticed; reopening is free thanks to after_seq.
 WATCH_STREAM_S = 60.0
@@ -199,9 +206,13 @@ class ControllerClient:
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        page_size: int = PAGE_SIZE,
     ) -> None:
+        if page_size <= 0:
+            raise UsageError(f"page size {page_size} must be a positive number of rows")
         self.target = target
         self.timeout = timeout
+        self.page_size = page_size
         self._credentials = credentials
         self._client_certificate = client_certificate
         self._retry = retry or RetryPolicy()
@@ -230,11 +241,13 @@ class ControllerClient:
         self.close()
 
     def list_gateways(self) -> list[GatewayInfo]:
-        """Every gateway the controller knows."""
-        resp = self._unary(
-            "ListGateways", self._stub.ListGateways, controller_pb2.ListGatewaysRequest()
-        )
-        return [GatewayInfo.from_proto(g) for g in resp.gateways]
+        """Every gateway the controller knows, sorted by id: every page of ListGateways."""
+        request = controller_pb2.ListGatewaysRequest(page_size=self.page_size)
+        return [
+            GatewayInfo.from_proto(g)
+            for page in self._pages("ListGateways", self._stub.ListGateways, request)
+            for g in page.gateways
+        ]
 
     def list_releases(self) -> list[ReleaseInfo]:
         """Every published release, newest version first."""
@@ -367,14 +380,50 @@ class ControllerClient:
         return JobView.from_proto(answer)
 
     def get_job(self, job_id: str = "") -> JobView:
-        """The job ``job_id``; the most recent job when it is empty."""
-        request = controller_pb2.GetJobRequest(job_id=job_id)
-        return JobView.from_proto(self._unary("GetJob", self._stub.GetJob, request))
+        """The job ``job_id`` (the most recent job when it is empty) with every one of its
+        gateways, sorted by id: every page of GetJob. The job's own fields (its state) are
+        those of the last page, the newest. A controller from before paging answers all
+        gateways in one page."""
+        request = controller_pb2.GetJobRequest(job_id=job_id, page_size=self.page_size)
+        last: controller_pb2.Job | None = None
+        gateways: list[GatewayProgress] = []
+        for page in self._pages("GetJob", self._stub.GetJob, request):
+            last = page
+            gateways += [GatewayProgress.from_proto(g) for g in page.gateways]
+        assert last is not None  # _pages yields at least one page
+        return dataclasses.replace(JobView.from_proto(last), gateways=tuple(gateways))
 
     def list_jobs(self) -> list[JobView]:
-        """Recent jobs, newest first (as many as the controller keeps by default)."""
-        resp = self._unary("ListJobs", self._stub.ListJobs, controller_pb2.ListJobsRequest())
-        return [JobView.from_proto(j) for j in resp.jobs]
+        """Every job, newest first, each with its gateways: every page of ListJobs."""
+        request = controller_pb2.ListJobsRequest(page_size=JOBS_PAGE_SIZE)
+        return [
+            JobView.from_proto(j)
+            for page in self._pages("ListJobs", self._stub.ListJobs, request)
+            for j in page.jobs
+        ]
+
+    def _pages(self, method: str, call: Callable[..., T], request: Any) -> Iterator[T]:
+        """Each answer to ``request`` and its follow-ups (AIP-158 paging): the request is
+        sent again with the previous answer's ``next_page_token`` until that is empty.
+        A GetJob follow-up names the job of the first page, so that "the most recent job"
+        stays the same job. Raises ControllerFailed when the controller answers the same
+        token twice (it would never end)."""
+        seen: set[str] = set()
+        while True:
+            page: Any = self._unary(method, call, request)
+            yield page
+            token = page.next_page_token
+            if not token:
+                return
+            if token in seen:
+                raise ControllerFailed(
+                    f"{method} answered the page token {token[:40]!r} twice: the controller "
+                    "is not paging as it should; report this with the controller's version"
+                )
+            seen.add(token)
+            request.page_token = token
+            if method == "GetJob":
+                request.job_id = page.job_id
 
     def list_rejected_jobs(self) -> list[RejectedJob]:
         """Management jobs the controller refused, newest first."""

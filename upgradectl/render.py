@@ -14,8 +14,11 @@ measure, so columns stay aligned.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import unicodedata
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TextIO
 
@@ -32,6 +35,7 @@ from upgradectl.model import (
     JobEvent,
     JobView,
     KeyDirectory,
+    LiveJob,
     PlannedGateway,
     PublisherInfo,
     RejectedJob,
@@ -47,6 +51,12 @@ from upgradectl.model import (
 _UP = "\x1b[{n}F"
 _CLEAR_DOWN = "\x1b[J"
 NOTES_WIDTH = 48
+# The most gateway rows the live display redraws on a terminal; a larger job shows the
+# count in each state and the gateways that are moving or have failed.
+LIVE_ROWS = 30
+# How often the live display redraws a terminal at most, in seconds (the upgrade and
+# status commands; events between two redraws are applied, just not drawn one by one).
+LIVE_REDRAW_S = 0.2
 
 # Unicode categories a terminal acts on instead of showing: Cc (C0 and C1 controls, ESC,
 # DEL), Cf (format characters: bidi overrides and isolates such as U+202E, zero-width
@@ -513,11 +523,7 @@ def job_lines(job: JobView) -> list[str]:
 
     A VPN DROPPED column appears only when some gateway disconnected VPN users.
     """
-    done = sum(1 for g in job.gateways if g.state == "SUCCEEDED")
-    header = (
-        f"job {job.job_id}  target {job.target_version}  {job.state}  "
-        f"({done}/{len(job.gateways)} gateways succeeded)"
-    )
+    header = _job_header(job)
     dropped = any(g.vpn_sessions_dropped for g in job.gateways)
     rows = [
         [g.id, g.state, g.from_version or "-", g.to_version or "-", progress(g)]
@@ -528,6 +534,31 @@ def job_lines(job: JobView) -> list[str]:
     headers = ["GATEWAY", "STATE", "FROM", "TO", "PROGRESS"]
     headers += ["VPN DROPPED"] if dropped else []
     return [header, *table([*headers, "ERROR"], rows)]
+
+
+def live_lines(job: JobView, max_rows: int = LIVE_ROWS) -> list[str]:
+    """``job_lines`` for a job of at most ``max_rows`` gateways. A larger one: the header,
+    a line counting the gateways in each state, and the table of up to ``max_rows`` that
+    are neither QUEUED nor SUCCEEDED (moving, or failed), then how many are not shown."""
+    if len(job.gateways) <= max_rows:
+        return job_lines(job)
+    lines = [_job_header(job)]
+    counts = Counter(g.state for g in job.gateways)
+    lines.append("  ".join(f"{state} {counts[state]}" for state in sorted(counts)))
+    shown = [g for g in job.gateways if g.state not in ("QUEUED", "SUCCEEDED")][:max_rows]
+    if shown:
+        lines += job_lines(dataclasses.replace(job, gateways=tuple(shown)))[1:]
+    hidden = len(job.gateways) - len(shown)
+    lines.append(f"({hidden} more gateways not shown: queued or succeeded)")
+    return lines
+
+
+def _job_header(job: JobView) -> str:
+    done = sum(1 for g in job.gateways if g.state == "SUCCEEDED")
+    return (
+        f"job {job.job_id}  target {job.target_version}  {job.state}  "
+        f"({done}/{len(job.gateways)} gateways succeeded)"
+    )
 
 
 def event_line(event: JobEvent) -> str:
@@ -560,36 +591,57 @@ def job_outcome(job: JobView) -> str:
 class LiveDisplay:
     """Progress of a job as it happens.
 
-    On a terminal the job table is redrawn in place; anywhere else each event becomes one
-    line, so a log or a CI transcript stays readable.
+    On a terminal the job table (``live_lines``) is redrawn in place after each event; for
+    a job of more than LIVE_ROWS gateways at most once per ``redraw_every_s`` seconds of
+    ``clock``. Anywhere else each event becomes one line, so a log or a CI transcript
+    stays readable.
     """
 
-    def __init__(self, out: TextIO, tty: bool) -> None:
+    def __init__(
+        self,
+        out: TextIO,
+        tty: bool,
+        *,
+        redraw_every_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._out = out
         self._tty = tty
         self._drawn = 0
+        self._redraw_every_s = redraw_every_s
+        self._clock = clock
+        self._drawn_at: float | None = None
 
     def start(self, job: JobView) -> None:
         if self._tty:
-            self._draw(job)
+            self._draw(live_lines(job))
         else:
             self._write([f"watching job {job.job_id} (target {job.target_version}, {job.state})"])
 
-    def update(self, job: JobView, event: JobEvent) -> None:
-        if self._tty:
-            self._draw(job)
-        else:
+    def update(self, job: JobView | LiveJob, event: JobEvent) -> None:
+        """Show ``event``; on a terminal, redraw ``job``, unless it is large and was drawn
+        less than ``redraw_every_s`` ago (a LiveJob's view is built only when drawn)."""
+        if not self._tty:
             self._write([event_line(event)])
+            return
+        large = (job.gateway_count if isinstance(job, LiveJob) else len(job.gateways)) > LIVE_ROWS
+        recent = self._drawn_at is not None and (
+            self._clock() - self._drawn_at < self._redraw_every_s
+        )
+        if large and recent:
+            return
+        view = job.view() if isinstance(job, LiveJob) else job
+        self._draw(live_lines(view))
 
     def finish(self, job: JobView) -> None:
         """Show the final picture: in place on a terminal, after the events elsewhere."""
         if self._tty:
-            self._draw(job)
+            self._draw(job_lines(job))
         else:
             self._write(job_lines(job))
 
-    def _draw(self, job: JobView) -> None:
-        lines = job_lines(job)
+    def _draw(self, lines: list[str]) -> None:
+        self._drawn_at = self._clock()
         prefix = (_UP.format(n=self._drawn) if self._drawn else "") + _CLEAR_DOWN
         self._out.write(prefix)
         self._write(lines)

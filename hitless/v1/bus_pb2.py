@@ -22,32 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from hitless.v1 import common_pb2 as hitless_dot_v1_dot_common__pb2
 from hitless.v1 import controller_pb2 as hitless_dot_v1_dot_controller__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hitless/v1/bus.proto\x12\nhitless.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17hitless/v1/common.proto\x1a\x1bhitless/v1/controller.proto\"\xa4\x02\n\x0eUpgradeCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngateway_id\x18\x03 \x01(\t\x12\x16\n\x0etarget_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x05 \x01(\t\x12\x15\n\rartifact_size\x18\x06 \x01(\x03\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14restarts_vpn_service\x18\x08 \x01(\x08\x12-\n\tissued_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x61llow_downgrade\x18\n \x01(\x08\"\xad\x02\n\x0cStatusReport\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.hitless.v1.GatewayJobState\x12\x14\n\x0c\x66rom_version\x18\x06 \x01(\t\x12\x12\n\nto_version\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nbytes_done\x18\t \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x03\x12&\n\x02\x61t\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14vpn_sessions_dropped\x18\x0c \x01(\x05\"\xb7\x01\n\x0e\x43ommandRefused\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x12\n\ngateway_id\x18\x02 \x01(\t\x12\x12\n\ncommand_id\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x66rom_version\x18\x08 \x01(\t\"x\n\x0cGatewayHello\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06listen\x18\x04 \x03(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"u\n\x10GatewayHeartbeat\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cvpn_sessions\x18\x04 \x01(\x05\"\x8a\x01\n\rManagementJob\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08gateways\x18\x04 \x03(\t\x12\x1d\n\x15\x61\x63\x63\x65pt_vpn_disruption\x18\x05 \x01(\x08\x12\x17\n\x0f\x61llow_downgrade\x18\x06 \x01(\x08\"x\n\x0bJobRejected\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x64mins\x18\x03 \x03(\t\x12\x30\n\x11release_published\x18\n \x01(\x0b\x32\x13.hitless.v1.ReleaseH\x00\x12\'\n\x0cjob_finished\x18\x0b \x01(\x0b\x32\x0f.hitless.v1.JobH\x00\x12/\n\x0cjob_rejected\x18\x0c \x01(\x0b\x32\x17.hitless.v1.JobRejectedH\x00\x12\x35\n\x0f\x63ommand_refused\x18\r \x01(\x0b\x32\x1a.hitless.v1.CommandRefusedH\x00\x42\x06\n\x04kindb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14hitless/v1/bus.proto\x12\nhitless.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17hitless/v1/common.proto\x1a\x1bhitless/v1/controller.proto\"\xa4\x02\n\x0eUpgradeCommand\x12\x12\n\ncommand_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x12\n\ngateway_id\x18\x03 \x01(\t\x12\x16\n\x0etarget_version\x18\x04 \x01(\t\x12\x17\n\x0f\x61rtifact_sha256\x18\x05 \x01(\t\x12\x15\n\rartifact_size\x18\x06 \x01(\x03\x12,\n\x08\x64\x65\x61\x64line\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14restarts_vpn_service\x18\x08 \x01(\x08\x12-\n\tissued_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x61llow_downgrade\x18\n \x01(\x08\"\xad\x02\n\x0cStatusReport\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x12\n\ncommand_id\x18\x02 \x01(\t\x12\x0e\n\x06job_id\x18\x03 \x01(\t\x12\x12\n\ngateway_id\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.hitless.v1.GatewayJobState\x12\x14\n\x0c\x66rom_version\x18\x06 \x01(\t\x12\x12\n\nto_version\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x12\n\nbytes_done\x18\t \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x03\x12&\n\x02\x61t\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14vpn_sessions_dropped\x18\x0c \x01(\x05\"\xb7\x01\n\x0e\x43ommandRefused\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x12\n\ngateway_id\x18\x02 \x01(\t\x12\x12\n\ncommand_id\x18\x03 \x01(\t\x12\x0e\n\x06job_id\x18\x04 \x01(\t\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12&\n\x02\x61t\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x66rom_version\x18\x08 \x01(\t\"\xaf\x01\n\x0cGatewayHello\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0e\n\x06listen\x18\x04 \x03(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x12heartbeat_interval\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\"u\n\x10GatewayHeartbeat\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12&\n\x02\x61t\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cvpn_sessions\x18\x04 \x01(\x05\"\x8a\x01\n\rManagementJob\x12\x0e\n\x06\x61\x63tion\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x10\n\x08gateways\x18\x04 \x03(\t\x12\x1d\n\x15\x61\x63\x63\x65pt_vpn_disruption\x18\x05 \x01(\x08\x12\x17\n\x0f\x61llow_downgrade\x18\x06 \x01(\x08\"x\n\x0bJobRejected\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x02\n\x05\x45vent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x61\x64mins\x18\x03 \x03(\t\x12\x30\n\x11release_published\x18\n \x01(\x0b\x32\x13.hitless.v1.ReleaseH\x00\x12\'\n\x0cjob_finished\x18\x0b \x01(\x0b\x32\x0f.hitless.v1.JobH\x00\x12/\n\x0cjob_rejected\x18\x0c \x01(\x0b\x32\x17.hitless.v1.JobRejectedH\x00\x12\x35\n\x0f\x63ommand_refused\x18\r \x01(\x0b\x32\x1a.hitless.v1.CommandRefusedH\x00\x42\x06\n\x04kindb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hitless.v1.bus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPGRADECOMMAND']._serialized_start=124
-  _globals['_UPGRADECOMMAND']._serialized_end=416
-  _globals['_STATUSREPORT']._serialized_start=419
-  _globals['_STATUSREPORT']._serialized_end=720
-  _globals['_COMMANDREFUSED']._serialized_start=723
-  _globals['_COMMANDREFUSED']._serialized_end=906
-  _globals['_GATEWAYHELLO']._serialized_start=908
-  _globals['_GATEWAYHELLO']._serialized_end=1028
-  _globals['_GATEWAYHEARTBEAT']._serialized_start=1030
-  _globals['_GATEWAYHEARTBEAT']._serialized_end=1147
-  _globals['_MANAGEMENTJOB']._serialized_start=1150
-  _globals['_MANAGEMENTJOB']._serialized_end=1288
-  _globals['_JOBREJECTED']._serialized_start=1290
-  _globals['_JOBREJECTED']._serialized_end=1410
-  _globals['_EVENT']._serialized_start=1413
-  _globals['_EVENT']._serialized_end=1697
+  _globals['_UPGRADECOMMAND']._serialized_start=156
+  _globals['_UPGRADECOMMAND']._serialized_end=448
+  _globals['_STATUSREPORT']._serialized_start=451
+  _globals['_STATUSREPORT']._serialized_end=752
+  _globals['_COMMANDREFUSED']._serialized_start=755
+  _globals['_COMMANDREFUSED']._serialized_end=938
+  _globals['_GATEWAYHELLO']._serialized_start=941
+  _globals['_GATEWAYHELLO']._serialized_end=1116
+  _globals['_GATEWAYHEARTBEAT']._serialized_start=1118
+  _globals['_GATEWAYHEARTBEAT']._serialized_end=1235
+  _globals['_MANAGEMENTJOB']._serialized_start=1238
+  _globals['_MANAGEMENTJOB']._serialized_end=1376
+  _globals['_JOBREJECTED']._serialized_start=1378
+  _globals['_JOBREJECTED']._serialized_end=1498
+  _globals['_EVENT']._serialized_start=1501
+  _globals['_EVENT']._serialized_end=1785
 # @@protoc_insertion_point(module_scope)

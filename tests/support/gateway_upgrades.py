@@ -28,7 +28,7 @@ from typing import Any
 
 import grpc
 
-from controller_svc.server import ArtifactsService
+from controller_svc.server import ArtifactsService, add_artifacts
 from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
 from gateway_daemon import identity
@@ -36,7 +36,7 @@ from hitless.bus import codec, topology
 from hitless.bus.amqp import Consumer, Delivery, Publisher
 from hitless.config import BusConfig
 from hitless.trust import keys, release
-from hitless.v1 import artifacts_pb2_grpc, bus_pb2, common_pb2
+from hitless.v1 import bus_pb2, common_pb2
 from tests.support import certificates
 
 FINAL_STATES = frozenset({"SUCCEEDED", "ROLLED_BACK", "FAILED", "UNREACHABLE"})
@@ -57,8 +57,7 @@ class GatewayUpgrades:
         )
         self.ca = certificates.certificate_authority(store_dir.with_name(store_dir.name + "-pki"))
         self._server = grpc.server(futures.ThreadPoolExecutor(4))
-        service = ArtifactsService(self._store, self.trust.repository)
-        artifacts_pb2_grpc.add_ArtifactsServicer_to_server(service, self._server)
+        add_artifacts(ArtifactsService(self._store, self.trust.repository), self._server)
         self.port = self._server.add_secure_port(
             "127.0.0.1:0", self.ca.server_credentials(require_client_certificate=True)
         )

@@ -124,8 +124,8 @@ def connect(
                 if on_refused is None:
                     raise
                 on_refused(q, exc)
-                if not channel.is_open:
-                    channel = connection.channel()
+            if not channel.is_open:  # refused, or closed to refuse a queue type (declare)
+                channel = connection.channel()
     except BaseException:
         connection.close()
         raise
@@ -171,16 +171,54 @@ def declare(channel: BlockingChannel, queues: Iterable[Queue], *, passive: bool 
     A missing exchange or queue is a 404 NOT_FOUND that closes the channel
     (``pika.exceptions.ChannelClosedByBroker``): whoever owns the topology has not
     declared it yet.
+
+    A quorum queue that exists as a classic queue (from a release before quorum queues) is
+    kept as it is: RabbitMQ refuses to change a queue's type (406 PRECONDITION_FAILED,
+    inequivalent arg, which closes ``channel``), so it is declared again as
+    ``topology.classic(q)`` on a channel of this call's own, with one ``queue_kept_classic``
+    log line; ``controller-svc broker migrate-queues`` moves it. ``channel`` is then left
+    closed: callers open another, as after any refusal. When the classic form is refused
+    too, the first refusal propagates, as does any other.
     """
-    for q in queues:
-        if passive:
-            channel.queue_declare(queue=q.name, passive=True)
-            continue
-        channel.queue_declare(queue=q.name, durable=True, arguments=dict(q.arguments) or None)
-        for binding in q.bindings:
-            channel.queue_bind(
-                queue=q.name, exchange=binding.exchange.name, routing_key=binding.routing_key
-            )
+    work = channel
+    try:
+        for q in queues:
+            if passive:
+                work.queue_declare(queue=q.name, passive=True)
+                continue
+            try:
+                work.queue_declare(queue=q.name, durable=True, arguments=dict(q.arguments) or None)
+            except pika.exceptions.ChannelClosedByBroker as exc:
+                if not (q.quorum and _inequivalent(exc)):
+                    raise
+                work = channel.connection.channel()
+                kept = topology.classic(q)
+                try:
+                    work.queue_declare(queue=q.name, durable=True, arguments=dict(kept.arguments))
+                except pika.exceptions.ChannelClosedByBroker:
+                    raise exc from None  # not a classic queue of ours either: the first refusal
+                log.info(
+                    "queue_kept_classic",
+                    queue=cut(q.name, 80),
+                    hint="it existed as a classic queue; controller-svc broker migrate-queues "
+                    "moves it to a quorum queue once it is empty and unused",
+                )
+            for binding in q.bindings:
+                work.queue_bind(
+                    queue=q.name, exchange=binding.exchange.name, routing_key=binding.routing_key
+                )
+    finally:
+        if work is not channel and work.is_open:
+            with contextlib.suppress(*CONNECT_ERRORS):
+                work.close()
+
+
+def _inequivalent(exc: pika.exceptions.ChannelClosedByBroker) -> bool:
+    """Whether the broker refused a declaration because the queue exists with other
+    arguments ("inequivalent arg ..."). Which argument it names depends on the broker's order
+    of checks (3.10 names x-overflow before x-queue-type), so the type is told by declaring
+    the classic form next."""
+    return exc.reply_code == 406 and "inequivalent arg" in str(exc.reply_text)
 
 
 def back_off(

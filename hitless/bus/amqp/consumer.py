@@ -1,16 +1,23 @@
 """``Consumer``: its thread receives; handlers run on worker threads so long work never
 starves heartbeats; the ack (or dead-lettering) goes back through
 ``add_callback_threadsafe`` once the handler has committed its effect.
+
+A ``Batched`` handler is given the deliveries at hand together (up to its ``size``, never
+waiting for more) and says what became of each; those it handled are acked together, with
+one ``multiple`` ack (AMQP 0-9-1 basic.ack), once every delivery before them is settled.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import functools
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pika
@@ -43,6 +50,73 @@ from hitless.errors import PublishFailed
 log = logs.get(__name__)
 
 Handler = Callable[[Delivery], None]
+# Given deliveries, returns one outcome per delivery, in order: None (handled: ack it), or
+# the exception a ``Handler`` would have raised for it (DeadLetter, Requeue, ...).
+BatchHandler = Callable[[Sequence[Delivery]], Sequence[BaseException | None]]
+
+
+@dataclass(frozen=True)
+class Batched:
+    """A handler of several deliveries at once (one database transaction for all, say).
+
+    If ``handle`` raises, or returns a wrong number of outcomes, each delivery of that
+    batch is handed to it again alone, so one poison message fails only itself.
+    """
+
+    handle: BatchHandler
+    size: int = 200
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"a batch size must be at least 1, not {self.size}")
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A delivery waiting in a batch queue, with what settling it needs."""
+
+    connection: pika.BlockingConnection
+    tags: _Tags
+    tag: int
+    delivery: Delivery
+
+
+class _Tags:
+    """One channel's delivery tags not yet settled, in delivery order (used on the I/O
+    thread only). Handled ones are acked with one ``multiple`` ack up to the last of them
+    that has nothing unsettled before it; ones settled alone (dead-lettered, requeued) are
+    passed over, since a multiple ack covers only what is still unacknowledged."""
+
+    _OPEN, _HANDLED, _SETTLED = 0, 1, 2
+
+    def __init__(self, channel: BlockingChannel) -> None:
+        self.channel = channel
+        self._order: collections.deque[int] = collections.deque()
+        self._state: dict[int, int] = {}
+
+    @property
+    def open(self) -> int:
+        return len(self._state)
+
+    def delivered(self, tag: int) -> None:
+        self._order.append(tag)
+        self._state[tag] = self._OPEN
+
+    def settled_alone(self, tag: int) -> None:
+        self._state[tag] = self._SETTLED
+
+    def handled(self, tag: int) -> None:
+        self._state[tag] = self._HANDLED
+
+    def ack_ready(self) -> None:
+        """Ack every handled tag that has no open tag before it, in one frame."""
+        last = None
+        while self._order and self._state[self._order[0]] != self._OPEN:
+            tag = self._order.popleft()
+            if self._state.pop(tag) == self._HANDLED:
+                last = tag
+        if last is not None:
+            self.channel.basic_ack(last, multiple=True)
 
 
 class Consumer:
@@ -66,6 +140,10 @@ class Consumer:
     at a time, in the order the broker delivered them (a gateway's reports, for one).
     Without it, any free worker takes the next message.
 
+    With a ``Batched`` handler, deliveries are handed over in batches (per lane, with
+    ``lane``), and each outcome is settled as a handler's return or exception would be.
+    ``prefetch`` bounds how many can be at hand: give it several batches' worth.
+
     With ``passive`` (default: ``bus.passive``), the topology, ``queues`` and ``source``
     are only checked to exist,
     never declared or bound (``channel.declare``): for a broker user with no configure
@@ -77,7 +155,7 @@ class Consumer:
         self,
         bus: BusConfig,
         source: Queue,
-        handler: Handler,
+        handler: Handler | Batched,
         *,
         queues: Iterable[Queue] = (),
         prefetch: int = 1,
@@ -90,7 +168,12 @@ class Consumer:
         self._bus = bus
         self._passive = bus.passive if passive is None else passive
         self._source = source
-        self._handler = handler
+        self._batched: Batched | None = None
+        self._handler: Handler = self._unbatched
+        if isinstance(handler, Batched):
+            self._batched = handler
+        else:
+            self._handler = handler
         self._lane = lane
         self._queues = (*queues, source)
         self._prefetch = prefetch
@@ -106,6 +189,13 @@ class Consumer:
         )
         self._in_flight: set[concurrent.futures.Future[None]] = set()
         self._lock = threading.Lock()
+        # Batch mode: deliveries received in the current pump (I/O thread only), then per
+        # pool those waiting for a worker and how many workers are taking them (_lock).
+        self._arrived: list[_Pending] = []
+        self._tags: _Tags | None = None
+        self._waiting = [collections.deque[_Pending]() for _ in self._pools]
+        self._taking = [0 for _ in self._pools]
+        self._max_taking = [1] * len(self._pools) if lane is not None else [workers]
         self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
         self._dead_letters: BlockingChannel | None = None
         # Messages that could not be dead-lettered (and were acked, with a log line).
@@ -126,10 +216,13 @@ class Consumer:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _pool_for(self, delivery: Delivery) -> concurrent.futures.ThreadPoolExecutor:
+        return self._pools[self._pool_index(delivery)]
+
+    def _pool_index(self, delivery: Delivery) -> int:
         if self._lane is None:
-            return self._pools[0]
+            return 0
         key = self._lane(delivery).encode()
-        return self._pools[zlib.crc32(key) % len(self._pools)]
+        return zlib.crc32(key) % len(self._pools)
 
     def _run(self) -> None:
         attempt = 0
@@ -140,6 +233,7 @@ class Consumer:
                 self._dead_letters = connection.channel()
                 self._dead_letters.confirm_delivery()
                 channel.basic_qos(prefetch_count=self._prefetch)
+                self._tags = _Tags(channel)
                 tag = channel.basic_consume(
                     queue=self._source.name,
                     on_message_callback=functools.partial(self._on_message, connection),
@@ -149,6 +243,7 @@ class Consumer:
                 log.info("bus_consuming", role=self._name, queue=self._source.name)
                 while not self._stop.is_set():
                     connection.process_data_events(time_limit=PUMP_S)
+                    self._hand_over()
                 # No new deliveries from here; those in flight finish and are settled.
                 channel.basic_cancel(tag)
                 self._drain(connection)
@@ -163,8 +258,10 @@ class Consumer:
         """After stop: wait for handlers in flight so their acks go out before closing."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            self._hand_over()
             with self._lock:
                 busy = bool(self._in_flight)
+            busy = busy or bool(self._tags and self._tags.open)
             connection.process_data_events(time_limit=0.05)
             if not busy:
                 return
@@ -187,6 +284,10 @@ class Consumer:
             user_id=properties.user_id,
         )
         tag = method.delivery_tag
+        if self._batched is not None and self._tags is not None:
+            self._tags.delivered(tag)
+            self._arrived.append(_Pending(connection, self._tags, tag, delivery))
+            return
         future = self._pool_for(delivery).submit(self._handler, delivery)
         with self._lock:
             self._in_flight.add(future)
@@ -202,6 +303,113 @@ class Consumer:
                     self._in_flight.discard(done)
 
         future.add_done_callback(settle)
+
+    def _hand_over(self) -> None:
+        """Batch mode, on the I/O thread: queue what the last pump received for the
+        workers, starting one where a pool has room for another."""
+        if not self._arrived:
+            return
+        arrived, self._arrived = self._arrived, []
+        start = []
+        with self._lock:
+            for pending in arrived:
+                index = self._pool_index(pending.delivery)
+                self._waiting[index].append(pending)
+                if self._taking[index] < self._max_taking[index]:
+                    self._taking[index] += 1
+                    start.append(index)
+        for index in start:
+            self._pools[index].submit(self._take_batches, index)
+
+    def _take_batches(self, index: int) -> None:
+        """A worker of pool ``index``: handle batches from its queue until it is empty."""
+        assert self._batched is not None
+        try:
+            while batch := self._next_batch(index, self._batched.size):
+                self._handle_and_settle(batch)
+        except Exception:
+            # Unsettled, the batch's deliveries come back when the channel closes.
+            log.exception("batch_worker_failed", role=self._name)
+        finally:
+            with self._lock:
+                self._taking[index] -= 1
+                left = bool(self._waiting[index])
+            if left and not self._stop.is_set():
+                # Queued after this worker found the queue empty: another one takes them.
+                self._hand_over_to(index)
+
+    def _next_batch(self, index: int, size: int) -> list[_Pending]:
+        with self._lock:
+            waiting = self._waiting[index]
+            return [waiting.popleft() for _ in range(min(len(waiting), size))]
+
+    def _hand_over_to(self, index: int) -> None:
+        with self._lock:
+            if self._taking[index] >= self._max_taking[index]:
+                return
+            self._taking[index] += 1
+        self._pools[index].submit(self._take_batches, index)
+
+    def _handle_and_settle(self, batch: list[_Pending]) -> None:
+        """Handle one batch, then settle its deliveries on the I/O thread."""
+        outcomes = self._handle_batch([p.delivery for p in batch])
+        by_channel: dict[int, list[tuple[_Pending, BaseException | None]]] = {}
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            by_channel.setdefault(id(pending.tags), []).append((pending, outcome))
+        for settled in by_channel.values():
+            # A connection that is gone raises: the broker redelivers these.
+            with contextlib.suppress(*CONNECT_ERRORS):
+                settled[0][0].connection.add_callback_threadsafe(
+                    functools.partial(self._settle_batch, settled)
+                )
+
+    def _handle_batch(self, deliveries: list[Delivery]) -> list[BaseException | None]:
+        """The batch handler's outcomes; when it fails as a whole, each delivery's alone."""
+        assert self._batched is not None
+        try:
+            outcomes = list(self._batched.handle(deliveries))
+            if len(outcomes) != len(deliveries):
+                raise ValueError(f"{len(outcomes)} outcomes for {len(deliveries)} deliveries")
+            return outcomes
+        except Exception as exc:
+            if len(deliveries) == 1:
+                return [exc]
+            log.warning(
+                "batch_failed_handling_alone",
+                role=self._name,
+                deliveries=len(deliveries),
+                error=f"{type(exc).__name__}: {exc}",
+            )
+        return [self._handle_alone(delivery) for delivery in deliveries]
+
+    def _handle_alone(self, delivery: Delivery) -> BaseException | None:
+        assert self._batched is not None
+        try:
+            outcomes = list(self._batched.handle([delivery]))
+            if len(outcomes) != 1:
+                raise ValueError(f"{len(outcomes)} outcomes for one delivery")
+            return outcomes[0]
+        except Exception as exc:
+            return exc
+
+    def _unbatched(self, delivery: Delivery) -> None:
+        """Never called: in batch mode deliveries go through ``_take_batches``."""
+        raise AssertionError(f"{delivery.message_id}: a batched consumer handles in batches")
+
+    def _settle_batch(self, settled: list[tuple[_Pending, BaseException | None]]) -> None:
+        """On the I/O thread: ack what was handled (together), settle the rest alone."""
+        tags = settled[0][0].tags
+        if not tags.channel.is_open:
+            return  # its deliveries come again, on the next channel
+        for pending, outcome in settled:
+            if outcome is None:
+                tags.handled(pending.tag)
+                continue
+            done: concurrent.futures.Future[None] = concurrent.futures.Future()
+            done.set_exception(outcome)
+            self._settle(tags.channel, pending.tag, pending.delivery, done)
+            tags.settled_alone(pending.tag)
+        tags.ack_ready()
 
     def _settle(
         self,

@@ -1,8 +1,17 @@
-"""``Publisher``: callers on any thread hand it messages; its own thread publishes each
-with publisher confirms and ``mandatory=True`` and wakes the caller with the outcome.
+"""``Publisher``: callers on any thread hand it messages; its own threads publish each
+with publisher confirms and ``mandatory=True`` and wake the caller with the outcome.
 
 A request the broker refuses fails alone, on a fresh channel; a lost connection is retried
 (with bounded, jittered backoff) unless the request itself keeps taking the connection down.
+
+pika's BlockingChannel in confirm mode waits for each ``basic_publish``'s confirm before it
+returns (pika 1.x ``BlockingChannel.basic_publish``; the asynchronous ack callback exists
+only on the core channel of SelectConnection), so one connection carries one message per
+broker round trip, fsync included. To keep several confirms in flight, a publisher runs
+``lanes`` connections, one thread each, taking requests from one queue: a caller that
+hands over many messages at once (``publish_nowait``, ``declare``) has up to ``lanes`` of
+them on the wire together, and the broker confirms them together. Messages a caller
+publishes one after another (``publish``) keep their order.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from hitless.errors import BusUnavailable, PublishFailed
 
 log = logs.get(__name__)
 
+# The most connections one publisher keeps side by side.
+MAX_LANES = 16
 # A request that took the connection down this many times (e.g. properties larger than a
 # frame, which the broker answers by closing the connection) is failed, not retried.
 _MAX_CONNECTION_LOSSES = 3
@@ -62,6 +73,28 @@ class _Request:
         self.done.set()
 
 
+class Confirm:
+    """The outcome of one message handed to ``Publisher.publish_nowait``."""
+
+    def __init__(self, request: _Request, broker: str) -> None:
+        self._request = request
+        self._broker = broker
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the broker's confirm. Raises PublishFailed
+        when the broker refused, nacked or could not route the message, and BusUnavailable
+        when no confirm came in time (the message is then dropped, never sent late)."""
+        request = self._request
+        if not request.done.wait(timeout):
+            request.abandoned = True
+            raise BusUnavailable(
+                f"cannot {request.what}: no answer from the broker at {self._broker} within "
+                f"{timeout:.0f}s; check that RabbitMQ is running"
+            )
+        if request.error is not None:
+            raise request.error
+
+
 class Publisher:
     """Publishes persistent messages with confirms and mandatory routing, from any thread.
 
@@ -69,6 +102,9 @@ class Publisher:
     checked to exist, never declared or bound (``channel.declare``): for a broker user with
     no configure permission. A kept queue that does not exist is forgotten as one the
     broker refuses; a missing exchange fails the connection, which is retried.
+
+    ``lanes`` (1 to MAX_LANES) connections publish side by side (see the module's
+    docstring); the first one declares the kept queues again on every reconnect.
     """
 
     def __init__(
@@ -79,33 +115,59 @@ class Publisher:
         name: str = "publisher",
         backoff: Backoff = Backoff(),
         passive: bool | None = None,
+        lanes: int = 1,
     ) -> None:
+        if not 1 <= lanes <= MAX_LANES:
+            raise ValueError(f"invalid lanes {lanes} for the {name}: must be 1 to {MAX_LANES}")
         self._bus = bus
         self._passive = bus.passive if passive is None else passive
         self._queues = tuple(queues)
+        # The names in _queues, for a quick "declared already?" (guarded by _queues_lock).
+        self._declared = {q.name for q in self._queues}
         self._queues_lock = threading.Lock()
         self._name = name
         self._backoff = backoff
         self._requests: queue.Queue[_Request] = queue.Queue()
         self._stop = threading.Event()
         self._connected = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
+        self._lanes_up = 0  # lanes holding a connection (guarded by _queues_lock)
+        self._threads = [
+            threading.Thread(target=self._run, args=(lane,), name=f"bus-{name}-{lane}", daemon=True)
+            for lane in range(lanes)
+        ]
+
+    @property
+    def lanes(self) -> int:
+        """How many messages this publisher can have awaiting a confirm at once."""
+        return len(self._threads)
 
     def start(self) -> Publisher:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread.ident is not None:  # started
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
     @property
     def connected(self) -> bool:
-        """True while the publisher holds a connection to the broker."""
+        """True while the publisher holds a connection to the broker (any lane)."""
         return self._connected.is_set()
+
+    def _lane_up(self, up: bool) -> None:
+        with self._queues_lock:
+            self._lanes_up += 1 if up else -1
+            if self._lanes_up > 0:
+                self._connected.set()
+            else:
+                self._connected.clear()
 
     def publish(
         self,
@@ -127,6 +189,27 @@ class Publisher:
         PublishFailed when the broker refuses, nacks or cannot route the message, and
         BusUnavailable when no confirm came within ``timeout`` (the broker is away).
         """
+        self.publish_nowait(
+            exchange, routing_key, message, message_id=message_id, headers=headers,
+            expiration_ms=expiration_ms, user_id=user_id,
+        ).wait(timeout)  # fmt: skip
+
+    def publish_nowait(
+        self,
+        exchange: Exchange,
+        routing_key: str,
+        message: Message | bytes,
+        *,
+        message_id: str | None = None,
+        headers: Mapping[str, Any] | None = None,
+        expiration_ms: int | None = None,
+        user_id: str | None = None,
+    ) -> Confirm:
+        """Hand a message over as ``publish`` does, without waiting: the Confirm's ``wait``
+        gives the outcome. Messages handed over together are on the wire together (up to
+        ``lanes`` at once), in no set order. Raises PublishFailed at once for what can
+        never be sent (a TTL or properties RabbitMQ cannot take), BusUnavailable when the
+        publisher is not running."""
         what = f"publish to {exchange.name} with key {cut(routing_key, 80)!r}"
         body = message if isinstance(message, bytes) else codec.encode(message)
         if expiration_ms is not None and not 0 <= expiration_ms <= MAX_EXPIRATION_MS:
@@ -154,7 +237,7 @@ class Publisher:
                 mandatory=True,
             )
 
-        self._submit(action, timeout, what)
+        return self._enqueue(action, what)
 
     def dead_letter(
         self,
@@ -177,16 +260,46 @@ class Publisher:
             timeout=timeout,
         )
 
-    def declare(self, queues: Iterable[Queue], timeout: float = 30.0) -> None:
+    def declare(
+        self, queues: Iterable[Queue], timeout: float = 30.0, *, again: bool = False
+    ) -> None:
         """Declare more queues; once declared they are kept and declared again after every
-        reconnect. Raises PublishFailed when the broker refuses one (nothing is kept from
-        this call then), BusUnavailable as ``publish``."""
-        new = tuple(queues)
-        self._submit(
-            lambda channel: declare(channel, new, passive=self._passive), timeout, "declare queues"
-        )
+        reconnect, and a later ``declare`` of a kept queue sends nothing (``again``: send
+        it all the same, e.g. after a publish found it gone). Many queues are declared over
+        all lanes at once, in up to ``lanes`` requests. Raises PublishFailed when the broker
+        refuses one (none of the queues sent in the same request is kept then: declaring
+        them one by one finds which), BusUnavailable when a request got no answer within
+        ``timeout``."""
         with self._queues_lock:
-            self._queues = (*self._queues, *(q for q in new if q not in self._queues))
+            new = tuple(q for q in dict.fromkeys(queues) if again or q.name not in self._declared)
+        if not new:
+            return
+        size = -(-len(new) // self.lanes)
+        chunks = [new[i : i + size] for i in range(0, len(new), size)]
+        confirms = [
+            (chunk, self._enqueue(self._declaring(chunk), f"declare {len(chunk)} queue(s)"))
+            for chunk in chunks
+        ]
+        deadline = time.monotonic() + timeout
+        failure: BaseException | None = None
+        for chunk, confirm in confirms:
+            try:
+                confirm.wait(max(0.0, deadline - time.monotonic()))
+            except (BusUnavailable, PublishFailed) as exc:
+                failure = failure or exc
+                continue
+            self._keep(chunk)
+        if failure is not None:
+            raise failure
+
+    def _declaring(self, queues: tuple[Queue, ...]) -> Callable[[BlockingChannel], None]:
+        return lambda channel: declare(channel, queues, passive=self._passive)
+
+    def _keep(self, queues: Iterable[Queue]) -> None:
+        with self._queues_lock:
+            fresh = [q for q in queues if q.name not in self._declared]
+            self._queues = (*self._queues, *fresh)
+            self._declared.update(q.name for q in fresh)
 
     def _forget(self, refused: Queue, error: BaseException) -> None:
         """A kept queue the broker refuses on reconnect is declared no more."""
@@ -194,35 +307,30 @@ class Publisher:
                   error=cut(str(error), 300) or type(error).__name__)  # fmt: skip
         with self._queues_lock:
             self._queues = tuple(q for q in self._queues if q != refused)
+            self._declared = {q.name for q in self._queues}
 
-    def _submit(self, action: Callable[[BlockingChannel], None], timeout: float, what: str) -> None:
-        if not self._thread.is_alive():
+    def _enqueue(self, action: Callable[[BlockingChannel], None], what: str) -> Confirm:
+        if not any(thread.is_alive() for thread in self._threads):
             raise BusUnavailable(f"cannot {what}: the {self._name} is not running")
         request = _Request(action, what)
         self._requests.put(request)
-        if not request.done.wait(timeout):
-            request.abandoned = True
-            raise BusUnavailable(
-                f"cannot {what}: no answer from the broker at {self._bus.safe_url} within "
-                f"{timeout:.0f}s; check that RabbitMQ is running"
-            )
-        if request.error is not None:
-            raise request.error
+        return Confirm(request, self._bus.safe_url)
 
-    def _run(self) -> None:
+    def _run(self, lane: int) -> None:
         attempt = 0
         pending: _Request | None = None
         while not self._stop.is_set():
             connection = None
             executing = False
+            up = False
             try:
                 with self._queues_lock:
-                    kept = self._queues
+                    kept = self._queues if lane == 0 else ()
                 connection, channel = connect(self._bus, kept, self._forget, passive=self._passive)
                 channel.confirm_delivery()
                 attempt = 0
-                self._connected.set()
-                log.info("bus_connected", role=self._name, broker=self._bus.safe_url)
+                self._lane_up(up := True)
+                log.info("bus_connected", role=self._name, lane=lane, broker=self._bus.safe_url)
                 while not self._stop.is_set():
                     if pending is None:
                         try:
@@ -239,13 +347,15 @@ class Publisher:
                         channel = connection.channel()
                         channel.confirm_delivery()
             except CONNECT_ERRORS as exc:
-                self._connected.clear()
+                if up:
+                    self._lane_up(up := False)
                 if pending is not None and executing:
                     pending = self._lost_while_executing(pending, exc)
                 back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
                 attempt += 1
             except Exception as exc:  # a bug must not silently end publishing for good
-                self._connected.clear()
+                if up:
+                    self._lane_up(up := False)
                 log.exception("publisher_failed", role=self._name)
                 if pending is not None:
                     pending.fail(BusUnavailable(f"the {self._name} failed: {exc}"))
@@ -253,8 +363,9 @@ class Publisher:
                 back_off(self._name, self._bus, self._backoff, attempt, exc, self._stop)
                 attempt += 1
             finally:
+                if up:
+                    self._lane_up(False)
                 close_quietly(connection)
-        self._connected.clear()
         if pending is not None:
             pending.fail(BusUnavailable(f"the {self._name} was closed"))
         self._fail_waiting()

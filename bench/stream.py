@@ -1,0 +1,476 @@
+"""``make bench-stream``: artifact download throughput over the controller's gRPC stream,
+beside plain loopback TCP moving the same bytes with the same concurrency, in the same run.
+
+The server is a real controller process (``controller-svc serve`` on SQLite, its own
+broker vhost, ``--no-self-upgrade``) with one release published through its API: a zip
+holding the version stamp and ``artifact_bytes`` of random bytes, stored uncompressed,
+with targets metadata signed by the targets key (as ``bench/verify.py`` does).
+
+Downloaders are worker processes (processes, so the GIL does not serialise them; started
+from a fork server), each enrolled as a gateway of its own before anything is timed. A
+round releases every worker from a barrier at once:
+
+- gRPC: each worker runs ``gateway_daemon.download.download`` of the artifact to a new
+  file, as a gateway's agent does in an upgrade: over the channel (``ControllerChannel``)
+  its metadata update opened, here one ``FetchMetadata`` of timestamp.json before the
+  barrier, so the connection and its TLS handshake (client certificate, gateway port) are
+  not timed; then the stream, the file written;
+- gRPC, new channel: the same download over a channel of its own, its TLS handshake timed
+  (what every download cost before the channel was shared);
+- raw TCP: each worker connects to a socket server in this process, which sends the same
+  bytes with ``socket.sendfile`` (the kernel copies from the page cache; no TLS, no
+  framing), and reads them with ``recv_into`` into one buffer, writing nothing. This is the
+  floor: what the loopback interface moves with that many connections on these cores.
+
+Throughput is all the bytes moved over the round's wall time (the first worker released
+to the last one done), in MB/s (10^6 bytes per second). The kinds alternate, ``ROUNDS``
+rounds each after one warm-up round of each; the median round is reported. The ratio is
+gRPC over raw TCP. Both share this machine's cores with the other side: on a 2-core
+machine client and server compete for the same CPUs. The controller's CPU time per round
+(/proc) and each downloader's (``time.process_time``) are reported beside them.
+
+``measure(artifact_bytes, concurrency)`` runs the whole thing for one concurrency and
+returns ``stream_mbps``, ``raw_tcp_mbps`` and ``stream_ratio`` (for ``bench/fleet.py``)
+with the details;
+the main prints one table for 1, 8 and 32 downloaders and writes
+bench/results/stream.json. Not a test: timing never decides pass or fail. Needs RabbitMQ
+with its management API on 127.0.0.1 (a throwaway vhost, or the existing one ``--vhost``
+names). Exit 0, or 1 when the bench itself broke, or 2 when there is no broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # before bench/, whose hitless.py would shadow the package
+
+from bench.verify import cpu_seconds, enroll, publish, stamped_zip  # noqa: E402
+from gateway_daemon import identity  # noqa: E402
+from gateway_daemon.download import ControllerChannel, download  # noqa: E402
+from gateway_daemon.trust import ControllerSource  # noqa: E402
+from hitless import logs  # noqa: E402
+from hitless.config import HostPort  # noqa: E402
+from hitless.digest import file_sha256  # noqa: E402
+from hitless.trust import keys as trust_keys  # noqa: E402
+from tests.support.procs import Procs, command, free_port  # noqa: E402
+from tests.support.rabbit import Management, amqp_url  # noqa: E402
+from tests.support.wait import wait_for  # noqa: E402
+from upgradectl.client import ControllerClient  # noqa: E402
+from upgradectl.credentials import Credentials  # noqa: E402
+from upgradectl.errors import CliError  # noqa: E402
+
+ARTIFACT_BYTES = 20 * 1024 * 1024
+CONCURRENCY = (1, 8, 32)
+ROUNDS = 3
+VERSION = "2.0.0"
+BARRIER_TIMEOUT_S = 60.0
+ROUND_TIMEOUT_S = 300.0
+RECV_BUFFER = 1 << 20
+RESULTS = ROOT / "bench" / "results" / "stream.json"
+EXIT_OK, EXIT_BROKEN, EXIT_NO_BROKER = 0, 1, 2
+GRPC, GRPC_NEW_CHANNEL, TCP = "grpc", "grpc-new-channel", "tcp"
+KINDS = (GRPC, GRPC_NEW_CHANNEL, TCP)
+
+
+# Raw TCP ---------------------------------------------------------------------------------
+
+
+class RawServer:
+    """A loopback TCP server that sends the file ``path`` to each connection with
+    ``socket.sendfile`` and closes it; a thread per connection. ``close`` stops it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.port: int = self._listener.getsockname()[1]
+        self._accepting = threading.Thread(target=self._accept, name="raw-accept", daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+
+    def _send(self, conn: socket.socket) -> None:
+        with conn, self._path.open("rb") as f:
+            conn.sendfile(f)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def receive_all(port: int, size: int) -> int:
+    """Read everything the raw server at ``port`` sends; raises when it is not ``size``."""
+    buffer = memoryview(bytearray(RECV_BUFFER))
+    got = 0
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        while n := sock.recv_into(buffer):
+            got += n
+    if got != size:
+        raise RuntimeError(f"the raw server sent {got} bytes, not {size}")
+    return got
+
+
+# Worker processes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str
+    identity_dir: str
+    controller: str  # the gateway port
+    raw_port: int
+    sha256: str
+    size: int
+    dest: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    started: float  # time.monotonic() when released from the barrier (one clock per host)
+    ended: float
+    cpu_s: float  # the worker's CPU time for the transfer, all its threads
+    error: str
+
+
+def worker(barrier: Barrier, tasks: Any, results: Any) -> None:
+    """One downloader process: for each task, prepare, wait at ``barrier``, move the bytes
+    once and put an Outcome in ``results``; stop at None."""
+    logs.configure("bench-stream-gateway", json=True, level="CRITICAL")
+    while (task := tasks.get()) is not None:
+        error = ""
+        dest = Path(task.dest)
+        channel: ControllerChannel | None = None
+        try:
+            enrolled = identity.load(Path(task.identity_dir))
+            if enrolled is None:
+                raise RuntimeError(f"no gateway identity in {task.identity_dir}")
+            credentials = enrolled.channel_credentials()
+            controller = HostPort.parse(task.controller)
+            dest.unlink(missing_ok=True)
+            if task.kind == GRPC:
+                # As in an upgrade: the metadata update opened the channel the download uses.
+                channel = ControllerChannel(controller, credentials)
+                ControllerSource(controller, credentials, channel).fetch_metadata("timestamp.json")
+        except Exception as exc:  # reported with the outcome; the barrier still needs us
+            error = f"prepare: {type(exc).__name__}: {exc}"
+        barrier.wait(BARRIER_TIMEOUT_S)
+        started, cpu = time.monotonic(), time.process_time()
+        if not error:
+            try:
+                if task.kind == GRPC:
+                    download(controller, task.sha256, task.size, dest, channel=channel)
+                elif task.kind == GRPC_NEW_CHANNEL:
+                    download(controller, task.sha256, task.size, dest, credentials=credentials)
+                else:
+                    receive_all(task.raw_port, task.size)
+            except Exception as exc:  # counted per round
+                error = f"{type(exc).__name__}: {exc}"
+        ended, cpu = time.monotonic(), time.process_time() - cpu
+        if channel is not None:
+            channel.close()
+        dest.unlink(missing_ok=True)
+        results.put(Outcome(started, ended, cpu, error))
+
+
+@dataclass
+class Downloaders:
+    """``count`` worker processes, owned here: ``close`` stops them."""
+
+    barrier: Barrier
+    tasks: Any
+    results: Any
+    procs: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, count: int) -> Downloaders:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["gateway_daemon.download", "gateway_daemon.identity"])
+        fleet = cls(ctx.Barrier(count), ctx.Queue(), ctx.Queue())
+        for _ in range(count):
+            proc = ctx.Process(target=worker, args=(fleet.barrier, fleet.tasks, fleet.results))
+            proc.start()
+            fleet.procs.append(proc)
+        return fleet
+
+    def run(self, tasks: Sequence[Task]) -> list[Outcome]:
+        for task in tasks:
+            self.tasks.put(task)
+        return [self.results.get(timeout=ROUND_TIMEOUT_S) for _ in tasks]
+
+    def close(self) -> None:
+        for _ in self.procs:
+            self.tasks.put(None)
+        deadline = time.monotonic() + 10
+        for proc in self.procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+# The controller --------------------------------------------------------------------------
+
+
+@dataclass
+class Stand:
+    """A running controller with the artifact published, gateways enrolled, and the raw
+    TCP server sending the same file."""
+
+    work: Path
+    controller_pid: int
+    gateway: HostPort
+    identities: list[Path]
+    sha256: str
+    size: int
+    raw: RawServer
+
+    def measure(self, concurrency: int, rounds: int = ROUNDS) -> dict[str, Any]:
+        """Throughput of ``concurrency`` downloaders at once: gRPC over the channel the
+        metadata update opened, gRPC over a new channel, and raw TCP, alternating,
+        ``rounds`` rounds each after a warm-up round of each; medians."""
+        if concurrency > len(self.identities):
+            raise ValueError(f"{concurrency} downloaders, but {len(self.identities)} enrolled")
+        fleet = Downloaders.start(concurrency)
+        per_kind: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+        try:
+            for i in range(rounds + 1):
+                for kind in KINDS:
+                    tasks = [
+                        Task(kind, str(self.identities[n]), str(self.gateway), self.raw.port,
+                             self.sha256, self.size, str(self.work / "dl" / f"{kind}-{n}.pyz"))
+                        for n in range(concurrency)
+                    ]  # fmt: skip
+                    cpu0 = cpu_seconds(self.controller_pid)
+                    outcomes = fleet.run(tasks)
+                    cpu = cpu_seconds(self.controller_pid) - cpu0
+                    failed = sorted({o.error[:200] for o in outcomes if o.error})
+                    if failed:
+                        raise RuntimeError(f"{kind} round failed: {failed[:3]}")
+                    wall = max(o.ended for o in outcomes) - min(o.started for o in outcomes)
+                    if i > 0:
+                        per_kind[kind].append(
+                            {"wall_s": wall, "mbps": concurrency * self.size / wall / 1e6,
+                             "controller_cpu_s": cpu,
+                             "client_cpu_s": statistics.median(o.cpu_s for o in outcomes)}
+                        )  # fmt: skip
+        finally:
+            fleet.close()
+
+        def median(kind: str, key: str) -> float:
+            return statistics.median(r[key] for r in per_kind[kind])
+
+        grpc_mbps, raw_mbps = median(GRPC, "mbps"), median(TCP, "mbps")
+        return {
+            "concurrency": concurrency,
+            "artifact_bytes": self.size,
+            "rounds": rounds,
+            "stream_mbps": round(grpc_mbps, 1),
+            "raw_tcp_mbps": round(raw_mbps, 1),
+            "stream_ratio": round(grpc_mbps / raw_mbps, 3),
+            "stream_new_channel_mbps": round(median(GRPC_NEW_CHANNEL, "mbps"), 1),
+            "stream_new_channel_ratio": round(median(GRPC_NEW_CHANNEL, "mbps") / raw_mbps, 3),
+            "stream_wall_s": round(median(GRPC, "wall_s"), 3),
+            "raw_tcp_wall_s": round(median(TCP, "wall_s"), 3),
+            "controller_cpu_s": round(median(GRPC, "controller_cpu_s"), 2),
+            "client_cpu_ms": round(1000 * median(GRPC, "client_cpu_s"), 1),
+            "client_new_channel_cpu_ms": round(1000 * median(GRPC_NEW_CHANNEL, "client_cpu_s"), 1),
+            "raw_tcp_client_cpu_ms": round(1000 * median(TCP, "client_cpu_s"), 1),
+            "stream_mbps_each": [round(r["mbps"], 1) for r in per_kind[GRPC]],
+            "raw_tcp_mbps_each": [round(r["mbps"], 1) for r in per_kind[TCP]],
+        }
+
+
+def _admin_token(data_dir: Path, procs: Procs) -> Credentials:
+    path = data_dir / "admin.token"
+    wait_for(
+        lambda: path.exists() and bool(path.read_text().strip()),
+        timeout=60, what="the controller's first admin token", interval=0.1,
+        describe=procs.dump_logs,
+    )  # fmt: skip
+    return Credentials(path.read_text().strip(), f"the file {path}")
+
+
+@contextmanager
+def stand(artifact_bytes: int, gateways: int, vhost: str | None = None) -> Iterator[Stand]:
+    """A controller serving a release of about ``artifact_bytes`` bytes to ``gateways``
+    enrolled gateways, on broker vhost ``vhost`` (an existing one, left as it is) or on a
+    throwaway one; all of it removed afterwards. Raises RuntimeError when RabbitMQ's
+    management API is not on 127.0.0.1."""
+    mgmt = Management()
+    if not mgmt.available():
+        raise RuntimeError("needs RabbitMQ with the management API on 127.0.0.1:15672")
+    throwaway = vhost is None
+    vhost = vhost or f"hitless-bench-stream-{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory(prefix="hitless-bench-stream-") as tmp:
+        work = Path(tmp)
+        (work / "dl").mkdir()
+        procs = Procs(work)
+        client: ControllerClient | None = None
+        raw: RawServer | None = None
+        try:
+            if throwaway:
+                # Inside the try: a request that times out may still have made the vhost.
+                mgmt.create_vhost(vhost)
+            keys = trust_keys.init(work / "keys")
+            api = HostPort("127.0.0.1", free_port())
+            controller = procs.start(
+                "controller",
+                [
+                    command("controller-svc"), "serve",
+                    "--listen", str(api),
+                    "--gateway-listen", f"127.0.0.1:{free_port()}",
+                    "--data-dir", str(work / "controller"),
+                    "--amqp", amqp_url(vhost),
+                    "--trust-root", str(keys.root_json),
+                    "--no-self-upgrade",
+                ],
+            )  # fmt: skip
+            token = _admin_token(work / "controller", procs)
+            ca_pem = (work / "controller" / "pki" / "ca.pem").read_bytes()
+            client = ControllerClient(api, timeout=60, ca_cert=ca_pem, credentials=token)
+
+            def answers() -> bool:
+                assert client is not None
+                try:
+                    client.list_releases()
+                except CliError:
+                    return False
+                return True
+
+            wait_for(answers, timeout=60, what="the controller to answer", interval=0.2,
+                     describe=procs.dump_logs)  # fmt: skip
+            artifact = stamped_zip(work / "artifact.pyz", VERSION, os.urandom(artifact_bytes))
+            publish(client, keys, VERSION, artifact)
+            sha256, size = file_sha256(artifact)
+            identities = [work / "identities" / f"gw-{n}" for n in range(gateways)]
+            enrolled = [enroll(client, api, ca_pem, p.name, p) for p in identities]
+            raw = RawServer(artifact)
+            yield Stand(
+                work, controller.popen.pid, enrolled[0].download_address(api), identities,
+                sha256, size, raw,
+            )  # fmt: skip
+        finally:
+            if raw is not None:
+                raw.close()
+            if client is not None:
+                client.close()
+            procs.stop_all()
+            try:
+                if throwaway:
+                    mgmt.delete_vhost(vhost)
+            except OSError as exc:
+                print(f"bench-stream: vhost {vhost} left behind: {exc}", file=sys.stderr)
+
+
+def measure(
+    artifact_bytes: int = ARTIFACT_BYTES,
+    concurrency: int = 1,
+    *,
+    rounds: int = ROUNDS,
+    vhost: str | None = None,
+) -> dict[str, Any]:
+    """Download throughput of ``concurrency`` gateways fetching an artifact of about
+    ``artifact_bytes`` bytes at once from a controller of its own (on broker vhost
+    ``vhost``, default a throwaway one), beside raw loopback TCP moving the same bytes with
+    the same concurrency, ``rounds`` rounds of each. Returns a dict with ``stream_mbps``
+    and ``raw_tcp_mbps`` (MB/s, 10^6 bytes per second, all downloaders together),
+    ``stream_ratio`` (their quotient) and the details of ``Stand.measure``. Raises
+    RuntimeError when there is no broker or a round fails."""
+    with stand(artifact_bytes, concurrency, vhost) as s:
+        return s.measure(concurrency, rounds)
+
+
+# Output ----------------------------------------------------------------------------------
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        f"artifact {result['artifact_bytes']} B, median of {result['rounds']} rounds after a "
+        f"warm-up, {result['cpus']} CPUs shared by clients and server",
+        f"  {'downloaders':>11}{'gRPC MB/s':>11}{'raw TCP MB/s':>14}{'ratio':>7}"
+        f"{'new-channel MB/s':>18}{'ratio':>7}{'ctl CPU s':>11}{'client CPU ms':>15}",
+    ]
+    for r in result["runs"]:
+        lines.append(
+            f"  {r['concurrency']:>11}{r['stream_mbps']:>11.1f}{r['raw_tcp_mbps']:>14.1f}"
+            f"{r['stream_ratio']:>7.3f}{r['stream_new_channel_mbps']:>18.1f}"
+            f"{r['stream_new_channel_ratio']:>7.3f}{r['controller_cpu_s']:>11.2f}"
+            f"{r['client_cpu_ms']:>15.1f}"
+        )
+    lines += [
+        "  gRPC: gateway_daemon.download.download per downloader (TLS, client certificate, "
+        "file written) over the channel its metadata fetch opened; new-channel: over a",
+        "  channel of its own (TLS handshake timed); raw TCP: sendfile to recv_into, nothing "
+        "written.",
+        "  MB/s: all downloaders' bytes over the round's wall time. ctl CPU s: the "
+        "controller's CPU per gRPC round. client CPU ms: one downloader's, median.",
+        f"  load average start / end: {result['load_start']} / {result['load_end']}",
+    ]
+    return "\n".join(lines)
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="artifact streaming against raw TCP")
+    parser.add_argument(
+        "--vhost", help="an existing broker vhost to use (default: a throwaway one)"
+    )
+    args = parser.parse_args()
+    logs.configure("bench-stream", json=False, level="WARNING")
+    if not Management().available():
+        print("bench-stream: needs RabbitMQ with the management API on 127.0.0.1:15672",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_NO_BROKER
+    load_start, started = _load(), time.monotonic()
+    runs = []
+    try:
+        with stand(ARTIFACT_BYTES, max(CONCURRENCY), args.vhost) as s:
+            for concurrency in CONCURRENCY:
+                print(f"{concurrency} downloaders ...", flush=True)
+                runs.append(s.measure(concurrency))
+    except Exception as exc:
+        print(f"bench-stream: broken: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_BROKEN
+    result = {
+        "artifact_bytes": runs[0]["artifact_bytes"],
+        "rounds": ROUNDS,
+        "cpus": os.cpu_count(),
+        "runs": runs,
+        "load_start": load_start,
+        "load_end": _load(),
+        "took_s": round(time.monotonic() - started, 1),
+    }
+    print(table(result))
+    print(f"bench took {result['took_s']} s")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
