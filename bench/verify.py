@@ -24,8 +24,8 @@ enroll`` does) before anything is timed; every connection below is a TLS handsha
 
    - download: ``gateway_daemon.download.download`` of the large artifact to a new file;
    - metadata update, fresh cache: ``TrustClient.target`` over ``ControllerSource`` (the
-     controller's ``FetchMetadata``, a new connection per file) from the trust anchor with
-     an empty cache: 2.root.json (not found: no root rotation), timestamp, snapshot,
+     controller's ``FetchMetadata``, over one channel kept for the update) from the trust
+     anchor with an empty cache: 2.root.json (not found: no root rotation), timestamp, snapshot,
      targets, each verified;
    - metadata update, warm cache: the same client again with nothing new published: only
      2.root.json and timestamp.json are fetched;

@@ -1,10 +1,11 @@
 """The RabbitMQ adapter: the only package that imports pika.
 
-Two pieces, each owning one BlockingConnection on one thread of its own (pika is not
+Two pieces, each owning its BlockingConnections, one per thread of its own (pika is not
 thread-safe, and BlockingConnection services heartbeats only inside pika calls):
 
-- ``Publisher``: callers on any thread hand it messages; its thread publishes each with
-  publisher confirms and ``mandatory=True`` and wakes the caller with the outcome.
+- ``Publisher``: callers on any thread hand it messages; its threads (``lanes``, one
+  connection each, since a BlockingChannel waits for each confirm) publish each with
+  publisher confirms and ``mandatory=True`` and wake the caller with the outcome.
 - ``Consumer``: its thread receives; handlers run on a worker thread so long work never
   starves heartbeats; the ack (or dead-lettering) goes back through
   ``add_callback_threadsafe`` once the handler has committed its effect.
