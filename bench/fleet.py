@@ -687,7 +687,9 @@ def _all_online(ctl: Controller, ids: Sequence[str]) -> bool:
     return set(ids) <= online_on(ctl, FLEET_VERSION)
 
 
-def part_real(ctl: Controller, artifact: Path, n: int) -> dict[str, Any]:
+def part_real(
+    ctl: Controller, artifact: Path, n: int, handoff_timeout_s: float | None = None
+) -> dict[str, Any]:
     """Start ``n`` real gateways enrolled at ``ctl``, upgrade them all with the real CLI,
     and measure (module docstring, Part 1)."""
     ctl.publish(artifact)
@@ -707,6 +709,10 @@ def part_real(ctl: Controller, artifact: Path, n: int) -> dict[str, Any]:
                     "--state-dir", str(ctl.work / "gateways" / gid),
                     "--listen", f"127.0.0.1:{free_port()}",
                     "--ca-cert", str(ctl.ca_cert),
+                    *(
+                        ("--handoff-timeout", str(handoff_timeout_s))
+                        if handoff_timeout_s is not None else ()
+                    ),
                 ],
                 env={ENV_ENROLL_CODE: ctl.enrollment_code(gid)},
             )  # fmt: skip
@@ -1181,7 +1187,7 @@ def run(args: argparse.Namespace, work: Path, mgmt: Management) -> dict[str, Any
         if args.real and db == real_db:
             print(f"Part 1 on {db}: {args.real} real gateways ...", flush=True)
             with running_controller(work / f"real-{db}", db, mgmt) as ctl:
-                row.update(part_real(ctl, artifact, args.real))
+                row.update(part_real(ctl, artifact, args.real, args.handoff_timeout))
             print(f"  the floor: {args.real} interpreter starts at once ...", flush=True)
             row.update(floor(artifact, args.real, stream))
             if row.get("real_seconds") and row["floor_seconds"]:
@@ -1242,6 +1248,14 @@ def _parser() -> argparse.ArgumentParser:
         default=4,
         metavar="P",
         help="processes the simulated gateways run in (default 4)",
+    )
+    parser.add_argument(
+        "--handoff-timeout",
+        type=float,
+        metavar="S",
+        help="the real gateways' --handoff-timeout (default: the gateway's own): N new "
+        "versions starting at once on this machine's cores take longer to say ready than "
+        "one does on its own gateway",
     )
     parser.add_argument(
         "--artifact-bytes",
