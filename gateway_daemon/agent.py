@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import grpc
 from tuf.api.metadata import Root
 
 from gateway_daemon.download import download
@@ -116,11 +115,9 @@ class Agent:
         reporter: Reporter,
         swap: Swap,
         trust: GatewayTrust,
-        credentials: grpc.ChannelCredentials,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._config = config
-        self._credentials = credentials
         self._version = version
         self._state = state
         self._reporter = reporter

@@ -208,11 +208,9 @@ class GatewayDaemon:
         self._plane = plane
         publisher = publisher or self._publisher()
         reporter = Reporter(publisher, self.config.gateway_id, self.version)
-        credentials = self._credentials()
         agent = Agent(
             self.config, self.version, self.state, reporter, self._swap,
-            GatewayTrust(self.config.state_dir, self.config.controller, credentials),
-            credentials,
+            GatewayTrust(self.config.state_dir, self.config.controller, self._credentials()),
         )  # fmt: skip
         consumer = Consumer(
             self.config.bus,

@@ -118,7 +118,7 @@ def test_the_agent_reports_and_records_only_moves_the_table_allows(tmp_path: Pat
     state = AgentState(tmp_path / "state")
     agent = Agent(
         cast(Any, None), "1.0.0", state, cast(Any, reports), lambda c, p: None,
-        cast(Any, None), cast(Any, None),
+        cast(Any, None),
     )  # fmt: skip
     first = bus_pb2.UpgradeCommand(command_id="c-1", job_id="j-1", target_version="1.1.0")
     for step in (S.DOWNLOADING, S.DOWNLOADING, S.VERIFYING, S.SWAPPING):
