@@ -81,7 +81,7 @@ def test_an_offline_gateway_becomes_unreachable_and_never_runs_the_stale_command
     fleet.procs.stop(away)
     fleet.release("1.1.0")
 
-    request = controller_pb2.StartUpgradeRequest(latest=True, deadline_seconds=3)
+    request = controller_pb2.StartUpgradeRequest(latest=True, deadline_seconds=15)
     job_id = fleet.stub().StartUpgrade(request, timeout=30).job_id
     status = wait_for(
         lambda: (s := fleet.cli_json("status", job_id))["state"] in ("PARTIAL", "FAILED") and s,
