@@ -23,7 +23,7 @@ proto: $(STAMP)
 # Two processes (tests are isolated by vhost, database, ports and tmp dirs); the test that
 # restarts the broker runs alone afterwards.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 -m "not broker_restart"
+	$(BIN)/python -m pytest -q -n 2 -m "not broker_restart" --durations=15
 	$(BIN)/python -m pytest -q -m broker_restart
 
 lint: $(STAMP)

@@ -9,14 +9,19 @@ published only once the broker confirmed it, so "reports published - reports rec
 is exactly what the controller lost.
 
 ``python bench/controller_reporters.py [--db sqlite|postgresql] [--gateways N]
-[--reports M]``: M status reports of one job over N gateways (DOWNLOADING progress, then
-SUCCEEDED from each, which finishes the job) wait in the controller's reports queue; the
-controller's own reports consumer and job engine (``controller_svc.app.reports_consumer``)
-are started on them, and the rate is M over the time from its start to the last report
-recorded and the job finished. Prints one line per database and writes
-bench/results/reporters.json. Needs RabbitMQ with its management plugin (a throwaway
-vhost) and, for PostgreSQL, a server at ``--pg-admin`` (a throwaway database). Not a test:
-nothing passes or fails on timing.
+[--reports M] [--heartbeats H]``: M status reports of one job over N gateways (DOWNLOADING
+progress, then SUCCEEDED from each, which finishes the job) wait in the controller's
+reports queue; the controller's own reports consumer and job engine
+(``controller_svc.app.reports_consumer``) are started on them, and the rate is M over the
+time from its start to the last report recorded and the job finished. ``--heartbeats H``
+(default 0: none) spreads H heartbeats evenly among the reports, round robin over the
+gateways, in the order a fleet sends them; the run then also waits until every gateway
+shows the ``vpn_sessions`` of its last heartbeat and the version it reported last, so the
+order each gateway's messages were applied in is checked too, and heartbeats per second
+(H over the same time) are printed beside reports per second. Prints one line per
+database and writes bench/results/reporters.json. Needs RabbitMQ with its management
+plugin (a throwaway vhost) and, for PostgreSQL, a server at ``--pg-admin`` (a throwaway
+database). Not a test: nothing passes or fails on timing.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -219,11 +224,23 @@ def _database(kind: str, work: Path, pg_admin: str) -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _reports(job_id: str, commands: dict[str, str], count: int) -> Iterator[tuple[str, bytes, str]]:
+def _reports(
+    job_id: str, commands: dict[str, str], count: int, heartbeats: int = 0
+) -> Iterator[tuple[str, bytes, str]]:
     """(routing key, body, message id) of ``count`` reports: progress, then SUCCEEDED from
-    each gateway last."""
+    each gateway last; with ``heartbeats`` heartbeats spread evenly among them.
+
+    Heartbeat ``b`` follows report ``n`` for the first ``n`` with (b + 1) * count <=
+    (n + 1) * heartbeats (integers: the last one follows the last report), and comes from
+    the gateway ``b`` names round robin over the sorted ids (``_last_heartbeats``). A
+    gateway's k-th heartbeat says k VPN sessions, so which of its heartbeats was applied
+    last shows; it says BENCH_VERSION before that gateway's SUCCEEDED and BENCH_TARGET
+    after it, as a gateway that upgraded would.
+    """
     ids = sorted(commands)
     progress = count - len(ids)
+    succeeded: set[str] = set()
+    beat = 0
     for n in range(count):
         gid = ids[n % len(ids)]
         final = n >= progress
@@ -244,6 +261,27 @@ def _reports(job_id: str, commands: dict[str, str], count: int) -> Iterator[tupl
             at=_now(),
         )
         yield topology.report_key(gid, topology.STATUS), codec.encode(report), f"{gid}-{n}"
+        if final:
+            succeeded.add(gid)
+        while beat < heartbeats and (beat + 1) * count <= (n + 1) * heartbeats:
+            beater = ids[beat % len(ids)]
+            heartbeat = bus_pb2.GatewayHeartbeat(
+                gateway_id=beater,
+                version=BENCH_TARGET if beater in succeeded else BENCH_VERSION,
+                at=_now(),
+                vpn_sessions=beat // len(ids) + 1,
+            )
+            key = topology.report_key(beater, topology.HEARTBEAT)
+            yield key, codec.encode(heartbeat), f"{beater}-heartbeat-{beat}"
+            beat += 1
+
+
+def _last_heartbeats(ids: Sequence[str], heartbeats: int) -> dict[str, int]:
+    """Gateway id -> the VPN sessions its last heartbeat of ``_reports`` says (0: it sent
+    none), which is how many it sent: ``heartbeats`` go round robin over the sorted ids."""
+    ordered = sorted(ids)
+    rounds, rest = divmod(heartbeats, len(ordered))
+    return {gid: rounds + (1 if i < rest else 0) for i, gid in enumerate(ordered)}
 
 
 def _fill(url: str, reports: Iterable[tuple[str, bytes, str]], count: int) -> None:
@@ -286,12 +324,19 @@ def _broker_call(call: Callable[[], None], what: str) -> None:
                 raise RuntimeError(f"the broker did not {what} in {VHOST_S:.0f}s") from None
 
 
-def ingest(kind: str, gateways: int, count: int, pg_admin: str) -> dict[str, object]:
-    """Seconds for one controller to record ``count`` queued reports of one job."""
+def ingest(
+    kind: str, gateways: int, count: int, pg_admin: str, heartbeats: int = 0
+) -> dict[str, object]:
+    """Seconds for one controller to record ``count`` queued reports of one job and, with
+    ``heartbeats``, that many heartbeats among them (``_reports``): done when every report
+    is recorded, the job SUCCEEDED and, with heartbeats, every gateway shows the
+    ``vpn_sessions`` of its last heartbeat and BENCH_TARGET (its SUCCEEDED, or a heartbeat
+    sent after it, was applied last). The row gets ``heartbeats`` and ``heartbeats_per_s``
+    when ``heartbeats`` is not 0."""
     from controller_svc import db
     from controller_svc.admins import Admins
     from controller_svc.app import PUBLISHED_QUEUES, reports_consumer
-    from controller_svc.db import Job, SeenMessage
+    from controller_svc.db import Gateway, Job, SeenMessage
     from controller_svc.engine import Engine
     from controller_svc.events import Announcer
     from controller_svc.outbox import Outbox
@@ -332,17 +377,38 @@ def ingest(kind: str, gateways: int, count: int, pg_admin: str) -> dict[str, obj
                 trust,
                 command_deadline=timedelta(hours=1),
             )
-            _fill(bus.url, _reports(job.id, commands, count), count)
+            _fill(bus.url, _reports(job.id, commands, count, heartbeats), count + heartbeats)
+            last_heartbeats = _last_heartbeats(ids, heartbeats)
 
             def recorded() -> int:
                 with repo.sessions.read() as session:
                     return int(session.scalar(select(func.count()).select_from(SeenMessage)) or 0)
 
+            def settled() -> int:
+                """Gateways showing their last heartbeat's VPN sessions and the target."""
+                with repo.sessions.read() as session:
+                    rows = session.execute(
+                        select(Gateway.id, Gateway.vpn_sessions, Gateway.version)
+                    ).all()
+                return sum(
+                    1
+                    for gid, vpn_sessions, version in rows
+                    if last_heartbeats.get(gid) == vpn_sessions and version == BENCH_TARGET
+                )
+
             def finished() -> bool:
                 with repo.sessions.read() as session:
                     state = session.scalar(select(Job.state).where(Job.id == job.id))
-                return recorded() >= count and state == "SUCCEEDED"
+                done = recorded() >= count and state == "SUCCEEDED"
+                return done and (not heartbeats or settled() == gateways)
 
+            def progress() -> str:
+                shown = f"{recorded()} recorded"
+                return f"{shown}, {settled()} gateways settled" if heartbeats else shown
+
+            awaited = f"{count} reports recorded and the job SUCCEEDED"
+            if heartbeats:
+                awaited += f", and each gateway's last of {heartbeats} heartbeats shown"
             consumer = reports_consumer(bus, engine.on_reports)
             started = time.perf_counter()
             consumer.start()
@@ -350,9 +416,9 @@ def ingest(kind: str, gateways: int, count: int, pg_admin: str) -> dict[str, obj
                 wait_for(
                     finished,
                     timeout=DRAIN_S,
-                    what=f"{count} reports recorded and the job SUCCEEDED",
+                    what=awaited,
                     interval=0.02,
-                    describe=lambda: f"{recorded()} recorded",
+                    describe=progress,
                 )
                 elapsed = time.perf_counter() - started
             finally:
@@ -361,13 +427,17 @@ def ingest(kind: str, gateways: int, count: int, pg_admin: str) -> dict[str, obj
                 engine_db.dispose()
     finally:
         _broker_call(lambda: rabbit.delete_vhost(vhost), f"delete vhost {vhost}")
-    return {
+    row: dict[str, object] = {
         "db": kind,
         "gateways": gateways,
         "reports": count,
         "seconds": round(elapsed, 3),
         "reports_per_s": round(count / elapsed, 1),
     }
+    if heartbeats:
+        row["heartbeats"] = heartbeats
+        row["heartbeats_per_s"] = round(heartbeats / elapsed, 1)
+    return row
 
 
 def apply_only(
@@ -449,7 +519,17 @@ def main() -> int:
         help="no broker: time Repository.apply_reports alone, one by one and in batches",
     )
     parser.add_argument("--batch", type=int, default=200, help="with --repository-only")
+    parser.add_argument(
+        "--heartbeats",
+        type=int,
+        default=0,
+        help="heartbeats spread evenly among the reports; also wait for each gateway's last",
+    )
     args = parser.parse_args()
+    if args.heartbeats < 0:
+        parser.error(f"--heartbeats {args.heartbeats} is negative: give 0 or more")
+    if args.heartbeats and args.repository_only:
+        parser.error("--heartbeats goes through the broker: leave out --repository-only")
     logs.configure("bench-reporters", json=False, level="WARNING")
     kinds = ("sqlite", "postgresql") if args.db == "both" else (args.db,)
     if args.repository_only:
@@ -459,17 +539,25 @@ def main() -> int:
             for batch in (1, args.batch)
         ]
     else:
-        rows = [ingest(kind, args.gateways, args.reports, args.pg_admin) for kind in kinds]
+        rows = [
+            ingest(kind, args.gateways, args.reports, args.pg_admin, args.heartbeats)
+            for kind in kinds
+        ]
         for row in rows:
             row["mode"] = "reports queue -> controller consumer"
+    # The heartbeat columns only when there were heartbeats: the table is otherwise as ever.
+    beats = f"  {'heartbeats':>10}  {'heartbeats/s':>12}" if args.heartbeats else ""
     print(
         f"{'db':>10}  {'mode':<36}  {'gateways':>8}  {'reports':>8}  {'seconds':>8}  "
-        f"{'reports/s':>9}"
+        f"{'reports/s':>9}{beats}"
     )
     for row in rows:
+        beats = (
+            f"  {row['heartbeats']:>10}  {row['heartbeats_per_s']:>12}" if args.heartbeats else ""
+        )
         print(
             f"{row['db']:>10}  {row['mode']!s:<36}  {row['gateways']:>8}  {row['reports']:>8}  "
-            f"{row['seconds']:>8}  {row['reports_per_s']:>9}"
+            f"{row['seconds']:>8}  {row['reports_per_s']:>9}{beats}"
         )
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"runs": rows}, indent=2) + "\n")

@@ -76,9 +76,10 @@ _READS = (
     "ListGateways", "ListReleases", "GetJob", "WatchJob", "PlanUpgrade", "ListJobs",
     "ListRejectedJobs", "ListAdmins", "GetController", "GetTargetsMetadata",
 )  # fmt: skip
+_STEERING = ("PauseJob", "ResumeJob", "CancelJob")
 ROLES: dict[str, Role] = {
     **{_CONTROLLER + m: Role.VIEWER for m in _READS},
-    _CONTROLLER + "StartUpgrade": Role.OPERATOR,
+    **{_CONTROLLER + m: Role.OPERATOR for m in ("StartUpgrade", *_STEERING)},
     # Gateways download with their certificates; an operator's token may too.
     "/hitless.v1.Artifacts/Download": Role.VIEWER,
     "/hitless.v1.Artifacts/FetchMetadata": Role.VIEWER,
@@ -91,7 +92,7 @@ CHANGES = frozenset(
         "PublishRelease", "StartUpgrade", "SyncReleases", "AddAdmin", "RemoveAdmin",
         "UpgradeController", "YankRelease", "RotateRoot", "CreateToken", "RevokeToken",
         "CreateEnrollment", "RevokeGateway", "AllowPublisher", "DisallowPublisher",
-        "IssueCertificate", "RevokeCertificate", "AddUser", "RemoveUser",
+        "IssueCertificate", "RevokeCertificate", "AddUser", "RemoveUser", *_STEERING,
     )
 )  # fmt: skip
 # Reached without a token: health checks, and enrollment (the caller holds a one-time code).

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sys
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 from controller_svc import db, takeover
 from controller_svc.access import Audit, Tokens
 from controller_svc.admins import Admins
-from controller_svc.broker_access import BrokerAccess, vhost_of
+from controller_svc.broker_access import BrokerAccess, BrokerAccessError, GatewayUsers, vhost_of
 from controller_svc.engine import Engine, utc_now
 from controller_svc.enrollment import Enrollments
 from controller_svc.events import Announcer
@@ -32,7 +32,7 @@ from hitless.bus import topology
 from hitless.bus.amqp import Consumer, Publisher
 from hitless.bus.amqp.consumer import Batched, BatchHandler
 from hitless.config import BusConfig, ControllerConfig, HostPort
-from hitless.errors import ConfigError
+from hitless.errors import ConfigError, InvalidName
 from hitless.pki import CertificateAuthority
 
 log = logs.get(__name__)
@@ -185,6 +185,14 @@ class ControllerApp:
         enrollments = Enrollments(
             repo.sessions, ca, broker.gateways(vhost_of(config.bus.url)) if broker else None
         )
+        if broker is not None:
+            gateway_users = broker.gateways(vhost_of(config.bus.url))
+            threading.Thread(
+                target=_refresh_gateway_grants,
+                args=(enrollments, gateway_users),
+                name="gateway-grants",
+                daemon=True,
+            ).start()
         operator_certificates = OperatorCertificates(repo.sessions, ca)
         server, self.port, self.gateway_port = build_server(
             config.listen,
@@ -204,7 +212,9 @@ class ControllerApp:
                 users=users,
                 limits=self._limits,
             ),
-            ArtifactsService(store, trust.repository, limits=self._limits),
+            ArtifactsService(
+                store, trust.repository, limits=self._limits, withdrawn=engine.withdrawn
+            ),
             ca=ca,
             tokens=tokens,
             audit=audit,
@@ -265,3 +275,18 @@ class ControllerApp:
             publisher.close()
             engine_db.dispose()
         return 0
+
+
+def _refresh_gateway_grants(enrollments: Enrollments, users: GatewayUsers) -> None:
+    """Give every enrolled gateway's broker user this release's grant (a report kind added
+    since it enrolled), once, in the background as the controller starts; a gateway that
+    cannot be updated is logged and left as it was."""
+    updated = 0
+    for record in enrollments.list(datetime.now(UTC)):
+        if record.state != "ENROLLED" or not record.broker_user:
+            continue
+        try:
+            updated += users.refresh_gateway(record.gateway_id)
+        except (BrokerAccessError, InvalidName) as exc:
+            log.warning("gateway_grant_not_refreshed", gateway_id=record.gateway_id, error=str(exc))
+    log.info("gateway_grants_refreshed", gateways=updated)

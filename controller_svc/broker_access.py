@@ -59,7 +59,13 @@ JOB_PUBLISHER = "job-publisher"
 JOB_ROUTING_KEY = "upgrade"
 # The report kinds a gateway publishes (gateway_daemon/reporter.py). ``expired`` is not
 # one: the broker dead-letters an expired command itself, and asks no permission for it.
-GATEWAY_REPORT_KINDS = (topology.STATUS, topology.HELLO, topology.HEARTBEAT, topology.REFUSED)
+GATEWAY_REPORT_KINDS = (
+    topology.STATUS,
+    topology.HELLO,
+    topology.HEARTBEAT,
+    topology.REFUSED,
+    topology.PRECHECK,
+)
 MANAGEMENT_TIMEOUT_S = 10.0
 PASSWORD_BYTES = 32
 
@@ -371,6 +377,19 @@ class BrokerAccess:
         )
         return BrokerCredentials(username, password)
 
+    def refresh_gateway(self, vhost: str, gateway_id: str) -> bool:
+        """Set an enrolled gateway's permissions to this release's ``gateway_grant`` (a
+        report kind added since it enrolled, such as ``precheck``), its password and
+        connections untouched; False when it has no broker user here. Raises InvalidName,
+        ManagementRefused, ManagementUnavailable."""
+        grant = gateway_grant(gateway_id)
+        username = self.gateway_user(gateway_id)
+        self._ready(vhost)
+        if not self._claimable(username, vhost, grant.tags, one_vhost=True):
+            return False
+        self._grant(vhost, username, grant, clear=False)
+        return True
+
     def revoke_gateway(self, vhost: str, gateway_id: str) -> None:
         """Delete the gateway's broker user; RabbitMQ closes its open connections itself
         (CONNECTION_FORCED, "user ... is deleted"). Revoking again, or a gateway that never
@@ -515,9 +534,17 @@ class BrokerAccess:
         return True
 
     def _set(self, vhost: str, username: str, password: str, grant: Grant) -> None:
-        user, v = _q(username), _q(vhost)
+        user = _q(username)
         body = {"password": password, "tags": ",".join(grant.tags)}
         self._api.call("PUT", f"/users/{user}", body, what=f"set user {username}")
+        self._grant(vhost, username, grant)
+
+    def _grant(self, vhost: str, username: str, grant: Grant, *, clear: bool = True) -> None:
+        """Set the user's permissions and topic permissions in ``vhost`` to ``grant``;
+        ``clear`` first removes topic permissions on exchanges the grant does not name
+        (for a user in use, leave it False: each PUT replaces one exchange's patterns in
+        one step, where clearing first would refuse its publishes in between)."""
+        user, v = _q(username), _q(vhost)
         patterns = {"configure": grant.configure, "write": grant.write, "read": grant.read}
         self._api.call(
             "PUT",
@@ -525,12 +552,13 @@ class BrokerAccess:
             patterns,
             what=f"set the permissions of {username} in vhost {vhost!r}",
         )
-        self._api.call(
-            "DELETE",
-            f"/topic-permissions/{v}/{user}",
-            missing_ok=True,
-            what=f"clear the topic permissions of {username}",
-        )
+        if clear:
+            self._api.call(
+                "DELETE",
+                f"/topic-permissions/{v}/{user}",
+                missing_ok=True,
+                what=f"clear the topic permissions of {username}",
+            )
         for topic in grant.topics:
             self._api.call(
                 "PUT",
@@ -630,6 +658,9 @@ class GatewayUsers:
 
     def revoke_gateway(self, gateway_id: str) -> None:
         self.access.revoke_gateway(self.vhost, gateway_id)
+
+    def refresh_gateway(self, gateway_id: str) -> bool:
+        return self.access.refresh_gateway(self.vhost, gateway_id)
 
 
 class _Api:

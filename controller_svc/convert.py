@@ -7,9 +7,11 @@ from typing import cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from controller_svc import rollout
 from controller_svc.access import AuditRecord, TokenRecord
 from controller_svc.enrollment import EnrollmentRecord
 from controller_svc.operator_certs import CertificateRecord
+from controller_svc.prechecks import Answer
 from controller_svc.records import (
     EventRecord,
     GatewayJobRecord,
@@ -62,6 +64,7 @@ def gateway(record: GatewayRecord, state: str) -> controller_pb2.Gateway:
         state=state,
         last_seen=timestamp(record.last_seen),
         vpn_sessions=record.vpn_sessions,
+        ha_peer=record.ha_peer or "",
     )
 
 
@@ -76,6 +79,7 @@ def gateway_job(record: GatewayJobRecord) -> controller_pb2.GatewayJob:
         bytes_total=record.bytes_total,
         updated_at=timestamp(record.updated_at),
         vpn_sessions_dropped=record.vpn_sessions_dropped,
+        wave=record.wave + 1,
     )
 
 
@@ -95,7 +99,61 @@ def job(
         requested_by=record.requested_by,
         next_page_token=next_page_token,
         gateway_count=len(record.gateways) if gateway_count is None else gateway_count,
+        waves=record.waves,
+        max_parallel=record.max_parallel,
+        max_failures=record.max_failures,
+        stop_reason=record.stop_reason,
+        ending=job_state(record.ending) if record.ending else None,
+        current_wave=0 if record.current_wave is None else record.current_wave + 1,
+        wave_count=record.wave_count,
+        not_before=timestamp(record.not_before) if record.not_before else None,
+        not_after=timestamp(record.not_after) if record.not_after else None,
+        window=record.window,
+        starts_at=_starts_at(record),
     )
+
+
+def _starts_at(record: JobRecord) -> Timestamp | None:
+    """When an unfinished job waiting for its times may next start a gateway; None when
+    it need not wait (or never will again: past its not_after)."""
+    if record.state.terminal or not (record.not_before or record.not_after or record.window):
+        return None
+    now = datetime.now(UTC)
+    when = rollout.starts_at(rollout.rollout_of(record), now)
+    return timestamp(when) if when is not None and when > now else None
+
+
+def precheck(answer: Answer) -> controller_pb2.PreCheck:
+    return controller_pb2.PreCheck(
+        answered=answer.answered,
+        problems=list(answer.problems),
+        free_bytes=answer.free_bytes,
+        needed_bytes=answer.needed_bytes,
+        controller_reachable=answer.controller_reachable,
+        vpn_sessions=answer.vpn_sessions,
+        tunnels_up=answer.tunnels_up,
+        tunnels_configured=answer.tunnels_configured,
+    )
+
+
+def rollout_of(
+    request: controller_pb2.StartUpgradeRequest | bus_pb2.ManagementJob,
+) -> rollout.Rollout:
+    """The rollout a StartUpgradeRequest or a management job asks for (they carry the
+    same fields)."""
+    return rollout.Rollout(
+        request.waves,
+        request.max_parallel,
+        request.max_failures,
+        time_of(request.not_before, request.HasField("not_before")),
+        time_of(request.not_after, request.HasField("not_after")),
+        request.window,
+    )
+
+
+def time_of(message: Timestamp, present: bool) -> datetime | None:
+    """A request's Timestamp field as a tz-aware time; None when it was not set."""
+    return message.ToDatetime(tzinfo=UTC) if present else None
 
 
 def event(record: EventRecord) -> controller_pb2.JobEvent:

@@ -130,6 +130,10 @@ class Gateway(Base):
     # The heartbeat interval its newest hello announced; NULL: none announced (a gateway
     # of an earlier release), so the default applies (``controller_svc.liveness``).
     heartbeat_interval_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # The other gateway of its high-availability pair, as its newest hello named it.
+    ha_peer: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Whether its newest hello said it answers pre-checks (GatewayHello.features).
+    prechecks: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class Job(Base):
@@ -145,6 +149,20 @@ class Job(Base):
     deadline: Mapped[datetime] = mapped_column(UTCDateTime)
     requested_by: Mapped[str] = mapped_column(String(128), server_default="")
     allow_downgrade: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # The rollout asked for (controller_svc.rollout): "" and 0 are one wave, no cap, no
+    # failure limit.
+    waves: Mapped[str] = mapped_column(String(200), server_default="")
+    max_parallel: Mapped[int] = mapped_column(Integer, server_default="0")
+    max_failures: Mapped[str] = mapped_column(String(16), server_default="")
+    # ABORTED or CANCELLED once decided, while gateways in flight finish; the job moves
+    # to it when they have. NULL: the job ends by its gateways' outcome.
+    ending: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # Why it was paused, aborted or cancelled, and by whom.
+    stop_reason: Mapped[str] = mapped_column(Text, server_default="")
+    # When its gateways may start: not before, not after, and a weekly window.
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    not_after: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    window: Mapped[str] = mapped_column(String(64), server_default="")
 
 
 class JobGateway(Base):
@@ -163,6 +181,8 @@ class JobGateway(Base):
     vpn_sessions_dropped: Mapped[int] = mapped_column(Integer, server_default="0")
     # When its command was confirmed by the broker; NULL until then.
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Its wave in the job's rollout, 0 first.
+    wave: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class JobEvent(Base):

@@ -25,16 +25,25 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 
 from controller_svc import convert
-from controller_svc.errors import ControllerError, NotFound
+from controller_svc import prechecks as prechecks_
+from controller_svc import rollout as rollouts
+from controller_svc.errors import ControllerError, FailedPrecondition, NotFound
 from controller_svc.events import Announcer
 from controller_svc.follow import JobWatches
 from controller_svc.outbox import OutboxEntry
 from controller_svc.planner import Plan, check, make_plan
+from controller_svc.prechecks import Answer, PreChecks
 from controller_svc.records import JobRecord, ReleaseRecord, ReportIn
-from controller_svc.repository import MAX_HEARTBEAT_INTERVAL, Announce, Repository
+from controller_svc.repository import (
+    MAX_HEARTBEAT_INTERVAL,
+    Announce,
+    GatewaySeen,
+    Repository,
+)
+from controller_svc.rollout import Rollout
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.signing import Signing, Trust
-from controller_svc.states import GatewayState
+from controller_svc.states import GatewayState, JobState
 from controller_svc.transitions import EXPIRED_QUEUED, UNSENT
 from hitless import logs, names, semver
 from hitless.bus import codec, topology
@@ -93,8 +102,10 @@ class Engine:
         # thread, those queued or being dispatched (each at most once in the queue), those
         # held back while the controller moves to their release first, and the last bus
         # error that kept a job's commands from being sent.
+        self.prechecks = PreChecks(publisher)
         self._to_dispatch: queue.Queue[str | None] = queue.Queue()
         self._dispatching: set[str] = set()
+        self._again: set[str] = set()
         self._held: set[str] = set()
         self._bus_errors: dict[str, str] = {}
         self._dispatcher: threading.Thread | None = None
@@ -137,14 +148,23 @@ class Engine:
                     self._bus_errors[job_id] = f"dispatching failed: {exc}"
             finally:
                 with self._changed:
-                    self._dispatching.discard(job_id)
+                    if job_id in self._again:
+                        # Asked for while in hand: what it read may be stale; once more.
+                        self._again.discard(job_id)
+                        self._to_dispatch.put(job_id)
+                    else:
+                        self._dispatching.discard(job_id)
                     self._changed.notify_all()
 
     def _enqueue(self, job_id: str) -> bool:
         """Hand a job to the dispatcher, unless it is there already or held back; True
-        when handed."""
+        when handed. A job the dispatcher has in hand is dispatched once more after, since
+        what changed (a gateway that ended) may be newer than what it read."""
         with self._changed:
-            if job_id in self._dispatching or job_id in self._held:
+            if job_id in self._held:
+                return False
+            if job_id in self._dispatching:
+                self._again.add(job_id)
                 return False
             self._dispatching.add(job_id)
         self._to_dispatch.put(job_id)
@@ -204,6 +224,26 @@ class Engine:
                 names.gateway_id(gateway_id)
         return make_plan(release, known, gateway_ids)
 
+    def precheck(self, plan: Plan, wait_s: float = prechecks_.WAIT_S) -> dict[str, Answer]:
+        """Ask every gateway the plan changes whether anything would stop the upgrade
+        (``prechecks.PreChecks.ask``), waiting up to ``wait_s`` seconds: gateway id ->
+        Answer. A gateway whose release does not answer pre-checks (its hello did not say
+        so) is not asked, and shows as not answered."""
+        known = {g.id: g for g in self.repo.list_gateways()}
+        asked = [
+            g.gateway_id for g in plan.changes
+            if (record := known.get(g.gateway_id)) is not None and record.prechecks
+        ]  # fmt: skip
+        answers = (
+            self.prechecks.ask(asked, plan.release.version, plan.release.size, wait_s)
+            if asked
+            else {}
+        )
+        return {
+            g.gateway_id: answers.get(g.gateway_id, Answer(g.gateway_id, answered=False))
+            for g in plan.changes
+        }
+
     def start_upgrade(
         self,
         *,
@@ -215,10 +255,18 @@ class Engine:
         deadline: timedelta | None = None,
         allow_downgrade: bool = False,
         accept_vpn_disruption: bool = False,
+        rollout: Rollout = rollouts.ONE_WAVE,
+        precheck: bool = False,
+        force: bool = False,
     ) -> JobRecord:
         """Record the job for an upgrade and return it PENDING, at once: the dispatcher
         thread publishes its commands (see ``dispatch``), unless the controller moves to
-        that release first (its next version dispatches the job).
+        that release first (its next version dispatches the job). ``rollout`` says how
+        its gateways are staged (waves, a cap in flight, a failure limit; ``rollout.py``).
+        With ``precheck``, the gateways are asked first (``precheck``, a few seconds at
+        most): one that answers with a problem is left out of the job as SKIPPED with the
+        problem, unless ``force``; when every gateway is, nothing starts
+        (FailedPrecondition with their problems).
 
         ``request_id`` is the idempotency key: a request id already used returns that job,
         and hands it to the dispatcher again if commands of it were never sent. Raises
@@ -237,22 +285,41 @@ class Engine:
         plan = self.plan(version, gateway_ids)
         check(plan, allow_downgrade=allow_downgrade, accept_vpn_disruption=accept_vpn_disruption)
         now = self._clock()
+        rollouts.check(rollout, len(plan.changes) or 1, now)
+        left_out: dict[str, str] = {}
+        if precheck and plan.changes:
+            left_out = {} if force else prechecks_.failing(self.precheck(plan))
+            if left_out and len(left_out) == len(plan.changes):
+                raise FailedPrecondition(
+                    "every gateway failed its pre-check, so nothing was started: "
+                    + "; ".join(f"{gid}: {why}" for gid, why in sorted(left_out.items()))
+                    + " (fix that, or start with --force)"
+                )
+            now = self._clock()
+        # The deadline runs from when gateways may first start.
+        opens = rollouts.starts_at(rollout, now) or now
         moving = self._upgrader is not None and self._upgrader.needed(plan.release)
         # A job to a release the controller moves to first is held back as it is written:
         # the sweep, which may see it as soon as it is committed, skips it under this lock.
+        announce, staged = self._stager()
         with self._changed if moving else contextlib.nullcontext():
             job, created = self.repo.create_job(
                 plan.release.version,
                 [(g.gateway_id, g.from_version) for g in plan.changes],
-                deadline=now + (deadline or self._deadline),
+                deadline=opens + (deadline or self._deadline),
                 source=source,
                 request_id=request_id,
                 requested_by=requested_by,
                 allow_downgrade=allow_downgrade,
+                rollout=rollout,
+                announce=announce,
+                skipped=left_out,
                 now=now,
             )
             if created and moving:
                 self._held.add(job.id)
+        # Older jobs this one superseded the last commands of have ended.
+        self._after_change(None, staged)
         if not created:
             self._dispatch_if_unsent(job)
             return job
@@ -298,8 +365,11 @@ class Engine:
                 )
 
     def dispatch(self, job: JobRecord) -> JobRecord:
-        """Publish the command of every gateway still QUEUED and never confirmed, then mark
-        the job RUNNING; the dispatcher thread calls this (callers use ``start_upgrade``).
+        """Publish the command of every gateway that may start now (``rollout.to_start``:
+        QUEUED, never confirmed, in the current wave, within the cap on gateways in
+        flight; none while the job is paused or ending), then mark the job RUNNING; the
+        dispatcher thread calls this (callers use ``start_upgrade``), again each time a
+        gateway of the job ends, so the rollout moves on.
 
         The commands go PUBLISHED_BATCH at a time: their queues declared (those this
         process declared before are not declared again), then the commands published with
@@ -314,7 +384,7 @@ class Engine:
         never confirmed are published, so dispatching a job again sends nothing twice.
         """
         release = self.resolve_release(job.target_version)
-        queued = [g for g in job.gateways if g.state is GatewayState.QUEUED and not g.published]
+        queued = rollouts.to_start(job, self._clock())
         if queued and job.deadline <= self._clock():
             return job
         if queued and not self._publisher.connected:
@@ -356,6 +426,8 @@ class Engine:
             return self._postpone(job, str(exc))
         with self._changed:
             self._bus_errors.pop(job.id, None)
+        if not commands:
+            return job  # nothing may start now (waves, cap, pause, its times): it waits
         updated = self.repo.mark_running(job.id, self._clock())
         self.notify([job.id])
         return updated
@@ -494,12 +566,27 @@ class Engine:
         for job in self.repo.pending_jobs():
             with self._changed:
                 why = self._bus_errors.get(job.id)
+            if job.not_after is not None and job.not_after < now:
+                self._past_not_after(job)
+                continue
             if job.deadline < now:
+                if why is None and _holds_back(job):
+                    continue  # not due yet, not failed: expire_overdue SKIPs them
                 # Even while the dispatcher holds the job: it sends nothing past the
                 # deadline (a batch in flight at that moment may still be confirmed).
                 self._fail_unsent(job, why)
             elif self._publisher.connected:
                 self._enqueue(job.id)
+
+    def _past_not_after(self, job: JobRecord) -> None:
+        """SKIP the gateways of ``job`` that had not started by its ``not_after``."""
+        assert job.not_after is not None
+        reason = f"the job's --not-after {job.not_after.isoformat()} came before its turn"
+        announce, staged = self._stager()
+        record = self.repo.skip_unstarted(job.id, reason, self._clock(), announce=announce)
+        log.warning("job_past_not_after", job_id=job.id, not_after=job.not_after.isoformat())
+        self._after_change(record if record.state.terminal else None, staged)
+        self.notify([job.id])
 
     def _fail_unsent(self, job: JobRecord, why: str | None) -> None:
         reason = f"{UNSENT}: {why or NO_SEND_ERROR}"
@@ -553,6 +640,45 @@ class Engine:
         )
         self._after_change(outcome.job if outcome.job_finished else None, staged)
         self.notify([job_id])
+        if outcome.applied and not outcome.job_finished:
+            self._move_on([job_id])
+
+    # Steering a rollout -----------------------------------------------------------------
+
+    def pause_job(self, job_id: str, actor: str) -> JobRecord:
+        """Pause the job: no gateway of it starts until ``resume_job``; those in flight
+        go on. Raises NotFound, FailedPrecondition for a job that ended or is ending."""
+        job = self.repo.pause_job(job_id, f"paused by {actor}", self._clock())
+        log.info("job_paused", job_id=job_id, by=actor)
+        self.notify([job_id])
+        return job
+
+    def resume_job(self, job_id: str, actor: str) -> JobRecord:
+        """Resume a paused job: its next gateways start now. Raises NotFound,
+        FailedPrecondition for a job that has ended."""
+        job = self.repo.resume_job(job_id, self._clock())
+        log.info("job_resumed_by_operator", job_id=job_id, by=actor)
+        self.notify([job_id])
+        self._enqueue(job_id)
+        return job
+
+    def cancel_job(self, job_id: str, actor: str, reason: str = "") -> JobRecord:
+        """Cancel the job: commands not yet taken are withdrawn (their gateways
+        CANCELLED; a gateway that takes one later is refused its release), gateways in
+        flight finish or roll back, and the job ends CANCELLED when they have (the "job
+        finished" event then goes out). Raises NotFound, FailedPrecondition for a job
+        that has ended."""
+        why = f"cancelled by {actor}" + (f": {reason}" if reason else "")
+        announce, staged = self._stager()
+        job = self.repo.stop_job(job_id, JobState.CANCELLED, why, self._clock(), announce=announce)
+        log.info("job_cancelled", job_id=job_id, by=actor, reason=reason)
+        self._after_change(job if job.state.terminal else None, staged)
+        self.notify([job_id])
+        return job
+
+    def withdrawn(self, command_id: str) -> str | None:
+        """Why a command may no longer run (``Repository.command_withdrawn``), or None."""
+        return self.repo.command_withdrawn(command_id)
 
     # Reports ---------------------------------------------------------------------------
 
@@ -561,24 +687,54 @@ class Engine:
         one outcome per delivery, in order: None when handled (applied, or ignored as a
         duplicate or an illegal move), DeadLetter or Requeue for that delivery alone.
 
-        Consecutive status reports are applied in one transaction
-        (``Repository.apply_reports``); any other kind goes through ``on_report`` in its
-        place, so a gateway's messages keep the order it sent them in. Raises whatever
-        else fails (StorageError, ...): the consumer then hands each delivery alone.
+        Status reports are applied in one transaction (``Repository.apply_reports``),
+        and hellos and heartbeats in another (``Repository.record_gateways_seen``, those
+        of one gateway merged into one row change); any other kind goes through
+        ``on_report`` in its place, after what came before it. Where order changes what
+        is written, a gateway's messages are applied in the order it sent them: a status
+        report that ends its gateway's command (SUCCEEDED writes the gateway's version,
+        as a hello or heartbeat does) is applied after the hellos and heartbeats its
+        gateway sent before it, and before those it sent after. Progress reports write
+        only the job's rows, which no hello or heartbeat touches, so they stay in the
+        batch whatever comes between. Raises whatever else fails (StorageError, ...): the
+        consumer then hands each delivery alone.
         """
         outcomes: list[BaseException | None] = [None] * len(deliveries)
         statuses: list[ReportIn] = []
+        announced: list[GatewaySeen] = []
+        # The gateways (by routing key and by the id in the body) with a hello or heartbeat
+        # waiting, and those with a status report waiting that ends their command.
+        announcing: set[str] = set()
+        ending: set[str] = set()
         for index, delivery in enumerate(deliveries):
+            kind = delivery.routing_key.rsplit(".", 1)[-1]
             try:
-                if delivery.routing_key.rsplit(".", 1)[-1] == topology.STATUS:
-                    statuses.append(self._status_report(delivery))
-                    continue
-                self._apply_statuses(statuses)
-                statuses = []
-                self.on_report(delivery)
+                if kind == topology.STATUS:
+                    report = self._status_report(delivery)
+                    if report.state.terminal:
+                        senders = _senders(delivery, report.gateway_id)
+                        if not announcing.isdisjoint(senders):
+                            self._record_seen(announced)
+                            announced, announcing = [], set()
+                        ending |= senders
+                    statuses.append(report)
+                elif kind in (topology.HELLO, topology.HEARTBEAT):
+                    seen = self._announcement(kind, delivery)
+                    senders = _senders(delivery, seen.gateway_id)
+                    if not ending.isdisjoint(senders):
+                        self._apply_statuses(statuses)
+                        statuses, ending = [], set()
+                    announced.append(seen)
+                    announcing |= senders
+                else:
+                    self._apply_statuses(statuses)
+                    self._record_seen(announced)
+                    statuses, ending, announced, announcing = [], set(), [], set()
+                    self.on_report(delivery)
             except (DeadLetter, Requeue) as exc:
                 outcomes[index] = exc
         self._apply_statuses(statuses)
+        self._record_seen(announced)
         return outcomes
 
     def on_report(self, delivery: Delivery) -> None:
@@ -587,21 +743,14 @@ class Engine:
         try:
             if kind == topology.STATUS:
                 self._on_status(delivery)
-            elif kind == topology.HELLO:
-                hello = codec.decode(bus_pb2.GatewayHello, delivery.body)
-                self._seen(
-                    hello.gateway_id,
-                    hello.version,
-                    pid=hello.pid,
-                    listen=hello.listen,
-                    heartbeat_interval=hello.heartbeat_interval.ToTimedelta(),
-                )
-                log.info("gateway_hello", gateway_id=hello.gateway_id, version=hello.version)
-            elif kind == topology.HEARTBEAT:
-                beat = codec.decode(bus_pb2.GatewayHeartbeat, delivery.body)
-                self._seen(beat.gateway_id, beat.version, vpn_sessions=beat.vpn_sessions)
+            elif kind in (topology.HELLO, topology.HEARTBEAT):
+                self._record_seen([self._announcement(kind, delivery)])
             elif kind == topology.EXPIRED:
+                if delivery.headers.get(topology.KIND_HEADER) == topology.PRECHECK:
+                    return  # a pre-check an offline gateway never saw: nothing to record
                 self._on_expired(codec.decode(bus_pb2.UpgradeCommand, delivery.body))
+            elif kind == topology.PRECHECK:
+                self._on_precheck(delivery)
             elif kind == topology.REFUSED:
                 self._on_refused(delivery)
             else:
@@ -609,16 +758,34 @@ class Engine:
         except DecodeError as exc:
             raise DeadLetter(str(exc)) from exc
 
-    def _seen(
-        self,
-        gateway_id: str,
-        version: str,
-        *,
-        pid: int | None = None,
-        listen: Sequence[str] = (),
-        vpn_sessions: int | None = None,
-        heartbeat_interval: timedelta | None = None,
-    ) -> None:
+    def _announcement(self, kind: str, delivery: Delivery) -> GatewaySeen:
+        """The hello or heartbeat ``delivery`` carries (``kind`` says which), checked by
+        ``_seen``; DeadLetter saying why it cannot be recorded."""
+        try:
+            if kind == topology.HELLO:
+                hello = codec.decode(bus_pb2.GatewayHello, delivery.body)
+                seen = GatewaySeen(
+                    hello.gateway_id,
+                    hello.version,
+                    pid=hello.pid,
+                    listen=tuple(hello.listen),
+                    heartbeat_interval=hello.heartbeat_interval.ToTimedelta(),
+                    ha_peer=hello.ha_peer,
+                    prechecks=topology.PRECHECK in hello.features,
+                )
+            else:
+                beat = codec.decode(bus_pb2.GatewayHeartbeat, delivery.body)
+                seen = GatewaySeen(beat.gateway_id, beat.version, vpn_sessions=beat.vpn_sessions)
+        except DecodeError as exc:
+            raise DeadLetter(str(exc)) from exc
+        self._seen(seen)
+        if kind == topology.HELLO:
+            log.info("gateway_hello", gateway_id=seen.gateway_id, version=seen.version)
+        return seen
+
+    def _seen(self, seen: GatewaySeen) -> None:
+        """DeadLetter saying why ``seen`` cannot be recorded, if it cannot."""
+        gateway_id, version = seen.gateway_id, seen.version
         if not gateway_id or not version:
             raise DeadLetter("a gateway announcement needs gateway_id and version")
         try:
@@ -630,25 +797,25 @@ class Engine:
                 f"refused announcement from {gateway_id}: version "
                 f"{names.shown(version)} is not MAJOR.MINOR.PATCH"
             )
-        problem = _announcement_problem(pid, listen, vpn_sessions)
-        if heartbeat_interval is not None and not (
-            timedelta(0) <= heartbeat_interval <= MAX_HEARTBEAT_INTERVAL
-        ):
+        problem = _announcement_problem(seen.pid, seen.listen, seen.vpn_sessions)
+        if seen.ha_peer:
+            try:
+                names.gateway_id(seen.ha_peer)
+            except InvalidName as exc:
+                problem = f"ha_peer: {exc}"
+        interval = seen.heartbeat_interval
+        if interval is not None and not timedelta(0) <= interval <= MAX_HEARTBEAT_INTERVAL:
             problem = (
-                f"heartbeat interval {heartbeat_interval.total_seconds():g} s is outside 0 to "
+                f"heartbeat interval {interval.total_seconds():g} s is outside 0 to "
                 f"{MAX_HEARTBEAT_INTERVAL.total_seconds():g} s"
             )
         if problem:
             raise DeadLetter(f"refused announcement from {gateway_id}: {problem}")
-        self.repo.record_gateway_seen(
-            gateway_id,
-            version,
-            self._clock(),
-            pid=pid,
-            listen=listen,
-            vpn_sessions=vpn_sessions,
-            heartbeat_interval=heartbeat_interval,
-        )
+
+    def _record_seen(self, seen: Sequence[GatewaySeen]) -> None:
+        """Record checked hellos and heartbeats, in order, in one transaction."""
+        if seen:
+            self.repo.record_gateways_seen(seen, self._clock())
 
     def _on_status(self, delivery: Delivery) -> None:
         self._apply_statuses([self._status_report(delivery)])
@@ -661,7 +828,10 @@ class Engine:
             raise DeadLetter(str(exc)) from exc
         if message.state == 0 or not message.job_id or not message.command_id:
             raise DeadLetter("a status report needs job_id, command_id and a state")
-        return convert.report(message, delivery.message_id or message.report_id)
+        report = convert.report(message, delivery.message_id or message.report_id)
+        if report.state in CONTROLLER_ONLY:
+            raise DeadLetter(f"a gateway cannot report {report.state}: only the controller sets it")
+        return report
 
     def _apply_statuses(self, reports: Sequence[ReportIn]) -> None:
         """Apply status reports in one transaction, then announce the jobs they finished
@@ -670,6 +840,7 @@ class Engine:
             return
         announce, staged = self._stager()
         outcomes = self.repo.apply_reports(reports, announce=announce)
+        closed: set[str] = set()
         for report, outcome in zip(reports, outcomes, strict=True):
             if not outcome.applied and not outcome.duplicate:
                 log.info(
@@ -678,10 +849,20 @@ class Engine:
                     gateway_id=report.gateway_id,
                     reason=outcome.reason,
                 )
+            if outcome.applied and report.state.terminal:
+                closed.add(report.job_id)
             if outcome.job_finished is not None:
+                closed.discard(report.job_id)
                 self._after_change(outcome.job, ())
         self.announcer.publish(staged)
         self.notify({report.job_id for report in reports})
+        self._move_on(closed)
+
+    def _move_on(self, job_ids: Iterable[str]) -> None:
+        """Hand the dispatcher those of ``job_ids`` that have gateways still to start
+        (a gateway of theirs ended: the next one, or the next wave, may start now)."""
+        for job_id in self.repo.jobs_waiting(job_ids):
+            self._enqueue(job_id)
 
     def _on_expired(self, command: bus_pb2.UpgradeCommand) -> None:
         """A command's TTL ran out in its gateway's queue: the gateway never took it."""
@@ -690,6 +871,19 @@ class Engine:
             f"expired:{command.command_id}", command.job_id, command.command_id,
             command.gateway_id, GatewayState.UNREACHABLE, command.target_version, EXPIRED_QUEUED,
         )  # fmt: skip
+
+    def _on_precheck(self, delivery: Delivery) -> None:
+        """A gateway's answer to a pre-check: handed to the question waiting for it (one
+        for another gateway than the sender's key is refused)."""
+        result = codec.decode(bus_pb2.PreCheckResult, delivery.body)
+        sender = topology.reporting_gateway(delivery.routing_key)
+        if result.gateway_id != sender:
+            raise DeadLetter(
+                f"a pre-check answer for gateway {names.shown(result.gateway_id)} came with "
+                f"key {delivery.routing_key!r}"
+            )
+        if not self.prechecks.take(result):
+            log.info("precheck_answer_unasked", gateway_id=sender, check_id=result.check_id[:64])
 
     def _on_refused(self, delivery: Delivery) -> None:
         """A gateway refused a command (``bus_pb2.CommandRefused``): a security event, logged
@@ -759,6 +953,8 @@ class Engine:
         self.notify()
 
 
+# Gateway states only the controller sets (common.proto): a report of one is refused.
+CONTROLLER_ONLY = frozenset({GatewayState.SKIPPED, GatewayState.CANCELLED, GatewayState.SUPERSEDED})
 # The longest refusal reason kept from a gateway's report.
 MAX_REASON_CHARS = 2000
 
@@ -768,6 +964,15 @@ MAX_LISTEN_ADDRESSES = 64
 MAX_ADDRESS_CHARS = 64
 
 
+def _holds_back(job: JobRecord) -> bool:
+    """Whether the job holds gateways back on purpose (``transitions.held_back``)."""
+    return (
+        bool(job.waves or job.window or job.not_before or job.not_after)
+        or job.max_parallel > 0
+        or job.state is JobState.PAUSED
+    )
+
+
 def _confirmed_now(confirm: Confirm) -> bool:
     """Whether the broker has confirmed already; a message not yet sent is dropped."""
     try:
@@ -775,6 +980,12 @@ def _confirmed_now(confirm: Confirm) -> bool:
     except BusError:
         return False
     return True
+
+
+def _senders(delivery: Delivery, gateway_id: str) -> set[str]:
+    """The gateway a report's routing key names and the one its body names (the same,
+    from a well-behaved gateway): whose order of messages the report is part of."""
+    return {topology.reporting_gateway(delivery.routing_key), gateway_id} - {""}
 
 
 def _announcement_problem(pid: int | None, listen: Sequence[str], vpn_sessions: int | None) -> str:

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from datetime import datetime
 
+from controller_svc import convert
 from controller_svc.access import Audit
 from controller_svc.engine import Engine
 from controller_svc.errors import FailedPrecondition, InvalidRequest, NotFound
@@ -103,6 +104,9 @@ class ManagementJobs:
                 requested_by=delivery.user_id or "",
                 allow_downgrade=job.allow_downgrade,
                 accept_vpn_disruption=job.accept_vpn_disruption,
+                rollout=convert.rollout_of(job),
+                precheck=not job.skip_prechecks,
+                force=job.force,
             )
         except (ConfigError, NotFound, FailedPrecondition, InvalidRequest) as exc:
             raise _Refused(str(exc)) from exc

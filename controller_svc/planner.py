@@ -81,7 +81,6 @@ def make_plan(
     return Plan(release, tuple(planned))
 
 
-
 def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> None:
     """Refuse, with what to do instead, a plan the operator has not agreed to."""
     version = plan.release.version
@@ -103,7 +102,7 @@ def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> 
 
 
 def _running(gateway: PlannedGateway) -> str:
-    """"gw-1 (1.2.0)", or "gw-1 (1.2.0, 7.2.0 once its unfinished job is done)"."""
+    """ "gw-1 (1.2.0)", or "gw-1 (1.2.0, 7.2.0 once its unfinished job is done)"."""
     if gateway.pending_version is None or gateway.pending_version == gateway.from_version:
         return f"{gateway.gateway_id} ({gateway.from_version})"
     return (

@@ -44,6 +44,10 @@ class GatewayRecord:
     # The heartbeat interval its newest hello announced; None: none announced (a gateway
     # of an earlier release), so the default applies.
     heartbeat_interval: timedelta | None = None
+    # The other gateway of its high-availability pair, as its newest hello named it.
+    ha_peer: str | None = None
+    # Its newest hello said it answers pre-checks.
+    prechecks: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class GatewayJobRecord:
     # Its command was confirmed by the broker (rows of jobs from before this was recorded
     # count as not published).
     published: bool = False
+    # Its wave in the job's rollout, 0 first.
+    wave: int = 0
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,22 @@ class JobRecord:
     gateways: tuple[GatewayJobRecord, ...]
     requested_by: str = ""
     allow_downgrade: bool = False
+    # The rollout (controller_svc.rollout): "" and 0 are one wave, no cap, no limit.
+    waves: str = ""
+    max_parallel: int = 0
+    max_failures: str = ""
+    # ABORTED or CANCELLED, decided while gateways in flight finish; None otherwise.
+    ending: JobState | None = None
+    # Why it was paused, aborted or cancelled.
+    stop_reason: str = ""
+    # When gateways may start (controller_svc.rollout.starts_at).
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+    window: str = ""
+    # The wave in progress (0 first; None when every gateway is final) and how many
+    # waves there are, over all the job's gateways (``gateways`` may be one page).
+    current_wave: int | None = None
+    wave_count: int = 1
 
 
 @dataclass(frozen=True)
@@ -177,6 +199,18 @@ def _job_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
         gateways=tuple(_gatewayjob_record(row) for row in rows),
         requested_by=job.requested_by,
         allow_downgrade=job.allow_downgrade,
+        waves=job.waves or "",
+        max_parallel=job.max_parallel or 0,
+        max_failures=job.max_failures or "",
+        ending=JobState(job.ending) if job.ending else None,
+        stop_reason=job.stop_reason or "",
+        not_before=job.not_before,
+        not_after=job.not_after,
+        window=job.window or "",
+        current_wave=min(
+            (r.wave or 0 for r in rows if not GatewayState(r.state).terminal), default=None
+        ),
+        wave_count=max((r.wave or 0 for r in rows), default=0) + 1,
     )
 
 
@@ -193,6 +227,7 @@ def _gatewayjob_record(row: JobGateway) -> GatewayJobRecord:
         updated_at=row.updated_at,
         vpn_sessions_dropped=row.vpn_sessions_dropped,
         published=row.published_at is not None,
+        wave=row.wave or 0,
     )
 
 
@@ -212,6 +247,8 @@ def gateway_record(row: Gateway, pending_version: str | None) -> GatewayRecord:
         heartbeat_interval=(
             timedelta(milliseconds=row.heartbeat_interval_ms) if row.heartbeat_interval_ms else None
         ),
+        ha_peer=row.ha_peer or None,
+        prechecks=bool(row.prechecks),
     )
 
 

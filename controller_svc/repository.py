@@ -13,14 +13,15 @@ never misses an event.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from controller_svc import rollout as rollouts
 from controller_svc.db import (
     Gateway,
     Job,
@@ -29,7 +30,13 @@ from controller_svc.db import (
     Release,
     SeenMessage,
 )
-from controller_svc.errors import Conflict, InvalidRequest, NotFound, StorageError
+from controller_svc.errors import (
+    Conflict,
+    FailedPrecondition,
+    InvalidRequest,
+    NotFound,
+    StorageError,
+)
 from controller_svc.outbox import OutboxEntry, stage
 from controller_svc.records import (
     EventRecord,
@@ -47,17 +54,20 @@ from controller_svc.records import (
     job_records,
     release_record,
 )
+from controller_svc.rollout import Rollout
 from controller_svc.sessions import Sessions
-from controller_svc.states import GatewayState, JobState, can_move
+from controller_svc.states import GatewayState, JobState, can_move, check_job_move
 from controller_svc.store import check_digest
 from controller_svc.transitions import (
     apply_to_row,
+    close_unstarted,
     expire_rows,
     finish_if_done,
     gateway_event,
     set_job_state,
+    stop,
 )
-from hitless import semver
+from hitless import logs, semver
 from hitless.errors import ConfigError
 
 __all__ = [
@@ -72,14 +82,59 @@ __all__ = [
     "Repository",
 ]
 
+log = logs.get(__name__)
+
 SOURCES = frozenset({"cli", "management", "ui"})
 _ACTIVE_GATEWAY = [s.value for s in GatewayState if not s.terminal]
 _ACTIVE_JOB = [s.value for s in JobState if not s.terminal]
+# A gateway in one of these never runs its command (``command_withdrawn``).
+_WITHDRAWN = frozenset(
+    s.value for s in (GatewayState.SKIPPED, GatewayState.CANCELLED, GatewayState.SUPERSEDED)
+)
 
 # Builds the event announcing a job that has just ended (``events.Announcer.job_finished``).
 Announce = Callable[[JobRecord], OutboxEntry]
 # The longest heartbeat interval a hello may announce.
 MAX_HEARTBEAT_INTERVAL = timedelta(days=1)
+
+
+@dataclass(frozen=True)
+class GatewaySeen:
+    """What one hello or heartbeat says of its gateway (``Repository.record_gateways_seen``).
+
+    A hello gives ``pid``, ``listen``, ``heartbeat_interval`` (zero: none announced) and
+    ``ha_peer`` ("": none), a heartbeat ``vpn_sessions``; None, or no addresses, where the
+    message says nothing.
+    """
+
+    gateway_id: str
+    version: str
+    pid: int | None = None
+    listen: tuple[str, ...] = ()
+    vpn_sessions: int | None = None
+    heartbeat_interval: timedelta | None = None
+    ha_peer: str | None = None
+    prechecks: bool | None = None
+
+    def then(self, later: GatewaySeen) -> GatewaySeen:
+        """What this message and then ``later`` (of the same gateway) record together:
+        ``later``'s version, and each other field from ``later`` where it says something,
+        else from this one (a heartbeat after a hello keeps the hello's pid, addresses
+        and interval)."""
+        return GatewaySeen(
+            later.gateway_id,
+            later.version,
+            pid=self.pid if later.pid is None else later.pid,
+            listen=later.listen or self.listen,
+            vpn_sessions=self.vpn_sessions if later.vpn_sessions is None else later.vpn_sessions,
+            heartbeat_interval=(
+                self.heartbeat_interval
+                if later.heartbeat_interval is None
+                else later.heartbeat_interval
+            ),
+            ha_peer=self.ha_peer if later.ha_peer is None else later.ha_peer,
+            prechecks=self.prechecks if later.prechecks is None else later.prechecks,
+        )
 
 
 class Repository:
@@ -112,35 +167,103 @@ class Repository:
         None for a message that does not say (a heartbeat: the recorded one stays).
         Raises InvalidRequest for a negative interval or one over a day.
         """
+        seen = GatewaySeen(
+            gateway_id,
+            version,
+            pid=pid,
+            listen=tuple(listen),
+            vpn_sessions=vpn_sessions,
+            heartbeat_interval=heartbeat_interval,
+        )
+        return gateway_id in self.record_gateways_seen([seen], at)
+
+    def record_gateways_seen(self, seen: Sequence[GatewaySeen], at: datetime) -> set[str]:
+        """Note hellos and heartbeats, in the order given, in one transaction; return the
+        ids of the gateways that were not known before.
+
+        The messages of one gateway are merged first (``GatewaySeen.then``: the last one's
+        version, and what a hello said that a later heartbeat does not), then each gateway
+        is recorded as ``record_gateway_seen`` records one message at ``at``: one SELECT
+        finds those known, the new ones go in one multi-row INSERT, the others in one
+        UPDATE per set of columns named (a heartbeat's, a hello's), each left alone when a
+        newer message was recorded already. Raises
+        InvalidRequest, before anything is written, for an ``at`` that is not tz-aware, a
+        missing gateway id, or a heartbeat interval that is negative or over a day;
+        StorageError when the database fails (nothing is written).
+        """
         _require_aware(at, "at")
-        if not gateway_id:
-            raise InvalidRequest("a gateway id is required")
-        interval_ms = _interval_ms(heartbeat_interval)
+        merged: dict[str, GatewaySeen] = {}
+        for one in seen:
+            if not one.gateway_id:
+                raise InvalidRequest("a gateway id is required")
+            _interval_ms(one.heartbeat_interval)
+            before = merged.get(one.gateway_id)
+            merged[one.gateway_id] = one if before is None else before.then(one)
+        if not merged:
+            return set()
+        # One order of row locks for every writer of many gateways: no deadlocks.
+        ordered = [merged[gateway_id] for gateway_id in sorted(merged)]
         with self._write() as session:
-            stmt = (
-                self._insert(Gateway)
-                .values(
-                    id=gateway_id,
-                    version=version,
-                    first_seen=at,
-                    last_seen=at,
-                    pid=pid,
-                    listen=list(listen),
-                    vpn_sessions=vpn_sessions or 0,
-                    heartbeat_interval_ms=interval_ms or None,
-                )
-                .on_conflict_do_nothing(index_elements=[Gateway.id])
-                .returning(Gateway.id)
+            connection = session.connection()
+            # Known gateways are the usual case: an INSERT that conflicts costs more than
+            # this read.
+            known = set(
+                connection.execute(
+                    select(Gateway.id).where(Gateway.id.in_([one.gateway_id for one in ordered]))
+                ).scalars()
             )
-            created = session.execute(stmt).scalar_one_or_none() is not None
-            if not created:
-                values = _announced(pid, listen, vpn_sessions)
+            new_rows = [
+                {
+                    "id": one.gateway_id,
+                    "version": one.version,
+                    "first_seen": at,
+                    "last_seen": at,
+                    "pid": one.pid,
+                    "listen": list(one.listen),
+                    "vpn_sessions": one.vpn_sessions or 0,
+                    "heartbeat_interval_ms": _interval_ms(one.heartbeat_interval) or None,
+                    "ha_peer": one.ha_peer or None,
+                    "prechecks": bool(one.prechecks),
+                }
+                for one in ordered
+                if one.gateway_id not in known
+            ]
+            created: set[str] = set()
+            if new_rows:
+                # RETURNING makes this one multi-row INSERT ("insertmanyvalues") on both
+                # databases; a gateway another controller inserted since the read above is
+                # not returned, and is updated below.
+                created = set(
+                    connection.execute(
+                        self._insert(Gateway)
+                        .on_conflict_do_nothing(index_elements=[Gateway.id])
+                        .returning(Gateway.id),
+                        new_rows,
+                    ).scalars()
+                )
+            # Column names -> one parameter set per gateway that names exactly those.
+            changes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            for one in ordered:
+                if one.gateway_id in created:
+                    continue
+                values = _announced(one.pid, one.listen, one.vpn_sessions)
+                interval_ms = _interval_ms(one.heartbeat_interval)
                 if interval_ms is not None:
                     values["heartbeat_interval_ms"] = interval_ms or None
-                session.execute(
+                if one.ha_peer is not None:
+                    values["ha_peer"] = one.ha_peer or None
+                if one.prechecks is not None:
+                    values["prechecks"] = one.prechecks
+                values["version"] = one.version
+                columns = tuple(sorted(values))
+                params = {f"new_{name}": value for name, value in values.items()}
+                changes.setdefault(columns, []).append({"gateway_id": one.gateway_id, **params})
+            for columns, params_list in changes.items():
+                connection.execute(
                     update(Gateway)
-                    .where(Gateway.id == gateway_id, Gateway.last_seen <= at)
-                    .values(version=version, last_seen=at, **values)
+                    .where(Gateway.id == bindparam("gateway_id"), Gateway.last_seen <= at)
+                    .values(last_seen=at, **{name: bindparam(f"new_{name}") for name in columns}),
+                    params_list,
                 )
             return created
 
@@ -249,13 +372,23 @@ class Repository:
         request_id: str | None = None,
         requested_by: str = "",
         allow_downgrade: bool = False,
+        rollout: Rollout = rollouts.ONE_WAVE,
+        announce: Announce | None = None,
+        skipped: Mapping[str, str] | None = None,
         now: datetime,
     ) -> tuple[JobRecord, bool]:
-        """Create a PENDING job with one QUEUED command per ``(gateway_id, from_version)``.
+        """Create a PENDING job with one QUEUED command per ``(gateway_id, from_version)``,
+        each in its wave of ``rollout`` in the order given (``rollout.assign_waves``).
 
-        With a ``request_id`` already used, returns that job and False, creating nothing:
-        a retried request (CLI retry, redelivered management message) makes one job.
-        The release must exist, or NotFound says to publish it first.
+        Commands of older unfinished jobs for these gateways that have not started are
+        SUPERSEDED (``_supersede``; ``announce`` as for ``apply_reports``, for an older job
+        that this ends). The gateways in ``skipped`` (gateway id -> why: a failed
+        pre-check) are in the job SKIPPED with that reason, never sent a command, and
+        supersede nothing. With a ``request_id`` already used, returns that job and False,
+        creating nothing: a retried request (CLI retry, redelivered management message)
+        makes one job.
+        The release must exist, or NotFound says to publish it first. Raises
+        InvalidRequest for a rollout that does not fit the targets (``rollout.check``).
         """
         target_version = _parse_version(target_version)
         _require_aware(deadline, "deadline")
@@ -269,12 +402,14 @@ class Repository:
             raise InvalidRequest("a job needs at least one target gateway")
         if len(set(gateway_ids)) != len(gateway_ids):
             raise InvalidRequest(f"a gateway is named twice in the targets {gateway_ids}")
+        rollouts.check(rollout, len(gateway_ids))
         job_id = str(uuid.uuid4())
         with self._write() as session:
             if request_id is not None:
                 existing = _job_by_request(session, request_id)
                 if existing is not None:
                     return job_record(session, existing), False
+            waves = rollouts.assign_waves(rollout.waves, gateway_ids, _peers(session, gateway_ids))
             if session.get(Release, target_version) is None:
                 raise NotFound(
                     f"no release {target_version}: publish it before starting a job to it"
@@ -292,6 +427,13 @@ class Repository:
                     created_at=now,
                     updated_at=now,
                     deadline=deadline,
+                    waves=rollout.waves.replace(" ", ""),
+                    max_parallel=rollout.max_parallel,
+                    max_failures=rollout.max_failures.strip(),
+                    stop_reason="",
+                    not_before=rollout.not_before,
+                    not_after=rollout.not_after,
+                    window=" ".join(rollout.window.split()),
                 )
                 .on_conflict_do_nothing(index_elements=[Job.request_id])
                 .returning(Job.id)
@@ -304,22 +446,77 @@ class Repository:
                     raise StorageError(f"job {job_id} was not created and no job holds its key")
                 return job_record(session, raced), False
             session.add(JobEvent(job_id=job_id, job_state=JobState.PENDING.value, at=now))
-            for gateway_id, from_version in targets:
+            for (gateway_id, from_version), wave in zip(targets, waves, strict=True):
+                why = (skipped or {}).get(gateway_id)
                 row = JobGateway(
+                    wave=wave,
                     job_id=job_id,
                     gateway_id=gateway_id,
                     command_id=str(uuid.uuid4()),
-                    state=GatewayState.QUEUED.value,
+                    state=(GatewayState.SKIPPED if why else GatewayState.QUEUED).value,
                     from_version=from_version,
                     to_version=target_version,
-                    error="",
+                    error=why or "",
                     bytes_done=0,
                     bytes_total=0,
                     updated_at=now,
                 )
                 session.add(row)
                 session.add(gateway_event(row, now))
+            starting = [g for g in gateway_ids if g not in (skipped or {})]
+            self._supersede(session, job_id, target_version, starting, now, announce)
             return job_record(session, session.get_one(Job, job_id)), True
+
+    def _supersede(
+        self,
+        session: Session,
+        job_id: str,
+        target_version: str,
+        gateway_ids: Sequence[str],
+        now: datetime,
+        announce: Announce | None,
+    ) -> None:
+        """Withdraw the commands older unfinished jobs have for ``gateway_ids`` that their
+        gateways have not started (QUEUED, sent or not): SUPERSEDED by job ``job_id``, so a
+        gateway that was away makes one swap, to this job's target, and never runs the
+        older command (``command_withdrawn``). An older job left with nothing unfinished
+        ends, its event written here (``announce``). Takes those jobs' locks in id order."""
+        older = sorted(
+            set(
+                session.scalars(
+                    select(JobGateway.job_id)
+                    .join(Job, Job.id == JobGateway.job_id)
+                    .where(
+                        JobGateway.gateway_id.in_(gateway_ids),
+                        JobGateway.state == GatewayState.QUEUED.value,
+                        JobGateway.job_id != job_id,
+                        Job.state.in_(_ACTIVE_JOB),
+                    )
+                )
+            )
+        )
+        if not older:
+            return
+        jobs = session.scalars(
+            select(Job).where(Job.id.in_(older)).order_by(Job.id).with_for_update()
+        ).all()
+        rows = session.scalars(
+            select(JobGateway)
+            .where(
+                JobGateway.job_id.in_(older),
+                JobGateway.gateway_id.in_(gateway_ids),
+                JobGateway.state == GatewayState.QUEUED.value,
+            )
+            .order_by(JobGateway.job_id, JobGateway.gateway_id)
+        ).all()
+        reason = f"superseded by job {job_id} (to {target_version})"
+        for row in rows:
+            row.state, row.error, row.updated_at = GatewayState.SUPERSEDED.value, reason, now
+            session.add(gateway_event(row, now))
+        log.info("commands_superseded", job_id=job_id, superseded=len(rows), jobs=older)
+        for job in jobs:
+            job.updated_at = now
+            self._finish(session, job, now, announce)
 
     def job_by_request(self, request_id: str) -> JobRecord | None:
         """The job a request id created, if any."""
@@ -337,6 +534,107 @@ class Repository:
             if job.state == JobState.PENDING.value:
                 set_job_state(session, job, JobState.RUNNING, now)
             return job_record(session, job)
+
+    def pause_job(self, job_id: str, reason: str, at: datetime) -> JobRecord:
+        """Pause a PENDING or RUNNING job: no gateway of it starts until ``resume_job``;
+        those in flight go on. Pausing a paused job changes nothing. Raises NotFound, and
+        IllegalJobMove (FailedPrecondition) for a job that has ended or is ending."""
+        _require_aware(at, "at")
+        with self._write() as session:
+            job = self._locked(session, job_id)
+            if job.state != JobState.PAUSED.value:
+                _check_not_ending(job, "paused")
+                set_job_state(session, job, JobState.PAUSED, at)
+                job.stop_reason = reason
+            return job_record(session, job)
+
+    def resume_job(self, job_id: str, at: datetime) -> JobRecord:
+        """Move a PAUSED job back to RUNNING (its next gateways start at the dispatcher's
+        next pass); a job not paused is returned unchanged. Raises NotFound, and
+        IllegalJobMove for a job that has ended."""
+        _require_aware(at, "at")
+        with self._write() as session:
+            job = self._locked(session, job_id)
+            if job.state == JobState.PAUSED.value:
+                set_job_state(session, job, JobState.RUNNING, at)
+                job.stop_reason = ""
+            elif JobState(job.state).terminal:
+                check_job_move(job.id, JobState(job.state), JobState.RUNNING)
+            return job_record(session, job)
+
+    def stop_job(
+        self,
+        job_id: str,
+        ending: JobState,
+        reason: str,
+        at: datetime,
+        *,
+        announce: Announce | None = None,
+    ) -> JobRecord:
+        """End a job ABORTED or CANCELLED (``transitions.stop``): gateways not started
+        are SKIPPED or CANCELLED now, those in flight finish, and the job moves to
+        ``ending`` when they have (at once when none is in flight; ``announce`` as for
+        ``apply_reports``). A job already ending is returned unchanged. Raises NotFound,
+        and IllegalJobMove for a job that has ended."""
+        _require_aware(at, "at")
+        with self._write() as session:
+            job = self._locked(session, job_id)
+            if job.ending is None:
+                stop(session, job, ending, reason, at)
+                self._finish(session, job, at, announce)
+            return job_record(session, job)
+
+    def skip_unstarted(
+        self, job_id: str, reason: str, at: datetime, *, announce: Announce | None = None
+    ) -> JobRecord:
+        """SKIP every gateway of the job not started yet (QUEUED, its command sent or not)
+        with ``reason``; the job ends when nothing of it is left in flight (``announce``
+        as for ``apply_reports``). Raises NotFound."""
+        _require_aware(at, "at")
+        with self._write() as session:
+            job = self._locked(session, job_id)
+            if not JobState(job.state).terminal:
+                close_unstarted(session, job, GatewayState.SKIPPED, reason, at)
+                job.updated_at = at
+                self._finish(session, job, at, announce)
+            return job_record(session, job)
+
+    def command_withdrawn(self, command_id: str) -> str | None:
+        """Why the command may no longer run (its gateway was SKIPPED or CANCELLED, or its
+        job ended or is ending), or None while it may, or when no job has it (a command of
+        another controller's database is not this one's to refuse)."""
+        with self._read() as session:
+            found = session.execute(
+                select(JobGateway.state, JobGateway.error, Job.state, Job.ending)
+                .join(Job, Job.id == JobGateway.job_id)
+                .where(JobGateway.command_id == command_id)
+            ).first()
+        if found is None:
+            return None
+        row_state, error, job_state, ending = found
+        if row_state in _WITHDRAWN:
+            return f"its gateway was {row_state} in the job: {error}"
+        if row_state == GatewayState.QUEUED.value and (ending or JobState(job_state).terminal):
+            return f"its job is {ending or job_state}"
+        return None
+
+    def _locked(self, session: Session, job_id: str) -> Job:
+        job = _lock_job(session, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}: `upgradectl jobs list` shows the jobs")
+        return job
+
+    def _finish(
+        self, session: Session, job: Job, at: datetime, announce: Announce | None
+    ) -> JobRecord | None:
+        """``finish_if_done``, and the ended job's event written to the outbox with it;
+        the job's record when it ended."""
+        if finish_if_done(session, job, at) is None:
+            return None
+        record = job_record(session, job)
+        if announce is not None:
+            stage(session, self._insert, announce(record), _outbox_now())
+        return record
 
     def apply_report(self, report: ReportIn, *, announce: Announce | None = None) -> ReportOutcome:
         """Apply one gateway report; see ReportOutcome for what can come of it (``job`` is
@@ -455,13 +753,11 @@ class Repository:
                 )
             for job_id, (index, at) in closing.items():
                 job = jobs[job_id]
-                finished = finish_if_done(session, job, at)
-                if finished is None:
+                _abort_past_limit(session, job, at)
+                record = self._finish(session, job, at, announce)
+                if record is None:
                     continue
-                record = job_record(session, job)
-                if announce is not None:
-                    stage(session, self._insert, announce(record), _outbox_now())
-                outcomes[index] = replace(outcomes[index], job_finished=finished, job=record)
+                outcomes[index] = replace(outcomes[index], job_finished=record.state, job=record)
             if records:
                 known = {job_id: job_record(session, job) for job_id, job in jobs.items()}
                 outcomes = [
@@ -536,10 +832,19 @@ class Repository:
             if after is not None:
                 stmt = stmt.where(JobGateway.gateway_id > after)
             rows = session.scalars(stmt).all()
-            count = session.scalar(
-                select(func.count()).select_from(JobGateway).where(JobGateway.job_id == job.id)
+            count, waves, current = session.execute(
+                select(
+                    func.count(),
+                    func.max(JobGateway.wave),
+                    func.min(JobGateway.wave).filter(JobGateway.state.in_(_ACTIVE_GATEWAY)),
+                ).where(JobGateway.job_id == job.id)
+            ).one()
+            record = replace(
+                job_page_record(job, rows[:limit]),
+                current_wave=current,
+                wave_count=(waves or 0) + 1,
             )
-            return JobPage(job_page_record(job, rows[:limit]), int(count or 0), len(rows) > limit)
+            return JobPage(record, int(count or 0), len(rows) > limit)
 
     def pending_jobs(self) -> list[JobRecord]:
         """The unfinished jobs with a gateway still QUEUED whose command was never confirmed
@@ -560,6 +865,28 @@ class Repository:
                 .order_by(Job.created_at.desc(), Job.id.desc())
             ).all()
             return job_records(session, jobs)
+
+    def jobs_waiting(self, job_ids: Iterable[str]) -> list[str]:
+        """Those of ``job_ids`` that are unfinished and have a gateway QUEUED whose command
+        was never sent (held back by their rollout, or not yet dispatched)."""
+        ids = sorted(set(job_ids))
+        if not ids:
+            return []
+        with self._read() as session:
+            return list(
+                session.scalars(
+                    select(JobGateway.job_id)
+                    .join(Job, Job.id == JobGateway.job_id)
+                    .where(
+                        JobGateway.job_id.in_(ids),
+                        JobGateway.state == GatewayState.QUEUED.value,
+                        JobGateway.published_at.is_(None),
+                        Job.state.in_(_ACTIVE_JOB),
+                        Job.ending.is_(None),
+                    )
+                    .distinct()
+                )
+            )
 
     def mark_published(self, command_ids: Sequence[str], at: datetime) -> None:
         """Record, in one transaction, that the broker confirmed these commands."""
@@ -679,6 +1006,64 @@ def _parse_version(text: str) -> str:
         return str(semver.parse(text))
     except ConfigError as exc:
         raise InvalidRequest(str(exc)) from exc
+
+
+def _peers(session: Session, gateway_ids: Sequence[str]) -> dict[str, str]:
+    """The high-availability peers among ``gateway_ids``, both ways (a pair counts when
+    either of the two named the other)."""
+    peers: dict[str, str] = {}
+    named = session.execute(
+        select(Gateway.id, Gateway.ha_peer).where(
+            Gateway.id.in_(gateway_ids), Gateway.ha_peer.is_not(None)
+        )
+    ).all()
+    for gateway_id, peer in named:
+        if peer:
+            peers[gateway_id] = peer
+            peers.setdefault(peer, gateway_id)
+    return peers
+
+
+def _check_not_ending(job: Job, wanted: str) -> None:
+    if job.ending:
+        raise FailedPrecondition(
+            f"job {job.id} cannot be {wanted}: it is ending {job.ending} ({job.stop_reason})"
+        )
+
+
+def _abort_past_limit(session: Session, job: Job, at: datetime) -> None:
+    """ABORT the job (``transitions.stop``) when more of its gateways failed or rolled
+    back than its ``--max-failures`` allows; the caller holds the job lock."""
+    if not job.max_failures or job.ending or JobState(job.state).terminal:
+        return
+    session.flush()
+    counts = dict(
+        session.execute(
+            select(JobGateway.state, func.count())
+            .where(JobGateway.job_id == job.id)
+            .group_by(JobGateway.state)
+        ).all()
+    )
+    failed = sum(counts.get(s.value, 0) for s in rollouts.FAILURES)
+    why = rollouts.past_limit(job.max_failures, failed, sum(counts.values()))
+    if why is None:
+        return
+    last = session.scalars(
+        select(JobGateway)
+        .where(
+            JobGateway.job_id == job.id,
+            JobGateway.state.in_([s.value for s in rollouts.FAILURES]),
+        )
+        .order_by(JobGateway.updated_at.desc(), JobGateway.gateway_id)
+        .limit(1)
+    ).one()
+    waves = session.scalar(select(func.max(JobGateway.wave)).where(JobGateway.job_id == job.id))
+    reason = (
+        f"{why}: stopped in wave {last.wave + 1} of {(waves or 0) + 1}; last "
+        f"{last.gateway_id}: {last.error}"
+    )
+    log.warning("job_aborted", job_id=job.id, reason=reason)
+    stop(session, job, JobState.ABORTED, reason, at)
 
 
 def _lock_job(session: Session, job_id: str) -> Job | None:

@@ -100,6 +100,8 @@ MAX_LIST_LIMIT = 1000
 # The rows of a page when the request gives no page_size (AIP-158: the API's default).
 DEFAULT_GATEWAYS_PAGE = paging.MAX_PAGE_SIZE
 DEFAULT_JOBS_PAGE = 50
+# The longest reason CancelJob keeps.
+MAX_CANCEL_REASON_CHARS = 500
 DEFAULT_JOB_GATEWAYS_PAGE = paging.MAX_PAGE_SIZE
 WATCH_POLL_S = 0.5
 # Request fields never written to the audit log (AddUser's password).
@@ -314,12 +316,34 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             deadline=deadline,
             allow_downgrade=request.allow_downgrade,
             accept_vpn_disruption=request.accept_vpn_disruption,
+            rollout=convert.rollout_of(request),
+            precheck=not request.skip_prechecks,
+            force=request.force,
         )
+        return convert.job(job)
+
+    @_translated
+    def PauseJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return convert.job(self._engine.pause_job(_job_id(request.job_id), current_actor()))
+
+    @_translated
+    def ResumeJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return convert.job(self._engine.resume_job(_job_id(request.job_id), current_actor()))
+
+    @_translated
+    def CancelJob(self, request: Any, context: grpc.ServicerContext) -> Any:
+        reason = request.reason.strip()
+        if len(reason) > MAX_CANCEL_REASON_CHARS:
+            raise InvalidRequest(
+                f"the reason is {len(reason)} characters; keep it to {MAX_CANCEL_REASON_CHARS}"
+            )
+        job = self._engine.cancel_job(_job_id(request.job_id), current_actor(), reason)
         return convert.job(job)
 
     @_translated
     def PlanUpgrade(self, request: Any, context: grpc.ServicerContext) -> Any:
         plan = self._engine.plan(_target_version(request), list(request.gateway_ids))
+        answers = self._engine.precheck(plan) if request.dry_run else {}
         return controller_pb2.UpgradePlan(
             release=convert.release(plan.release),
             gateways=[
@@ -329,6 +353,9 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                     action=g.action,
                     vpn_sessions=g.vpn_sessions,
                     pending_version=g.pending_version or "",
+                    precheck=convert.precheck(answers[g.gateway_id])
+                    if g.gateway_id in answers
+                    else None,
                 )
                 for g in plan.gateways
             ],
@@ -633,13 +660,30 @@ def _target_version(request: Any) -> str | None:
     return str(semver.parse(request.version))
 
 
+def _job_id(text: str) -> str:
+    """A job id as a request gives it; InvalidRequest when there is none."""
+    if not text:
+        raise InvalidRequest("give the job's id: `upgradectl jobs list` shows them")
+    if len(text) > 64:
+        raise InvalidRequest(f"no job has an id like {names.shown(text)}")
+    return text
+
+
 class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[misc]
     def __init__(
-        self, store: ArtifactStore, metadata: Repository, *, limits: Limits = DEFAULT_LIMITS
+        self,
+        store: ArtifactStore,
+        metadata: Repository,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        withdrawn: Callable[[str], str | None] | None = None,
     ) -> None:
+        """``withdrawn(command_id)`` says why a command may no longer run (``Engine.
+        withdrawn``), or None; a download naming such a command is FAILED_PRECONDITION."""
         self._store = store
         self._metadata = metadata
         self._limits = limits
+        self._withdrawn = withdrawn
 
     @_translated
     def FetchMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -656,7 +700,16 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[mi
         """The artifact's bytes from ``offset``, in chunks of CHUNK_SIZE, each already in
         its wire encoding (``chunk_bytes``: serve this with ``add_artifacts``). A download
         slower than ``Limits.download_time_s`` allows ends DEADLINE_EXCEEDED, naming the
-        offset to resume from."""
+        offset to resume from. A download for a command that was withdrawn (its job
+        cancelled or aborted before the gateway took it) is FAILED_PRECONDITION, saying
+        why, so the gateway never runs it."""
+        if request.command_id and self._withdrawn is not None:
+            why = self._withdrawn(request.command_id)
+            if why is not None:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"command {names.shown(request.command_id)} was withdrawn: {why}",
+                )
         total = self._store.size(request.sha256)
         offset = request.offset
         if offset < 0 or offset > total:

@@ -276,8 +276,7 @@ class Trust:
                 verify_artifact(path, client.target(target_name(release.version)))
             except TrustError as exc:
                 raise FailedPrecondition(
-                    f"release {release.version} does not verify against the signed metadata: "
-                    f"{exc}"
+                    f"release {release.version} does not verify against the signed metadata: {exc}"
                 ) from exc
 
     def refresh(self, now: datetime | None = None) -> None:
@@ -296,4 +295,3 @@ class Trust:
             return
         if resigned:
             log.info("metadata_refreshed", roles=resigned)
-

@@ -1,9 +1,21 @@
 """The two state machines of an upgrade, as enums and transition rules.
 
-    Job:              PENDING -> RUNNING -> SUCCEEDED | PARTIAL | FAILED  (| CANCELLED)
+    Job:              PENDING -> RUNNING -> SUCCEEDED | PARTIAL | FAILED
                       PENDING -> FAILED    (its deadline passed before any command was sent)
+                      PENDING | RUNNING <-> PAUSED   (an operator paused it: nothing starts)
+                      ... -> ABORTED      (more gateways failed than --max-failures allows)
+                      ... -> CANCELLED    (an operator cancelled it)
     Gateway in a job: QUEUED -> DOWNLOADING -> VERIFYING -> SWAPPING
                              -> SUCCEEDED | FAILED | ROLLED_BACK | UNREACHABLE
+                      QUEUED -> SKIPPED    (the job was aborted, or its deadline came,
+                                            before this gateway's turn)
+                      QUEUED -> CANCELLED  (the job was cancelled before it started)
+                      QUEUED -> SUPERSEDED (a newer job for the gateway came before it
+                                            started: it runs that one instead)
+
+A job that is aborted or cancelled while gateways are in flight keeps its state (RUNNING
+or PAUSED) with its ``ending`` recorded until they are final, then moves to that ending:
+in-flight gateways finish or roll back, and are never cut short.
 
 A job's moves are the table ``JOB_MOVES``; every writer of a job's state checks its move
 with ``check_job_move``, which raises IllegalJobMove for any other. Reports may skip
@@ -26,10 +38,17 @@ class JobState(StrEnum):
     PARTIAL = "PARTIAL"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    PAUSED = "PAUSED"
+    ABORTED = "ABORTED"
 
     @property
     def terminal(self) -> bool:
         return self in _JOB_TERMINAL
+
+    @property
+    def dispatches(self) -> bool:
+        """Whether gateways of a job in this state may be started."""
+        return self in (JobState.PENDING, JobState.RUNNING)
 
 
 class GatewayState(StrEnum):
@@ -41,6 +60,9 @@ class GatewayState(StrEnum):
     FAILED = "FAILED"
     ROLLED_BACK = "ROLLED_BACK"
     UNREACHABLE = "UNREACHABLE"
+    SKIPPED = "SKIPPED"
+    CANCELLED = "CANCELLED"
+    SUPERSEDED = "SUPERSEDED"
 
     @property
     def terminal(self) -> bool:
@@ -48,7 +70,13 @@ class GatewayState(StrEnum):
 
 
 _JOB_TERMINAL = frozenset(
-    {JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED}
+    {
+        JobState.SUCCEEDED,
+        JobState.PARTIAL,
+        JobState.FAILED,
+        JobState.CANCELLED,
+        JobState.ABORTED,
+    }
 )
 _GATEWAY_TERMINAL = frozenset(
     {
@@ -56,6 +84,9 @@ _GATEWAY_TERMINAL = frozenset(
         GatewayState.FAILED,
         GatewayState.ROLLED_BACK,
         GatewayState.UNREACHABLE,
+        GatewayState.SKIPPED,
+        GatewayState.CANCELLED,
+        GatewayState.SUPERSEDED,
     }
 )
 _RANK = {
@@ -67,18 +98,35 @@ _RANK = {
 NEEDS_REASON = frozenset({GatewayState.FAILED, GatewayState.ROLLED_BACK})
 
 # The moves a job may make. A terminal state has none. PENDING -> FAILED is the deadline
-# passing before any gateway moved; CANCELLED is reachable from every unfinished state.
-# Rollouts add PAUSED (RUNNING <-> PAUSED) and ABORTED (RUNNING | PAUSED -> ABORTED, the
-# failure threshold) here, as rows of this table, not as checks elsewhere.
+# passing before any gateway moved; CANCELLED and ABORTED are reachable from every
+# unfinished state. A paused job ends like a running one when its last gateways finish
+# (nothing was left to start), and resumes RUNNING.
+_ENDS = frozenset(
+    {
+        JobState.SUCCEEDED,
+        JobState.PARTIAL,
+        JobState.FAILED,
+        JobState.CANCELLED,
+        JobState.ABORTED,
+    }
+)
 JOB_MOVES: Mapping[JobState, frozenset[JobState]] = {
-    JobState.PENDING: frozenset({JobState.RUNNING, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset(
-        {JobState.SUCCEEDED, JobState.PARTIAL, JobState.FAILED, JobState.CANCELLED}
+    JobState.PENDING: frozenset(
+        {
+            JobState.RUNNING,
+            JobState.PAUSED,
+            JobState.FAILED,
+            JobState.CANCELLED,
+            JobState.ABORTED,
+        }
     ),
+    JobState.RUNNING: _ENDS | {JobState.PAUSED},
+    JobState.PAUSED: _ENDS | {JobState.RUNNING},
     JobState.SUCCEEDED: frozenset(),
     JobState.PARTIAL: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
+    JobState.ABORTED: frozenset(),
 }
 
 

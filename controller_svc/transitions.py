@@ -29,6 +29,47 @@ NO_REASON = "no reason given by the gateway"
 EXPIRED_QUEUED = "the command expired before the gateway took it"
 EXPIRED_ACTIVE = "no report from the gateway before the deadline"
 UNSENT = "the command could not be sent before the deadline"
+HELD_BACK = "the job's deadline came before this gateway's turn in the rollout"
+
+
+def held_back(job: Job) -> bool:
+    """Whether the job may hold gateways back on purpose (waves, a cap on gateways in
+    flight, or paused): a command it never sent at the deadline was then not due, and
+    its gateway is SKIPPED rather than failed."""
+    return (
+        bool(job.waves or job.window or job.not_before or job.not_after)
+        or (job.max_parallel or 0) > 0
+        or job.state == JobState.PAUSED
+    )
+
+
+def close_unstarted(
+    session: Session, job: Job, state: GatewayState, reason: str, at: datetime
+) -> int:
+    """Move every gateway of the job that has not started (QUEUED, its command sent or
+    not) to ``state`` (SKIPPED or CANCELLED) with ``reason``; returns how many moved. A
+    command sent but not taken is refused by the controller when its gateway asks for
+    the release (``Repository.command_withdrawn``)."""
+    rows = session.scalars(
+        select(JobGateway)
+        .where(JobGateway.job_id == job.id, JobGateway.state == GatewayState.QUEUED.value)
+        .order_by(JobGateway.gateway_id)
+    ).all()
+    for row in rows:
+        row.state, row.error, row.updated_at = state.value, reason, at
+        session.add(gateway_event(row, at))
+    return len(rows)
+
+
+def stop(session: Session, job: Job, ending: JobState, reason: str, at: datetime) -> None:
+    """Decide the job's ending (ABORTED or CANCELLED) with ``reason``: no gateway starts
+    from now on, those not started are SKIPPED (aborted) or CANCELLED, and the job moves
+    to ``ending`` once the ones in flight are final (``finish_if_done``), at once when
+    none is. Raises IllegalJobMove (changing nothing) when the job cannot end so."""
+    check_job_move(job.id, JobState(job.state), ending)
+    job.ending, job.stop_reason, job.updated_at = ending.value, reason, at
+    closed = GatewayState.CANCELLED if ending is JobState.CANCELLED else GatewayState.SKIPPED
+    close_unstarted(session, job, closed, reason, at)
 
 
 def apply_to_row(row: JobGateway, report: ReportIn) -> dict[str, Any]:
@@ -72,7 +113,9 @@ def expire_rows(session: Session, job: Job, now: datetime, grace: timedelta) -> 
     ).all()
     for row in rows:
         state = GatewayState(row.state)
-        if state is GatewayState.QUEUED and row.published_at is None:
+        if state is GatewayState.QUEUED and row.published_at is None and held_back(job):
+            row.state, row.error = GatewayState.SKIPPED.value, HELD_BACK
+        elif state is GatewayState.QUEUED and row.published_at is None:
             row.state, row.error = GatewayState.FAILED.value, UNSENT
         elif state is GatewayState.QUEUED:
             row.state, row.error = GatewayState.UNREACHABLE.value, EXPIRED_QUEUED
@@ -87,8 +130,9 @@ def expire_rows(session: Session, job: Job, now: datetime, grace: timedelta) -> 
 
 
 def finish_if_done(session: Session, job: Job, at: datetime) -> JobState | None:
-    """Set the job's final state once all its gateways are final. The caller holds the job
-    lock, so of two transactions racing here only the first sees a non-final job.
+    """Set the job's final state once all its gateways are final: its ``ending`` when one
+    was decided (``stop``), else their outcome (``states.job_outcome``). The caller holds
+    the job lock, so of two transactions racing here only the first sees a non-final job.
 
     Reads one count per gateway state (``GROUP BY``), never the job's rows themselves, so
     a job of thousands of gateways costs one small query per call."""
@@ -103,6 +147,8 @@ def finish_if_done(session: Session, job: Job, at: datetime) -> JobState | None:
     outcome = job_outcome(
         itertools.chain.from_iterable(itertools.repeat(GatewayState(s), n) for s, n in counts)
     )
+    if outcome is not None and job.ending:
+        outcome = JobState(job.ending)
     if outcome is not None:
         set_job_state(session, job, outcome, at)
     return outcome

@@ -24,6 +24,11 @@ Every outcome is written to disk before the command is acked, so a redelivered c
 is answered from there and never run twice. The command is acked when ``handle`` returns.
 Once a swap succeeded this process has handed over: it takes no further command (it
 raises ``AgentRetired``, and the command goes back to the queue for the new version).
+
+A message with the header ``topology.KIND_HEADER`` set to ``topology.PRECHECK`` is a
+pre-check, never a command: answered from what this gateway measures
+(``gateway_daemon.precheck``), with nothing recorded; one that cannot be read or names
+another gateway is dead-lettered, and one past its deadline dropped unanswered.
 """
 
 from __future__ import annotations
@@ -43,8 +48,11 @@ from gateway_daemon.download import download
 from gateway_daemon.errors import (
     AgentRetired,
     DownloadFailed,
+    GatewayError,
     HandoffFailed,
 )
+from gateway_daemon.handoff.parent import ResumeFailed
+from gateway_daemon.precheck import TunnelCounts, VpnSessions, measure
 from gateway_daemon.reporter import Reporter
 from gateway_daemon.state import AgentState, CommandState, CommandStates, Outcome, Taken
 from gateway_daemon.trust import GatewayTrust
@@ -116,7 +124,11 @@ class Agent:
         swap: Swap,
         trust: GatewayTrust,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        vpn_sessions: VpnSessions = lambda: 0,
+        tunnels: TunnelCounts = lambda: (0, 0),
     ) -> None:
+        """``vpn_sessions`` gives the VPN users connected now and ``tunnels`` the data
+        plane's tunnels (established, configured), for pre-checks; the defaults: none."""
         self._config = config
         self._version = version
         self._state = state
@@ -124,6 +136,8 @@ class Agent:
         self._swap = swap
         self._trust = trust
         self._clock = clock
+        self._vpn_sessions = vpn_sessions
+        self._tunnels = tunnels
         self._retired = False
         self._refreshed_at = -REFRESH_INTERVAL_S
         self._states = CommandStates()
@@ -134,6 +148,9 @@ class Agent:
                 "this process handed the gateway to the next version; the command is "
                 "requeued for it"
             )
+        if _text(delivery.headers.get(topology.KIND_HEADER, "")) == topology.PRECHECK:
+            self._precheck(delivery)
+            return
         try:
             opened = self._open(delivery)
         except _Refused as refused:
@@ -174,6 +191,35 @@ class Agent:
             return
         bound.info("upgrade_started", target_version=command.target_version)
         self._upgrade(command, opened.keyid)
+
+    def _precheck(self, delivery: Delivery) -> None:
+        """Answer a pre-check (``gateway_daemon.precheck``): measured, nothing changed.
+        Raises DeadLetter for one that is not a PreCheckRequest or names another gateway;
+        one past its deadline is dropped unanswered (nobody reads the answer)."""
+        try:
+            request = codec.decode(bus_pb2.PreCheckRequest, delivery.body, strict=False)
+        except DecodeError as exc:
+            raise DeadLetter(f"a pre-check that cannot be read: {exc}") from None
+        gateway_id = self._config.gateway_id
+        if request.gateway_id != gateway_id:
+            raise DeadLetter(
+                f"pre-check {request.check_id[:100]!r} names gateway "
+                f"{request.gateway_id[:100]!r}, not this one ({gateway_id}): not answered"
+            )
+        bound = log.bind(check_id=request.check_id[:100])
+        now = self._clock()
+        if request.HasField("deadline") and request.deadline.ToDatetime(UTC) <= now:
+            bound.info("precheck_expired", deadline=request.deadline.ToDatetime(UTC).isoformat())
+            return
+        started = time.monotonic()
+        result = measure(
+            request, version=self._version, state=self._state, channel=self._trust.channel,
+            vpn_sessions=self._vpn_sessions, tunnels=self._tunnels, now=now,
+        )  # fmt: skip
+        self._reporter.precheck(result)
+        bound.info("precheck_answered", target_version=request.target_version[:100],
+                   problems=list(result.problems),
+                   elapsed_ms=round((time.monotonic() - started) * 1000, 1))  # fmt: skip
 
     def _open(self, delivery: Delivery) -> _Opened:
         """The signed copy of the command in ``delivery``'s headers, once it verifies and
@@ -305,7 +351,7 @@ class Agent:
         try:
             download(
                 self._config.controller, sha, size, partial,
-                channel=self._trust.channel, progress=progress,
+                channel=self._trust.channel, progress=progress, command_id=command.command_id,
             )  # fmt: skip
             self._status(command, CommandState.VERIFYING, bytes_done=size, bytes_total=size)
             verify_artifact(partial, signed)
@@ -339,15 +385,21 @@ class Agent:
             self._swap(verified, staged)
             self._retired = True
         except HandoffFailed as exc:
-            self._finish(
-                command,
-                Outcome(
-                    CommandState.ROLLED_BACK,
-                    target,
-                    self._version,
-                    f"handoff to {target} failed: {exc}",
-                ),
+            # Rolled back: this process serves as before. ResumeFailed: it could not.
+            state = (
+                CommandState.FAILED if isinstance(exc, ResumeFailed) else CommandState.ROLLED_BACK
             )
+            self._finish(
+                command, Outcome(state, target, self._version, f"handoff to {target} failed: {exc}")
+            )
+        except (GatewayError, OSError) as exc:
+            # Whatever went wrong in this process, the job ends with a report, never
+            # left in SWAPPING.
+            log.exception("handoff_failed_in_this_process", target_version=target)
+            self._finish(command, Outcome(
+                CommandState.FAILED, target, self._version,
+                f"handoff to {target} failed in the running version: {type(exc).__name__}: {exc}",
+            ))  # fmt: skip
 
     def _untrusted(self, command: bus_pb2.UpgradeCommand, reason: str, exc: TrustError) -> None:
         """The release did not verify: FAILED with the reason; a security event too when

@@ -5,7 +5,7 @@ gateway-daemon run --id ID [--controller HOST:PORT] [--amqp URL] [--state-dir DI
                    [--download-from HOST:PORT]
                    [--listen HOST:PORT]... [--tunnels FILE] [--handoff-timeout S]
                    [--vpn-listen HOST:PORT] [--vpn-keepalive-timeout S]
-                   [--heartbeat-interval S]
+                   [--heartbeat-interval S] [--ha-peer ID]
 gateway-daemon enroll --id ID --code CODE --ca-cert FILE [--controller HOST:PORT]
                       [--state-dir DIR]
 gateway-daemon vpn-service --state-dir DIR --listen HOST:PORT [--keepalive-timeout S]
@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         "--heartbeat-interval", type=float, default=config.HEARTBEAT_INTERVAL_S, metavar="S",
         help="seconds between heartbeats to the controller, which carry the VPN session "
         f"count (default {config.HEARTBEAT_INTERVAL_S:g})",
+    )  # fmt: skip
+    run.add_argument(
+        "--ha-peer", default="", metavar="ID",
+        help="the other gateway of this one's high-availability pair: upgrades never take "
+        "both at once",
     )  # fmt: skip
     _enroll_arguments(run, code_flag="--enroll-code")
     run.add_argument(
@@ -193,6 +198,7 @@ def _config(args: argparse.Namespace) -> config.GatewayConfig:
         state_dir=state_dir,
         listen=tuple(config.HostPort.parse(a, what="listen address") for a in args.listen),
         heartbeat_interval_s=args.heartbeat_interval,
+        ha_peer=args.ha_peer,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from gateway_daemon import dataplane, identity, selfcheck
+from gateway_daemon import dataplane, identity, precheck, selfcheck
 from gateway_daemon.agent import Agent
 from gateway_daemon.dataplane import DataPlane
 from gateway_daemon.errors import HandoffFailed
@@ -68,6 +68,7 @@ def config_to_context(
         "state_dir": str(config.state_dir),
         "listen": [str(a) for a in config.listen],
         "heartbeat_interval_s": config.heartbeat_interval_s,
+        "ha_peer": config.ha_peer,
         "handoff_ready_s": deadlines.ready_s,
     }
 
@@ -84,6 +85,7 @@ def config_from_context(context: dict[str, Any]) -> GatewayConfig:
         state_dir=Path(context["state_dir"]),
         listen=tuple(HostPort.parse(a) for a in context["listen"]),
         heartbeat_interval_s=float(context["heartbeat_interval_s"]),
+        ha_peer=str(context.get("ha_peer") or ""),
     )
 
 
@@ -208,9 +210,12 @@ class GatewayDaemon:
         self._plane = plane
         publisher = publisher or self._publisher()
         reporter = Reporter(publisher, self.config.gateway_id, self.version)
+        vpn: VpnSupervisor | None = None
         agent = Agent(
             self.config, self.version, self.state, reporter, self._swap,
             GatewayTrust(self.config.state_dir, self.config.controller, self._credentials()),
+            vpn_sessions=lambda: (vpn.sessions() or 0) if vpn else 0,
+            tunnels=lambda: precheck.tunnel_counts(plane),
         )  # fmt: skip
         consumer = Consumer(
             self.config.bus,
@@ -219,7 +224,6 @@ class GatewayDaemon:
             queues=[topology.CONTROLLER_REPORTS],
             name="gateway-commands",
         )
-        vpn = None
         log.info("gateway_serving", endpoints=plane.endpoints(), pid=os.getpid())
         try:
             if predecessor is not None:
@@ -273,7 +277,9 @@ class GatewayDaemon:
 
     def _announce(self, reporter: Reporter, plane: DataPlane) -> None:
         try:
-            reporter.hello(plane.endpoints(), self.config.heartbeat_interval_s)
+            reporter.hello(
+                plane.endpoints(), self.config.heartbeat_interval_s, ha_peer=self.config.ha_peer
+            )
         except BusError as exc:
             log.warning("hello_failed", error=str(exc))
 

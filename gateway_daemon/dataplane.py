@@ -28,9 +28,10 @@ from typing import Any, Final
 
 from gateway_daemon import listeners
 from gateway_daemon.errors import HandoffFailed
-from gateway_daemon.plane import Handle, Passable, Plane
+from gateway_daemon.plane import Handle, Passable, Plane, PredecessorGone
 from gateway_daemon.tunnels import plane as tunnels
 from gateway_daemon.tunnels.config import TunnelsConfig
+from hitless import logs
 from hitless.config import HostPort
 
 DESCRIPTION_FORMAT: Final = "hitless.gateway.dataplane"
@@ -39,6 +40,8 @@ TUNNELS: Final = "tunnels"
 LISTENERS: Final = "listeners"
 _NAME = struct.Struct(">H")
 _LENGTH = struct.Struct(">I")
+
+log = logs.get(__name__)
 
 
 class DataPlane:
@@ -155,19 +158,29 @@ class DataPlane:
     def start_from(self, receive: Callable[[], bytes], timeout: float) -> None:
         """``start(receive())``, with the tunnels' loop thread itself waiting for the
         final state and serving at once (``TunnelPlane.start_from``); the other parts
-        start after it, from here."""
-        plane = self.tunnels
-        if plane is None:
-            self.start(receive())
-            return
+        start after it, from here.
+
+        When ``receive`` raises PredecessorGone (the old process died after this one
+        took the sockets), every part starts alone: the tunnels from their snapshot
+        and counter table (``TunnelPlane.start_from``), the listeners, which carry no
+        state, as they would have."""
         names = [name for name, _ in self._parts]
         pieces: dict[str, bytes] = {}
 
-        def tunnels_piece() -> bytes:
-            pieces.update(_unpack(receive(), names, "final state"))
-            return pieces[TUNNELS]
+        def final() -> bytes | None:
+            try:
+                pieces.update(_unpack(receive(), names, "final state"))
+            except PredecessorGone as exc:
+                log.warning("dataplane_starting_alone", reason=str(exc))
+                pieces.update({name: b"" for name in names})
+                return None
+            return pieces.get(TUNNELS, b"")
 
-        plane.start_from(tunnels_piece, timeout)
+        plane = self.tunnels
+        if plane is None:
+            final()
+        else:
+            plane.start_from(final, timeout)
         for name, part in self._parts:
             if part is not plane:
                 part.start(pieces[name])

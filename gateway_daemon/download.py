@@ -16,6 +16,11 @@ message and its ``data`` attribute would make.
 A controller serving as many downloads as it allows (``controller_svc.limits``) answers
 RESOURCE_EXHAUSTED: the download then waits, with a longer backoff, for up to
 ``BUSY_TIMEOUT_S`` in a row, without counting the refusals as failed attempts.
+
+A stream on which no bytes arrive for ``STALL_TIMEOUT_S`` (a controller alive but silent,
+or a link that stopped carrying data) is cancelled and counts as a failed attempt, like a
+broken one: resumed on a new connection, and reported with the bytes it got when the
+attempts run out (``download`` says how this relates to the stream's deadline).
 """
 
 from __future__ import annotations
@@ -52,6 +57,13 @@ _BACKOFF = Backoff()
 # A fleet downloading at once is turned away in turns; jitter spreads the retries.
 _BUSY_BACKOFF = Backoff(initial_s=0.5, max_s=15.0)
 BUSY_TIMEOUT_S = 600.0
+# Seconds a stream may wait for its next bytes before it counts as stalled.
+STALL_TIMEOUT_S = 30.0
+# The deadline of a whole stream: a rate floor for the bytes still to come, plus slack (for
+# connecting and the first chunk) on top of the stall timeout, so that a silent stream is
+# always ended by the stall timeout first.
+_DEADLINE_FLOOR_BYTES_PER_S = 1 << 20
+_DEADLINE_SLACK_S = 30.0
 _RETRYABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.INTERNAL,  # e.g. "stream removed" when a connection breaks mid-stream
@@ -195,9 +207,10 @@ def download(
     channel: ControllerChannel | None = None,
     progress: Progress | None = None,
     max_attempts: int = 8,
-    stall_timeout_s: float = 30.0,
+    stall_timeout_s: float = STALL_TIMEOUT_S,
     busy_timeout_s: float = BUSY_TIMEOUT_S,
     busy_backoff: Backoff = _BUSY_BACKOFF,
+    command_id: str = "",
 ) -> DownloadResult:
     """Download the artifact ``sha256`` of ``size`` bytes to ``dest`` from the controller's
     gateway port ``controller``: over ``channel`` when given (the one the metadata update
@@ -208,16 +221,46 @@ def download(
     because the controller is busy (RESOURCE_EXHAUSTED) are retried with ``busy_backoff``
     for up to ``busy_timeout_s`` seconds in a row. Raises DownloadFailed when either runs
     out, or at once on an error retrying cannot fix (e.g. NOT_FOUND); ValueError when
-    neither ``channel`` nor ``credentials`` is given.
+    neither ``channel`` nor ``credentials`` is given, or ``stall_timeout_s`` is not above 0.
+    ``command_id`` names the command the download is for: the controller refuses it
+    (FAILED_PRECONDITION, never retried) once that command was withdrawn, its job
+    cancelled or aborted before the gateway took it.
+
+    Two clocks end a stream. The stall timeout: when the gateway has waited
+    ``stall_timeout_s`` seconds for bytes (from the start of the call, or since the last
+    chunk that carried data; its own writing and ``progress`` do not count), it cancels
+    the call (grpc's ``Call.cancel``), and the attempt fails with "no data from the
+    controller for N s after B of T bytes", resumed on a new connection like a broken
+    stream. The deadline: the whole stream gets ``stall_timeout_s`` + 30 s + 1 s per MiB
+    still to come (grpc's call ``timeout``), which ends a stream that moves but slower than
+    1 MiB/s. A silent stream is always caught by the stall timeout first, and much sooner
+    on a large artifact (30 s against about 7.5 min for 400 MiB). A download that only
+    stalls fails after at most ``max_attempts`` x ``stall_timeout_s`` plus the backoff
+    between attempts (about 4.5 min with the defaults).
+
+    grpc's blocking response iterator has no per-message timeout (its ``__next__`` takes
+    no argument, grpc/grpc#20562), so a watcher thread, owned and stopped by each attempt,
+    keeps the time and cancels. HTTP/2 keepalive pings are not used: the controller's
+    transport acknowledges them while its handler sends nothing, so they cannot see a
+    stall; a dead peer or link stops the bytes and is caught by the same stall timeout; and
+    the controller keeps grpc's server defaults (a ping more often than every 5 min without
+    data is a strike, the second strike closes the connection with GOAWAY "too_many_pings",
+    grpc's doc/keepalive.md), which any keepalive short enough to matter would break.
     """
+    if stall_timeout_s <= 0:
+        raise ValueError(
+            f"a stall timeout of {stall_timeout_s:g} s would end every download: give more "
+            f"than 0 s (default {STALL_TIMEOUT_S:g} s)"
+        )
     if channel is None:
         if credentials is None:
             raise ValueError("download needs a channel or the credentials to open one")
         with ControllerChannel(controller, credentials) as own:
             return _download(controller, sha256, size, dest, own, progress, max_attempts,
-                             stall_timeout_s, busy_timeout_s, busy_backoff)  # fmt: skip
+                             stall_timeout_s, busy_timeout_s, busy_backoff,
+                             command_id)  # fmt: skip
     return _download(controller, sha256, size, dest, channel, progress, max_attempts,
-                     stall_timeout_s, busy_timeout_s, busy_backoff)  # fmt: skip
+                     stall_timeout_s, busy_timeout_s, busy_backoff, command_id)  # fmt: skip
 
 
 def _download(
@@ -231,6 +274,7 @@ def _download(
     stall_timeout_s: float,
     busy_timeout_s: float,
     busy_backoff: Backoff,
+    command_id: str,
 ) -> DownloadResult:
     part = dest.with_name(dest.name + ".part")
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -247,11 +291,12 @@ def _download(
         if attempt > 1:
             resumed.append(offset)
         try:
-            _stream_into(channel.get(), sha256, offset, size, part, progress, stall_timeout_s)
+            _stream_into(
+                channel.get(), sha256, offset, size, part, progress, stall_timeout_s, command_id
+            )
             break
-        except grpc.RpcError as exc:
-            code = exc.code()
-            error = f"{code.name}: {exc.details()}"
+        except (grpc.RpcError, _Stalled) as exc:
+            code, error = _described(exc)
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 now = time.monotonic()
                 busy_since = now if busy_since is None else busy_since
@@ -267,7 +312,7 @@ def _download(
                 busy_since, busy_refusals = None, 0
                 failures += 1
                 channel.reset()
-                if code not in _RETRYABLE or failures >= max_attempts:
+                if (code is not None and code not in _RETRYABLE) or failures >= max_attempts:
                     raise DownloadFailed(
                         f"download of {sha256[:12]} from {controller} failed after {attempt} "
                         f"attempt(s): {error}"
@@ -285,6 +330,67 @@ def _download(
     return DownloadResult(dest, size, attempt, tuple(resumed))
 
 
+class _Stalled(Exception):
+    """No bytes came on a stream for the stall timeout, and the call was cancelled."""
+
+
+def _described(exc: Exception) -> tuple[grpc.StatusCode | None, str]:
+    """The status code of a failed attempt (None for a stall) and what to say about it."""
+    if isinstance(exc, grpc.RpcError):
+        return exc.code(), f"{exc.code().name}: {exc.details()}"
+    return None, str(exc)
+
+
+class _StallWatch:
+    """Cancels ``call`` once the gateway has waited ``timeout_s`` seconds for bytes on it:
+    ``waiting`` before each read starts the clock (a clock already running goes on),
+    ``arrived`` after data stops it. A context manager that starts the watcher thread and
+    stops it on exit; ``fired`` says whether it cancelled."""
+
+    def __init__(self, call: grpc.Call, timeout_s: float) -> None:
+        self._call = call
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._waiting_since: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="download-stall", daemon=True)
+        self.fired = False
+
+    def __enter__(self) -> _StallWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def waiting(self) -> None:
+        with self._lock:
+            if self._waiting_since is None:
+                self._waiting_since = time.monotonic()
+
+    def arrived(self) -> None:
+        with self._lock:
+            self._waiting_since = None
+
+    def _watch(self) -> None:
+        # Not woken on every chunk: it sleeps until the earliest moment a wait could be
+        # over, then looks again.
+        pause = self._timeout_s
+        while not self._stop.wait(pause):
+            with self._lock:
+                since = self._waiting_since
+                left = (
+                    self._timeout_s if since is None else since + self._timeout_s - time.monotonic()
+                )
+                if left <= 0:
+                    self.fired = True
+            if self.fired:
+                self._call.cancel()
+                return
+            pause = left
+
+
 def _stream_into(
     channel: grpc.Channel,
     sha256: str,
@@ -293,40 +399,68 @@ def _stream_into(
     part: Path,
     progress: Progress | None,
     stall_timeout_s: float,
+    command_id: str,
 ) -> None:
-    if offset == size:
+    # With a command id, even a download already whole asks once: the controller's
+    # answer is where a withdrawn command is refused.
+    if offset == size and not command_id:
         return
-    # The deadline bounds the whole stream: a generous rate floor of 1 MiB/s plus slack.
-    timeout = stall_timeout_s + (size - offset) / (1 << 20)
-    request = artifacts_pb2.DownloadRequest(sha256=sha256, offset=offset)
+    deadline = stall_timeout_s + _DEADLINE_SLACK_S + (size - offset) / _DEADLINE_FLOOR_BYTES_PER_S
+    request = artifacts_pb2.DownloadRequest(sha256=sha256, offset=offset, command_id=command_id)
     # No deserializer: each message arrives as its bytes, decoded by decode_chunk.
     stream = channel.unary_stream(
         DOWNLOAD_METHOD,
         request_serializer=artifacts_pb2.DownloadRequest.SerializeToString,
         response_deserializer=None,
     )
-    with part.open("ab") as out:
-        for message in stream(request, timeout=timeout):
-            chunk = decode_chunk(message)
-            if chunk.offset != offset:
-                raise DownloadFailed(
-                    f"the controller sent bytes at offset {chunk.offset}, expected {offset}"
-                )
-            if chunk.total_size != size:
-                raise DownloadFailed(
-                    f"the controller says the artifact has {chunk.total_size} bytes; "
-                    f"its signed length is {size}"
-                )
-            if offset + len(chunk.data) > size:
-                # Endless data (TUF's threat model): never write past the signed length.
-                raise DownloadFailed(
-                    f"the controller sent more than the signed length of {size} bytes "
-                    f"(a chunk at {offset} of {len(chunk.data)} bytes); the download stopped"
-                )
-            out.write(chunk.data)
-            offset += len(chunk.data)
-            if progress is not None:
-                progress(offset, size)
+    call = stream(request, timeout=deadline)
+    with _StallWatch(call, stall_timeout_s) as watch, part.open("ab") as out:
+        try:
+            while True:
+                watch.waiting()
+                message = next(call, None)
+                if message is None:
+                    break
+                chunk = decode_chunk(message)
+                if chunk.data:
+                    watch.arrived()
+                _check(chunk, offset, size)
+                out.write(chunk.data)
+                offset += len(chunk.data)
+                if progress is not None:
+                    progress(offset, size)
+        except grpc.RpcError as exc:
+            if watch.fired and exc.code() == grpc.StatusCode.CANCELLED:
+                raise _Stalled(
+                    f"no data from the controller for {stall_timeout_s:g} s after {offset} "
+                    f"of {size} bytes: the connection is open but nothing comes (a stalled "
+                    "controller or link); see the controller's log and disk, then start the "
+                    "job again"
+                ) from exc
+            raise
+        finally:
+            # Ends the call on the controller too when the gateway stopped reading early.
+            call.cancel()
         out.flush()
     if offset != size:
         raise DownloadFailed(f"the stream ended at byte {offset} of {size}")
+
+
+def _check(chunk: WireChunk, offset: int, size: int) -> None:
+    """Raise DownloadFailed unless ``chunk`` continues a download at ``offset`` of an
+    artifact of ``size`` bytes (its signed length) without going past its end."""
+    if chunk.offset != offset:
+        raise DownloadFailed(
+            f"the controller sent bytes at offset {chunk.offset}, expected {offset}"
+        )
+    if chunk.total_size != size:
+        raise DownloadFailed(
+            f"the controller says the artifact has {chunk.total_size} bytes; "
+            f"its signed length is {size}"
+        )
+    if offset + len(chunk.data) > size:
+        # Endless data (TUF's threat model): never write past the signed length.
+        raise DownloadFailed(
+            f"the controller sent more than the signed length of {size} bytes "
+            f"(a chunk at {offset} of {len(chunk.data)} bytes); the download stopped"
+        )

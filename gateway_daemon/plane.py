@@ -12,9 +12,11 @@ The running version passes its sockets and state to the next version of itself
     close()                                   ...
 
 ``resume()`` undoes ``pause()`` on the old side when the new process fails before it
-starts serving (rollback). Between ``pause()`` in the old process and ``start()`` in the
-new one nobody reads or sends: packets wait in the kernel's buffers of the shared
-sockets, and no two processes ever send under the same key and counter.
+starts serving (rollback). When the old process dies instead, the new one starts without
+a final state (``PredecessorGone`` where the final state was awaited) and serves alone.
+Between ``pause()`` in the old process and ``start()`` in the new one nobody reads or
+sends: packets wait in the kernel's buffers of the shared sockets, and no two processes
+ever send under the same key and counter.
 """
 
 from __future__ import annotations
@@ -24,6 +26,15 @@ import socket
 import stat
 from collections.abc import Sequence
 from typing import Any, Protocol
+
+from gateway_daemon.errors import HandoffFailed
+
+
+class PredecessorGone(HandoffFailed):
+    """New process: the old one died after this one took the sockets, before it sent its
+    final state (the handoff's channel reached EOF and the process is gone). This one
+    serves alone, from the snapshot and the state the two share (the tunnels' counter
+    table): nobody else can send any more."""
 
 
 class SharedFile:

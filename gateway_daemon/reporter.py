@@ -19,6 +19,10 @@ from hitless.v1 import bus_pb2, common_pb2
 
 log = logs.get(__name__)
 
+# What this release understands beyond commands, announced in every hello
+# (bus_pb2.GatewayHello.features): "precheck", it answers pre-checks.
+FEATURES = ("precheck",)
+
 
 def _now() -> Timestamp:
     stamp = Timestamp()
@@ -112,15 +116,31 @@ class Reporter:
         self._publisher.publish(topology.REPORTS, key, message, message_id=message.report_id)
         log.warning("command_refused", command_id=command_id, kind=kind, reason=reason)
 
-    def hello(self, endpoints: Sequence[str], heartbeat_interval_s: float) -> None:
-        """Announce this process: its version, pid, served addresses, and how often it
-        sends a heartbeat (the controller counts it OFFLINE after three missed)."""
+    def precheck(self, result: bus_pb2.PreCheckResult) -> None:
+        """Answer a pre-check with ``result`` (``gateway_daemon.precheck.measure``), stamped
+        now, on this gateway's ``precheck`` report key. Raises BusError when it cannot be
+        published: the request goes back to the queue once, and is answered again if its
+        deadline has not passed."""
+        result.at.CopyFrom(_now())
+        key = topology.report_key(self._gateway_id, topology.PRECHECK)
+        self._publisher.publish(
+            topology.REPORTS, key, result, message_id=result.check_id or None, timeout=5
+        )
+
+    def hello(
+        self, endpoints: Sequence[str], heartbeat_interval_s: float, *, ha_peer: str = ""
+    ) -> None:
+        """Announce this process: its version, pid, served addresses, how often it sends
+        a heartbeat (the controller counts it OFFLINE after three missed), and the peer of
+        its high-availability pair, if any."""
         message = bus_pb2.GatewayHello(
             gateway_id=self._gateway_id,
             version=self._version,
             pid=os.getpid(),
             listen=list(endpoints),
             at=_now(),
+            ha_peer=ha_peer,
+            features=list(FEATURES),
         )
         message.heartbeat_interval.FromTimedelta(timedelta(seconds=heartbeat_interval_s))
         key = topology.report_key(self._gateway_id, topology.HELLO)

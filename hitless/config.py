@@ -215,6 +215,13 @@ class GatewayConfig:
     state_dir: Path
     listen: tuple[HostPort, ...] = field(default=())
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    # The other gateway of its high-availability pair ("" for none): a rollout never has
+    # both in flight at once, nor in one wave.
+    ha_peer: str = ""
 
     def __post_init__(self) -> None:
         names.gateway_id(self.gateway_id)
+        if self.ha_peer:
+            names.gateway_id(self.ha_peer)
+            if self.ha_peer == self.gateway_id:
+                raise ConfigError(f"--ha-peer {self.ha_peer} is this gateway itself: name its peer")

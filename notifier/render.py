@@ -113,6 +113,7 @@ def job_finished(job: controller_pb2.Job) -> Rendered:
         "PARTIAL": f"partly failed: {count}",
         "FAILED": f"failed: {count}",
         "CANCELLED": f"was cancelled: {count}",
+        "ABORTED": f"was aborted: {count}",
     }.get(state, f"ended {state}: {count}")
     subject = f"{PREFIX} Upgrade to {target} {headline}"
     facts = [
@@ -124,6 +125,11 @@ def job_finished(job: controller_pb2.Job) -> Rendered:
         ("Requested by", _requested_by(job)),
         ("VPN sessions dropped", str(dropped)),
     ]
+    if job.wave_count > 1 or job.waves:
+        facts.append(("Waves", f"{job.wave_count} ({job.waves or 'one'})"))
+    if job.stop_reason:
+        # Why it was aborted or cancelled: which wave stopped it, and the last failure.
+        facts.append(("Why it stopped", _one_line(job.stop_reason, limit=500)))
     columns = ("Gateway", "Outcome", "From", "To", "VPN sessions dropped", "Reason")
     rows = [
         (

@@ -221,6 +221,34 @@ def test_a_gateway_cannot_publish_a_report_as_another(
     assert rabbit.get_messages(vhost, GW2_QUEUE) == []
 
 
+def test_refreshing_an_enrolled_gateway_grants_a_report_kind_added_since(
+    access: BrokerAccess, vhost: str, rabbit: Management
+) -> None:
+    """A gateway enrolled by an earlier release may not publish ``precheck`` answers;
+    ``refresh_gateway`` gives it this release's grant without a new password."""
+    gw1 = access.enroll_gateway(vhost, "gw-1")
+    user = access.gateway_user("gw-1")
+    older = r"^gateway\.gw\-1\.(status|hello|heartbeat|refused)$"
+    rabbit.request(
+        "PUT",
+        f"/topic-permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+        {"exchange": topology.REPORTS.name, "write": older, "read": "^$"},
+    )
+    with _as(vhost, gw1) as connection:
+        _refused(connection, _publish("gateway.gw-1.precheck"))
+
+    assert access.refresh_gateway(vhost, "gw-1") is True
+    assert access.refresh_gateway(vhost, "gw-9") is False  # never enrolled: nothing to do
+    _assert_granted(rabbit, vhost, user, gateway_grant("gw-1"))
+    with _as(vhost, gw1) as connection:  # the same password still works
+        _channel(connection).basic_publish(
+            topology.REPORTS.name, "gateway.gw-1.precheck", b"{}", mandatory=True
+        )
+    assert [m["routing_key"] for m in rabbit.get_messages(vhost, REPORTS_QUEUE)] == [
+        "gateway.gw-1.precheck"
+    ]
+
+
 def test_a_gateway_cannot_claim_another_user_id(
     access: BrokerAccess, vhost: str, rabbit: Management
 ) -> None:

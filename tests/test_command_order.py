@@ -70,18 +70,22 @@ def test_an_older_release_queued_behind_a_newer_one_needs_allow_downgrade(
     fleet.wait_gateways({"gw-2": "1.2.0"})
 
 
-def test_an_allowed_downgrade_queued_behind_a_newer_release_runs_after_it(
+def test_an_allowed_downgrade_queued_behind_a_newer_release_supersedes_it(
     gw2_offline: Fleet,
 ) -> None:
+    """The later job wins: the newer release's command, not yet taken, is SUPERSEDED and
+    never runs, so gw-2 makes one swap, to what the operator asked for last."""
     fleet = gw2_offline
     newer = fleet.cli_json("upgrade", "--version", "1.2.0", "--gateways", "gw-2", "--yes")
     older = fleet.cli_json(
         "upgrade", "--version", "1.1.0", "--gateways", "gw-2", "--yes", "--allow-downgrade"
     )
     fleet.start_gateway("gw-2")
-    _job(fleet, newer["job_id"], "SUCCEEDED")
     (gateway,) = _job(fleet, older["job_id"], "SUCCEEDED")["gateways"]
-    assert (gateway["from_version"], gateway["to_version"]) == ("1.2.0", "1.1.0")
+    assert (gateway["from_version"], gateway["to_version"]) == ("1.0.0", "1.1.0")
+    (superseded,) = _job(fleet, newer["job_id"], "FAILED")["gateways"]
+    assert superseded["state"] == "SUPERSEDED"
+    assert superseded["error"] == f"superseded by job {older['job_id']} (to 1.1.0)"
     fleet.wait_gateways({"gw-2": "1.1.0"})
 
 

@@ -149,6 +149,26 @@ def test_a_valid_job_runs_like_one_from_the_cli(two_gateways: Fleet, publisher: 
     assert fleet.greeting("gw-2").endswith(BASE)
 
 
+def test_a_job_rolls_out_in_the_waves_it_names(two_gateways: Fleet, publisher: BrokerUser) -> None:
+    fleet = two_gateways
+    fleet.release("1.1.0")
+    body = json.dumps(
+        {"action": "upgrade", "target": "latest", "waves": "1,100%", "max_failures": "0"}
+    )
+    publisher.publish(body, message_id="waves-1")
+
+    job = wait_for(lambda: _management_jobs(fleet), timeout=15, what="the job recorded")[0]
+    assert (job.waves, job.max_failures, job.wave_count) == ("1,100%", "0", 2)
+    assert {g.gateway_id: g.wave for g in job.gateways} == {"gw-1": 1, "gw-2": 2}
+    status = wait_for(
+        lambda: (s := fleet.cli_json("status", job.job_id))["state"] == "SUCCEEDED" and s,
+        timeout=90,
+        what="the rollout to succeed",
+    )
+    assert status["gateway_waves"] == {"gw-1": 1, "gw-2": 2}
+    assert fleet.greeting("gw-2").endswith("1.1.0")
+
+
 def test_the_same_job_published_twice_runs_once(two_gateways: Fleet, publisher: BrokerUser) -> None:
     fleet = two_gateways
     fleet.release("1.1.0")
@@ -182,6 +202,11 @@ def test_the_same_job_published_twice_runs_once(two_gateways: Fleet, publisher: 
             "unknown gateway(s): gw-9",
         ),
         ('{"action": "upgrade", "version": "2.0.0"}', "restarts the VPN service"),
+        (
+            '{"action": "upgrade", "target": "latest", "waves": "1"}',
+            "--waves ends at 1 of the job's 2 gateways: end with 100%",
+        ),
+        ('{"action": "upgrade", "target": "latest", "max_failures": "some"}', "--max-failures"),
     ],
     ids=[
         "malformed",
@@ -191,6 +216,8 @@ def test_the_same_job_published_twice_runs_once(two_gateways: Fleet, publisher: 
         "unknown-version",
         "unknown-gateway",
         "vpn-without-consent",
+        "waves-short-of-all",
+        "max-failures-no-number",
     ],
 )
 def test_a_bad_job_is_dead_lettered_with_its_reason(

@@ -146,6 +146,22 @@ def test_job_finished_subject_when_everything_succeeded() -> None:
     assert "What failed" not in rendered.text
 
 
+def test_an_aborted_rollout_mail_says_which_wave_stopped_it_and_why() -> None:
+    job = finished_job()
+    job.state = common_pb2.JOB_STATE_ABORTED
+    job.waves, job.wave_count = "1,100%", 2
+    job.stop_reason = (
+        "1 gateway(s) failed or rolled back, more than --max-failures 0 allows (0): stopped "
+        "in wave 1 of 2; last gw-2: new version missed its <ready> deadline (10s)"
+    )
+    rendered = render.job_finished(job)
+    assert rendered.subject == "[hitless] Upgrade to 1.4.0 was aborted: 1 of 3 gateways upgraded"
+    assert "Waves: 2 (1,100%)" in rendered.text
+    assert "Why it stopped: 1 gateway(s) failed" in rendered.text
+    assert "stopped in wave 1 of 2" in rendered.text
+    assert "missed its &lt;ready&gt; deadline" in rendered.html
+
+
 def test_job_rejected_shows_reason_body_and_publisher() -> None:
     rejected = bus_pb2.JobRejected(
         message_id="m-1",

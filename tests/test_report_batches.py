@@ -1,7 +1,9 @@
 """Status reports applied in batches: each report of a batch counts once (duplicates and
 illegal moves ignored, a poison message dead-lettered alone), the event announcing a job's
 end is written with the change that ended it, and a report wakes only its job's watchers.
-Real SQLite and PostgreSQL, a real broker where deliveries are involved."""
+Hellos and heartbeats of a batch are recorded together, merged per gateway, in the order
+each gateway sent them relative to its status reports. Real SQLite and PostgreSQL, a real
+broker where deliveries are involved."""
 
 from __future__ import annotations
 
@@ -15,23 +17,24 @@ from typing import Any
 
 import pika
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import Engine as SqlEngine
 from sqlalchemy import event, func, select
 
 from controller_svc.admins import Admins
 from controller_svc.app import PUBLISHED_QUEUES, reports_consumer
-from controller_svc.db import JobEvent, OutboxEvent, SeenMessage, make_engine, migrate
+from controller_svc.db import Gateway, JobEvent, OutboxEvent, SeenMessage, make_engine, migrate
 from controller_svc.engine import Engine
 from controller_svc.events import Announcer
 from controller_svc.follow import JobWatches, next_events
 from controller_svc.outbox import Outbox, OutboxEntry
-from controller_svc.records import JobRecord, ReportIn, ReportOutcome
-from controller_svc.repository import Announce, Repository
+from controller_svc.records import GatewayRecord, JobRecord, ReportIn, ReportOutcome
+from controller_svc.repository import Announce, GatewaySeen, Repository
 from controller_svc.signing import Trust
 from controller_svc.states import GatewayState, JobState
 from hitless.bus import codec, topology
-from hitless.bus.amqp import Delivery, Publisher
+from hitless.bus.amqp import DeadLetter, Delivery, Publisher
 from hitless.config import BusConfig
 from hitless.trust import keys as trust_keys
 from hitless.v1 import bus_pb2, common_pb2
@@ -466,3 +469,327 @@ def test_reports_wake_the_watchers_of_their_own_job(repo: Repository, trust: Tru
     for thread in threads:
         thread.join(10)
     assert woken["other"].is_set()
+
+
+# Hellos and heartbeats -----------------------------------------------------------------
+
+
+def _comparable(record: GatewayRecord | None) -> tuple[Any, ...]:
+    """A gateway's recorded fields but its id."""
+    assert record is not None
+    return (
+        record.version,
+        record.first_seen,
+        record.last_seen,
+        record.pid,
+        record.listen,
+        record.vpn_sessions,
+        record.heartbeat_interval,
+    )
+
+
+def test_announcements_recorded_together_leave_each_gateway_as_one_by_one_would(
+    repo: Repository, sql: SqlEngine
+) -> None:
+    def hello(gid: str, version: str, pid: int, interval_s: float) -> GatewaySeen:
+        return GatewaySeen(
+            gid, version, pid=pid, listen=(f"{gid}:8443",),
+            heartbeat_interval=timedelta(seconds=interval_s),
+        )  # fmt: skip
+
+    def beat(gid: str, version: str, vpn: int) -> GatewaySeen:
+        return GatewaySeen(gid, version, vpn_sessions=vpn)
+
+    # Two gateways of each story, "one-" recorded a message at a time, "all-" together.
+    stories: dict[str, list[GatewaySeen]] = {
+        "known-hello-then-beats": [
+            hello("g", "1.0.0", 7, 30),
+            beat("g", "1.0.1", 4),
+            beat("g", "1.0.2", 5),
+        ],
+        "new-beat-then-hello": [beat("g", "1.0.0", 9), hello("g", "1.1.0", 8, 0)],
+        "new-hello-alone": [hello("g", "2.0.0", 3, 15)],
+        "known-beat-alone": [beat("g", "1.0.3", 0)],
+        "new-interval-then-none": [hello("g", "1.0.0", 1, 30), hello("g", "1.0.0", 2, 0)],
+    }
+    at = T0 + timedelta(seconds=5)
+    for story in stories:
+        if story.startswith("known"):
+            repo.record_gateway_seen(f"one-{story}", "0.9.0", T0, pid=1, listen=["old:1"])
+            repo.record_gateway_seen(f"all-{story}", "0.9.0", T0, pid=1, listen=["old:1"])
+    for story, messages in stories.items():
+        for m in messages:
+            repo.record_gateway_seen(
+                f"one-{story}", m.version, at, pid=m.pid, listen=m.listen,
+                vpn_sessions=m.vpn_sessions, heartbeat_interval=m.heartbeat_interval,
+            )  # fmt: skip
+    batch = [
+        GatewaySeen(f"all-{story}", m.version, m.pid, m.listen, m.vpn_sessions,
+                    m.heartbeat_interval)
+        for story, messages in stories.items()
+        for m in messages
+    ]  # fmt: skip
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(sql, "before_cursor_execute", record)
+    try:
+        created = repo.record_gateways_seen(batch, at)
+    finally:
+        event.remove(sql, "before_cursor_execute", record)
+    assert created == {f"all-{s}" for s in stories if s.startswith("new")}
+    for story in stories:
+        one, together = repo.get_gateway(f"one-{story}"), repo.get_gateway(f"all-{story}")
+        assert _comparable(together) == _comparable(one), story
+    merged = repo.get_gateway("all-known-hello-then-beats")
+    assert merged is not None
+    assert (merged.version, merged.pid, merged.listen, merged.vpn_sessions) == (
+        "1.0.2",
+        7,
+        ("g:8443",),
+        5,
+    ), "a heartbeat after a hello lost what the hello said"
+    assert merged.heartbeat_interval == timedelta(seconds=30)
+    # One INSERT for all, and one UPDATE per kind of change (hello, heartbeat, both):
+    # however many gateways, never one statement each.
+    writes = [s for s in statements if s.lstrip().upper().startswith(("INSERT", "UPDATE"))]
+    assert len(writes) <= 4, writes
+    # A message older than what is recorded changes nothing.
+    assert repo.record_gateways_seen([beat("all-new-hello-alone", "0.1.0", 1)], T0) == set()
+    assert _comparable(repo.get_gateway("all-new-hello-alone")) == _comparable(
+        repo.get_gateway("one-new-hello-alone")
+    )
+
+
+def _announcement(kind: str, message: Any, message_id: str, sender: str = "") -> Delivery:
+    return Delivery(
+        body=codec.encode(message),
+        routing_key=topology.report_key(sender or message.gateway_id, kind),
+        exchange=topology.REPORTS.name,
+        message_id=message_id,
+        headers={},
+        redelivered=False,
+        user_id=None,
+    )
+
+
+def _hello(gid: str, version: str, pid: int, interval_s: int = 30) -> Delivery:
+    hello = bus_pb2.GatewayHello(
+        gateway_id=gid, version=version, pid=pid, listen=[f"10.0.0.{pid % 250}:8443"],
+        heartbeat_interval=Duration(seconds=interval_s),
+    )  # fmt: skip
+    return _announcement(topology.HELLO, hello, f"hello-{gid}-{pid}")
+
+
+def _beat(gid: str, version: str, vpn: int) -> Delivery:
+    beat = bus_pb2.GatewayHeartbeat(gateway_id=gid, version=version, vpn_sessions=vpn)
+    return _announcement(topology.HEARTBEAT, beat, f"beat-{gid}-{vpn}")
+
+
+class _Counting(Repository):
+    """Notes each transaction of reports (``reports``) or announcements (``seen``), and
+    its size."""
+
+    calls: list[tuple[str, int]]
+
+    def apply_reports(
+        self, reports: Sequence[ReportIn], *, announce: Announce | None = None
+    ) -> list[ReportOutcome]:
+        self.calls.append(("reports", len(reports)))
+        return super().apply_reports(reports, announce=announce)
+
+    def record_gateways_seen(self, seen: Sequence[GatewaySeen], at: datetime) -> set[str]:
+        self.calls.append(("seen", len(seen)))
+        return super().record_gateways_seen(seen, at)
+
+
+def _counting_engine(sql: SqlEngine, trust: Trust, bus: BusConfig) -> tuple[_Counting, Engine]:
+    repo = _Counting(sql)
+    repo.calls = []
+    publisher = Publisher(bus, queues=PUBLISHED_QUEUES, name="test-announcements")
+    announcer = Announcer(publisher, Admins(repo.sessions), Outbox(repo.sessions))
+    engine = Engine(
+        repo, publisher, announcer, trust, command_deadline=timedelta(hours=1),
+        clock=lambda: T0 + timedelta(minutes=1),  # after the gateways were first seen
+    )  # fmt: skip
+    return repo, engine
+
+
+def test_a_batch_records_announcements_together_in_each_gateways_order(
+    sql: SqlEngine, trust: Trust, bus: BusConfig
+) -> None:
+    repo, engine = _counting_engine(sql, trust, bus)
+    job = _job(repo, 3)
+    repo.calls.clear()
+    succeeded = common_pb2.GATEWAY_JOB_STATE_SUCCEEDED
+    downloading = common_pb2.GATEWAY_JOB_STATE_DOWNLOADING
+    batch = [
+        _hello("gw-3", "1.0.0", 7),
+        _beat("gw-1", "1.0.0", 1),  # gw-1 before its upgrade ...
+        _status(job, "gw-1", succeeded, "gw-1-done"),  # ... then on 2.0.0
+        _beat("gw-3", "1.0.0", 4),
+        _status(job, "gw-3", downloading, "gw-3-progress"),
+        _beat("gw-2", "banana", 1),  # refused alone
+        _beat("gw-3", "1.0.0", 5),
+        _status(job, "gw-2", succeeded, "gw-2-done"),
+        _hello("gw-2", "1.0.0", 9),  # gw-2 after its upgrade: back on 1.0.0
+    ]
+    outcomes = engine.on_reports(batch)
+
+    assert [type(o).__name__ if o else None for o in outcomes] == [None] * 5 + ["DeadLetter"] + [
+        None
+    ] * 3
+    assert "banana" in str(outcomes[5]) and "MAJOR.MINOR.PATCH" in str(outcomes[5])
+    gw1, gw2, gw3 = (repo.get_gateway(f"gw-{n}") for n in (1, 2, 3))
+    assert gw1 is not None and gw2 is not None and gw3 is not None
+    assert gw1.version == TARGET, "a heartbeat sent before SUCCEEDED was applied after it"
+    assert (gw2.version, gw2.pid) == ("1.0.0", 9), "a hello sent after SUCCEEDED came first"
+    # gw-3's hello and two heartbeats are one change: the hello's pid, addresses and
+    # interval, the last heartbeat's sessions; its progress report applied between them.
+    assert (gw3.pid, gw3.listen, gw3.vpn_sessions) == (7, ("10.0.0.7:8443",), 5)
+    assert gw3.heartbeat_interval == timedelta(seconds=30)
+    states = {g.gateway_id: g.state for g in (repo.get_job(job.id) or job).gateways}
+    assert states == {
+        "gw-1": GatewayState.SUCCEEDED,
+        "gw-2": GatewayState.SUCCEEDED,
+        "gw-3": GatewayState.DOWNLOADING,
+    }
+    # Three transactions for nine deliveries: gw-1's SUCCEEDED waits for the
+    # announcements before it, gw-2's hello for the reports before it.
+    assert repo.calls == [("seen", 2), ("reports", 3), ("seen", 3)]
+
+    # One delivery at a time still works, and still refuses alone.
+    engine.on_report(_beat("gw-3", "1.0.1", 6))
+    with pytest.raises(DeadLetter, match="refused announcement from gw-3: pid -1"):
+        engine.on_report(_hello("gw-3", "1.0.1", -1))
+    gw3 = repo.get_gateway("gw-3")
+    assert gw3 is not None and (gw3.version, gw3.vpn_sessions, gw3.pid) == ("1.0.1", 6, 7)
+
+
+def test_announcements_from_the_reports_queue_are_recorded_in_batches(
+    sql: SqlEngine, trust: Trust, bus: BusConfig
+) -> None:
+    repo, engine = _counting_engine(sql, trust, bus)
+    gateways = 20
+    job = _job(repo, gateways)
+    repo.calls.clear()
+    downloading = common_pb2.GATEWAY_JOB_STATE_DOWNLOADING
+    deliveries: list[Delivery] = []
+    for n in range(1, gateways + 1):
+        gid = f"gw-{n}"
+        deliveries += [
+            _hello(gid, "1.0.0", 100 + n),
+            _beat(gid, "1.0.0", 1),
+            _status(job, gid, downloading, f"{gid}-progress"),
+            _beat(gid, "1.0.0", 2),
+            _beat(gid, "1.0.0", 10 + n),
+        ]
+    bad = _announcement(
+        topology.HELLO, bus_pb2.GatewayHello(gateway_id="gw-1", version="1.0.0", pid=-5), "bad"
+    )
+    garbled = Delivery(
+        body=b"{not a heartbeat",
+        routing_key=topology.report_key("gw-2", topology.HEARTBEAT),
+        exchange=topology.REPORTS.name,
+        message_id="garbled",
+        headers={},
+        redelivered=False,
+        user_id=None,
+    )
+    deliveries[7:7] = [bad, garbled]
+    connection = pika.BlockingConnection(pika.URLParameters(bus.url))
+    consumer = reports_consumer(bus, engine.on_reports)
+    publisher = engine._publisher
+    publisher.start()
+    try:
+        assert publisher.wait_connected(15)
+        channel = connection.channel()
+        for delivery in deliveries:
+            channel.basic_publish(
+                topology.REPORTS.name,
+                delivery.routing_key,
+                delivery.body,
+                pika.BasicProperties(message_id=delivery.message_id, delivery_mode=2),
+            )
+        queue = topology.CONTROLLER_REPORTS.name
+        wait_for(
+            lambda: (
+                channel.queue_declare(queue, passive=True).method.message_count == len(deliveries)
+            ),
+            timeout=15,
+            what=f"the {len(deliveries)} messages waiting in the reports queue",
+        )
+        consumer.start()
+
+        def settled() -> list[tuple[str, int, int]] | None:
+            with repo.sessions.read() as session:
+                rows = session.execute(
+                    select(Gateway.id, Gateway.pid, Gateway.vpn_sessions).order_by(Gateway.id)
+                ).all()
+            found = [(gid, pid or 0, vpn) for gid, pid, vpn in rows]
+            return found if all(vpn > 10 for _, _, vpn in found) else None
+
+        wait_for(settled, timeout=30, what="every gateway's last heartbeat recorded")
+        dead = wait_for(
+            lambda: _dead_letters(channel, 2),
+            timeout=30,
+            what="the bad hello and the garbled heartbeat dead-lettered",
+        )
+        reasons = {d[0]: d[1] for d in dead}
+        assert reasons.keys() == {"bad", "garbled"}
+        assert "pid -5 is negative" in reasons["bad"]
+        assert "GatewayHeartbeat" in reasons["garbled"]
+        wait_for(
+            lambda: channel.queue_declare(queue, passive=True).method.message_count == 0,
+            timeout=15,
+            what="the reports queue empty",
+        )
+    finally:
+        consumer.stop()
+        connection.close()
+        publisher.close()
+    for n in range(1, gateways + 1):
+        gateway = repo.get_gateway(f"gw-{n}")
+        assert gateway is not None
+        assert (gateway.pid, gateway.vpn_sessions) == (100 + n, 10 + n), gateway
+        assert gateway.heartbeat_interval == timedelta(seconds=30)
+    assert _count(repo, SeenMessage) == gateways
+    seen = [size for kind, size in repo.calls if kind == "seen"]
+    announcements = 4 * gateways
+    assert sum(seen) == announcements
+    assert len(seen) < announcements / 4, f"announcements were not batched: {repo.calls}"
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_gateway_another_controller_inserts_meanwhile_is_updated(
+    repo: Repository, sql: SqlEngine
+) -> None:
+    repo.record_gateway_seen("gw-old", "1.0.0", T0)
+    raced: list[str] = []
+
+    def insert_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        # Between this batch's read of the known gateways and its INSERT, another
+        # controller's hello for gw-new commits.
+        if statement.lstrip().upper().startswith("INSERT INTO GATEWAYS") and not raced:
+            raced.append(statement)
+            other = make_engine(sql.url.render_as_string(hide_password=False))
+            try:
+                Repository(other).record_gateway_seen("gw-new", "0.9.0", T0)
+            finally:
+                other.dispose()
+
+    event.listen(sql, "before_cursor_execute", insert_first)
+    try:
+        created = repo.record_gateways_seen(
+            [GatewaySeen("gw-new", "1.0.0", vpn_sessions=3), GatewaySeen("gw-old", "1.0.1")],
+            T0 + timedelta(seconds=1),
+        )
+    finally:
+        event.remove(sql, "before_cursor_execute", insert_first)
+    assert raced, "the batch never inserted"
+    assert created == set()
+    new = repo.get_gateway("gw-new")
+    assert new is not None and (new.version, new.vpn_sessions) == ("1.0.0", 3)
+    assert new.last_seen == T0 + timedelta(seconds=1)

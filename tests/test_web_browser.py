@@ -68,6 +68,17 @@ document.body.appendChild(form);
 form.submit();
 """
 
+# Records each text the job page's "wave in progress" shows, in window.wavesSeen.
+WAVES_SEEN = """
+const wave = document.getElementById('rollout-wave');
+window.wavesSeen = [wave.textContent];
+new MutationObserver(() => {
+  if (window.wavesSeen.at(-1) !== wave.textContent) {
+    window.wavesSeen.push(wave.textContent);
+  }
+}).observe(wave, {childList: true, characterData: true, subtree: true});
+"""
+
 
 @dataclass
 class Console:
@@ -470,3 +481,85 @@ def test_the_browser_trusts_the_controllers_key_and_no_other(
     trusting = browser.open(console.server_cert)
     trusting.get(f"{console.url}/login")
     wait_dom(trusting, lambda d: _present(d, "#login-form"), "the login page")
+
+
+def test_an_operator_pauses_resumes_and_cancels_a_rollout_from_its_page(
+    console: Console, browser: Chromium
+) -> None:
+    """gw-away is offline, so its command waits in its queue and, as the first wave of
+    two with Max parallel 1, holds the one place in flight: nothing else moves while the
+    operator steers."""
+    fleet = console.fleet
+    away = fleet.start_gateway("gw-away")
+    fleet.start_gateway("gw-b")
+    fleet.wait_gateways({"gw-away": BASE, "gw-b": BASE})
+    fleet.procs.stop(away)
+    fleet.release("1.1.0")
+    console.add_user("olive", "operator")
+    driver = browser.open(console.server_cert)
+    console.log_in(driver, "olive")
+
+    _go(driver, By.ID, "upgrade-latest")
+    wait_dom(driver, lambda d: _present(d, "#rollout-fields"), "the plan's rollout fields")
+    _type(driver, "rollout-waves", "1,100%")
+    _type(driver, "rollout-max-parallel", "1")
+    console.shoot(driver, "plan-rollout")
+    _go(driver, By.ID, "start-upgrade")
+    _job_page(driver)
+    job_id = driver.current_url.rsplit("/", 1)[1]
+    assert _text(driver, "#rollout-wave") == "wave 1 of 2"
+    assert _text(driver, "#rollout-cap") == "at most 1 gateway in flight"
+    assert (
+        _text(driver, "#job-gw-gw-away .wave") == "1" and _text(driver, "#job-gw-gw-b .wave") == "2"
+    )
+    wait_dom(driver, lambda d: _text(d, "#job-state") == "RUNNING", "the job RUNNING")
+
+    _go(driver, By.ID, "pause-job")
+    wait_dom(driver, lambda d: _text(d, "#job-state") == "PAUSED", "the job PAUSED")
+    assert _text(driver, "#job-stop-reason") == "paused by user:olive"
+    assert not driver.find_element(By.ID, "pause-job").is_displayed()
+    assert driver.find_element(By.ID, "resume-job").is_displayed()
+    assert fleet.cli_json("status", job_id)["state"] == "PAUSED"
+    console.shoot(driver, "job-paused")
+
+    # Resumed from upgradectl, the open page follows live: its state and its buttons.
+    driver.execute_script("window.notReloaded = true")
+    fleet.cli("jobs", "resume", job_id)
+    wait_dom(
+        driver,
+        lambda d: (
+            _text(d, "#job-state") == "RUNNING"
+            and d.find_element(By.ID, "pause-job").is_displayed()
+            and not d.find_element(By.ID, "resume-job").is_displayed()
+        ),
+        "the page following the resume",
+    )
+    assert driver.execute_script("return window.notReloaded") is True, "the page was reloaded"
+
+    _type(driver, "cancel-reason", "maintenance moved")
+    _go(driver, By.ID, "cancel-job")
+    wait_dom(driver, lambda d: _text(d, "#job-state") == "CANCELLED", "the job CANCELLED")
+    assert _text(driver, "#job-stop-reason") == "cancelled by user:olive: maintenance moved"
+    assert _row_states(driver, ["gw-away", "gw-b"]) == {
+        "gw-away": "CANCELLED",
+        "gw-b": "CANCELLED",
+    }
+    assert not _present(driver, "#job-actions")
+    assert fleet.cli_json("status", job_id)["state"] == "CANCELLED"
+
+    # A second rollout in two waves, followed live: gw-away comes back and takes its
+    # command, and the open page moves to the second wave, then to the end.
+    driver.get(f"{console.url}/maintenance")
+    _go(driver, By.ID, "upgrade-latest")
+    wait_dom(driver, lambda d: _present(d, "#rollout-fields"), "the plan's rollout fields")
+    _type(driver, "rollout-waves", "1,100%")
+    _go(driver, By.ID, "start-upgrade")
+    _job_page(driver)
+    assert _text(driver, "#rollout-wave") == "wave 1 of 2"
+    driver.execute_script(WAVES_SEEN)
+    fleet.start_gateway("gw-away")
+    _job_done(driver)
+    seen = driver.execute_script("return window.wavesSeen")
+    assert seen == ["wave 1 of 2", "wave 2 of 2", "no wave in progress (2 waves)"], seen
+    assert not driver.find_element(By.ID, "cancel-job").is_displayed()
+    assert _text(driver, "#job-state") == "SUCCEEDED"

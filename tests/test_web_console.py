@@ -724,9 +724,10 @@ def test_a_job_started_in_the_console_streams_its_events_and_resumes_after_a_bre
         job_id = started.headers["location"].rsplit("/", 1)[1]
         # The start answers once the job is recorded; it is RUNNING once its commands are out.
         page = wait_for(
-            lambda: (p := _Page(client.get(f"/jobs/{job_id}").text)).text("job-state")
-            == "RUNNING"
-            and p,
+            lambda: (
+                (p := _Page(client.get(f"/jobs/{job_id}").text)).text("job-state") == "RUNNING"
+                and p
+            ),
             timeout=30,
             what="the job dispatched",
         )
@@ -837,3 +838,219 @@ def test_the_next_controller_version_serves_the_console_where_this_one_does(
     # ignores a variable it does not know, where an unknown flag would stop it.
     assert "--http" not in upgrader._argv(tmp_path / "release.pyz")
     assert upgrader._secrets()["HITLESS_HTTP_LISTEN"] == passed
+
+
+# --- A staged rollout, steered from the console ----------------------------------------------
+
+
+def _job_page(client: httpx.Client, job_url: str) -> _Page:
+    answer = client.get(job_url)
+    assert answer.status_code == 200, answer.text
+    return _Page(answer.text)
+
+
+def _job_page_in(client: httpx.Client, job_url: str, state: str) -> _Page:
+    """The job's page once it shows the job in ``state``."""
+
+    def shown() -> _Page | None:
+        page = _job_page(client, job_url)
+        return page if page.text("job-state") == state else None
+
+    return wait_for(shown, timeout=30, what=f"the job's page showing it {state}")
+
+
+def _row(page: _Page, gateway_id: str) -> list[str]:
+    """A gateway's row on the job page: GATEWAY, WAVE (when there are waves), STATE, ..."""
+    return page.text(f"job-gw-{gateway_id}").split()
+
+
+def test_a_staged_rollout_is_shown_and_paused_resumed_and_cancelled_from_its_page(
+    console: Console,
+) -> None:
+    """gw-1 forms the first of two waves and holds the one place in flight (--max-parallel
+    1): its command waits in its queue, for the test to report, so nothing moves while the
+    operator steers."""
+    console.publish("1.1.0")
+    console.gateways({"gw-1": ("1.0.0", 0), "gw-2": ("1.0.0", 0), "gw-3": ("1.0.0", 0)})
+    console.add_user("otto", "operator")
+    console.add_user("vera", "viewer")
+    with console.log_in("otto") as client:
+        token = _csrf(client.get("/maintenance").text)
+        # A rollout sent to the plan fills in the start form's fields.
+        plan = client.post(
+            "/upgrade/plan", data={"target": "latest", "waves": "1,100%", "csrf_token": token}
+        )
+        assert plan.status_code == 200, plan.text
+        planned = _Page(plan.text)
+        assert planned.attrs("rollout-waves")["value"] == "1,100%"
+        assert planned.attrs("rollout-max-parallel")["value"] == ""
+        assert "3 gateways above" in planned.text("rollout-fields")
+        form = {name: _hidden(plan.text, name) for name in ("version", "gateways", "request_id")}
+        rollout = {"waves": "1,100%", "max_parallel": "1", "max_failures": "0"}
+        started = client.post("/upgrade/start", data={**form, **rollout, "csrf_token": token})
+        assert started.status_code == 303, started.text
+        job_url = started.headers["location"]
+        job_id = job_url.rsplit("/", 1)[1]
+
+        page = _job_page_in(client, job_url, "RUNNING")
+        assert page.text("rollout-waves") == "1,100%"
+        assert page.text("rollout-wave") == "wave 1 of 2"
+        assert page.text("rollout-cap") == "at most 1 gateway in flight"
+        assert (
+            page.text("rollout-failures") == "ABORTED when more than 0 gateways fail or roll back"
+        )
+        assert "WAVE STATE" in page.text("job-gateways")
+        assert _row(page, "gw-1")[:3] == ["gw-1", "1", "QUEUED"]
+        for gateway_id in ("gw-2", "gw-3"):
+            assert _row(page, gateway_id)[:3] == [gateway_id, "2", "QUEUED"]
+        assert "hidden" not in page.attrs("pause-form")
+        assert "hidden" in page.attrs("resume-form")
+        assert page.attrs("cancel-reason")["name"] == "reason"
+        after = int(page.attrs("job-gateways")["data-after"])
+
+        # A viewer sees the rollout but no steering, and is refused each action.
+        with console.log_in("vera") as viewer:
+            seen = viewer.get(job_url)
+            assert _Page(seen.text).text("rollout-wave") == "wave 1 of 2"
+            assert not _Page(seen.text).has("job-actions")
+            viewer_token = _csrf(seen.text)
+            for action in ("pause", "resume", "cancel"):
+                sent = {"csrf_token": viewer_token, "reason": "not mine to say"}
+                answer = viewer.post(f"{job_url}/{action}", data=sent)
+                assert answer.status_code == 403, (action, answer.text)
+                assert _Page(answer.text).text("message") == (
+                    f"Your role (viewer) may not {action} jobs: ask an admin for the operator role."
+                )
+        assert _job_page(client, job_url).text("job-state") == "RUNNING", "nothing changed"
+
+        paused = client.post(f"{job_url}/pause", data={"csrf_token": token})
+        assert (paused.status_code, paused.headers["location"]) == (303, job_url)
+        page = _job_page(client, job_url)
+        assert page.text("job-state") == "PAUSED"
+        assert page.text("job-stop-reason") == "paused by user:otto"
+        assert "hidden" in page.attrs("pause-form")
+        assert "hidden" not in page.attrs("resume-form")
+        # The live stream says so too.
+        with client.stream("GET", f"{job_url}/events", params={"after": after}) as stream:
+            states = (e["job_state"] for _, e in _stream_events(stream.iter_lines()))
+            assert "PAUSED" in states
+
+        resumed = client.post(f"{job_url}/resume", data={"csrf_token": token})
+        assert (resumed.status_code, resumed.headers["location"]) == (303, job_url)
+        page = _job_page(client, job_url)
+        assert page.text("job-state") == "RUNNING"
+        assert not page.has("job-stop-reason")
+        assert "hidden" not in page.attrs("pause-form")
+
+        # gw-1 takes its command: cancelling withdraws the others' and waits for gw-1.
+        console.report(
+            job_id, "gw-1", GS.GATEWAY_JOB_STATE_DOWNLOADING, bytes_done=1, bytes_total=4
+        )
+        wait_for(
+            lambda: _row(_job_page(client, job_url), "gw-1")[2] == "DOWNLOADING",
+            timeout=30,
+            what="gw-1 DOWNLOADING on the job's page",
+        )
+        reason = "maintenance window moved"
+        cancelled = client.post(f"{job_url}/cancel", data={"csrf_token": token, "reason": reason})
+        assert (cancelled.status_code, cancelled.headers["location"]) == (303, job_url)
+        page = _job_page(client, job_url)
+        assert page.text("job-state") == "RUNNING"
+        assert page.text("job-ending").startswith("Ending CANCELLED once the gateways in flight")
+        assert page.text("job-stop-reason") == f"cancelled by user:otto: {reason}"
+        assert [_row(page, g)[2] for g in ("gw-1", "gw-2", "gw-3")] == [
+            "DOWNLOADING",
+            "CANCELLED",
+            "CANCELLED",
+        ]
+        assert not page.has("job-actions"), "an ending job has nothing left to steer"
+        assert "RUNNING (ending CANCELLED)" in _Page(client.get("/jobs").text).text(f"job-{job_id}")
+        again = client.post(f"{job_url}/pause", data={"csrf_token": token})
+        assert again.status_code == 409
+        assert f"job {job_id} cannot be paused: it is ending CANCELLED" in (
+            _Page(again.text).text("message")
+        )
+
+        console.report(job_id, "gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED)
+        page = _job_page_in(client, job_url, "CANCELLED")
+        assert not page.has("job-ending") and not page.has("job-actions")
+        assert page.attrs("job-gateways")["data-finished"] == "true"
+        assert page.text("rollout-wave") == "no wave in progress (2 waves)"
+        assert "CANCELLED" in _Page(client.get("/jobs").text).text(f"job-{job_id}")
+        late = client.post(f"{job_url}/resume", data={"csrf_token": token})
+        assert late.status_code == 409
+        assert "cannot move from CANCELLED to RUNNING" in _Page(late.text).text("message")
+        missing = client.post("/jobs/no-such-job/cancel", data={"csrf_token": token})
+        assert missing.status_code == 404
+        assert "no job no-such-job" in _Page(missing.text).text("message")
+    [job] = console.jobs()
+    assert job.job_id == job_id
+    rows = [(e.actor, e.action, e.outcome.split(":")[0]) for e in reversed(console.audit())]
+    steering = [r for r in rows if r[1] in ("PauseJob", "ResumeJob", "CancelJob")]
+    assert steering == [
+        ("user:vera", "PauseJob", "PERMISSION_DENIED"),
+        ("user:vera", "ResumeJob", "PERMISSION_DENIED"),
+        ("user:vera", "CancelJob", "PERMISSION_DENIED"),
+        ("user:otto", "PauseJob", "OK"),
+        ("user:otto", "ResumeJob", "OK"),
+        ("user:otto", "CancelJob", "OK"),
+        ("user:otto", "PauseJob", "FAILED_PRECONDITION"),
+        ("user:otto", "ResumeJob", "FAILED_PRECONDITION"),
+        ("user:otto", "CancelJob", "NOT_FOUND"),
+    ]
+    [start] = [e for e in console.audit() if e.action == "StartUpgrade"]
+    assert 'waves: "1,100%" max_parallel: 1 max_failures: "0"' in start.detail, start.detail
+    [cancel] = [e for e in console.audit() if e.action == "CancelJob" and e.outcome == "OK"]
+    assert f'reason: "{reason}"' in cancel.detail
+
+
+def test_a_rollout_the_engine_refuses_is_shown_beside_its_fields_and_starts_nothing(
+    console: Console,
+) -> None:
+    console.publish("1.1.0")
+    console.gateways({"gw-1": ("1.0.0", 0), "gw-2": ("1.0.0", 0)})
+    console.add_user("otto", "operator")
+    cli = console.fleet.cli("upgrade", "--latest", "--waves", "1,50%", "--yes", check=False)
+    assert cli.returncode == ExitCode.REJECTED, cli.stderr
+    expected = cli.stderr.strip().removeprefix("upgradectl: error: ")
+    assert expected.startswith("--waves ends at 1 of the job's 2 gateways"), expected
+    markup = '1,"><b id="injected">'
+    with console.log_in("otto") as client:
+        token = _csrf(client.get("/maintenance").text)
+        plan = client.post("/upgrade/plan", data={"target": "latest", "csrf_token": token})
+        form = {name: _hidden(plan.text, name) for name in ("version", "gateways", "request_id")}
+        for field, typed, said in (
+            ("waves", "1,50%", expected),
+            ("waves", markup, "is neither a count nor a percentage"),
+            ("max_parallel", "two", "--max-parallel 'two' is not a whole number"),
+            ("max_parallel", "²", "--max-parallel '²' is not a whole number"),
+            ("max_failures", "lots", "--max-failures 'lots' is neither a count nor a percentage"),
+        ):
+            answer = client.post("/upgrade/start", data={**form, field: typed, "csrf_token": token})
+            assert answer.status_code == 400, (field, typed, answer.text)
+            page = _Page(answer.text)
+            assert said in page.text("rollout-error"), page.text("rollout-error")
+            assert not page.has("confirm-error")
+            kept = page.attrs(f"rollout-{field.replace('_', '-')}")
+            assert kept["value"] == typed, "the field keeps what was typed"
+            assert kept["aria-invalid"] == "true"
+            assert kept["aria-describedby"] == "rollout-error"
+            assert "<b id" not in answer.text and not page.has("injected")
+            fieldset = answer.text[answer.text.index('id="rollout-fields"') :]
+            assert fieldset.index('id="rollout-error"') < fieldset.index("</fieldset>")
+        assert console.jobs() == []
+        # The refused page's form, with the rollout fixed, starts the job.
+        fixed = {name: _hidden(answer.text, name) for name in ("version", "gateways", "request_id")}
+        started = client.post(
+            "/upgrade/start", data={**fixed, "waves": "50%,100%", "csrf_token": token}
+        )
+        assert started.status_code == 303, started.text
+        page = _job_page(client, started.headers["location"])
+        assert page.text("rollout-waves") == "50%,100%"
+        assert page.text("rollout-cap") == "no cap" and page.text("rollout-failures") == "no limit"
+    [job] = console.jobs()
+    assert job.source == "ui"
+    rows = [e for e in reversed(console.audit()) if e.action == "StartUpgrade"]
+    outcomes = [(e.actor, e.outcome.split(":")[0]) for e in rows]
+    assert outcomes[1:] == [("user:otto", "INVALID_ARGUMENT")] * 5 + [("user:otto", "OK")]
+    assert outcomes[0][1] == "INVALID_ARGUMENT", "the CLI's try"

@@ -111,7 +111,7 @@ from upgradectl.errors import (
     UsageError,
     exit_code_for,
 )
-from upgradectl.model import JobView, LiveJob
+from upgradectl.model import JobView, LiveJob, UpgradePlan
 
 PROG = "upgradectl"
 CALL_TIMEOUT_S = 10.0
@@ -462,6 +462,62 @@ def _build_parser() -> _Parser:
         help="the request id of an upgrade whose answer was lost: if the controller started a "
         "job for it, that job is the answer and no other starts (default: a fresh id)",
     )
+    upgrade.add_argument(
+        "--waves",
+        metavar="STEP,...",
+        default="",
+        help="roll out in waves: each step is how many gateways are done once that wave "
+        "is, a count or a percentage, ending at 100%% (e.g. 1,10%%,50%%,100%%: a canary, "
+        "then 10%%, 50%%, all); a wave starts when the one before has ended "
+        "(default: one wave of every gateway)",
+    )
+    upgrade.add_argument(
+        "--max-parallel",
+        type=_count,
+        metavar="N",
+        default=0,
+        help="at most N gateways upgrading at once (default: no cap)",
+    )
+    upgrade.add_argument(
+        "--max-failures",
+        metavar="N|P%",
+        default="",
+        help="abort the job (no further gateway starts) once more than N gateways, or P%% "
+        "of them, have failed or rolled back; 0 aborts at the first (default: no limit)",
+    )
+    upgrade.add_argument(
+        "--not-before",
+        type=_instant,
+        metavar="TIME",
+        help="start no gateway before TIME, RFC 3339 (e.g. 2026-12-05T02:00:00Z); the job "
+        "waits PENDING until then, and its deadline runs from then",
+    )
+    upgrade.add_argument(
+        "--not-after", type=_instant, metavar="TIME", help="start no gateway after TIME"
+    )
+    upgrade.add_argument(
+        "--window",
+        default="",
+        metavar="SPEC",
+        help='start gateways only in this weekly window, e.g. "Sat 02:00-04:00 UTC" or '
+        '"Mon-Fri 22:00-02:00 Europe/Paris"',
+    )
+    upgrade.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the plan with each gateway's pre-check (free space, the controller's "
+        "download service, tunnels, VPN users) and start nothing",
+    )
+    checks = upgrade.add_mutually_exclusive_group()
+    checks.add_argument(
+        "--force",
+        action="store_true",
+        help="start gateways whose pre-check found a problem too (default: they are left out, "
+        "SKIPPED with the problem)",
+    )
+    checks.add_argument(
+        "--no-precheck", action="store_true", help="ask the gateways nothing before starting"
+    )
     upgrade.add_argument("--wait", action="store_true", help="follow the job until it ends")
     upgrade.add_argument(
         "--yes",
@@ -485,6 +541,19 @@ def _build_parser() -> _Parser:
     jobs_list = jobs_sub.add_parser("list", help="recent jobs, newest first")
     jobs_list.add_argument("--json", action="store_true", help="print JSON for machines")
     jobs_list.set_defaults(handler=_jobs_list)
+    for action, text in (
+        ("pause", "start no further gateway of a job until it is resumed (those upgrading "
+         "finish)"),
+        ("resume", "start a paused job's next gateways again"),
+        ("cancel", "withdraw a job's commands not yet taken and end it CANCELLED once the "
+         "gateways upgrading have finished"),
+    ):  # fmt: skip
+        steer = jobs_sub.add_parser(action, help=f"{text} (needs the operator role)")
+        steer.add_argument("job", metavar="JOB", help="the job's id, as 'jobs list' shows")
+        if action == "cancel":
+            steer.add_argument("--reason", default="", help="why, kept with the job and mailed")
+        steer.add_argument("--json", action="store_true", help="print JSON for machines")
+        steer.set_defaults(handler=_jobs_steer, steer=action)
     jobs_rejected = jobs_sub.add_parser(
         "rejected", help="management jobs the controller refused, and why"
     )
@@ -700,6 +769,32 @@ def _seconds(text: str) -> int:
     return value
 
 
+def _instant(text: str) -> datetime:
+    """A ``--not-before`` or ``--not-after``: an RFC 3339 time with its offset."""
+    try:
+        value = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected an RFC 3339 time such as 2026-12-05T02:00:00Z, not {text!r}"
+        ) from None
+    if value.utcoffset() is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has no time zone: add Z (UTC) or an offset such as +01:00"
+        )
+    return value
+
+
+def _count(text: str) -> int:
+    """A ``--max-parallel``: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, e.g. 5, not {text!r}") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"expected 0 to 1000000, not {value}")
+    return value
+
+
 def _roles(text: str) -> list[str]:
     """A ``--roles`` list: role names separated by commas, each once."""
     roles = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
@@ -908,9 +1003,18 @@ def _upgrade(ctx: _Context) -> ExitCode:
     request_id = ctx.args.request_id or str(uuid.uuid4())
     with ctx.connect() as client:
         plan = client.plan_upgrade(
-            latest=ctx.args.latest, version=ctx.args.version or "", gateway_ids=gateway_ids
+            latest=ctx.args.latest,
+            version=ctx.args.version or "",
+            gateway_ids=gateway_ids,
+            dry_run=ctx.args.dry_run,
         )
         version = plan.release.version
+        if ctx.args.dry_run:
+            if ctx.args.json:
+                ctx.emit_json(plan_json(plan))
+            else:
+                ctx.emit_lines([*render.plan_lines(plan), "", "dry run: nothing was started"])
+            return ExitCode.OK
         ctx.tell([*render.plan_lines(plan), ""])
         if not plan.changes:
             done = [f"nothing to do: every chosen gateway already runs {version}"]
@@ -948,6 +1052,14 @@ def _upgrade(ctx: _Context) -> ExitCode:
                 allow_downgrade=consent.allow_downgrade,
                 accept_vpn_disruption=consent.accept_vpn_disruption,
                 deadline_seconds=ctx.args.deadline or 0,
+                waves=ctx.args.waves,
+                max_parallel=ctx.args.max_parallel,
+                max_failures=ctx.args.max_failures,
+                not_before=ctx.args.not_before,
+                not_after=ctx.args.not_after,
+                window=ctx.args.window,
+                force=ctx.args.force,
+                skip_prechecks=ctx.args.no_precheck,
             )
         except Unconfirmed as exc:
             raise Unconfirmed(_unconfirmed(ctx, exc, version, gateway_ids, request_id)) from exc
@@ -994,6 +1106,22 @@ def _unconfirmed(
         argv.append("--allow-downgrade")
     if ctx.args.deadline:
         argv += ["--deadline", str(ctx.args.deadline)]
+    if ctx.args.waves:
+        argv += ["--waves", ctx.args.waves]
+    if ctx.args.max_parallel:
+        argv += ["--max-parallel", str(ctx.args.max_parallel)]
+    if ctx.args.max_failures:
+        argv += ["--max-failures", ctx.args.max_failures]
+    for flag in ("not_before", "not_after"):
+        if getattr(ctx.args, flag):
+            argv += [f"--{flag.replace('_', '-')}", getattr(ctx.args, flag).isoformat()]
+    if ctx.args.window:
+        argv += ["--window", ctx.args.window]
+    argv += [
+        flag
+        for flag in ("--force", "--no-precheck")
+        if getattr(ctx.args, flag[2:].replace("-", "_"))
+    ]
     argv += ["--request-id", request_id]
     argv += [flag for flag in ("--wait", "--yes", "--json") if getattr(ctx.args, flag[2:])]
     return "\n".join(
@@ -1063,6 +1191,7 @@ def _show(ctx: _Context, job: JobView, *, upgrade_shape: bool) -> None:
     if not upgrade_shape:
         # status lists state before target_version; keep the documented key order.
         data = {k: data[k] for k in ("job_id", "state", "target_version", "gateways")}
+        data |= job.rollout_json()
     ctx.emit_json(data)
 
 
@@ -1070,6 +1199,36 @@ def _jobs_list(ctx: _Context) -> ExitCode:
     with ctx.connect() as client:
         jobs = client.list_jobs()
     return _listing(ctx, [j.to_listing_json() for j in jobs], lambda: render.jobs_table(jobs))
+
+
+def plan_json(plan: UpgradePlan) -> dict[str, Any]:
+    """``upgrade --dry-run --json``: the release and each gateway's change and pre-check
+    (``precheck`` null: not asked; "": no answer; "ok" or its problems)."""
+    return {
+        "target_version": plan.release.version,
+        "gateways": [
+            {
+                "id": g.id,
+                "from_version": g.from_version,
+                "action": g.action,
+                "precheck": g.precheck,
+                "free_bytes": g.free_bytes,
+                "tunnels_up": g.tunnels or None,
+            }
+            for g in plan.gateways
+        ],
+    }
+
+
+def _jobs_steer(ctx: _Context) -> ExitCode:
+    """``jobs pause|resume|cancel JOB``: the job as it is after the action."""
+    with ctx.connect() as client:
+        job = client.steer_job(ctx.args.steer, ctx.args.job, getattr(ctx.args, "reason", ""))
+    if ctx.args.json:
+        ctx.emit_json(job.to_json())
+    else:
+        ctx.emit_lines(render.job_lines(job))
+    return ExitCode.OK
 
 
 def _jobs_rejected(ctx: _Context) -> ExitCode:

@@ -49,7 +49,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -347,10 +347,17 @@ class ControllerClient:
         return [ReleaseInfo.from_proto(r) for r in resp.imported]
 
     def plan_upgrade(
-        self, *, latest: bool = False, version: str = "", gateway_ids: Sequence[str] = ()
+        self,
+        *,
+        latest: bool = False,
+        version: str = "",
+        gateway_ids: Sequence[str] = (),
+        dry_run: bool = False,
     ) -> UpgradePlan:
-        """What upgrading ``gateway_ids`` (empty: all) would do, without doing it."""
+        """What upgrading ``gateway_ids`` (empty: all) would do, without doing it; with
+        ``dry_run``, each gateway's pre-check too (a few seconds)."""
         request = _upgrade_request(latest, version, gateway_ids)
+        request.dry_run = dry_run
         return UpgradePlan.from_proto(self._unary("PlanUpgrade", self._stub.PlanUpgrade, request))
 
     def start_upgrade(
@@ -363,20 +370,52 @@ class ControllerClient:
         allow_downgrade: bool = False,
         accept_vpn_disruption: bool = False,
         deadline_seconds: int = 0,
+        waves: str = "",
+        max_parallel: int = 0,
+        max_failures: str = "",
+        not_before: datetime | None = None,
+        not_after: datetime | None = None,
+        window: str = "",
+        force: bool = False,
+        skip_prechecks: bool = False,
     ) -> JobView:
         """Start a job upgrading ``gateway_ids`` (empty: all) to the latest or a named version.
 
-        ``deadline_seconds`` 0 leaves the command deadline to the controller. Retrying is
-        safe because the controller answers a repeated ``request_id`` with the job it
-        already started. Raises ``Rejected`` when the controller refuses (nothing started)
-        and ``Unconfirmed`` when no answer came: the job may exist, under ``request_id``.
+        ``deadline_seconds`` 0 leaves the command deadline to the controller. ``waves``,
+        ``max_parallel`` and ``max_failures`` stage the rollout, ``not_before``,
+        ``not_after`` (tz-aware) and ``window`` say when gateways may start (see
+        StartUpgradeRequest in controller.proto); the defaults start every gateway at
+        once. Retrying is safe because the controller answers a repeated ``request_id``
+        with the job it already started. Raises ``Rejected`` when the controller refuses
+        (nothing started) and ``Unconfirmed`` when no answer came: the job may exist,
+        under ``request_id``.
         """
         request = _upgrade_request(latest, version, gateway_ids)
         request.request_id = request_id
         request.allow_downgrade = allow_downgrade
         request.accept_vpn_disruption = accept_vpn_disruption
         request.deadline_seconds = deadline_seconds
+        request.waves = waves
+        request.max_parallel = max_parallel
+        request.max_failures = max_failures
+        if not_before is not None:
+            request.not_before.FromDatetime(not_before.astimezone(UTC))
+        if not_after is not None:
+            request.not_after.FromDatetime(not_after.astimezone(UTC))
+        request.window = window
+        request.force = force
+        request.skip_prechecks = skip_prechecks
         answer = self._unary("StartUpgrade", self._stub.StartUpgrade, request, creates=True)
+        return JobView.from_proto(answer)
+
+    def steer_job(self, action: str, job_id: str, reason: str = "") -> JobView:
+        """``action`` ("pause", "resume" or "cancel") the job ``job_id``, and return it as
+        it is then. Each is safe to repeat: pausing a paused job, resuming a running one
+        or cancelling a cancelled one changes nothing. Raises ``Rejected`` for a job
+        that has ended or does not exist."""
+        method = {"pause": "PauseJob", "resume": "ResumeJob", "cancel": "CancelJob"}[action]
+        request = controller_pb2.JobActionRequest(job_id=job_id, reason=reason)
+        answer = self._unary(method, getattr(self._stub, method), request)
         return JobView.from_proto(answer)
 
     def get_job(self, job_id: str = "") -> JobView:

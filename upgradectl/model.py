@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from hitless.v1 import common_pb2, controller_pb2
 
-JOB_TERMINAL = frozenset({"SUCCEEDED", "PARTIAL", "FAILED", "CANCELLED"})
+JOB_TERMINAL = frozenset({"SUCCEEDED", "PARTIAL", "FAILED", "CANCELLED", "ABORTED"})
 
 
 class _Timestamp(Protocol):
@@ -67,18 +67,28 @@ class GatewayInfo:
     state: str
     last_seen: datetime | None
     vpn_sessions: int = 0
+    ha_peer: str = ""  # the other gateway of its high-availability pair
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.Gateway) -> GatewayInfo:
-        return cls(msg.id, msg.version, msg.state, timestamp(msg.last_seen), msg.vpn_sessions)
+        return cls(
+            msg.id,
+            msg.version,
+            msg.state,
+            timestamp(msg.last_seen),
+            msg.vpn_sessions,
+            msg.ha_peer,
+        )
 
     def to_json(self) -> dict[str, Any]:
+        """Its JSON; "ha_peer" only for a gateway in a high-availability pair."""
         return {
             "id": self.id,
             "version": self.version,
             "state": self.state,
             "last_seen": iso(self.last_seen),
             "vpn_sessions": self.vpn_sessions,
+            **({"ha_peer": self.ha_peer} if self.ha_peer else {}),
         }
 
 
@@ -132,6 +142,7 @@ class GatewayProgress:
     bytes_done: int = 0
     bytes_total: int = 0
     vpn_sessions_dropped: int = 0
+    wave: int = 1  # its wave in the job's rollout, 1 first
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.GatewayJob) -> GatewayProgress:
@@ -144,6 +155,7 @@ class GatewayProgress:
             bytes_done=msg.bytes_done,
             bytes_total=msg.bytes_total,
             vpn_sessions_dropped=msg.vpn_sessions_dropped,
+            wave=msg.wave or 1,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -169,6 +181,18 @@ class JobView:
     created_at: datetime | None = None
     source: str = ""  # "cli" or "management"
     requested_by: str = ""  # the publishing user, for a management job
+    # The rollout ("" and 0: one wave, no cap, no failure limit).
+    waves: str = ""
+    max_parallel: int = 0
+    max_failures: str = ""
+    stop_reason: str = ""  # why it was paused, aborted or cancelled
+    ending: str = ""  # ABORTED or CANCELLED while gateways in flight finish
+    current_wave: int = 0  # 1 first; 0 when every gateway is final
+    wave_count: int = 1
+    window: str = ""
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+    starts_at: datetime | None = None  # while it waits for its times
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.Job) -> JobView:
@@ -180,7 +204,51 @@ class JobView:
             created_at=timestamp(msg.created_at),
             source=msg.source,
             requested_by=msg.requested_by,
+            waves=msg.waves,
+            max_parallel=msg.max_parallel,
+            max_failures=msg.max_failures,
+            stop_reason=msg.stop_reason,
+            ending=job_state_name(msg.ending) if msg.ending else "",
+            current_wave=msg.current_wave,
+            wave_count=msg.wave_count or 1,
+            window=msg.window,
+            not_before=timestamp(msg.not_before) if msg.HasField("not_before") else None,
+            not_after=timestamp(msg.not_after) if msg.HasField("not_after") else None,
+            starts_at=timestamp(msg.starts_at) if msg.HasField("starts_at") else None,
         )
+
+    @property
+    def staged(self) -> bool:
+        """Whether the job has a rollout beyond one wave of everything at once (asked
+        for, or made by high-availability pairs), or was stopped: its JSON says so."""
+        return self.wave_count > 1 or bool(
+            self.waves
+            or self.max_parallel
+            or self.max_failures
+            or self.stop_reason
+            or self.window
+            or self.not_before
+            or self.not_after
+        )
+
+    def rollout_json(self) -> dict[str, Any]:
+        """The rollout's keys of the job's JSON (none for a job without one)."""
+        if not self.staged:
+            return {}
+        return {
+            "waves": self.waves or None,
+            "max_parallel": self.max_parallel or None,
+            "max_failures": self.max_failures or None,
+            "current_wave": self.current_wave or None,
+            "wave_count": self.wave_count,
+            "ending": self.ending or None,
+            "stop_reason": self.stop_reason or None,
+            "not_before": iso(self.not_before),
+            "not_after": iso(self.not_after),
+            "window": self.window or None,
+            "starts_at": iso(self.starts_at),
+            "gateway_waves": {g.id: g.wave for g in self.gateways},
+        }
 
     @property
     def finished(self) -> bool:
@@ -197,6 +265,7 @@ class JobView:
             "target_version": self.target_version,
             "state": self.state,
             "gateways": [g.to_json() for g in self.gateways],
+            **self.rollout_json(),
         }
 
     def to_listing_json(self) -> dict[str, Any]:
@@ -209,6 +278,7 @@ class JobView:
             "requested_by": self.requested_by or None,
             "created_at": iso(self.created_at),
             "gateways": [g.to_json() for g in self.gateways],
+            **({"stop_reason": self.stop_reason} if self.stop_reason else {}),
         }
 
     def apply(self, event: JobEvent) -> JobView:
@@ -327,11 +397,31 @@ class PlannedGateway:
     vpn_sessions: int
     # The version an unfinished job is taking it to ("" when none).
     pending_version: str = ""
+    # With --dry-run: its pre-check. None: not asked; "" no answer in time (offline, busy,
+    # or a release that does not answer pre-checks); else "ok" or its problems.
+    precheck: str | None = None
+    free_bytes: int = 0
+    tunnels: str = ""  # "UP/CONFIGURED"
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.PlannedGateway) -> PlannedGateway:
+        check = msg.precheck if msg.HasField("precheck") else None
+        said: str | None = None
+        if check is not None:
+            said = ("; ".join(check.problems) or "ok") if check.answered else ""
         return cls(
-            msg.gateway_id, msg.from_version, msg.action, msg.vpn_sessions, msg.pending_version
+            msg.gateway_id,
+            msg.from_version,
+            msg.action,
+            msg.vpn_sessions,
+            msg.pending_version,
+            precheck=said,
+            free_bytes=check.free_bytes if check is not None else 0,
+            tunnels=(
+                f"{check.tunnels_up}/{check.tunnels_configured}"
+                if check is not None and check.answered
+                else ""
+            ),
         )
 
     @property

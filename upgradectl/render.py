@@ -45,6 +45,7 @@ from upgradectl.model import (
     TokenInfo,
     UpgradePlan,
     UserInfo,
+    iso,
 )
 
 # Cursor to the start of the line N lines up, then clear to the end of the screen.
@@ -155,10 +156,14 @@ def first_line(text: str, width: int = NOTES_WIDTH) -> str:
 def gateways_table(gateways: Sequence[GatewayInfo], now: datetime) -> list[str]:
     if not gateways:
         return ["no gateways known to the controller yet"]
+    paired = any(g.ha_peer for g in gateways)
     rows = [
-        [g.id, g.version, g.state, str(g.vpn_sessions), ago(g.last_seen, now)] for g in gateways
+        [g.id, g.version, g.state, str(g.vpn_sessions), ago(g.last_seen, now)]
+        + ([g.ha_peer or "-"] if paired else [])
+        for g in gateways
     ]
-    return table(["ID", "VERSION", "STATE", "VPN USERS", "LAST SEEN"], rows)
+    headers = ["ID", "VERSION", "STATE", "VPN USERS", "LAST SEEN"]
+    return table(headers + (["HA PEER"] if paired else []), rows)
 
 
 def releases_table(releases: Sequence[ReleaseInfo]) -> list[str]:
@@ -483,12 +488,25 @@ def plan_lines(plan: UpgradePlan) -> list[str]:
         *(f"  {line}".rstrip() for line in notes),
     ]
     vpn = release.restarts_vpn_service
+    checked = any(g.precheck is not None for g in plan.gateways)
     headers = ["GATEWAY", "FROM", "TO", "ACTION"] + (["VPN USERS"] if vpn else [])
+    headers += ["FREE", "TUNNELS UP", "PRE-CHECK"] if checked else []
     rows = [
-        [g.id, _from(g), release.version, g.action] + ([str(g.vpn_sessions)] if vpn else [])
+        [g.id, _from(g), release.version, g.action]
+        + ([str(g.vpn_sessions)] if vpn else [])
+        + (_checked(g) if checked else [])
         for g in plan.gateways
     ]
     return [*lines, "", *table(headers, rows)]
+
+
+def _checked(gateway: PlannedGateway) -> list[str]:
+    """The FREE, TUNNELS UP and PRE-CHECK cells of a gateway's plan row."""
+    if gateway.precheck is None:
+        return ["-", "-", "not asked (no change)"]
+    if not gateway.precheck:
+        return ["-", "-", "no answer (offline, busy, or a release without pre-checks)"]
+    return [human_size(gateway.free_bytes), gateway.tunnels or "-", gateway.precheck]
 
 
 def _from(gateway: PlannedGateway) -> str:
@@ -525,13 +543,16 @@ def job_lines(job: JobView) -> list[str]:
     """
     header = _job_header(job)
     dropped = any(g.vpn_sessions_dropped for g in job.gateways)
+    waves = job.wave_count > 1
     rows = [
-        [g.id, g.state, g.from_version or "-", g.to_version or "-", progress(g)]
+        [g.id]
+        + ([str(g.wave)] if waves else [])
+        + [g.state, g.from_version or "-", g.to_version or "-", progress(g)]
         + ([str(g.vpn_sessions_dropped or "")] if dropped else [])
         + [g.error]
         for g in job.gateways
     ]
-    headers = ["GATEWAY", "STATE", "FROM", "TO", "PROGRESS"]
+    headers = ["GATEWAY", *(["WAVE"] if waves else []), "STATE", "FROM", "TO", "PROGRESS"]
     headers += ["VPN DROPPED"] if dropped else []
     return [header, *table([*headers, "ERROR"], rows)]
 
@@ -555,10 +576,23 @@ def live_lines(job: JobView, max_rows: int = LIVE_ROWS) -> list[str]:
 
 def _job_header(job: JobView) -> str:
     done = sum(1 for g in job.gateways if g.state == "SUCCEEDED")
-    return (
+    header = (
         f"job {job.job_id}  target {job.target_version}  {job.state}  "
         f"({done}/{len(job.gateways)} gateways succeeded)"
     )
+    if job.wave_count > 1:
+        header += (
+            f"  wave {job.current_wave} of {job.wave_count}"
+            if job.current_wave
+            else f"  {job.wave_count} waves"
+        )
+    if job.ending:
+        header += f"  ending {job.ending} once gateways in flight finish"
+    if job.starts_at is not None and not job.finished:
+        header += f"  waits: its first gateway starts at {iso(job.starts_at)}"
+    if job.stop_reason:
+        header += f"\n  {job.stop_reason}"
+    return header
 
 
 def event_line(event: JobEvent) -> str:

@@ -5,8 +5,15 @@
                 (or say_ready(), then cutover() on the thread that will serve)
     started():  STARTED                        -> the old process exits
 
+If the old process dies once this one holds the sockets (its end of the channel closes
+and it is confirmed gone through a pidfd, so the two can never both send), this one goes
+on alone: READY and STARTED that cannot be sent are skipped, and a CUTOVER that cannot
+come raises ``plane.PredecessorGone``, on which the data plane starts from the snapshot.
+
 Leaving without ``started()`` (crash, exception, deadline) closes the control socket,
-which the old process reads as failure: it kills this process and serves on.
+which the old process reads as failure: it kills this process and serves on. A failure
+this side can name (descriptors truncated, a malformed handoff, a failed self-check) is
+sent first, with ABORT, so that the old process reports the real reason.
 """
 
 from __future__ import annotations
@@ -14,14 +21,23 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
+import select
 import socket
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.errors import HandoffFailed, HandoffTimeout
 from gateway_daemon.handoff import priority, wire
-from gateway_daemon.plane import Handle, wrap
+from gateway_daemon.plane import Handle, PredecessorGone, wrap
+from hitless import logs
+
+log = logs.get(__name__)
+
+# How long a failed channel waits for the old process to be reported gone before it
+# counts as a refusal of the old process instead (which then kills this one).
+PREDECESSOR_EXIT_S = 2.0
 
 
 @dataclass
@@ -35,6 +51,10 @@ class Inheritance:
     channel: wire.Channel = field(repr=False)
     # When this process said ready (time.monotonic_ns), for the cutover's breakdown.
     marks: dict[str, int] = field(default_factory=dict)
+    # The old process (this one's parent): a pidfd on it, -1 when it is gone already.
+    predecessor: int = -1
+    # Set once the old process is gone: this one finishes the takeover alone.
+    alone: bool = False
 
     def ready(self, timeout_s: float = 10.0) -> bytes:
         """Say ready; return the final state once the old process has paused."""
@@ -49,33 +69,70 @@ class Inheritance:
         gc.freeze()
         priority.restore()
         self.marks["ready_send"] = time.monotonic_ns()
-        self.channel.send(wire.READY)
+        try:
+            self.channel.send(wire.READY)
+        except HandoffFailed as exc:
+            self._alone_if_gone(exc, "saying ready")
 
     def cutover(self, deadline: float) -> bytes:
         """The final state the old process sends once it has paused (any thread may
-        wait for it; HandoffTimeout at ``deadline``, a time.monotonic value)."""
-        kind, payload = self.channel.receive(deadline, "the old process to cut over")
+        wait for it; HandoffTimeout at ``deadline``, a time.monotonic value). Raises
+        PredecessorGone when the old process died instead."""
+        if self.alone:
+            raise PredecessorGone("the old process is gone: no final state will come")
+        try:
+            kind, payload = self.channel.receive(deadline, "the old process to cut over")
+        except (HandoffTimeout, wire.HandoffAborted):
+            raise
+        except HandoffFailed as exc:
+            self._alone_if_gone(exc, "waiting for the final state")
+            raise PredecessorGone(f"the old process died before it cut over ({exc})") from exc
         if kind != wire.CUTOVER:
             raise HandoffFailed(f"protocol error: expected CUTOVER, got frame kind {kind}")
         return payload
 
     def started(self) -> None:
         """Say this process serves now; the handoff is over."""
-        self.channel.send(wire.STARTED)
-        self.channel.close()
+        if not self.alone:
+            try:
+                self.channel.send(wire.STARTED)
+            except HandoffFailed as exc:
+                self._alone_if_gone(exc, "saying it serves")
+        self._close()
 
     def abort(self, reason: str) -> None:
         """Tell the old process to go on serving, and why."""
         # The old process may be gone already; it rolls back on EOF just the same.
         with contextlib.suppress(HandoffFailed):
             self.channel.send_json(wire.ABORT, {"reason": reason})
+        self._close()
+
+    def _alone_if_gone(self, exc: HandoffFailed, step: str) -> None:
+        """The channel failed at ``step``: go on alone if the old process is dead (it
+        cannot send any more), else raise ``exc`` (the old process gave up on this one
+        and kills it)."""
+        if not _exited(self.predecessor, PREDECESSOR_EXIT_S):
+            raise exc
+        if not self.alone:
+            log.warning("handoff_predecessor_gone", step=step, error=str(exc))
+        self.alone = True
+
+    def _close(self) -> None:
         self.channel.close()
+        if self.predecessor >= 0:
+            os.close(self.predecessor)
+            self.predecessor = -1
 
 
 def accept(control_fd: int, timeout_s: float = 10.0) -> Inheritance:
-    """Take over from the old process through the inherited control socket."""
+    """Take over from the old process (this one's parent) through the inherited control
+    socket."""
     channel = wire.Channel(socket.socket(fileno=control_fd))
     deadline = time.monotonic() + timeout_s
+    try:
+        predecessor = os.pidfd_open(os.getppid())
+    except ProcessLookupError:
+        predecessor = -1  # gone already: the channel says so at once
     try:
         kind, payload = channel.receive(deadline, "the handoff's HELLO")
         if kind != wire.HELLO:
@@ -88,7 +145,28 @@ def accept(control_fd: int, timeout_s: float = 10.0) -> Inheritance:
             for sock in sockets:
                 sock.close()
             raise HandoffFailed(f"protocol error: expected SNAPSHOT, got frame kind {kind}")
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, Exception):
+            # The old process reports the reason, not only that this side went away.
+            reason = f"the new version could not take over: {exc}"
+            with contextlib.suppress(HandoffFailed):
+                channel.send_json(wire.ABORT, {"reason": reason})
         channel.close()
+        if predecessor >= 0:
+            os.close(predecessor)
         raise
-    return Inheritance(hello["description"], sockets, snapshot, hello["context"], channel)
+    return Inheritance(
+        hello["description"], sockets, snapshot, hello["context"], channel,
+        predecessor=predecessor,
+    )  # fmt: skip
+
+
+def _exited(pidfd: int, timeout_s: float) -> bool:
+    """Whether the process behind ``pidfd`` (-1: one already gone) exits within
+    ``timeout_s``: its end of the channel closes as it dies, a moment before it is
+    reported gone."""
+    if pidfd < 0:
+        return True
+    poller = select.poll()  # not select(): a gateway may hold descriptors past 1024
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))

@@ -1,5 +1,6 @@
 """The old process's side of the handoff.
 
+    room for the descriptors it will hold (``limits``), or refuse
     spawn new version (exec, with one end of a socketpair)
     HELLO (description, context) + descriptors in batches + SNAPSHOT
     wait READY  ........................ deadline: ready_s; EOF or ABORT = failed
@@ -10,11 +11,17 @@
 
 Any failure before STARTED kills the new process, waits for it to be gone, and resumes the
 plane (which also lifts what ``sockets()`` froze when the handoff fails before the pause):
-the old version goes on serving, and the two never send at the same time.
+the old version goes on serving, and the two never send at the same time. Before it
+resumes, it puts back what the new process may have changed on the sockets both held
+(``shared``: O_NONBLOCK, socket options) and checks them. The error it raises says why,
+in full: what the new process said when it gave up (ABORT), and its exit code or the
+signal that ended it; ``ResumeFailed`` when this process could not serve as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import subprocess
 import time
@@ -23,7 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from gateway_daemon.errors import GatewayError, HandoffFailed, HandoffTimeout
-from gateway_daemon.handoff import priority, wire
+from gateway_daemon.handoff import limits, priority, wire
+from gateway_daemon.handoff.shared import SharedState
 from gateway_daemon.plane import Plane
 from hitless import logs
 
@@ -49,6 +57,21 @@ def spawn_process(argv: Sequence[str], control_fd: int) -> ChildProcess:
     child = subprocess.Popen(list(argv), pass_fds=(control_fd,), stdin=subprocess.DEVNULL)
     priority.lower(child.pid)
     return child
+
+
+# While it waits for the new process, how often this process checks that the sockets
+# both hold are still non-blocking (``shared``): the longest its plane can stall on a
+# socket the new process set to blocking mode, given traffic on it.
+GUARD_S = 0.02
+# A new process that closed the control socket is given this long to exit on its own, so
+# that its exit status, not the SIGKILL that follows, is reported.
+EXIT_GRACE_S = 0.5
+
+
+class ResumeFailed(HandoffFailed):
+    """The handoff failed and this process could not serve as before it (its data plane
+    did not resume, or the new version changed a shared socket beyond repair): reported
+    as FAILED, not as a rollback."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +121,10 @@ def hand_off(
     Returns once the new process serves. Raises HandoffFailed (the new process is dead
     and ``plane`` serves again) otherwise.
     """
+    limits.ensure()  # before anything is started or frozen: refused here, nothing to undo
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     channel = wire.Channel(ours)
+    shared = SharedState()
     try:
         started_at = clock()
         try:
@@ -109,20 +134,65 @@ def hand_off(
         finally:
             theirs.close()
         try:
-            return _run(plane, channel, child, context, deadlines, clock, started_at)
+            return _run(plane, channel, child, context, deadlines, clock, started_at, shared)
         except BaseException as exc:
             # It may have started serving: it must be dead before this process goes on.
-            _kill(child)
-            plane.resume()
+            reason = _why(exc, channel, child)
+            _resume(plane, shared, reason)
             if isinstance(exc, HandoffFailed):
-                code = child.poll()
-                if code is not None and code != -9:
-                    raise HandoffFailed(f"{exc} (the new process exited with {code})") from exc
-            elif isinstance(exc, GatewayError | OSError):
-                raise HandoffFailed(f"the data plane could not be handed off: {exc}") from exc
+                raise (HandoffTimeout if isinstance(exc, HandoffTimeout) else HandoffFailed)(
+                    reason
+                ) from exc
+            if isinstance(exc, GatewayError | OSError):
+                raise HandoffFailed(f"the data plane could not be handed off: {reason}") from exc
             raise
     finally:
         channel.close()
+
+
+def _why(exc: BaseException, channel: wire.Channel, child: ChildProcess) -> str:
+    """Why the handoff failed, in full, once the new process is dead: what this side saw,
+    what the new process said when it gave up (an ABORT that arrived while this side was
+    sending), and how it ended (its exit code, or the signal that killed it)."""
+    reason = str(exc)
+    word = None if isinstance(exc, wire.HandoffAborted) else channel.last_word()
+    leaving = word is not None or (
+        isinstance(exc, HandoffFailed) and not isinstance(exc, HandoffTimeout)
+    )
+    if word is not None:
+        reason = f"the other side gave up: {word} (this side saw: {exc})"
+    if leaving:
+        # It closed the control socket: it is on its way out. Its own exit status says
+        # more than the SIGKILL that would end it otherwise.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=EXIT_GRACE_S)
+    killed = _kill(child)
+    code = child.poll()
+    if code is None or (killed and code == -signal.SIGKILL):
+        return reason
+    if code < 0:
+        return f"{reason} (the new process was killed by {signal.Signals(-code).name})"
+    return f"{reason} (the new process exited with {code})"
+
+
+def _resume(plane: Plane, shared: SharedState, reason: str) -> None:
+    """Serve again after a failed handoff: first undo what the new process may have
+    changed on the sockets both held (``shared``) and check them, then resume the plane.
+    Raises ResumeFailed, with ``reason`` and what is wrong, when this process cannot
+    serve as before (its plane then serves what it can)."""
+    restored = shared.restore()
+    if restored:
+        log.warning("handoff_shared_state_restored", changes=restored)
+    problems = shared.problems()
+    try:
+        plane.resume()
+    except (GatewayError, OSError) as exc:
+        raise ResumeFailed(f"{reason}; then this process's data plane: {exc}") from exc
+    if problems:
+        raise ResumeFailed(
+            f"{reason}; then this process resumed with sockets the new version changed "
+            f"beyond repair: {'; '.join(problems[:5])}"
+        )
 
 
 def _run(
@@ -133,8 +203,10 @@ def _run(
     deadlines: Deadlines,
     clock: Callable[[], float],
     started_at: float,
+    shared: SharedState,
 ) -> HandoffReport:
     sockets = plane.sockets()
+    shared.record(sockets)
     channel.send_json(
         wire.HELLO, {"description": plane.describe(), "fds": len(sockets), "context": context}
     )
@@ -144,7 +216,7 @@ def _run(
     snapshot = plane.snapshot()
     channel.send(wire.SNAPSHOT, snapshot)
     snapshot_done = clock()
-    _wait_ready(channel, child, started_at, deadlines)
+    _wait_ready(channel, child, started_at, deadlines, shared)
     ready_at = clock()
     marks = {"ready": time.monotonic_ns()}
     sent: list[bytes] = []
@@ -189,31 +261,57 @@ def _relative(marks: dict[str, int], plane: Plane) -> dict[str, float]:
 
 
 def _wait_ready(
-    channel: wire.Channel, child: ChildProcess, started_at: float, deadlines: Deadlines
+    channel: wire.Channel,
+    child: ChildProcess,
+    started_at: float,
+    deadlines: Deadlines,
+    shared: SharedState,
 ) -> None:
-    """READY within the deadline; past ``idle_s`` the new process gets normal priority."""
+    """READY within the deadline; past ``idle_s`` the new process gets normal priority.
+    Meanwhile the new process holds the sockets: ``shared.guard()`` keeps them
+    non-blocking for this process's plane."""
     what = "the new process to say ready"
     ready_by = started_at + deadlines.ready_s
     if deadlines.idle_until_s > 0:
         try:
-            _expect(channel, wire.READY, started_at + deadlines.idle_until_s, what)
+            _expect(channel, wire.READY, started_at + deadlines.idle_until_s, what, shared)
             return
         except HandoffTimeout:
             if priority.restore(child.pid):
                 log.info("handoff_child_priority_restored", pid=child.pid)
-    _expect(channel, wire.READY, ready_by, what)
+    _expect(channel, wire.READY, ready_by, what, shared)
 
 
-def _expect(channel: wire.Channel, kind: int, deadline: float, what: str) -> None:
-    got, _ = channel.receive(deadline, what)
+def _expect(
+    channel: wire.Channel,
+    kind: int,
+    deadline: float,
+    what: str,
+    shared: SharedState | None = None,
+) -> None:
+    while True:
+        step = deadline if shared is None else min(deadline, time.monotonic() + GUARD_S)
+        try:
+            got, _ = channel.receive(step, what)
+            break
+        except HandoffTimeout:
+            if step >= deadline:
+                raise
+        assert shared is not None
+        fixed = shared.guard()
+        if fixed:
+            log.warning("handoff_sockets_set_blocking_by_new_process", sockets=fixed)
     if got != kind:
         raise HandoffFailed(f"protocol error while waiting for {what}: got frame kind {got}")
 
 
-def _kill(child: ChildProcess) -> None:
-    if child.poll() is None:
+def _kill(child: ChildProcess) -> bool:
+    """SIGKILL ``child`` unless it has exited, and reap it; True when it was killed."""
+    killed = child.poll() is None
+    if killed:
         child.kill()
     try:
         child.wait(timeout=10)
     except subprocess.TimeoutExpired:
         log.error("handoff_child_unkillable", pid=child.pid)
+    return killed

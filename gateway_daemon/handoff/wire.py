@@ -4,7 +4,9 @@ A frame is one byte of kind, four bytes of big-endian length, then the payload. 
 kind FDS carries a JSON count in its payload and the descriptors in ancillary data of
 the same ``sendmsg``: at most ``MAX_FDS_PER_MESSAGE`` (253, the kernel's SCM_MAX_FD) per
 message, so many sockets go in several batches. EOF on the socket means the other side is
-gone, which every step treats as failure.
+gone, which every step treats as failure. A side that gives up sends ABORT with its reason
+first (``HandoffAborted`` on the other side); one that fails while sending reads the
+other's reason with ``last_word()``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import array
 import contextlib
 import json
 import os
+import resource
 import select
 import socket
 import struct
@@ -113,8 +116,29 @@ class Channel:
         payload = bytes(self._buffer[_HEADER.size : end])
         del self._buffer[:end]
         if kind == ABORT:
-            raise HandoffFailed(f"the other side gave up: {json.loads(payload)['reason']}")
+            raise HandoffAborted(str(json.loads(payload)["reason"]))
         return kind, payload
+
+    def last_word(self) -> str | None:
+        """The reason of an ABORT the other side sent before it went, when it is among
+        what has already arrived; None otherwise. Never waits: a side that failed while
+        sending reads here why the other one gave up."""
+        try:
+            while True:
+                if self._take_frame() is None and not self._read_now():
+                    return None
+        except HandoffAborted as exc:
+            return exc.reason
+        except HandoffFailed:
+            return None
+
+    def _read_now(self) -> bool:
+        """Read what has arrived, without waiting; False when nothing has (or EOF)."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return self._receive("the other side's last word")
 
     def _read(self, deadline: float, what: str) -> None:
         """Read what is there; descriptors may arrive with any read, so every read is a
@@ -126,6 +150,11 @@ class Channel:
         poller.register(self.sock, select.POLLIN)
         if not poller.poll(remaining * 1000):
             raise HandoffTimeout(f"timed out waiting for {what} on the control socket")
+        if not self._receive(what):
+            raise HandoffFailed(f"the other side closed the control socket while awaiting {what}")
+
+    def _receive(self, what: str) -> bool:
+        """One recvmsg; False at EOF."""
         space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(65536, space)
@@ -136,10 +165,34 @@ class Channel:
                 self._fds.extend(_unpack_fds(cdata))
         if flags & socket.MSG_CTRUNC:
             self.close_received()
-            raise HandoffFailed("descriptors were truncated in transit (MSG_CTRUNC)")
+            raise HandoffFailed(f"descriptors were truncated in transit (MSG_CTRUNC): {_room()}")
         if not data:
-            raise HandoffFailed(f"the other side closed the control socket while awaiting {what}")
+            return False
         self._buffer += data
+        return True
+
+
+class HandoffAborted(HandoffFailed):
+    """The other side sent ABORT: it gave up, and ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the other side gave up: {reason}")
+        self.reason = reason
+
+
+def _room() -> str:
+    """How many descriptors this process may hold and holds (after a truncation: the
+    kernel drops what does not fit under RLIMIT_NOFILE)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        held = str(len(os.listdir("/proc/self/fd")) - 1)
+    except OSError:
+        held = "an unknown number"
+    return (
+        f"the receiving process may hold {soft} descriptors (RLIMIT_NOFILE soft {soft}, "
+        f"hard {hard}) and holds {held}; start it with a limit above the descriptors passed "
+        "plus its own"
+    )
 
 
 def _unpack_fds(cdata: bytes) -> list[int]:

@@ -31,6 +31,7 @@ first, which makes that unlikely but not impossible.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import socket
@@ -59,6 +60,7 @@ UDP_BUFFER_BYTES: Final = 4 * 1024 * 1024
 _SO_RCVBUFFORCE: Final = getattr(socket, "SO_RCVBUFFORCE", 33)
 _SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)
 PAUSE_TIMEOUT_S: Final = 2.0
+LISTEN_BACKLOG: Final = 512
 # How long the export freeze holds when the handoff neither pauses nor resumes.
 FREEZE_TIMEOUT_S: Final = 60.0
 
@@ -92,7 +94,7 @@ def bind_sockets(config: TunnelsConfig) -> list[socket.socket]:
         made.append(listener)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(config.tcp_listen)
-        listener.listen(512)
+        listener.listen(LISTEN_BACKLOG)
     except OSError:
         for sock in made:
             sock.close()
@@ -159,6 +161,8 @@ class TunnelPlane:
         self.udp = UdpPlane(udp, static, udp_sock, plain_sock, self.table)
         _log_buffers(udp_sock, plain_sock)
         self.tcp = TcpPlane(tcp, static, listen_sock, self.table)
+        # Where the shared sockets are bound, checked again before serving after a handoff.
+        self._bound = (_name(udp_sock), _name(plain_sock), _name(listen_sock))
         self._inherited: list[SharedFile] = []
         self._reactor = Reactor(name)
         self._clock = clock
@@ -320,8 +324,11 @@ class TunnelPlane:
         udp = []
         for tid, t in self.udp.tunnels.items():
             was = in_snapshot.get(tid)
-            if was is None or was.session is not t.session or was.endpoint != t.endpoint or (
-                was.last_timestamp != t.last_timestamp
+            if (
+                was is None
+                or was.session is not t.session
+                or was.endpoint != t.endpoint
+                or (was.last_timestamp != t.last_timestamp)
             ):
                 session = st.session_ref(t.session, None if was is None else was.session)
                 udp.append(st.UdpFinal(tid, session, t.endpoint, t.last_timestamp))
@@ -336,18 +343,65 @@ class TunnelPlane:
 
     def resume(self) -> None:
         """Undo ``pause()``; also lifts the export freeze of ``sockets()`` when the
-        handoff is abandoned before it paused."""
+        handoff is abandoned before it paused. First puts back what the other process,
+        which held the same sockets, may have changed on them (``repair_sockets``);
+        when one cannot serve as before, the plane still serves the others and this
+        raises PlaneStateError saying which."""
         self._require(Phase.PAUSED, Phase.SERVING, what="resume()")
+        problems = self.repair_sockets()
         if self._phase is Phase.SERVING:
             self._reactor.call(self._thaw, PAUSE_TIMEOUT_S)
-            return
-        if self._final_taken:
-            for tunnel in self.udp.tunnels.values():
-                if tunnel.session is not None:
-                    tunnel.session.send_counter += RESUME_COUNTER_SKIP
-        self._thaw()  # the loop is parked: safe to touch its selector
-        self._phase = Phase.SERVING
-        self._reactor.resume()
+        else:
+            if self._final_taken:
+                for tunnel in self.udp.tunnels.values():
+                    if tunnel.session is not None:
+                        tunnel.session.send_counter += RESUME_COUNTER_SKIP
+            self._thaw()  # the loop is parked: safe to touch its selector
+            self._phase = Phase.SERVING
+            self._reactor.resume()
+        if problems:
+            raise PlaneStateError(
+                "the tunnel plane serves again, but some of its sockets cannot serve as "
+                f"before: {'; '.join(problems)}"
+            )
+
+    def repair_sockets(self) -> list[str]:
+        """Make sure every socket of this plane is as it serves them, putting back what
+        another process holding them may have changed: non-blocking mode (shared by
+        every copy of a socket: the loop reads until EAGAIN and would block), the shared
+        UDP sockets' buffers, the listener listening. Returns what cannot be put back
+        (a socket closed, or bound elsewhere), one line each; empty when all is well."""
+        wrong: list[str] = []
+        shared = {
+            "udp_tunnel": self.udp.tunnel_sock,
+            "udp_plain": self.udp.plain_sock,
+            "tcp_listen": self.tcp.listen_sock,
+        }
+        expected = {"udp_tunnel": self._bound[0], "udp_plain": self._bound[1],
+                    "tcp_listen": self._bound[2]}  # fmt: skip
+        for role, sock in shared.items():
+            try:
+                sock.setblocking(False)
+                if role == "tcp_listen":
+                    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                        # Shut down, it lost its port (Linux): bind it again, then listen.
+                        with contextlib.suppress(OSError):
+                            sock.bind(expected[role])
+                        sock.listen(LISTEN_BACKLOG)
+                elif sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < UDP_BUFFER_BYTES:
+                    size_buffers(sock)
+                if _name(sock) != expected[role]:
+                    wrong.append(f"{role} is bound to {_name(sock)}, not {expected[role]}")
+            except OSError as exc:
+                wrong.append(f"{role}: {exc}")
+        for conn in list(self.tcp.conns.values()):
+            for side in (conn.tsock, conn.psock):
+                if side is not None and side.fileno() >= 0:
+                    try:
+                        side.setblocking(False)
+                    except OSError as exc:
+                        wrong.append(f"TCP connection {conn.cid}: {exc}")
+        return wrong
 
     # -- Plane: new process ------------------------------------------------------------
 
@@ -360,19 +414,25 @@ class TunnelPlane:
         self._serve()
         self._marks["serve_returned"] = time.monotonic_ns()
 
-    def start_from(self, receive: Callable[[], bytes], timeout: float) -> None:
+    def start_from(self, receive: Callable[[], bytes | None], timeout: float) -> None:
         """``start(receive())`` with all of it on the parked loop thread, which blocks
         in ``receive`` (it must have a deadline of its own) and goes straight on
         serving: the cutover wakes one thread of this process, not two. Returns once
         it serves; raises what ``receive`` or the final state raised (the plane then
-        stays loaded and parked), or PlaneStateError past ``timeout``."""
+        stays loaded and parked), or PlaneStateError past ``timeout``. ``receive``
+        returns None when no final state will come (the old process died): the plane
+        then starts alone (``_start_alone``)."""
         self._require(Phase.LOADED, what="start_from()")
         done = threading.Event()
         failed: list[BaseException] = []
 
         def on_loop() -> None:
             try:
-                self._start(receive())
+                final = receive()
+                if final is None:
+                    self._start_alone()
+                else:
+                    self._start(final)
                 # The caller learns it serves after the loop's first round: woken
                 # earlier, it would take the GIL from that round.
                 self._reactor.after_round(done.set)
@@ -397,6 +457,37 @@ class TunnelPlane:
         marks["applied"] = time.monotonic_ns()
         self._previous_last_forward = final.last_forward
         self._reactor.every_tick(self._report_cutover)
+
+    def _start_alone(self) -> None:
+        """New process, the old one dead before it sent its final state: serve what
+        the snapshot holds. Every counter and replay window is where the old process
+        left it, in the counter table both mapped (it counts a send before it seals).
+        What only the old process's memory held is lost with it, as in any crash:
+        bytes it had read from a TCP connection or not yet written (that connection
+        may then fail its next record and be reset), and the sessions of handshakes
+        after the snapshot (those sites handshake again). As after a rollback, every
+        UDP send counter moves ``RESUME_COUNTER_SKIP`` ahead: the old process's last
+        handshakes may have reused a slot this process still reads as a snapshot
+        session's; a TCP stream cannot skip records."""
+        final = st.FinalState(
+            udp=[],
+            tcp=[
+                st.TcpConnFinal(
+                    c.cid, None if c.session is None else st.SNAPSHOT_SESSION, b"", b"", b"",
+                    c.psock is not None, False, False, False, False, False,
+                )
+                for c in self.tcp.conns.values()
+            ],
+        )  # fmt: skip
+        self._apply(final)
+        for tunnel in self.udp.tunnels.values():
+            if tunnel.session is not None:
+                tunnel.session.send_counter += RESUME_COUNTER_SKIP
+        log.warning(
+            "tunnels_started_alone",
+            udp_sessions=sum(1 for t in self.udp.tunnels.values() if t.session is not None),
+            tcp_connections=len(self.tcp.conns),
+        )
 
     def _prepare(self) -> None:
         """Start the loop thread parked, with every socket registered, so ``start()``

@@ -111,6 +111,11 @@ HELLO = "hello"
 HEARTBEAT = "heartbeat"
 EXPIRED = "expired"  # a command whose TTL ran out in its gateway's queue
 REFUSED = "refused"  # a command the gateway refused to run (bus_pb2.CommandRefused)
+PRECHECK = "precheck"  # a gateway's answer to a pre-check (bus_pb2.PreCheckResult)
+
+# On a gateway's command queue, this header says what a message is when it is not an
+# UpgradeCommand: PRECHECK for a bus_pb2.PreCheckRequest.
+KIND_HEADER = "x-hitless-kind"
 
 # Event routing keys.
 RELEASE_PUBLISHED = "release.published"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahitless/v1/artifacts.proto\x12\nhitless.v1\"\x1f\n\x0fMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x0cMetadataFile\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"1\n\x0f\x44ownloadRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32\x91\x01\n\tArtifacts\x12<\n\x08\x44ownload\x12\x1b.hitless.v1.DownloadRequest\x1a\x11.hitless.v1.Chunk0\x01\x12\x46\n\rFetchMetadata\x12\x1b.hitless.v1.MetadataRequest\x1a\x18.hitless.v1.MetadataFileb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ahitless/v1/artifacts.proto\x12\nhitless.v1\"\x1f\n\x0fMetadataRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1c\n\x0cMetadataFile\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"E\n\x0f\x44ownloadRequest\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x12\n\ncommand_id\x18\x03 \x01(\t\"9\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x32\x91\x01\n\tArtifacts\x12<\n\x08\x44ownload\x12\x1b.hitless.v1.DownloadRequest\x1a\x11.hitless.v1.Chunk0\x01\x12\x46\n\rFetchMetadata\x12\x1b.hitless.v1.MetadataRequest\x1a\x18.hitless.v1.MetadataFileb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,9 +36,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METADATAFILE']._serialized_start=75
   _globals['_METADATAFILE']._serialized_end=103
   _globals['_DOWNLOADREQUEST']._serialized_start=105
-  _globals['_DOWNLOADREQUEST']._serialized_end=154
-  _globals['_CHUNK']._serialized_start=156
-  _globals['_CHUNK']._serialized_end=213
-  _globals['_ARTIFACTS']._serialized_start=216
-  _globals['_ARTIFACTS']._serialized_end=361
+  _globals['_DOWNLOADREQUEST']._serialized_end=174
+  _globals['_CHUNK']._serialized_start=176
+  _globals['_CHUNK']._serialized_end=233
+  _globals['_ARTIFACTS']._serialized_start=236
+  _globals['_ARTIFACTS']._serialized_end=381
 # @@protoc_insertion_point(module_scope)

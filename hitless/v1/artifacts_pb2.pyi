@@ -17,12 +17,14 @@ class MetadataFile(_message.Message):
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("sha256", "offset")
+    __slots__ = ("sha256", "offset", "command_id")
     SHA256_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     sha256: str
     offset: int
-    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+    command_id: str
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ..., command_id: _Optional[str] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("offset", "data", "total_size")

@@ -84,21 +84,67 @@ class CommandRefused(_message.Message):
     from_version: str
     def __init__(self, report_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., kind: _Optional[str] = ..., reason: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., from_version: _Optional[str] = ...) -> None: ...
 
+class PreCheckRequest(_message.Message):
+    __slots__ = ("check_id", "gateway_id", "target_version", "artifact_size", "deadline")
+    CHECK_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    check_id: str
+    gateway_id: str
+    target_version: str
+    artifact_size: int
+    deadline: _timestamp_pb2.Timestamp
+    def __init__(self, check_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., target_version: _Optional[str] = ..., artifact_size: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class PreCheckResult(_message.Message):
+    __slots__ = ("check_id", "gateway_id", "version", "free_bytes", "needed_bytes", "controller_reachable", "controller_error", "vpn_sessions", "tunnels_up", "tunnels_configured", "problems", "at")
+    CHECK_ID_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_ERROR_FIELD_NUMBER: _ClassVar[int]
+    VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    TUNNELS_UP_FIELD_NUMBER: _ClassVar[int]
+    TUNNELS_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    check_id: str
+    gateway_id: str
+    version: str
+    free_bytes: int
+    needed_bytes: int
+    controller_reachable: bool
+    controller_error: str
+    vpn_sessions: int
+    tunnels_up: int
+    tunnels_configured: int
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, check_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., free_bytes: _Optional[int] = ..., needed_bytes: _Optional[int] = ..., controller_reachable: _Optional[bool] = ..., controller_error: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., tunnels_up: _Optional[int] = ..., tunnels_configured: _Optional[int] = ..., problems: _Optional[_Iterable[str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class GatewayHello(_message.Message):
-    __slots__ = ("gateway_id", "version", "pid", "listen", "at", "heartbeat_interval")
+    __slots__ = ("gateway_id", "version", "pid", "listen", "at", "heartbeat_interval", "ha_peer", "features")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     LISTEN_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    HA_PEER_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     version: str
     pid: int
     listen: _containers.RepeatedScalarFieldContainer[str]
     at: _timestamp_pb2.Timestamp
     heartbeat_interval: _duration_pb2.Duration
-    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., listen: _Optional[_Iterable[str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    ha_peer: str
+    features: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., listen: _Optional[_Iterable[str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ha_peer: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GatewayHeartbeat(_message.Message):
     __slots__ = ("gateway_id", "version", "at", "vpn_sessions")
@@ -113,20 +159,36 @@ class GatewayHeartbeat(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions: _Optional[int] = ...) -> None: ...
 
 class ManagementJob(_message.Message):
-    __slots__ = ("action", "target", "version", "gateways", "accept_vpn_disruption", "allow_downgrade")
+    __slots__ = ("action", "target", "version", "gateways", "accept_vpn_disruption", "allow_downgrade", "waves", "max_parallel", "max_failures", "not_before", "not_after", "window", "force", "skip_prechecks")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_VPN_DISRUPTION_FIELD_NUMBER: _ClassVar[int]
     ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PRECHECKS_FIELD_NUMBER: _ClassVar[int]
     action: str
     target: str
     version: str
     gateways: _containers.RepeatedScalarFieldContainer[str]
     accept_vpn_disruption: bool
     allow_downgrade: bool
-    def __init__(self, action: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., gateways: _Optional[_Iterable[str]] = ..., accept_vpn_disruption: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
+    waves: str
+    max_parallel: int
+    max_failures: str
+    not_before: _timestamp_pb2.Timestamp
+    not_after: _timestamp_pb2.Timestamp
+    window: str
+    force: bool
+    skip_prechecks: bool
+    def __init__(self, action: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., gateways: _Optional[_Iterable[str]] = ..., accept_vpn_disruption: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., force: _Optional[bool] = ..., skip_prechecks: _Optional[bool] = ...) -> None: ...
 
 class JobRejected(_message.Message):
     __slots__ = ("message_id", "reason", "body", "user_id", "at")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hitless/v1/common.proto\x12\nhitless.v1*\xb2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATE_PARTIAL\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*\xbb\x02\n\x0fGatewayJobState\x12!\n\x1dGATEWAY_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18GATEWAY_JOB_STATE_QUEUED\x10\x01\x12!\n\x1dGATEWAY_JOB_STATE_DOWNLOADING\x10\x02\x12\x1f\n\x1bGATEWAY_JOB_STATE_VERIFYING\x10\x03\x12\x1e\n\x1aGATEWAY_JOB_STATE_SWAPPING\x10\x04\x12\x1f\n\x1bGATEWAY_JOB_STATE_SUCCEEDED\x10\x05\x12\x1c\n\x18GATEWAY_JOB_STATE_FAILED\x10\x06\x12!\n\x1dGATEWAY_JOB_STATE_ROLLED_BACK\x10\x07\x12!\n\x1dGATEWAY_JOB_STATE_UNREACHABLE\x10\x08\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17hitless/v1/common.proto\x12\nhitless.v1*\xdf\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11JOB_STATE_PENDING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11JOB_STATE_PARTIAL\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06\x12\x14\n\x10JOB_STATE_PAUSED\x10\x07\x12\x15\n\x11JOB_STATE_ABORTED\x10\x08*\x9d\x03\n\x0fGatewayJobState\x12!\n\x1dGATEWAY_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1c\n\x18GATEWAY_JOB_STATE_QUEUED\x10\x01\x12!\n\x1dGATEWAY_JOB_STATE_DOWNLOADING\x10\x02\x12\x1f\n\x1bGATEWAY_JOB_STATE_VERIFYING\x10\x03\x12\x1e\n\x1aGATEWAY_JOB_STATE_SWAPPING\x10\x04\x12\x1f\n\x1bGATEWAY_JOB_STATE_SUCCEEDED\x10\x05\x12\x1c\n\x18GATEWAY_JOB_STATE_FAILED\x10\x06\x12!\n\x1dGATEWAY_JOB_STATE_ROLLED_BACK\x10\x07\x12!\n\x1dGATEWAY_JOB_STATE_UNREACHABLE\x10\x08\x12\x1d\n\x19GATEWAY_JOB_STATE_SKIPPED\x10\t\x12\x1f\n\x1bGATEWAY_JOB_STATE_CANCELLED\x10\n\x12 \n\x1cGATEWAY_JOB_STATE_SUPERSEDED\x10\x0b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'hitless.v1.common_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSTATE']._serialized_start=40
-  _globals['_JOBSTATE']._serialized_end=218
-  _globals['_GATEWAYJOBSTATE']._serialized_start=221
-  _globals['_GATEWAYJOBSTATE']._serialized_end=536
+  _globals['_JOBSTATE']._serialized_end=263
+  _globals['_GATEWAYJOBSTATE']._serialized_start=266
+  _globals['_GATEWAYJOBSTATE']._serialized_end=679
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,8 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_PARTIAL: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+    JOB_STATE_PAUSED: _ClassVar[JobState]
+    JOB_STATE_ABORTED: _ClassVar[JobState]
 
 class GatewayJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -25,6 +27,9 @@ class GatewayJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GATEWAY_JOB_STATE_FAILED: _ClassVar[GatewayJobState]
     GATEWAY_JOB_STATE_ROLLED_BACK: _ClassVar[GatewayJobState]
     GATEWAY_JOB_STATE_UNREACHABLE: _ClassVar[GatewayJobState]
+    GATEWAY_JOB_STATE_SKIPPED: _ClassVar[GatewayJobState]
+    GATEWAY_JOB_STATE_CANCELLED: _ClassVar[GatewayJobState]
+    GATEWAY_JOB_STATE_SUPERSEDED: _ClassVar[GatewayJobState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_PENDING: JobState
 JOB_STATE_RUNNING: JobState
@@ -32,6 +37,8 @@ JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_PARTIAL: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+JOB_STATE_PAUSED: JobState
+JOB_STATE_ABORTED: JobState
 GATEWAY_JOB_STATE_UNSPECIFIED: GatewayJobState
 GATEWAY_JOB_STATE_QUEUED: GatewayJobState
 GATEWAY_JOB_STATE_DOWNLOADING: GatewayJobState
@@ -41,3 +48,6 @@ GATEWAY_JOB_STATE_SUCCEEDED: GatewayJobState
 GATEWAY_JOB_STATE_FAILED: GatewayJobState
 GATEWAY_JOB_STATE_ROLLED_BACK: GatewayJobState
 GATEWAY_JOB_STATE_UNREACHABLE: GatewayJobState
+GATEWAY_JOB_STATE_SKIPPED: GatewayJobState
+GATEWAY_JOB_STATE_CANCELLED: GatewayJobState
+GATEWAY_JOB_STATE_SUPERSEDED: GatewayJobState

@@ -11,18 +11,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Gateway(_message.Message):
-    __slots__ = ("id", "version", "state", "last_seen", "vpn_sessions")
+    __slots__ = ("id", "version", "state", "last_seen", "vpn_sessions", "ha_peer")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    HA_PEER_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: str
     state: str
     last_seen: _timestamp_pb2.Timestamp
     vpn_sessions: int
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions: _Optional[int] = ...) -> None: ...
+    ha_peer: str
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., state: _Optional[str] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions: _Optional[int] = ..., ha_peer: _Optional[str] = ...) -> None: ...
 
 class ListGatewaysRequest(_message.Message):
     __slots__ = ("page_size", "page_token")
@@ -93,7 +95,7 @@ class PublishReleaseRequest(_message.Message):
     def __init__(self, metadata: _Optional[_Union[ReleaseMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class StartUpgradeRequest(_message.Message):
-    __slots__ = ("latest", "version", "gateway_ids", "request_id", "deadline_seconds", "allow_downgrade", "accept_vpn_disruption")
+    __slots__ = ("latest", "version", "gateway_ids", "request_id", "deadline_seconds", "allow_downgrade", "accept_vpn_disruption", "waves", "max_parallel", "max_failures", "not_before", "not_after", "window", "dry_run", "force", "skip_prechecks")
     LATEST_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +103,15 @@ class StartUpgradeRequest(_message.Message):
     DEADLINE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
     ACCEPT_VPN_DISRUPTION_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    SKIP_PRECHECKS_FIELD_NUMBER: _ClassVar[int]
     latest: bool
     version: str
     gateway_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -108,21 +119,52 @@ class StartUpgradeRequest(_message.Message):
     deadline_seconds: int
     allow_downgrade: bool
     accept_vpn_disruption: bool
-    def __init__(self, latest: _Optional[bool] = ..., version: _Optional[str] = ..., gateway_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., deadline_seconds: _Optional[int] = ..., allow_downgrade: _Optional[bool] = ..., accept_vpn_disruption: _Optional[bool] = ...) -> None: ...
+    waves: str
+    max_parallel: int
+    max_failures: str
+    not_before: _timestamp_pb2.Timestamp
+    not_after: _timestamp_pb2.Timestamp
+    window: str
+    dry_run: bool
+    force: bool
+    skip_prechecks: bool
+    def __init__(self, latest: _Optional[bool] = ..., version: _Optional[str] = ..., gateway_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., deadline_seconds: _Optional[int] = ..., allow_downgrade: _Optional[bool] = ..., accept_vpn_disruption: _Optional[bool] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ..., skip_prechecks: _Optional[bool] = ...) -> None: ...
+
+class PreCheck(_message.Message):
+    __slots__ = ("answered", "problems", "free_bytes", "needed_bytes", "controller_reachable", "vpn_sessions", "tunnels_up", "tunnels_configured")
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEEDED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    TUNNELS_UP_FIELD_NUMBER: _ClassVar[int]
+    TUNNELS_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    answered: bool
+    problems: _containers.RepeatedScalarFieldContainer[str]
+    free_bytes: int
+    needed_bytes: int
+    controller_reachable: bool
+    vpn_sessions: int
+    tunnels_up: int
+    tunnels_configured: int
+    def __init__(self, answered: _Optional[bool] = ..., problems: _Optional[_Iterable[str]] = ..., free_bytes: _Optional[int] = ..., needed_bytes: _Optional[int] = ..., controller_reachable: _Optional[bool] = ..., vpn_sessions: _Optional[int] = ..., tunnels_up: _Optional[int] = ..., tunnels_configured: _Optional[int] = ...) -> None: ...
 
 class PlannedGateway(_message.Message):
-    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version")
+    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version", "precheck")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     PENDING_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PRECHECK_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     from_version: str
     action: str
     vpn_sessions: int
     pending_version: str
-    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ...) -> None: ...
+    precheck: PreCheck
+    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ..., precheck: _Optional[_Union[PreCheck, _Mapping]] = ...) -> None: ...
 
 class UpgradePlan(_message.Message):
     __slots__ = ("release", "gateways", "vpn_sessions_affected")
@@ -135,7 +177,7 @@ class UpgradePlan(_message.Message):
     def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[PlannedGateway, _Mapping]]] = ..., vpn_sessions_affected: _Optional[int] = ...) -> None: ...
 
 class GatewayJob(_message.Message):
-    __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at", "vpn_sessions_dropped")
+    __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at", "vpn_sessions_dropped", "wave")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +187,7 @@ class GatewayJob(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    WAVE_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     state: _common_pb2.GatewayJobState
     from_version: str
@@ -154,10 +197,11 @@ class GatewayJob(_message.Message):
     bytes_total: int
     updated_at: _timestamp_pb2.Timestamp
     vpn_sessions_dropped: int
-    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ...) -> None: ...
+    wave: int
+    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ..., wave: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "target_version", "created_at", "updated_at", "gateways", "source", "requested_by", "next_page_token", "gateway_count")
+    __slots__ = ("job_id", "state", "target_version", "created_at", "updated_at", "gateways", "source", "requested_by", "next_page_token", "gateway_count", "waves", "max_parallel", "max_failures", "stop_reason", "ending", "current_wave", "wave_count", "not_before", "not_after", "window", "starts_at")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +212,17 @@ class Job(_message.Message):
     REQUESTED_BY_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WAVES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    STOP_REASON_FIELD_NUMBER: _ClassVar[int]
+    ENDING_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_WAVE_FIELD_NUMBER: _ClassVar[int]
+    WAVE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    STARTS_AT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.JobState
     target_version: str
@@ -178,7 +233,26 @@ class Job(_message.Message):
     requested_by: str
     next_page_token: str
     gateway_count: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., target_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[GatewayJob, _Mapping]]] = ..., source: _Optional[str] = ..., requested_by: _Optional[str] = ..., next_page_token: _Optional[str] = ..., gateway_count: _Optional[int] = ...) -> None: ...
+    waves: str
+    max_parallel: int
+    max_failures: str
+    stop_reason: str
+    ending: _common_pb2.JobState
+    current_wave: int
+    wave_count: int
+    not_before: _timestamp_pb2.Timestamp
+    not_after: _timestamp_pb2.Timestamp
+    window: str
+    starts_at: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., target_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[GatewayJob, _Mapping]]] = ..., source: _Optional[str] = ..., requested_by: _Optional[str] = ..., next_page_token: _Optional[str] = ..., gateway_count: _Optional[int] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., stop_reason: _Optional[str] = ..., ending: _Optional[_Union[_common_pb2.JobState, str]] = ..., current_wave: _Optional[int] = ..., wave_count: _Optional[int] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., starts_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class JobActionRequest(_message.Message):
+    __slots__ = ("job_id", "reason")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    reason: str
+    def __init__(self, job_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id", "page_size", "page_token")

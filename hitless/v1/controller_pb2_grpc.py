@@ -69,6 +69,21 @@ class ControllerStub:
                 request_serializer=hitless_dot_v1_dot_controller__pb2.StartUpgradeRequest.SerializeToString,
                 response_deserializer=hitless_dot_v1_dot_controller__pb2.UpgradePlan.FromString,
                 _registered_method=True)
+        self.PauseJob = channel.unary_unary(
+                '/hitless.v1.Controller/PauseJob',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.JobActionRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Job.FromString,
+                _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/hitless.v1.Controller/ResumeJob',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.JobActionRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/hitless.v1.Controller/CancelJob',
+                request_serializer=hitless_dot_v1_dot_controller__pb2.JobActionRequest.SerializeToString,
+                response_deserializer=hitless_dot_v1_dot_controller__pb2.Job.FromString,
+                _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/hitless.v1.Controller/ListJobs',
                 request_serializer=hitless_dot_v1_dot_controller__pb2.ListJobsRequest.SerializeToString,
@@ -252,6 +267,28 @@ class ControllerServicer:
         """What StartUpgrade would do, without doing it: the release and its notes, and per
         gateway the change and its connected VPN users. For the operator's confirmation.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseJob(self, request, context):
+        """Steering a rollout. Pause: no gateway of the job starts until ResumeJob; those in
+        flight go on. Cancel: commands not yet taken are withdrawn (gateways CANCELLED),
+        those in flight finish, and the job ends CANCELLED. FAILED_PRECONDITION for a job
+        that has ended; NOT_FOUND for an unknown job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -474,6 +511,21 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.PlanUpgrade,
                     request_deserializer=hitless_dot_v1_dot_controller__pb2.StartUpgradeRequest.FromString,
                     response_serializer=hitless_dot_v1_dot_controller__pb2.UpgradePlan.SerializeToString,
+            ),
+            'PauseJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseJob,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.JobActionRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Job.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.JobActionRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=hitless_dot_v1_dot_controller__pb2.JobActionRequest.FromString,
+                    response_serializer=hitless_dot_v1_dot_controller__pb2.Job.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -800,6 +852,87 @@ class Controller:
             '/hitless.v1.Controller/PlanUpgrade',
             hitless_dot_v1_dot_controller__pb2.StartUpgradeRequest.SerializeToString,
             hitless_dot_v1_dot_controller__pb2.UpgradePlan.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/PauseJob',
+            hitless_dot_v1_dot_controller__pb2.JobActionRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/ResumeJob',
+            hitless_dot_v1_dot_controller__pb2.JobActionRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hitless.v1.Controller/CancelJob',
+            hitless_dot_v1_dot_controller__pb2.JobActionRequest.SerializeToString,
+            hitless_dot_v1_dot_controller__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,
