@@ -96,13 +96,12 @@ def test_a_lost_answer_names_the_request_and_its_retry_starts_no_second_job(
 ) -> None:
     fleet = fleet_on
     out, err = io.StringIO(), io.StringIO()
+    # No pre-check: gw-1's downloads are held shut, which its pre-check would report.
+    argv = ["--controller", fleet.controller_address, "upgrade", "--version", TARGET]
+    argv += ["--no-precheck", "--json"]
     with _no_job_can_be_written(db_url):
         code = run(
-            # No pre-check: gw-1's downloads are held shut, which its pre-check would report.
-            [
-                "--controller", fleet.controller_address,
-                "upgrade", "--version", TARGET, "--no-precheck", "--json",
-            ],  # fmt: skip
+            argv,
             env={"HITLESS_TOKEN": fleet.token, "HITLESS_CA_CERT": str(fleet.ca_cert)},
             out=out,
             err=err,
