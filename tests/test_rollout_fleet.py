@@ -8,8 +8,10 @@ import itertools
 import json
 from datetime import UTC, datetime, timedelta
 
+from hitless.bus import topology
 from hitless.v1 import common_pb2, controller_pb2
 from tests.support.fleet import Fleet
+from tests.support.rabbit import Management
 from tests.support.wait import wait_for
 
 BASE = "1.0.0"  # the version of the installed package (pyproject.toml)
@@ -57,9 +59,14 @@ def test_a_failing_canary_aborts_the_rollout_and_the_next_wave_never_starts(
     assert listed["state"] == "ABORTED" and "wave 1 of 2" in listed["stop_reason"]
 
 
-def test_an_operator_pauses_resumes_and_cancels_from_the_cli(fleet: Fleet) -> None:
+def test_an_operator_pauses_resumes_and_cancels_from_the_cli(
+    fleet: Fleet, rabbit: Management, vhost: str
+) -> None:
     """gw-away is offline, so its command waits in its queue and, with --max-parallel 1,
     holds the one place in flight: nothing else moves while the operator steers."""
+    # The controller stays on its version, so the job's first command goes out at once.
+    fleet.procs.stop(fleet.controller)  # type: ignore[arg-type]
+    fleet.start_controller(None, "--no-self-upgrade")
     away = fleet.start_gateway("gw-away")
     fleet.start_gateway("gw-b")
     fleet.wait_gateways({"gw-away": BASE, "gw-b": BASE})
@@ -67,10 +74,17 @@ def test_an_operator_pauses_resumes_and_cancels_from_the_cli(fleet: Fleet) -> No
     fleet.release("1.1.0")
 
     started = fleet.cli_json(
-        "upgrade", "--version", "1.1.0", "--max-parallel", "1", "--deadline", "600", "--yes"
-    )
+        "upgrade", "--version", "1.1.0", "--max-parallel", "1", "--deadline", "600", "--yes",
+        "--no-precheck",
+    )  # fmt: skip
     job_id = started["job_id"]
     assert started["max_parallel"] == 1
+    queue = topology.gateway_queue("gw-away").name
+    wait_for(
+        lambda: len(rabbit.get_messages(vhost, queue)) == 1,
+        timeout=30,
+        what="gw-away's command waiting in its queue",
+    )
 
     paused = fleet.cli_json("jobs", "pause", job_id)
     assert paused["state"] == "PAUSED" and paused["stop_reason"].startswith("paused by ")
