@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,11 +17,31 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+# Ports handed out come from below the kernel's ephemeral range (32768-60999 by default),
+# so no outgoing connection can take one between the test picking it and a process
+# binding it; each pytest-xdist worker has a band of its own.
+_BAND = 5000
+_BASE = 20000
+_next: list[int] = []
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on 127.0.0.1 that nothing listens on now, from this worker's band."""
+    if not _next:
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+        start = _BASE + (int(worker) if worker.isdigit() else 0) % 2 * _BAND
+        _next.append(start + random.randrange(_BAND))
+    for _ in range(_BAND):
+        band = _BASE + (_next[0] - _BASE) // _BAND * _BAND
+        port = band + (_next[0] - band + 1) % _BAND
+        _next[0] = port
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port left in {_BAND} tried")
 
 
 @dataclass
