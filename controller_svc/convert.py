@@ -54,6 +54,7 @@ def release(record: ReleaseRecord, signing: str = "") -> controller_pb2.Release:
         notes=record.notes,
         restarts_vpn_service=record.restarts_vpn_service,
         signing=signing,
+        min_from=record.min_from or "",
     )
 
 
@@ -80,6 +81,8 @@ def gateway_job(record: GatewayJobRecord) -> controller_pb2.GatewayJob:
         updated_at=timestamp(record.updated_at),
         vpn_sessions_dropped=record.vpn_sessions_dropped,
         wave=record.wave + 1,
+        path=record.path,
+        hop=record.hop + 1 if record.path else 0,
     )
 
 

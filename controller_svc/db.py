@@ -115,6 +115,8 @@ class Release(Base):
     notes: Mapped[str] = mapped_column(Text, server_default="")
     published_at: Mapped[datetime] = mapped_column(UTCDateTime)
     restarts_vpn_service: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # The lowest version it upgrades from; NULL: any (``planner.upgrade_path``).
+    min_from: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Gateway(Base):
@@ -183,6 +185,10 @@ class JobGateway(Base):
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Its wave in the job's rollout, 0 first.
     wave: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Its path through intermediate releases, comma-separated, the last the job's target;
+    # "" when it goes straight there. ``hop`` indexes the release its command is for.
+    path: Mapped[str] = mapped_column(Text, server_default="")
+    hop: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class JobEvent(Base):

@@ -222,7 +222,10 @@ class Engine:
         for gateway_id in gateway_ids:
             if gateway_id not in known:
                 names.gateway_id(gateway_id)
-        return make_plan(release, known, gateway_ids)
+        signed = [
+            r for r in self.repo.list_releases() if self.trust.signing(r) is Signing.SIGNED
+        ]  # fmt: skip
+        return make_plan(release, known, gateway_ids, signed)
 
     def precheck(self, plan: Plan, wait_s: float = prechecks_.WAIT_S) -> dict[str, Answer]:
         """Ask every gateway the plan changes whether anything would stop the upgrade
@@ -299,6 +302,9 @@ class Engine:
         # The deadline runs from when gateways may first start.
         opens = rollouts.starts_at(rollout, now) or now
         moving = self._upgrader is not None and self._upgrader.needed(plan.release)
+        if moving:
+            assert self._upgrader is not None
+            self._upgrader.check_path(plan.release)
         # A job to a release the controller moves to first is held back as it is written:
         # the sweep, which may see it as soon as it is committed, skips it under this lock.
         announce, staged = self._stager()
@@ -314,6 +320,7 @@ class Engine:
                 rollout=rollout,
                 announce=announce,
                 skipped=left_out,
+                paths={g.gateway_id: g.path for g in plan.changes if g.path},
                 now=now,
             )
             if created and moving:
@@ -383,7 +390,7 @@ class Engine:
         deadline on, no batch is published (``sweep`` fails what was never sent). Only commands
         never confirmed are published, so dispatching a job again sends nothing twice.
         """
-        release = self.resolve_release(job.target_version)
+        releases = {job.target_version: self.resolve_release(job.target_version)}
         queued = rollouts.to_start(job, self._clock())
         if queued and job.deadline <= self._clock():
             return job
@@ -392,6 +399,10 @@ class Engine:
         deadline = convert.timestamp(job.deadline)
         commands: list[bus_pb2.UpgradeCommand] = []
         for row in queued:
+            # Its hop's release: the job's target, or one on its way there.
+            if row.to_version not in releases:
+                releases[row.to_version] = self.resolve_release(row.to_version)
+            release = releases[row.to_version]
             command = bus_pb2.UpgradeCommand(
                 command_id=row.command_id,
                 job_id=job.id,

@@ -9,7 +9,8 @@ A feed is a directory or an HTTP(S) URL laid out as
     1.4.0/manifest.json     {"version": "1.4.0", "artifact": "hitless-1.4.0.pyz",
                              "sha256": "<64 hex>", "size": 12345,
                              "targets": "targets.json", "notes": "NOTES.md",
-                             "flags": {"restarts_vpn_service": false}}
+                             "flags": {"restarts_vpn_service": false},
+                             "min_from": "1.2.0"}
     1.4.0/hitless-1.4.0.pyz
     1.4.0/targets.json      the signed targets metadata of the day 1.4.0 was added
     1.4.0/NOTES.md          the release notes, Markdown
@@ -27,11 +28,12 @@ feed" states them for operators), beside those on locations and reads in
 - Reads are bounded: the index by MAX_INDEX_BYTES, a manifest by MAX_MANIFEST_BYTES,
   targets metadata by MAX_TARGETS_BYTES, notes by MAX_NOTES_BYTES, an artifact by the
   size its manifest declares (at most MAX_ARTIFACT_BYTES).
-- A manifest is a JSON object with only the fields shown (``notes`` and ``flags``
-  optional): ``version`` MAJOR.MINOR.PATCH written plainly, at most MAX_VERSION_CHARS;
+- A manifest is a JSON object with only the fields shown (``notes``, ``flags`` and
+  ``min_from`` optional): ``version`` MAJOR.MINOR.PATCH written plainly, at most MAX_VERSION_CHARS;
   ``sha256`` 64 lowercase hex digits; ``size`` a whole number of bytes, 1 to
   MAX_ARTIFACT_BYTES; ``targets`` the location of TUF targets metadata; ``flags`` only
-  ``restarts_vpn_service`` (true or false). Notes are UTF-8 text without control
+  ``restarts_vpn_service`` (true or false); ``min_from`` the lowest version the release
+  upgrades from, MAJOR.MINOR.PATCH below ``version``. Notes are UTF-8 text without control
   characters other than tab and line breaks.
 - The targets metadata verifies against the controller's trusted root (signed by the
   targets key it names) and lists ``hitless.trust.release.target_name(version)`` with the
@@ -136,7 +138,9 @@ MAX_TARGETS_BYTES = 1024 * 1024
 MAX_ARTIFACT_BYTES = 1024 * 1024 * 1024
 MAX_VERSION_CHARS = semver.MAX_LENGTH
 
-_MANIFEST_FIELDS = ("version", "artifact", "sha256", "size", "targets", "notes", "flags")
+_MANIFEST_FIELDS = (
+    "version", "artifact", "sha256", "size", "targets", "notes", "flags", "min_from",
+)  # fmt: skip
 _REQUIRED_FIELDS = ("version", "artifact", "sha256", "size", "targets")
 _MISSING = {
     "targets": "missing: give the location of the signed targets metadata that lists this "
@@ -196,6 +200,7 @@ class Manifest:
     targets: Location
     notes: Location | None
     restarts_vpn_service: bool
+    min_from: str | None = None
 
 
 class ReleaseFeed:
@@ -254,6 +259,7 @@ class ReleaseFeed:
             targets=folder + parse_location(data["targets"], "targets"),
             notes=None if notes == "" else folder + parse_location(notes, "notes"),
             restarts_vpn_service=_flags(data.get("flags", {})),
+            min_from=_min_from(data.get("min_from"), data["version"]),
         )
 
     def read_targets(self, location: Location) -> bytes:
@@ -331,6 +337,20 @@ def _size(value: object) -> int:
     if not 0 < value <= MAX_ARTIFACT_BYTES:
         raise EntryRefused("size", f"{value}: an artifact has 1 to {MAX_ARTIFACT_BYTES} bytes")
     return value
+
+
+def _min_from(value: object, version: object) -> str | None:
+    """The manifest's ``min_from``: None when absent, else a plain MAJOR.MINOR.PATCH below
+    the release's own version (``version``, already checked)."""
+    if value is None:
+        return None
+    try:
+        lowest = _version(value)
+    except EntryRefused as exc:
+        raise EntryRefused("min_from", exc.reason) from exc
+    if semver.parse(lowest) >= semver.parse(str(version)):
+        raise EntryRefused("min_from", f"{lowest} is not below the release's own version {version}")
+    return lowest
 
 
 def _flags(value: object) -> bool:
@@ -474,6 +494,7 @@ class FeedSync:
                 notes,
                 datetime.now(UTC),
                 restarts_vpn_service=manifest.restarts_vpn_service,
+                min_from=manifest.min_from,
             )
         except Conflict as exc:
             raise EntryRefused("version", str(exc)) from exc
@@ -518,6 +539,7 @@ def write_entry(
     notes: str = "",
     *,
     restarts_vpn_service: bool = False,
+    min_from: str | None = None,
     keys_dir: Path,
 ) -> Path:
     """Lay out ``artifact`` as release ``version`` in the feed at ``root``, signed, and list
@@ -554,6 +576,8 @@ def write_entry(
         "notes": "NOTES.md",
         "flags": {"restarts_vpn_service": restarts_vpn_service},
     }
+    if min_from:
+        manifest["min_from"] = str(semver.parse(min_from))
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
     write_file(feed_targets, targets, mode=0o644)
     index_path = root / INDEX

@@ -24,6 +24,9 @@ class PlannedGateway:
     # The version an unfinished job is taking the gateway to, when there is one: a new
     # command runs after it, so the direction is judged against that version.
     pending_version: str | None = None
+    # The releases it goes through, the last the target (``upgrade_path``); empty when it
+    # goes straight there (or changes nothing).
+    path: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,16 @@ class Plan:
 
 
 def make_plan(
-    release: ReleaseRecord, known: Mapping[str, GatewayRecord], gateway_ids: Sequence[str]
+    release: ReleaseRecord,
+    known: Mapping[str, GatewayRecord],
+    gateway_ids: Sequence[str],
+    releases: Sequence[ReleaseRecord] = (),
 ) -> Plan:
-    """The plan for ``gateway_ids`` (every known gateway when empty)."""
+    """The plan for ``gateway_ids`` (every known gateway when empty). A gateway the
+    target's ``min_from`` is above goes through intermediate ``releases`` (those it may
+    run: signed; ``upgrade_path``). Raises NotFound for an unknown gateway,
+    FailedPrecondition for no gateway at all or a gateway no path reaches the target
+    from."""
     if gateway_ids:
         unknown = sorted(set(gateway_ids) - known.keys())
         if unknown:
@@ -73,12 +83,74 @@ def make_plan(
             action = DOWNGRADE
         else:
             action = UPGRADE
+        path: tuple[str, ...] = ()
+        if action == UPGRADE:
+            # From what it runs now: commands of an unfinished job that it has not
+            # started are superseded by this one, so it may never run that job's target.
+            path = upgrade_path(gateway.version, release, releases, gateway_id=gid)
         planned.append(
             PlannedGateway(
-                gid, gateway.version, action, gateway.vpn_sessions, gateway.pending_version
+                gid,
+                gateway.version,
+                action,
+                gateway.vpn_sessions,
+                gateway.pending_version,
+                path if len(path) > 1 else (),
             )
         )
     return Plan(release, tuple(planned))
+
+
+def upgrade_path(
+    from_version: str,
+    target: ReleaseRecord,
+    releases: Sequence[ReleaseRecord],
+    *,
+    gateway_id: str = "the gateway",
+) -> tuple[str, ...]:
+    """The releases a gateway on ``from_version`` goes through to reach ``target``, in
+    order, the last ``target.version``: ``(target.version,)`` when the target upgrades
+    from it (no ``min_from``, or ``from_version`` at or above it).
+
+    A release with ``min_from`` M upgrades from M and every later version, so what is
+    reachable only grows with the version a gateway runs; each hop therefore takes the
+    newest release of ``releases`` (up to the target) that upgrades from where the
+    gateway is, which makes the path as short as any (the greedy choice of the "jump
+    game"). A version that is not semantic (a gateway of a hand-made build) goes
+    straight to the target. Raises FailedPrecondition naming the release that cannot be
+    reached when no release of ``releases`` leads on."""
+    if not semver.is_valid(from_version):
+        return (target.version,)
+    here = semver.parse(from_version)
+    goal = semver.parse(target.version)
+    candidates = sorted(
+        {
+            r.version: r for r in [*releases, target] if here < semver.parse(r.version) <= goal
+        }.values(),
+        key=lambda r: semver.parse(r.version),
+        reverse=True,
+    )
+    path: list[str] = []
+    while here < goal:
+        step = next(
+            (r for r in candidates if semver.parse(r.version) > here and _upgrades_from(r, here)),
+            None,
+        )
+        if step is None:
+            raise FailedPrecondition(
+                f"no upgrade path for {gateway_id} from {from_version} to {target.version}: "
+                f"{target.version} upgrades only from {target.min_from} on, and no signed "
+                f"release up to it upgrades from {here}"
+                + (f" (reached through {', '.join(path)})" if path else "")
+                + ": publish one that does, or upgrade it to such a release first"
+            )
+        path.append(step.version)
+        here = semver.parse(step.version)
+    return tuple(path)
+
+
+def _upgrades_from(release: ReleaseRecord, version: semver.Version) -> bool:
+    return not release.min_from or version >= semver.parse(release.min_from)
 
 
 def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> None:

@@ -26,6 +26,8 @@ class ReleaseRecord:
     notes: str
     published_at: datetime
     restarts_vpn_service: bool = False
+    # The lowest version it upgrades from; None: any (``planner.upgrade_path``).
+    min_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,10 @@ class GatewayJobRecord:
     published: bool = False
     # Its wave in the job's rollout, 0 first.
     wave: int = 0
+    # Its path through intermediate releases, the last the job's target (empty: straight
+    # to the target), and the index in it of the hop its command is for.
+    path: tuple[str, ...] = ()
+    hop: int = 0
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,8 @@ def _gatewayjob_record(row: JobGateway) -> GatewayJobRecord:
         vpn_sessions_dropped=row.vpn_sessions_dropped,
         published=row.published_at is not None,
         wave=row.wave or 0,
+        path=tuple(row.path.split(",")) if row.path else (),
+        hop=row.hop or 0,
     )
 
 
@@ -261,6 +269,7 @@ def release_record(row: Release) -> ReleaseRecord:
         notes=row.notes,
         published_at=row.published_at,
         restarts_vpn_service=row.restarts_vpn_service,
+        min_from=row.min_from or None,
     )
 
 

@@ -64,6 +64,7 @@ from controller_svc.transitions import (
     expire_rows,
     finish_if_done,
     gateway_event,
+    next_hop,
     set_job_state,
     stop,
 )
@@ -308,13 +309,23 @@ class Repository:
         published_at: datetime,
         *,
         restarts_vpn_service: bool = False,
+        min_from: str | None = None,
     ) -> tuple[ReleaseRecord, bool]:
-        """Record a published release; True when it is new.
+        """Record a published release; True when it is new. ``min_from`` is the lowest
+        version it upgrades from (None: any); it must be a semantic version below
+        ``version`` (InvalidRequest otherwise).
 
         Publishing the same version with the same digest again is a no-op (a retried
         upload); with another digest it is a Conflict, since a version names one build.
         """
         version = _parse_version(version)
+        if min_from:
+            min_from = _parse_version(min_from)
+            if semver.parse(min_from) >= semver.parse(version):
+                raise InvalidRequest(
+                    f"release {version} cannot upgrade only from {min_from} and later: "
+                    "--min-from must name a version below the release's own"
+                )
         check_digest(sha256)
         _require_aware(published_at, "published_at")
         if size < 0:
@@ -329,6 +340,7 @@ class Repository:
                     notes=notes,
                     published_at=published_at,
                     restarts_vpn_service=restarts_vpn_service,
+                    min_from=min_from or None,
                 )
                 .on_conflict_do_nothing(index_elements=[Release.version])
                 .returning(Release.version)
@@ -375,10 +387,15 @@ class Repository:
         rollout: Rollout = rollouts.ONE_WAVE,
         announce: Announce | None = None,
         skipped: Mapping[str, str] | None = None,
+        paths: Mapping[str, Sequence[str]] | None = None,
         now: datetime,
     ) -> tuple[JobRecord, bool]:
         """Create a PENDING job with one QUEUED command per ``(gateway_id, from_version)``,
         each in its wave of ``rollout`` in the order given (``rollout.assign_waves``).
+
+        A gateway in ``paths`` (gateway id -> the releases it goes through, in order, the
+        last ``target_version``: ``planner.upgrade_path``) gets a command for the first
+        hop; each hop that succeeds queues the next (``transitions.next_hop``).
 
         Commands of older unfinished jobs for these gateways that have not started are
         SUPERSEDED (``_supersede``; ``announce`` as for ``apply_reports``, for an older job
@@ -410,10 +427,15 @@ class Repository:
                 if existing is not None:
                     return job_record(session, existing), False
             waves = rollouts.assign_waves(rollout.waves, gateway_ids, _peers(session, gateway_ids))
-            if session.get(Release, target_version) is None:
-                raise NotFound(
-                    f"no release {target_version}: publish it before starting a job to it"
-                )
+            for version in {target_version}.union(*(paths or {}).values()):
+                if session.get(Release, version) is None:
+                    raise NotFound(f"no release {version}: publish it before starting a job to it")
+            for gateway_id, path in (paths or {}).items():
+                if not path or path[-1] != target_version:
+                    raise InvalidRequest(
+                        f"the path of gateway {gateway_id} ({', '.join(path)}) does not end "
+                        f"at the job's target {target_version}"
+                    )
             stmt = (
                 self._insert(Job)
                 .values(
@@ -448,6 +470,7 @@ class Repository:
             session.add(JobEvent(job_id=job_id, job_state=JobState.PENDING.value, at=now))
             for (gateway_id, from_version), wave in zip(targets, waves, strict=True):
                 why = (skipped or {}).get(gateway_id)
+                path = list((paths or {}).get(gateway_id, ()))
                 row = JobGateway(
                     wave=wave,
                     job_id=job_id,
@@ -455,7 +478,9 @@ class Repository:
                     command_id=str(uuid.uuid4()),
                     state=(GatewayState.SKIPPED if why else GatewayState.QUEUED).value,
                     from_version=from_version,
-                    to_version=target_version,
+                    to_version=path[0] if path else target_version,
+                    path=",".join(path) if len(path) > 1 else "",
+                    hop=0,
                     error=why or "",
                     bytes_done=0,
                     bytes_total=0,
@@ -711,7 +736,12 @@ class Repository:
                     outcomes.append(_refused(f"unknown job {report.job_id}"))
                     continue
                 row = rows.get(report.command_id)
-                if row is None or row.job_id != job.id or row.gateway_id != report.gateway_id:
+                if (
+                    row is None
+                    or row.job_id != job.id
+                    or row.gateway_id != report.gateway_id
+                    or row.command_id != report.command_id  # a hop before moved it on
+                ):
                     reason = (
                         f"unknown command {report.command_id} for gateway {report.gateway_id} "
                         f"in job {job.id}"
@@ -731,6 +761,8 @@ class Repository:
                 events.append(apply_to_row(row, report))
                 if report.state is GatewayState.SUCCEEDED:
                     versions[row.gateway_id] = row.to_version
+                    if (queued := next_hop(row, report.at)) is not None:
+                        events.append(queued)
                 job.updated_at = report.at
                 if report.state.terminal:
                     closing[job.id] = (len(outcomes), report.at)

@@ -298,7 +298,8 @@ def to_start(job: JobRecord, now: datetime) -> list[GatewayJobRecord]:
     """The gateways whose commands may be sent at ``now``, in order: none while the job
     is paused, stopping, final or outside its times (``starts_at``); else those of the
     current wave still QUEUED and never sent, up to ``max_parallel`` in flight (sent and
-    not final) when there is a cap."""
+    not final) when there is a cap. Gateways midway on a path through intermediate
+    releases (their next hop queued) come first: they are already on their way."""
     if job.state.terminal or job.ending is not None or not job.state.dispatches:
         return []
     if starts_at(rollout_of(job), now) != now:
@@ -310,6 +311,7 @@ def to_start(job: JobRecord, now: datetime) -> list[GatewayJobRecord]:
         g for g in job.gateways
         if g.wave == wave and g.state is GatewayState.QUEUED and not g.published
     ]  # fmt: skip
+    waiting.sort(key=lambda g: g.hop == 0)
     if job.max_parallel <= 0:
         return waiting
     in_flight = sum(1 for g in job.gateways if g.published and not g.state.terminal)

@@ -25,7 +25,7 @@ from controller_svc.signing import Trust
 from controller_svc.store import ArtifactStore
 from controller_svc.takeover import Successor, TakeoverFailed, start_successor
 from hitless import config as cfg
-from hitless import logs, staged, version
+from hitless import logs, semver, staged, version
 
 log = logs.get(__name__)
 
@@ -56,9 +56,25 @@ class ControllerUpgrader:
     def needed(self, release: ReleaseRecord) -> bool:
         return release.version != version.current()
 
+    def check_path(self, release: ReleaseRecord) -> None:
+        """Raise FailedPrecondition when ``release`` upgrades only from a version above
+        the one this controller runs (its ``min_from``): the controller moves in one step,
+        so it must be moved to a release in between first (an upgrade of the fleet to
+        that release moves it there)."""
+        running = version.current()
+        if not release.min_from or not semver.is_valid(running):
+            return
+        if semver.parse(running) < semver.parse(release.min_from):
+            raise FailedPrecondition(
+                f"the controller runs {running}, and release {release.version} upgrades only "
+                f"from {release.min_from} on: upgrade to {release.min_from} (or a later "
+                f"release below {release.version}) first, then to {release.version}"
+            )
+
     def upgrade_to(self, release: ReleaseRecord) -> Successor:
         """Start ``release``'s controller; return it once it serves (then this one hands
         over). TakeoverFailed leaves this controller in charge."""
+        self.check_path(release)
         if not self._lock.acquire(blocking=False):
             raise FailedPrecondition("a controller upgrade is already in progress")
         try:

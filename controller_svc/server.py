@@ -263,6 +263,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             meta.notes,
             datetime.now(UTC),
             restarts_vpn_service=meta.restarts_vpn_service,
+            min_from=meta.min_from or None,
         )
         if created:
             log.info("release_published", version=version, sha256=stored.sha256, size=stored.size)
@@ -353,6 +354,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                     action=g.action,
                     vpn_sessions=g.vpn_sessions,
                     pending_version=g.pending_version or "",
+                    path=g.path,
                     precheck=convert.precheck(answers[g.gateway_id])
                     if g.gateway_id in answers
                     else None,

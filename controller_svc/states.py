@@ -12,6 +12,10 @@
                       QUEUED -> CANCELLED  (the job was cancelled before it started)
                       QUEUED -> SUPERSEDED (a newer job for the gateway came before it
                                             started: it runs that one instead)
+                      SUCCEEDED -> QUEUED  (a hop of its path through intermediate
+                                            releases succeeded: the next hop's command;
+                                            made by the controller, never by a report,
+                                            in ``transitions.next_hop``)
 
 A job that is aborted or cancelled while gateways are in flight keeps its state (RUNNING
 or PAUSED) with its ``ending`` recorded until they are final, then moves to that ending:

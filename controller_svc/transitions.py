@@ -9,6 +9,7 @@ in states.py; this module only applies them to rows.
 from __future__ import annotations
 
 import itertools
+import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -56,9 +57,19 @@ def close_unstarted(
         .order_by(JobGateway.gateway_id)
     ).all()
     for row in rows:
-        row.state, row.error, row.updated_at = state.value, reason, at
+        row.state, row.error, row.updated_at = state.value, reason + midway(row), at
         session.add(gateway_event(row, at))
     return len(rows)
+
+
+def midway(row: JobGateway) -> str:
+    """What a gateway stopped midway on its path through intermediate releases runs,
+    said after the reason it stopped (" (it stays on 1.2.0: hop 2 of 3 not started)"),
+    or "" for one that had not moved."""
+    if not row.path or row.hop == 0:
+        return ""
+    hops = len(row.path.split(","))
+    return f" (it stays on {row.from_version}: hop {row.hop + 1} of {hops} not started)"
 
 
 def stop(session: Session, job: Job, ending: JobState, reason: str, at: datetime) -> None:
@@ -99,6 +110,38 @@ def apply_to_row(row: JobGateway, report: ReportIn) -> dict[str, Any]:
         "bytes_done": row.bytes_done,
         "bytes_total": row.bytes_total,
         "at": report.at,
+    }
+
+
+def next_hop(row: JobGateway, at: datetime) -> dict[str, Any] | None:
+    """After a SUCCEEDED hop of a gateway on a path through intermediate releases (its
+    ``path`` has a release after ``hop``): queue its next hop, a new command (new command
+    id, not yet published) from the release it now runs to the next one in the path.
+    Returns the values of the ``job_events`` row recording it (QUEUED), or None when the
+    hop was the last (the row stays SUCCEEDED).
+
+    This is the one move out of SUCCEEDED (``states.py``): the controller makes it, never
+    a report, and a late report of the finished hop's command names a command id the row
+    no longer has, so it is refused as unknown."""
+    path = row.path.split(",") if row.path else []
+    if row.hop + 1 >= len(path):
+        return None
+    row.hop += 1
+    row.from_version, row.to_version = row.to_version, path[row.hop]
+    row.state, row.error = GatewayState.QUEUED.value, ""
+    row.command_id = str(uuid.uuid4())
+    row.published_at = None
+    row.bytes_done = row.bytes_total = 0
+    row.updated_at = at
+    return {
+        "job_id": row.job_id,
+        "gateway_id": row.gateway_id,
+        "gateway_state": row.state,
+        "job_state": None,
+        "error": "",
+        "bytes_done": 0,
+        "bytes_total": 0,
+        "at": at,
     }
 
 

@@ -19,6 +19,7 @@ from tests.support.gateway_upgrades import GatewayUpgrades
 from tests.support.procs import Procs
 from tests.support.rabbit import Management, amqp_url
 from tests.support.wait import wait_for
+from tests.test_dispatch_lifecycle import World
 
 IN_CI = os.environ.get("CI") == "true"
 PG_ADMIN_URL = os.environ.get("HITLESS_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -119,3 +120,14 @@ def upgrades(vhost: str, tmp_path: Path) -> Iterator[GatewayUpgrades]:
         yield driver
     finally:
         driver.close()
+
+
+@pytest.fixture
+def world(db_url: str, tmp_path: Path, bus: BusConfig) -> Iterator[World]:
+    """A database (each backend) with gateways and a signed release, and the engines made
+    on it (``World``), closed after the test."""
+    world = World(db_url, tmp_path, bus)
+    try:
+        yield world
+    finally:
+        world.close()

@@ -4,7 +4,6 @@ and PostgreSQL, a real engine with its dispatcher thread; only the clock is pass
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -138,15 +137,6 @@ class World:
 def _summary(job: JobRecord) -> str:
     published = sum(1 for g in job.gateways if g.published)
     return f"{job.state} with {published} of {len(job.gateways)} commands published"
-
-
-@pytest.fixture
-def world(db_url: str, tmp_path: Path, bus: BusConfig) -> Iterator[World]:
-    world = World(db_url, tmp_path, bus)
-    try:
-        yield world
-    finally:
-        world.close()
 
 
 def _commands(rabbit: Management, vhost: str, gateway_id: str) -> list[str]:

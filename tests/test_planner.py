@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 
 from controller_svc.errors import FailedPrecondition, NotFound
-from controller_svc.planner import DOWNGRADE, NOTHING, UPGRADE, check, make_plan
+from controller_svc.planner import DOWNGRADE, NOTHING, UPGRADE, check, make_plan, upgrade_path
 from controller_svc.records import GatewayRecord, ReleaseRecord
 
 NOW = datetime(2026, 11, 27, tzinfo=UTC)
@@ -91,3 +91,70 @@ def test_a_refused_downgrade_names_the_version_an_unfinished_job_brings() -> Non
     plan = make_plan(_release("1.3.0"), {"gw-2": gateway}, [])
     with pytest.raises(FailedPrecondition, match=r"gw-2 \(1.2.0, 7.2.0 once its unfinished job"):
         check(plan, allow_downgrade=False, accept_vpn_disruption=False)
+
+
+# Upgrade paths through intermediate releases ------------------------------------------
+
+
+def _from(version: str, min_from: str | None = None) -> ReleaseRecord:
+    return ReleaseRecord(version, "a" * 64, 1, "", NOW, min_from=min_from)
+
+
+RELEASES = [
+    _from("1.1.0"),
+    _from("1.2.0", min_from="1.1.0"),
+    _from("1.3.0", min_from="1.1.0"),
+    _from("2.0.0", min_from="1.3.0"),
+    _from("2.1.0", min_from="1.3.0"),
+    _from("3.0.0", min_from="2.1.0"),
+]
+
+
+@pytest.mark.parametrize(
+    ("start", "target", "path"),
+    [
+        ("1.3.0", "2.0.0", ("2.0.0",)),  # at min_from: straight there
+        ("1.4.7", "2.0.0", ("2.0.0",)),  # above it, though no release: straight there
+        ("1.1.0", "2.0.0", ("1.3.0", "2.0.0")),  # the newest release reachable, not 1.2.0
+        ("1.0.0", "2.0.0", ("1.1.0", "1.3.0", "2.0.0")),
+        ("1.0.0", "3.0.0", ("1.1.0", "1.3.0", "2.1.0", "3.0.0")),  # 2.0.0 is not needed
+        ("1.0.0", "1.2.0", ("1.1.0", "1.2.0")),
+        ("2.0.0", "3.0.0", ("2.1.0", "3.0.0")),
+        ("0.9.0", "1.1.0", ("1.1.0",)),  # no min_from: from anything
+    ],
+)
+def test_a_path_takes_the_newest_release_each_hop_can_reach(
+    start: str, target: str, path: tuple[str, ...]
+) -> None:
+    release = next(r for r in RELEASES if r.version == target)
+    assert upgrade_path(start, release, RELEASES) == path
+
+
+def test_no_release_leading_on_is_refused_with_what_is_missing() -> None:
+    target = _from("2.0.0", min_from="1.5.0")
+    with pytest.raises(FailedPrecondition) as refused:
+        upgrade_path("1.0.0", target, [_from("1.2.0"), _from("1.4.0", min_from="1.2.0"), target])
+    said = str(refused.value)
+    assert "no upgrade path for the gateway from 1.0.0 to 2.0.0" in said
+    assert "2.0.0 upgrades only from 1.5.0 on" in said
+    assert "(reached through 1.2.0, 1.4.0)" in said
+    assert "publish one that does" in said
+
+
+def test_a_plan_carries_each_gateways_path_and_direct_ones_carry_none() -> None:
+    target = next(r for r in RELEASES if r.version == "2.0.0")
+    known = _gateways(gw_old="1.0.0", gw_new="1.3.0", gw_same="2.0.0", gw_newer="2.1.0")
+    plan = make_plan(target, known, [], RELEASES)
+    paths = {g.gateway_id: g.path for g in plan.gateways}
+    assert paths == {
+        "gw-old": ("1.1.0", "1.3.0", "2.0.0"),
+        "gw-new": (),
+        "gw-same": (),
+        "gw-newer": (),  # a downgrade goes straight back
+    }
+
+
+def test_a_plan_with_a_gateway_no_path_reaches_is_refused_by_name() -> None:
+    target = _from("2.0.0", min_from="1.3.0")
+    with pytest.raises(FailedPrecondition, match=r"no upgrade path for gw-1 from 1\.0\.0 to 2"):
+        make_plan(target, _gateways(gw_1="1.0.0"), [], [target])

@@ -182,12 +182,14 @@ class Feed:
     def add_good(self, notes: str = "# 1.4.0\n\nGood.\n") -> None:
         self.add_release(GOOD, GOOD_BYTES, notes)
 
-    def add_release(self, version: str, data: bytes, notes: str = "") -> None:
+    def add_release(
+        self, version: str, data: bytes, notes: str = "", *, min_from: str | None = None
+    ) -> None:
         """``data`` as release ``version``, as the release manager adds it (signed)."""
         artifact = self.root.parent / "build" / f"hitless-{version}.pyz"
         artifact.parent.mkdir(exist_ok=True)
         artifact.write_bytes(data)
-        write_entry(self.root, version, artifact, notes, keys_dir=self.keys.dir)
+        write_entry(self.root, version, artifact, notes, keys_dir=self.keys.dir, min_from=min_from)
 
     def add(
         self,
@@ -956,7 +958,22 @@ MALFORMED: dict[str, tuple[dict[str, Any] | bytes, str]] = {
         {**_OK, "flags": {"restarts_vpn_service": "no"}},
         "flags.restarts_vpn_service",
     ),
+    "min-from-not-semver": ({**_OK, "min_from": "1.x"}, "min_from"),
+    "min-from-a-number": ({**_OK, "min_from": 1}, "min_from"),
+    "min-from-padded": ({**_OK, "min_from": "1.0.0 "}, "min_from"),
+    "min-from-not-below": ({**_OK, "min_from": BAD}, "min_from"),
 }
+
+
+def test_a_release_that_upgrades_only_from_a_version_on_says_so(
+    dir_feed: Feed, controller: Controller
+) -> None:
+    dir_feed.add_release(BAD, BAD_BYTES, min_from=GOOD)
+    manifest = json.loads((dir_feed.root / BAD / "manifest.json").read_text())
+    assert manifest["min_from"] == GOOD
+    check(controller.sync(dir_feed))
+    release = controller.repo.get_release(BAD)
+    assert release is not None and release.min_from == GOOD
 
 
 @pytest.mark.parametrize("case", MALFORMED)

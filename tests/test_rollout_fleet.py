@@ -207,3 +207,44 @@ def test_high_availability_peers_are_never_in_flight_together(fleet: Fleet) -> N
     )
     b_moves = [e.seq for e in events if e.gateway_id == "gw-b" and e.gateway_state in moving]
     assert b_moves and min(b_moves) > a_done, (a_done, b_moves)
+
+
+def test_a_two_hop_path_takes_an_old_gateway_through_the_release_between(
+    fleet: Fleet,
+) -> None:
+    gateway = fleet.start_gateway("gw-1")
+    fleet.wait_gateways({"gw-1": BASE})
+    fleet.release("1.1.0")
+    fleet.release("1.2.0", min_from="1.1.0")
+    listed = {r["version"]: r["min_from"] for r in fleet.cli_json("releases", "list")}
+    assert listed == {"1.2.0": "1.1.0", "1.1.0": None}
+    # The controller moves itself in one step: from below min_from it is refused, and
+    # nothing starts.
+    refused = fleet.cli("upgrade", "--version", "1.2.0", "--yes", "--no-precheck", check=False)
+    assert refused.returncode == 4, refused.stderr
+    assert f"the controller runs {BASE}, and release 1.2.0 upgrades only from 1.1.0 on" in (
+        refused.stderr
+    )
+    assert fleet.cli_json("jobs", "list") == []
+
+    # The controller stays on its version: the path is the gateways'.
+    fleet.procs.stop(fleet.controller)  # type: ignore[arg-type]
+    fleet.start_controller(None, "--no-self-upgrade")
+
+    plan = fleet.cli("upgrade", "--version", "1.2.0", "--dry-run", "--no-precheck").stdout
+    assert "1.2.0 via 1.1.0" in plan, plan
+    job = fleet.cli_json("upgrade", "--version", "1.2.0", "--wait", "--yes", "--no-precheck")
+    assert job["state"] == "SUCCEEDED", job
+    (row,) = job["gateways"]
+    assert (row["from_version"], row["to_version"]) == ("1.1.0", "1.2.0")
+    assert (row["path"], row["hop"]) == (["1.1.0", "1.2.0"], 2)
+    assert fleet.greeting("gw-1").endswith("1.2.0")
+    # Two swaps, each its own command: one to the release between, then the target.
+    log = gateway.log()
+    assert log.count('"upgrade_started"') == 2, log
+    hops = [
+        json.loads(line)["target_version"]
+        for line in log.splitlines()
+        if '"upgrade_started"' in line
+    ]
+    assert hops == ["1.1.0", "1.2.0"], hops

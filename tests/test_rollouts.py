@@ -9,9 +9,7 @@ from __future__ import annotations
 import re
 import urllib.error
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -25,7 +23,6 @@ from controller_svc.states import JOB_MOVES, GatewayState, JobState, can_move_jo
 from controller_svc.transitions import HELD_BACK
 from hitless.bus import codec, topology
 from hitless.bus.amqp import DeadLetter, Delivery
-from hitless.config import BusConfig
 from hitless.v1 import bus_pb2, common_pb2
 from tests.support.rabbit import Management
 from tests.test_dispatch_lifecycle import VERSION, World, _commands
@@ -145,15 +142,6 @@ def test_the_job_table_has_the_rollout_moves() -> None:
 
 
 # The engine, on a real broker and database ---------------------------------------------
-
-
-@pytest.fixture
-def world(db_url: str, tmp_path: Path, bus: BusConfig) -> Iterator[World]:
-    world = World(db_url, tmp_path, bus)
-    try:
-        yield world
-    finally:
-        world.close()
 
 
 def _report(

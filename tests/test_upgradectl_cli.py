@@ -627,6 +627,7 @@ def test_releases_list_json_and_table(addr: str) -> None:
         "notes": "Faster rekeying.\nMore.",
         "restarts_vpn_service": False,
         "signing": "SIGNED",
+        "min_from": None,
     }
     assert [r["version"] for r in json.loads(out)] == ["1.2.0", "1.1.0"]
     out = ok(addr, "releases", "list")
@@ -662,6 +663,8 @@ def test_upgrade_json_without_waiting(addr: str, fake: FakeController) -> None:
                 "to_version": "1.2.0",
                 "error": None,
                 "vpn_sessions_dropped": 0,
+                "path": None,
+                "hop": None,
             }
             for g in ("gw-1", "gw-2")
         ],
@@ -705,6 +708,8 @@ def test_upgrade_wait_exits_one_when_a_gateway_failed(addr: str, fake: FakeContr
         "to_version": "1.2.0",
         "error": "sha256 mismatch",
         "vpn_sessions_dropped": 0,
+        "path": None,
+        "hop": None,
     }
     assert err.splitlines(keepends=True)[-1] == (
         "upgradectl: error: job job-1 ended PARTIAL: gw-2 FAILED (sha256 mismatch); "
@@ -1234,6 +1239,8 @@ def test_jobs_list_json_and_table(addr: str, fake: FakeController) -> None:
                     "to_version": "1.2.0",
                     "error": None,
                     "vpn_sessions_dropped": 0,
+                    "path": None,
+                    "hop": None,
                 }
             ],
         },
@@ -1252,6 +1259,8 @@ def test_jobs_list_json_and_table(addr: str, fake: FakeController) -> None:
                     "to_version": "1.2.0",
                     "error": None,
                     "vpn_sessions_dropped": 0,
+                    "path": None,
+                    "hop": None,
                 }
             ],
         },
@@ -1354,7 +1363,7 @@ def test_releases_sync_reports_what_it_imported(addr: str, fake: FakeController)
     assert (code, err) == (ExitCode.OK, "")
     lines = out.splitlines()
     assert lines[0] == "imported 1 release(s) from the feed:"
-    assert lines[2].split()[0] == "1.3.0" and lines[2].endswith("restarts  From the feed.")
+    assert lines[2].split()[0] == "1.3.0" and lines[2].endswith("restarts  any   From the feed.")
     code, out, _ = cli(addr, "releases", "sync")
     assert (code, out) == (ExitCode.OK, "no new releases in the feed\n")
     assert json.loads(ok(addr, "releases", "sync", "--json")) == []

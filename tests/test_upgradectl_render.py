@@ -18,11 +18,13 @@ from upgradectl.model import (
     JobEvent,
     JobView,
     KeyDirectory,
+    PlannedGateway,
     ReleaseInfo,
     RoleKey,
     Rotation,
     TargetsChange,
     TokenInfo,
+    UpgradePlan,
 )
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -71,19 +73,46 @@ def test_gateways_and_releases_tables() -> None:
     assert render.gateways_table([], NOW) == ["no gateways known to the controller yet"]
     notes = "Restarts the VPN service. " + "x" * 80 + "\nsecond line"
     rels = [
-        ReleaseInfo("1.2.0", "ab" * 32, 3 * 1024 * 1024, NOW, notes, signing="SIGNED"),
+        ReleaseInfo(
+            "1.2.0", "ab" * 32, 3 * 1024 * 1024, NOW, notes, signing="SIGNED", min_from="1.1.0"
+        ),
         ReleaseInfo("1.1.0", "cd" * 32, 900, NOW, "", signing="YANKED"),
         ReleaseInfo("1.0.0", "ef" * 32, 900, NOW, "", signing=""),
     ]
     header, row, yanked, unknown = render.releases_table(rels)
-    assert header.split() == ["VERSION", "SIZE", "PUBLISHED", "SHA256", "SIGNING", "VPN", "NOTES"]
+    assert header.split() == [
+        "VERSION", "SIZE", "PUBLISHED", "SHA256", "SIGNING", "VPN", "FROM", "NOTES",
+    ]  # fmt: skip
     assert row.startswith(
-        "1.2.0    3.0 MiB  2025-03-01 12:00 UTC  abababababab  SIGNED   -    Restarts the"
+        "1.2.0    3.0 MiB  2025-03-01 12:00 UTC  abababababab  SIGNED   -    1.1.0  Restarts the"
     )
     assert row.endswith("…") and len(row.split("  ")[-1]) == render.NOTES_WIDTH
-    assert yanked == "1.1.0    900 B    2025-03-01 12:00 UTC  cdcdcdcdcdcd  YANKED   -"
+    assert yanked == "1.1.0    900 B    2025-03-01 12:00 UTC  cdcdcdcdcdcd  YANKED   -    any"
     # A controller that does not say how a release is signed.
-    assert unknown == "1.0.0    900 B    2025-03-01 12:00 UTC  efefefefefef  -        -"
+    assert unknown == "1.0.0    900 B    2025-03-01 12:00 UTC  efefefefefef  -        -    any"
+
+
+def test_a_path_through_releases_between_shows_in_the_plan_and_the_job() -> None:
+    release = ReleaseInfo("2.0.0", "ab" * 32, 900, NOW, "", min_from="1.2.0")
+    plan = UpgradePlan(
+        release,
+        (
+            PlannedGateway("gw-old", "1.0.0", "UPGRADE", 0, path=("1.2.0", "2.0.0")),
+            PlannedGateway("gw-new", "1.2.0", "UPGRADE", 0),
+        ),
+        0,
+    )
+    rows = [line.split() for line in render.plan_lines(plan)[-2:]]
+    assert rows == [
+        ["gw-old", "1.0.0", "2.0.0", "via", "1.2.0", "UPGRADE"],
+        ["gw-new", "1.2.0", "2.0.0", "UPGRADE"],
+    ]
+    path = ("1.1.0", "1.2.0", "2.0.0")
+    midway = GatewayProgress("gw-old", "DOWNLOADING", "1.1.0", "1.2.0", path=path, hop=2)
+    last = dataclasses.replace(midway, from_version="1.2.0", to_version="2.0.0", hop=3)
+    job = JobView("j-1", "RUNNING", "2.0.0", (midway, last))
+    assert "1.2.0 (hop 2 of 3, then 2.0.0)" in render.job_lines(job)[-2]
+    assert "2.0.0 (hop 3 of 3)" in render.job_lines(job)[-1]
 
 
 def test_job_lines_show_progress_and_errors() -> None:

@@ -132,13 +132,17 @@ class Console:
         request = controller_pb2.ListAuditRequest()
         return list(self.fleet.stub().ListAudit(request, timeout=30).events)
 
-    def publish(self, version: str, notes: str = "", *, restarts_vpn: bool = False) -> None:
-        """Publish a signed release (a stamped artifact) with ``notes``."""
+    def publish(
+        self, version: str, notes: str = "", *, restarts_vpn: bool = False, min_from: str = ""
+    ) -> None:
+        """Publish a signed release (a stamped artifact) with ``notes`` (upgrading only
+        from ``min_from`` on, when given)."""
         root = self.fleet.root
         artifact, notes_file = root / f"{version}.pyz", root / f"{version}.md"
         artifact.write_bytes(stamped(version))
         notes_file.write_text(notes)
         flags = ["--restarts-vpn-service"] if restarts_vpn else []
+        flags += ["--min-from", min_from] if min_from else []
         self.fleet.cli(
             "releases", "publish", "--version", version, "--artifact", str(artifact),
             "--notes", str(notes_file), "--keys", str(self.fleet.keys.dir), *flags,
@@ -586,6 +590,27 @@ def test_a_downgrade_needs_its_own_confirmation(console: Console) -> None:
         assert started.status_code == 303
     [job] = console.jobs()
     assert {g.gateway_id for g in job.gateways} == {"gw-1", "gw-2"}
+
+
+def test_a_path_through_a_release_between_is_shown_in_the_plan_and_the_job(
+    console: Console,
+) -> None:
+    console.publish("1.1.0")
+    console.publish("1.2.0", min_from="1.1.0")
+    console.gateways({"gw-1": ("1.0.0", 0), "gw-2": ("1.1.0", 0)})
+    console.add_user("otto", "operator")
+    with console.log_in("otto") as client:
+        token = _csrf(client.get("/maintenance").text)
+        answer = client.post("/upgrade/plan", data={"target": "latest", "csrf_token": token})
+        page = _Page(answer.text)
+        assert "1.0.0 1.2.0 via 1.1.0 UPGRADE" in page.text("plan-gw-1")
+        assert "1.1.0 1.2.0 UPGRADE" in page.text("plan-gw-2")
+        started = client.post("/upgrade/start", data={"version": "1.2.0", "csrf_token": token})
+        assert started.status_code == 303, started.text
+        [job] = console.jobs()
+        page = _Page(client.get(f"/jobs/{job.job_id}").text)
+        assert "1.1.0 (hop 1 of 2)" in page.text("job-gw-gw-1")
+        assert "hop" not in page.text("job-gw-gw-2")
 
 
 def test_admins_are_added_and_removed_with_errors_beside_the_field(console: Console) -> None:

@@ -10,7 +10,7 @@
     upgradectl releases list [--json]
     upgradectl releases build --version V -o FILE
     upgradectl releases publish --version V --artifact FILE [--notes FILE]
-                                [--restarts-vpn-service] [--keys DIR]
+                                [--restarts-vpn-service] [--min-from V] [--keys DIR]
     upgradectl releases yank V --keys DIR [--yes]
     upgradectl releases sync [--json]
     upgradectl upgrade (--latest | --version V) [--gateways ID,...] [--allow-downgrade]
@@ -401,6 +401,13 @@ def _build_parser() -> _Parser:
         action="store_true",
         help="installing it restarts the VPN service, disconnecting VPN users "
         "(upgrade then asks for confirmation)",
+    )
+    rel_pub.add_argument(
+        "--min-from",
+        default="",
+        metavar="V",
+        help="the lowest version this release upgrades from: gateways older than V go "
+        "through the releases in between, one swap each",
     )
     rel_pub.add_argument(
         "--keys",
@@ -939,6 +946,7 @@ def _releases_publish(ctx: _Context) -> ExitCode:
             notes,
             restarts_vpn_service=ctx.args.restarts_vpn_service,
             targets_metadata=signed.data if signed else b"",
+            min_from=ctx.args.min_from,
         )
     if signed is not None:
         signing.taken(ctx.args.keys, signed.data)
@@ -1202,8 +1210,9 @@ def _jobs_list(ctx: _Context) -> ExitCode:
 
 
 def plan_json(plan: UpgradePlan) -> dict[str, Any]:
-    """``upgrade --dry-run --json``: the release and each gateway's change and pre-check
-    (``precheck`` null: not asked; "": no answer; "ok" or its problems)."""
+    """``upgrade --dry-run --json``: the release and each gateway's change, path through
+    releases between (null: straight there) and pre-check (``precheck`` null: not asked;
+    "": no answer; "ok" or its problems)."""
     return {
         "target_version": plan.release.version,
         "gateways": [
@@ -1211,6 +1220,7 @@ def plan_json(plan: UpgradePlan) -> dict[str, Any]:
                 "id": g.id,
                 "from_version": g.from_version,
                 "action": g.action,
+                "path": list(g.path) or None,
                 "precheck": g.precheck,
                 "free_bytes": g.free_bytes,
                 "tunnels_up": g.tunnels or None,

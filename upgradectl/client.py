@@ -264,10 +264,13 @@ class ControllerClient:
         *,
         restarts_vpn_service: bool = False,
         targets_metadata: bytes = b"",
+        min_from: str = "",
     ) -> ReleaseInfo:
         """Upload the artifact at ``path`` as release ``version``, with ``targets_metadata``:
         the signed TUF targets that list it (``upgradectl.signing``; empty: none, and the
-        controller refuses the upload with FAILED_PRECONDITION, ``Rejected``).
+        controller refuses the upload with FAILED_PRECONDITION, ``Rejected``). ``min_from``
+        is the lowest version the release upgrades from ("": any; the controller refuses
+        one not below ``version`` with INVALID_ARGUMENT).
 
         The digest and size are computed here first and sent as metadata, so the controller
         rejects an upload that arrived damaged. Not retried: the stream is not resumable.
@@ -283,6 +286,7 @@ class ControllerClient:
             size=size,
             restarts_vpn_service=restarts_vpn_service,
             targets_metadata=targets_metadata,
+            min_from=min_from,
         )
 
         def requests() -> Iterator[controller_pb2.PublishReleaseRequest]:

@@ -105,6 +105,9 @@ class ReleaseInfo:
     notes: str
     restarts_vpn_service: bool = False
     signing: str = ""
+    # The lowest version it upgrades from ("" : any); older gateways go through releases
+    # in between.
+    min_from: str = ""
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.Release) -> ReleaseInfo:
@@ -116,6 +119,7 @@ class ReleaseInfo:
             msg.notes,
             msg.restarts_vpn_service,
             msg.signing,
+            msg.min_from,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -127,6 +131,7 @@ class ReleaseInfo:
             "notes": self.notes,
             "restarts_vpn_service": self.restarts_vpn_service,
             "signing": self.signing or None,
+            "min_from": self.min_from or None,
         }
 
 
@@ -143,6 +148,10 @@ class GatewayProgress:
     bytes_total: int = 0
     vpn_sessions_dropped: int = 0
     wave: int = 1  # its wave in the job's rollout, 1 first
+    # Its path through intermediate releases (empty: straight to the target) and the hop
+    # it is on, 1 first; ``to_version`` is that hop's release.
+    path: tuple[str, ...] = ()
+    hop: int = 0
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.GatewayJob) -> GatewayProgress:
@@ -156,6 +165,8 @@ class GatewayProgress:
             bytes_total=msg.bytes_total,
             vpn_sessions_dropped=msg.vpn_sessions_dropped,
             wave=msg.wave or 1,
+            path=tuple(msg.path),
+            hop=msg.hop,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -167,6 +178,8 @@ class GatewayProgress:
             "to_version": self.to_version,
             "error": self.error or None,
             "vpn_sessions_dropped": self.vpn_sessions_dropped,
+            "path": list(self.path) or None,
+            "hop": self.hop or None,
         }
 
 
@@ -402,6 +415,8 @@ class PlannedGateway:
     precheck: str | None = None
     free_bytes: int = 0
     tunnels: str = ""  # "UP/CONFIGURED"
+    # The releases it goes through, the last the target; empty: straight there.
+    path: tuple[str, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.PlannedGateway) -> PlannedGateway:
@@ -422,6 +437,7 @@ class PlannedGateway:
                 if check is not None and check.answered
                 else ""
             ),
+            path=tuple(msg.path),
         )
 
     @property

@@ -177,11 +177,13 @@ def releases_table(releases: Sequence[ReleaseInfo]) -> list[str]:
             r.sha256[:12],
             r.signing or "-",
             "restarts" if r.restarts_vpn_service else "-",
+            r.min_from or "any",
             first_line(r.notes),
         ]
         for r in releases
     ]
-    return table(["VERSION", "SIZE", "PUBLISHED", "SHA256", "SIGNING", "VPN", "NOTES"], rows)
+    headers = ["VERSION", "SIZE", "PUBLISHED", "SHA256", "SIGNING", "VPN", "FROM", "NOTES"]
+    return table(headers, rows)
 
 
 def built_lines(version: str, output: str, size: int, sha256: str) -> list[str]:
@@ -492,7 +494,7 @@ def plan_lines(plan: UpgradePlan) -> list[str]:
     headers = ["GATEWAY", "FROM", "TO", "ACTION"] + (["VPN USERS"] if vpn else [])
     headers += ["FREE", "TUNNELS UP", "PRE-CHECK"] if checked else []
     rows = [
-        [g.id, _from(g), release.version, g.action]
+        [g.id, _from(g), _to(g, release.version), g.action]
         + ([str(g.vpn_sessions)] if vpn else [])
         + (_checked(g) if checked else [])
         for g in plan.gateways
@@ -507,6 +509,13 @@ def _checked(gateway: PlannedGateway) -> list[str]:
     if not gateway.precheck:
         return ["-", "-", "no answer (offline, busy, or a release without pre-checks)"]
     return [human_size(gateway.free_bytes), gateway.tunnels or "-", gateway.precheck]
+
+
+def _to(gateway: PlannedGateway, target: str) -> str:
+    """The TO cell: the target, or "2.0.0 via 1.4.0" for a path through releases between."""
+    if len(gateway.path) < 2:
+        return target
+    return f"{target} via {', '.join(gateway.path[:-1])}"
 
 
 def _from(gateway: PlannedGateway) -> str:
@@ -536,6 +545,18 @@ def progress(g: GatewayProgress) -> str:
     return f"{min(100, g.bytes_done * 100 // g.bytes_total)}%"
 
 
+def _hop(gateway: GatewayProgress) -> str:
+    """The TO cell of a job's gateway: its release, and on a path through releases
+    between, which hop that is ("1.4.0 (hop 1 of 2, then 2.0.0)", "2.0.0 (hop 2 of 2)")."""
+    to = gateway.to_version or "-"
+    if len(gateway.path) < 2:
+        return to
+    hop = f"hop {gateway.hop} of {len(gateway.path)}"
+    if gateway.hop >= len(gateway.path):
+        return f"{to} ({hop})"
+    return f"{to} ({hop}, then {gateway.path[-1]})"
+
+
 def job_lines(job: JobView) -> list[str]:
     """A job's header line and a table of its gateways.
 
@@ -547,7 +568,7 @@ def job_lines(job: JobView) -> list[str]:
     rows = [
         [g.id]
         + ([str(g.wave)] if waves else [])
-        + [g.state, g.from_version or "-", g.to_version or "-", progress(g)]
+        + [g.state, g.from_version or "-", _hop(g), progress(g)]
         + ([str(g.vpn_sessions_dropped or "")] if dropped else [])
         + [g.error]
         for g in job.gateways

@@ -43,7 +43,7 @@ class ListGatewaysResponse(_message.Message):
     def __init__(self, gateways: _Optional[_Iterable[_Union[Gateway, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class Release(_message.Message):
-    __slots__ = ("version", "sha256", "size", "published_at", "notes", "restarts_vpn_service", "signing")
+    __slots__ = ("version", "sha256", "size", "published_at", "notes", "restarts_vpn_service", "signing", "min_from")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class Release(_message.Message):
     NOTES_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
     SIGNING_FIELD_NUMBER: _ClassVar[int]
+    MIN_FROM_FIELD_NUMBER: _ClassVar[int]
     version: str
     sha256: str
     size: int
@@ -58,7 +59,8 @@ class Release(_message.Message):
     notes: str
     restarts_vpn_service: bool
     signing: str
-    def __init__(self, version: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notes: _Optional[str] = ..., restarts_vpn_service: _Optional[bool] = ..., signing: _Optional[str] = ...) -> None: ...
+    min_from: str
+    def __init__(self, version: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., published_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., notes: _Optional[str] = ..., restarts_vpn_service: _Optional[bool] = ..., signing: _Optional[str] = ..., min_from: _Optional[str] = ...) -> None: ...
 
 class ListReleasesRequest(_message.Message):
     __slots__ = ()
@@ -71,20 +73,22 @@ class ListReleasesResponse(_message.Message):
     def __init__(self, releases: _Optional[_Iterable[_Union[Release, _Mapping]]] = ...) -> None: ...
 
 class ReleaseMetadata(_message.Message):
-    __slots__ = ("version", "notes", "sha256", "size", "restarts_vpn_service", "targets_metadata")
+    __slots__ = ("version", "notes", "sha256", "size", "restarts_vpn_service", "targets_metadata", "min_from")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NOTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
     TARGETS_METADATA_FIELD_NUMBER: _ClassVar[int]
+    MIN_FROM_FIELD_NUMBER: _ClassVar[int]
     version: str
     notes: str
     sha256: str
     size: int
     restarts_vpn_service: bool
     targets_metadata: bytes
-    def __init__(self, version: _Optional[str] = ..., notes: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., restarts_vpn_service: _Optional[bool] = ..., targets_metadata: _Optional[bytes] = ...) -> None: ...
+    min_from: str
+    def __init__(self, version: _Optional[str] = ..., notes: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., restarts_vpn_service: _Optional[bool] = ..., targets_metadata: _Optional[bytes] = ..., min_from: _Optional[str] = ...) -> None: ...
 
 class PublishReleaseRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
@@ -151,20 +155,22 @@ class PreCheck(_message.Message):
     def __init__(self, answered: _Optional[bool] = ..., problems: _Optional[_Iterable[str]] = ..., free_bytes: _Optional[int] = ..., needed_bytes: _Optional[int] = ..., controller_reachable: _Optional[bool] = ..., vpn_sessions: _Optional[int] = ..., tunnels_up: _Optional[int] = ..., tunnels_configured: _Optional[int] = ...) -> None: ...
 
 class PlannedGateway(_message.Message):
-    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version", "precheck")
+    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version", "precheck", "path")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     PENDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRECHECK_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     from_version: str
     action: str
     vpn_sessions: int
     pending_version: str
     precheck: PreCheck
-    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ..., precheck: _Optional[_Union[PreCheck, _Mapping]] = ...) -> None: ...
+    path: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ..., precheck: _Optional[_Union[PreCheck, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UpgradePlan(_message.Message):
     __slots__ = ("release", "gateways", "vpn_sessions_affected")
@@ -177,7 +183,7 @@ class UpgradePlan(_message.Message):
     def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[PlannedGateway, _Mapping]]] = ..., vpn_sessions_affected: _Optional[int] = ...) -> None: ...
 
 class GatewayJob(_message.Message):
-    __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at", "vpn_sessions_dropped", "wave")
+    __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at", "vpn_sessions_dropped", "wave", "path", "hop")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +194,8 @@ class GatewayJob(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
     WAVE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HOP_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     state: _common_pb2.GatewayJobState
     from_version: str
@@ -198,7 +206,9 @@ class GatewayJob(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     vpn_sessions_dropped: int
     wave: int
-    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ..., wave: _Optional[int] = ...) -> None: ...
+    path: _containers.RepeatedScalarFieldContainer[str]
+    hop: int
+    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ..., wave: _Optional[int] = ..., path: _Optional[_Iterable[str]] = ..., hop: _Optional[int] = ...) -> None: ...
 
 class Job(_message.Message):
     __slots__ = ("job_id", "state", "target_version", "created_at", "updated_at", "gateways", "source", "requested_by", "next_page_token", "gateway_count", "waves", "max_parallel", "max_failures", "stop_reason", "ending", "current_wave", "wave_count", "not_before", "not_after", "window", "starts_at")

@@ -220,11 +220,15 @@ class Fleet:
             describe=lambda: f"{self.gateways()}\n{self.procs.dump_logs()}",
         )
 
-    def release(self, version: str, *, restarts_vpn_service: bool = False) -> Path:
-        """Build, sign and publish a release of the code under test stamped ``version``."""
+    def release(
+        self, version: str, *, restarts_vpn_service: bool = False, min_from: str = ""
+    ) -> Path:
+        """Build, sign and publish a release of the code under test stamped ``version``
+        (upgrading only from ``min_from`` on, when given)."""
         artifact = self.root / f"release-{version}.pyz"
         self.cli("releases", "build", "--version", version, "-o", str(artifact))
         flags = ["--restarts-vpn-service"] if restarts_vpn_service else []
+        flags += ["--min-from", min_from] if min_from else []
         self.cli(
             "releases", "publish", "--version", version, "--artifact", str(artifact),
             "--keys", str(self.keys.dir), *flags,

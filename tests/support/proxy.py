@@ -40,6 +40,10 @@ class CuttingProxy:
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
+        # Closing a listening socket does not wake a thread blocked in accept() on Linux;
+        # shutting it down does (accept fails with EINVAL).
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         self._thread.join(5)
         with self._lock:
