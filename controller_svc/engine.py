@@ -392,6 +392,15 @@ class Engine:
         """
         releases = {job.target_version: self.resolve_release(job.target_version)}
         queued = rollouts.to_start(job, self._clock())
+        # A gateway whose high-availability peer is upgrading (in this job or another)
+        # waits for it: the job is handed back when the peer's command ends.
+        waiting_for = self.repo.peers_in_flight([row.gateway_id for row in queued])
+        if waiting_for:
+            queued = [row for row in queued if row.gateway_id not in waiting_for]
+            with self._changed:
+                self._bus_errors[job.id] = "held back while its high-availability peer " + (
+                    ", ".join(sorted(set(waiting_for.values()))) + " was upgrading"
+                )
         if queued and job.deadline <= self._clock():
             return job
         if queued and not self._publisher.connected:
@@ -435,8 +444,9 @@ class Engine:
                 self._publish_batch(job, [c for c in batch if c.gateway_id not in refused])
         except BusUnavailable as exc:
             return self._postpone(job, str(exc))
-        with self._changed:
-            self._bus_errors.pop(job.id, None)
+        if not waiting_for:
+            with self._changed:
+                self._bus_errors.pop(job.id, None)
         if not commands:
             return job  # nothing may start now (waves, cap, pause, its times): it waits
         updated = self.repo.mark_running(job.id, self._clock())
@@ -653,6 +663,9 @@ class Engine:
         self.notify([job_id])
         if outcome.applied and not outcome.job_finished:
             self._move_on([job_id])
+        if outcome.applied:
+            for waiting in self.repo.jobs_waiting_for_peers_of([gateway_id]):
+                self._enqueue(waiting)
 
     # Steering a rollout -----------------------------------------------------------------
 
@@ -852,6 +865,7 @@ class Engine:
         announce, staged = self._stager()
         outcomes = self.repo.apply_reports(reports, announce=announce)
         closed: set[str] = set()
+        ended: set[str] = set()
         for report, outcome in zip(reports, outcomes, strict=True):
             if not outcome.applied and not outcome.duplicate:
                 log.info(
@@ -862,12 +876,16 @@ class Engine:
                 )
             if outcome.applied and report.state.terminal:
                 closed.add(report.job_id)
+                ended.add(report.gateway_id)
             if outcome.job_finished is not None:
                 closed.discard(report.job_id)
                 self._after_change(outcome.job, ())
         self.announcer.publish(staged)
         self.notify({report.job_id for report in reports})
         self._move_on(closed)
+        # Gateways held back while a high-availability peer of theirs upgraded may start.
+        for job_id in self.repo.jobs_waiting_for_peers_of(ended):
+            self._enqueue(job_id)
 
     def _move_on(self, job_ids: Iterable[str]) -> None:
         """Hand the dispatcher those of ``job_ids`` that have gateways still to start

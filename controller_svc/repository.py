@@ -920,6 +920,72 @@ class Repository:
                 )
             )
 
+    def peers_in_flight(self, gateway_ids: Sequence[str]) -> dict[str, str]:
+        """Gateway id -> its high-availability peer, for those of ``gateway_ids`` whose
+        peer has a command in flight now (sent and not final) in any unfinished job, this
+        one or another: such a gateway waits for its peer, so the two are never upgrading
+        at once. A pair counts when either of the two named the other."""
+        if not gateway_ids:
+            return {}
+        with self._read() as session:
+            named = session.execute(
+                select(Gateway.id, Gateway.ha_peer).where(
+                    or_(Gateway.id.in_(gateway_ids), Gateway.ha_peer.in_(gateway_ids)),
+                    Gateway.ha_peer.is_not(None),
+                    Gateway.ha_peer != "",
+                )
+            ).all()
+            wanted = set(gateway_ids)
+            peers = {g: p for g, p in named if g in wanted}
+            peers.update({p: g for g, p in named if p in wanted and p not in peers})
+            if not peers:
+                return {}
+            busy = set(
+                session.scalars(
+                    select(JobGateway.gateway_id)
+                    .join(Job, Job.id == JobGateway.job_id)
+                    .where(
+                        JobGateway.gateway_id.in_(set(peers.values())),
+                        JobGateway.published_at.is_not(None),
+                        JobGateway.state.in_(_ACTIVE_GATEWAY),
+                        Job.state.in_(_ACTIVE_JOB),
+                    )
+                )
+            )
+        return {g: p for g, p in peers.items() if p in busy}
+
+    def jobs_waiting_for_peers_of(self, gateway_ids: Iterable[str]) -> list[str]:
+        """The unfinished jobs with a command never sent to a high-availability peer of
+        one of ``gateway_ids`` (``jobs_waiting``): those whose gateways' commands ended may
+        have held that peer back (``peers_in_flight``)."""
+        ids = sorted(set(gateway_ids))
+        if not ids:
+            return []
+        with self._read() as session:
+            named = session.execute(
+                select(Gateway.id, Gateway.ha_peer).where(
+                    or_(Gateway.id.in_(ids), Gateway.ha_peer.in_(ids)),
+                    Gateway.ha_peer.is_not(None),
+                )
+            ).all()
+            peers = {p for g, p in named if g in ids and p} | {g for g, p in named if p in ids}
+            if not peers:
+                return []
+            return list(
+                session.scalars(
+                    select(JobGateway.job_id)
+                    .join(Job, Job.id == JobGateway.job_id)
+                    .where(
+                        JobGateway.gateway_id.in_(peers),
+                        JobGateway.state == GatewayState.QUEUED.value,
+                        JobGateway.published_at.is_(None),
+                        Job.state.in_(_ACTIVE_JOB),
+                        Job.ending.is_(None),
+                    )
+                    .distinct()
+                )
+            )
+
     def mark_published(self, command_ids: Sequence[str], at: datetime) -> None:
         """Record, in one transaction, that the broker confirmed these commands."""
         _require_aware(at, "at")

@@ -18,6 +18,7 @@ from controller_svc.db import OutboxEvent
 from controller_svc.engine import Engine
 from controller_svc.errors import FailedPrecondition, InvalidRequest
 from controller_svc.records import GatewayJobRecord, JobRecord, ReportIn
+from controller_svc.repository import GatewaySeen
 from controller_svc.rollout import Rollout
 from controller_svc.states import JOB_MOVES, GatewayState, JobState, can_move_job
 from controller_svc.transitions import HELD_BACK
@@ -525,3 +526,42 @@ def test_high_availability_peers_never_share_a_wave() -> None:
     assert rollout.assign_waves("2,100%", ids, peers) == [0, 1, 1, 2]
     assert rollout.assign_waves("1,100%", ids, {"b": "a", "a": "b"}) == [0, 1, 1, 1]
     assert rollout.assign_waves("1,100%", ids, {"b": "c", "c": "b"}) == [0, 1, 2, 1]
+
+
+def test_high_availability_peers_in_two_jobs_are_never_in_flight_together(
+    world: World, rabbit: Management, vhost: str
+) -> None:
+    """Waves keep a pair apart within one job; across jobs, a gateway whose peer is
+    upgrading waits for it, and starts once the peer's command ends."""
+    first, second, other = world.gateways(3)
+    world.repo.record_gateways_seen(
+        [GatewaySeen(first, "1.0.0", ha_peer=second)], world.clock()
+    )  # only one of the two names the other: still a pair
+    engine = world.controller()
+    job_a = _settled(world, engine, engine.start_upgrade(version=VERSION, gateway_ids=[first]).id)
+    assert _published(job_a) == [first]
+    job_b = engine.start_upgrade(version=VERSION, gateway_ids=[second, other])
+    job_b = _settled(world, engine, job_b.id)
+    assert _published(job_b) == [other]
+    assert _waiting(rabbit, vhost, second) == []
+
+    _report(engine, job_a, first, GatewayState.SUCCEEDED)
+    job_b = _settled(world, engine, job_b.id)
+    assert _published(job_b) == [second, other]
+    row = next(g for g in job_b.gateways if g.gateway_id == second)
+    assert _commands(rabbit, vhost, second) == [row.command_id]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_gateway_held_for_its_peer_at_the_deadline_says_so(world: World) -> None:
+    first, second = world.gateways(2)
+    world.repo.record_gateways_seen([GatewaySeen(second, "1.0.0", ha_peer=first)], world.clock())
+    engine = world.controller()
+    _settled(world, engine, engine.start_upgrade(version=VERSION, gateway_ids=[first]).id)
+    job = engine.start_upgrade(version=VERSION, gateway_ids=[second])
+    _settled(world, engine, job.id)
+    world.clock.ahead = timedelta(minutes=11)
+    engine.sweep()
+    row = world.job(job.id).gateways[0]
+    assert row.state is GatewayState.FAILED
+    assert "held back while its high-availability peer gw-0000 was upgrading" in row.error
