@@ -34,6 +34,7 @@ from hitless.bus.amqp.consumer import Batched, BatchHandler
 from hitless.config import BusConfig, ControllerConfig, HostPort
 from hitless.errors import ConfigError, InvalidName
 from hitless.pki import CertificateAuthority
+from hitless.private import private_dir
 
 log = logs.get(__name__)
 
@@ -97,7 +98,7 @@ class ControllerApp:
             raise ConfigError(
                 "the controller needs a trust root (root.json from `upgradectl keys init`)"
             )
-        config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(config.data_dir)
         trust = Trust.open(config.data_dir, config.trust_root, config.online_keys)
         ca = CertificateAuthority(config.pki_dir)
         server_names = [*pki.default_names(config.listen.host), *config.tls_names]

@@ -26,6 +26,7 @@ from controller_svc.store import ArtifactStore
 from controller_svc.takeover import Successor, TakeoverFailed, start_successor
 from hitless import config as cfg
 from hitless import logs, semver, staged, version
+from hitless.private import private_dir
 
 log = logs.get(__name__)
 
@@ -96,7 +97,7 @@ class ControllerUpgrader:
         """Copy the release's artifact under data_dir/releases (0700) once it verifies
         against the signed metadata; a copy already there is verified again."""
         target = self._config.data_dir / "releases" / f"{release.version}-{release.sha256[:12]}.pyz"
-        target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(target.parent)
         tmp = target.with_suffix(".tmp")
         shutil.copyfile(target if target.exists() else self._store.path(release.sha256), tmp)
         try:

@@ -23,6 +23,7 @@ from gateway_daemon import trust as gateway_trust
 from hitless import logs, names, pki
 from hitless.config import HostPort
 from hitless.errors import ConfigError, HitlessError
+from hitless.private import private_dir
 from hitless.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logs.get(__name__)
@@ -102,7 +103,7 @@ def save(state_dir: Path, identity: Identity) -> Path:
     renaming a complete directory into place). Returns the directory."""
     where = directory(state_dir)
     # The state directory is private (as AgentState makes it): enrolling may make it first.
-    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(state_dir)
     tmp = where.with_name(".identity.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(mode=0o700)

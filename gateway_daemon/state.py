@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway_daemon.errors import TransitionRefused
+from hitless.private import private_dir
 
 KEEP_OUTCOMES = 200
 
@@ -139,9 +140,9 @@ class AgentState:
         self.dir = state_dir
         self.path = state_dir / "agent.json"
         self._lock = threading.Lock()
-        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for private in (self.releases_dir, self.downloads_dir):
-            private.mkdir(mode=0o700, exist_ok=True)
+        # 0700, also where an earlier release made them 0755.
+        for private in (state_dir, self.releases_dir, self.downloads_dir):
+            private_dir(private)
 
     @property
     def releases_dir(self) -> Path:

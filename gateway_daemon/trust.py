@@ -28,6 +28,7 @@ from hitless import logs
 from hitless.backoff import Backoff
 from hitless.config import HostPort
 from hitless.errors import ConfigError
+from hitless.private import private_dir
 from hitless.trust.client import TrustClient
 from hitless.trust.errors import FetchFailed, MetadataNotFound, TrustError
 from hitless.trust.release import target_name
@@ -79,7 +80,7 @@ def provision_bytes(state_dir: Path, data: bytes, source: str) -> Path:
         verify_role(md.signed, md, "root")
     except TrustError as exc:
         raise ConfigError(f"the trust root from {source} is not usable: {exc}") from exc
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(path.parent)
     if not path.is_file() or path.read_bytes() != data:
         # Metadata verified from another anchor is not trusted from this one.
         shutil.rmtree(path.parent / "metadata", ignore_errors=True)

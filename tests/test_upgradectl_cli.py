@@ -1790,7 +1790,7 @@ def test_publish_with_keys_the_controller_does_not_trust_uploads_nothing(
     artifact = _artifact(tmp_path, "1.4.0")
     code, out, err = cli(addr, "releases", "publish", "--version", "1.4.0", "--artifact",
                          str(artifact), "--keys", str(other))  # fmt: skip
-    assert (code, out) == (ExitCode.USAGE, "")
+    assert (code, out) == (ExitCode.REJECTED, "")
     assert err.startswith(
         "upgradectl: error: the controller's signed targets (version 1) do not verify against "
         f"root version 1 in {other}: "
@@ -2013,7 +2013,7 @@ def test_nothing_is_rotated_for_a_controller_trusting_another_root(
     other = trust_keys.init(tmp_path / "other").dir
     before = _tree(other)
     code, _, err = cli(addr, "keys", "rotate", "--dir", str(other), "--roles", "targets")
-    assert code == ExitCode.USAGE
+    assert code == ExitCode.REJECTED
     assert "do not verify against root version 1 in" in err
     assert _tree(other) == before
     assert fake.rotate_requests == []

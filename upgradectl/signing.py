@@ -95,7 +95,8 @@ def sign_release(
     not newer (exit 4); publishing again signs on top of that one.
 
     Raises ConfigError (a malformed version), UsageError (key directory or artifact
-    unusable, current targets that do not verify), and the client's errors.
+    unusable), Rejected (current targets that do not verify against the key directory's
+    root), and the client's errors.
     """
     name = release.target_name(str(semver.parse(version)))
     with _translated():
@@ -113,9 +114,9 @@ def sign_yank(client: ControllerClient, keys_dir: Path, version: str) -> Targets
     version with the targets key in ``keys_dir``: what YankRelease carries. The change's
     length and sha256 are the release's as the current targets list it.
 
-    Raises ConfigError (a malformed version), UsageError (key directory unusable, current
-    targets that do not verify), Rejected (the current targets do not list the release,
-    or there are none), and the client's errors.
+    Raises ConfigError (a malformed version), UsageError (key directory unusable),
+    Rejected (current targets that do not verify; they do not list the release, or there
+    are none), and the client's errors.
     """
     name = release.target_name(str(semver.parse(version)))
     with _translated():
@@ -151,8 +152,8 @@ def rotate(
     and that ``resend`` (the command line that sends it again) finishes the job: running
     this again would rotate a second time.
 
-    Raises UsageError (key directory unusable, targets that do not verify), and the
-    client's errors (exit codes kept, the message completed as above).
+    Raises UsageError (key directory unusable), Rejected (targets that do not verify),
+    and the client's errors (exit codes kept, the message completed as above).
     """
     with _translated():
         paths = keys.KeyPaths(keys_dir)
@@ -245,13 +246,14 @@ def _root_with_targets_key(paths: keys.KeyPaths) -> Root:
 
 
 def _verified(current: bytes, root: Root, paths: keys.KeyPaths) -> Targets:
-    """``current`` parsed, once it verifies against ``root``. Raises UsageError saying
-    which versions disagree and what to check."""
+    """``current`` parsed, once it verifies against ``root``. Raises Rejected (exit 4: the
+    controller trusts another root, so it would refuse what these keys sign) saying which
+    versions disagree and what to check."""
     md = read_metadata(current, Targets)
     try:
         verify_role(root, md, "targets")
     except MetadataRefused as exc:
-        raise UsageError(
+        raise Rejected(
             f"the controller's signed targets (version {md.signed.version}) do not verify "
             f"against root version {root.version} in {paths.dir}: {exc}. Give the key "
             "directory whose root.json the controller trusts (its --trust-root), or send it "

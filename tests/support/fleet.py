@@ -94,14 +94,20 @@ class Fleet:
         request = controller_pb2.CreateEnrollmentRequest(gateway_id=gateway_id)
         return str(self.stub().CreateEnrollment(request, timeout=30).code)
 
-    def start_controller(self, db_url: str | None = None, *extra: str) -> Proc:
+    def start_controller(
+        self, db_url: str | None = None, *extra: str, trust_root_in_env: bool = False
+    ) -> Proc:
+        """Start the controller (``extra`` added to its arguments) and wait until it
+        answers. Its trust root is this fleet's, given with --trust-root, or with
+        HITLESS_TRUST_ROOT when ``trust_root_in_env``."""
+        trust = [] if trust_root_in_env else ["--trust-root", str(self.keys.root_json)]
         argv = [
             command("controller-svc"), "serve",
             "--listen", self.controller_address,
             "--gateway-listen", f"127.0.0.1:{self.gateway_port}",
             "--data-dir", str(self.data_dir),
             "--amqp", self.amqp_url,
-            "--trust-root", str(self.keys.root_json),
+            *trust,
             *extra,
         ]  # fmt: skip
         if db_url:
@@ -112,6 +118,8 @@ class Fleet:
         # vhost fixture deletes them).
         argv += ["--broker-user-prefix", f"{vhost_of(self.amqp_url)}-"]
         env = {"HITLESS_BROKER_API": MANAGEMENT_URL}
+        if trust_root_in_env:
+            env["HITLESS_TRUST_ROOT"] = str(self.keys.root_json)
         self.controller = self.procs.start("controller", argv, env)
         if not self.token:
             token_file = self.data_dir / "admin.token"
