@@ -83,6 +83,7 @@ def gateway_job(record: GatewayJobRecord) -> controller_pb2.GatewayJob:
         wave=record.wave + 1,
         path=record.path,
         hop=record.hop + 1 if record.path else 0,
+        health=record.health,
     )
 
 
@@ -104,6 +105,7 @@ def job(
         gateway_count=len(record.gateways) if gateway_count is None else gateway_count,
         waves=record.waves,
         max_parallel=record.max_parallel,
+        soak_seconds=record.soak_s,
         max_failures=record.max_failures,
         stop_reason=record.stop_reason,
         ending=job_state(record.ending) if record.ending else None,
@@ -151,6 +153,7 @@ def rollout_of(
         time_of(request.not_before, request.HasField("not_before")),
         time_of(request.not_after, request.HasField("not_after")),
         request.window,
+        request.soak_seconds,
     )
 
 
@@ -189,6 +192,7 @@ def report(message: bus_pb2.StatusReport, report_id: str) -> ReportIn:
         bytes_total=message.bytes_total,
         at=message.at.ToDatetime(tzinfo=UTC),
         vpn_sessions_dropped=message.vpn_sessions_dropped,
+        health=message.health,
     )
 
 

@@ -165,6 +165,8 @@ class Job(Base):
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     not_after: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     window: Mapped[str] = mapped_column(String(64), server_default="")
+    # Each gateway's soak after its swap, seconds (0: none).
+    soak_s: Mapped[int] = mapped_column(Integer, server_default="0")
 
 
 class JobGateway(Base):
@@ -189,6 +191,8 @@ class JobGateway(Base):
     # "" when it goes straight there. ``hop`` indexes the release its command is for.
     path: Mapped[str] = mapped_column(Text, server_default="")
     hop: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Its data plane's health as its soak last reported it ("" before any).
+    health: Mapped[str] = mapped_column(Text, server_default="")
 
 
 class JobEvent(Base):

@@ -537,7 +537,10 @@ class Engine:
             command,
             message_id=command.command_id,
             headers=self.trust.command_headers(
-                command, job.created_at, allow_downgrade=job.allow_downgrade
+                command,
+                job.created_at,
+                allow_downgrade=job.allow_downgrade,
+                soak_seconds=job.soak_s,
             ),
             expiration_ms=ttl_ms,
         )

@@ -73,6 +73,8 @@ class GatewayJobRecord:
     # to the target), and the index in it of the hop its command is for.
     path: tuple[str, ...] = ()
     hop: int = 0
+    # Its data plane's health as its soak last reported it.
+    health: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class JobRecord:
     waves: str = ""
     max_parallel: int = 0
     max_failures: str = ""
+    # Each gateway's soak after its swap, seconds (0: none).
+    soak_s: int = 0
     # ABORTED or CANCELLED, decided while gateways in flight finish; None otherwise.
     ending: JobState | None = None
     # Why it was paused, aborted or cancelled.
@@ -148,6 +152,7 @@ class ReportIn:
     bytes_total: int
     at: datetime
     vpn_sessions_dropped: int = 0
+    health: str = ""
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,7 @@ def _job_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
         waves=job.waves or "",
         max_parallel=job.max_parallel or 0,
         max_failures=job.max_failures or "",
+        soak_s=job.soak_s or 0,
         ending=JobState(job.ending) if job.ending else None,
         stop_reason=job.stop_reason or "",
         not_before=job.not_before,
@@ -236,6 +242,7 @@ def _gatewayjob_record(row: JobGateway) -> GatewayJobRecord:
         wave=row.wave or 0,
         path=tuple(row.path.split(",")) if row.path else (),
         hop=row.hop or 0,
+        health=row.health or "",
     )
 
 

@@ -456,6 +456,7 @@ class Repository:
                     not_before=rollout.not_before,
                     not_after=rollout.not_after,
                     window=" ".join(rollout.window.split()),
+                    soak_s=rollout.soak_s,
                 )
                 .on_conflict_do_nothing(index_elements=[Job.request_id])
                 .returning(Job.id)

@@ -51,7 +51,13 @@ class Rollout:
     not_before: datetime | None = None
     not_after: datetime | None = None
     window: str = ""
+    # Each gateway's soak after its swap, seconds (0: none): a wave is promoted once its
+    # gateways have passed theirs.
+    soak_s: int = 0
 
+
+# The longest soak: an hour of watching per gateway and wave.
+MAX_SOAK_S = 3600
 
 # Today's behaviour: one wave of every gateway, no cap, no failure limit.
 ONE_WAVE = Rollout()
@@ -156,6 +162,10 @@ def check(rollout: Rollout, total: int, now: datetime | None = None) -> None:
         )
     if rollout.window:
         Window.parse(rollout.window)
+    if not 0 <= rollout.soak_s <= MAX_SOAK_S:
+        raise InvalidRequest(
+            f"--soak {rollout.soak_s}s is out of range: give 0 (no soak) to {MAX_SOAK_S}s"
+        )
 
 
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -290,8 +300,9 @@ def assign_waves(
 def rollout_of(job: JobRecord) -> Rollout:
     """The rollout the job was started with."""
     return Rollout(
-        job.waves, job.max_parallel, job.max_failures, job.not_before, job.not_after, job.window
-    )
+        job.waves, job.max_parallel, job.max_failures, job.not_before, job.not_after, job.window,
+        job.soak_s,
+    )  # fmt: skip
 
 
 def to_start(job: JobRecord, now: datetime) -> list[GatewayJobRecord]:

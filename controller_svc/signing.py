@@ -102,10 +102,16 @@ class Trust:
         return sign_command(command, self._command_signer)
 
     def command_headers(
-        self, command: bus_pb2.UpgradeCommand, issued_at: datetime, *, allow_downgrade: bool
+        self,
+        command: bus_pb2.UpgradeCommand,
+        issued_at: datetime,
+        *,
+        allow_downgrade: bool,
+        soak_seconds: int = 0,
     ) -> dict[str, Any]:
         """The message headers that carry ``command`` signed, with ``issued_at`` (when its
-        job was created, tz-aware) and ``allow_downgrade`` set in the signed copy
+        job was created, tz-aware), ``allow_downgrade`` and ``soak_seconds`` (the soak
+        after the swap, 0: none) set in the signed copy
         (``topology.SIGNED_COMMAND_HEADER`` and the key id and signature beside it); and
         the same two as plain headers for gateways of releases before signed commands,
         which read the body."""
@@ -113,6 +119,7 @@ class Trust:
         signed_copy.CopyFrom(command)
         signed_copy.issued_at.FromDatetime(issued_at)
         signed_copy.allow_downgrade = allow_downgrade
+        signed_copy.soak_seconds = soak_seconds
         signed = self.sign_command(signed_copy)
         return {
             topology.SIGNED_COMMAND_HEADER: base64.b64encode(signed.payload).decode("ascii"),

@@ -5,8 +5,10 @@
                       PENDING | RUNNING <-> PAUSED   (an operator paused it: nothing starts)
                       ... -> ABORTED      (more gateways failed than --max-failures allows)
                       ... -> CANCELLED    (an operator cancelled it)
-    Gateway in a job: QUEUED -> DOWNLOADING -> VERIFYING -> SWAPPING
+    Gateway in a job: QUEUED -> DOWNLOADING -> VERIFYING -> SWAPPING [-> SOAKING]
                              -> SUCCEEDED | FAILED | ROLLED_BACK | UNREACHABLE
+                      (SOAKING: a job with a soak; the gateway watches its data plane's
+                      health, then SUCCEEDED, or ROLLED_BACK to the version before)
                       QUEUED -> SKIPPED    (the job was aborted, or its deadline came,
                                             before this gateway's turn)
                       QUEUED -> CANCELLED  (the job was cancelled before it started)
@@ -67,6 +69,7 @@ class GatewayState(StrEnum):
     SKIPPED = "SKIPPED"
     CANCELLED = "CANCELLED"
     SUPERSEDED = "SUPERSEDED"
+    SOAKING = "SOAKING"
 
     @property
     def terminal(self) -> bool:
@@ -98,6 +101,7 @@ _RANK = {
     GatewayState.DOWNLOADING: 1,
     GatewayState.VERIFYING: 2,
     GatewayState.SWAPPING: 3,
+    GatewayState.SOAKING: 4,
 }
 NEEDS_REASON = frozenset({GatewayState.FAILED, GatewayState.ROLLED_BACK})
 
@@ -160,14 +164,15 @@ def can_move(current: GatewayState, new: GatewayState) -> bool:
     """Whether a gateway in ``current`` may move to ``new``.
 
     Terminal states are final. Otherwise a gateway moves forward, to any later state or
-    any terminal one; DOWNLOADING -> DOWNLOADING carries progress.
+    any terminal one; DOWNLOADING -> DOWNLOADING carries progress, SOAKING -> SOAKING the
+    soak's health.
     """
     if current.terminal:
         return False
     if new.terminal:
         return True
-    if new is GatewayState.DOWNLOADING and current is GatewayState.DOWNLOADING:
-        return True
+    if new is current and new in (GatewayState.DOWNLOADING, GatewayState.SOAKING):
+        return True  # progress, or the soak's health
     return _RANK[new] > _RANK[current]
 
 

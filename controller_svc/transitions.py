@@ -100,6 +100,8 @@ def apply_to_row(row: JobGateway, report: ReportIn) -> dict[str, Any]:
         row.bytes_done, row.bytes_total = report.bytes_done, report.bytes_total
     if report.vpn_sessions_dropped:
         row.vpn_sessions_dropped = report.vpn_sessions_dropped
+    if report.health:
+        row.health = report.health
     row.updated_at = report.at
     return {
         "job_id": row.job_id,

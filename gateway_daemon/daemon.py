@@ -8,6 +8,7 @@ version, and then exits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import select
@@ -20,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from gateway_daemon import dataplane, identity, precheck, selfcheck
+from gateway_daemon import dataplane, identity, precheck, selfcheck, soak
 from gateway_daemon.agent import Agent
 from gateway_daemon.dataplane import DataPlane
 from gateway_daemon.errors import HandoffFailed
@@ -144,10 +145,13 @@ class GatewayDaemon:
         try:
             command = codec.decode(bus_pb2.UpgradeCommand, context["command"].encode(),
                                    strict=False)  # fmt: skip
-            if self.version != command.target_version:
+            # A hand-back after a failed soak starts the version the gateway ran before.
+            rollback: dict[str, Any] | None = context.get("rollback")
+            expected = rollback["version"] if rollback else command.target_version
+            if self.version != expected:
                 raise HandoffFailed(
-                    f"this process runs {self.version}, not {command.target_version}: the "
-                    "artifact is not the release the command names"
+                    f"this process runs {self.version}, not {expected}: the artifact is not "
+                    "the release " + ("to hand back to" if rollback else "the command names")
                 )
             plane = dataplane.adopt(
                 inheritance.description,
@@ -173,6 +177,29 @@ class GatewayDaemon:
                 sock.close()
             publisher.close()
             return 1
+        inheritance.started()
+        if rollback:
+            # The soaking version handed back: this one ends the command, ROLLED_BACK.
+            outcome = Outcome(
+                transition(CommandState.SOAKING, CommandState.ROLLED_BACK),
+                context["from_version"], self.version, rollback["reason"],
+            )  # fmt: skip
+            self.state.record_outcome(command.command_id, outcome)
+            self._restore_release(rollback.get("release"))
+            return self._serve(
+                plane, handed_over=(command, outcome), publisher=publisher,
+                predecessor=predecessor,
+            )  # fmt: skip
+        if command.soak_seconds > 0:
+            # Promoted only once its soak passes (``_soak``): until then a restart runs
+            # the release before, and a redelivered command hears SOAKING.
+            state = transition(CommandState.SWAPPING, CommandState.SOAKING)
+            outcome = Outcome(state, self.version, context["from_version"])
+            self.state.record_outcome(command.command_id, outcome)
+            return self._serve(
+                plane, handed_over=(command, outcome), publisher=publisher,
+                predecessor=predecessor, soaking=context,
+            )  # fmt: skip
         # The process that handed over reported SWAPPING; this one ends the command.
         state = transition(CommandState.SWAPPING, CommandState.SUCCEEDED)
         outcome = Outcome(state, self.version, context["from_version"])
@@ -180,7 +207,6 @@ class GatewayDaemon:
         self.state.set_current_release(
             self.version, Path(context["artifact"]), command.artifact_sha256
         )
-        inheritance.started()
         return self._serve(
             plane, handed_over=(command, outcome), publisher=publisher, predecessor=predecessor
         )
@@ -206,6 +232,7 @@ class GatewayDaemon:
         handed_over: tuple[bus_pb2.UpgradeCommand, Outcome] | None,
         publisher: Publisher | None = None,
         predecessor: int | None = None,
+        soaking: dict[str, Any] | None = None,
     ) -> int:
         self._plane = plane
         publisher = publisher or self._publisher()
@@ -238,6 +265,11 @@ class GatewayDaemon:
                 if command.restarts_vpn_service:
                     outcome = self._restart_vpn(vpn, command, outcome)
                 reporter.outcome(command, outcome)
+                if soaking is not None:
+                    threading.Thread(
+                        target=self._soak, args=(plane, reporter, command, outcome, soaking),
+                        name="soak", daemon=True,
+                    ).start()  # fmt: skip
             self._announce(reporter, plane)
             consumer.start()
             while not self._stop.wait(self.config.heartbeat_interval_s):
@@ -283,6 +315,119 @@ class GatewayDaemon:
         except BusError as exc:
             log.warning("hello_failed", error=str(exc))
 
+    def _soak(
+        self,
+        plane: DataPlane,
+        reporter: Reporter,
+        command: bus_pb2.UpgradeCommand,
+        soaking: Outcome,
+        context: dict[str, Any],
+    ) -> None:
+        """Watch the data plane for the command's soak (``soak.watch``), then end the
+        command: SUCCEEDED (and this release recorded as the one to run), or, when its
+        health fell, hand back to the version before (``_hand_back``)."""
+        before = context.get("health_before") or {}
+        share = soak.drop_share(int(before.get("received", 0)), int(before.get("dropped", 0)))
+
+        def progress(health: str) -> None:
+            reporter.status(
+                command, CommandState.SOAKING, from_version=soaking.from_version,
+                to_version=self.version, health=health, required=False,
+            )  # fmt: skip
+
+        try:
+            verdict = soak.watch(plane, command.soak_seconds, share, progress, self._stop)
+            if verdict is None:
+                return  # stopping: the next process answers a redelivered command
+            if verdict.passed:
+                log.info("soak_passed", health=verdict.health)
+                outcome = dataclasses.replace(
+                    soaking, state=transition(CommandState.SOAKING, CommandState.SUCCEEDED)
+                )
+                self.state.record_outcome(command.command_id, outcome)
+                self.state.set_current_release(
+                    self.version, Path(context["artifact"]), command.artifact_sha256
+                )
+                reporter.outcome(command, outcome, health=verdict.health)
+                return
+            log.warning("soak_failed", reason=verdict.reason, health=verdict.health)
+            self._hand_back(reporter, command, soaking, context, verdict)
+        except Exception as exc:  # a soak that cannot finish must still end the command
+            log.exception("soak_error", error=str(exc))
+            failed = dataclasses.replace(
+                soaking, state=CommandState.FAILED, error=f"the soak could not finish: {exc}"
+            )
+            self.state.record_outcome(command.command_id, failed)
+            with contextlib.suppress(BusError):
+                reporter.outcome(command, failed)
+
+    def _hand_back(
+        self,
+        reporter: Reporter,
+        command: bus_pb2.UpgradeCommand,
+        soaking: Outcome,
+        context: dict[str, Any],
+        verdict: soak.Verdict,
+    ) -> None:
+        """Hand the data plane back, hitlessly, to the version that ran before (as it was
+        started: ``restart_argv``); that process reports ROLLED_BACK with what fell. When
+        it cannot take over, this version goes on serving and reports FAILED with both
+        reasons."""
+        reason = f"soak: {verdict.reason} ({verdict.health})"
+        restart: list[str] | None = context.get("restart_argv")
+        try:
+            if not restart:
+                raise HandoffFailed("the version before did not say how to start it again")
+            back = {
+                **config_to_context(self.config, self._deadlines, self._vpn_config),
+                "command": codec.encode(command).decode(),
+                "from_version": self.version,
+                "artifact": "",
+                "rollback": {
+                    "version": soaking.from_version,
+                    "reason": reason,
+                    "release": context.get("release"),
+                },
+            }
+
+            def argv_for(control_fd: int) -> list[str]:
+                return [
+                    *restart, "run",
+                    "--id", self.config.gateway_id,
+                    "--state-dir", str(self.config.state_dir),
+                    "--handoff-fd", str(control_fd),
+                ]  # fmt: skip
+
+            assert self._plane is not None
+            parent.hand_off(self._plane, argv_for, back, deadlines=self._deadlines)
+        except HandoffFailed as exc:
+            log.error("hand_back_failed", reason=reason, error=str(exc))
+            failed = dataclasses.replace(
+                soaking,
+                state=transition(CommandState.SOAKING, CommandState.FAILED),
+                error=f"{reason}; handing back to {soaking.from_version} failed: {exc}; "
+                f"this gateway runs {self.version}",
+            )
+            self.state.record_outcome(command.command_id, failed)
+            self.state.set_current_release(
+                self.version, Path(context["artifact"]), command.artifact_sha256
+            )
+            reporter.outcome(command, failed, health=verdict.health)
+            return
+        log.info("handed_back", version=soaking.from_version, reason=reason)
+        self._swapped = True
+        self._stop.set()
+
+    def _restore_release(self, release: dict[str, Any] | None) -> None:
+        """After a hand-back: record the release this process runs as the one to run
+        again (None: the installed package)."""
+        if release:
+            self.state.set_current_release(
+                release["version"], Path(release["artifact"]), release["sha256"]
+            )
+        else:
+            self.state.clear_current_release()
+
     def _swap(self, command: bus_pb2.UpgradeCommand, artifact: Path) -> None:
         """Hand the data plane to ``artifact``'s version; return once it serves."""
         assert self._plane is not None
@@ -291,6 +436,11 @@ class GatewayDaemon:
             "command": codec.encode(command).decode(),
             "from_version": self.version,
             "artifact": str(artifact),
+            # What a soak that fails hands back to: how to start this version again, the
+            # release file it runs (None: the installed package), and its counters.
+            "restart_argv": _restart_argv(),
+            "release": _release_of(self.state),
+            "health_before": soak.sample(self._plane).to_context(),
         }
 
         def argv_for(control_fd: int) -> list[str]:
@@ -304,6 +454,28 @@ class GatewayDaemon:
         parent.hand_off(self._plane, argv_for, context, deadlines=self._deadlines)
         self._swapped = True
         self._stop.set()
+
+
+def _restart_argv() -> list[str] | None:
+    """How to start this version again, up to its ``run`` subcommand: the interpreter and
+    what this process was started with before ``run`` (the console script, or a release
+    file and ``gateway-daemon``); None when that cannot be told."""
+    if "run" not in sys.argv:
+        return None
+    return [sys.executable, *sys.argv[: sys.argv.index("run")]]
+
+
+def _release_of(state: AgentState) -> dict[str, str | None] | None:
+    """The staged release this process runs (version, file, sha256), for a hand-back to
+    record as current again; None when it runs the installed package."""
+    try:
+        current = state.current_release()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if current is None or current[0] != version.current():
+        return None
+    name, artifact, sha256 = current
+    return {"version": name, "artifact": str(artifact), "sha256": sha256}
 
 
 def _wait_exited(pid: int, timeout_s: float) -> None:

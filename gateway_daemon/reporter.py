@@ -47,6 +47,7 @@ class Reporter:
         bytes_done: int = 0,
         bytes_total: int = 0,
         vpn_sessions_dropped: int = 0,
+        health: str = "",
         required: bool = True,
     ) -> None:
         """Report ``state`` (a GatewayJobState name such as "SUCCEEDED") for a command.
@@ -69,6 +70,7 @@ class Reporter:
             bytes_done=bytes_done,
             bytes_total=bytes_total,
             vpn_sessions_dropped=vpn_sessions_dropped,
+            health=health,
             at=_now(),
         )
         key = topology.report_key(self._gateway_id, topology.STATUS)
@@ -87,8 +89,9 @@ class Reporter:
             vpn_sessions_dropped=vpn_sessions_dropped or None,
         )
 
-    def outcome(self, command: bus_pb2.UpgradeCommand, outcome: Outcome) -> None:
-        """Report a command's recorded outcome (required: raises if not published)."""
+    def outcome(self, command: bus_pb2.UpgradeCommand, outcome: Outcome, health: str = "") -> None:
+        """Report a command's recorded outcome (required: raises if not published), with
+        the data plane's ``health`` as its soak saw it, if it had one."""
         self.status(
             command,
             outcome.state,
@@ -96,6 +99,7 @@ class Reporter:
             to_version=outcome.to_version,
             error=outcome.error,
             vpn_sessions_dropped=outcome.vpn_sessions_dropped,
+            health=health,
         )
 
     def refused(self, command_id: str, job_id: str, kind: str, reason: str) -> None:

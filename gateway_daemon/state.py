@@ -11,7 +11,7 @@ fsync, rename. The state directory and those below it are created 0700.
 The states a gateway reports for a command are one enum, ``CommandState`` (the names of
 the protocol's ``GatewayJobState``), and move only along ``TRANSITIONS``:
 
-    QUEUED -> DOWNLOADING -> VERIFYING -> SWAPPING -> SUCCEEDED | ROLLED_BACK
+    QUEUED -> DOWNLOADING -> VERIFYING -> SWAPPING [-> SOAKING] -> SUCCEEDED | ROLLED_BACK
            -> SUCCEEDED (already on the target)
            -> UNREACHABLE (expired before it was taken)
     any state before the end -> FAILED;   DOWNLOADING -> DOWNLOADING carries progress
@@ -45,6 +45,7 @@ class CommandState(StrEnum):
     DOWNLOADING = "DOWNLOADING"
     VERIFYING = "VERIFYING"
     SWAPPING = "SWAPPING"
+    SOAKING = "SOAKING"
     SUCCEEDED = "SUCCEEDED"
     FAILED = "FAILED"
     ROLLED_BACK = "ROLLED_BACK"
@@ -71,6 +72,14 @@ TRANSITIONS: Mapping[CommandState, frozenset[CommandState]] = {
     ),
     CommandState.VERIFYING: frozenset({CommandState.SWAPPING, CommandState.FAILED}),
     CommandState.SWAPPING: frozenset(
+        {
+            CommandState.SOAKING,
+            CommandState.SUCCEEDED,
+            CommandState.ROLLED_BACK,
+            CommandState.FAILED,
+        }
+    ),
+    CommandState.SOAKING: frozenset(
         {CommandState.SUCCEEDED, CommandState.ROLLED_BACK, CommandState.FAILED}
     ),
     CommandState.SUCCEEDED: frozenset(),
@@ -180,6 +189,13 @@ class AgentState:
         with self._lock:
             data = self._load()
             data["current"] = {"version": version, "artifact": str(artifact), "sha256": sha256}
+            self._save(data)
+
+    def clear_current_release(self) -> None:
+        """Record that this gateway runs the installed package (no staged release)."""
+        with self._lock:
+            data = self._load()
+            data["current"] = None
             self._save(data)
 
     def command_digest(self, command_id: str) -> str | None:

@@ -37,6 +37,10 @@ ALLOWED = {
     (S.SWAPPING, S.SUCCEEDED),  # reported by the new version
     (S.SWAPPING, S.ROLLED_BACK),
     (S.SWAPPING, S.FAILED),
+    (S.SWAPPING, S.SOAKING),  # the new version, when the job has a soak
+    (S.SOAKING, S.SUCCEEDED),  # its health held
+    (S.SOAKING, S.ROLLED_BACK),  # it fell: the version before took the plane back
+    (S.SOAKING, S.FAILED),  # it fell and the hand-back failed too
 }
 
 

@@ -153,12 +153,16 @@ def test_a_job_rolls_out_in_the_waves_it_names(two_gateways: Fleet, publisher: B
     fleet = two_gateways
     fleet.release("1.1.0")
     body = json.dumps(
-        {"action": "upgrade", "target": "latest", "waves": "1,100%", "max_failures": "0"}
-    )
+        {
+            "action": "upgrade", "target": "latest", "waves": "1,100%", "max_failures": "0",
+            "soak_seconds": 1,
+        }
+    )  # fmt: skip
     publisher.publish(body, message_id="waves-1")
 
     job = wait_for(lambda: _management_jobs(fleet), timeout=15, what="the job recorded")[0]
     assert (job.waves, job.max_failures, job.wave_count) == ("1,100%", "0", 2)
+    assert job.soak_seconds == 1
     assert {g.gateway_id: g.wave for g in job.gateways} == {"gw-1": 1, "gw-2": 2}
     status = wait_for(
         lambda: (s := fleet.cli_json("status", job.job_id))["state"] == "SUCCEEDED" and s,
@@ -166,6 +170,7 @@ def test_a_job_rolls_out_in_the_waves_it_names(two_gateways: Fleet, publisher: B
         what="the rollout to succeed",
     )
     assert status["gateway_waves"] == {"gw-1": 1, "gw-2": 2}
+    assert all(g["health"].endswith("1 s of 1 s") for g in status["gateways"]), status
     assert fleet.greeting("gw-2").endswith("1.1.0")
 
 

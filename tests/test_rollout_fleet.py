@@ -7,9 +7,11 @@ from __future__ import annotations
 import itertools
 import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from hitless.bus import topology
 from hitless.v1 import common_pb2, controller_pb2
+from tests.support import fault_releases
 from tests.support.fleet import Fleet
 from tests.support.rabbit import Management
 from tests.support.wait import wait_for
@@ -248,3 +250,38 @@ def test_a_two_hop_path_takes_an_old_gateway_through_the_release_between(
         if '"upgrade_started"' in line
     ]
     assert hops == ["1.1.0", "1.2.0"], hops
+
+
+def test_a_canary_whose_soak_sees_drops_rise_hands_back_and_aborts_the_rollout(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    fleet.procs.stop(fleet.controller)  # type: ignore[arg-type]
+    fleet.start_controller(None, "--no-self-upgrade")
+    gateways = ["gw-1", "gw-2"]
+    procs = {gid: fleet.start_gateway(gid) for gid in gateways}
+    fleet.wait_gateways(dict.fromkeys(gateways, BASE))
+    artifact = fault_releases.build("1.1.0", tmp_path / "drops.pyz", "drops-in-soak")
+    fleet.cli(
+        "releases", "publish", "--version", "1.1.0", "--artifact", str(artifact),
+        "--keys", str(fleet.keys.dir),
+    )  # fmt: skip
+
+    result = fleet.cli(
+        "upgrade", "--version", "1.1.0", "--waves", "1,100%", "--max-failures", "0",
+        "--soak", "3s", "--wait", "--yes", "--json", "--no-precheck", check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    job = json.loads(result.stdout)
+    assert job["state"] == "ABORTED", job
+    assert job["soak_seconds"] == 3
+    rows = {g["id"]: g for g in job["gateways"]}
+    assert (rows["gw-1"]["state"], rows["gw-2"]["state"]) == ("ROLLED_BACK", "SKIPPED")
+    assert rows["gw-1"]["error"].startswith(
+        "soak: dropped 500 of 1000 datagrams during the soak (50.0%), the version before 0.0%"
+    ), rows["gw-1"]
+    assert "stopped in wave 1 of 2" in job["stop_reason"]
+    # gw-1 went to 1.1.0 and back, and serves its version; gw-2 never started.
+    fleet.wait_gateways({"gw-1": BASE, "gw-2": BASE})
+    assert fleet.greeting("gw-1").endswith(BASE)
+    assert procs["gw-1"].log().count('"gateway_serving"') == 3
+    assert '"upgrade_started"' not in procs["gw-2"].log()

@@ -6,6 +6,7 @@ real dispatcher thread, gateways' reports handed to it as the reports queue deli
 
 from __future__ import annotations
 
+import base64
 import re
 import urllib.error
 import uuid
@@ -146,16 +147,26 @@ def test_the_job_table_has_the_rollout_moves() -> None:
 
 
 def _report(
-    engine: Engine, job: JobRecord, gateway_id: str, state: GatewayState, error: str = ""
+    engine: Engine,
+    job: JobRecord,
+    gateway_id: str,
+    state: GatewayState,
+    error: str = "",
+    health: str = "",
 ) -> None:
     """Hand the engine ``gateway_id``'s report of ``state``, as the reports queue would;
     the engine takes it."""
-    outcome = _deliver(engine, job, gateway_id, state, error)
+    outcome = _deliver(engine, job, gateway_id, state, error, health)
     assert outcome is None, outcome
 
 
 def _deliver(
-    engine: Engine, job: JobRecord, gateway_id: str, state: GatewayState, error: str = ""
+    engine: Engine,
+    job: JobRecord,
+    gateway_id: str,
+    state: GatewayState,
+    error: str = "",
+    health: str = "",
 ) -> BaseException | None:
     """What the engine makes of ``gateway_id``'s report of ``state``."""
     row = next(g for g in job.gateways if g.gateway_id == gateway_id)
@@ -168,6 +179,7 @@ def _deliver(
         from_version="1.0.0",
         to_version=VERSION,
         error=error,
+        health=health,
     )
     message.at.FromDatetime(datetime.now(UTC))
     delivery = Delivery(
@@ -565,3 +577,40 @@ def test_a_gateway_held_for_its_peer_at_the_deadline_says_so(world: World) -> No
     row = world.job(job.id).gateways[0]
     assert row.state is GatewayState.FAILED
     assert "held back while its high-availability peer gw-0000 was upgrading" in row.error
+
+
+def _signed_command(rabbit: Management, vhost: str, gateway_id: str) -> bus_pb2.UpgradeCommand:
+    """The signed copy of the command waiting in the gateway's queue (left there)."""
+    queue = topology.gateway_queue(gateway_id).name
+    (message,) = rabbit.get_messages(vhost, queue)
+    signed = base64.b64decode(message["properties"]["headers"][topology.SIGNED_COMMAND_HEADER])
+    return bus_pb2.UpgradeCommand.FromString(signed)
+
+
+def test_a_wave_is_promoted_once_its_gateways_passed_their_soak(
+    world: World, rabbit: Management, vhost: str
+) -> None:
+    ids = world.gateways(3)
+    engine = world.controller()
+    job = engine.start_upgrade(version=VERSION, rollout=Rollout(waves="1,100%", soak_s=30))
+    job = _settled(world, engine, job.id)
+    assert job.soak_s == 30 and _published(job) == ids[:1]
+    signed = _signed_command(rabbit, vhost, ids[0])
+    assert signed.soak_seconds == 30
+    for state in (GatewayState.SWAPPING, GatewayState.SOAKING):
+        _report(engine, job, ids[0], state, health="1/1 tunnels up, 0 dropped of 10, 5 s of 30 s")
+    _report(engine, job, ids[0], GatewayState.SOAKING, health="1/1 tunnels up, 0 dropped of 90")
+    job = _settled(world, engine, job.id)
+    row = next(g for g in job.gateways if g.gateway_id == ids[0])
+    assert (row.state, row.health) == (GatewayState.SOAKING, "1/1 tunnels up, 0 dropped of 90")
+    assert _published(job) == ids[:1], "the next wave waits for the soak"
+    _report(engine, job, ids[0], GatewayState.SUCCEEDED, health="1/1 tunnels up, 30 s of 30 s")
+    assert _published(_settled(world, engine, job.id)) == ids
+
+
+def test_a_soak_out_of_range_starts_nothing(world: World) -> None:
+    world.gateways(1)
+    engine = world.controller()
+    with pytest.raises(InvalidRequest, match=r"--soak 3601s is out of range: give 0 \(no soak\)"):
+        engine.start_upgrade(version=VERSION, rollout=Rollout(soak_s=3601))
+    assert world.repo.list_jobs() == []

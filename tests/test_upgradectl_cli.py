@@ -665,6 +665,7 @@ def test_upgrade_json_without_waiting(addr: str, fake: FakeController) -> None:
                 "vpn_sessions_dropped": 0,
                 "path": None,
                 "hop": None,
+                "health": None,
             }
             for g in ("gw-1", "gw-2")
         ],
@@ -710,6 +711,7 @@ def test_upgrade_wait_exits_one_when_a_gateway_failed(addr: str, fake: FakeContr
         "vpn_sessions_dropped": 0,
         "path": None,
         "hop": None,
+        "health": None,
     }
     assert err.splitlines(keepends=True)[-1] == (
         "upgradectl: error: job job-1 ended PARTIAL: gw-2 FAILED (sha256 mismatch); "
@@ -1241,6 +1243,7 @@ def test_jobs_list_json_and_table(addr: str, fake: FakeController) -> None:
                     "vpn_sessions_dropped": 0,
                     "path": None,
                     "hop": None,
+                    "health": None,
                 }
             ],
         },
@@ -1261,6 +1264,7 @@ def test_jobs_list_json_and_table(addr: str, fake: FakeController) -> None:
                     "vpn_sessions_dropped": 0,
                     "path": None,
                     "hop": None,
+                    "health": None,
                 }
             ],
         },

@@ -115,6 +115,25 @@ def test_a_path_through_releases_between_shows_in_the_plan_and_the_job() -> None
     assert "2.0.0 (hop 3 of 3)" in render.job_lines(job)[-1]
 
 
+def test_a_soaking_gateway_shows_its_health_where_a_failure_shows_its_reason() -> None:
+    soaking = GatewayProgress("gw-1", "SOAKING", "1.1.0", "1.2.0", health="2/2 tunnels up")
+    back = GatewayProgress(
+        "gw-2", "ROLLED_BACK", "1.1.0", "1.2.0", "soak: tunnel 1 went down", health="1/2"
+    )
+    lines = render.job_lines(JobView("j-1", "RUNNING", "1.2.0", (soaking, back)))
+    assert lines[-2].split() == [
+        "gw-1",
+        "SOAKING",
+        "1.1.0",
+        "1.2.0",
+        "soak:",
+        "2/2",
+        "tunnels",
+        "up",
+    ]
+    assert lines[-1].endswith("soak: tunnel 1 went down")
+
+
 def test_job_lines_show_progress_and_errors() -> None:
     job = _job(gw2="FAILED")
     failed = GatewayProgress("gw-22", "FAILED", "1.1.0", "1.2.0", "disk full")

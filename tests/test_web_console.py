@@ -1050,6 +1050,8 @@ def test_a_rollout_the_engine_refuses_is_shown_beside_its_fields_and_starts_noth
             ("max_parallel", "two", "--max-parallel 'two' is not a whole number"),
             ("max_parallel", "²", "--max-parallel '²' is not a whole number"),
             ("max_failures", "lots", "--max-failures 'lots' is neither a count nor a percentage"),
+            ("soak_seconds", "ten", "--soak 'ten' is not a whole number of seconds"),
+            ("soak_seconds", "4000", "--soak 4000s is out of range: give 0 (no soak) to 3600s"),
         ):
             answer = client.post("/upgrade/start", data={**form, field: typed, "csrf_token": token})
             assert answer.status_code == 400, (field, typed, answer.text)
@@ -1067,15 +1069,17 @@ def test_a_rollout_the_engine_refuses_is_shown_beside_its_fields_and_starts_noth
         # The refused page's form, with the rollout fixed, starts the job.
         fixed = {name: _hidden(answer.text, name) for name in ("version", "gateways", "request_id")}
         started = client.post(
-            "/upgrade/start", data={**fixed, "waves": "50%,100%", "csrf_token": token}
+            "/upgrade/start",
+            data={**fixed, "waves": "50%,100%", "soak_seconds": "30", "csrf_token": token},
         )
         assert started.status_code == 303, started.text
         page = _job_page(client, started.headers["location"])
         assert page.text("rollout-waves") == "50%,100%"
         assert page.text("rollout-cap") == "no cap" and page.text("rollout-failures") == "no limit"
+        assert page.text("rollout-soak") == "30 s after each swap"
     [job] = console.jobs()
-    assert job.source == "ui"
+    assert job.source == "ui" and job.soak_seconds == 30
     rows = [e for e in reversed(console.audit()) if e.action == "StartUpgrade"]
     outcomes = [(e.actor, e.outcome.split(":")[0]) for e in rows]
-    assert outcomes[1:] == [("user:otto", "INVALID_ARGUMENT")] * 5 + [("user:otto", "OK")]
+    assert outcomes[1:] == [("user:otto", "INVALID_ARGUMENT")] * 7 + [("user:otto", "OK")]
     assert outcomes[0][1] == "INVALID_ARGUMENT", "the CLI's try"

@@ -493,6 +493,15 @@ def _build_parser() -> _Parser:
         "of them, have failed or rolled back; 0 aborts at the first (default: no limit)",
     )
     upgrade.add_argument(
+        "--soak",
+        type=_soak,
+        metavar="DURATION",
+        default=0,
+        help="after its swap, each gateway watches its data plane's health this long "
+        "(e.g. 30s, 5m) and hands back, hitlessly, to the version it ran before if a tunnel "
+        "goes down or drops rise; a wave starts once the one before passed (default: none)",
+    )
+    upgrade.add_argument(
         "--not-before",
         type=_instant,
         metavar="TIME",
@@ -791,6 +800,21 @@ def _instant(text: str) -> datetime:
     return value
 
 
+def _soak(text: str) -> int:
+    """A ``--soak``: a duration (``upgradectl.durations``: "30s", "5m", "1h"), whole
+    seconds, at most an hour."""
+    try:
+        value = durations.duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    seconds = int(value.total_seconds())
+    if seconds != value.total_seconds() or not 0 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"expected whole seconds from 0 to 1h (3600s), not {text!r}"
+        )
+    return seconds
+
+
 def _count(text: str) -> int:
     """A ``--max-parallel``: a whole number, 0 or more."""
     try:
@@ -1063,6 +1087,7 @@ def _upgrade(ctx: _Context) -> ExitCode:
                 waves=ctx.args.waves,
                 max_parallel=ctx.args.max_parallel,
                 max_failures=ctx.args.max_failures,
+                soak_seconds=ctx.args.soak,
                 not_before=ctx.args.not_before,
                 not_after=ctx.args.not_after,
                 window=ctx.args.window,
@@ -1120,6 +1145,8 @@ def _unconfirmed(
         argv += ["--max-parallel", str(ctx.args.max_parallel)]
     if ctx.args.max_failures:
         argv += ["--max-failures", ctx.args.max_failures]
+    if ctx.args.soak:
+        argv += ["--soak", f"{ctx.args.soak}s"]
     for flag in ("not_before", "not_after"):
         if getattr(ctx.args, flag):
             argv += [f"--{flag.replace('_', '-')}", getattr(ctx.args, flag).isoformat()]

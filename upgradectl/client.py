@@ -377,6 +377,7 @@ class ControllerClient:
         waves: str = "",
         max_parallel: int = 0,
         max_failures: str = "",
+        soak_seconds: int = 0,
         not_before: datetime | None = None,
         not_after: datetime | None = None,
         window: str = "",
@@ -386,7 +387,8 @@ class ControllerClient:
         """Start a job upgrading ``gateway_ids`` (empty: all) to the latest or a named version.
 
         ``deadline_seconds`` 0 leaves the command deadline to the controller. ``waves``,
-        ``max_parallel`` and ``max_failures`` stage the rollout, ``not_before``,
+        ``max_parallel``, ``max_failures`` and ``soak_seconds`` (each gateway's soak
+        after its swap) stage the rollout, ``not_before``,
         ``not_after`` (tz-aware) and ``window`` say when gateways may start (see
         StartUpgradeRequest in controller.proto); the defaults start every gateway at
         once. Retrying is safe because the controller answers a repeated ``request_id``
@@ -402,6 +404,7 @@ class ControllerClient:
         request.waves = waves
         request.max_parallel = max_parallel
         request.max_failures = max_failures
+        request.soak_seconds = soak_seconds
         if not_before is not None:
             request.not_before.FromDatetime(not_before.astimezone(UTC))
         if not_after is not None:

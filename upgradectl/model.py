@@ -152,6 +152,7 @@ class GatewayProgress:
     # it is on, 1 first; ``to_version`` is that hop's release.
     path: tuple[str, ...] = ()
     hop: int = 0
+    health: str = ""  # its data plane's health as its soak last reported it
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.GatewayJob) -> GatewayProgress:
@@ -167,6 +168,7 @@ class GatewayProgress:
             wave=msg.wave or 1,
             path=tuple(msg.path),
             hop=msg.hop,
+            health=msg.health,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -180,6 +182,7 @@ class GatewayProgress:
             "vpn_sessions_dropped": self.vpn_sessions_dropped,
             "path": list(self.path) or None,
             "hop": self.hop or None,
+            "health": self.health or None,
         }
 
 
@@ -198,6 +201,7 @@ class JobView:
     waves: str = ""
     max_parallel: int = 0
     max_failures: str = ""
+    soak_seconds: int = 0  # each gateway's soak after its swap
     stop_reason: str = ""  # why it was paused, aborted or cancelled
     ending: str = ""  # ABORTED or CANCELLED while gateways in flight finish
     current_wave: int = 0  # 1 first; 0 when every gateway is final
@@ -220,6 +224,7 @@ class JobView:
             waves=msg.waves,
             max_parallel=msg.max_parallel,
             max_failures=msg.max_failures,
+            soak_seconds=msg.soak_seconds,
             stop_reason=msg.stop_reason,
             ending=job_state_name(msg.ending) if msg.ending else "",
             current_wave=msg.current_wave,
@@ -238,6 +243,7 @@ class JobView:
             self.waves
             or self.max_parallel
             or self.max_failures
+            or self.soak_seconds
             or self.stop_reason
             or self.window
             or self.not_before
@@ -252,6 +258,7 @@ class JobView:
             "waves": self.waves or None,
             "max_parallel": self.max_parallel or None,
             "max_failures": self.max_failures or None,
+            "soak_seconds": self.soak_seconds or None,
             "current_wave": self.current_wave or None,
             "wave_count": self.wave_count,
             "ending": self.ending or None,

@@ -570,7 +570,7 @@ def job_lines(job: JobView) -> list[str]:
         + ([str(g.wave)] if waves else [])
         + [g.state, g.from_version or "-", _hop(g), progress(g)]
         + ([str(g.vpn_sessions_dropped or "")] if dropped else [])
-        + [g.error]
+        + [g.error or (f"soak: {g.health}" if g.health else "")]
         for g in job.gateways
     ]
     headers = ["GATEWAY", *(["WAVE"] if waves else []), "STATE", "FROM", "TO", "PROGRESS"]

@@ -122,7 +122,7 @@ def rollout_shown(job: JobRecord) -> dict[str, str] | None:
     on gateways in flight, the failure limit), the numbers upgradectl's ``status`` shows;
     None for a job of one wave with no cap and no limit, as every upgrade was before
     rollouts were staged."""
-    if not (job.waves or job.max_parallel or job.max_failures):
+    if not (job.waves or job.max_parallel or job.max_failures or job.soak_s):
         return None
     total = len(job.gateways)
     if job.wave_count <= 1:
@@ -143,6 +143,7 @@ def rollout_shown(job: JobRecord) -> dict[str, str] | None:
         "wave": wave,
         "cap": f"at most {_gateways(job.max_parallel)} in flight" if job.max_parallel else "no cap",
         "failures": failures,
+        "soak": f"{job.soak_s} s after each swap" if job.soak_s else "no soak",
     }
 
 

@@ -43,7 +43,7 @@ START = role_needed("/hitless.v1.Controller/StartUpgrade")
 # The most digits a max parallel is read from (StartUpgrade's field is a uint32).
 _MAX_PARALLEL_DIGITS = 9
 # The start form's rollout fields, named as StartUpgrade's.
-_ROLLOUT_FIELDS = ("waves", "max_parallel", "max_failures")
+_ROLLOUT_FIELDS = ("waves", "max_parallel", "max_failures", "soak_seconds")
 
 
 @dataclass(frozen=True)
@@ -54,27 +54,38 @@ class RolloutFields:
     waves: str = ""
     max_parallel: str = ""
     max_failures: str = ""
+    soak_seconds: str = ""
 
     @classmethod
     def from_form(cls, form: FormData) -> RolloutFields:
         return cls(*(str(form.get(name) or "").strip() for name in _ROLLOUT_FIELDS))
 
     def rollout(self) -> Rollout:
-        """The rollout asked for. Raises InvalidRequest for a max parallel that is not a
-        whole number; the engine checks the rest (``rollout.check``)."""
-        cap = self.max_parallel
+        """The rollout asked for. Raises InvalidRequest for a max parallel or a soak that
+        is not a whole number; the engine checks the rest (``rollout.check``)."""
+        cap, soak = self.max_parallel, self.soak_seconds
         if cap and not _whole(cap):
             raise InvalidRequest(
                 f"--max-parallel {cap!r} is not a whole number: give how many gateways may "
                 "be in flight at once, or leave it empty for no cap"
             )
-        return Rollout(self.waves, int(cap or 0), self.max_failures)
+        if soak and not _whole(soak):
+            raise InvalidRequest(
+                f"--soak {soak!r} is not a whole number of seconds: give how long each "
+                "gateway watches its health after its swap, or leave it empty for no soak"
+            )
+        return Rollout(self.waves, int(cap or 0), self.max_failures, soak_s=int(soak or 0))
 
     def audited(self) -> dict[str, object]:
         """The fields given, for the audit row (none for the default rollout); a max
         parallel that is a number as a number, as the gRPC API's rows have it."""
-        cap = self.max_parallel
-        values = (self.waves, int(cap) if _whole(cap) else cap, self.max_failures)
+        cap, soak = self.max_parallel, self.soak_seconds
+        values = (
+            self.waves,
+            int(cap) if _whole(cap) else cap,
+            self.max_failures,
+            int(soak) if _whole(soak) else soak,
+        )
         return {name: value for name, value in zip(_ROLLOUT_FIELDS, values, strict=True) if value}
 
 

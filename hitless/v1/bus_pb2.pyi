@@ -13,7 +13,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UpgradeCommand(_message.Message):
-    __slots__ = ("command_id", "job_id", "gateway_id", "target_version", "artifact_sha256", "artifact_size", "deadline", "restarts_vpn_service", "issued_at", "allow_downgrade")
+    __slots__ = ("command_id", "job_id", "gateway_id", "target_version", "artifact_sha256", "artifact_size", "deadline", "restarts_vpn_service", "issued_at", "allow_downgrade", "soak_seconds")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +24,7 @@ class UpgradeCommand(_message.Message):
     RESTARTS_VPN_SERVICE_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_FIELD_NUMBER: _ClassVar[int]
     ALLOW_DOWNGRADE_FIELD_NUMBER: _ClassVar[int]
+    SOAK_SECONDS_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     job_id: str
     gateway_id: str
@@ -34,10 +35,11 @@ class UpgradeCommand(_message.Message):
     restarts_vpn_service: bool
     issued_at: _timestamp_pb2.Timestamp
     allow_downgrade: bool
-    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., target_version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts_vpn_service: _Optional[bool] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allow_downgrade: _Optional[bool] = ...) -> None: ...
+    soak_seconds: int
+    def __init__(self, command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., target_version: _Optional[str] = ..., artifact_sha256: _Optional[str] = ..., artifact_size: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., restarts_vpn_service: _Optional[bool] = ..., issued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., allow_downgrade: _Optional[bool] = ..., soak_seconds: _Optional[int] = ...) -> None: ...
 
 class StatusReport(_message.Message):
-    __slots__ = ("report_id", "command_id", "job_id", "gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "at", "vpn_sessions_dropped")
+    __slots__ = ("report_id", "command_id", "job_id", "gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "at", "vpn_sessions_dropped", "health")
     REPORT_ID_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +52,7 @@ class StatusReport(_message.Message):
     BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     report_id: str
     command_id: str
     job_id: str
@@ -62,7 +65,8 @@ class StatusReport(_message.Message):
     bytes_total: int
     at: _timestamp_pb2.Timestamp
     vpn_sessions_dropped: int
-    def __init__(self, report_id: _Optional[str] = ..., command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ...) -> None: ...
+    health: str
+    def __init__(self, report_id: _Optional[str] = ..., command_id: _Optional[str] = ..., job_id: _Optional[str] = ..., gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ..., health: _Optional[str] = ...) -> None: ...
 
 class CommandRefused(_message.Message):
     __slots__ = ("report_id", "gateway_id", "command_id", "job_id", "kind", "reason", "at", "from_version")
@@ -159,7 +163,7 @@ class GatewayHeartbeat(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions: _Optional[int] = ...) -> None: ...
 
 class ManagementJob(_message.Message):
-    __slots__ = ("action", "target", "version", "gateways", "accept_vpn_disruption", "allow_downgrade", "waves", "max_parallel", "max_failures", "not_before", "not_after", "window", "force", "skip_prechecks")
+    __slots__ = ("action", "target", "version", "gateways", "accept_vpn_disruption", "allow_downgrade", "waves", "max_parallel", "max_failures", "not_before", "not_after", "window", "force", "skip_prechecks", "soak_seconds")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +178,7 @@ class ManagementJob(_message.Message):
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     SKIP_PRECHECKS_FIELD_NUMBER: _ClassVar[int]
+    SOAK_SECONDS_FIELD_NUMBER: _ClassVar[int]
     action: str
     target: str
     version: str
@@ -188,7 +193,8 @@ class ManagementJob(_message.Message):
     window: str
     force: bool
     skip_prechecks: bool
-    def __init__(self, action: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., gateways: _Optional[_Iterable[str]] = ..., accept_vpn_disruption: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., force: _Optional[bool] = ..., skip_prechecks: _Optional[bool] = ...) -> None: ...
+    soak_seconds: int
+    def __init__(self, action: _Optional[str] = ..., target: _Optional[str] = ..., version: _Optional[str] = ..., gateways: _Optional[_Iterable[str]] = ..., accept_vpn_disruption: _Optional[bool] = ..., allow_downgrade: _Optional[bool] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., force: _Optional[bool] = ..., skip_prechecks: _Optional[bool] = ..., soak_seconds: _Optional[int] = ...) -> None: ...
 
 class JobRejected(_message.Message):
     __slots__ = ("message_id", "reason", "body", "user_id", "at")

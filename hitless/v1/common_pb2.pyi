@@ -30,6 +30,7 @@ class GatewayJobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GATEWAY_JOB_STATE_SKIPPED: _ClassVar[GatewayJobState]
     GATEWAY_JOB_STATE_CANCELLED: _ClassVar[GatewayJobState]
     GATEWAY_JOB_STATE_SUPERSEDED: _ClassVar[GatewayJobState]
+    GATEWAY_JOB_STATE_SOAKING: _ClassVar[GatewayJobState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_PENDING: JobState
 JOB_STATE_RUNNING: JobState
@@ -51,3 +52,4 @@ GATEWAY_JOB_STATE_UNREACHABLE: GatewayJobState
 GATEWAY_JOB_STATE_SKIPPED: GatewayJobState
 GATEWAY_JOB_STATE_CANCELLED: GatewayJobState
 GATEWAY_JOB_STATE_SUPERSEDED: GatewayJobState
+GATEWAY_JOB_STATE_SOAKING: GatewayJobState

@@ -99,7 +99,7 @@ class PublishReleaseRequest(_message.Message):
     def __init__(self, metadata: _Optional[_Union[ReleaseMetadata, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class StartUpgradeRequest(_message.Message):
-    __slots__ = ("latest", "version", "gateway_ids", "request_id", "deadline_seconds", "allow_downgrade", "accept_vpn_disruption", "waves", "max_parallel", "max_failures", "not_before", "not_after", "window", "dry_run", "force", "skip_prechecks")
+    __slots__ = ("latest", "version", "gateway_ids", "request_id", "deadline_seconds", "allow_downgrade", "accept_vpn_disruption", "waves", "max_parallel", "max_failures", "not_before", "not_after", "window", "dry_run", "force", "skip_prechecks", "soak_seconds")
     LATEST_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class StartUpgradeRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     SKIP_PRECHECKS_FIELD_NUMBER: _ClassVar[int]
+    SOAK_SECONDS_FIELD_NUMBER: _ClassVar[int]
     latest: bool
     version: str
     gateway_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -132,7 +133,8 @@ class StartUpgradeRequest(_message.Message):
     dry_run: bool
     force: bool
     skip_prechecks: bool
-    def __init__(self, latest: _Optional[bool] = ..., version: _Optional[str] = ..., gateway_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., deadline_seconds: _Optional[int] = ..., allow_downgrade: _Optional[bool] = ..., accept_vpn_disruption: _Optional[bool] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ..., skip_prechecks: _Optional[bool] = ...) -> None: ...
+    soak_seconds: int
+    def __init__(self, latest: _Optional[bool] = ..., version: _Optional[str] = ..., gateway_ids: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., deadline_seconds: _Optional[int] = ..., allow_downgrade: _Optional[bool] = ..., accept_vpn_disruption: _Optional[bool] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., dry_run: _Optional[bool] = ..., force: _Optional[bool] = ..., skip_prechecks: _Optional[bool] = ..., soak_seconds: _Optional[int] = ...) -> None: ...
 
 class PreCheck(_message.Message):
     __slots__ = ("answered", "problems", "free_bytes", "needed_bytes", "controller_reachable", "vpn_sessions", "tunnels_up", "tunnels_configured")
@@ -183,7 +185,7 @@ class UpgradePlan(_message.Message):
     def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[PlannedGateway, _Mapping]]] = ..., vpn_sessions_affected: _Optional[int] = ...) -> None: ...
 
 class GatewayJob(_message.Message):
-    __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at", "vpn_sessions_dropped", "wave", "path", "hop")
+    __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at", "vpn_sessions_dropped", "wave", "path", "hop", "health")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +198,7 @@ class GatewayJob(_message.Message):
     WAVE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     HOP_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     state: _common_pb2.GatewayJobState
     from_version: str
@@ -208,10 +211,11 @@ class GatewayJob(_message.Message):
     wave: int
     path: _containers.RepeatedScalarFieldContainer[str]
     hop: int
-    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ..., wave: _Optional[int] = ..., path: _Optional[_Iterable[str]] = ..., hop: _Optional[int] = ...) -> None: ...
+    health: str
+    def __init__(self, gateway_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.GatewayJobState, str]] = ..., from_version: _Optional[str] = ..., to_version: _Optional[str] = ..., error: _Optional[str] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions_dropped: _Optional[int] = ..., wave: _Optional[int] = ..., path: _Optional[_Iterable[str]] = ..., hop: _Optional[int] = ..., health: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "target_version", "created_at", "updated_at", "gateways", "source", "requested_by", "next_page_token", "gateway_count", "waves", "max_parallel", "max_failures", "stop_reason", "ending", "current_wave", "wave_count", "not_before", "not_after", "window", "starts_at")
+    __slots__ = ("job_id", "state", "target_version", "created_at", "updated_at", "gateways", "source", "requested_by", "next_page_token", "gateway_count", "waves", "max_parallel", "max_failures", "stop_reason", "ending", "current_wave", "wave_count", "not_before", "not_after", "window", "starts_at", "soak_seconds")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TARGET_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -233,6 +237,7 @@ class Job(_message.Message):
     NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
     WINDOW_FIELD_NUMBER: _ClassVar[int]
     STARTS_AT_FIELD_NUMBER: _ClassVar[int]
+    SOAK_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: _common_pb2.JobState
     target_version: str
@@ -254,7 +259,8 @@ class Job(_message.Message):
     not_after: _timestamp_pb2.Timestamp
     window: str
     starts_at: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., target_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[GatewayJob, _Mapping]]] = ..., source: _Optional[str] = ..., requested_by: _Optional[str] = ..., next_page_token: _Optional[str] = ..., gateway_count: _Optional[int] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., stop_reason: _Optional[str] = ..., ending: _Optional[_Union[_common_pb2.JobState, str]] = ..., current_wave: _Optional[int] = ..., wave_count: _Optional[int] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., starts_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    soak_seconds: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.JobState, str]] = ..., target_version: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[GatewayJob, _Mapping]]] = ..., source: _Optional[str] = ..., requested_by: _Optional[str] = ..., next_page_token: _Optional[str] = ..., gateway_count: _Optional[int] = ..., waves: _Optional[str] = ..., max_parallel: _Optional[int] = ..., max_failures: _Optional[str] = ..., stop_reason: _Optional[str] = ..., ending: _Optional[_Union[_common_pb2.JobState, str]] = ..., current_wave: _Optional[int] = ..., wave_count: _Optional[int] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., window: _Optional[str] = ..., starts_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., soak_seconds: _Optional[int] = ...) -> None: ...
 
 class JobActionRequest(_message.Message):
     __slots__ = ("job_id", "reason")

@@ -1,5 +1,6 @@
-"""Upgrade paths: the lowest version a release upgrades from, and each gateway's path
-through intermediate releases in a job with the hop it is on.
+"""Upgrade paths and soaks: the lowest version a release upgrades from, each gateway's
+path through intermediate releases in a job with the hop it is on, a job's soak period
+after each swap, and each gateway's health as its soak reported it.
 
 Expand-only: new columns whose defaults mean what a release and a job always did (any
 version upgrades straight to the target), which older controllers never read.
@@ -28,10 +29,16 @@ def upgrade() -> None:
     with op.batch_alter_table("job_gateways") as batch:
         batch.add_column(sa.Column("path", sa.Text(), nullable=False, server_default=""))
         batch.add_column(sa.Column("hop", sa.Integer(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("health", sa.Text(), nullable=False, server_default=""))
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("soak_s", sa.Integer(), nullable=False, server_default="0"))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("soak_s")
     with op.batch_alter_table("job_gateways") as batch:
+        batch.drop_column("health")
         batch.drop_column("hop")
         batch.drop_column("path")
     with op.batch_alter_table("releases") as batch:

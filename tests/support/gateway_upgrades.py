@@ -151,13 +151,19 @@ class GatewayUpgrades:
         return command
 
     def signed_headers(
-        self, command: bus_pb2.UpgradeCommand, *, allow_downgrade: bool = True
+        self,
+        command: bus_pb2.UpgradeCommand,
+        *,
+        allow_downgrade: bool = True,
+        soak_seconds: int = 0,
     ) -> dict[str, Any]:
         """The headers a controller sends ``command`` with: signed, issued now, going
-        back to an older version allowed by default (the tests swap A -> B -> A)."""
+        back to an older version allowed by default (the tests swap A -> B -> A), with
+        ``soak_seconds`` of soak after the swap."""
         return self.trust.command_headers(
-            command, datetime.now(UTC), allow_downgrade=allow_downgrade
-        )
+            command, datetime.now(UTC), allow_downgrade=allow_downgrade,
+            soak_seconds=soak_seconds,
+        )  # fmt: skip
 
     def send(self, command: bus_pb2.UpgradeCommand, headers: dict[str, Any], to: str = "") -> None:
         """Publish ``command`` with ``headers``, as given, on the queue of gateway ``to``
