@@ -285,3 +285,34 @@ def test_a_canary_whose_soak_sees_drops_rise_hands_back_and_aborts_the_rollout(
     assert fleet.greeting("gw-1").endswith(BASE)
     assert procs["gw-1"].log().count('"gateway_serving"') == 3
     assert '"upgrade_started"' not in procs["gw-2"].log()
+
+
+def test_a_controller_restarted_in_the_middle_of_a_rollout_carries_it_on(fleet: Fleet) -> None:
+    """The canary soaks while the controller is stopped; its report waits in the reports
+    queue, and the next controller takes it and starts the second wave."""
+    fleet.procs.stop(fleet.controller)  # type: ignore[arg-type]
+    fleet.start_controller(None, "--no-self-upgrade")
+    fleet.start_gateway("gw-1")
+    second = fleet.start_gateway("gw-2")
+    fleet.wait_gateways({"gw-1": BASE, "gw-2": BASE})
+    fleet.release("1.1.0")
+    job_id = fleet.cli_json(
+        "upgrade", "--version", "1.1.0", "--waves", "1,100%", "--soak", "6s", "--yes",
+        "--no-precheck",
+    )["job_id"]  # fmt: skip
+    wait_for(
+        lambda: fleet.cli_json("status", job_id)["gateways"][0]["state"] == "SOAKING",
+        timeout=60,
+        what="the canary to soak",
+    )
+    fleet.procs.stop(fleet.controller)  # type: ignore[arg-type]
+    assert '"upgrade_started"' not in second.log()
+    fleet.start_controller(None, "--no-self-upgrade")
+    done = wait_for(
+        lambda: (s := fleet.cli_json("status", job_id))["state"] == "SUCCEEDED" and s,
+        timeout=90,
+        what="the rollout to finish under the next controller",
+    )
+    assert [g["state"] for g in done["gateways"]] == ["SUCCEEDED", "SUCCEEDED"]
+    assert done["gateway_waves"] == {"gw-1": 1, "gw-2": 2}
+    fleet.wait_gateways({"gw-1": "1.1.0", "gw-2": "1.1.0"})
