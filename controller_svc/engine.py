@@ -919,9 +919,13 @@ class Engine:
 
     def _on_refused(self, delivery: Delivery) -> None:
         """A gateway refused a command (``bus_pb2.CommandRefused``): a security event, logged
-        and mailed to the admins once per report. No job changes: the ids a refused
-        message claims may be forged (a gateway that refuses a release of a real job
-        reports that job FAILED itself)."""
+        and mailed to the admins once per report. When the refused message carried the
+        id of a command this controller sent that gateway, not yet taken, and it was
+        refused for its signature (REFUSAL_FAILS: altered or re-signed on its way), that
+        gateway FAILED in its job with the reason, so ``status`` shows it. Other ids are
+        left alone: a refused message may claim any ids (a gateway that refuses a release
+        of a real job reports that job FAILED itself; a replay is of a command taken
+        already, and an expired one is UNREACHABLE)."""
         refused = codec.decode(bus_pb2.CommandRefused, delivery.body)
         sender = topology.reporting_gateway(delivery.routing_key)
         try:
@@ -943,6 +947,27 @@ class Engine:
             reason=refused.reason,
         )
         self.announcer.command_refused(refused)
+        if refused.kind in REFUSAL_FAILS:
+            self._fail_refused(refused)
+
+    def _fail_refused(self, refused: bus_pb2.CommandRefused) -> None:
+        """FAIL the gateway's command that ``refused`` names, when it is one this
+        controller sent that gateway and the gateway has not started it (QUEUED)."""
+        if not refused.job_id or len(refused.job_id) > 64:  # job ids are UUIDs
+            return
+        job = self.repo.get_job(refused.job_id)
+        row = next(
+            (g for g in job.gateways if g.command_id == refused.command_id), None
+        ) if job is not None else None  # fmt: skip
+        if job is None or row is None or row.gateway_id != refused.gateway_id:
+            return
+        if row.state is not GatewayState.QUEUED:
+            return
+        self._record_verdict(
+            f"refused:{refused.report_id}", job.id, row.command_id, row.gateway_id,
+            GatewayState.FAILED, row.to_version,
+            f"the gateway refused the command ({refused.kind}): {refused.reason}",
+        )  # fmt: skip
 
     def _stager(self) -> tuple[Announce, list[OutboxEntry]]:
         """An ``announce`` for the repository, and the list of the events it built: the
@@ -985,6 +1010,10 @@ class Engine:
         self.notify()
 
 
+# The refusals of a command (``bus_pb2.CommandRefused.kind``) that fail it in its job
+# when it is one the controller sent and the gateway has not started: its signature did
+# not hold on the way (``_on_refused``).
+REFUSAL_FAILS = frozenset({"unsigned", "unknown-key", "bad-signature"})
 # Gateway states only the controller sets (common.proto): a report of one is refused.
 CONTROLLER_ONLY = frozenset({GatewayState.SKIPPED, GatewayState.CANCELLED, GatewayState.SUPERSEDED})
 # The longest refusal reason kept from a gateway's report.

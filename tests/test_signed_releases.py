@@ -6,10 +6,12 @@ staged release only while it is the file that was verified."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 from controller_svc.selfupgrade import record_release
 from controller_svc.signing import Trust
@@ -136,7 +138,9 @@ def test_a_forged_command_on_the_broker_is_a_security_event(
     event = wait_for(refusal_event, timeout=30, what="the security event for the admins")
     refused = event.command_refused
     assert (refused.gateway_id, refused.kind, refused.command_id) == (
-        "gw-1", "unknown-key", "forged-1"
+        "gw-1",
+        "unknown-key",
+        "forged-1",
     )
     assert fleet.gateways()["gw-1"]["version"] == BASE
     assert fleet.greeting("gw-1") == f"hitless-gateway gw-1 {BASE}"
@@ -202,3 +206,51 @@ def test_signing_on_top_of_a_rolled_back_repository_is_refused(
     (fleet.keys.dir / "targets.json").rename(tmp_path / "targets-seen.json")
     fleet.cli(*publish, "--keys", str(fleet.keys.dir))
     assert _releases(fleet)["1.3.0"]["signing"] == "SIGNED"
+
+
+def test_a_command_altered_on_its_way_fails_its_gateway_with_the_reason(
+    fleet: Fleet, vhost: str
+) -> None:
+    """The controller's own command, its signed copy altered in the gateway's queue: the
+    gateway refuses it (a security event) and status shows that gateway FAILED with why,
+    instead of a job waiting for its deadline."""
+    gateway = fleet.start_gateway("gw-1")
+    fleet.wait_gateways({"gw-1": BASE})
+    fleet.procs.stop(gateway)
+    fleet.release("1.1.0")
+    job_id = fleet.cli_json("upgrade", "--version", "1.1.0", "--yes", "--no-precheck")["job_id"]
+    management = Management()
+    queue = topology.gateway_queue("gw-1").name
+    taken = wait_for(
+        lambda: management.request(
+            "POST",
+            f"/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}/get",
+            {"count": 1, "ackmode": "ack_requeue_false", "encoding": "auto"},
+        ),
+        timeout=30,
+        what="the controller's command in gw-1's queue",
+    )
+    (message,) = taken
+    headers = dict(message["properties"]["headers"])
+    signed = bus_pb2.UpgradeCommand.FromString(
+        base64.b64decode(headers[topology.SIGNED_COMMAND_HEADER])
+    )
+    signed.target_version = "9.9.9"
+    headers[topology.SIGNED_COMMAND_HEADER] = base64.b64encode(
+        signed.SerializeToString(deterministic=True)
+    ).decode()
+    assert management.publish(
+        vhost, topology.COMMANDS.name, topology.command_key("gw-1"), message["payload"],
+        headers=headers, message_id=message["properties"]["message_id"],
+    )  # fmt: skip
+
+    fleet.start_gateway("gw-1")
+    done = wait_for(
+        lambda: (s := fleet.cli_json("status", job_id))["state"] == "FAILED" and s,
+        timeout=60,
+        what="the job to end with the refusal",
+    )
+    (row,) = done["gateways"]
+    assert row["state"] == "FAILED"
+    assert row["error"].startswith("the gateway refused the command (bad-signature): "), row
+    fleet.wait_gateways({"gw-1": BASE})
