@@ -12,9 +12,7 @@ URLs) travel in the environment, not on the command line.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -111,7 +109,7 @@ class ControllerUpgrader:
     def _argv(self, artifact: Path) -> list[str]:
         c = self._config
         argv = [
-            sys.executable, str(artifact), "controller-svc", "serve",
+            *staged.release_argv(artifact, "controller-svc"), "serve",
             "--listen", str(c.listen),
             "--gateway-listen", str(c.gateway_address),
             "--broker-user-prefix", c.broker_user_prefix,
@@ -165,7 +163,4 @@ def exec_recorded_release(data_dir: Path, argv: list[str]) -> None:
         return
     if recorded_version == version.current() or not artifact.is_file():
         return
-    if not staged.check(artifact, recorded.get("sha256")):
-        return
-    log.info("exec_staged_release", version=recorded_version, artifact=str(artifact))
-    os.execv(sys.executable, [sys.executable, str(artifact), "controller-svc", *argv])
+    staged.exec_release(recorded_version, artifact, recorded.get("sha256"), "controller-svc", argv)

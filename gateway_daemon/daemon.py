@@ -13,7 +13,6 @@ import dataclasses
 import os
 import select
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import grpc
 
+import gateway_daemon
 from gateway_daemon import dataplane, identity, precheck, selfcheck, soak
 from gateway_daemon.agent import Agent
 from gateway_daemon.dataplane import DataPlane
@@ -40,6 +40,9 @@ from hitless.errors import BusError, ConfigError
 from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
+
+# The program a release runs to be a gateway (``hitless.staged``).
+PROGRAM = "gateway-daemon"
 
 BUS_READY_TIMEOUT_S = 20.0
 # How long a new version waits for the old process to exit before it reports and consumes.
@@ -369,10 +372,10 @@ class GatewayDaemon:
         context: dict[str, Any],
         verdict: soak.Verdict,
     ) -> None:
-        """Hand the data plane back, hitlessly, to the version that ran before (as it was
-        started: ``restart_argv``); that process reports ROLLED_BACK with what fell. When
-        it cannot take over, this version goes on serving and reports FAILED with both
-        reasons."""
+        """Hand the data plane back, hitlessly, to the version that ran before (run as it
+        ran itself: ``restart_argv``, from ``staged.own_argv``); that process reports
+        ROLLED_BACK with what fell. When it cannot take over, this version goes on serving
+        and reports FAILED with both reasons."""
         reason = f"soak: {verdict.reason} ({verdict.health})"
         restart: list[str] | None = context.get("restart_argv")
         try:
@@ -436,16 +439,17 @@ class GatewayDaemon:
             "command": codec.encode(command).decode(),
             "from_version": self.version,
             "artifact": str(artifact),
-            # What a soak that fails hands back to: how to start this version again, the
-            # release file it runs (None: the installed package), and its counters.
-            "restart_argv": _restart_argv(),
+            # What a soak that fails hands back to: how to run this version again (its
+            # release file, or the installed package), the release it records, and its
+            # counters.
+            "restart_argv": staged.own_argv(gateway_daemon, PROGRAM),
             "release": _release_of(self.state),
             "health_before": soak.sample(self._plane).to_context(),
         }
 
         def argv_for(control_fd: int) -> list[str]:
             return [
-                sys.executable, str(artifact), "gateway-daemon", "run",
+                *staged.release_argv(artifact, PROGRAM), "run",
                 "--id", self.config.gateway_id,
                 "--state-dir", str(self.config.state_dir),
                 "--handoff-fd", str(control_fd),
@@ -454,15 +458,6 @@ class GatewayDaemon:
         parent.hand_off(self._plane, argv_for, context, deadlines=self._deadlines)
         self._swapped = True
         self._stop.set()
-
-
-def _restart_argv() -> list[str] | None:
-    """How to start this version again, up to its ``run`` subcommand: the interpreter and
-    what this process was started with before ``run`` (the console script, or a release
-    file and ``gateway-daemon``); None when that cannot be told."""
-    if "run" not in sys.argv:
-        return None
-    return [sys.executable, *sys.argv[: sys.argv.index("run")]]
 
 
 def _release_of(state: AgentState) -> dict[str, str | None] | None:
@@ -505,10 +500,7 @@ def exec_current_release(state: AgentState, argv: list[str]) -> None:
     staged_version, artifact, sha256 = current
     if staged_version == version.current() or not artifact.is_file():
         return
-    if not staged.check(artifact, sha256):
-        return
-    log.info("exec_staged_release", version=staged_version, artifact=str(artifact))
-    os.execv(sys.executable, [sys.executable, str(artifact), "gateway-daemon", *argv])
+    staged.exec_release(staged_version, artifact, sha256, PROGRAM, argv)
 
 
 def install_signal_handlers(daemon: GatewayDaemon) -> None:

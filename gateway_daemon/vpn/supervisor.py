@@ -21,7 +21,6 @@ import contextlib
 import os
 import select
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -32,7 +31,7 @@ import gateway_daemon
 from gateway_daemon.errors import VpnServiceError
 from gateway_daemon.vpn import control
 from gateway_daemon.vpn.config import VpnConfig
-from hitless import logs
+from hitless import logs, staged
 
 log = logs.get(__name__)
 
@@ -51,10 +50,7 @@ class Backoff:
 def own_command() -> list[str]:
     """How to run ``gateway-daemon`` from the very code this process runs: its release
     artifact (a zipapp) after an upgrade, else the installed package."""
-    root = Path(gateway_daemon.__file__).resolve().parent.parent
-    if root.is_file():
-        return [sys.executable, str(root), "gateway-daemon"]
-    return [sys.executable, "-m", "gateway_daemon"]
+    return staged.own_argv(gateway_daemon, "gateway-daemon")
 
 
 def spawn_detached(argv: Sequence[str]) -> int:
