@@ -268,7 +268,7 @@ class GatewayDaemon:
                 if command.restarts_vpn_service:
                     outcome = self._restart_vpn(vpn, command, outcome)
                 reporter.outcome(command, outcome)
-                if soaking is not None:
+                if soaking is not None and outcome.state is CommandState.SOAKING:
                     threading.Thread(
                         target=self._soak, args=(plane, reporter, command, outcome, soaking),
                         name="soak", daemon=True,
