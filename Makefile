@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv proto test lint typecheck demo screenshots bench-hitless bench-controller-upgrade bench-dispatch bench-verify bench-fleet bench-stream clean
+.PHONY: venv proto test lint typecheck demo screenshots bench-hitless bench-handoff-faults bench-controller-upgrade bench-dispatch bench-verify bench-fleet bench-stream clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: $(STAMP)
 
 bench-hitless: $(STAMP)
 	$(BIN)/python bench/hitless.py
+
+# Processes killed and hung at each step of a handoff under traffic (bench/handoff_faults.py).
+bench-handoff-faults: $(STAMP)
+	$(BIN)/python bench/handoff_faults.py
 
 bench-controller-upgrade: $(STAMP)
 	$(BIN)/python bench/controller_upgrade.py

@@ -17,6 +17,41 @@ from tests.support import releases
 # What the blocking-and-hang version writes to stderr once it has done the damage.
 BLOCKING_MARK: Final = "fault: every inherited socket is in blocking mode now"
 
+
+def mark(fault: str) -> str:
+    """What a release with one of the faults that say so writes to stderr as the fault
+    strikes (the earlier faults say nothing, or BLOCKING_MARK)."""
+    return f"fault: {fault}"
+
+
+def _after_receive_fds(fault: str, then: str) -> str:
+    """Code for wire.py: receive the descriptors as usual, say ``fault``, run ``then``."""
+    return (
+        "\n\n_real_receive_fds = Channel.receive_fds\n\n\n"
+        "def _receive_fds_faulty(self, count, deadline):\n"
+        "    import os, signal, sys, threading\n"
+        "    fds = _real_receive_fds(self, count, deadline)\n"
+        f"    print({mark(fault)!r}, file=sys.stderr, flush=True)\n"
+        f"    {then}\n"
+        "    return fds\n\n\n"
+        "Channel.receive_fds = _receive_fds_faulty\n"
+    )
+
+
+def _cut_over_dies(fault: str, *, after: bool) -> str:
+    """Code for dataplane.py: the plane's cut_over kills its process, before pausing or
+    once the final state is sent (``after``)."""
+    return (
+        "\n\n_real_cut_over = DataPlane.cut_over\n\n\n"
+        "def _cut_over_dies(self, send):\n"
+        "    import os, signal, sys\n"
+        + ("    _real_cut_over(self, send)\n" if after else "")
+        + f"    print({mark(fault)!r}, file=sys.stderr, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n\n\n"
+        "DataPlane.cut_over = _cut_over_dies\n"
+    )
+
+
 FAULTS: Final[dict[str, tuple[str, str]]] = {
     # Sets every socket it adopted to blocking mode (shared with the old process: the
     # flag belongs to the open file description), then never says ready.
@@ -49,6 +84,76 @@ FAULTS: Final[dict[str, tuple[str, str]]] = {
         "    while _os.getppid() == _old and time.monotonic() < deadline:\n"
         "        time.sleep(0.01)\n"
         "    _real_run(plane, inherited)\n",
+    ),
+    # The faults below say so on stderr (``mark``) as they strike, so that a run can
+    # tell the fault happened at its step. The new process dies (SIGKILL) or hangs once
+    # the descriptors have arrived, before it reads the snapshot.
+    "dies-receiving-descriptors": (
+        "gateway_daemon/handoff/wire.py",
+        _after_receive_fds("dies-receiving-descriptors", "os.kill(os.getpid(), signal.SIGKILL)"),
+    ),
+    "hangs-receiving-descriptors": (
+        "gateway_daemon/handoff/wire.py",
+        _after_receive_fds("hangs-receiving-descriptors", "threading.Event().wait()"),
+    ),
+    # Dies (SIGKILL) in its self-check, holding every socket and the snapshot.
+    "dies-in-selfcheck": (
+        "gateway_daemon/selfcheck.py",
+        "\n\ndef run(plane, inherited):\n"
+        "    import os, signal, sys\n"
+        f"    print({mark('dies-in-selfcheck')!r}, file=sys.stderr, flush=True)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n",
+    ),
+    # Says ready, then never takes the final state: the old process has paused and
+    # waits for STARTED.
+    "hangs-at-cutover": (
+        "gateway_daemon/handoff/child.py",
+        "\n\ndef _hang_at_cutover(self, deadline):\n"
+        "    import sys, threading\n"
+        f"    print({mark('hangs-at-cutover')!r}, file=sys.stderr, flush=True)\n"
+        "    threading.Event().wait()\n\n\n"
+        "Inheritance.cutover = _hang_at_cutover\n",
+    ),
+    # Faults of the old side: a gateway running this release dies (SIGKILL) when its
+    # next version has said ready, as it is asked to cut over (still forwarding), or
+    # right after it has paused and sent the final state (before STARTED).
+    "old-dies-at-cutover": (
+        "gateway_daemon/dataplane.py",
+        _cut_over_dies("old-dies-at-cutover", after=False),
+    ),
+    "old-dies-after-cutover": (
+        "gateway_daemon/dataplane.py",
+        _cut_over_dies("old-dies-after-cutover", after=True),
+    ),
+    # Serves as a good release does, but from its soak's third reading on sees one of its
+    # UDP tunnels down (the lowest id): a version whose tunnel falls over after the swap.
+    "tunnel-down-in-soak": (
+        "gateway_daemon/soak.py",
+        "\n\n_real_sample = sample\n_readings = [0]\n\n\n"
+        "def sample(plane):\n"
+        "    import dataclasses, sys\n"
+        "    health = _real_sample(plane)\n"
+        "    _readings[0] += 1\n"
+        "    if _readings[0] < 3 or not health.up:\n"
+        "        return health\n"
+        "    if _readings[0] == 3:\n"
+        "        print('fault: a tunnel is down', file=sys.stderr, flush=True)\n"
+        "    return dataclasses.replace(health, up=health.up - {min(health.up)})\n",
+    ),
+    # From its soak's third reading on, counts half of 1000 more datagrams as dropped: a
+    # version whose drops rise after the swap (it needs no tunnels configured to show).
+    "drops-in-soak": (
+        "gateway_daemon/soak.py",
+        "\n\n_real_sample = sample\n_readings = [0]\n\n\n"
+        "def sample(plane):\n"
+        "    import dataclasses\n"
+        "    health = _real_sample(plane)\n"
+        "    _readings[0] += 1\n"
+        "    if _readings[0] < 3:\n"
+        "        return health\n"
+        "    return dataclasses.replace(\n"
+        "        health, received=health.received + 1000, dropped=health.dropped + 500\n"
+        "    )\n",
     ),
 }
 
