@@ -236,6 +236,7 @@ class Engine:
         asked = [
             g.gateway_id for g in plan.changes
             if (record := known.get(g.gateway_id)) is not None and record.prechecks
+            and not g.blocked
         ]  # fmt: skip
         answers = (
             self.prechecks.ask(asked, plan.release.version, plan.release.size, wait_s)
@@ -289,9 +290,11 @@ class Engine:
         check(plan, allow_downgrade=allow_downgrade, accept_vpn_disruption=accept_vpn_disruption)
         now = self._clock()
         rollouts.check(rollout, len(plan.changes) or 1, now)
-        left_out: dict[str, str] = {}
+        # A gateway no upgrade path reaches the target from is left out, whatever --force.
+        left_out = {g.gateway_id: g.blocked for g in plan.changes if g.blocked}
         if precheck and plan.changes:
-            left_out = {} if force else prechecks_.failing(self.precheck(plan))
+            if not force:
+                left_out |= prechecks_.failing(self.precheck(plan))
             if left_out and len(left_out) == len(plan.changes):
                 raise FailedPrecondition(
                     "every gateway failed its pre-check, so nothing was started: "

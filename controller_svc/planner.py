@@ -27,6 +27,9 @@ class PlannedGateway:
     # The releases it goes through, the last the target (``upgrade_path``); empty when it
     # goes straight there (or changes nothing).
     path: tuple[str, ...] = ()
+    # Why it cannot be upgraded to the target (no upgrade path reaches it); "" when it
+    # can. Such a gateway is left out of the job, SKIPPED with this reason.
+    blocked: str = ""
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,9 @@ def make_plan(
 ) -> Plan:
     """The plan for ``gateway_ids`` (every known gateway when empty). A gateway the
     target's ``min_from`` is above goes through intermediate ``releases`` (those it may
-    run: signed; ``upgrade_path``). Raises NotFound for an unknown gateway,
-    FailedPrecondition for no gateway at all or a gateway no path reaches the target
-    from."""
+    run: signed; ``upgrade_path``); one no path reaches the target from is ``blocked``
+    with the reason. Raises NotFound for an unknown gateway, FailedPrecondition for no
+    gateway at all."""
     if gateway_ids:
         unknown = sorted(set(gateway_ids) - known.keys())
         if unknown:
@@ -84,10 +87,14 @@ def make_plan(
         else:
             action = UPGRADE
         path: tuple[str, ...] = ()
+        blocked = ""
         if action == UPGRADE:
             # From what it runs now: commands of an unfinished job that it has not
             # started are superseded by this one, so it may never run that job's target.
-            path = upgrade_path(gateway.version, release, releases, gateway_id=gid)
+            try:
+                path = upgrade_path(gateway.version, release, releases, gateway_id=gid)
+            except FailedPrecondition as exc:
+                blocked = str(exc)
         planned.append(
             PlannedGateway(
                 gid,
@@ -96,6 +103,7 @@ def make_plan(
                 gateway.vpn_sessions,
                 gateway.pending_version,
                 path if len(path) > 1 else (),
+                blocked,
             )
         )
     return Plan(release, tuple(planned))
@@ -154,10 +162,16 @@ def _upgrades_from(release: ReleaseRecord, version: semver.Version) -> bool:
 
 
 def check(plan: Plan, *, allow_downgrade: bool, accept_vpn_disruption: bool) -> None:
-    """Refuse, with what to do instead, a plan the operator has not agreed to."""
+    """Refuse, with what to do instead, a plan the operator has not agreed to, or one in
+    which no gateway that would change can be upgraded (each ``blocked``: no path)."""
     version = plan.release.version
     if not plan.changes:
         raise FailedPrecondition(f"nothing to do: every chosen gateway already runs {version}")
+    if all(g.blocked for g in plan.changes):
+        raise FailedPrecondition(
+            "; ".join(g.blocked for g in plan.changes[:10])
+            + (f" (and {len(plan.changes) - 10} more)" if len(plan.changes) > 10 else "")
+        )
     downgrades = [g for g in plan.changes if g.action == DOWNGRADE]
     if downgrades and not allow_downgrade:
         which = ", ".join(_running(g) for g in downgrades)

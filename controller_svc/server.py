@@ -355,6 +355,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                     vpn_sessions=g.vpn_sessions,
                     pending_version=g.pending_version or "",
                     path=g.path,
+                    blocked=g.blocked,
                     precheck=convert.precheck(answers[g.gateway_id])
                     if g.gateway_id in answers
                     else None,

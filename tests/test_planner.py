@@ -154,7 +154,14 @@ def test_a_plan_carries_each_gateways_path_and_direct_ones_carry_none() -> None:
     }
 
 
-def test_a_plan_with_a_gateway_no_path_reaches_is_refused_by_name() -> None:
+def test_a_gateway_no_path_reaches_is_left_out_and_a_plan_of_only_those_is_refused() -> None:
     target = _from("2.0.0", min_from="1.3.0")
+    known = _gateways(gw_1="1.0.0", gw_2="1.3.0")
+    plan = make_plan(target, known, [], [target])
+    blocked = {g.gateway_id: g.blocked for g in plan.gateways}
+    assert blocked["gw-2"] == ""
+    assert blocked["gw-1"].startswith("no upgrade path for gw-1 from 1.0.0 to 2.0.0")
+    check(plan, allow_downgrade=False, accept_vpn_disruption=False)
+    alone = make_plan(target, known, ["gw-1"], [target])
     with pytest.raises(FailedPrecondition, match=r"no upgrade path for gw-1 from 1\.0\.0 to 2"):
-        make_plan(target, _gateways(gw_1="1.0.0"), [], [target])
+        check(alone, allow_downgrade=False, accept_vpn_disruption=False)

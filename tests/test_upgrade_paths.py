@@ -217,10 +217,12 @@ def test_a_yanked_release_is_no_hop(world: World, tmp_path: Path) -> None:
     world.trust.accept(
         release.sign_targets(current, tmp_path / "keys", remove=[release.target_name(VERSION)])
     )
-    world.gateways(1)
+    (gateway,) = world.gateways(1)
     engine = world.controller()
+    (planned,) = engine.plan("1.2.0").gateways
+    assert planned.blocked.startswith(f"no upgrade path for {gateway} from 1.0.0 to 1.2.0")
     with pytest.raises(FailedPrecondition, match="no upgrade path"):
-        engine.plan("1.2.0")
+        engine.start_upgrade(version="1.2.0")
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
@@ -230,3 +232,18 @@ def test_min_from_must_be_below_the_release(world: World) -> None:
     with pytest.raises(InvalidRequest):
         world.repo.add_release("3.0.0", "b" * 64, 1, "", world.clock(), min_from="three")
     assert world.repo.get_release("3.0.0") is None
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_gateway_no_path_reaches_is_left_out_skipped_with_why(
+    world: World, tmp_path: Path
+) -> None:
+    _publish(world, tmp_path, "2.0.0", min_from="1.5.0")
+    stuck, ready = world.gateways(2)
+    world.repo.record_gateway_seen(ready, "1.5.0", world.clock())
+    engine = world.controller()
+    job = _settled(world, engine, engine.start_upgrade(version="2.0.0").id)
+    left, going = _row(job, stuck), _row(job, ready)
+    assert left.state is GatewayState.SKIPPED and not left.published
+    assert left.error.startswith(f"no upgrade path for {stuck} from {BASE} to 2.0.0: ")
+    assert going.state is GatewayState.QUEUED and going.published

@@ -99,14 +99,18 @@ def test_a_path_through_releases_between_shows_in_the_plan_and_the_job() -> None
         (
             PlannedGateway("gw-old", "1.0.0", "UPGRADE", 0, path=("1.2.0", "2.0.0")),
             PlannedGateway("gw-new", "1.2.0", "UPGRADE", 0),
+            PlannedGateway("gw-stuck", "0.9.0", "UPGRADE", 0, blocked="no upgrade path for …"),
         ),
         0,
     )
-    rows = [line.split() for line in render.plan_lines(plan)[-2:]]
+    lines = render.plan_lines(plan)
+    rows = [line.split() for line in lines[-6:-3]]
     assert rows == [
         ["gw-old", "1.0.0", "2.0.0", "via", "1.2.0", "UPGRADE"],
         ["gw-new", "1.2.0", "2.0.0", "UPGRADE"],
+        ["gw-stuck", "0.9.0", "-", "(no", "upgrade", "path:", "left", "out)", "UPGRADE"],
     ]
+    assert lines[-2:] == ["left out:", "  gw-stuck: no upgrade path for …"]
     path = ("1.1.0", "1.2.0", "2.0.0")
     midway = GatewayProgress("gw-old", "DOWNLOADING", "1.1.0", "1.2.0", path=path, hop=2)
     last = dataclasses.replace(midway, from_version="1.2.0", to_version="2.0.0", hop=3)

@@ -1248,6 +1248,7 @@ def plan_json(plan: UpgradePlan) -> dict[str, Any]:
                 "from_version": g.from_version,
                 "action": g.action,
                 "path": list(g.path) or None,
+                "blocked": g.blocked or None,
                 "precheck": g.precheck,
                 "free_bytes": g.free_bytes,
                 "tunnels_up": g.tunnels or None,

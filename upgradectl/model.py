@@ -424,6 +424,8 @@ class PlannedGateway:
     tunnels: str = ""  # "UP/CONFIGURED"
     # The releases it goes through, the last the target; empty: straight there.
     path: tuple[str, ...] = ()
+    # Why it cannot be upgraded (no upgrade path): left out of the job. "" when it can.
+    blocked: str = ""
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.PlannedGateway) -> PlannedGateway:
@@ -445,6 +447,7 @@ class PlannedGateway:
                 else ""
             ),
             path=tuple(msg.path),
+            blocked=msg.blocked,
         )
 
     @property

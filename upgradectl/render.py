@@ -499,7 +499,9 @@ def plan_lines(plan: UpgradePlan) -> list[str]:
         + (_checked(g) if checked else [])
         for g in plan.gateways
     ]
-    return [*lines, "", *table(headers, rows)]
+    blocked = [f"{g.id}: {g.blocked}" for g in plan.gateways if g.blocked]
+    notes = ["", "left out:", *(f"  {line}" for line in blocked)] if blocked else []
+    return [*lines, "", *table(headers, rows), *notes]
 
 
 def _checked(gateway: PlannedGateway) -> list[str]:
@@ -512,7 +514,10 @@ def _checked(gateway: PlannedGateway) -> list[str]:
 
 
 def _to(gateway: PlannedGateway, target: str) -> str:
-    """The TO cell: the target, or "2.0.0 via 1.4.0" for a path through releases between."""
+    """The TO cell: the target, "2.0.0 via 1.4.0" for a path through releases between, or
+    "- (no upgrade path: left out)" for a gateway no path reaches it from."""
+    if gateway.blocked:
+        return "- (no upgrade path: left out)"
     if len(gateway.path) < 2:
         return target
     return f"{target} via {', '.join(gateway.path[:-1])}"

@@ -157,7 +157,7 @@ class PreCheck(_message.Message):
     def __init__(self, answered: _Optional[bool] = ..., problems: _Optional[_Iterable[str]] = ..., free_bytes: _Optional[int] = ..., needed_bytes: _Optional[int] = ..., controller_reachable: _Optional[bool] = ..., vpn_sessions: _Optional[int] = ..., tunnels_up: _Optional[int] = ..., tunnels_configured: _Optional[int] = ...) -> None: ...
 
 class PlannedGateway(_message.Message):
-    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version", "precheck", "path")
+    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version", "precheck", "path", "blocked")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class PlannedGateway(_message.Message):
     PENDING_VERSION_FIELD_NUMBER: _ClassVar[int]
     PRECHECK_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    BLOCKED_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     from_version: str
     action: str
@@ -172,7 +173,8 @@ class PlannedGateway(_message.Message):
     pending_version: str
     precheck: PreCheck
     path: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ..., precheck: _Optional[_Union[PreCheck, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
+    blocked: str
+    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ..., precheck: _Optional[_Union[PreCheck, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., blocked: _Optional[str] = ...) -> None: ...
 
 class UpgradePlan(_message.Message):
     __slots__ = ("release", "gateways", "vpn_sessions_affected")
