@@ -18,7 +18,18 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Engine,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from controller_svc import rollout as rollouts
@@ -906,20 +917,7 @@ class Repository:
         if not ids:
             return []
         with self._read() as session:
-            return list(
-                session.scalars(
-                    select(JobGateway.job_id)
-                    .join(Job, Job.id == JobGateway.job_id)
-                    .where(
-                        JobGateway.job_id.in_(ids),
-                        JobGateway.state == GatewayState.QUEUED.value,
-                        JobGateway.published_at.is_(None),
-                        Job.state.in_(_ACTIVE_JOB),
-                        Job.ending.is_(None),
-                    )
-                    .distinct()
-                )
-            )
+            return _jobs_with_unsent(session, JobGateway.job_id.in_(ids))
 
     def peers_in_flight(self, gateway_ids: Sequence[str]) -> dict[str, str]:
         """Gateway id -> its high-availability peer, for those of ``gateway_ids`` whose
@@ -929,16 +927,7 @@ class Repository:
         if not gateway_ids:
             return {}
         with self._read() as session:
-            named = session.execute(
-                select(Gateway.id, Gateway.ha_peer).where(
-                    or_(Gateway.id.in_(gateway_ids), Gateway.ha_peer.in_(gateway_ids)),
-                    Gateway.ha_peer.is_not(None),
-                    Gateway.ha_peer != "",
-                )
-            ).all()
-            wanted = set(gateway_ids)
-            peers = {g: p for g, p in named if g in wanted}
-            peers.update({p: g for g, p in named if p in wanted and p not in peers})
+            peers = _pairs(session, gateway_ids)
             if not peers:
                 return {}
             busy = set(
@@ -963,29 +952,10 @@ class Repository:
         if not ids:
             return []
         with self._read() as session:
-            named = session.execute(
-                select(Gateway.id, Gateway.ha_peer).where(
-                    or_(Gateway.id.in_(ids), Gateway.ha_peer.in_(ids)),
-                    Gateway.ha_peer.is_not(None),
-                )
-            ).all()
-            peers = {p for g, p in named if g in ids and p} | {g for g, p in named if p in ids}
+            peers = set(_pairs(session, ids).values())
             if not peers:
                 return []
-            return list(
-                session.scalars(
-                    select(JobGateway.job_id)
-                    .join(Job, Job.id == JobGateway.job_id)
-                    .where(
-                        JobGateway.gateway_id.in_(peers),
-                        JobGateway.state == GatewayState.QUEUED.value,
-                        JobGateway.published_at.is_(None),
-                        Job.state.in_(_ACTIVE_JOB),
-                        Job.ending.is_(None),
-                    )
-                    .distinct()
-                )
-            )
+            return _jobs_with_unsent(session, JobGateway.gateway_id.in_(peers))
 
     def mark_published(self, command_ids: Sequence[str], at: datetime) -> None:
         """Record, in one transaction, that the broker confirmed these commands."""
@@ -1121,6 +1091,41 @@ def _peers(session: Session, gateway_ids: Sequence[str]) -> dict[str, str]:
             peers[gateway_id] = peer
             peers.setdefault(peer, gateway_id)
     return peers
+
+
+def _pairs(session: Session, gateway_ids: Sequence[str]) -> dict[str, str]:
+    """Gateway id -> its high-availability peer, for those of ``gateway_ids`` in a pair
+    (a pair counts when either of the two named the other; the peer may be any gateway)."""
+    wanted = set(gateway_ids)
+    named = session.execute(
+        select(Gateway.id, Gateway.ha_peer).where(
+            or_(Gateway.id.in_(wanted), Gateway.ha_peer.in_(wanted)),
+            Gateway.ha_peer.is_not(None),
+            Gateway.ha_peer != "",
+        )
+    ).all()
+    pairs: dict[str, str] = {g: p for g, p in named if g in wanted and p}
+    pairs.update({p: g for g, p in named if p and p in wanted and p not in pairs})
+    return pairs
+
+
+def _jobs_with_unsent(session: Session, which: ColumnElement[bool]) -> list[str]:
+    """The unfinished, not ending jobs with a row matching ``which`` that is QUEUED and
+    was never sent."""
+    return list(
+        session.scalars(
+            select(JobGateway.job_id)
+            .join(Job, Job.id == JobGateway.job_id)
+            .where(
+                which,
+                JobGateway.state == GatewayState.QUEUED.value,
+                JobGateway.published_at.is_(None),
+                Job.state.in_(_ACTIVE_JOB),
+                Job.ending.is_(None),
+            )
+            .distinct()
+        )
+    )
 
 
 def _check_not_ending(job: Job, wanted: str) -> None:

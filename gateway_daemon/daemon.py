@@ -393,16 +393,7 @@ class GatewayDaemon:
                 },
             }
 
-            def argv_for(control_fd: int) -> list[str]:
-                return [
-                    *restart, "run",
-                    "--id", self.config.gateway_id,
-                    "--state-dir", str(self.config.state_dir),
-                    "--handoff-fd", str(control_fd),
-                ]  # fmt: skip
-
-            assert self._plane is not None
-            parent.hand_off(self._plane, argv_for, back, deadlines=self._deadlines)
+            self._hand_off(restart, back)
         except HandoffFailed as exc:
             log.error("hand_back_failed", reason=reason, error=str(exc))
             failed = dataclasses.replace(
@@ -420,6 +411,22 @@ class GatewayDaemon:
         log.info("handed_back", version=soaking.from_version, reason=reason)
         self._swapped = True
         self._stop.set()
+
+    def _hand_off(self, program: list[str], context: dict[str, Any]) -> None:
+        """Hand the data plane to ``program`` (the argv up to its ``run`` subcommand)
+        started as this gateway with ``context``; return once it serves. Raises
+        HandoffFailed (``parent.hand_off``) with this process still serving."""
+        assert self._plane is not None
+
+        def argv_for(control_fd: int) -> list[str]:
+            return [
+                *program, "run",
+                "--id", self.config.gateway_id,
+                "--state-dir", str(self.config.state_dir),
+                "--handoff-fd", str(control_fd),
+            ]  # fmt: skip
+
+        parent.hand_off(self._plane, argv_for, context, deadlines=self._deadlines)
 
     def _restore_release(self, release: dict[str, Any] | None) -> None:
         """After a hand-back: record the release this process runs as the one to run
@@ -447,15 +454,7 @@ class GatewayDaemon:
             "health_before": soak.sample(self._plane).to_context(),
         }
 
-        def argv_for(control_fd: int) -> list[str]:
-            return [
-                *staged.release_argv(artifact, PROGRAM), "run",
-                "--id", self.config.gateway_id,
-                "--state-dir", str(self.config.state_dir),
-                "--handoff-fd", str(control_fd),
-            ]  # fmt: skip
-
-        parent.hand_off(self._plane, argv_for, context, deadlines=self._deadlines)
+        self._hand_off(staged.release_argv(artifact, PROGRAM), context)
         self._swapped = True
         self._stop.set()
 
