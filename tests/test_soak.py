@@ -19,6 +19,9 @@ from tests.test_hitless_upgrade import assert_clean
 
 BASE = "1.0.0"  # the installed package the gateway starts from
 SOAK_S = 3
+# The new version's ready deadline: long enough for it to start on a loaded machine (the
+# default 5 s is not, under the whole suite), so only the soak decides.
+HANDOFF_S = 20.0
 
 
 def _health(up: set[str], received: int = 0, dropped: int = 0) -> Health:
@@ -70,7 +73,9 @@ def _current_release(state_dir: Path) -> object:
 def test_a_soak_that_holds_promotes_the_new_version(
     vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
 ) -> None:
-    gateway = start_gateway(procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades)
+    gateway = start_gateway(
+        procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades, handoff_timeout=HANDOFF_S
+    )
     good = releases.build("1.2.0", tmp_path / "good.pyz")
     with Traffic(gateway.sites) as traffic:
         state, seen, error, health = _soak_upgrade(upgrades, "1.2.0", good)
@@ -87,7 +92,9 @@ def test_a_soak_that_holds_promotes_the_new_version(
 def test_a_soak_that_sees_a_tunnel_go_down_hands_back_without_losing_a_packet(
     vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
 ) -> None:
-    gateway = start_gateway(procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades)
+    gateway = start_gateway(
+        procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades, handoff_timeout=HANDOFF_S
+    )
     first = gateway.serving_pid()
     falls = fault_releases.build("1.2.0", tmp_path / "falls.pyz", "tunnel-down-in-soak")
     with Traffic(gateway.sites) as traffic:
