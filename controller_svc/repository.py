@@ -25,7 +25,6 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    insert,
     or_,
     select,
     update,
@@ -70,14 +69,17 @@ from controller_svc.sessions import Sessions
 from controller_svc.states import GatewayState, JobState, can_move, check_job_move
 from controller_svc.store import check_digest
 from controller_svc.transitions import (
+    GatewayRow,
     apply_to_row,
     close_unstarted,
     expire_rows,
     finish_if_done,
     gateway_event,
     next_hop,
+    read_rows,
     set_job_state,
     stop,
+    write_rows,
 )
 from hitless import logs, semver
 from hitless.errors import ConfigError
@@ -724,14 +726,8 @@ class Repository:
                     )
                 )
             )
-            rows = {
-                row.command_id: row
-                for row in session.scalars(
-                    select(JobGateway).where(
-                        JobGateway.command_id.in_({r.command_id for r in reports})
-                    )
-                )
-            }
+            rows = read_rows(session, (r.command_id for r in reports))
+            changed: dict[tuple[str, str], GatewayRow] = {}
             outcomes: list[ReportOutcome] = []
             # Job id -> (index of its last report that closed a gateway, that report's time).
             closing: dict[str, tuple[int, datetime]] = {}
@@ -771,6 +767,7 @@ class Repository:
                     # A report can overtake mark_running; the job is running either way.
                     set_job_state(session, job, JobState.RUNNING, report.at)
                 events.append(apply_to_row(row, report))
+                changed[row.job_id, row.gateway_id] = row
                 if report.state is GatewayState.SUCCEEDED:
                     versions[row.gateway_id] = row.to_version
                     if (queued := next_hop(row, report.at)) is not None:
@@ -779,14 +776,11 @@ class Repository:
                 if report.state.terminal:
                     closing[job.id] = (len(outcomes), report.at)
                 outcomes.append(ReportOutcome(True, False, "", None, None))
+            write_rows(session, list(changed.values()))
             # A job's RUNNING event (flushed here) comes before its gateways' events.
             session.flush()
-            # RETURNING makes SQLAlchemy send these as multi-row INSERTs ("insertmanyvalues");
-            # without it each row would be a statement (and a round trip) of its own.
-            if seen_rows:
-                session.execute(insert(SeenMessage).returning(SeenMessage.message_id), seen_rows)
-            if events:
-                session.execute(insert(JobEvent).returning(JobEvent.seq), events)
+            self.sessions.insert_rows(session, SeenMessage, seen_rows)
+            self.sessions.insert_rows(session, JobEvent, events)
             if versions:
                 # Core, not an ORM bulk update: a gateway without a row is no error here.
                 session.connection().execute(

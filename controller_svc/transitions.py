@@ -8,12 +8,14 @@ in states.py; this module only applies them to rows.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from controller_svc.db import Job, JobEvent, JobGateway
@@ -83,7 +85,73 @@ def stop(session: Session, job: Job, ending: JobState, reason: str, at: datetime
     close_unstarted(session, job, closed, reason, at)
 
 
-def apply_to_row(row: JobGateway, report: ReportIn) -> dict[str, Any]:
+@dataclasses.dataclass(slots=True)
+class GatewayRow:
+    """A job's gateway row as report ingestion reads and changes it: plain values, no ORM
+    object (a batch of reports touches hundreds of rows; ``read_rows`` and
+    ``write_rows`` move them in one statement each). The fields are ``job_gateways``
+    columns of the same names."""
+
+    job_id: str
+    gateway_id: str
+    command_id: str
+    state: str
+    from_version: str
+    to_version: str
+    error: str
+    bytes_done: int
+    bytes_total: int
+    updated_at: datetime
+    vpn_sessions_dropped: int
+    published_at: datetime | None
+    path: str
+    hop: int
+    health: str
+
+
+_ROW_COLUMNS = [field.name for field in dataclasses.fields(GatewayRow)]
+# What ingestion may change; (job_id, gateway_id) is the key.
+_ROW_CHANGES = [name for name in _ROW_COLUMNS if name not in ("job_id", "gateway_id")]
+
+
+def read_rows(session: Session, command_ids: Iterable[str]) -> dict[str, GatewayRow]:
+    """The rows of the gateways whose current command is one of ``command_ids``, by
+    command id, in one SELECT."""
+    result = session.execute(
+        select(*(getattr(JobGateway, name) for name in _ROW_COLUMNS)).where(
+            JobGateway.command_id.in_(set(command_ids))
+        )
+    )
+    return {row.command_id: GatewayRow(*row) for row in result}
+
+
+def write_rows(session: Session, rows: Sequence[GatewayRow]) -> None:
+    """Write ``rows`` back (every changeable column, keyed by job and gateway), in one
+    executemany."""
+    if not rows:
+        return
+    statement = (
+        update(JobGateway)
+        .where(
+            JobGateway.job_id == bindparam("key_job_id"),
+            JobGateway.gateway_id == bindparam("key_gateway_id"),
+        )
+        .values({name: bindparam(f"new_{name}") for name in _ROW_CHANGES})
+    )
+    session.connection().execute(
+        statement,
+        [
+            {
+                "key_job_id": row.job_id,
+                "key_gateway_id": row.gateway_id,
+                **{f"new_{name}": getattr(row, name) for name in _ROW_CHANGES},
+            }
+            for row in rows
+        ],
+    )
+
+
+def apply_to_row(row: GatewayRow, report: ReportIn) -> dict[str, Any]:
     """Apply a report the state machine allows to its row; FAILED/ROLLED_BACK always get a
     reason. Returns the values of the ``job_events`` row recording it, for the caller to
     insert with the others of its transaction (and, on SUCCEEDED, the caller records the
@@ -115,7 +183,7 @@ def apply_to_row(row: JobGateway, report: ReportIn) -> dict[str, Any]:
     }
 
 
-def next_hop(row: JobGateway, at: datetime) -> dict[str, Any] | None:
+def next_hop(row: GatewayRow, at: datetime) -> dict[str, Any] | None:
     """After a SUCCEEDED hop of a gateway on a path through intermediate releases (its
     ``path`` has a release after ``hop``): queue its next hop, a new command (new command
     id, not yet published) from the release it now runs to the next one in the path.

@@ -19,8 +19,9 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.orm import Session
 
-from controller_svc.db import Base, Release, alembic_config, make_engine, migrate
+from controller_svc.db import Base, Release, SeenMessage, alembic_config, make_engine, migrate
 from controller_svc.errors import StorageError
+from controller_svc.sessions import Sessions
 from tests.support.wait import wait_for
 
 TABLES = {
@@ -100,6 +101,42 @@ def test_naive_timestamps_are_refused(engine: Engine) -> None:
     with Session(engine) as session, session.begin(), pytest.raises(Exception, match="naive"):
         session.add(Release(version="1.0.0", sha256="a" * 64, size=1, notes="", published_at=naive))
         session.flush()
+
+
+def test_rows_inserted_in_bulk_are_stored_as_given_and_bad_ones_write_nothing(
+    engine: Engine,
+) -> None:
+    # Sessions.insert_rows: COPY on PostgreSQL, executemany on SQLite.
+    migrate(engine)
+    sessions = Sessions(engine)
+    local = timezone(timedelta(hours=-5))
+    rows = [
+        {"message_id": f"m-{n}", "at": datetime(2030, 1, 1, 7, 0, n, tzinfo=local)}
+        for n in range(50)
+    ]
+    with sessions.write() as session:
+        sessions.insert_rows(session, SeenMessage, rows)
+
+    def stored() -> dict[str, datetime]:
+        with sessions.read() as session:
+            result = session.execute(select(SeenMessage.message_id, SeenMessage.at))
+            return {message_id: at for message_id, at in result}
+
+    before = stored()
+    assert before == {row["message_id"]: row["at"] for row in rows}
+    assert {at.tzinfo for at in before.values()} == {UTC}
+    naive = datetime(2030, 1, 1, 12, 0)
+    refused: list[list[dict[str, object]]] = [
+        [{"message_id": "m-new", "at": naive}],
+        [{"message_id": "m-new", "at": datetime.now(UTC)}, rows[3]],  # a duplicate key
+    ]
+    for bad in refused:
+        with (
+            pytest.raises(StorageError, match="database operation failed"),
+            sessions.write() as session,
+        ):
+            sessions.insert_rows(session, SeenMessage, bad)
+        assert stored() == before
 
 
 def test_concurrent_migrate_in_threads_runs_once(db_url: str) -> None:
