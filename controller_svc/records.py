@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Row, select
 from sqlalchemy.orm import Session
 
 from controller_svc.db import Gateway, Job, JobEvent, JobGateway, Release
@@ -181,23 +182,24 @@ def job_records(session: Session, jobs: Sequence[Job]) -> list[JobRecord]:
     if not jobs:
         return []
     session.flush()
-    rows = session.scalars(
-        select(JobGateway)
+    # Core rows, not ORM objects: a job of a thousand gateways is read on every GetJob.
+    rows = session.execute(
+        select(JobGateway.__table__)
         .where(JobGateway.job_id.in_([job.id for job in jobs]))
         .order_by(JobGateway.job_id, JobGateway.gateway_id)
     ).all()
-    by_job: dict[str, list[JobGateway]] = {job.id: [] for job in jobs}
+    by_job: dict[str, list[Row[Any]]] = {job.id: [] for job in jobs}
     for row in rows:
         by_job[row.job_id].append(row)
     return [_job_record(job, by_job[job.id]) for job in jobs]
 
 
-def job_page_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
+def job_page_record(job: Job, rows: Sequence[JobGateway | Row[Any]]) -> JobRecord:
     """The job with only the gateway rows ``rows`` (one page of them, sorted by id)."""
     return _job_record(job, rows)
 
 
-def _job_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
+def _job_record(job: Job, rows: Sequence[JobGateway | Row[Any]]) -> JobRecord:
     return JobRecord(
         id=job.id,
         state=JobState(job.state),
@@ -226,7 +228,7 @@ def _job_record(job: Job, rows: Sequence[JobGateway]) -> JobRecord:
     )
 
 
-def _gatewayjob_record(row: JobGateway) -> GatewayJobRecord:
+def _gatewayjob_record(row: JobGateway | Row[Any]) -> GatewayJobRecord:
     return GatewayJobRecord(
         gateway_id=row.gateway_id,
         command_id=row.command_id,
@@ -246,9 +248,10 @@ def _gatewayjob_record(row: JobGateway) -> GatewayJobRecord:
     )
 
 
-def gateway_record(row: Gateway, pending_version: str | None) -> GatewayRecord:
-    """The row as a plain value; ``pending_version`` is the target of its newest
-    unfinished job (None when it is in none)."""
+def gateway_record(row: Gateway | Row[Any], pending_version: str | None) -> GatewayRecord:
+    """The row (an ORM object, or a Core row of the ``gateways`` table's columns) as a
+    plain value; ``pending_version`` is the target of its newest unfinished job (None
+    when it is in none)."""
     return GatewayRecord(
         id=row.id,
         version=row.version,

@@ -295,10 +295,11 @@ class Repository:
         if limit <= 0:
             raise InvalidRequest(f"invalid limit {limit}: must be a positive number")
         with self._read() as session:
-            stmt = select(Gateway).order_by(Gateway.id).limit(limit + 1)
+            # Core rows: no ORM object per gateway on a call a console makes over and over.
+            stmt = select(Gateway.__table__).order_by(Gateway.id).limit(limit + 1)
             if after is not None:
                 stmt = stmt.where(Gateway.id > after)
-            rows = session.scalars(stmt).all()
+            rows = session.execute(stmt).all()
             page = rows[:limit]
             pending = _pending_versions_between(session, page[0].id, page[-1].id) if page else {}
             return [gateway_record(row, pending.get(row.id)) for row in page], len(rows) > limit
@@ -862,14 +863,14 @@ class Repository:
             if job is None:
                 return None
             stmt = (
-                select(JobGateway)
+                select(JobGateway.__table__)
                 .where(JobGateway.job_id == job.id)
                 .order_by(JobGateway.gateway_id)
                 .limit(limit + 1)
             )
             if after is not None:
                 stmt = stmt.where(JobGateway.gateway_id > after)
-            rows = session.scalars(stmt).all()
+            rows = session.execute(stmt).all()
             count, waves, current = session.execute(
                 select(
                     func.count(),
