@@ -10,7 +10,7 @@ import pytest
 from tuf.api.metadata import Metadata, Root
 
 from hitless.errors import HitlessError
-from hitless.trust import keys
+from hitless.trust import keys, roles
 from hitless.trust.errors import KeyFileError, KeysExist, MetadataMismatch, TrustError
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -23,7 +23,7 @@ def mode(path: Path) -> int:
 def test_init_makes_each_key_private_and_a_root_signed_by_the_root_key(tmp_path: Path) -> None:
     paths = keys.init(tmp_path / "k", now=NOW)
 
-    for role in keys.ROLES:
+    for role in roles.ROLES:
         assert mode(paths.key(role)) == 0o600, role
         assert keys.load_signer(paths.key(role)).public_key.keytype == "ed25519"
     assert paths.key("root").parent.name == "offline"
@@ -38,7 +38,7 @@ def test_init_makes_each_key_private_and_a_root_signed_by_the_root_key(tmp_path:
     assert root.consistent_snapshot is True
     assert root.expires == NOW + keys.ROOT_EXPIRY
     root.verify_delegate("root", md.signed_bytes, md.signatures)
-    for role in keys.TUF_ROLES:
+    for role in roles.TUF_ROLES:
         signer = keys.load_signer(paths.key(role))
         assert root.roles[role].keyids == [signer.public_key.keyid], role
         assert root.roles[role].threshold == 1

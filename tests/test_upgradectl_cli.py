@@ -40,6 +40,7 @@ from tuf.api.metadata import Targets
 from hitless.config import ENV_CA_CERT, ENV_CONTROLLER
 from hitless.pki import CertificateAuthority
 from hitless.trust import keys as trust_keys
+from hitless.trust import roles as trust_roles
 from hitless.trust.client import DirectorySource, TrustClient, verify_artifact
 from hitless.trust.errors import TrustError
 from hitless.trust.release import target_name
@@ -1715,7 +1716,7 @@ def test_keys_init_says_what_it_made_and_where_each_part_goes(tmp_path: Path) ->
     assert lines[0].startswith(f"made the key directory {directory}: root version 1, expires ")
     assert lines[2].split() == ["ROLE", "KEY", "ID", "FILE"]
     rows = [line.split() for line in lines[3:8]]
-    assert [row[0] for row in rows] == list(trust_keys.ROLES)
+    assert [row[0] for row in rows] == list(trust_roles.ROLES)
     for role, keyid, path in rows:
         assert path == str(paths.key(role))
         assert keyid == trust_keys.load_signer(paths.key(role)).public_key.keyid
@@ -2642,3 +2643,18 @@ def test_every_flag_has_help() -> None:
         if not action.help
     ]
     assert missing == []
+
+
+def test_start_up_leaves_what_only_some_commands_need_unloaded() -> None:
+    # Every call pays for upgradectl's imports: python-tuf and the release builder load
+    # only in the commands that sign, publish or build.
+    probe = (
+        "import sys, upgradectl.cli; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules} & {'tuf', "
+        "'securesystemslib'} | {m for m in sys.modules if m in ('upgradectl.signing', "
+        "'upgradectl.build')})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == [], done.stdout

@@ -85,12 +85,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from hitless import names, pki
+from hitless import names
 from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
 from hitless.errors import HitlessError, InvalidName
-from hitless.trust.keys import ROLES
-from upgradectl import credentials, durations, render, signing
-from upgradectl.build import build_release
+from hitless.trust.roles import ROLES
+
+# Every call pays for what upgradectl imports at start-up: what only some commands need
+# (``signing``: python-tuf; ``build``; ``pki``'s key and request writers) is imported in
+# those commands' handlers. tests/test_upgradectl_cli.py checks that it stays there.
+from upgradectl import credentials, durations, render
 from upgradectl.client import ControllerClient, RetryPolicy
 from upgradectl.confirm import Terminal, agree, confirm
 from upgradectl.credentials import (
@@ -942,6 +945,8 @@ def _releases_list(ctx: _Context) -> ExitCode:
 
 
 def _releases_build(ctx: _Context) -> ExitCode:
+    from upgradectl.build import build_release
+
     output: Path = ctx.args.output
     built = build_release(ctx.args.version, output)
     ctx.emit_lines(
@@ -951,6 +956,8 @@ def _releases_build(ctx: _Context) -> ExitCode:
 
 
 def _releases_publish(ctx: _Context) -> ExitCode:
+    from upgradectl import signing
+
     artifact: Path = ctx.args.artifact
     if not artifact.is_file():
         raise UsageError(f"no artifact at {artifact}: build one with 'upgradectl releases build'")
@@ -979,6 +986,8 @@ def _releases_publish(ctx: _Context) -> ExitCode:
 
 
 def _releases_yank(ctx: _Context) -> ExitCode:
+    from upgradectl import signing
+
     version: str = ctx.args.version
     with ctx.connect() as client:
         change = signing.sign_yank(client, ctx.args.keys, version)
@@ -995,11 +1004,15 @@ def _releases_yank(ctx: _Context) -> ExitCode:
 
 
 def _keys_init(ctx: _Context) -> ExitCode:
+    from upgradectl import signing
+
     ctx.emit_lines(render.keys_init_lines(signing.init_keys(ctx.args.dir)))
     return ExitCode.OK
 
 
 def _keys_rotate(ctx: _Context) -> ExitCode:
+    from upgradectl import signing
+
     directory: Path = ctx.args.dir
     resend = shlex.join([*_prog_argv(ctx), "keys", "rotate", "--dir", str(directory), "--resend"])
     with ctx.connect() as client:
@@ -1419,6 +1432,8 @@ def _users_remove(ctx: _Context) -> ExitCode:
 
 
 def _certs_issue(ctx: _Context) -> ExitCode:
+    from hitless import pki
+
     name: str = ctx.args.name
     out: Path = ctx.args.out
     expires: timedelta | None = ctx.args.expires

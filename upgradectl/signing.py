@@ -34,7 +34,7 @@ from pathlib import Path
 from tuf.api.metadata import Metadata, Root, Targets
 
 from hitless import semver
-from hitless.trust import keys, release
+from hitless.trust import keys, release, roles
 from hitless.trust.errors import (
     MetadataRefused,
     ReleaseInputError,
@@ -47,7 +47,7 @@ from upgradectl.client import ControllerClient
 from upgradectl.errors import CliError, Rejected, Unconfirmed, UsageError
 from upgradectl.model import KeyDirectory, RoleKey, Rotation, TargetsChange
 
-ONLINE_ROLES = tuple(r for r in keys.ROLES if r not in keys.OFFLINE_ROLES)
+ONLINE_ROLES = tuple(r for r in roles.ROLES if r not in roles.OFFLINE_ROLES)
 
 
 def init_keys(directory: Path) -> KeyDirectory:
@@ -70,7 +70,7 @@ def describe(paths: keys.KeyPaths) -> KeyDirectory:
     """
     root = paths.root()
     role_keys = []
-    for role in keys.ROLES:
+    for role in roles.ROLES:
         signer = keys.load_role_signer(paths.key(role), role, root)
         role_keys.append(RoleKey(role, signer.public_key.keyid, paths.key(role)))
     return KeyDirectory(
@@ -285,8 +285,8 @@ def _resigned(
 
 
 def _changed_roles(previous: Root, new: Root) -> tuple[str, ...]:
-    """The roles whose keys differ between two root versions, in ``keys.ROLES`` order."""
-    changed = [r for r in keys.TUF_ROLES if previous.roles[r].keyids != new.roles[r].keyids]
+    """The roles whose keys differ between two root versions, in ``roles.ROLES`` order."""
+    changed = [r for r in roles.TUF_ROLES if previous.roles[r].keyids != new.roles[r].keyids]
     if keys.command_keys(previous).keys() != keys.command_keys(new).keys():
         changed.append("command")
     return tuple(changed)

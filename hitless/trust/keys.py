@@ -31,6 +31,7 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Metadata, Root
 
 from hitless.trust.errors import KeyFileError, KeysExist, MetadataMismatch, StorageError
+from hitless.trust.roles import OFFLINE_ROLES, ROLES, TUF_ROLES
 from hitless.trust.verify import read_metadata
 
 ROOT_EXPIRY = timedelta(days=365)
@@ -39,9 +40,6 @@ SNAPSHOT_EXPIRY = timedelta(days=7)
 TIMESTAMP_EXPIRY = timedelta(days=1)
 
 COMMAND_KEYS_FIELD = "x-hitless-command-keys"
-TUF_ROLES = ("root", "targets", "snapshot", "timestamp")
-ROLES = (*TUF_ROLES, "command")
-OFFLINE_ROLES = frozenset({"root", "targets"})
 
 
 @dataclass(frozen=True)
@@ -177,8 +175,7 @@ def load_signer(path: Path) -> CryptoSigner:
         private = load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as exc:
         raise KeyFileError(
-            f"cannot load the private key {path}: {exc}; give the key directory "
-            "`keys init` made"
+            f"cannot load the private key {path}: {exc}; give the key directory `keys init` made"
         ) from exc
     if not isinstance(private, Ed25519PrivateKey):
         raise KeyFileError(f"{path} holds a {type(private).__name__}, not an Ed25519 key")
