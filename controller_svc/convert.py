@@ -24,11 +24,16 @@ from controller_svc.states import GatewayState, JobState
 from controller_svc.users import UserRecord
 from hitless.v1 import bus_pb2, common_pb2, controller_pb2
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 
 def timestamp(value: datetime) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    """``value`` as a protobuf Timestamp (a naive one read as UTC), as
+    ``Timestamp.FromDatetime`` gives it, by integer arithmetic on the time since the
+    epoch: FromDatetime goes through ``calendar.timegm`` and costs several times more,
+    which counts in a reply of a thousand gateways."""
+    since = (value if value.tzinfo else value.replace(tzinfo=UTC)) - _EPOCH
+    return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000)
 
 
 def job_state(state: JobState) -> common_pb2.JobState:
