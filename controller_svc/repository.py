@@ -777,7 +777,7 @@ class Repository:
                 if report.state.terminal:
                     closing[job.id] = (len(outcomes), report.at)
                 outcomes.append(ReportOutcome(True, False, "", None, None))
-            write_rows(session, list(changed.values()))
+            write_rows(session, changed.values())
             # A job's RUNNING event (flushed here) comes before its gateways' events.
             session.flush()
             self.sessions.insert_rows(session, SeenMessage, seen_rows)

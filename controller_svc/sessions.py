@@ -9,7 +9,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import Engine, insert
+from sqlalchemy import JSON, Engine, insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -67,20 +67,43 @@ class Sessions:
         ``Cursor.copy``, https://www.psycopg.org/psycopg3/docs/basic/copy.html): no SQL
         text per row or per page to build and parse, which an INSERT of many rows costs on
         the client. Elsewhere, one executemany. Either way each value goes through its
-        column type's bind processing first (``UTCDateTime`` refuses a naive datetime),
-        and columns not named take the database's defaults. Raises StorageError when the
-        database or a column type refuses a row (a duplicate key, a naive datetime); the
-        caller's transaction then rolls back whole.
+        column type's bind processing for this database first (``UTCDateTime`` refuses a
+        naive datetime), and columns not named take their server defaults. For plain
+        columns only: a JSON column, or one left out that has a Python-side default,
+        raises TypeError (COPY would store them otherwise than an INSERT). Raises
+        StorageError when the database or a column type refuses a row (a duplicate key, a
+        naive datetime); the caller's transaction then rolls back whole.
         """
         if not rows:
             return
+        columns = model.__table__.c
+        names = list(rows[0])
+        for column in columns:
+            if column.name in names and isinstance(column.type, JSON):
+                raise TypeError(f"insert_rows cannot write the JSON column {column.name}")
+            if column.name not in names and column.default is not None:
+                raise TypeError(f"insert_rows would leave out the default of {column.name}")
         if self.dialect != "postgresql":
             session.connection().execute(insert(model), list(rows))
             return
-        columns = model.__table__.c
-        names = list(rows[0])
         dialect = session.get_bind().dialect
-        processors = [columns[name].type.bind_processor(dialect) for name in names]
+        processors = [
+            columns[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+        ]
+        try:
+            values = [
+                [
+                    value if process is None else process(value)
+                    for value, process in zip(
+                        (row[name] for name in names), processors, strict=True
+                    )
+                ]
+                for row in rows
+            ]
+        except (ValueError, TypeError, AttributeError) as exc:
+            # A column type refused a value, as SQLAlchemy's StatementError says on the
+            # executemany path.
+            raise storage_error(exc) from exc
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
             sql.Identifier(model.__tablename__), sql.SQL(", ").join(map(sql.Identifier, names))
         )
@@ -88,26 +111,13 @@ class Sessions:
         assert driver is not None, "a connection in a transaction has its driver's"
         try:
             with driver.cursor() as cursor, cursor.copy(statement) as copy:
-                for row in rows:
-                    copy.write_row(
-                        [
-                            value if process is None else process(value)
-                            for value, process in zip(
-                                (row[name] for name in names), processors, strict=True
-                            )
-                        ]
-                    )
-        except (psycopg.Error, ValueError) as exc:
-            # ValueError: a column type refused a value (as SQLAlchemy's StatementError
-            # does on the executemany path).
-            detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-            raise StorageError(
-                f"database operation failed: {detail}; "
-                "check the database is reachable and not full, then retry"
-            ) from exc
+                for row_values in values:
+                    copy.write_row(row_values)
+        except psycopg.Error as exc:
+            raise storage_error(exc) from exc
 
 
-def storage_error(exc: SQLAlchemyError) -> StorageError:
+def storage_error(exc: Exception) -> StorageError:
     detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
     return StorageError(
         f"database operation failed: {detail}; "

@@ -1,4 +1,5 @@
-"""Moving a job and its gateways through their state machines, on ORM rows.
+"""Moving a job and its gateways through their state machines, on ORM rows, and on the
+plain ``GatewayRow`` values report ingestion works on.
 
 Each function works inside the caller's transaction and expects it to hold the job's row
 lock (see repository.py), and each change it makes adds a ``job_events`` row beside it.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -89,8 +90,9 @@ def stop(session: Session, job: Job, ending: JobState, reason: str, at: datetime
 class GatewayRow:
     """A job's gateway row as report ingestion reads and changes it: plain values, no ORM
     object (a batch of reports touches hundreds of rows; ``read_rows`` and
-    ``write_rows`` move them in one statement each). The fields are ``job_gateways``
-    columns of the same names."""
+    ``write_rows`` move them in one statement each). The fields up to ``health`` are
+    ``job_gateways`` columns of the same names; ``hopped`` says ``next_hop`` queued a new
+    command on it."""
 
     job_id: str
     gateway_id: str
@@ -103,20 +105,24 @@ class GatewayRow:
     bytes_total: int
     updated_at: datetime
     vpn_sessions_dropped: int
-    published_at: datetime | None
     path: str
     hop: int
     health: str
+    hopped: bool = False
 
 
-_ROW_COLUMNS = [field.name for field in dataclasses.fields(GatewayRow)]
-# What ingestion may change; (job_id, gateway_id) is the key.
-_ROW_CHANGES = [name for name in _ROW_COLUMNS if name not in ("job_id", "gateway_id")]
+_ROW_COLUMNS = [field.name for field in dataclasses.fields(GatewayRow)][:-1]
+# What ``apply_to_row`` and ``next_hop`` change, and nothing else: ``published_at`` is
+# written without the job's lock (``Repository.mark_published``, once the broker confirmed
+# a command), so it is only ever cleared here, for a row that hopped to a new command,
+# never written back as it was read.
+_ROW_CHANGES = [name for name in _ROW_COLUMNS if name not in ("job_id", "gateway_id", "path")]
 
 
 def read_rows(session: Session, command_ids: Iterable[str]) -> dict[str, GatewayRow]:
     """The rows of the gateways whose current command is one of ``command_ids``, by
-    command id, in one SELECT."""
+    command id, in one SELECT (under the job's lock, like every writer of these
+    columns)."""
     result = session.execute(
         select(*(getattr(JobGateway, name) for name in _ROW_COLUMNS)).where(
             JobGateway.command_id.in_(set(command_ids))
@@ -125,10 +131,13 @@ def read_rows(session: Session, command_ids: Iterable[str]) -> dict[str, Gateway
     return {row.command_id: GatewayRow(*row) for row in result}
 
 
-def write_rows(session: Session, rows: Sequence[GatewayRow]) -> None:
-    """Write ``rows`` back (every changeable column, keyed by job and gateway), in one
-    executemany."""
-    if not rows:
+def write_rows(session: Session, rows: Iterable[GatewayRow]) -> None:
+    """Write the columns ingestion changes back (keyed by job and gateway) in one
+    executemany, in key order (the order every writer of many rows locks them in); the
+    rows that hopped to a new command also lose their ``published_at``, in one more
+    statement."""
+    ordered = sorted(rows, key=lambda row: (row.job_id, row.gateway_id))
+    if not ordered:
         return
     statement = (
         update(JobGateway)
@@ -138,7 +147,8 @@ def write_rows(session: Session, rows: Sequence[GatewayRow]) -> None:
         )
         .values({name: bindparam(f"new_{name}") for name in _ROW_CHANGES})
     )
-    session.connection().execute(
+    connection = session.connection()
+    connection.execute(
         statement,
         [
             {
@@ -146,9 +156,14 @@ def write_rows(session: Session, rows: Sequence[GatewayRow]) -> None:
                 "key_gateway_id": row.gateway_id,
                 **{f"new_{name}": getattr(row, name) for name in _ROW_CHANGES},
             }
-            for row in rows
+            for row in ordered
         ],
     )
+    hopped = [row.command_id for row in ordered if row.hopped]
+    if hopped:
+        connection.execute(
+            update(JobGateway).where(JobGateway.command_id.in_(hopped)).values(published_at=None)
+        )
 
 
 def apply_to_row(row: GatewayRow, report: ReportIn) -> dict[str, Any]:
@@ -200,7 +215,7 @@ def next_hop(row: GatewayRow, at: datetime) -> dict[str, Any] | None:
     row.from_version, row.to_version = row.to_version, path[row.hop]
     row.state, row.error = GatewayState.QUEUED.value, ""
     row.command_id = str(uuid.uuid4())
-    row.published_at = None
+    row.hopped = True  # its new command is not published yet (``write_rows``)
     row.bytes_done = row.bytes_total = 0
     row.updated_at = at
     return {

@@ -19,7 +19,15 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, select, text
 from sqlalchemy.orm import Session
 
-from controller_svc.db import Base, Release, SeenMessage, alembic_config, make_engine, migrate
+from controller_svc.db import (
+    Base,
+    Gateway,
+    Release,
+    SeenMessage,
+    alembic_config,
+    make_engine,
+    migrate,
+)
 from controller_svc.errors import StorageError
 from controller_svc.sessions import Sessions
 from tests.support.wait import wait_for
@@ -137,6 +145,11 @@ def test_rows_inserted_in_bulk_are_stored_as_given_and_bad_ones_write_nothing(
         ):
             sessions.insert_rows(session, SeenMessage, bad)
         assert stored() == before
+    # A JSON column would be stored otherwise by COPY than by an INSERT: refused on both.
+    with pytest.raises(TypeError, match="JSON column listen"), sessions.write() as session:
+        sessions.insert_rows(
+            session, Gateway, [{"id": "gw-1", "version": "1.0.0", "listen": ["127.0.0.1:1"]}]
+        )
 
 
 def test_concurrent_migrate_in_threads_runs_once(db_url: str) -> None:

@@ -793,3 +793,42 @@ def test_a_gateway_another_controller_inserts_meanwhile_is_updated(
     new = repo.get_gateway("gw-new")
     assert new is not None and (new.version, new.vpn_sessions) == ("1.0.0", 3)
     assert new.last_seen == T0 + timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_confirm_recorded_while_a_batch_is_applied_is_kept(
+    repo: Repository, sql: SqlEngine
+) -> None:
+    # The broker's confirm of a command is recorded without the job's lock
+    # (mark_published); the reports of that gateway, often there first, are applied under
+    # it. A confirm that commits between the batch's read of the rows and its write must
+    # survive the write: the HA guard (peers_in_flight) counts only published commands.
+    job = _job(repo, 2)
+    commands = [gateway.command_id for gateway in job.gateways]
+    raced: list[str] = []
+
+    def confirm_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE JOB_GATEWAYS") and not raced:
+            raced.append(statement)
+            other = make_engine(sql.url.render_as_string(hide_password=False))
+            try:
+                Repository(other).mark_published(commands, T0 + timedelta(seconds=5))
+            finally:
+                other.dispose()
+
+    event.listen(sql, "before_cursor_execute", confirm_first)
+    try:
+        outcomes = repo.apply_reports(
+            [_report(job, gateway, GatewayState.DOWNLOADING, f"r-{gateway}")
+             for gateway in ("gw-1", "gw-2")]
+        )  # fmt: skip
+    finally:
+        event.remove(sql, "before_cursor_execute", confirm_first)
+    assert raced, "the batch never wrote the gateways' rows"
+    assert _kinds(outcomes) == ["applied", "applied"]
+    after = repo.get_job(job.id)
+    assert after is not None
+    assert [(g.state, g.published) for g in after.gateways] == [
+        (GatewayState.DOWNLOADING, True),
+        (GatewayState.DOWNLOADING, True),
+    ]
