@@ -958,6 +958,16 @@ class Repository:
         if not command_ids:
             return
         with self._write() as session:
+            # Lock the rows in key order first, as report ingestion writes them
+            # (``transitions.write_rows``): an UPDATE by command id alone would lock them in
+            # the order of their (random) command ids, and two writers taking the same rows
+            # in different orders can deadlock.
+            session.execute(
+                select(JobGateway.job_id)
+                .where(JobGateway.command_id.in_(list(command_ids)))
+                .order_by(JobGateway.job_id, JobGateway.gateway_id)
+                .with_for_update()
+            )
             session.execute(
                 update(JobGateway)
                 .where(JobGateway.command_id.in_(list(command_ids)))

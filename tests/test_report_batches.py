@@ -20,7 +20,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import Engine as SqlEngine
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, text
 
 from controller_svc.admins import Admins
 from controller_svc.app import PUBLISHED_QUEUES, reports_consumer
@@ -832,3 +832,62 @@ def test_a_confirm_recorded_while_a_batch_is_applied_is_kept(
         (GatewayState.DOWNLOADING, True),
         (GatewayState.DOWNLOADING, True),
     ]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_a_confirm_takes_row_locks_in_the_order_ingestion_does(
+    repo: Repository, sql: SqlEngine
+) -> None:
+    # Ingestion locks a batch's gateway rows in (job, gateway) order (write_rows); a confirm
+    # (mark_published) of commands whose ids sort the other way must take them in that
+    # order too, or the two deadlock and PostgreSQL aborts one of them.
+    job = _job_against_key_order(repo, _job(repo, 2))
+    first, second = job.gateways  # gw-1, gw-2: key order
+    with sql.connect() as ingesting:
+        ingesting.execute(text("SET lock_timeout = '5s'"))
+        lock = "SELECT 1 FROM job_gateways WHERE command_id = :c FOR UPDATE"
+        ingesting.execute(text(lock), {"c": first.command_id})
+        confirm = threading.Thread(
+            target=repo.mark_published,
+            args=([first.command_id, second.command_id], T0 + timedelta(seconds=5)),
+        )
+        confirm.start()
+        with sql.connect() as watching:
+            wait_for(
+                lambda: watching.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                        "'Lock' AND query LIKE '%job_gateways%'"
+                    )
+                ).scalar(),
+                timeout=10,
+                what="the confirm waiting for the first row",
+            )
+        # The confirm waits for gw-1 holding nothing else: gw-2 is free to take.
+        ingesting.execute(text(lock), {"c": second.command_id})
+        ingesting.commit()
+    confirm.join(timeout=10)
+    assert not confirm.is_alive()
+    after = repo.get_job(job.id)
+    assert after is not None and [g.published for g in after.gateways] == [True, True]
+
+
+def _job_against_key_order(repo: Repository, job: JobRecord) -> JobRecord:
+    """The job of two gateways with its rows in the order opposite to (job, gateway) both
+    by command id (swapped when needed) and on disk (gw-1's row rewritten last), so that
+    a writer locking them by either of those orders takes gw-2 first."""
+    one, two = job.gateways
+    with repo.sessions.write() as session:
+        if one.command_id < two.command_id:
+            swap = "UPDATE job_gateways SET command_id = :new WHERE command_id = :old"
+            session.execute(text(swap), {"new": "swap", "old": one.command_id})
+            session.execute(text(swap), {"new": one.command_id, "old": two.command_id})
+            session.execute(text(swap), {"new": two.command_id, "old": "swap"})
+        session.execute(
+            text("UPDATE job_gateways SET error = error WHERE gateway_id = :g"),
+            {"g": one.gateway_id},
+        )
+    swapped = repo.get_job(job.id)
+    assert swapped is not None
+    assert swapped.gateways[1].command_id < swapped.gateways[0].command_id
+    return swapped
