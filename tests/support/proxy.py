@@ -87,9 +87,14 @@ class CuttingProxy:
                     gate.wait(timeout=120)
                 if cut_after is not None and moved + len(data) >= cut_after:
                     dst.sendall(data[: cut_after - moved])
-                    # SO_LINGER 0: close with a reset, like a dropped link.
+                    # SO_LINGER 0: close with a reset, like a dropped link. The shutdown
+                    # first wakes the other direction's thread out of its recv(): until it
+                    # lets go, close() would not end the connection, and the client would
+                    # see a stalled link instead of a broken one.
                     for sock in (src, dst):
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
                         sock.close()
                     return
                 dst.sendall(data)
