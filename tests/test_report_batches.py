@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -762,32 +763,45 @@ def test_announcements_from_the_reports_queue_are_recorded_in_batches(
     assert len(seen) < announcements / 4, f"announcements were not batched: {repo.calls}"
 
 
+@contextmanager
+def _before_first(
+    sql: SqlEngine, statement: str, action: Callable[[Repository], object]
+) -> Iterator[list[str]]:
+    """While in the block: just before the first SQL statement on ``sql`` that starts
+    with ``statement``, ``action`` runs (and commits) on a Repository of its own, as
+    another controller would. Yields the statements it ran before (empty: never)."""
+    raced: list[str] = []
+
+    def first(_conn: Any, _cursor: Any, text: str, *_args: Any) -> None:
+        if text.lstrip().upper().startswith(statement) and not raced:
+            raced.append(text)
+            other = make_engine(sql.url.render_as_string(hide_password=False))
+            try:
+                action(Repository(other))
+            finally:
+                other.dispose()
+
+    event.listen(sql, "before_cursor_execute", first)
+    try:
+        yield raced
+    finally:
+        event.remove(sql, "before_cursor_execute", first)
+
+
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_gateway_another_controller_inserts_meanwhile_is_updated(
     repo: Repository, sql: SqlEngine
 ) -> None:
     repo.record_gateway_seen("gw-old", "1.0.0", T0)
-    raced: list[str] = []
-
-    def insert_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        # Between this batch's read of the known gateways and its INSERT, another
-        # controller's hello for gw-new commits.
-        if statement.lstrip().upper().startswith("INSERT INTO GATEWAYS") and not raced:
-            raced.append(statement)
-            other = make_engine(sql.url.render_as_string(hide_password=False))
-            try:
-                Repository(other).record_gateway_seen("gw-new", "0.9.0", T0)
-            finally:
-                other.dispose()
-
-    event.listen(sql, "before_cursor_execute", insert_first)
-    try:
+    # Between this batch's read of the known gateways and its INSERT, another controller's
+    # hello for gw-new commits.
+    with _before_first(
+        sql, "INSERT INTO GATEWAYS", lambda other: other.record_gateway_seen("gw-new", "0.9.0", T0)
+    ) as raced:
         created = repo.record_gateways_seen(
             [GatewaySeen("gw-new", "1.0.0", vpn_sessions=3), GatewaySeen("gw-old", "1.0.1")],
             T0 + timedelta(seconds=1),
         )
-    finally:
-        event.remove(sql, "before_cursor_execute", insert_first)
     assert raced, "the batch never inserted"
     assert created == set()
     new = repo.get_gateway("gw-new")
@@ -805,25 +819,15 @@ def test_a_confirm_recorded_while_a_batch_is_applied_is_kept(
     # survive the write: the HA guard (peers_in_flight) counts only published commands.
     job = _job(repo, 2)
     commands = [gateway.command_id for gateway in job.gateways]
-    raced: list[str] = []
-
-    def confirm_first(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().upper().startswith("UPDATE JOB_GATEWAYS") and not raced:
-            raced.append(statement)
-            other = make_engine(sql.url.render_as_string(hide_password=False))
-            try:
-                Repository(other).mark_published(commands, T0 + timedelta(seconds=5))
-            finally:
-                other.dispose()
-
-    event.listen(sql, "before_cursor_execute", confirm_first)
-    try:
+    with _before_first(
+        sql,
+        "UPDATE JOB_GATEWAYS",
+        lambda other: other.mark_published(commands, T0 + timedelta(seconds=5)),
+    ) as raced:
         outcomes = repo.apply_reports(
             [_report(job, gateway, GatewayState.DOWNLOADING, f"r-{gateway}")
              for gateway in ("gw-1", "gw-2")]
         )  # fmt: skip
-    finally:
-        event.remove(sql, "before_cursor_execute", confirm_first)
     assert raced, "the batch never wrote the gateways' rows"
     assert _kinds(outcomes) == ["applied", "applied"]
     after = repo.get_job(job.id)
@@ -852,7 +856,8 @@ def test_a_confirm_takes_row_locks_in_the_order_ingestion_does(
             args=([first.command_id, second.command_id], T0 + timedelta(seconds=5)),
         )
         confirm.start()
-        with sql.connect() as watching:
+        # Autocommit: a transaction sees pg_stat_activity as it was at its first read.
+        with sql.connect().execution_options(isolation_level="AUTOCOMMIT") as watching:
             wait_for(
                 lambda: watching.execute(
                     text(
