@@ -29,11 +29,13 @@ and the bench measures:
 The floor, in the same run: (a) the fleet's bytes over plain loopback TCP with the same
 concurrency (N connections at once, ``bench/stream.py``'s ``measure``, which also gives
 the artifact stream's own throughput through a controller; without that module, a raw
-TCP measurement here and no stream figure), and (b) N starts of the new release's
-interpreter importing what the gateway imports (``python ARTIFACT gateway-daemon --help``:
-the zipapp's entry point imports ``gateway_daemon.cli``, which imports the whole gateway,
-then argparse prints its help), all N started at once on the same cores. The floor is
-(a) + (b); the target is the real upgrade within 1.5x of it.
+TCP measurement here and no stream figure), and (b) the interpreter starts of N swaps: a
+swap starts the new release's two processes, its forwarding process and its agent, so
+2N interpreters, all started at once on the same cores, each importing what its process
+imports (``python ARTIFACT gateway-daemon --help``: the zipapp's entry point imports
+``gateway_daemon.cli``, what the forwarding process loads, then argparse prints its help;
+and the release's ``gateway_daemon.agent_process`` imported from the zipapp, what the
+agent loads). The floor is (a) + (b); the target is the real upgrade within 1.5x of it.
 
 Part 2, simulated gateways (default M = 1,000), once per database: a controller of its own
 on SQLite, then on a PostgreSQL database that the bench creates and drops (127.0.0.1:5432,
@@ -277,18 +279,24 @@ def cli_start_ms(runs: int = CLI_RUNS) -> float:
 
 
 def interpreter_starts(artifact: Path, n: int) -> float:
-    """Wall seconds for ``n`` processes started at once, each ``python ARTIFACT
-    gateway-daemon --help``: the new release's interpreter importing the whole gateway."""
-    argv = [sys.executable, str(artifact), "gateway-daemon", "--help"]
+    """Wall seconds for the interpreters of ``n`` swaps started at once: per swap, the new
+    release's forwarding process (``python ARTIFACT gateway-daemon --help``) and its agent
+    (``gateway_daemon.agent_process`` imported from the release file)."""
+    forwarding = [sys.executable, str(artifact), "gateway-daemon", "--help"]
+    agent = [
+        sys.executable, "-c",
+        f"import sys; sys.path.insert(0, {str(artifact)!r}); import gateway_daemon.agent_process",
+    ]  # fmt: skip
     started = time.perf_counter()
     children = [
         subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(n)
+        for argv in (forwarding, agent)
     ]
     try:
         for child in children:
             if child.wait(timeout=SETUP_TIMEOUT_S) != 0:
-                raise RuntimeError(f"{' '.join(argv)} exited {child.returncode}")
+                raise RuntimeError(f"{' '.join(child.args)} exited {child.returncode}")  # type: ignore[arg-type]
     finally:
         for child in children:
             if child.poll() is None:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from tuf.api.metadata import Root
 
+from gateway_daemon.control import PlaneGone
 from gateway_daemon.download import download
 from gateway_daemon.errors import (
     AgentRetired,
@@ -384,6 +385,12 @@ class Agent:
         try:
             self._swap(verified, staged)
             self._retired = True
+        except PlaneGone as exc:
+            # The forwarding process died mid-handoff: the new version may serve alone and
+            # report, or nothing serves. Either way this agent reports nothing more: the
+            # command goes back to the queue for whoever serves next.
+            self._retired = True
+            raise AgentRetired(f"the forwarding process is gone: {exc}") from exc
         except HandoffFailed as exc:
             # Rolled back: this process serves as before. ResumeFailed: it could not.
             state = (

@@ -10,6 +10,10 @@ gateway-daemon enroll --id ID --code CODE --ca-cert FILE [--controller HOST:PORT
                       [--state-dir DIR]
 gateway-daemon vpn-service --state-dir DIR --listen HOST:PORT [--keepalive-timeout S]
 gateway-daemon traffic (--write-lab DIR | --sites FILE) [--rate PPS] [--duration S] ...
+
+``run`` is the forwarding process (``forwarding``): it loads no gRPC, pika or TUF, so it
+reads only the flags it needs itself and starts the agent (``agent``, internal) with the
+whole command line, which the agent reads (enrollment, the trust root, the broker).
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from gateway_daemon import daemon, identity
-from gateway_daemon import trust as gateway_trust
+from gateway_daemon import forwarding
 from gateway_daemon.handoff import child
 from gateway_daemon.handoff.parent import Deadlines
 from gateway_daemon.state import AgentState
@@ -29,7 +32,7 @@ from gateway_daemon.tunnels import traffic
 from gateway_daemon.tunnels.config import TunnelsConfig
 from gateway_daemon.vpn import service as vpn_service
 from gateway_daemon.vpn.config import DEFAULT_KEEPALIVE_TIMEOUT_S, VpnConfig
-from hitless import config, logs, pki
+from hitless import config, logs
 from hitless.errors import ConfigError, HitlessError
 
 ENV_ENROLL_CODE = "HITLESS_ENROLL_CODE"
@@ -89,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     # Internal: set by the old version when it hands its sockets to this process.
     run.add_argument("--handoff-fd", type=int, help=argparse.SUPPRESS)
+    # Internal: the agent process, started by `run` with one end of its control socket.
+    agent = commands.add_parser("agent")
+    agent.add_argument("--control-fd", type=int, required=True)
     enroll = commands.add_parser(
         "enroll",
         help="obtain this gateway's certificate, broker login and trust root with a one-time "
@@ -133,6 +139,9 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 def _enroll(args: argparse.Namespace, state_dir: Path, controller: config.HostPort) -> None:
     """Enroll with the code and CA the arguments (or environment) give."""
+    from gateway_daemon import identity
+    from hitless import pki
+
     code = args.code or config.env_secret(ENV_ENROLL_CODE)
     ca_file = args.ca_cert or os.environ.get(config.ENV_CA_CERT)
     if not code or not ca_file:
@@ -159,6 +168,8 @@ def _enrolled(cfg: config.GatewayConfig, args: argparse.Namespace) -> config.Gat
     """``cfg`` with the identity of the enrolled gateway: downloads from the controller's
     gateway port, and the gateway's own broker login. Enrolls first when it has none and
     a code is given."""
+    from gateway_daemon import identity
+
     found = identity.load(cfg.state_dir)
     if found is None:
         _enroll(args, cfg.state_dir, cfg.controller)
@@ -234,41 +245,71 @@ def main(argv: list[str] | None = None) -> int:
             )
             _enroll(args, _state_dir(args), controller)
             return 0
+        if args.command == "agent":
+            return _agent(args)
         if args.handoff_fd is not None:
             inheritance = child.accept(args.handoff_fd)
-            context = inheritance.context
-            gateway = daemon.GatewayDaemon(
-                daemon.config_from_context(context),
-                deadlines=daemon.deadlines_from_context(context),
-                vpn=daemon.vpn_from_context(context),
-            )
-            daemon.install_signal_handlers(gateway)
-            return gateway.run_inherited(inheritance)
+            return forwarding.take_over(inheritance, args.id, _state_dir(args))
         cfg = _config(args)
         # A staged release checks its own flags and files: exec it before reading them.
-        daemon.exec_current_release(AgentState(cfg.state_dir), argv)
-        cfg = _enrolled(cfg, args)
-        given = args.trust_root or os.environ.get(config.ENV_TRUST_ROOT)
-        gateway_trust.provision(cfg.state_dir, Path(given) if given else None)
+        forwarding.exec_current_release(AgentState(cfg.state_dir), argv)
         if args.handoff_timeout <= 0:
             raise ConfigError(f"--handoff-timeout must be > 0 seconds, got {args.handoff_timeout}")
         if args.heartbeat_interval <= 0:
             raise ConfigError(
                 f"--heartbeat-interval must be > 0 seconds, got {args.heartbeat_interval}"
             )
-        vpn = _vpn_config(args, cfg.state_dir)
-        tunnels = TunnelsConfig.load(args.tunnels) if args.tunnels else None
-        gateway = daemon.GatewayDaemon(
-            cfg, tunnels, Deadlines(ready_s=args.handoff_timeout), vpn=vpn
+        _vpn_config(args, cfg.state_dir)  # checked here, used by the agent
+        return forwarding.run_fresh(
+            gateway_id=cfg.gateway_id,
+            state_dir=cfg.state_dir,
+            listen=cfg.listen,
+            tunnels=TunnelsConfig.load(args.tunnels) if args.tunnels else None,
+            deadlines=Deadlines(ready_s=args.handoff_timeout),
+            run_args=argv,
         )
-        daemon.install_signal_handlers(gateway)
-        return gateway.run_fresh()
     except ConfigError as exc:
         print(f"gateway-daemon: error: {exc}", file=sys.stderr)
         return 2
     except (HitlessError, OSError) as exc:
         print(f"gateway-daemon: error: {exc}", file=sys.stderr)
         return 1
+
+
+def _agent(args: argparse.Namespace) -> int:
+    """The agent process: configured by its start message (``control``), from the
+    ``run`` command line of a fresh start or the context a handoff brought."""
+    import socket
+
+    from gateway_daemon import agent_process
+    from gateway_daemon import trust as gateway_trust
+    from gateway_daemon.control import PlaneClient
+
+    plane = PlaneClient(socket.socket(fileno=args.control_fd))
+    start = plane.first()
+    try:
+        context = start.get("context")
+        if context:
+            agent = agent_process.AgentProcess(
+                agent_process.config_from_context(context), plane,
+                deadlines=forwarding.deadlines_from_context(context),
+                vpn=agent_process.vpn_from_context(context),
+                takeover=bool(start.get("ready_check")),
+            )  # fmt: skip
+        else:
+            run = _parser().parse_args(list(start["run_args"]))
+            cfg = _enrolled(_config(run), run)
+            given = run.trust_root or os.environ.get(config.ENV_TRUST_ROOT)
+            gateway_trust.provision(cfg.state_dir, Path(given) if given else None)
+            agent = agent_process.AgentProcess(
+                cfg, plane, deadlines=Deadlines(ready_s=run.handoff_timeout),
+                vpn=_vpn_config(run, cfg.state_dir),
+            )  # fmt: skip
+    except HitlessError as exc:
+        plane.fail(str(exc))
+        raise
+    agent_process.install_signal_handlers(agent)
+    return agent.run()
 
 
 if __name__ == "__main__":

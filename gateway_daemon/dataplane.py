@@ -26,8 +26,9 @@ import struct
 from collections.abc import Callable
 from typing import Any, Final
 
-from gateway_daemon import listeners
+from gateway_daemon import health, listeners
 from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.health import Health
 from gateway_daemon.plane import Handle, Passable, Plane, PredecessorGone
 from gateway_daemon.tunnels import plane as tunnels
 from gateway_daemon.tunnels.config import TunnelsConfig
@@ -191,6 +192,22 @@ class DataPlane:
 
     def endpoints(self) -> list[str]:
         return [endpoint for _, part in self._parts for endpoint in part.endpoints()]
+
+    def health(self) -> Health:
+        """Its counters now (``gateway_daemon.health``), read from another thread than
+        the one forwarding, without locking: plain attribute reads, at worst one datagram
+        or handshake behind. A UDP tunnel is up once its site's handshake gave it a
+        session and an endpoint to send to; TCP tunnels are not counted (each carries
+        connections a site opens when it has traffic, so one with none is idle, not down)."""
+        plane = self.tunnels
+        if plane is None:
+            return health.NONE
+        udp = plane.udp
+        up = frozenset(
+            str(tid) for tid, t in list(udp.tunnels.items()) if t.session is not None and t.endpoint
+        )
+        stats = udp.stats
+        return Health(up, len(udp.tunnels), stats.received, stats.dropped + stats.rejected)
 
     def cutover_marks(self) -> dict[str, int]:
         """The tunnels' last forward and park (time.monotonic_ns); empty without tunnels."""

@@ -14,7 +14,7 @@ HitlessError
 
 from __future__ import annotations
 
-from hitless.bus.amqp import Requeue
+from hitless.bus.handling import Requeue
 from hitless.errors import HitlessError
 
 

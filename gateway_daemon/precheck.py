@@ -29,8 +29,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway_daemon.dataplane import DataPlane
 from gateway_daemon.download import ControllerChannel
+from gateway_daemon.health import Counted
 from gateway_daemon.state import AgentState
 from hitless.v1 import artifacts_pb2, bus_pb2
 
@@ -167,15 +167,10 @@ def _health(
     return None
 
 
-def tunnel_counts(plane: DataPlane) -> tuple[int, int]:
+def tunnel_counts(plane: Counted) -> tuple[int, int]:
     """(established now, configured) UDP tunnels of ``plane``: a tunnel is established
     once its site's handshake gave it a session and an endpoint to send to. TCP tunnels
     are not counted: each carries connections a site opens when it has traffic, so one
-    with none open is idle, not down. Reads the data plane's state from another thread
-    without locking: a plain attribute read, at worst one handshake behind."""
-    tunnels = plane.tunnels
-    if tunnels is None:
-        return 0, 0
-    udp = list(tunnels.udp.tunnels.values())
-    up = sum(1 for t in udp if t.session is not None and t.endpoint is not None)
-    return up, len(udp)
+    with none open is idle, not down (``DataPlane.health``)."""
+    health = plane.health()
+    return len(health.up), health.configured

@@ -132,15 +132,21 @@ class Reporter:
         )
 
     def hello(
-        self, endpoints: Sequence[str], heartbeat_interval_s: float, *, ha_peer: str = ""
+        self,
+        endpoints: Sequence[str],
+        heartbeat_interval_s: float,
+        *,
+        ha_peer: str = "",
+        pid: int | None = None,
     ) -> None:
-        """Announce this process: its version, pid, served addresses, how often it sends
-        a heartbeat (the controller counts it OFFLINE after three missed), and the peer of
-        its high-availability pair, if any."""
+        """Announce this gateway: its version, the pid of its forwarding process (``pid``;
+        None: this process), served addresses, how often it sends a heartbeat (the
+        controller counts it OFFLINE after three missed), and the peer of its
+        high-availability pair, if any."""
         message = bus_pb2.GatewayHello(
             gateway_id=self._gateway_id,
             version=self._version,
-            pid=os.getpid(),
+            pid=os.getpid() if pid is None else pid,
             listen=list(endpoints),
             at=_now(),
             ha_peer=ha_peer,

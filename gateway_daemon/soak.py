@@ -12,8 +12,9 @@ job's soak period, and the upgrade is promoted only if they hold. What "hold" me
 
 A fall is reported with what fell ("tunnel 2 went down during the soak", "dropped 120 of 3000
 datagrams (4.0%), the version before 0.0%"), and the gateway hands back to the version it
-ran before (``GatewayDaemon``). The counters are read from another thread without
-locking, as the pre-check reads them: plain attribute reads, at worst one datagram behind.
+ran before (``agent_process``). The agent reads the counters from the forwarding process
+(``health``), which reads them off its data plane without locking: plain attribute reads,
+at worst one datagram behind.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway_daemon.dataplane import DataPlane
+from gateway_daemon.health import Counted, Health
 
 # How often the counters are read during a soak, seconds.
 SAMPLE_S = 1.0
@@ -33,31 +34,9 @@ MIN_DROPS = 10
 MIN_DROP_SHARE = 0.01
 
 
-@dataclass(frozen=True)
-class Health:
-    """The data plane's counters at one moment."""
-
-    up: frozenset[str]  # UDP tunnels established, by tunnel id
-    configured: int  # UDP tunnels configured
-    received: int  # datagrams received, since the process started
-    dropped: int  # dropped or rejected, since the process started
-
-    def to_context(self) -> dict[str, int]:
-        """What the old version hands the new one: its counters at the handoff."""
-        return {"received": self.received, "dropped": self.dropped}
-
-
-def sample(plane: DataPlane) -> Health:
+def sample(plane: Counted) -> Health:
     """The plane's counters now (no tunnels configured: all zero)."""
-    tunnels = plane.tunnels
-    if tunnels is None:
-        return Health(frozenset(), 0, 0, 0)
-    udp = tunnels.udp
-    up = frozenset(
-        str(tid) for tid, t in list(udp.tunnels.items()) if t.session is not None and t.endpoint
-    )
-    stats = udp.stats
-    return Health(up, len(udp.tunnels), stats.received, stats.dropped + stats.rejected)
+    return plane.health()
 
 
 def drop_share(received: int, dropped: int) -> float:
@@ -101,7 +80,7 @@ class Verdict:
 
 
 def watch(
-    plane: DataPlane,
+    plane: Counted,
     soak_s: int,
     share_before: float,
     report: Callable[[str], None],

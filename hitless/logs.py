@@ -49,7 +49,9 @@ def configure(service: str, *, json: bool | None = None, level: str = "INFO") ->
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # One write per line (the line and its newline together): a gateway's processes
+        # share one stderr, and two lines must never interleave.
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
     # pika and grpc log through the standard library; keep their warnings only.

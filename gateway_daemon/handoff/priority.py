@@ -45,6 +45,11 @@ def can_restore() -> bool:
     return soft == resource.RLIM_INFINITY or soft >= 20
 
 
+def is_idle() -> bool:
+    """Whether this process (its calling thread) runs at SCHED_IDLE."""
+    return _IDLE is not None and os.sched_getscheduler(0) == _IDLE
+
+
 def lower(pid: int) -> bool:
     """Move the just-started process ``pid`` to SCHED_IDLE; False when it stays normal.
 

@@ -50,6 +50,16 @@ class TunnelGateway:
             describe=lambda: self.proc.log()[-3000:],
         )
 
+    def wait_consuming(self, timeout: float = 30.0) -> None:
+        """Until the agent of the process serving now takes commands: the forwarding
+        process serves before its agent has loaded its trust and consumes its queue."""
+        wait_for(
+            lambda: '"bus_consuming"' in self.proc.log().split('"gateway_serving"')[-1],
+            timeout=timeout,
+            what="the gateway's agent to consume its queue",
+            describe=lambda: self.proc.log()[-3000:],
+        )
+
     def new_process(self) -> int | None:
         """The pid of a next version being started by the serving process, if any."""
         serving = self.serving_pid()
@@ -108,6 +118,7 @@ def start_gateway(
     ]  # fmt: skip
     gateway = TunnelGateway(procs.start(GATEWAY_ID, argv), sites)
     gateway.wait_serving()
+    gateway.wait_consuming()
     return gateway
 
 

@@ -20,7 +20,8 @@ name longer than AMQP's 255-byte short string, properties that do not fit a fram
 that one publish or declare with ``PublishFailed``, on a fresh channel, and never takes the
 connection down for everything queued behind it: only a lost connection is retried.
 
-    channel.py     connecting, declaring, Delivery, DeadLetter, Requeue, refusals
+    channel.py     connecting, declaring, Delivery, refusals
+    (DeadLetter and Requeue, what a handler raises, are ``hitless.bus.handling``'s)
     publisher.py   Publisher
     consumer.py    Consumer
 """
@@ -30,15 +31,14 @@ from hitless.bus.amqp.channel import (
     MAX_PROPERTIES_BYTES,
     MAX_REASON_CHARS,
     ORIGINAL_USER_HEADER,
-    DeadLetter,
     Delivery,
-    Requeue,
     dead_letter_headers,
     declare,
     declare_topology,
 )
 from hitless.bus.amqp.consumer import Consumer, Handler
 from hitless.bus.amqp.publisher import Publisher
+from hitless.bus.handling import DeadLetter, Requeue
 
 __all__ = [
     "MAX_EXPIRATION_MS",

@@ -1,5 +1,5 @@
 """What the publisher and the consumer share: connecting and declaring, the messages a
-handler sees and raises, and how a refusal by the broker is told from a lost connection.
+handler sees, and how a refusal by the broker is told from a lost connection.
 
 What the broker refuses for one message (a 406 PRECONDITION_FAILED closing the channel, a
 name longer than AMQP's 255-byte short string, properties that do not fit a frame) is that
@@ -26,7 +26,7 @@ from hitless.backoff import Backoff
 from hitless.bus import topology
 from hitless.bus.topology import Queue
 from hitless.config import BusConfig
-from hitless.errors import ConfigError, HitlessError, PublishFailed
+from hitless.errors import ConfigError, PublishFailed
 
 log = logs.get(__name__)
 
@@ -61,21 +61,6 @@ def dead_letter_headers(headers: Mapping[str, Any], reason: str, source: str) ->
         topology.REASON_HEADER: cut(reason, MAX_REASON_CHARS),
         topology.SOURCE_QUEUE_HEADER: source,
     }
-
-
-class DeadLetter(HitlessError):
-    """Raised by a handler for a message that can never be processed: the consumer moves it
-    to the dead-letter queue, body untouched, with ``reason`` in a header."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class Requeue(HitlessError):
-    """Raised by a handler that is not the one to take this message (e.g. a process that
-    is handing over): the message goes back to its queue for another consumer, and this
-    does not count as a failure toward dead-lettering."""
 
 
 @dataclass(frozen=True)

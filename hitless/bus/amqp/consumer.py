@@ -33,9 +33,7 @@ from hitless.bus.amqp.channel import (
     ORIGINAL_USER_HEADER,
     PUMP_S,
     REFUSED_BY_CLIENT,
-    DeadLetter,
     Delivery,
-    Requeue,
     back_off,
     check_properties,
     close_quietly,
@@ -43,6 +41,7 @@ from hitless.bus.amqp.channel import (
     cut,
     dead_letter_headers,
 )
+from hitless.bus.handling import DeadLetter, Requeue
 from hitless.bus.topology import Queue
 from hitless.config import BusConfig
 from hitless.errors import PublishFailed

@@ -1,9 +1,13 @@
-"""One gateway process: its data plane, its upgrade agent, and its place on the bus.
+"""The gateway's agent process: its upgrade agent and its place on the bus.
 
-A process starts either fresh (binding its tunnels and listeners: ``dataplane``) or from
-a handoff (adopting the sockets and state of the version before it, checking itself with
-``selfcheck``). It serves until it is told to stop or has handed everything to the next
-version, and then exits.
+The forwarding process (``forwarding``) starts it, and starts it again whenever it exits
+or dies: commands, downloads, verification, reports, heartbeats and the VPN service's
+supervision run here, never beside the data plane. It reaches the data plane only
+through the control socket (``control.PlaneClient``): its counters, and "hand the data
+plane to this release". Once the data plane is handed over this process exits, and the
+new version's forwarding process starts the new version's agent, which records and
+reports how the command ended. When the forwarding process goes (the control socket
+closes), this process stops too: a command it was running goes back to the queue.
 """
 
 from __future__ import annotations
@@ -14,22 +18,21 @@ import os
 import select
 import signal
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
 
 import gateway_daemon
-from gateway_daemon import dataplane, identity, precheck, selfcheck, soak
+from gateway_daemon import identity, precheck, soak
 from gateway_daemon.agent import Agent
-from gateway_daemon.dataplane import DataPlane
+from gateway_daemon.control import Attached, PlaneClient, PlaneGone
 from gateway_daemon.errors import HandoffFailed
-from gateway_daemon.handoff import child, parent
+from gateway_daemon.forwarding import PROGRAM
+from gateway_daemon.handoff import parent
 from gateway_daemon.reporter import Reporter
 from gateway_daemon.state import AgentState, CommandState, Outcome, transition
 from gateway_daemon.trust import GatewayTrust
-from gateway_daemon.tunnels.config import TunnelsConfig
 from gateway_daemon.vpn.config import VpnConfig
 from gateway_daemon.vpn.supervisor import VpnSupervisor
 from hitless import logs, staged, version
@@ -41,16 +44,10 @@ from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
 
-# The program a release runs to be a gateway (``hitless.staged``).
-PROGRAM = "gateway-daemon"
-
 BUS_READY_TIMEOUT_S = 20.0
-# How long a new version waits for the old process to exit before it reports and consumes.
+# How long a new version waits for the old forwarding process to exit (it waits for its
+# agent first) before it reports and consumes.
 PREDECESSOR_EXIT_TIMEOUT_S = 10.0
-# READY to CUTOVER: the old process only parks its loop and encodes the final state.
-CUTOVER_TIMEOUT_S = 10.0
-# Beyond that deadline, for the data plane to apply the final state and serve.
-PAUSE_MARGIN_S = 2.0
 
 
 DEFAULT_DEADLINES = parent.Deadlines()
@@ -104,83 +101,65 @@ def vpn_from_context(context: dict[str, Any]) -> VpnConfig | None:
     )
 
 
-def deadlines_from_context(context: dict[str, Any]) -> parent.Deadlines:
-    """The handoff deadlines the gateway was started with, kept across upgrades."""
-    ready_s = context.get("handoff_ready_s")
-    return parent.Deadlines(ready_s=float(ready_s)) if ready_s else DEFAULT_DEADLINES
+class AgentProcess:
+    """The agent of one gateway, beside the forwarding process ``plane`` reaches.
+    ``takeover``: it starts after a handoff, and must reach the broker before the new
+    version may say ready."""
 
-
-class GatewayDaemon:
     def __init__(
         self,
         config: GatewayConfig,
-        tunnels: TunnelsConfig | None = None,
+        plane: PlaneClient,
+        *,
         deadlines: parent.Deadlines = DEFAULT_DEADLINES,
         vpn: VpnConfig | None = None,
+        takeover: bool = False,
     ) -> None:
         self.config = config
+        self._plane = plane
         self._vpn_config = vpn
+        self._takeover = takeover
         self.version = version.current()
         self.state = AgentState(config.state_dir)
-        self._tunnels = tunnels
         self._deadlines = deadlines
         self._stop = threading.Event()
         self._swapped = False
-        self._plane: DataPlane | None = None
-        logs.bind_process(gateway_id=config.gateway_id)
-        log.info("gateway_starting", gateway_id=config.gateway_id, version=self.version)
+        logs.bind_process(gateway_id=config.gateway_id, process="agent")
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _greeting(self) -> bytes:
-        return f"hitless-gateway {self.config.gateway_id} {self.version}\n".encode()
-
-    def run_fresh(self) -> int:
-        plane = DataPlane.serve(self.config.listen, self._tunnels, self._greeting())
-        return self._serve(plane, handed_over=None)
-
-    def run_inherited(self, inheritance: child.Inheritance) -> int:
-        """Take over from the old process; on any failure before serving, leave it to it."""
-        predecessor = os.getppid()  # the old version started this process
+    def run(self) -> int:
+        """Attach to the forwarding process and serve until stopped, handed over, or the
+        forwarding process is gone; the exit code."""
+        self._plane.start(on_gone=self.stop)
         publisher = self._publisher()
-        context = inheritance.context
-        try:
-            command = codec.decode(bus_pb2.UpgradeCommand, context["command"].encode(),
-                                   strict=False)  # fmt: skip
-            # A hand-back after a failed soak starts the version the gateway ran before.
-            rollback: dict[str, Any] | None = context.get("rollback")
-            expected = rollback["version"] if rollback else command.target_version
-            if self.version != expected:
-                raise HandoffFailed(
-                    f"this process runs {self.version}, not {expected}: the artifact is not "
-                    "the release " + ("to hand back to" if rollback else "the command names")
-                )
-            plane = dataplane.adopt(
-                inheritance.description,
-                inheritance.sockets,
-                inheritance.snapshot,
-                self._greeting(),
-            )
-            if not publisher.wait_connected(BUS_READY_TIMEOUT_S):
-                raise HandoffFailed(f"cannot reach the broker at {self.config.bus.safe_url}")
-            selfcheck.run(plane, inheritance.sockets)
-            inheritance.say_ready()
-            if plane.tunnels is not None:
-                plane.tunnels.add_marks(inheritance.marks)
-            # The data plane's own loop thread waits for CUTOVER and serves at once.
-            deadline = time.monotonic() + CUTOVER_TIMEOUT_S
-            plane.start_from(
-                lambda: inheritance.cutover(deadline), CUTOVER_TIMEOUT_S + PAUSE_MARGIN_S
-            )
-        except Exception as exc:
-            log.error("takeover_failed", error=str(exc))
-            inheritance.abort(f"the new version could not take over: {exc}")
-            for sock in inheritance.sockets:
-                sock.close()
+        if self._takeover and not publisher.wait_connected(BUS_READY_TIMEOUT_S):
+            reason = f"cannot reach the broker at {self.config.bus.safe_url}"
+            log.error("agent_not_ready", reason=reason)
+            self._plane.fail(reason)
             publisher.close()
             return 1
-        inheritance.started()
+        try:
+            attached = self._plane.attach()
+            handed_over, soaking = None, None
+            if attached.handover is not None:
+                handed_over, soaking = self._record_handover(attached.handover)
+                self._plane.recorded()
+        except PlaneGone:
+            publisher.close()
+            return 0
+        return self._serve(attached, handed_over, publisher, soaking)
+
+    def _record_handover(
+        self, context: dict[str, Any]
+    ) -> tuple[tuple[bus_pb2.UpgradeCommand, Outcome], dict[str, Any] | None]:
+        """Record how the command that brought this version ended: ROLLED_BACK after a
+        hand-back, SOAKING when its job has a soak, else SUCCEEDED (and this release as
+        the one to run). The command and outcome, and the context to soak with, if any."""
+        command = codec.decode(bus_pb2.UpgradeCommand, context["command"].encode(),
+                               strict=False)  # fmt: skip
+        rollback: dict[str, Any] | None = context.get("rollback")
         if rollback:
             # The soaking version handed back: this one ends the command, ROLLED_BACK.
             outcome = Outcome(
@@ -189,20 +168,14 @@ class GatewayDaemon:
             )  # fmt: skip
             self.state.record_outcome(command.command_id, outcome)
             self._restore_release(rollback.get("release"))
-            return self._serve(
-                plane, handed_over=(command, outcome), publisher=publisher,
-                predecessor=predecessor,
-            )  # fmt: skip
+            return (command, outcome), None
         if command.soak_seconds > 0:
             # Promoted only once its soak passes (``_soak``): until then a restart runs
             # the release before, and a redelivered command hears SOAKING.
             state = transition(CommandState.SWAPPING, CommandState.SOAKING)
             outcome = Outcome(state, self.version, context["from_version"])
             self.state.record_outcome(command.command_id, outcome)
-            return self._serve(
-                plane, handed_over=(command, outcome), publisher=publisher,
-                predecessor=predecessor, soaking=context,
-            )  # fmt: skip
+            return (command, outcome), context
         # The process that handed over reported SWAPPING; this one ends the command.
         state = transition(CommandState.SWAPPING, CommandState.SUCCEEDED)
         outcome = Outcome(state, self.version, context["from_version"])
@@ -210,9 +183,7 @@ class GatewayDaemon:
         self.state.set_current_release(
             self.version, Path(context["artifact"]), command.artifact_sha256
         )
-        return self._serve(
-            plane, handed_over=(command, outcome), publisher=publisher, predecessor=predecessor
-        )
+        return (command, outcome), None
 
     def _credentials(self) -> grpc.ChannelCredentials:
         """The gateway's client certificate for the controller's gateway port."""
@@ -231,14 +202,12 @@ class GatewayDaemon:
 
     def _serve(
         self,
-        plane: DataPlane,
+        attached: Attached,
         handed_over: tuple[bus_pb2.UpgradeCommand, Outcome] | None,
-        publisher: Publisher | None = None,
-        predecessor: int | None = None,
+        publisher: Publisher,
         soaking: dict[str, Any] | None = None,
     ) -> int:
-        self._plane = plane
-        publisher = publisher or self._publisher()
+        plane = self._plane
         reporter = Reporter(publisher, self.config.gateway_id, self.version)
         vpn: VpnSupervisor | None = None
         agent = Agent(
@@ -254,14 +223,14 @@ class GatewayDaemon:
             queues=[topology.CONTROLLER_REPORTS],
             name="gateway-commands",
         )
-        log.info("gateway_serving", endpoints=plane.endpoints(), pid=os.getpid())
+        log.info("agent_serving", pid=attached.pid, agent_pid=os.getpid())
         try:
-            if predecessor is not None:
+            if attached.predecessor is not None:
                 # Until the old process is gone it may still hold a consumer on this
                 # gateway's queue: the next command (sent once this one reports SUCCEEDED)
                 # must reach this version, not the one that handed over. It also watches
                 # the VPN service until it exits: only one process may restart it.
-                _wait_exited(predecessor, PREDECESSOR_EXIT_TIMEOUT_S)
+                _wait_exited(attached.predecessor, PREDECESSOR_EXIT_TIMEOUT_S)
             vpn = self._start_vpn()
             if handed_over is not None:
                 command, outcome = handed_over
@@ -273,7 +242,7 @@ class GatewayDaemon:
                         target=self._soak, args=(plane, reporter, command, outcome, soaking),
                         name="soak", daemon=True,
                     ).start()  # fmt: skip
-            self._announce(reporter, plane)
+            self._announce(reporter, attached)
             consumer.start()
             while not self._stop.wait(self.config.heartbeat_interval_s):
                 try:
@@ -284,9 +253,8 @@ class GatewayDaemon:
             consumer.stop()
             if vpn is not None:
                 vpn.close()  # the service itself runs on, for the next process to attach to
-            plane.close()
             publisher.close()
-        log.info("gateway_exiting", handed_over=self._swapped)
+        log.info("agent_exiting", handed_over=self._swapped)
         return 0
 
     def _start_vpn(self) -> VpnSupervisor | None:
@@ -310,17 +278,18 @@ class GatewayDaemon:
         self.state.record_outcome(command.command_id, outcome)
         return outcome
 
-    def _announce(self, reporter: Reporter, plane: DataPlane) -> None:
+    def _announce(self, reporter: Reporter, attached: Attached) -> None:
         try:
             reporter.hello(
-                plane.endpoints(), self.config.heartbeat_interval_s, ha_peer=self.config.ha_peer
-            )
+                attached.endpoints, self.config.heartbeat_interval_s,
+                ha_peer=self.config.ha_peer, pid=attached.pid,
+            )  # fmt: skip
         except BusError as exc:
             log.warning("hello_failed", error=str(exc))
 
     def _soak(
         self,
-        plane: DataPlane,
+        plane: PlaneClient,
         reporter: Reporter,
         command: bus_pb2.UpgradeCommand,
         soaking: Outcome,
@@ -393,7 +362,7 @@ class GatewayDaemon:
                 },
             }
 
-            self._hand_off(restart, back)
+            self._plane.hand_off(restart, back)
         except HandoffFailed as exc:
             log.error("hand_back_failed", reason=reason, error=str(exc))
             failed = dataclasses.replace(
@@ -412,22 +381,6 @@ class GatewayDaemon:
         self._swapped = True
         self._stop.set()
 
-    def _hand_off(self, program: list[str], context: dict[str, Any]) -> None:
-        """Hand the data plane to ``program`` (the argv up to its ``run`` subcommand)
-        started as this gateway with ``context``; return once it serves. Raises
-        HandoffFailed (``parent.hand_off``) with this process still serving."""
-        assert self._plane is not None
-
-        def argv_for(control_fd: int) -> list[str]:
-            return [
-                *program, "run",
-                "--id", self.config.gateway_id,
-                "--state-dir", str(self.config.state_dir),
-                "--handoff-fd", str(control_fd),
-            ]  # fmt: skip
-
-        parent.hand_off(self._plane, argv_for, context, deadlines=self._deadlines)
-
     def _restore_release(self, release: dict[str, Any] | None) -> None:
         """After a hand-back: record the release this process runs as the one to run
         again (None: the installed package)."""
@@ -439,8 +392,9 @@ class GatewayDaemon:
             self.state.clear_current_release()
 
     def _swap(self, command: bus_pb2.UpgradeCommand, artifact: Path) -> None:
-        """Hand the data plane to ``artifact``'s version; return once it serves."""
-        assert self._plane is not None
+        """Hand the data plane to ``artifact``'s version; return once it serves. Raises
+        HandoffFailed (this version serves on), ResumeFailed, or GatewayError
+        (``PlaneClient.hand_off``)."""
         context = {
             **config_to_context(self.config, self._deadlines, self._vpn_config),
             "command": codec.encode(command).decode(),
@@ -454,7 +408,7 @@ class GatewayDaemon:
             "health_before": soak.sample(self._plane).to_context(),
         }
 
-        self._hand_off(staged.release_argv(artifact, PROGRAM), context)
+        self._plane.hand_off(staged.release_argv(artifact, PROGRAM), context)
         self._swapped = True
         self._stop.set()
 
@@ -484,24 +438,6 @@ def _wait_exited(pid: int, timeout_s: float) -> None:
         os.close(fd)
 
 
-def exec_current_release(state: AgentState, argv: list[str]) -> None:
-    """A daemon started from the installed package runs the release staged by its last
-    upgrade instead, so a restart does not silently downgrade the gateway. The file is
-    hashed first (``hitless.staged.check``): one altered on disk since it was verified is
-    not run, and the installed package starts instead."""
-    try:
-        current = state.current_release()
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.error("staged_release_refused", state=str(state.path), reason=str(exc))
-        return
-    if current is None:
-        return
-    staged_version, artifact, sha256 = current
-    if staged_version == version.current() or not artifact.is_file():
-        return
-    staged.exec_release(staged_version, artifact, sha256, PROGRAM, argv)
-
-
-def install_signal_handlers(daemon: GatewayDaemon) -> None:
+def install_signal_handlers(daemon: AgentProcess) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())

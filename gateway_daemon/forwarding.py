@@ -1,0 +1,526 @@
+"""The gateway's forwarding process: its data plane, and nothing else.
+
+    gateway-daemon run               the forwarding process (this module)
+    ├── DataPlane                    tunnels and listeners, on their own loop thread
+    ├── gateway-daemon agent         a child: commands, downloads, verification, reports,
+    │                                the VPN service's supervision (``agent_process``)
+    └── <next version> run --handoff-fd N
+                                     during an upgrade only: the next version's
+                                     forwarding process, taking the data plane over
+
+This process loads no gRPC, no pika and no TUF, and downloads nothing: what can abort,
+leak, block on a lock or fill memory runs in the agent. The two talk over a control socket
+(``control``). When the agent exits, crashes or is killed, this process starts it again
+(after a backoff: ``AGENT_RESTART``) and forwards on; only the first agent of a fresh
+start failing before it attached (a configuration error, say) ends the process, with the
+agent's exit code.
+
+An upgrade: the agent downloads and verifies the release, then asks this process to hand
+the data plane to it (``hand_off``). This process runs the handoff (``handoff.parent``)
+on a thread of its own, answers, and once the new version serves waits for its agent to
+exit and exits itself. The new version's forwarding process (``take_over``) adopts the
+sockets and state, starts its own agent and waits until that agent reaches the broker
+(the part of the self-check that needs the network), checks itself (``selfcheck``), says
+READY, takes the cutover on its data plane's loop thread, and then tells its agent what
+the handoff brought: the agent records and reports the outcome. A new version whose
+agent cannot start or reach the broker within ``AGENT_READY_S`` is not ready: the old
+one serves on (ROLLED_BACK).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import gateway_daemon
+from gateway_daemon import control, dataplane, selfcheck
+from gateway_daemon.dataplane import DataPlane
+from gateway_daemon.errors import GatewayError, HandoffFailed, HandoffTimeout
+from gateway_daemon.handoff import child, parent, priority
+from gateway_daemon.handoff.parent import Deadlines, ResumeFailed
+from gateway_daemon.state import AgentState
+from gateway_daemon.tunnels.config import TunnelsConfig
+from hitless import logs, staged, version
+from hitless.backoff import Backoff
+from hitless.config import HostPort
+
+log = logs.get(__name__)
+
+# The program a release runs to be a gateway (``hitless.staged``).
+PROGRAM: Final = "gateway-daemon"
+# After the data plane was handed over, or when the gateway stops: how long the agent
+# has to exit on its own (SIGTERM) before it is killed, seconds.
+AGENT_EXIT_S: Final = 10.0
+# Between starts of an agent that keeps exiting; reset once one has run this long.
+AGENT_RESTART: Final = Backoff(initial_s=0.5, max_s=30.0)
+AGENT_STABLE_S: Final = 60.0
+# After a handoff, the new agent's time to start and reach the broker before this
+# version counts as not ready (the old process's ready deadline applies as well).
+AGENT_READY_S: Final = 20.0
+# READY to CUTOVER: the old process only parks its loop and encodes the final state.
+CUTOVER_TIMEOUT_S: Final = 10.0
+# Beyond that deadline, for the data plane to apply the final state and serve.
+PAUSE_MARGIN_S: Final = 2.0
+
+
+def greeting(gateway_id: str) -> bytes:
+    """What the plain ``--listen`` listeners say to each connection."""
+    return f"hitless-gateway {gateway_id} {version.current()}\n".encode()
+
+
+def deadlines_from_context(context: dict[str, Any]) -> Deadlines:
+    """The handoff deadlines the gateway was started with, kept across upgrades."""
+    ready_s = context.get("handoff_ready_s")
+    return Deadlines(ready_s=float(ready_s)) if ready_s else Deadlines()
+
+
+@dataclass
+class _Agent:
+    """The running agent: its process, this end of its control socket, a pidfd on it."""
+
+    proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    pidfd: int
+    started: float
+    attached: bool = False
+    closed: bool = False  # its end of the control socket is closed
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class Forwarding:
+    """One forwarding process: ``plane`` and the agent it starts and restarts.
+
+    ``start`` is the agent's start message (``control``): the ``run`` arguments of a
+    fresh start, or the context a handoff brought. ``handover`` is that context too,
+    given to the agent (with the ``predecessor`` pid that handed over) until it says it
+    recorded it."""
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        *,
+        gateway_id: str,
+        state_dir: Path,
+        deadlines: Deadlines,
+        start: dict[str, Any],
+        handover: dict[str, Any] | None = None,
+        predecessor: int | None = None,
+    ) -> None:
+        self._plane = plane
+        self._gateway_id = gateway_id
+        self._state_dir = state_dir
+        self._deadlines = deadlines
+        self._start = {"op": "start", "run_args": None, "context": None, **start}
+        self._handover = handover
+        self._predecessor = predecessor
+        self._agent: _Agent | None = None
+        self._agents_started = 0
+        self._failures = 0
+        self._restart_at: float | None = None
+        self._send_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._handed_over = threading.Event()
+        self._handoff: threading.Thread | None = None
+        self._serving = False
+        self._pending_attach: int | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    # The agent ---------------------------------------------------------------------
+
+    def start_agent(self) -> None:
+        """Start the agent (this version's ``gateway-daemon agent``) and send it its start
+        message. Raises OSError when it cannot be started."""
+        ours, theirs = control.pair()
+        try:
+            argv = [
+                *staged.own_argv(gateway_daemon, PROGRAM), "agent",
+                "--control-fd", str(theirs.fileno()),
+            ]  # fmt: skip
+            proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._agent = _Agent(proc, ours, os.pidfd_open(proc.pid), time.monotonic())
+        self._agents_started += 1
+        self._restart_at = None
+        log.info("agent_started", agent_pid=proc.pid, starts=self._agents_started)
+        # Before this process serves (a takeover), the agent must reach the broker first:
+        # a version that cannot is not ready. A restarted agent attaches at once.
+        control.send(ours, {**self._start, "ready_check": not self._serving})
+
+    def stop_agent(self) -> int | None:
+        """Stop the agent (SIGTERM, then SIGKILL after AGENT_EXIT_S); its exit code."""
+        agent, self._agent = self._agent, None
+        if agent is None:
+            return None
+        with contextlib.suppress(ProcessLookupError):
+            agent.proc.send_signal(signal.SIGTERM)
+        try:
+            code = agent.proc.wait(AGENT_EXIT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("agent_killed", agent_pid=agent.proc.pid, waited_s=AGENT_EXIT_S)
+            agent.proc.kill()
+            code = agent.proc.wait()
+        agent.close()
+        return code
+
+    def _reply(self, request: int, **fields: Any) -> None:
+        agent = self._agent
+        if agent is None:
+            return
+        try:
+            with self._send_lock:
+                control.send(agent.sock, {"id": request, **fields})
+        except OSError as exc:
+            log.warning("agent_unreachable", error=str(exc))
+
+    def wait_attach(self, deadline: float) -> None:
+        """After a handoff: wait for the new agent's ``attach`` (it is configured and
+        reached the broker), answered later by ``serve()``. Raises HandoffFailed with
+        the reason when it exits first, HandoffTimeout at ``deadline`` (monotonic)."""
+        agent = self._agent
+        assert agent is not None
+        said = ""
+        restored = False
+        poller = select.poll()
+        poller.register(agent.sock, select.POLLIN)
+        poller.register(agent.pidfd, select.POLLIN)
+        while True:
+            if not restored and not priority.is_idle():
+                # The old process restored this one (or it never was idle): so is its agent.
+                restored = True
+                self.restore_agent_priority()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HandoffTimeout(
+                    f"the new version's agent did not reach the broker within "
+                    f"{AGENT_READY_S:g} s{': ' + said if said else ''}"
+                )
+            for fd, _ in poller.poll(min(left, 0.05) * 1000):
+                if fd == agent.pidfd:
+                    code = agent.proc.wait()
+                    raise HandoffFailed(
+                        f"the new version's agent exited with {code} before it was ready"
+                        + (f": {said}" if said else "")
+                    )
+                try:
+                    message = control.receive(agent.sock)
+                except (OSError, ValueError) as exc:
+                    raise HandoffFailed(f"the new version's agent: {exc}") from exc
+                if message is None:
+                    poller.unregister(agent.sock)
+                elif message.get("op") == "failed":
+                    said = str(message.get("reason", ""))
+                elif message.get("op") == "attach":
+                    self._pending_attach = int(message["id"])
+                    agent.attached = True
+                    return
+
+    def restore_agent_priority(self) -> None:
+        """Put the agent back to normal priority with this process (``priority``): it
+        started at this process's idle priority."""
+        if self._agent is not None:
+            priority.restore(self._agent.proc.pid)
+
+    def kill_agent(self) -> None:
+        """Kill the agent at once (a takeover that failed)."""
+        agent, self._agent = self._agent, None
+        if agent is not None:
+            agent.proc.kill()
+            agent.proc.wait()
+            agent.close()
+
+    # Serving ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"\0")
+
+    def serve(self) -> int:
+        """Serve until stopped (``stop()``, SIGTERM, SIGINT) or handed over; then stop the
+        agent, close the data plane and return the exit code (0; the agent's own when the
+        first agent of a fresh start failed before it attached)."""
+        self._serving = True
+        log.info("gateway_serving", endpoints=self._plane.endpoints(), pid=os.getpid())
+        if self._pending_attach is not None:
+            self._answer_attach(self._pending_attach)
+        if self._agent is None:
+            self.start_agent()
+        code = 0
+        try:
+            while not self._stop.is_set() and not self._handed_over.is_set():
+                failed = self._step()
+                if failed is not None:
+                    code = failed
+                    break
+        finally:
+            if self._handoff is not None:
+                self._handoff.join(self._deadlines.ready_s + AGENT_EXIT_S)
+            self.stop_agent()
+            self._plane.close()
+            # The wake pipe stays open: a signal handler may still write to it.
+        log.info("gateway_exiting", handed_over=self._handed_over.is_set())
+        return code
+
+    def _step(self) -> int | None:
+        """Wait for the next event and handle it; an exit code when the process must end."""
+        agent = self._agent
+        poller = select.poll()  # not select(): a gateway may hold descriptors past 1024
+        poller.register(self._wake_r, select.POLLIN)
+        if agent is not None:
+            if not agent.closed:
+                poller.register(agent.sock, select.POLLIN)
+            poller.register(agent.pidfd, select.POLLIN)
+        timeout_s = 1.0
+        if self._restart_at is not None:
+            timeout_s = max(0.0, min(timeout_s, self._restart_at - time.monotonic()))
+        for fd, _ in poller.poll(timeout_s * 1000):
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 512)
+            elif agent is not None and fd == agent.pidfd:
+                return self._agent_exited(agent)
+            elif agent is not None and fd == agent.sock.fileno():
+                self._on_message(agent)
+        if (
+            self._agent is None
+            and self._restart_at is not None
+            and time.monotonic() >= self._restart_at
+            and not self._stop.is_set()
+        ):
+            try:
+                self.start_agent()
+            except OSError as exc:
+                log.error("agent_start_failed", error=str(exc))
+                self._schedule_restart()
+        return None
+
+    def _agent_exited(self, agent: _Agent) -> int | None:
+        code = agent.proc.wait()
+        agent.close()
+        self._agent = None
+        if self._handed_over.is_set() or self._stop.is_set():
+            return None
+        if not agent.attached and self._agents_started == 1 and self._start["run_args"]:
+            # The first agent of a fresh start could not configure itself: it said why.
+            log.error("agent_failed_to_start", exit_code=code)
+            return code or 1
+        log.error("agent_exited", agent_pid=agent.proc.pid, exit_code=code)
+        if time.monotonic() - agent.started >= AGENT_STABLE_S:
+            self._failures = 0
+        self._schedule_restart()
+        return None
+
+    def _schedule_restart(self) -> None:
+        delay = AGENT_RESTART.delay(self._failures)
+        self._failures += 1
+        self._restart_at = time.monotonic() + delay
+        log.info("agent_restart_scheduled", in_s=round(delay, 2))
+
+    def _on_message(self, agent: _Agent) -> None:
+        try:
+            message = control.receive(agent.sock)
+        except (OSError, ValueError) as exc:
+            log.error("agent_message_refused", error=str(exc))
+            return
+        if message is None:
+            agent.closed = True  # it exits: its pidfd says so
+            return
+        op, request = message.get("op"), message.get("id")
+        if op == "failed":
+            log.error("agent_gave_up", reason=str(message.get("reason", "")))
+            return
+        if not isinstance(request, int):
+            log.error("agent_message_refused", error=f"no request id: {str(message)[:200]}")
+            return
+        if op == "attach":
+            agent.attached = True
+            self._answer_attach(request)
+        elif op == "recorded":
+            self._handover = None
+            self._reply(request, ok=True)
+        elif op == "health":
+            self._reply(request, ok=True, health=self._plane.health().to_json())
+        elif op == "hand_off":
+            self._start_hand_off(request, message)
+        else:
+            self._reply(request, ok=False, kind=control.FAILED, error=f"unknown request {op!r}")
+
+    def _answer_attach(self, request: int) -> None:
+        self._pending_attach = None
+        self._reply(
+            request, ok=True, pid=os.getpid(), endpoints=self._plane.endpoints(),
+            handover=self._handover, predecessor=self._predecessor,
+        )  # fmt: skip
+
+    # Handing off -------------------------------------------------------------------------
+
+    def _start_hand_off(self, request: int, message: dict[str, Any]) -> None:
+        if self._handoff is not None and self._handoff.is_alive():
+            self._reply(request, ok=False, kind=control.FAILED, error="a handoff is running")
+            return
+        program, context = message.get("program"), message.get("context")
+        if not isinstance(program, list) or not isinstance(context, dict):
+            self._reply(request, ok=False, kind=control.FAILED, error="a malformed hand_off")
+            return
+        self._handoff = threading.Thread(
+            target=self._hand_off, args=(request, [str(a) for a in program], context),
+            name="handoff", daemon=True,
+        )  # fmt: skip
+        self._handoff.start()
+
+    def _hand_off(self, request: int, program: list[str], context: dict[str, Any]) -> None:
+        """Hand the data plane to ``program`` (the argv up to its ``run`` subcommand) as
+        this gateway with ``context``, and answer the agent: ok once the new version
+        serves, else why (``control``), with this data plane serving again."""
+
+        def argv_for(control_fd: int) -> list[str]:
+            return [
+                *program, "run",
+                "--id", self._gateway_id,
+                "--state-dir", str(self._state_dir),
+                "--handoff-fd", str(control_fd),
+            ]  # fmt: skip
+
+        try:
+            parent.hand_off(self._plane, argv_for, context, deadlines=self._deadlines)
+        except ResumeFailed as exc:
+            self._reply(request, ok=False, kind=control.RESUME_FAILED, error=str(exc))
+        except HandoffFailed as exc:
+            self._reply(request, ok=False, kind=control.ROLLED_BACK, error=str(exc))
+        except (GatewayError, OSError) as exc:
+            log.exception("handoff_failed_in_this_process")
+            self._reply(
+                request, ok=False, kind=control.FAILED, error=f"{type(exc).__name__}: {exc}"
+            )
+        else:
+            self._handed_over.set()
+            self._reply(request, ok=True)
+        finally:
+            self._wake()
+
+
+def run_fresh(
+    *,
+    gateway_id: str,
+    state_dir: Path,
+    listen: tuple[HostPort, ...],
+    tunnels: TunnelsConfig | None,
+    deadlines: Deadlines,
+    run_args: list[str],
+) -> int:
+    """Bind and serve a gateway's data plane, with an agent started from ``run_args``
+    (the ``run`` command line, which the agent reads); the exit code."""
+    logs.bind_process(gateway_id=gateway_id)
+    log.info("gateway_starting", gateway_id=gateway_id, version=version.current())
+    plane = DataPlane.serve(listen, tunnels, greeting(gateway_id))
+    forwarding = Forwarding(
+        plane, gateway_id=gateway_id, state_dir=state_dir, deadlines=deadlines,
+        start={"run_args": run_args},
+    )  # fmt: skip
+    _stop_on_signals(forwarding)
+    return forwarding.serve()
+
+
+def take_over(inheritance: child.Inheritance, gateway_id: str, state_dir: Path) -> int:
+    """Take the data plane over from the old process (this one's parent); on any failure
+    before serving, leave it to it (ABORT with the reason) and return 1."""
+    logs.bind_process(gateway_id=gateway_id)
+    log.info("gateway_starting", gateway_id=gateway_id, version=version.current())
+    predecessor = os.getppid()  # the old version started this process
+    context = inheritance.context
+    forwarding: Forwarding | None = None
+    try:
+        _check_version(context)
+        plane = dataplane.adopt(
+            inheritance.description, inheritance.sockets, inheritance.snapshot,
+            greeting(gateway_id),
+        )  # fmt: skip
+        forwarding = Forwarding(
+            plane, gateway_id=gateway_id, state_dir=state_dir,
+            deadlines=deadlines_from_context(context), start={"context": context},
+            handover=context, predecessor=predecessor,
+        )  # fmt: skip
+        forwarding.start_agent()
+        forwarding.wait_attach(time.monotonic() + AGENT_READY_S)
+        selfcheck.run(plane, inheritance.sockets)
+        inheritance.say_ready()
+        forwarding.restore_agent_priority()
+        if plane.tunnels is not None:
+            plane.tunnels.add_marks(inheritance.marks)
+        # The data plane's own loop thread waits for CUTOVER and serves at once.
+        deadline = time.monotonic() + CUTOVER_TIMEOUT_S
+        plane.start_from(lambda: inheritance.cutover(deadline), CUTOVER_TIMEOUT_S + PAUSE_MARGIN_S)
+    except Exception as exc:
+        log.error("takeover_failed", error=str(exc))
+        inheritance.abort(f"the new version could not take over: {exc}")
+        if forwarding is not None:
+            forwarding.kill_agent()
+        for sock in inheritance.sockets:
+            sock.close()
+        return 1
+    inheritance.started()
+    _stop_on_signals(forwarding)
+    return forwarding.serve()
+
+
+def _check_version(context: dict[str, Any]) -> None:
+    """Raise HandoffFailed unless this process runs the version the handoff is for: the
+    command's target, or on a hand-back the version that ran before."""
+    from hitless.bus import codec  # protobuf only: no broker client
+    from hitless.v1 import bus_pb2
+
+    rollback: dict[str, Any] | None = context.get("rollback")
+    if rollback:
+        expected = str(rollback["version"])
+    else:
+        command = codec.decode(bus_pb2.UpgradeCommand, context["command"].encode(), strict=False)
+        expected = command.target_version
+    if version.current() != expected:
+        raise HandoffFailed(
+            f"this process runs {version.current()}, not {expected}: the artifact is not "
+            "the release " + ("to hand back to" if rollback else "the command names")
+        )
+
+
+def _stop_on_signals(forwarding: Forwarding) -> None:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: forwarding.stop())
+
+
+def exec_current_release(state: AgentState, argv: list[str]) -> None:
+    """A gateway started from the installed package runs the release staged by its last
+    upgrade instead, so a restart does not silently downgrade it. The file is hashed
+    first (``hitless.staged.check``): one altered on disk since it was verified is not
+    run, and the installed package starts instead."""
+    try:
+        current = state.current_release()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.error("staged_release_refused", state=str(state.path), reason=str(exc))
+        return
+    if current is None:
+        return
+    staged_version, artifact, sha256 = current
+    if staged_version == version.current() or not artifact.is_file():
+        return
+    staged.exec_release(staged_version, artifact, sha256, PROGRAM, argv)

@@ -1,0 +1,139 @@
+"""The control socket between a gateway's forwarding process and its agent
+(``gateway_daemon.control``), on a real SOCK_SEQPACKET socketpair: answers matched to
+requests by id whatever their order, refusals raised as the errors the agent reports by,
+and the forwarding process going away seen by every waiting call."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from gateway_daemon import control
+from gateway_daemon.control import HandOffBroken, PlaneClient, PlaneGone
+from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.handoff.parent import ResumeFailed
+from gateway_daemon.health import Health
+
+Pair = tuple[socket.socket, PlaneClient, threading.Event]
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    """(the forwarding process's end, the agent's client, set once it saw EOF)."""
+    ours, theirs = control.pair()
+    gone = threading.Event()
+    client = PlaneClient(theirs)
+    control.send(ours, {"op": "start", "run_args": ["run", "--id", "gw-1"], "context": None})
+    assert client.first()["run_args"] == ["run", "--id", "gw-1"]
+    client.start(on_gone=gone.set)
+    yield ours, client, gone
+    ours.close()
+    client.close()
+
+
+def _request(sock: socket.socket) -> dict[str, Any]:
+    message = control.receive(sock)
+    assert message is not None
+    return message
+
+
+def test_answers_reach_their_callers_whatever_their_order(pair: Pair) -> None:
+    ours, client, _ = pair
+    results: dict[str, Any] = {}
+    hand_off = threading.Thread(
+        target=lambda: results.update(hand_off=client.hand_off(["prog"], {"a": 1}))
+    )
+    hand_off.start()
+    first = _request(ours)
+    assert (first["op"], first["program"], first["context"]) == ("hand_off", ["prog"], {"a": 1})
+    health = threading.Thread(target=lambda: results.update(health=client.health()))
+    health.start()
+    second = _request(ours)
+    assert second["op"] == "health" and second["id"] != first["id"]
+    # The health answer overtakes the running handoff's.
+    counters = Health(frozenset({"1", "2"}), 3, 100, 4)
+    control.send(ours, {"id": second["id"], "ok": True, "health": counters.to_json()})
+    health.join(5)
+    assert results["health"] == counters and hand_off.is_alive()
+    control.send(ours, {"id": first["id"], "ok": True})
+    hand_off.join(5)
+    assert "hand_off" in results
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        (control.ROLLED_BACK, HandoffFailed),
+        (control.RESUME_FAILED, ResumeFailed),
+        (control.FAILED, HandOffBroken),
+    ],
+)
+def test_a_refused_handoff_raises_by_its_kind(
+    pair: Pair, kind: str, error: type[Exception]
+) -> None:
+    ours, client, _ = pair
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.hand_off(["prog"], {})
+        except Exception as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    request = _request(ours)
+    control.send(ours, {"id": request["id"], "ok": False, "kind": kind, "error": "why: this"})
+    thread.join(5)
+    assert len(raised) == 1 and type(raised[0]) is error and str(raised[0]) == "why: this"
+
+
+def test_a_forwarding_process_that_goes_fails_every_waiting_call_and_says_so(pair: Pair) -> None:
+    ours, client, gone = pair
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.attach()
+        except PlaneGone as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert _request(ours)["op"] == "attach"
+    ours.close()
+    thread.join(5)
+    assert gone.wait(5) and len(raised) == 1
+    with pytest.raises(PlaneGone):
+        client.health()
+
+
+def test_malformed_counters_are_refused_not_trusted(pair: Pair) -> None:
+    ours, client, _ = pair
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            client.health()
+        except HandOffBroken as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    request = _request(ours)
+    control.send(ours, {"id": request["id"], "ok": True, "health": {"up": "1", "configured": 1}})
+    thread.join(5)
+    assert len(raised) == 1 and "not the data plane's counters" in str(raised[0])
+
+
+def test_a_message_too_large_for_one_packet_is_refused_before_it_is_sent() -> None:
+    ours, theirs = control.pair()
+    with ours, theirs:
+        with pytest.raises(ValueError, match="at most"):
+            control.send(ours, {"blob": "x" * control.MAX_MESSAGE})
+        control.send(ours, {"op": "start"})
+        assert control.receive(theirs) == {"op": "start"}

@@ -1,0 +1,132 @@
+"""One process forwards, another upgrades: a gateway runs as its forwarding process
+(``gateway-daemon run``: the data plane) and the agent it starts (commands, downloads,
+reports). Real processes on a real broker: the agent killed, aborted or starved of
+descriptors never stops the forwarding, and the forwarding process loads none of the
+agent's libraries."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import releases, tunnel_probes
+from tests.support.gateway_upgrades import GatewayUpgrades, state_name
+from tests.support.procs import Procs
+from tests.support.rabbit import amqp_url
+from tests.support.tunnel_gateway import (
+    GATEWAY_ID,
+    Traffic,
+    TunnelGateway,
+    start_gateway,
+)
+from tests.support.wait import wait_for
+from tests.test_hitless_upgrade import assert_clean
+
+AGENT_LIBRARIES = ("grpc", "pika", "tuf", "sqlalchemy")
+
+
+def _agent_pid(gateway: TunnelGateway, count: int = 1) -> int:
+    """The pid of the ``count``-th agent this gateway's processes started."""
+    wait_for(
+        lambda: len(gateway.events("agent_started")) >= count,
+        timeout=20,
+        what=f"agent #{count} to start",
+        describe=lambda: gateway.proc.log()[-3000:],
+    )
+    return int(str(gateway.events("agent_started")[count - 1]["agent_pid"]))
+
+
+def _agent_attached(gateway: TunnelGateway, count: int) -> None:
+    """Until ``count`` agents have attached and the last one consumes its queue."""
+    wait_for(
+        lambda: (
+            len(gateway.events("agent_serving")) >= count
+            and '"bus_consuming"' in gateway.proc.log().split('"agent_serving"')[-1]
+        ),
+        timeout=30,
+        what=f"agent #{count} to attach and consume",
+        describe=lambda: gateway.proc.log()[-3000:],
+    )
+
+
+def _mapped(pid: int, needle: str) -> bool:
+    return needle in Path(f"/proc/{pid}/maps").read_text()
+
+
+def _serves_new_tunnels(gateway: TunnelGateway) -> None:
+    """A new UDP and a new TCP tunnel are set up and carry data both ways: the data plane
+    takes new tunnels, not only carries the old ones (after the traffic run, whose sites
+    hold the tunnels' plain sides)."""
+    tunnel_probes.udp_round_trip(gateway.sites)
+    tunnel_probes.tcp_round_trip(gateway.sites)
+
+
+def test_the_forwarding_process_loads_none_of_the_agents_libraries() -> None:
+    code = (
+        "import sys\n"
+        "import gateway_daemon.cli, gateway_daemon.forwarding, gateway_daemon.dataplane\n"
+        "import gateway_daemon.handoff.parent, gateway_daemon.handoff.child\n"
+        f"print(sorted(m for m in {AGENT_LIBRARIES!r} if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    # And the agent's does load them: the check above can fail.
+    code = code.replace("gateway_daemon.cli,", "gateway_daemon.agent_process, gateway_daemon.cli,")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "['grpc', 'pika', 'tuf']", out.stdout + out.stderr
+
+
+def test_killing_the_agent_never_stops_forwarding_and_a_new_agent_upgrades(
+    vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
+) -> None:
+    b = releases.build("1.2.0", tmp_path / "b.pyz")
+    gateway = start_gateway(procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades)
+    forwarding = gateway.serving_pid()
+    agent = _agent_pid(gateway)
+    _agent_attached(gateway, 1)
+    # The gRPC library runs in the agent only.
+    assert _mapped(agent, "cygrpc") and not _mapped(forwarding, "cygrpc")
+    with Traffic(gateway.sites) as traffic:
+        os.kill(agent, signal.SIGKILL)
+        second = _agent_pid(gateway, 2)
+        assert second != agent
+        _agent_attached(gateway, 2)
+        os.kill(second, signal.SIGABRT)  # as a library's abort() would
+        _agent_pid(gateway, 3)
+        _agent_attached(gateway, 3)
+        assert gateway.serving_pid() == forwarding, "the forwarding process never changed"
+        report = upgrades.upgrade(GATEWAY_ID, "1.2.0", b)
+        assert state_name(report) == "SUCCEEDED", report.error
+        gateway.wait_serving(count=2)
+        result = traffic.stop()
+    assert_clean(result)
+    _serves_new_tunnels(gateway)
+    exited = [e["exit_code"] for e in gateway.events("agent_exited")]
+    assert exited == [-signal.SIGKILL, -signal.SIGABRT], exited
+
+
+def test_an_agent_out_of_descriptors_leaves_the_data_plane_serving(
+    vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
+) -> None:
+    b = releases.build("1.2.0", tmp_path / "b.pyz")
+    gateway = start_gateway(procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades)
+    agent = _agent_pid(gateway)
+    _agent_attached(gateway, 1)
+    with Traffic(gateway.sites) as traffic:
+        # The agent may hold what it holds now and open nothing more.
+        held = len(os.listdir(f"/proc/{agent}/fd"))
+        resource.prlimit(agent, resource.RLIMIT_NOFILE, (held, held))
+        command = upgrades.command(GATEWAY_ID, "1.2.0", b)
+        upgrades.send(command, upgrades.signed_headers(command))
+        # The agent cannot fetch the release's metadata: the job ends, with a report.
+        final = upgrades.wait_final(command.command_id, timeout=60)
+        assert state_name(final) == "FAILED", final
+        result = traffic.stop()
+    assert_clean(result)
+    _serves_new_tunnels(gateway)
+    assert len(gateway.events("gateway_serving")) == 1, "the data plane never moved"
+    assert len(os.listdir(f"/proc/{agent}/fd")) <= held, "the agent could open no more"
