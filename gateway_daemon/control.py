@@ -81,9 +81,14 @@ def send(sock: socket.socket, message: dict[str, Any]) -> None:
 
 
 def receive(sock: socket.socket) -> dict[str, Any] | None:
-    """The next message (blocking, as the socket is set), or None at EOF. Raises
-    ValueError when a packet is no JSON object or did not fit MAX_MESSAGE."""
-    data, _, flags, _ = sock.recvmsg(MAX_MESSAGE)
+    """The next message (blocking, as the socket is set), or None at EOF: the other side
+    closed its end, or it exited with a message of ours unread (which the kernel reports
+    as ECONNRESET). Raises ValueError when a packet is no JSON object or did not fit
+    MAX_MESSAGE."""
+    try:
+        data, _, flags, _ = sock.recvmsg(MAX_MESSAGE)
+    except ConnectionResetError:
+        return None
     if not data:
         return None
     if flags & socket.MSG_TRUNC:

@@ -4,7 +4,8 @@ During a handoff the new process has adopted the old one's sockets and state but
 nothing yet; the old one still serves. ``run()`` is the last step before READY: if it
 raises ``SelfCheckFailed``, the new process aborts the handoff with the reason, the old
 process goes on serving, and the gateway reports ROLLED_BACK with that reason. This is
-the hook a release's own health checks belong in (the daemon checks the broker itself).
+the hook a release's own health checks belong in (the forwarding process checks the broker
+itself: its agent must have reached it, ``forwarding.take_over``).
 
 Checks, each cheap (milliseconds):
 

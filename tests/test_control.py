@@ -137,3 +137,12 @@ def test_a_message_too_large_for_one_packet_is_refused_before_it_is_sent() -> No
             control.send(ours, {"blob": "x" * control.MAX_MESSAGE})
         control.send(ours, {"op": "start"})
         assert control.receive(theirs) == {"op": "start"}
+
+
+def test_a_side_that_exits_with_a_message_unread_reads_as_gone() -> None:
+    """The kernel resets a socket closed with data unread; that is an exit, like EOF."""
+    ours, theirs = control.pair()
+    with ours:
+        control.send(ours, {"op": "start"})
+        theirs.close()  # the agent exited before it read its start message
+        assert control.receive(ours) is None

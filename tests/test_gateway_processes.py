@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import releases, tunnel_probes
+from tests.support import fault_releases, releases, tunnel_probes
 from tests.support.gateway_upgrades import GatewayUpgrades, state_name
 from tests.support.procs import Procs
 from tests.support.rabbit import amqp_url
@@ -130,3 +130,28 @@ def test_an_agent_out_of_descriptors_leaves_the_data_plane_serving(
     _serves_new_tunnels(gateway)
     assert len(gateway.events("gateway_serving")) == 1, "the data plane never moved"
     assert len(os.listdir(f"/proc/{agent}/fd")) <= held, "the agent could open no more"
+
+
+def test_a_new_version_whose_agent_cannot_start_is_rolled_back(
+    vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
+) -> None:
+    """The new forwarding process says READY only once its agent has reached the broker:
+    one whose agent exits at start is rolled back with the exit code, and the old
+    version forwards on with its own agent."""
+    bad = fault_releases.build("1.2.0", tmp_path / "bad.pyz", "agent-exits-at-start")
+    gateway = start_gateway(
+        procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades, handoff_timeout=15.0
+    )
+    old = gateway.serving_pid()
+    with Traffic(gateway.sites) as traffic:
+        report = upgrades.upgrade(GATEWAY_ID, "1.2.0", bad, timeout=45)
+        assert state_name(report) == "ROLLED_BACK", report.error
+        assert "the new version's agent exited with 3 before it was ready" in report.error
+        assert fault_releases.mark("agent-exits-at-start") in gateway.proc.log()
+        result = traffic.stop()
+    assert_clean(result)
+    assert gateway.serving_pid() == old and gateway.new_process() is None
+    _serves_new_tunnels(gateway)
+    good = releases.build("1.2.1", tmp_path / "good.pyz")
+    report = upgrades.upgrade(GATEWAY_ID, "1.2.1", good)
+    assert state_name(report) == "SUCCEEDED", report.error

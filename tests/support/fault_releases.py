@@ -125,6 +125,14 @@ FAULTS: Final[dict[str, tuple[str, str]]] = {
         "gateway_daemon/dataplane.py",
         _cut_over_dies("old-dies-after-cutover", after=True),
     ),
+    # Its agent cannot start: the agent's module exits as it is imported (as a release
+    # with a broken dependency of the agent would), so the new version never gets ready.
+    "agent-exits-at-start": (
+        "gateway_daemon/agent_process.py",
+        "\n\nimport sys as _sys\n"
+        f"print({mark('agent-exits-at-start')!r}, file=_sys.stderr, flush=True)\n"
+        "_sys.exit(3)\n",
+    ),
     # Serves as a good release does, but from its soak's third reading on sees one of its
     # UDP tunnels down (the lowest id): a version whose tunnel falls over after the swap.
     "tunnel-down-in-soak": (
