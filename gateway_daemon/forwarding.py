@@ -230,6 +230,9 @@ class Forwarding:
                 elif message.get("op") == "attach":
                     self._pending_attach = int(message["id"])
                     agent.attached = True
+                    # It waits idle from here: back at normal priority now, not in the
+                    # cutover, where the syscalls would hold the GIL the loop needs.
+                    self.restore_agent_priority()
                     return
 
     def restore_agent_priority(self) -> None:
@@ -465,7 +468,6 @@ def take_over(inheritance: child.Inheritance, gateway_id: str, state_dir: Path) 
         forwarding.wait_attach(time.monotonic() + AGENT_READY_S)
         selfcheck.run(plane, inheritance.sockets)
         inheritance.say_ready()
-        forwarding.restore_agent_priority()
         if plane.tunnels is not None:
             plane.tunnels.add_marks(inheritance.marks)
         # The data plane's own loop thread waits for CUTOVER and serves at once.

@@ -80,8 +80,10 @@ class Deadlines:
     # CUTOVER to STARTED. The old plane has paused: nothing forwards while it waits, and
     # packets pile up in the receive buffers (8 MiB, about 0.4 s at 20,000 packets/s), so
     # a new version that never takes the final state costs this long a gap. A healthy one
-    # says STARTED within milliseconds (the cutover's 7 ms at most in bench-hitless).
-    started_s: float = 1.0
+    # says STARTED within milliseconds (pause to STARTED: 7.5 ms at most in
+    # bench-hitless), so a quarter of a second keeps a hung one's gap inside what the
+    # buffers hold and still leaves a loaded machine 30 times that maximum.
+    started_s: float = 0.25
     # Spawn to normal priority if not ready by then (``priority``): a head start on spare
     # CPU, never more than a tenth of the ready deadline. A new version takes 1-2 s of
     # idle time to start on a two-core gateway under load; back at normal priority
