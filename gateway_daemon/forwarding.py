@@ -63,6 +63,11 @@ AGENT_EXIT_S: Final = 10.0
 # Between starts of an agent that keeps exiting; reset once one has run this long.
 AGENT_RESTART: Final = Backoff(initial_s=0.5, max_s=30.0)
 AGENT_STABLE_S: Final = 60.0
+# The agent's nice value: background work beside the data plane. Its downloads,
+# verification and start-up (and a new version's agent starting during a handoff) yield
+# the CPU to the forwarding loop and to whatever else the host runs at normal priority,
+# and still progress on a busy host (raising nice needs no privilege).
+AGENT_NICE: Final = 10
 # After a handoff, the new agent's time to start and reach the broker before this
 # version counts as not ready (the old process's ready deadline applies as well).
 AGENT_READY_S: Final = 20.0
@@ -156,6 +161,11 @@ class Forwarding:
             raise
         finally:
             theirs.close()
+        try:
+            # Its only thread yet: every thread it starts inherits this.
+            os.setpriority(os.PRIO_PROCESS, proc.pid, AGENT_NICE)
+        except OSError as exc:
+            log.warning("agent_priority_unchanged", agent_pid=proc.pid, error=str(exc))
         self._agent = _Agent(proc, ours, os.pidfd_open(proc.pid), time.monotonic())
         self._agents_started += 1
         self._restart_at = None

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gateway_daemon.forwarding import AGENT_NICE
 from tests.support import fault_releases, releases, tunnel_probes
 from tests.support.gateway_upgrades import GatewayUpgrades, state_name
 from tests.support.procs import Procs
@@ -88,8 +89,9 @@ def test_killing_the_agent_never_stops_forwarding_and_a_new_agent_upgrades(
     forwarding = gateway.serving_pid()
     agent = _agent_pid(gateway)
     _agent_attached(gateway, 1)
-    # The gRPC library runs in the agent only.
+    # The gRPC library runs in the agent only, and the agent runs as background work.
     assert _mapped(agent, "cygrpc") and not _mapped(forwarding, "cygrpc")
+    assert os.getpriority(os.PRIO_PROCESS, agent) == AGENT_NICE
     with Traffic(gateway.sites) as traffic:
         os.kill(agent, signal.SIGKILL)
         second = _agent_pid(gateway, 2)
