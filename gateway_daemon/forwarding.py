@@ -63,10 +63,11 @@ AGENT_EXIT_S: Final = 10.0
 # Between starts of an agent that keeps exiting; reset once one has run this long.
 AGENT_RESTART: Final = Backoff(initial_s=0.5, max_s=30.0)
 AGENT_STABLE_S: Final = 60.0
-# The agent's nice value: background work beside the data plane. Its downloads,
-# verification and start-up (and a new version's agent starting during a handoff) yield
-# the CPU to the forwarding loop and to whatever else the host runs at normal priority,
-# and still progress on a busy host (raising nice needs no privilege).
+# The agent's nice value once it has attached: background work beside the data plane.
+# Its downloads and verification yield the CPU to the forwarding loop and to whatever
+# else the host runs at normal priority, and still progress on a busy host. It starts at
+# this process's priority, so that a new version's agent is ready within the ready
+# deadline on a loaded host.
 AGENT_NICE: Final = 10
 # After a handoff, the new agent's time to start and reach the broker before this
 # version counts as not ready (the old process's ready deadline applies as well).
@@ -161,11 +162,6 @@ class Forwarding:
             raise
         finally:
             theirs.close()
-        try:
-            # Its only thread yet: every thread it starts inherits this.
-            os.setpriority(os.PRIO_PROCESS, proc.pid, AGENT_NICE)
-        except OSError as exc:
-            log.warning("agent_priority_unchanged", agent_pid=proc.pid, error=str(exc))
         self._agent = _Agent(proc, ours, os.pidfd_open(proc.pid), time.monotonic())
         self._agents_started += 1
         self._restart_at = None
@@ -239,10 +235,10 @@ class Forwarding:
                     said = str(message.get("reason", ""))
                 elif message.get("op") == "attach":
                     self._pending_attach = int(message["id"])
-                    agent.attached = True
-                    # It waits idle from here: back at normal priority now, not in the
+                    # It waits idle from here: its priority is set now, not in the
                     # cutover, where the syscalls would hold the GIL the loop needs.
                     self.restore_agent_priority()
+                    self._agent_attached(agent)
                     return
 
     def restore_agent_priority(self) -> None:
@@ -250,6 +246,11 @@ class Forwarding:
         started at this process's idle priority."""
         if self._agent is not None:
             priority.restore(self._agent.proc.pid)
+
+    def _agent_attached(self, agent: _Agent) -> None:
+        """From its attach on, the agent runs as background work (AGENT_NICE)."""
+        agent.attached = True
+        priority.set_nice(agent.proc.pid, AGENT_NICE)
 
     def kill_agent(self) -> None:
         """Kill the agent at once (a takeover that failed)."""
@@ -367,7 +368,7 @@ class Forwarding:
             log.error("agent_message_refused", error=f"no request id: {str(message)[:200]}")
             return
         if op == "attach":
-            agent.attached = True
+            self._agent_attached(agent)
             self._answer_attach(request)
         elif op == "recorded":
             self._handover = None

@@ -86,3 +86,23 @@ def restore(pid: int | None = None) -> int:
         except OSError as exc:
             log.warning("handoff_priority_not_restored", tid=tid, error=str(exc))
     return moved
+
+
+def set_nice(pid: int, nice: int) -> int:
+    """Give every thread of process ``pid`` the nice value ``nice`` (threads it starts
+    later inherit it from the thread that starts them); return how many were set.
+    Raising nice needs no privilege; failures are logged, never raised."""
+    done = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0  # the process is gone
+    for name in tasks:
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(name), nice)
+            done += 1
+        except ProcessLookupError:
+            continue  # the thread ended meanwhile
+        except OSError as exc:
+            log.warning("nice_not_set", tid=int(name), nice=nice, error=str(exc))
+    return done
