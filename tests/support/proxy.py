@@ -87,15 +87,17 @@ class CuttingProxy:
                     gate.wait(timeout=120)
                 if cut_after is not None and moved + len(data) >= cut_after:
                     dst.sendall(data[: cut_after - moved])
-                    # SO_LINGER 0: close with a reset, like a dropped link. The shutdown
-                    # first wakes the other direction's thread out of its recv(): until it
-                    # lets go, close() would not end the connection, and the client would
-                    # see a stalled link instead of a broken one.
-                    for sock in (src, dst):
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
-                        with contextlib.suppress(OSError):
-                            sock.shutdown(socket.SHUT_RDWR)
-                        sock.close()
+                    # The link breaks here: the client reads every byte sent so far, then
+                    # the end of the stream (FIN, at once, whichever thread still reads
+                    # the socket); upstream is reset (SO_LINGER 0), like a dropped link.
+                    # A reset towards the client would let its kernel drop bytes it had
+                    # not read yet, and a cut stream could then resume from nothing.
+                    with contextlib.suppress(OSError):
+                        dst.shutdown(socket.SHUT_WR)
+                    src.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+                    with contextlib.suppress(OSError):
+                        src.shutdown(socket.SHUT_RDWR)
+                    src.close()
                     return
                 dst.sendall(data)
                 moved += len(data)
