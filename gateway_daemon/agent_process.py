@@ -7,7 +7,11 @@ through the control socket (``control.PlaneClient``): its counters, and "hand th
 plane to this release". Once the data plane is handed over this process exits, and the
 new version's forwarding process starts the new version's agent, which records and
 reports how the command ended. When the forwarding process goes (the control socket
-closes), this process stops too: a command it was running goes back to the queue.
+closes), this process stops too: a command it was running is not acked, so the broker
+delivers it again to whichever agent consumes next.
+
+The command handler's thread runs at nice COMMAND_NICE: downloads and verification are
+background work beside the data plane, and yield the CPU to it.
 """
 
 from __future__ import annotations
@@ -18,16 +22,18 @@ import os
 import select
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 import gateway_daemon
-from gateway_daemon import identity, precheck, soak
+from gateway_daemon import control, identity, precheck, soak
 from gateway_daemon.agent import Agent
 from gateway_daemon.control import Attached, PlaneClient, PlaneGone
-from gateway_daemon.errors import HandoffFailed
+from gateway_daemon.errors import GatewayError, HandoffFailed
 from gateway_daemon.forwarding import PROGRAM
 from gateway_daemon.handoff import parent
 from gateway_daemon.reporter import Reporter
@@ -37,7 +43,7 @@ from gateway_daemon.vpn.config import VpnConfig
 from gateway_daemon.vpn.supervisor import VpnSupervisor
 from hitless import logs, staged, version
 from hitless.bus import codec, topology
-from hitless.bus.amqp import Consumer, Publisher
+from hitless.bus.amqp import Consumer, Delivery, Publisher
 from hitless.config import BusConfig, GatewayConfig, HostPort
 from hitless.errors import BusError, ConfigError
 from hitless.v1 import bus_pb2
@@ -46,8 +52,11 @@ log = logs.get(__name__)
 
 BUS_READY_TIMEOUT_S = 20.0
 # How long a new version waits for the old forwarding process to exit (it waits for its
-# agent first) before it reports and consumes.
-PREDECESSOR_EXIT_TIMEOUT_S = 10.0
+# agent first, ``forwarding.AGENT_EXIT_S``) before it reports and consumes.
+PREDECESSOR_EXIT_TIMEOUT_S = 15.0
+# The nice value of the thread that runs commands (downloads, verification). Raising
+# nice needs no privilege; the VPN service and the agent's other threads keep theirs.
+COMMAND_NICE = 10
 
 
 DEFAULT_DEADLINES = parent.Deadlines()
@@ -142,24 +151,62 @@ class AgentProcess:
             return 1
         try:
             attached = self._plane.attach()
-            handed_over, soaking = None, None
-            if attached.handover is not None:
-                handed_over, soaking = self._record_handover(attached.handover)
-                self._plane.recorded()
         except PlaneGone:
             publisher.close()
             return 0
+        if attached.unanswered:
+            self._record_unanswered(attached.unanswered)
+        handed_over, soaking = None, None
+        if attached.handover is not None:
+            try:
+                handed_over, soaking = self._record_handover(attached.handover)
+            except (KeyError, TypeError, ValueError, DecodeError) as exc:
+                # Nothing can be done with it; a restarted agent must not retry forever.
+                log.error("handover_unreadable", error=str(exc))
+                self._said_recorded()
         return self._serve(attached, handed_over, publisher, soaking)
+
+    def _said_recorded(self) -> None:
+        """Tell the forwarding process the handover is dealt with (reported, or its soak
+        ended): an agent started after this gets none."""
+        try:
+            self._plane.recorded()
+        except (GatewayError, TimeoutError) as exc:
+            log.warning("handover_not_cleared", error=str(exc))
+
+    def _record_unanswered(self, unanswered: dict[str, Any]) -> None:
+        """A handoff the agent before this one asked for failed after it died: record how
+        the command ended, so that its redelivery is answered from the record and the
+        upgrade is not run a second time."""
+        command_id = str(unanswered.get("command_id", ""))
+        if not command_id or self.state.outcome(command_id) is not None:
+            return
+        target = str(unanswered.get("target_version", ""))
+        state = (
+            CommandState.ROLLED_BACK
+            if unanswered.get("kind") == control.ROLLED_BACK
+            else CommandState.FAILED
+        )
+        error = f"handoff to {target} failed: {unanswered.get('error', 'no reason given')}"
+        self.state.record_outcome(command_id, Outcome(state, target, self.version, error))
+        log.warning("handoff_outcome_recorded_late", command_id=command_id, state=state)
 
     def _record_handover(
         self, context: dict[str, Any]
     ) -> tuple[tuple[bus_pb2.UpgradeCommand, Outcome], dict[str, Any] | None]:
         """Record how the command that brought this version ended: ROLLED_BACK after a
         hand-back, SOAKING when its job has a soak, else SUCCEEDED (and this release as
-        the one to run). The command and outcome, and the context to soak with, if any."""
+        the one to run). The command and outcome, and the context to soak with, if any.
+        An agent restarted before the handover was cleared finds the outcome recorded
+        and reports that (a soak starts over)."""
         command = codec.decode(bus_pb2.UpgradeCommand, context["command"].encode(),
                                strict=False)  # fmt: skip
         rollback: dict[str, Any] | None = context.get("rollback")
+        recorded = self.state.outcome(command.command_id)
+        if recorded is not None and recorded.state is not CommandState.SOAKING:
+            return (command, recorded), None
+        if recorded is not None and not rollback:
+            return (command, recorded), context  # SOAKING: the soak starts over
         if rollback:
             # The soaking version handed back: this one ends the command, ROLLED_BACK.
             outcome = Outcome(
@@ -219,7 +266,7 @@ class AgentProcess:
         consumer = Consumer(
             self.config.bus,
             topology.gateway_queue(self.config.gateway_id),
-            agent.handle,
+            lambda delivery: _in_background(agent.handle, delivery),
             queues=[topology.CONTROLLER_REPORTS],
             name="gateway-commands",
         )
@@ -242,6 +289,8 @@ class AgentProcess:
                         target=self._soak, args=(plane, reporter, command, outcome, soaking),
                         name="soak", daemon=True,
                     ).start()  # fmt: skip
+                else:
+                    self._said_recorded()
             self._announce(reporter, attached)
             consumer.start()
             while not self._stop.wait(self.config.heartbeat_interval_s):
@@ -307,10 +356,14 @@ class AgentProcess:
                 to_version=self.version, health=health, required=False,
             )  # fmt: skip
 
+        ended = True
         try:
             verdict = soak.watch(plane, command.soak_seconds, share, progress, self._stop)
             if verdict is None:
-                return  # stopping: the next process answers a redelivered command
+                # Stopping: the handover stays with the forwarding process, and an agent
+                # started next finds the command SOAKING and soaks again.
+                ended = False
+                return
             if verdict.passed:
                 log.info("soak_passed", health=verdict.health)
                 outcome = dataclasses.replace(
@@ -324,6 +377,11 @@ class AgentProcess:
                 return
             log.warning("soak_failed", reason=verdict.reason, health=verdict.health)
             self._hand_back(reporter, command, soaking, context, verdict)
+        except PlaneGone:
+            # The forwarding process died: whoever serves now (the previous version, if
+            # it took over) reports; a soak of this version cannot end.
+            ended = False
+            log.warning("soak_abandoned", reason="the forwarding process is gone")
         except Exception as exc:  # a soak that cannot finish must still end the command
             log.exception("soak_error", error=str(exc))
             failed = dataclasses.replace(
@@ -332,6 +390,9 @@ class AgentProcess:
             self.state.record_outcome(command.command_id, failed)
             with contextlib.suppress(BusError):
                 reporter.outcome(command, failed)
+        finally:
+            if ended and not self._swapped:
+                self._said_recorded()
 
     def _hand_back(
         self,
@@ -362,7 +423,7 @@ class AgentProcess:
                 },
             }
 
-            self._plane.hand_off(restart, back)
+            self._plane.hand_off(restart, back, command_id="", target_version="")
         except HandoffFailed as exc:
             log.error("hand_back_failed", reason=reason, error=str(exc))
             failed = dataclasses.replace(
@@ -408,7 +469,10 @@ class AgentProcess:
             "health_before": soak.sample(self._plane).to_context(),
         }
 
-        self._plane.hand_off(staged.release_argv(artifact, PROGRAM), context)
+        self._plane.hand_off(
+            staged.release_argv(artifact, PROGRAM), context,
+            command_id=command.command_id, target_version=command.target_version,
+        )  # fmt: skip
         self._swapped = True
         self._stop.set()
 
@@ -441,3 +505,19 @@ def _wait_exited(pid: int, timeout_s: float) -> None:
 def install_signal_handlers(daemon: AgentProcess) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
+
+
+_background = threading.local()
+
+
+def _in_background(handle: Callable[[Delivery], None], delivery: Delivery) -> None:
+    """``handle(delivery)`` on a thread at nice COMMAND_NICE (set once per thread)."""
+    if not getattr(_background, "set", False):
+        _background.set = True
+        try:
+            tid = threading.get_native_id()
+            if os.getpriority(os.PRIO_PROCESS, tid) < COMMAND_NICE:
+                os.setpriority(os.PRIO_PROCESS, tid, COMMAND_NICE)
+        except OSError as exc:
+            log.warning("command_thread_priority_unchanged", error=str(exc))
+    handle(delivery)

@@ -22,7 +22,8 @@ Requests (``PlaneClient``):
 - ``attach``: the agent is configured and, after a handoff, connected to the broker. The
   answer (``Attached``) comes once the data plane serves: its endpoints, the forwarding
   process's pid, and after a handoff what it brought (the command and how it ended, the
-  process that handed over); the agent records that, then says ``recorded``.
+  process that handed over); the agent records and reports that, then says ``recorded``
+  (after the soak, when the job has one). Until then every agent started gets it again.
 - ``health``: the data plane's counters (``gateway_daemon.health``).
 - ``hand_off``: hand the data plane to ``program`` (an argv up to its ``run``) with
   ``context``; the answer comes once the new version serves, or the handoff failed and
@@ -52,6 +53,8 @@ log = logs.get(__name__)
 # command and the gateway's settings, a few kilobytes).
 MAX_MESSAGE: Final = 1 << 20
 
+_SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux, socket(7)
+
 # What a failed hand_off's "kind" says, and the error the agent raises for it.
 ROLLED_BACK: Final = "rolled_back"
 RESUME_FAILED: Final = "resume_failed"
@@ -67,8 +70,16 @@ class HandOffBroken(GatewayError):
 
 
 def pair() -> tuple[socket.socket, socket.socket]:
-    """(forwarding's end, agent's end) of a new control socket."""
-    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    """(forwarding's end, agent's end) of a new control socket. A packet can be as large
+    as the sender's SO_SNDBUF allows (about 200 KiB by default, the kernel's wmem_max):
+    each end asks for MAX_MESSAGE, with SO_SNDBUFFORCE where it may (CAP_NET_ADMIN)."""
+    ends = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for end in ends:
+        try:
+            end.setsockopt(socket.SOL_SOCKET, _SO_SNDBUFFORCE, MAX_MESSAGE)
+        except OSError:
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, MAX_MESSAGE)
+    return ends
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
@@ -105,8 +116,13 @@ class Attached:
 
     pid: int  # the forwarding process: the gateway process operators see
     endpoints: list[str]  # what its data plane serves, for the hello
-    handover: dict[str, Any] | None  # what a handoff brought (its context), until recorded
-    predecessor: int | None  # the forwarding process that handed over, while it may run
+    # What a handoff brought (its context), until an agent says it reported it (or, with
+    # a soak, the soak ended).
+    handover: dict[str, Any] | None
+    predecessor: int | None  # the forwarding process that handed over, until then too
+    # A handoff the agent before this one asked for, which failed after that agent died:
+    # {"command_id", "target_version", "kind", "error"}, given to one agent.
+    unanswered: dict[str, Any] | None = None
 
 
 class PlaneClient:
@@ -207,6 +223,7 @@ class PlaneClient:
             [str(e) for e in reply.get("endpoints", [])],
             reply.get("handover"),
             int(predecessor) if predecessor else None,
+            reply.get("unanswered"),
         )
 
     def recorded(self) -> None:
@@ -221,10 +238,22 @@ class PlaneClient:
         except ValueError as exc:
             raise HandOffBroken(str(exc)) from exc
 
-    def hand_off(self, program: list[str], context: dict[str, Any]) -> None:
-        """Hand the data plane to ``program`` run with ``context``; return once it serves.
-        Raises HandoffFailed (this version serves on), ResumeFailed, HandOffBroken."""
-        self.call("hand_off", program=program, context=context)
+    def hand_off(
+        self,
+        program: list[str],
+        context: dict[str, Any],
+        *,
+        command_id: str,
+        target_version: str,
+    ) -> None:
+        """Hand the data plane to ``program`` run with ``context`` for command
+        ``command_id``; return once it serves. Raises HandoffFailed (this version serves
+        on), ResumeFailed, HandOffBroken. Should this agent die first, a failure is given
+        to the next agent (``Attached.unanswered``)."""
+        self.call(
+            "hand_off", program=program, context=context,
+            command_id=command_id, target_version=target_version,
+        )  # fmt: skip
 
     def fail(self, reason: str) -> None:
         """Tell the forwarding process this agent gives up starting, and why."""

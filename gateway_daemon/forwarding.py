@@ -44,7 +44,7 @@ from typing import Any, Final
 import gateway_daemon
 from gateway_daemon import control, dataplane, selfcheck
 from gateway_daemon.dataplane import DataPlane
-from gateway_daemon.errors import GatewayError, HandoffFailed, HandoffTimeout
+from gateway_daemon.errors import HandoffFailed, HandoffTimeout
 from gateway_daemon.handoff import child, parent, priority
 from gateway_daemon.handoff.parent import Deadlines, ResumeFailed
 from gateway_daemon.state import AgentState
@@ -63,12 +63,6 @@ AGENT_EXIT_S: Final = 10.0
 # Between starts of an agent that keeps exiting; reset once one has run this long.
 AGENT_RESTART: Final = Backoff(initial_s=0.5, max_s=30.0)
 AGENT_STABLE_S: Final = 60.0
-# The agent's nice value once it has attached: background work beside the data plane.
-# Its downloads and verification yield the CPU to the forwarding loop and to whatever
-# else the host runs at normal priority, and still progress on a busy host. It starts at
-# this process's priority, so that a new version's agent is ready within the ready
-# deadline on a loaded host.
-AGENT_NICE: Final = 10
 # After a handoff, the new agent's time to start and reach the broker before this
 # version counts as not ready (the old process's ready deadline applies as well).
 AGENT_READY_S: Final = 20.0
@@ -141,6 +135,8 @@ class Forwarding:
         self._stop = threading.Event()
         self._handed_over = threading.Event()
         self._handoff: threading.Thread | None = None
+        # A failed hand_off whose agent died before the answer: the next agent records it.
+        self._unanswered: dict[str, Any] | None = None
         self._serving = False
         self._pending_attach: int | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -162,7 +158,14 @@ class Forwarding:
             raise
         finally:
             theirs.close()
-        self._agent = _Agent(proc, ours, os.pidfd_open(proc.pid), time.monotonic())
+        try:
+            pidfd = os.pidfd_open(proc.pid)
+        except OSError:
+            proc.kill()
+            proc.wait()
+            ours.close()
+            raise
+        self._agent = _Agent(proc, ours, pidfd, time.monotonic())
         self._agents_started += 1
         self._restart_at = None
         log.info("agent_started", agent_pid=proc.pid, starts=self._agents_started)
@@ -186,15 +189,19 @@ class Forwarding:
         agent.close()
         return code
 
-    def _reply(self, request: int, **fields: Any) -> None:
+    def _reply(self, request: int, to: _Agent | None = None, **fields: Any) -> bool:
+        """Answer request ``request`` of agent ``to`` (default: the current one); False
+        when that agent is gone or no longer the current one."""
         agent = self._agent
-        if agent is None:
-            return
+        if agent is None or (to is not None and to is not agent):
+            return False
         try:
             with self._send_lock:
                 control.send(agent.sock, {"id": request, **fields})
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             log.warning("agent_unreachable", error=str(exc))
+            return False
+        return True
 
     def wait_attach(self, deadline: float) -> None:
         """After a handoff: wait for the new agent's ``attach`` (it is configured and
@@ -235,7 +242,7 @@ class Forwarding:
                     said = str(message.get("reason", ""))
                 elif message.get("op") == "attach":
                     self._pending_attach = int(message["id"])
-                    # It waits idle from here: its priority is set now, not in the
+                    # It waits idle from here: back at normal priority now, not in the
                     # cutover, where the syscalls would hold the GIL the loop needs.
                     self.restore_agent_priority()
                     self._agent_attached(agent)
@@ -248,9 +255,7 @@ class Forwarding:
             priority.restore(self._agent.proc.pid)
 
     def _agent_attached(self, agent: _Agent) -> None:
-        """From its attach on, the agent runs as background work (AGENT_NICE)."""
         agent.attached = True
-        priority.set_nice(agent.proc.pid, AGENT_NICE)
 
     def kill_agent(self) -> None:
         """Kill the agent at once (a takeover that failed)."""
@@ -289,7 +294,7 @@ class Forwarding:
                     break
         finally:
             if self._handoff is not None:
-                self._handoff.join(self._deadlines.ready_s + AGENT_EXIT_S)
+                self._handoff.join()  # bounded by the handoff's own deadlines
             self.stop_agent()
             self._plane.close()
             # The wake pipe stays open: a signal handler may still write to it.
@@ -306,7 +311,12 @@ class Forwarding:
                 poller.register(agent.sock, select.POLLIN)
             poller.register(agent.pidfd, select.POLLIN)
         timeout_s = 1.0
-        if self._restart_at is not None:
+        # No agent starts while a handoff runs (its answer decides what the next agent is
+        # told; the handoff's end wakes this loop) or once the plane is handed over.
+        may_restart = not self._handed_over.is_set() and not (
+            self._handoff is not None and self._handoff.is_alive()
+        )
+        if self._restart_at is not None and may_restart:
             timeout_s = max(0.0, min(timeout_s, self._restart_at - time.monotonic()))
         for fd, _ in poller.poll(timeout_s * 1000):
             if fd == self._wake_r:
@@ -321,6 +331,8 @@ class Forwarding:
             and self._restart_at is not None
             and time.monotonic() >= self._restart_at
             and not self._stop.is_set()
+            and not self._handed_over.is_set()
+            and not (self._handoff is not None and self._handoff.is_alive())
         ):
             try:
                 self.start_agent()
@@ -372,41 +384,58 @@ class Forwarding:
             self._answer_attach(request)
         elif op == "recorded":
             self._handover = None
+            self._predecessor = None
             self._reply(request, ok=True)
         elif op == "health":
             self._reply(request, ok=True, health=self._plane.health().to_json())
         elif op == "hand_off":
-            self._start_hand_off(request, message)
+            self._start_hand_off(agent, request, message)
         else:
             self._reply(request, ok=False, kind=control.FAILED, error=f"unknown request {op!r}")
 
     def _answer_attach(self, request: int) -> None:
         self._pending_attach = None
-        self._reply(
+        if self._reply(
             request, ok=True, pid=os.getpid(), endpoints=self._plane.endpoints(),
             handover=self._handover, predecessor=self._predecessor,
-        )  # fmt: skip
+            unanswered=self._unanswered,
+        ):  # fmt: skip
+            self._unanswered = None
 
     # Handing off -------------------------------------------------------------------------
 
-    def _start_hand_off(self, request: int, message: dict[str, Any]) -> None:
+    def _start_hand_off(self, agent: _Agent, request: int, message: dict[str, Any]) -> None:
         if self._handoff is not None and self._handoff.is_alive():
             self._reply(request, ok=False, kind=control.FAILED, error="a handoff is running")
             return
         program, context = message.get("program"), message.get("context")
+        command_id = str(message.get("command_id", ""))
+        target = str(message.get("target_version", ""))
         if not isinstance(program, list) or not isinstance(context, dict):
             self._reply(request, ok=False, kind=control.FAILED, error="a malformed hand_off")
             return
         self._handoff = threading.Thread(
-            target=self._hand_off, args=(request, [str(a) for a in program], context),
+            target=self._hand_off,
+            args=(agent, request, (command_id, target), [str(a) for a in program], context),
             name="handoff", daemon=True,
         )  # fmt: skip
         self._handoff.start()
 
-    def _hand_off(self, request: int, program: list[str], context: dict[str, Any]) -> None:
+    def _hand_off(
+        self,
+        agent: _Agent,
+        request: int,
+        command: tuple[str, str],
+        program: list[str],
+        context: dict[str, Any],
+    ) -> None:
         """Hand the data plane to ``program`` (the argv up to its ``run`` subcommand) as
-        this gateway with ``context``, and answer the agent: ok once the new version
-        serves, else why (``control``), with this data plane serving again."""
+        this gateway with ``context``, and answer ``agent``: ok once the new version
+        serves, else why (``control``), with this data plane serving again. An agent
+        that died meanwhile is not replaced until this ends (``_step``); a failure it
+        could not hear is given to the next one (``unanswered``), which records it for
+        ``command`` (id, target version) so that the redelivered command is not run
+        twice."""
 
         def argv_for(control_fd: int) -> list[str]:
             return [
@@ -416,20 +445,24 @@ class Forwarding:
                 "--handoff-fd", str(control_fd),
             ]  # fmt: skip
 
+        failure: dict[str, Any] | None = None
         try:
             parent.hand_off(self._plane, argv_for, context, deadlines=self._deadlines)
         except ResumeFailed as exc:
-            self._reply(request, ok=False, kind=control.RESUME_FAILED, error=str(exc))
+            failure = {"kind": control.RESUME_FAILED, "error": str(exc)}
         except HandoffFailed as exc:
-            self._reply(request, ok=False, kind=control.ROLLED_BACK, error=str(exc))
-        except (GatewayError, OSError) as exc:
+            failure = {"kind": control.ROLLED_BACK, "error": str(exc)}
+        except Exception as exc:  # the agent's request must be answered whatever failed
             log.exception("handoff_failed_in_this_process")
-            self._reply(
-                request, ok=False, kind=control.FAILED, error=f"{type(exc).__name__}: {exc}"
-            )
-        else:
-            self._handed_over.set()
-            self._reply(request, ok=True)
+            failure = {"kind": control.FAILED, "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            if failure is None:
+                self._handed_over.set()
+                self._reply(request, agent, ok=True)
+            elif not self._reply(request, agent, ok=False, **failure):
+                command_id, target = command
+                log.warning("handoff_answer_kept", command_id=command_id, **failure)
+                self._unanswered = {"command_id": command_id, "target_version": target, **failure}
         finally:
             self._wake()
 
@@ -464,6 +497,9 @@ def take_over(inheritance: child.Inheritance, gateway_id: str, state_dir: Path) 
     predecessor = os.getppid()  # the old version started this process
     context = inheritance.context
     forwarding: Forwarding | None = None
+    # Until it serves, SIGTERM (as SIGINT) abandons the takeover cleanly: the old
+    # process is told, the agent killed.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         _check_version(context)
         plane = dataplane.adopt(
@@ -484,16 +520,17 @@ def take_over(inheritance: child.Inheritance, gateway_id: str, state_dir: Path) 
         # The data plane's own loop thread waits for CUTOVER and serves at once.
         deadline = time.monotonic() + CUTOVER_TIMEOUT_S
         plane.start_from(lambda: inheritance.cutover(deadline), CUTOVER_TIMEOUT_S + PAUSE_MARGIN_S)
-    except Exception as exc:
-        log.error("takeover_failed", error=str(exc))
-        inheritance.abort(f"the new version could not take over: {exc}")
+        _stop_on_signals(forwarding)  # serving: SIGTERM and SIGINT stop it from here
+    except BaseException as exc:
+        reason = str(exc) or type(exc).__name__
+        log.error("takeover_failed", error=reason)
+        inheritance.abort(f"the new version could not take over: {reason}")
         if forwarding is not None:
             forwarding.kill_agent()
         for sock in inheritance.sockets:
             sock.close()
         return 1
     inheritance.started()
-    _stop_on_signals(forwarding)
     return forwarding.serve()
 
 

@@ -50,7 +50,7 @@ def configure(service: str, *, json: bool | None = None, level: str = "INFO") ->
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),
         # One write per line (the line and its newline together): a gateway's processes
-        # share one stderr, and two lines must never interleave.
+        # share one stderr, and lines up to PIPE_BUF (4 KiB) never interleave.
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )

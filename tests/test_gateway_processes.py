@@ -6,6 +6,7 @@ agent's libraries."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -13,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway_daemon.forwarding import AGENT_NICE
+from gateway_daemon.agent_process import COMMAND_NICE
 from tests.support import fault_releases, releases, tunnel_probes
 from tests.support.gateway_upgrades import GatewayUpgrades, state_name
 from tests.support.procs import Procs
@@ -54,6 +55,16 @@ def _agent_attached(gateway: TunnelGateway, count: int) -> None:
     )
 
 
+def _nice_values(pid: int) -> list[int]:
+    """The nice value of each thread of process ``pid`` (field 19 of its stat)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            out.append(int(stat.rsplit(")", 1)[1].split()[16]))
+    return out
+
+
 def _mapped(pid: int, needle: str) -> bool:
     return needle in Path(f"/proc/{pid}/maps").read_text()
 
@@ -89,9 +100,8 @@ def test_killing_the_agent_never_stops_forwarding_and_a_new_agent_upgrades(
     forwarding = gateway.serving_pid()
     agent = _agent_pid(gateway)
     _agent_attached(gateway, 1)
-    # The gRPC library runs in the agent only, and the agent runs as background work.
+    # The gRPC library runs in the agent only.
     assert _mapped(agent, "cygrpc") and not _mapped(forwarding, "cygrpc")
-    assert os.getpriority(os.PRIO_PROCESS, agent) == AGENT_NICE
     with Traffic(gateway.sites) as traffic:
         os.kill(agent, signal.SIGKILL)
         second = _agent_pid(gateway, 2)
@@ -127,6 +137,9 @@ def test_an_agent_out_of_descriptors_leaves_the_data_plane_serving(
         # The agent cannot fetch the release's metadata: the job ends, with a report.
         final = upgrades.wait_final(command.command_id, timeout=60)
         assert state_name(final) == "FAILED", final
+        # The command ran on a thread at background priority; the agent's others did not.
+        nices = _nice_values(agent)
+        assert COMMAND_NICE in nices and 0 in nices, nices
         result = traffic.stop()
     assert_clean(result)
     _serves_new_tunnels(gateway)
@@ -157,3 +170,44 @@ def test_a_new_version_whose_agent_cannot_start_is_rolled_back(
     good = releases.build("1.2.1", tmp_path / "good.pyz")
     report = upgrades.upgrade(GATEWAY_ID, "1.2.1", good)
     assert state_name(report) == "SUCCEEDED", report.error
+
+
+def test_an_agent_killed_during_a_handoff_leaves_its_outcome_to_the_next_one_and_no_rerun(
+    vhost: str, tmp_path: Path, procs: Procs, upgrades: GatewayUpgrades
+) -> None:
+    """The agent dies while the forwarding process hands off to a version that hangs: no
+    agent starts until the handoff has ended (rolled back), the next one is told how it
+    ended and records it, and the redelivered command is answered from that record: one
+    report, and the faulty version started once."""
+    hang = fault_releases.build("1.2.0", tmp_path / "hang.pyz", "hangs-receiving-descriptors")
+    gateway = start_gateway(
+        procs, tmp_path, amqp_url=amqp_url(vhost), upgrades=upgrades, handoff_timeout=5.0
+    )
+    old, agent = gateway.serving_pid(), _agent_pid(gateway)
+    _agent_attached(gateway, 1)
+    command = upgrades.command(GATEWAY_ID, "1.2.0", hang)
+    upgrades.send(command, upgrades.signed_headers(command))
+    mark = fault_releases.mark("hangs-receiving-descriptors")
+    wait_for(
+        lambda: mark in gateway.proc.log(),
+        timeout=30,
+        what="the new version to hang holding the descriptors",
+        describe=lambda: gateway.proc.log()[-3000:],
+    )
+    os.kill(agent, signal.SIGKILL)
+    final = upgrades.wait_final(command.command_id, timeout=60)
+    assert state_name(final) == "ROLLED_BACK", final.error
+    assert final.error.startswith("handoff to 1.2.0 failed: ") and "ready" in final.error
+    kept, late = (
+        gateway.events("handoff_answer_kept"),
+        gateway.events("handoff_outcome_recorded_late"),
+    )
+    assert len(kept) == 1 and len(late) == 1, gateway.proc.log()[-3000:]
+    # The second agent started only once the handoff had ended.
+    log = gateway.proc.log()
+    assert log.index('"handoff_answer_kept"') < log.rindex('"agent_started"')
+    _agent_attached(gateway, 2)
+    assert log.count(mark) == 1, "the upgrade was run again"
+    statuses = upgrades.statuses(command.command_id)
+    assert statuses.count("SWAPPING") == 1 and statuses[-1] == "ROLLED_BACK", statuses
+    assert gateway.serving_pid() == old

@@ -8,7 +8,9 @@ must keep reading its shared sockets: when it falls behind, their receive buffer
 overflow and packets are lost before the cutover even starts. So the old process moves
 the new one to ``SCHED_IDLE`` right after starting it (it runs only on CPU time nothing
 else wants), and the new one restores ``SCHED_OTHER`` on every one of its threads just
-before READY, so that the cutover and everything after it run at normal priority.
+before READY, so that the cutover and everything after it run at normal priority. Its
+agent, which it starts and which inherits the idle policy, it restores once the agent has
+attached (or as soon as it was restored itself: ``forwarding.Forwarding.wait_attach``).
 
 Lowering is always allowed. Raising back from ``SCHED_IDLE`` needs ``CAP_SYS_NICE``
 (root) or an ``RLIMIT_NICE`` of at least 20; without either the new process would stay
@@ -87,22 +89,3 @@ def restore(pid: int | None = None) -> int:
             log.warning("handoff_priority_not_restored", tid=tid, error=str(exc))
     return moved
 
-
-def set_nice(pid: int, nice: int) -> int:
-    """Give every thread of process ``pid`` the nice value ``nice`` (threads it starts
-    later inherit it from the thread that starts them); return how many were set.
-    Raising nice needs no privilege; failures are logged, never raised."""
-    done = 0
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return 0  # the process is gone
-    for name in tasks:
-        try:
-            os.setpriority(os.PRIO_PROCESS, int(name), nice)
-            done += 1
-        except ProcessLookupError:
-            continue  # the thread ended meanwhile
-        except OSError as exc:
-            log.warning("nice_not_set", tid=int(name), nice=nice, error=str(exc))
-    return done
