@@ -132,9 +132,11 @@ def test_an_agent_out_of_descriptors_leaves_the_data_plane_serving(
         # The agent may hold what it holds now and open nothing more.
         held = len(os.listdir(f"/proc/{agent}/fd"))
         resource.prlimit(agent, resource.RLIMIT_NOFILE, (held, held))
+        upgrades.sign("1.2.0", b)
         command = upgrades.command(GATEWAY_ID, "1.2.0", b)
         upgrades.send(command, upgrades.signed_headers(command))
-        # The agent cannot fetch the release's metadata: the job ends, with a report.
+        # The agent cannot open a connection to fetch the release: the job ends, with a
+        # report.
         final = upgrades.wait_final(command.command_id, timeout=60)
         assert state_name(final) == "FAILED", final
         # The command ran on a thread at background priority; the agent's others did not.
@@ -185,6 +187,7 @@ def test_an_agent_killed_during_a_handoff_leaves_its_outcome_to_the_next_one_and
     )
     old, agent = gateway.serving_pid(), _agent_pid(gateway)
     _agent_attached(gateway, 1)
+    upgrades.sign("1.2.0", hang)
     command = upgrades.command(GATEWAY_ID, "1.2.0", hang)
     upgrades.send(command, upgrades.signed_headers(command))
     mark = fault_releases.mark("hangs-receiving-descriptors")
