@@ -203,10 +203,12 @@ class Forwarding:
             return False
         return True
 
-    def wait_attach(self, deadline: float) -> None:
+    def wait_attach(self, deadline: float, predecessor: int = -1) -> None:
         """After a handoff: wait for the new agent's ``attach`` (it is configured and
         reached the broker), answered later by ``serve()``. Raises HandoffFailed with
-        the reason when it exits first, HandoffTimeout at ``deadline`` (monotonic)."""
+        the reason when it exits first, HandoffTimeout at ``deadline`` (monotonic).
+        Returns at once, without it, when the old process dies (``predecessor``, a pidfd
+        on it): this one must serve alone now, and the agent attaches when it can."""
         agent = self._agent
         assert agent is not None
         said = ""
@@ -214,6 +216,8 @@ class Forwarding:
         poller = select.poll()
         poller.register(agent.sock, select.POLLIN)
         poller.register(agent.pidfd, select.POLLIN)
+        if predecessor >= 0:
+            poller.register(predecessor, select.POLLIN)
         while True:
             if not restored and not priority.is_idle():
                 # The old process restored this one (or it never was idle): so is its agent.
@@ -226,6 +230,10 @@ class Forwarding:
                     f"{AGENT_READY_S:g} s{': ' + said if said else ''}"
                 )
             for fd, _ in poller.poll(min(left, 0.05) * 1000):
+                if fd == predecessor:
+                    log.warning("takeover_without_agent", reason="the old process is gone")
+                    self.restore_agent_priority()  # nothing is left to yield the CPU to
+                    return
                 if fd == agent.pidfd:
                     code = agent.proc.wait()
                     raise HandoffFailed(
@@ -512,7 +520,7 @@ def take_over(inheritance: child.Inheritance, gateway_id: str, state_dir: Path) 
             handover=context, predecessor=predecessor,
         )  # fmt: skip
         forwarding.start_agent()
-        forwarding.wait_attach(time.monotonic() + AGENT_READY_S)
+        forwarding.wait_attach(time.monotonic() + AGENT_READY_S, inheritance.predecessor)
         selfcheck.run(plane, inheritance.sockets)
         inheritance.say_ready()
         if plane.tunnels is not None:

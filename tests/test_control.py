@@ -25,6 +25,7 @@ Pair = tuple[socket.socket, PlaneClient, threading.Event]
 def pair() -> Iterator[Pair]:
     """(the forwarding process's end, the agent's client, set once it saw EOF)."""
     ours, theirs = control.pair()
+    ours.settimeout(5)  # a request that never comes fails the test, never hangs it
     gone = threading.Event()
     client = PlaneClient(theirs)
     control.send(ours, {"op": "start", "run_args": ["run", "--id", "gw-1"], "context": None})
@@ -45,11 +46,14 @@ def test_answers_reach_their_callers_whatever_their_order(pair: Pair) -> None:
     ours, client, _ = pair
     results: dict[str, Any] = {}
     hand_off = threading.Thread(
-        target=lambda: results.update(hand_off=client.hand_off(["prog"], {"a": 1}))
+        target=lambda: results.update(
+            hand_off=client.hand_off(["prog"], {"a": 1}, command_id="c-1", target_version="1.2.0")
+        )
     )
     hand_off.start()
     first = _request(ours)
     assert (first["op"], first["program"], first["context"]) == ("hand_off", ["prog"], {"a": 1})
+    assert (first["command_id"], first["target_version"]) == ("c-1", "1.2.0")
     health = threading.Thread(target=lambda: results.update(health=client.health()))
     health.start()
     second = _request(ours)
@@ -80,7 +84,7 @@ def test_a_refused_handoff_raises_by_its_kind(
 
     def call() -> None:
         try:
-            client.hand_off(["prog"], {})
+            client.hand_off(["prog"], {}, command_id="c-1", target_version="1.2.0")
         except Exception as exc:
             raised.append(exc)
 
