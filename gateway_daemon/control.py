@@ -171,10 +171,6 @@ class PlaneClient:
         for callback in self._on_gone:
             callback()
 
-    @property
-    def gone(self) -> bool:
-        return self._gone.is_set()
-
     def close(self) -> None:
         """Close this end, once the forwarding process is gone (its reader has ended)."""
         self._gone.wait(1.0)

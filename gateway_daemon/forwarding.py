@@ -253,7 +253,7 @@ class Forwarding:
                     # It waits idle from here: back at normal priority now, not in the
                     # cutover, where the syscalls would hold the GIL the loop needs.
                     self.restore_agent_priority()
-                    self._agent_attached(agent)
+                    agent.attached = True
                     return
 
     def restore_agent_priority(self) -> None:
@@ -261,9 +261,6 @@ class Forwarding:
         started at this process's idle priority."""
         if self._agent is not None:
             priority.restore(self._agent.proc.pid)
-
-    def _agent_attached(self, agent: _Agent) -> None:
-        agent.attached = True
 
     def kill_agent(self) -> None:
         """Kill the agent at once (a takeover that failed)."""
@@ -388,7 +385,7 @@ class Forwarding:
             log.error("agent_message_refused", error=f"no request id: {str(message)[:200]}")
             return
         if op == "attach":
-            self._agent_attached(agent)
+            agent.attached = True
             self._answer_attach(request)
         elif op == "recorded":
             self._handover = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -34,6 +34,23 @@ def pair() -> Iterator[Pair]:
     yield ours, client, gone
     ours.close()
     client.close()
+
+
+def _in_thread(
+    call: Callable[[], object], catch: type[BaseException] = Exception
+) -> tuple[threading.Thread, list[BaseException]]:
+    """``call()`` started on a thread; the list collects what it raised of ``catch``."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            call()
+        except catch as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, raised
 
 
 def _request(sock: socket.socket) -> dict[str, Any]:
@@ -80,16 +97,9 @@ def test_a_refused_handoff_raises_by_its_kind(
     pair: Pair, kind: str, error: type[Exception]
 ) -> None:
     ours, client, _ = pair
-    raised: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            client.hand_off(["prog"], {}, command_id="c-1", target_version="1.2.0")
-        except Exception as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=call)
-    thread.start()
+    thread, raised = _in_thread(
+        lambda: client.hand_off(["prog"], {}, command_id="c-1", target_version="1.2.0")
+    )
     request = _request(ours)
     control.send(ours, {"id": request["id"], "ok": False, "kind": kind, "error": "why: this"})
     thread.join(5)
@@ -98,16 +108,7 @@ def test_a_refused_handoff_raises_by_its_kind(
 
 def test_a_forwarding_process_that_goes_fails_every_waiting_call_and_says_so(pair: Pair) -> None:
     ours, client, gone = pair
-    raised: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            client.attach()
-        except PlaneGone as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=call)
-    thread.start()
+    thread, raised = _in_thread(client.attach, PlaneGone)
     assert _request(ours)["op"] == "attach"
     ours.close()
     thread.join(5)
@@ -118,16 +119,7 @@ def test_a_forwarding_process_that_goes_fails_every_waiting_call_and_says_so(pai
 
 def test_malformed_counters_are_refused_not_trusted(pair: Pair) -> None:
     ours, client, _ = pair
-    raised: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            client.health()
-        except HandOffBroken as exc:
-            raised.append(exc)
-
-    thread = threading.Thread(target=call)
-    thread.start()
+    thread, raised = _in_thread(client.health, HandOffBroken)
     request = _request(ours)
     control.send(ours, {"id": request["id"], "ok": True, "health": {"up": "1", "configured": 1}})
     thread.join(5)
