@@ -7,6 +7,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -153,3 +154,19 @@ def test_a_failed_new_version_is_rolled_back(
         assert [_greeting(port) for port in ports] == [b"parent\n"] * 2
     finally:
         plane.close()
+
+
+def test_a_side_that_exits_with_frames_unread_reads_as_closed_not_failed() -> None:
+    """A process killed with bytes of the other side unread makes the kernel report
+    ECONNRESET, not EOF; the channel says the same as for EOF, whatever the timing."""
+    from gateway_daemon.handoff import wire
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel = wire.Channel(ours)
+    try:
+        channel.send(wire.HELLO, b"{}")
+        theirs.close()  # gone with HELLO unread
+        with pytest.raises(HandoffFailed, match="the other side closed the control socket"):
+            channel.receive(time.monotonic() + 5, "the new process to say ready")
+    finally:
+        channel.close()

@@ -154,10 +154,14 @@ class Channel:
             raise HandoffFailed(f"the other side closed the control socket while awaiting {what}")
 
     def _receive(self, what: str) -> bool:
-        """One recvmsg; False at EOF."""
+        """One recvmsg; False at EOF, or when the other side exited with bytes of ours
+        unread (the kernel then reports ECONNRESET, not EOF: the same end, told apart
+        only by timing)."""
         space = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
         try:
             data, ancdata, flags, _ = self.sock.recvmsg(65536, space)
+        except ConnectionResetError:
+            return False
         except OSError as exc:
             raise HandoffFailed(f"the control socket failed while awaiting {what}: {exc}") from exc
         for level, kind, cdata in ancdata:
