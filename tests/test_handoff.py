@@ -4,9 +4,11 @@ rollback on every kind of failure before the new process serves."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from gateway_daemon.tunnels.lab import make_lab
 from gateway_daemon.tunnels.plane import TunnelPlane
 from gateway_daemon.tunnels.site import TcpSite, Timestamps
 from hitless.config import HostPort
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = Deadlines(ready_s=3.0, started_s=3.0)
@@ -156,6 +159,79 @@ def test_a_failed_new_version_is_rolled_back(
         plane.close()
 
 
+class _LargeSnapshot(Listeners):
+    """Listeners whose snapshot is far larger than the control socket's buffer."""
+
+    def snapshot(self) -> bytes:
+        return bytes(16 * 1024 * 1024)
+
+
+def _large_snapshot_plane() -> _LargeSnapshot:
+    plane = _LargeSnapshot.bind((HostPort("127.0.0.1", 0), HostPort("127.0.0.1", 0)), b"parent\n")
+    plane.start()
+    return plane
+
+
+def _hand_off_in_thread(plane: Listeners, mode: str, spawned: list[subprocess.Popen[bytes]]):  # type: ignore[no-untyped-def]
+    """hand_off on a thread (a blocked one must not hang the test); returns the thread
+    and a list that receives what it raised."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            parent.hand_off(plane, _argv(mode), {}, spawn=_spawner(spawned), deadlines=FAST)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, raised
+
+
+def test_a_new_version_that_never_reads_a_large_snapshot_is_rolled_back_at_the_deadline(
+    spawned: list[subprocess.Popen[bytes]],
+) -> None:
+    """16 MiB of snapshot to a new process that never reads: the old process's send
+    waits no longer than the ready deadline, then it serves on."""
+    plane = _large_snapshot_plane()
+    ports = [s.getsockname()[1] for s in plane.sockets()]
+    try:
+        thread, raised = _hand_off_in_thread(plane, "hang", spawned)
+        thread.join(FAST.ready_s + 10)
+        assert not thread.is_alive(), "hand_off is still blocked sending the snapshot"
+        assert len(raised) == 1 and isinstance(raised[0], HandoffTimeout), raised
+        assert "timed out waiting for the new process to read the handoff" in str(raised[0])
+        assert all(child.poll() is not None for child in spawned), "the new process must be dead"
+        assert [_greeting(port) for port in ports] == [b"parent\n"] * 2
+    finally:
+        plane.close()
+
+
+def test_sockets_set_blocking_are_made_non_blocking_again_while_the_snapshot_waits(
+    spawned: list[subprocess.Popen[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new process that sets the shared sockets to blocking mode and then never reads
+    the snapshot: the old process puts O_NONBLOCK back while its send waits."""
+    mark = tmp_path / "blocked"
+    monkeypatch.setenv("HANDOFF_CHILD_MARK", str(mark))
+    plane = _large_snapshot_plane()
+    sockets = plane.sockets()
+    try:
+        thread, raised = _hand_off_in_thread(plane, "blocking-hang", spawned)
+        wait_for(mark.exists, timeout=FAST.ready_s, what="the new process to set blocking mode")
+        wait_for(
+            lambda: not any(os.get_blocking(s.fileno()) for s in sockets),
+            timeout=FAST.ready_s,
+            what="the old process to make its sockets non-blocking again",
+            interval=0.005,
+        )
+        assert thread.is_alive() and not raised, "the fix must come while the send waits"
+        thread.join(FAST.ready_s + 10)
+        assert len(raised) == 1 and isinstance(raised[0], HandoffTimeout), raised
+    finally:
+        plane.close()
+
+
 def test_a_side_that_exits_with_frames_unread_reads_as_closed_not_failed() -> None:
     """A process killed with bytes of the other side unread makes the kernel report
     ECONNRESET, not EOF; the channel says the same as for EOF, whatever the timing."""
@@ -168,5 +244,33 @@ def test_a_side_that_exits_with_frames_unread_reads_as_closed_not_failed() -> No
         theirs.close()  # gone with HELLO unread
         with pytest.raises(HandoffFailed, match="the other side closed the control socket"):
             channel.receive(time.monotonic() + 5, "the new process to say ready")
+    finally:
+        channel.close()
+
+
+def test_a_send_with_a_deadline_times_out_on_a_silent_reader_and_ticks_meanwhile() -> None:
+    from gateway_daemon.handoff import wire
+
+    class Ticks:
+        every_s = 0.01
+        count = 0
+
+        def __call__(self) -> None:
+            self.count += 1
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel, ticks = wire.Channel(ours), Ticks()
+    try:
+        start = time.monotonic()
+        with pytest.raises(HandoffTimeout, match="timed out waiting for the reader"):
+            channel.send(
+                wire.SNAPSHOT, bytes(8 * 1024 * 1024), deadline=start + 0.3,
+                what="the reader", tick=ticks,
+            )  # fmt: skip
+        assert 0.3 <= time.monotonic() - start < 5
+        assert ticks.count >= 5, "tick runs while the send waits"
+        theirs.close()
+        with pytest.raises(HandoffFailed, match="control socket failed while sending"):
+            channel.send(wire.SNAPSHOT, b"x" * 1024, deadline=time.monotonic() + 5)
     finally:
         channel.close()

@@ -3,7 +3,7 @@
     room for the descriptors it will hold (``limits``), or refuse
     spawn new version (exec, with one end of a socketpair)
     HELLO (description, context) + descriptors in batches + SNAPSHOT
-    wait READY  ........................ deadline: ready_s; EOF or ABORT = failed
+    wait READY  ........................ deadline (sends too): ready_s; EOF or ABORT = failed
     plane.pause(); CUTOVER(final state) .. on the plane's own loop thread as it parks,
                                          when the plane has cut_over()
     wait STARTED ....................... deadline: started_s
@@ -213,16 +213,24 @@ def _run(
 ) -> HandoffReport:
     sockets = plane.sockets()
     shared.record(sockets)
+    # Everything before READY shares its deadline: a new process that never reads what
+    # is sent (a snapshot larger than the socket's buffer waits on it) is one that never
+    # says ready.
+    ready_by = started_at + deadlines.ready_s
+    watch = _Watch(child, shared, started_at + deadlines.idle_until_s)
+    reading = "the new process to read the handoff"
     channel.send_json(
-        wire.HELLO, {"description": plane.describe(), "fds": len(sockets), "context": context}
-    )
+        wire.HELLO,
+        {"description": plane.describe(), "fds": len(sockets), "context": context},
+        deadline=ready_by, what=reading, tick=watch,
+    )  # fmt: skip
     fds_at = clock()
-    channel.send_fds([s.fileno() for s in sockets])
+    channel.send_fds([s.fileno() for s in sockets], deadline=ready_by, what=reading, tick=watch)
     state_at = clock()
     snapshot = plane.snapshot()
-    channel.send(wire.SNAPSHOT, snapshot)
+    channel.send(wire.SNAPSHOT, snapshot, deadline=ready_by, what=reading, tick=watch)
     snapshot_done = clock()
-    _wait_ready(channel, child, started_at, deadlines, shared)
+    _expect(channel, wire.READY, ready_by, "the new process to say ready", watch)
     ready_at = clock()
     marks = {"ready": time.monotonic_ns()}
     sent: list[bytes] = []
@@ -266,26 +274,29 @@ def _relative(marks: dict[str, int], plane: Plane) -> dict[str, float]:
     return {k: round((v - base) / 1000, 1) for k, v in marks.items()}
 
 
-def _wait_ready(
-    channel: wire.Channel,
-    child: ChildProcess,
-    started_at: float,
-    deadlines: Deadlines,
-    shared: SharedState,
-) -> None:
-    """READY within the deadline; past ``idle_s`` the new process gets normal priority.
-    Meanwhile the new process holds the sockets: ``shared.guard()`` keeps them
-    non-blocking for this process's plane."""
-    what = "the new process to say ready"
-    ready_by = started_at + deadlines.ready_s
-    if deadlines.idle_until_s > 0:
-        try:
-            _expect(channel, wire.READY, started_at + deadlines.idle_until_s, what, shared)
-            return
-        except HandoffTimeout:
-            if priority.restore(child.pid):
-                log.info("handoff_child_priority_restored", pid=child.pid)
-    _expect(channel, wire.READY, ready_by, what, shared)
+class _Watch:
+    """What this process does every ``GUARD_S`` while it waits on the new one before
+    READY (sending to it or waiting for its answer). The new process holds the sockets
+    meanwhile: ``shared.guard()`` keeps them non-blocking for this process's plane. Past
+    ``restore_at`` (``Deadlines.idle_until_s`` after the spawn), the new process gets
+    normal priority (``priority``)."""
+
+    every_s = GUARD_S
+
+    def __init__(self, child: ChildProcess, shared: SharedState, restore_at: float) -> None:
+        self._child = child
+        self._shared = shared
+        self._restore_at = restore_at
+        self._restored = False
+
+    def __call__(self) -> None:
+        fixed = self._shared.guard()
+        if fixed:
+            log.warning("handoff_sockets_set_blocking_by_new_process", sockets=fixed)
+        if not self._restored and time.monotonic() >= self._restore_at:
+            self._restored = True
+            if priority.restore(self._child.pid):
+                log.info("handoff_child_priority_restored", pid=self._child.pid)
 
 
 def _expect(
@@ -293,20 +304,20 @@ def _expect(
     kind: int,
     deadline: float,
     what: str,
-    shared: SharedState | None = None,
+    watch: _Watch | None = None,
 ) -> None:
+    """The next frame is ``kind``, within ``deadline`` (HandoffTimeout); ``watch`` runs
+    every ``GUARD_S`` meanwhile."""
     while True:
-        step = deadline if shared is None else min(deadline, time.monotonic() + GUARD_S)
+        step = deadline if watch is None else min(deadline, time.monotonic() + GUARD_S)
         try:
             got, _ = channel.receive(step, what)
             break
         except HandoffTimeout:
             if step >= deadline:
                 raise
-        assert shared is not None
-        fixed = shared.guard()
-        if fixed:
-            log.warning("handoff_sockets_set_blocking_by_new_process", sockets=fixed)
+        assert watch is not None
+        watch()
     if got != kind:
         raise HandoffFailed(f"protocol error while waiting for {what}: got frame kind {got}")
 

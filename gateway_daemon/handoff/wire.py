@@ -20,7 +20,7 @@ import select
 import socket
 import struct
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from gateway_daemon.errors import HandoffFailed, HandoffTimeout
 
@@ -38,8 +38,17 @@ STARTED = 6  # child -> parent: serving
 ABORT = 7  # either way: give up, with a JSON reason
 
 
+class Tick(Protocol):
+    """Called every ``every_s`` seconds while a send waits on the other side to read."""
+
+    every_s: float
+
+    def __call__(self) -> None: ...
+
+
 class Channel:
-    """One end of the control socket, with a deadline on every receive."""
+    """One end of the control socket, with a deadline on every receive (and on a send
+    that is given one)."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -49,29 +58,88 @@ class Channel:
     def close(self) -> None:
         self.sock.close()
 
-    def send(self, kind: int, payload: bytes = b"") -> None:
+    def send(
+        self, kind: int, payload: bytes = b"", *, deadline: float | None = None,
+        what: str = "the other side to read", tick: Tick | None = None,
+    ) -> None:  # fmt: skip
+        """Send one frame. Without ``deadline`` (a time.monotonic value) this waits as
+        long as the other side does not read; with one it raises HandoffTimeout ("timed
+        out waiting for ``what``") at that time, and calls ``tick`` every
+        ``Tick.every_s`` meanwhile. A frame larger than the socket's buffer (a large
+        snapshot) waits on the reader; a reader that hangs must not hold the sender."""
+        frame = _HEADER.pack(kind, len(payload)) + payload
         try:
-            self.sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+            if deadline is None:
+                self.sock.sendall(frame)
+            else:
+                self._send_until(memoryview(frame), deadline, what, tick)
         except OSError as exc:
             raise HandoffFailed(f"the control socket failed while sending: {exc}") from exc
 
-    def send_json(self, kind: int, value: Any) -> None:
-        self.send(kind, json.dumps(value).encode())
+    def send_json(
+        self, kind: int, value: Any, *, deadline: float | None = None,
+        what: str = "the other side to read", tick: Tick | None = None,
+    ) -> None:  # fmt: skip
+        self.send(kind, json.dumps(value).encode(), deadline=deadline, what=what, tick=tick)
 
-    def send_fds(self, fds: list[int]) -> None:
-        """Send every descriptor, in batches the kernel accepts."""
+    def send_fds(
+        self, fds: list[int], *, deadline: float | None = None,
+        what: str = "the other side to take the descriptors", tick: Tick | None = None,
+    ) -> None:  # fmt: skip
+        """Send every descriptor, in batches the kernel accepts; ``deadline``, ``what``
+        and ``tick`` as for ``send``."""
         for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
             batch = fds[start : start + MAX_FDS_PER_MESSAGE]
             payload = json.dumps({"count": len(batch)}).encode()
             frame = _HEADER.pack(FDS, len(payload)) + payload
             # The descriptors ride on the frame's first byte; sendmsg on a stream socket
-            # may send fewer bytes, so the rest follows with sendall.
+            # may send fewer bytes, so the rest follows.
             try:
-                sent = socket.send_fds(self.sock, [frame], batch)
+                if deadline is None:
+                    sent = socket.send_fds(self.sock, [frame], batch)
+                else:
+                    sent = self._send_fds_until(frame, batch, deadline, what, tick)
                 if sent < len(frame):
-                    self.sock.sendall(frame[sent:])
+                    rest = memoryview(frame)[sent:]
+                    if deadline is None:
+                        self.sock.sendall(rest)
+                    else:
+                        self._send_until(rest, deadline, what, tick)
             except OSError as exc:
                 raise HandoffFailed(f"passing descriptors failed: {exc}") from exc
+
+    def _send_fds_until(
+        self, frame: bytes, fds: list[int], deadline: float, what: str, tick: Tick | None
+    ) -> int:
+        while True:
+            self._wait_writable(deadline, what, tick)
+            try:
+                return socket.send_fds(self.sock, [frame], fds, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue
+
+    def _send_until(self, data: memoryview, deadline: float, what: str, tick: Tick | None) -> None:
+        while data:
+            self._wait_writable(deadline, what, tick)
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                continue  # another writer took the room (none here): wait again
+            data = data[sent:]
+
+    def _wait_writable(self, deadline: float, what: str, tick: Tick | None) -> None:
+        """Until the socket takes more bytes; HandoffTimeout at ``deadline``."""
+        poller = select.poll()
+        poller.register(self.sock, select.POLLOUT)
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                raise HandoffTimeout(f"timed out waiting for {what} on the control socket")
+            step = deadline if tick is None else min(deadline, now + tick.every_s)
+            if poller.poll(max(0.0, step - now) * 1000):
+                return
+            if tick is not None:
+                tick()
 
     def receive(self, deadline: float, what: str) -> tuple[int, bytes]:
         """The next frame, or HandoffTimeout at ``deadline`` (a time.monotonic value)."""

@@ -4,17 +4,23 @@ MODE ok: adopt the listeners, say ready, start, say started, serve until SIGTERM
 MODE tunnels: the same with a tunnel plane (``tunnels.plane.adopt``).
 MODE crash: exit 3 at once.  MODE hang: never answer.  MODE abort: refuse (a failed
 self-check).  MODE die-after-ready: say ready, then SIGKILL itself before starting.
+MODE blocking-hang: take the descriptors, set every socket to blocking mode, touch the
+file named by HANDOFF_CHILD_MARK, then hang without reading the snapshot.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import sys
 import threading
+import time
+from pathlib import Path
 
 from gateway_daemon import listeners
-from gateway_daemon.handoff import child
+from gateway_daemon.handoff import child, wire
 from gateway_daemon.plane import Plane
 from gateway_daemon.tunnels import plane as tunnels
 
@@ -25,6 +31,8 @@ def main() -> int:
         return 3
     if mode == "hang":
         threading.Event().wait()
+    if mode == "blocking-hang":
+        _block_and_hang(fd)
     inheritance = child.accept(fd)
     if mode == "abort":
         inheritance.abort("self-check failed: config checksum mismatch")
@@ -45,6 +53,16 @@ def main() -> int:
     stop.wait()
     plane.close()
     return 0
+
+
+def _block_and_hang(fd: int) -> None:
+    channel = wire.Channel(socket.socket(fileno=fd))
+    deadline = time.monotonic() + 10
+    _, hello = channel.receive(deadline, "the hello")
+    for received in channel.receive_fds(int(json.loads(hello)["fds"]), deadline):
+        os.set_blocking(received, True)
+    Path(os.environ["HANDOFF_CHILD_MARK"]).touch()
+    threading.Event().wait()
 
 
 if __name__ == "__main__":
