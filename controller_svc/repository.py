@@ -49,6 +49,8 @@ from controller_svc.errors import (
 )
 from controller_svc.outbox import OutboxEntry, stage
 from controller_svc.records import (
+    GATEWAY_COLUMNS,
+    JOB_GATEWAY_COLUMNS,
     EventRecord,
     GatewayJobRecord,
     GatewayRecord,
@@ -59,6 +61,7 @@ from controller_svc.records import (
     ReportOutcome,
     event_record,
     gateway_record,
+    gatewayjob_record,
     job_page_record,
     job_record,
     job_records,
@@ -285,8 +288,8 @@ class Repository:
         """Every gateway ever seen, sorted by id."""
         with self._read() as session:
             pending = _pending_versions(session)
-            rows = session.scalars(select(Gateway).order_by(Gateway.id)).all()
-            return [gateway_record(row, pending.get(row.id)) for row in rows]
+            rows = session.execute(select(*GATEWAY_COLUMNS).order_by(Gateway.id)).all()
+            return [gateway_record(row, pending.get(row[0])) for row in rows]
 
     def gateways_page(self, after: str | None, limit: int) -> tuple[list[GatewayRecord], bool]:
         """Up to ``limit`` gateways whose id sorts after ``after`` (None: from the first),
@@ -295,19 +298,21 @@ class Repository:
         if limit <= 0:
             raise InvalidRequest(f"invalid limit {limit}: must be a positive number")
         with self._read() as session:
-            # Core rows: no ORM object per gateway on a call a console makes over and over.
-            stmt = select(Gateway.__table__).order_by(Gateway.id).limit(limit + 1)
+            # Tuples: no ORM object per gateway on a call a console makes over and over.
+            stmt = select(*GATEWAY_COLUMNS).order_by(Gateway.id).limit(limit + 1)
             if after is not None:
                 stmt = stmt.where(Gateway.id > after)
             rows = session.execute(stmt).all()
             page = rows[:limit]
-            pending = _pending_versions_between(session, page[0].id, page[-1].id) if page else {}
-            return [gateway_record(row, pending.get(row.id)) for row in page], len(rows) > limit
+            pending = _pending_versions_between(session, page[0][0], page[-1][0]) if page else {}
+            return [gateway_record(row, pending.get(row[0])) for row in page], len(rows) > limit
 
     def get_gateway(self, gateway_id: str) -> GatewayRecord | None:
         """One gateway, or None when it has never been seen."""
         with self._read() as session:
-            row = session.get(Gateway, gateway_id)
+            row = session.execute(
+                select(*GATEWAY_COLUMNS).where(Gateway.id == gateway_id)
+            ).one_or_none()
             if row is None:
                 return None
             return gateway_record(row, _pending_versions(session, gateway_id).get(gateway_id))
@@ -863,7 +868,7 @@ class Repository:
             if job is None:
                 return None
             stmt = (
-                select(JobGateway.__table__)
+                select(*JOB_GATEWAY_COLUMNS)
                 .where(JobGateway.job_id == job.id)
                 .order_by(JobGateway.gateway_id)
                 .limit(limit + 1)
@@ -879,7 +884,7 @@ class Repository:
                 ).where(JobGateway.job_id == job.id)
             ).one()
             record = replace(
-                job_page_record(job, rows[:limit]),
+                job_page_record(job, [gatewayjob_record(row) for row in rows[:limit]]),
                 current_wave=current,
                 wave_count=(waves or 0) + 1,
             )
