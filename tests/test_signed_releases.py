@@ -208,6 +208,31 @@ def test_signing_on_top_of_a_rolled_back_repository_is_refused(
     assert _releases(fleet)["1.3.0"]["signing"] == "SIGNED"
 
 
+def test_publishing_a_release_again_signs_nothing_new_and_later_publishes_go_on(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The same publish run twice (a retry after a lost answer, as the README advises):
+    the controller takes no new targets for a release it lists, so the key directory must
+    not remember a version the controller never took, or every later publish is refused
+    as a rollback."""
+    artifact = tmp_path / "r.pyz"
+    fleet.cli("releases", "build", "--version", "1.1.0", "-o", str(artifact))
+    publish = ("releases", "publish", "--version", "1.1.0", "--artifact", str(artifact))
+    fleet.cli(*publish, "--keys", str(fleet.keys.dir))
+    taken = (fleet.keys.dir / "targets.json").read_bytes()
+
+    again = fleet.cli(*publish, "--keys", str(fleet.keys.dir))
+    assert "already: targets version 1 lists" in again.stdout, again.stdout
+    assert "nothing new was signed" in again.stdout
+    assert (fleet.keys.dir / "targets.json").read_bytes() == taken
+    served = fleet.stub().GetTargetsMetadata(controller_pb2.GetTargetsMetadataRequest(), timeout=30)
+    assert served.version == 1
+
+    fleet.release("1.2.0")
+    assert _releases(fleet)["1.2.0"]["signing"] == "SIGNED"
+    assert json.loads((fleet.keys.dir / "targets.json").read_bytes())["signed"]["version"] == 2
+
+
 def test_a_command_altered_on_its_way_fails_its_gateway_with_the_reason(
     fleet: Fleet, vhost: str
 ) -> None:

@@ -199,7 +199,12 @@ def built_lines(version: str, output: str, size: int, sha256: str) -> list[str]:
 def published_lines(release: ReleaseInfo, signed: TargetsChange | None) -> list[str]:
     """What ``releases publish`` uploaded, and the targets version that signs it."""
     lines = [f"published {release.version}: {human_size(release.size)}, sha256 {release.sha256}"]
-    if signed is not None:
+    if signed is not None and signed.version == signed.previous_version:
+        lines.append(
+            f"signing: {release.signing or '-'} (already: targets version {signed.version} "
+            f"lists {signed.name} as this artifact; nothing new was signed)"
+        )
+    elif signed is not None:
         lines.append(
             f"signing: {release.signing or '-'} (targets version {signed.version} lists "
             f"{signed.name})"

@@ -34,6 +34,7 @@ from pathlib import Path
 from tuf.api.metadata import Metadata, Root, Targets
 
 from hitless import semver
+from hitless.digest import file_sha256
 from hitless.trust import keys, release, roles
 from hitless.trust.errors import (
     MetadataRefused,
@@ -92,7 +93,11 @@ def sign_release(
     ``keys_dir``: what PublishRelease carries as ``targets_metadata``.
 
     Another publish or yank between this and the upload makes the controller refuse it as
-    not newer (exit 4); publishing again signs on top of that one.
+    not newer (exit 4); publishing again signs on top of that one. When the current targets
+    list this very artifact already (the release was published before), nothing new is
+    signed: the controller takes no new targets version for a release it lists, so the
+    change is the current targets themselves (``version == previous_version``), which is
+    what ``taken`` then records.
 
     Raises ConfigError (a malformed version), UsageError (key directory or artifact
     unusable), Rejected (current targets that do not verify against the key directory's
@@ -105,8 +110,23 @@ def sign_release(
         current = client.get_targets_metadata()
         previous = _verified(current, root, paths) if current is not None else None
         _not_rolled_back(paths, current)
+        if current is not None and previous is not None and _lists(previous, name, artifact):
+            return _change(current, previous, name, current)
         data = release.sign_targets(current, keys_dir, add={name: artifact})
     return _change(data, previous, name, data)
+
+
+def _lists(targets: Targets, name: str, artifact: Path) -> bool:
+    """Whether ``targets`` list ``name`` as exactly the file ``artifact`` (length and
+    sha256). Raises UsageError when the artifact cannot be read."""
+    listed = targets.targets.get(name)
+    if listed is None:
+        return False
+    try:
+        sha256, size = file_sha256(artifact)
+    except OSError as exc:
+        raise UsageError(f"cannot read the artifact {artifact}: {exc.strerror or exc}") from exc
+    return listed.length == size and listed.hashes.get("sha256") == sha256
 
 
 def sign_yank(client: ControllerClient, keys_dir: Path, version: str) -> TargetsChange:
