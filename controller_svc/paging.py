@@ -64,7 +64,7 @@ def decode(token: str, kind: str, scope: str | None = "", *, key_length: int = 1
     """
     if not token:
         return None
-    problem = "it was not made by this controller, or was cut short"
+    problem = "it does not decode (cut short, or not a token this controller made)"
     data: Any = None
     if len(token) <= MAX_TOKEN_CHARS:
         try:

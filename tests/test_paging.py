@@ -136,11 +136,12 @@ def test_a_token_round_trips_and_is_opaque() -> None:
 @pytest.mark.parametrize(
     ("token", "kind", "scope", "says"),
     [
-        ("not base64 !", "gateways", "", "not made by this controller"),
+        ("not base64 !", "gateways", "", "does not decode"),
         (paging.encode(paging.Cursor("jobs", "", ("a", "b"))), "gateways", "", "another list"),
         (paging.encode(paging.Cursor("job-gateways", "j-1", ("g",))), "job-gateways", "j-2",
          "another list"),
-        (paging.encode(paging.Cursor("gateways", "", ("a", "b"))), "gateways", "", "not made"),
+        (paging.encode(paging.Cursor("gateways", "", ("a", "b"))), "gateways", "",
+         "does not decode"),
         ("A" * 2000, "gateways", "", "longer than"),
     ],
 )  # fmt: skip

@@ -247,6 +247,15 @@ def _not_rolled_back(paths: keys.KeyPaths, current: bytes | None) -> None:
     now = read_metadata(current, Targets).signed.version if current is not None else 0
     if now > last or (now == last and current == last_bytes):
         return
+    if current is None:
+        raise Rejected(
+            f"the controller serves no signed targets, but it took version {last} from this "
+            f"key directory ({last_path}): it is another controller than the one this "
+            "directory published to (a new data directory), or its repository was reset. "
+            "Nothing was signed. If this is a new controller and that is intended, move "
+            f"{last_path} away and publish again; otherwise check the controller's data "
+            "directory"
+        )
     raise Rejected(
         f"the controller serves targets version {now or 'none'}, but it took version {last} "
         f"from this key directory ({last_path}): its repository was rolled back (restored "
