@@ -978,6 +978,10 @@ def test_main_reads_the_environment(
         (["upgrade", "--latest", "--deadline", "soon"], "expected whole seconds, e.g. 600"),
         (["admins", "add"], "the following arguments are required: EMAIL"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        # A mistyped option is named before the required one it leaves out.
+        (["upgrade", "--lastest"], "unrecognized argument --lastest (did you mean --latest?)"),
+        (["admins", "add", "--emial"], "unrecognized argument --emial"),
+        (["releases", "--foo"], "unrecognized argument --foo"),
     ],
 )
 def test_usage_errors(args: list[str], expected: str) -> None:

@@ -72,6 +72,7 @@ without starting a second job.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -144,8 +145,39 @@ class _ArgumentError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Raises its errors (``run`` prints them and exits USAGE). argparse checks required
+    options before it reports unknown ones, so ``upgrade --lastest`` would only say that
+    --latest or --version is required: a mistyped option is named first, with the option
+    it is closest to."""
+
+    _given: tuple[str, ...] = ()
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._given = tuple(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
+        if "required" in message:
+            message = self._unknown_option() or message
         raise _ArgumentError(self.format_usage(), message)
+
+    def _unknown_option(self) -> str | None:
+        """'unrecognized argument X' for the first option given to this parser that it
+        has not (nor abbreviates), or None."""
+        known = list(self._option_string_actions)
+        for arg in self._given:
+            if arg == "--":
+                return None
+            name = arg.split("=", 1)[0]
+            if not name.startswith("--") or any(option.startswith(name) for option in known):
+                continue
+            close = difflib.get_close_matches(name, known, n=1)
+            return f"unrecognized argument {name}" + (
+                f" (did you mean {close[0]}?)" if close else ""
+            )
+        return None
 
 
 @dataclass
