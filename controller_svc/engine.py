@@ -22,6 +22,7 @@ import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from controller_svc import convert
@@ -30,6 +31,7 @@ from controller_svc import rollout as rollouts
 from controller_svc.errors import ControllerError, FailedPrecondition, NotFound
 from controller_svc.events import Announcer
 from controller_svc.follow import JobWatches
+from controller_svc.liveness import gateway_state
 from controller_svc.outbox import OutboxEntry
 from controller_svc.planner import Plan, check, make_plan
 from controller_svc.prechecks import Answer, PreChecks
@@ -46,6 +48,7 @@ from controller_svc.signing import Signing, Trust
 from controller_svc.states import GatewayState, JobState
 from controller_svc.transitions import EXPIRED_QUEUED, UNSENT
 from hitless import logs, names, semver
+from hitless import version as running
 from hitless.bus import codec, topology
 from hitless.bus.amqp import DeadLetter, Delivery, Publisher, Requeue
 from hitless.bus.amqp.publisher import Confirm
@@ -225,7 +228,16 @@ class Engine:
         signed = [
             r for r in self.repo.list_releases() if self.trust.signing(r) is Signing.SIGNED
         ]  # fmt: skip
-        return make_plan(release, known, gateway_ids, signed)
+        plan = make_plan(release, known, gateway_ids, signed)
+        now = self._clock()
+        moving = self._upgrader is not None and self._upgrader.needed(release)
+        return replace(
+            plan,
+            gateways=tuple(
+                replace(g, state=gateway_state(known[g.gateway_id], now)) for g in plan.gateways
+            ),
+            controller_from=running.current() if moving else None,
+        )
 
     def precheck(self, plan: Plan, wait_s: float = prechecks_.WAIT_S) -> dict[str, Answer]:
         """Ask every gateway the plan changes whether anything would stop the upgrade

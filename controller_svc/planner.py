@@ -30,12 +30,17 @@ class PlannedGateway:
     # Why it cannot be upgraded to the target (no upgrade path reaches it); "" when it
     # can. Such a gateway is left out of the job, SKIPPED with this reason.
     blocked: str = ""
+    # ONLINE, OFFLINE or UPGRADING when planned (``liveness.gateway_state``); "" unknown.
+    state: str = ""
 
 
 @dataclass(frozen=True)
 class Plan:
     release: ReleaseRecord
     gateways: tuple[PlannedGateway, ...]
+    # The version the controller runs when it upgrades itself to the release before any
+    # gateway; None when it does not.
+    controller_from: str | None = None
 
     @property
     def changes(self) -> tuple[PlannedGateway, ...]:

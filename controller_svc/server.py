@@ -356,6 +356,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                     pending_version=g.pending_version or "",
                     path=g.path,
                     blocked=g.blocked,
+                    state=g.state,
                     precheck=convert.precheck(answers[g.gateway_id])
                     if g.gateway_id in answers
                     else None,
@@ -363,6 +364,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
                 for g in plan.gateways
             ],
             vpn_sessions_affected=plan.vpn_sessions_affected,
+            controller_from=plan.controller_from or "",
         )
 
     @_translated

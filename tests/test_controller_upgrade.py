@@ -115,6 +115,11 @@ def test_a_job_runs_on_across_controller_upgrades_with_no_failed_call(
     before = _controller(fleet)
     fleet.release("1.1.0")
     fleet.release("1.2.0")
+    # The plan says so before anything starts.
+    plan = fleet.cli_json("upgrade", "--version", "1.1.0", "--dry-run")
+    assert plan["controller_from"] == before.version
+    states = [(g["id"], g["state"]) for g in plan["gateways"]]
+    assert states == [("gw-1", "ONLINE"), ("gw-2", "ONLINE")]
     # The job moves the controller to 1.1.0 first, then the gateways start downloading
     # (and stall at the gate; their pre-checks would report the gate shut, so none).
     job = fleet.cli_json("upgrade", "--version", "1.1.0", "--yes", "--no-precheck")

@@ -7,7 +7,7 @@ them. The path with real gateway processes is in tests/test_rollout_fleet.py."""
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -247,3 +247,15 @@ def test_a_gateway_no_path_reaches_is_left_out_skipped_with_why(
     assert left.state is GatewayState.SKIPPED and not left.published
     assert left.error.startswith(f"no upgrade path for {stuck} from {BASE} to 2.0.0: ")
     assert going.state is GatewayState.QUEUED and going.published
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_the_plan_says_which_gateways_are_offline(world: World) -> None:
+    """A gateway not heard from for three heartbeat intervals is OFFLINE in the plan, so
+    the operator learns before starting that its command will wait for it."""
+    away, back = world.gateways(2)
+    world.clock.ahead = timedelta(hours=1)
+    world.repo.record_gateway_seen(back, "1.0.0", world.clock())
+    plan = world.controller().plan(VERSION)
+    assert {g.gateway_id: g.state for g in plan.gateways} == {away: "OFFLINE", back: "ONLINE"}
+    assert plan.controller_from is None  # this engine does not upgrade its controller

@@ -436,3 +436,24 @@ def test_revoked_token_lines() -> None:
         "revoked token ci (role operator) at 2025-03-01 12:00 UTC: the controller refuses it "
         "from now on"
     ]
+
+
+def test_the_plan_warns_of_offline_gateways_and_says_the_controller_moves_first() -> None:
+    release = ReleaseInfo("1.2.0", "ab" * 32, 900, NOW, "")
+    plan = UpgradePlan(
+        release,
+        (
+            PlannedGateway("gw-1", "1.1.0", "UPGRADE", 0, state="ONLINE"),
+            PlannedGateway("gw-2", "1.1.0", "UPGRADE", 0, state="OFFLINE"),
+            PlannedGateway("gw-3", "1.2.0", "NOTHING", 0, state="OFFLINE"),
+        ),
+        0,
+        controller_from="1.1.0",
+    )
+    text = "\n".join(render.plan_lines(plan))
+    assert "offline now: gw-2: a command waits for its gateway until the job's deadline" in text
+    assert "gw-3:" not in text  # it changes nothing
+    assert "the controller upgrades itself from 1.1.0 to 1.2.0 first" in text
+    quiet = dataclasses.replace(plan, gateways=plan.gateways[:1], controller_from="")
+    assert "offline" not in "\n".join(render.plan_lines(quiet))
+    assert "upgrades itself" not in "\n".join(render.plan_lines(quiet))

@@ -1282,15 +1282,18 @@ def _jobs_list(ctx: _Context) -> ExitCode:
 
 
 def plan_json(plan: UpgradePlan) -> dict[str, Any]:
-    """``upgrade --dry-run --json``: the release and each gateway's change, path through
-    releases between (null: straight there) and pre-check (``precheck`` null: not asked;
-    "": no answer; "ok" or its problems)."""
+    """``upgrade --dry-run --json``: the release, the version the controller upgrades
+    itself from first (null: it does not), and each gateway's state when planned (ONLINE,
+    OFFLINE, UPGRADING), change, path through releases between (null: straight there) and
+    pre-check (``precheck`` null: not asked; "": no answer; "ok" or its problems)."""
     return {
         "target_version": plan.release.version,
+        "controller_from": plan.controller_from or None,
         "gateways": [
             {
                 "id": g.id,
                 "from_version": g.from_version,
+                "state": g.state or None,
                 "action": g.action,
                 "path": list(g.path) or None,
                 "blocked": g.blocked or None,

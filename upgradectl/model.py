@@ -426,6 +426,8 @@ class PlannedGateway:
     path: tuple[str, ...] = ()
     # Why it cannot be upgraded (no upgrade path): left out of the job. "" when it can.
     blocked: str = ""
+    # ONLINE, OFFLINE or UPGRADING when planned ("" from a controller that does not say).
+    state: str = ""
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.PlannedGateway) -> PlannedGateway:
@@ -448,6 +450,7 @@ class PlannedGateway:
             ),
             path=tuple(msg.path),
             blocked=msg.blocked,
+            state=msg.state,
         )
 
     @property
@@ -465,6 +468,9 @@ class UpgradePlan:
     release: ReleaseInfo
     gateways: tuple[PlannedGateway, ...]
     vpn_sessions_affected: int
+    # The version the controller runs when it upgrades itself to the release first; ""
+    # when it does not.
+    controller_from: str = ""
 
     @classmethod
     def from_proto(cls, msg: controller_pb2.UpgradePlan) -> UpgradePlan:
@@ -472,7 +478,13 @@ class UpgradePlan:
             ReleaseInfo.from_proto(msg.release),
             tuple(PlannedGateway.from_proto(g) for g in msg.gateways),
             msg.vpn_sessions_affected,
+            msg.controller_from,
         )
+
+    @property
+    def offline(self) -> tuple[PlannedGateway, ...]:
+        """The gateways that would change version and are OFFLINE now."""
+        return tuple(g for g in self.changes if g.state == "OFFLINE" and not g.blocked)
 
     @property
     def changes(self) -> tuple[PlannedGateway, ...]:

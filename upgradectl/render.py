@@ -506,6 +506,19 @@ def plan_lines(plan: UpgradePlan) -> list[str]:
     ]
     blocked = [f"{g.id}: {g.blocked}" for g in plan.gateways if g.blocked]
     notes = ["", "left out:", *(f"  {line}" for line in blocked)] if blocked else []
+    offline = [g.id for g in plan.offline]
+    if offline:
+        notes += [
+            "",
+            f"offline now: {', '.join(offline)}: a command waits for its gateway until the "
+            "job's deadline (--deadline); a gateway still away then ends UNREACHABLE",
+        ]
+    if plan.controller_from:
+        notes += [
+            "",
+            f"the controller upgrades itself from {plan.controller_from} to {release.version} "
+            "first, inline (it keeps serving), then the gateways",
+        ]
     return [*lines, "", *table(headers, rows), *notes]
 
 

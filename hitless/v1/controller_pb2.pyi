@@ -157,7 +157,7 @@ class PreCheck(_message.Message):
     def __init__(self, answered: _Optional[bool] = ..., problems: _Optional[_Iterable[str]] = ..., free_bytes: _Optional[int] = ..., needed_bytes: _Optional[int] = ..., controller_reachable: _Optional[bool] = ..., vpn_sessions: _Optional[int] = ..., tunnels_up: _Optional[int] = ..., tunnels_configured: _Optional[int] = ...) -> None: ...
 
 class PlannedGateway(_message.Message):
-    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version", "precheck", "path", "blocked")
+    __slots__ = ("gateway_id", "from_version", "action", "vpn_sessions", "pending_version", "precheck", "path", "blocked", "state")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
@@ -166,6 +166,7 @@ class PlannedGateway(_message.Message):
     PRECHECK_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     from_version: str
     action: str
@@ -174,17 +175,20 @@ class PlannedGateway(_message.Message):
     precheck: PreCheck
     path: _containers.RepeatedScalarFieldContainer[str]
     blocked: str
-    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ..., precheck: _Optional[_Union[PreCheck, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., blocked: _Optional[str] = ...) -> None: ...
+    state: str
+    def __init__(self, gateway_id: _Optional[str] = ..., from_version: _Optional[str] = ..., action: _Optional[str] = ..., vpn_sessions: _Optional[int] = ..., pending_version: _Optional[str] = ..., precheck: _Optional[_Union[PreCheck, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., blocked: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...
 
 class UpgradePlan(_message.Message):
-    __slots__ = ("release", "gateways", "vpn_sessions_affected")
+    __slots__ = ("release", "gateways", "vpn_sessions_affected", "controller_from")
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     GATEWAYS_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_AFFECTED_FIELD_NUMBER: _ClassVar[int]
+    CONTROLLER_FROM_FIELD_NUMBER: _ClassVar[int]
     release: Release
     gateways: _containers.RepeatedCompositeFieldContainer[PlannedGateway]
     vpn_sessions_affected: int
-    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[PlannedGateway, _Mapping]]] = ..., vpn_sessions_affected: _Optional[int] = ...) -> None: ...
+    controller_from: str
+    def __init__(self, release: _Optional[_Union[Release, _Mapping]] = ..., gateways: _Optional[_Iterable[_Union[PlannedGateway, _Mapping]]] = ..., vpn_sessions_affected: _Optional[int] = ..., controller_from: _Optional[str] = ...) -> None: ...
 
 class GatewayJob(_message.Message):
     __slots__ = ("gateway_id", "state", "from_version", "to_version", "error", "bytes_done", "bytes_total", "updated_at", "vpn_sessions_dropped", "wave", "path", "hop", "health")
