@@ -317,7 +317,8 @@ def test_keys_init_lines_list_each_key_and_where_each_part_goes() -> None:
         "  /srv/keys/root.json",
         "      the trust anchor: give it to the controller (controller-svc serve --trust-root "
         "FILE)",
-        "      gateways get it from the controller when they enroll (upgradectl gateways enroll)",
+        "      gateways get it from the controller when they enroll (gateway-daemon enroll, "
+        "with a code from upgradectl gateways enroll)",
         "  /srv/keys/offline/  (root and targets keys)",
         "      stay with the release manager, never on the controller or a gateway; keep a "
         "backup offline",

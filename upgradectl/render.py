@@ -225,7 +225,8 @@ def keys_init_lines(made: KeyDirectory) -> list[str]:
         f"  {made.root_json}",
         "      the trust anchor: give it to the controller (controller-svc serve --trust-root "
         "FILE)",
-        "      gateways get it from the controller when they enroll (upgradectl gateways enroll)",
+        "      gateways get it from the controller when they enroll (gateway-daemon enroll, "
+        "with a code from upgradectl gateways enroll)",
         f"  {made.offline}/  (root and targets keys)",
         "      stay with the release manager, never on the controller or a gateway; keep a "
         "backup offline",
