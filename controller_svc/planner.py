@@ -76,7 +76,8 @@ def make_plan(
     if not chosen:
         raise FailedPrecondition(
             "no gateways are known yet: a gateway registers when `gateway-daemon run` "
-            "starts and reaches the broker"
+            "starts and reaches the broker, once enrolled (a code from `upgradectl gateways "
+            "enroll ID`, given to `gateway-daemon enroll` or `run --enroll-code`)"
         )
     target = semver.parse(release.version)
     planned = []
