@@ -253,6 +253,11 @@ def summarize(
         "handoff_gap_from_cutover_ms": _from_nearest(
             u.get("max_gap_ended", 0.0), [float(c.get("at", 0.0)) for c in cutovers]
         ),
+        # When each run's longest gap ended, on CLOCK_MONOTONIC (time.monotonic, seconds
+        # since boot): the time to look up in a trace of the run, e.g. `perf sched record
+        # -k CLOCK_MONOTONIC` then `perf sched timehist`.
+        "handoff_gap_ended_monotonic_s": u.get("max_gap_ended", 0.0),
+        "steady_gap_ended_monotonic_s": s.get("max_gap_ended", 0.0),
         "steady_tool_send_gap_ms_max": s.get("max_send_gap_ms", 0.0),
         # CPU shares (of one core) during the steady run: is the instrument saturated?
         "steady_tool_cpu": steady.get("tool_cpu"),
