@@ -982,6 +982,8 @@ def test_main_reads_the_environment(
         (["upgrade", "--lastest"], "unrecognized argument --lastest (did you mean --latest?)"),
         (["admins", "add", "--emial"], "unrecognized argument --emial"),
         (["releases", "--foo"], "unrecognized argument --foo"),
+        (["upgrade", "--version", "banana"], "argument --version: invalid version 'banana'"),
+        (["releases", "yank", "1.x", "--keys", "k"], "argument V: invalid version '1.x'"),
     ],
 )
 def test_usage_errors(args: list[str], expected: str) -> None:

@@ -86,9 +86,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from hitless import names
+from hitless import names, semver
 from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
-from hitless.errors import HitlessError, InvalidName
+from hitless.errors import ConfigError, HitlessError, InvalidName
 from hitless.trust.roles import ROLES
 
 # Every call pays for what upgradectl imports at start-up: what only some commands need
@@ -457,7 +457,9 @@ def _build_parser() -> _Parser:
         help="withdraw a release: sign targets without it, so the controller and every "
         "gateway refuse to install it",
     )
-    rel_yank.add_argument("version", metavar="V", help="the release version, e.g. 1.4.0")
+    rel_yank.add_argument(
+        "version", metavar="V", type=_release_version, help="the release version, e.g. 1.4.0"
+    )
     rel_yank.add_argument(
         "--keys",
         required=True,
@@ -481,7 +483,9 @@ def _build_parser() -> _Parser:
     upgrade = commands.add_parser("upgrade", help="start upgrading gateways to a release")
     target = upgrade.add_mutually_exclusive_group(required=True)
     target.add_argument("--latest", action="store_true", help="the newest published release")
-    target.add_argument("--version", help="a named published release")
+    target.add_argument(
+        "--version", type=_release_version, help="a named published release, e.g. 1.4.0"
+    )
     upgrade.add_argument(
         "--gateways", metavar="ID,...", help="only these gateways (default: every gateway)"
     )
@@ -932,6 +936,15 @@ def _gateway_id(text: str) -> str:
     try:
         return names.gateway_id(text)
     except InvalidName as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _release_version(text: str) -> str:
+    """A release version argument: MAJOR.MINOR.PATCH (``hitless.semver``), as every
+    release is published."""
+    try:
+        return str(semver.parse(text))
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
