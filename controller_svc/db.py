@@ -136,6 +136,9 @@ class Gateway(Base):
     ha_peer: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # Whether its newest hello said it answers pre-checks (GatewayHello.features).
     prechecks: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # Its last message said it stops (a heartbeat marked stopping): OFFLINE until it is
+    # heard from again.
+    stopped: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class Job(Base):

@@ -817,12 +817,19 @@ class Engine:
                 )
             else:
                 beat = codec.decode(bus_pb2.GatewayHeartbeat, delivery.body)
-                seen = GatewaySeen(beat.gateway_id, beat.version, vpn_sessions=beat.vpn_sessions)
+                seen = GatewaySeen(
+                    beat.gateway_id,
+                    beat.version,
+                    vpn_sessions=beat.vpn_sessions,
+                    stopping=beat.stopping,
+                )
         except DecodeError as exc:
             raise DeadLetter(str(exc)) from exc
         self._seen(seen)
         if kind == topology.HELLO:
             log.info("gateway_hello", gateway_id=seen.gateway_id, version=seen.version)
+        elif seen.stopping:
+            log.info("gateway_stopping", gateway_id=seen.gateway_id, version=seen.version)
         return seen
 
     def _seen(self, seen: GatewaySeen) -> None:

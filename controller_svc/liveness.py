@@ -23,10 +23,13 @@ def offline_after(record: GatewayRecord) -> timedelta:
 
 
 def gateway_state(record: GatewayRecord, now: datetime) -> str:
-    """UPGRADING while the gateway is in an unfinished job, else ONLINE when it was heard
-    from within ``offline_after(record)`` of ``now``, else OFFLINE."""
+    """UPGRADING while the gateway is in an unfinished job, else OFFLINE when its last
+    message said it stops, else ONLINE when it was heard from within
+    ``offline_after(record)`` of ``now``, else OFFLINE."""
     if record.busy:
         return "UPGRADING"
+    if record.stopped:
+        return "OFFLINE"
     if now - record.last_seen <= offline_after(record):
         return "ONLINE"
     return "OFFLINE"

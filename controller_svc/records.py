@@ -51,6 +51,8 @@ class GatewayRecord:
     ha_peer: str | None = None
     # Its newest hello said it answers pre-checks.
     prechecks: bool = False
+    # Its last message said it stops (a clean stop): OFFLINE until heard from again.
+    stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ JOB_GATEWAY_COLUMNS = (
 GATEWAY_COLUMNS = (
     Gateway.id, Gateway.version, Gateway.first_seen, Gateway.last_seen, Gateway.pid,
     Gateway.listen, Gateway.vpn_sessions, Gateway.heartbeat_interval_ms, Gateway.ha_peer,
-    Gateway.prechecks,
+    Gateway.prechecks, Gateway.stopped,
 )  # fmt: skip
 
 
@@ -283,7 +285,7 @@ def gateway_record(values: Sequence[Any], pending_version: str | None) -> Gatewa
     is the target of its newest unfinished job (None when it is in none)."""
     (
         gateway_id, version, first_seen, last_seen, pid, listen, vpn_sessions,
-        heartbeat_interval_ms, ha_peer, prechecks,
+        heartbeat_interval_ms, ha_peer, prechecks, stopped,
     ) = values  # fmt: skip
     return GatewayRecord(
         id=gateway_id,
@@ -300,6 +302,7 @@ def gateway_record(values: Sequence[Any], pending_version: str | None) -> Gatewa
         ),
         ha_peer=ha_peer or None,
         prechecks=bool(prechecks),
+        stopped=bool(stopped),
     )
 
 

@@ -121,7 +121,8 @@ class GatewaySeen:
 
     A hello gives ``pid``, ``listen``, ``heartbeat_interval`` (zero: none announced) and
     ``ha_peer`` ("": none), a heartbeat ``vpn_sessions``; None, or no addresses, where the
-    message says nothing.
+    message says nothing. ``stopping``: the message is a heartbeat marked stopping (the
+    gateway stops cleanly); any other message says it runs.
     """
 
     gateway_id: str
@@ -132,6 +133,7 @@ class GatewaySeen:
     heartbeat_interval: timedelta | None = None
     ha_peer: str | None = None
     prechecks: bool | None = None
+    stopping: bool = False
 
     def then(self, later: GatewaySeen) -> GatewaySeen:
         """What this message and then ``later`` (of the same gateway) record together:
@@ -151,6 +153,7 @@ class GatewaySeen:
             ),
             ha_peer=self.ha_peer if later.ha_peer is None else later.ha_peer,
             prechecks=self.prechecks if later.prechecks is None else later.prechecks,
+            stopping=later.stopping,
         )
 
 
@@ -241,6 +244,7 @@ class Repository:
                     "heartbeat_interval_ms": _interval_ms(one.heartbeat_interval) or None,
                     "ha_peer": one.ha_peer or None,
                     "prechecks": bool(one.prechecks),
+                    "stopped": one.stopping,
                 }
                 for one in ordered
                 if one.gateway_id not in known
@@ -272,6 +276,7 @@ class Repository:
                 if one.prechecks is not None:
                     values["prechecks"] = one.prechecks
                 values["version"] = one.version
+                values["stopped"] = one.stopping
                 columns = tuple(sorted(values))
                 params = {f"new_{name}": value for name, value in values.items()}
                 changes.setdefault(columns, []).append({"gateway_id": one.gateway_id, **params})

@@ -57,6 +57,9 @@ PREDECESSOR_EXIT_TIMEOUT_S = 15.0
 # The nice value of the thread that runs commands (downloads, verification). Raising
 # nice needs no privilege; the VPN service and the agent's other threads keep theirs.
 COMMAND_NICE = 10
+# How long a stopping agent waits for the broker to confirm its last heartbeat (marked
+# stopping); the gateway stops either way.
+FAREWELL_TIMEOUT_S = 2.0
 
 
 DEFAULT_DEADLINES = parent.Deadlines()
@@ -132,10 +135,14 @@ class AgentProcess:
         self.state = AgentState(config.state_dir)
         self._deadlines = deadlines
         self._stop = threading.Event()
+        self._farewell = False
         self._swapped = False
         logs.bind_process(gateway_id=config.gateway_id, process="agent")
 
-    def stop(self) -> None:
+    def stop(self, *, farewell: bool = False) -> None:
+        """Stop serving; ``farewell``: the gateway itself stops (not a handover or a
+        restart of the agent), so the agent tells the controller before it goes."""
+        self._farewell = self._farewell or farewell
         self._stop.set()
 
     def run(self) -> int:
@@ -298,6 +305,11 @@ class AgentProcess:
                     reporter.heartbeat(vpn_sessions=(vpn.sessions() or 0) if vpn else 0)
                 except BusError as exc:
                     log.warning("heartbeat_failed", error=str(exc))
+            if self._farewell and not self._swapped:
+                try:
+                    reporter.heartbeat(stopping=True, timeout=FAREWELL_TIMEOUT_S)
+                except BusError as exc:
+                    log.warning("farewell_failed", error=str(exc))
         finally:
             consumer.stop()
             if vpn is not None:
@@ -503,8 +515,12 @@ def _wait_exited(pid: int, timeout_s: float) -> None:
 
 
 def install_signal_handlers(daemon: AgentProcess) -> None:
+    """SIGTERM and SIGINT: the gateway stops (the forwarding process stopping, or a
+    person), so the agent says so to the controller; ``RETIRE_SIGNAL``: the agent alone
+    goes (after a handover, or to be started again), and says nothing."""
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: daemon.stop())
+        signal.signal(signum, lambda *_: daemon.stop(farewell=True))
+    signal.signal(control.RETIRE_SIGNAL, lambda *_: daemon.stop())
 
 
 _background = threading.local()

@@ -58,7 +58,7 @@ log = logs.get(__name__)
 # The program a release runs to be a gateway (``hitless.staged``).
 PROGRAM: Final = "gateway-daemon"
 # After the data plane was handed over, or when the gateway stops: how long the agent
-# has to exit on its own (SIGTERM) before it is killed, seconds.
+# has to exit on its own (SIGTERM or ``control.RETIRE_SIGNAL``) before it is killed, seconds.
 AGENT_EXIT_S: Final = 10.0
 # Between starts of an agent that keeps exiting; reset once one has run this long.
 AGENT_RESTART: Final = Backoff(initial_s=0.5, max_s=30.0)
@@ -173,13 +173,15 @@ class Forwarding:
         # a version that cannot is not ready. A restarted agent attaches at once.
         control.send(ours, {**self._start, "ready_check": not self._serving})
 
-    def stop_agent(self) -> int | None:
-        """Stop the agent (SIGTERM, then SIGKILL after AGENT_EXIT_S); its exit code."""
+    def stop_agent(self, *, farewell: bool = False) -> int | None:
+        """Stop the agent (SIGTERM when ``farewell``: the gateway stops and the agent
+        tells the controller; else ``control.RETIRE_SIGNAL``), then SIGKILL after
+        AGENT_EXIT_S; its exit code."""
         agent, self._agent = self._agent, None
         if agent is None:
             return None
         with contextlib.suppress(ProcessLookupError):
-            agent.proc.send_signal(signal.SIGTERM)
+            agent.proc.send_signal(signal.SIGTERM if farewell else control.RETIRE_SIGNAL)
         try:
             code = agent.proc.wait(AGENT_EXIT_S)
         except subprocess.TimeoutExpired:
@@ -300,7 +302,7 @@ class Forwarding:
         finally:
             if self._handoff is not None:
                 self._handoff.join()  # bounded by the handoff's own deadlines
-            self.stop_agent()
+            self.stop_agent(farewell=self._stop.is_set() and not self._handed_over.is_set())
             self._plane.close()
             # The wake pipe stays open: a signal handler may still write to it.
         log.info("gateway_exiting", handed_over=self._handed_over.is_set())

@@ -156,9 +156,18 @@ class Reporter:
         key = topology.report_key(self._gateway_id, topology.HELLO)
         self._publisher.publish(topology.REPORTS, key, message)
 
-    def heartbeat(self, vpn_sessions: int = 0) -> None:
+    def heartbeat(
+        self, vpn_sessions: int = 0, *, stopping: bool = False, timeout: float = 5
+    ) -> None:
+        """Say the gateway runs (or, ``stopping``, that it stops now: the controller calls
+        it OFFLINE at once), waiting up to ``timeout`` seconds for the broker's confirm.
+        Raises BusError when it is not confirmed."""
         message = bus_pb2.GatewayHeartbeat(
-            gateway_id=self._gateway_id, version=self._version, at=_now(), vpn_sessions=vpn_sessions
+            gateway_id=self._gateway_id,
+            version=self._version,
+            at=_now(),
+            vpn_sessions=vpn_sessions,
+            stopping=stopping,
         )
         key = topology.report_key(self._gateway_id, topology.HEARTBEAT)
-        self._publisher.publish(topology.REPORTS, key, message, timeout=5)
+        self._publisher.publish(topology.REPORTS, key, message, timeout=timeout)

@@ -1,10 +1,14 @@
 """OFFLINE is judged against each gateway's own heartbeat interval, which its hello
-carries: the rule on plain records, then a real hello through the broker into the
-controller's database (SQLite and PostgreSQL) and back out of its API."""
+carries, or at once when its last heartbeat said it stops: the rule on plain records, then
+real hellos and heartbeats through the broker into the controller's database (SQLite and
+PostgreSQL) and back out of its API, then a real gateway stopped and upgraded."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -58,6 +62,12 @@ def test_a_gateway_that_announced_no_interval_gets_the_default() -> None:
 
 def test_a_gateway_in_an_unfinished_job_is_upgrading_whatever_its_interval() -> None:
     assert gateway_state(_heard(3600, timedelta(seconds=1), busy=True), NOW) == "UPGRADING"
+
+
+def test_a_gateway_whose_last_message_said_it_stops_is_offline_at_once() -> None:
+    stopped = dataclasses.replace(_heard(0, timedelta(seconds=30)), stopped=True)
+    assert gateway_state(stopped, NOW) == "OFFLINE"
+    assert gateway_state(dataclasses.replace(stopped, busy=True), NOW) == "UPGRADING"
 
 
 @pytest.fixture(params=BACKENDS)
@@ -124,3 +134,55 @@ def test_hellos_through_the_broker_carry_each_gateways_interval_into_its_livenes
     )
     assert seen["gw-slow"] == "ONLINE", seen
     assert seen["gw-old"] == "ONLINE", seen
+
+
+def _state(fleet: Fleet, gateway_id: str) -> str:
+    answer = fleet.stub().ListGateways(controller_pb2.ListGatewaysRequest(), timeout=5)
+    return next((g.state for g in answer.gateways if g.id == gateway_id), "")
+
+
+def test_a_stopping_heartbeat_makes_its_gateway_offline_until_it_is_heard_again(
+    controller: tuple[Fleet, Repository],
+) -> None:
+    fleet, _ = controller
+    with fleet.as_gateway("gw-1") as publisher:
+        reporter = Reporter(publisher, "gw-1", "1.0.0")
+        reporter.hello(["127.0.0.1:1"], 30.0)
+        wait_for(lambda: _state(fleet, "gw-1") == "ONLINE", timeout=20, what="gw-1 ONLINE")
+        reporter.heartbeat(stopping=True)
+        # Three missed 30 s heartbeats would take 90 s.
+        wait_for(
+            lambda: _state(fleet, "gw-1") == "OFFLINE", timeout=10, what="gw-1 OFFLINE at once"
+        )
+        reporter.heartbeat()
+        wait_for(lambda: _state(fleet, "gw-1") == "ONLINE", timeout=10, what="gw-1 ONLINE again")
+
+
+def test_a_gateway_that_stops_says_so_and_one_that_upgrades_does_not(fleet: Fleet) -> None:
+    """A real gateway (heartbeats every 30 s): an upgrade hands over and retires the old
+    agent without a word, so the gateway stays ONLINE; SIGTERM stops the gateway, whose
+    agent says so, and it is OFFLINE long before three heartbeats are missed."""
+    gateway = fleet.start_gateway("gw-1", None, "--heartbeat-interval", "30")
+    fleet.wait_gateways({"gw-1": "1.0.0"})
+    fleet.release("1.1.0")
+    fleet.cli("upgrade", "--latest", "--yes", "--wait", "--no-precheck")
+    fleet.wait_gateways({"gw-1": "1.1.0"})
+    assert fleet.controller is not None
+    assert '"gateway_stopping"' not in fleet.controller.log(), "an upgrade is no stop"
+    assert _state(fleet, "gw-1") == "ONLINE"
+
+    os.kill(_serving_pid(gateway.log()), signal.SIGTERM)
+    wait_for(lambda: _state(fleet, "gw-1") == "OFFLINE", timeout=15, what="gw-1 OFFLINE")
+    assert '"gateway_stopping"' in fleet.controller.log()
+
+
+def _serving_pid(log: str) -> int:
+    """The pid in the last ``gateway_serving`` line of a gateway's log (every process of
+    the gateway writes to it): the forwarding process that serves now."""
+    pids = [
+        int(json.loads(line)["pid"])
+        for line in log.splitlines()
+        if line.startswith("{") and '"gateway_serving"' in line
+    ]
+    assert pids, "no gateway process said it serves"
+    return pids[-1]

@@ -151,16 +151,18 @@ class GatewayHello(_message.Message):
     def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., pid: _Optional[int] = ..., listen: _Optional[_Iterable[str]] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., ha_peer: _Optional[str] = ..., features: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GatewayHeartbeat(_message.Message):
-    __slots__ = ("gateway_id", "version", "at", "vpn_sessions")
+    __slots__ = ("gateway_id", "version", "at", "vpn_sessions", "stopping")
     GATEWAY_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     VPN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    STOPPING_FIELD_NUMBER: _ClassVar[int]
     gateway_id: str
     version: str
     at: _timestamp_pb2.Timestamp
     vpn_sessions: int
-    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions: _Optional[int] = ...) -> None: ...
+    stopping: bool
+    def __init__(self, gateway_id: _Optional[str] = ..., version: _Optional[str] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., vpn_sessions: _Optional[int] = ..., stopping: _Optional[bool] = ...) -> None: ...
 
 class ManagementJob(_message.Message):
     __slots__ = ("action", "target", "version", "gateways", "accept_vpn_disruption", "allow_downgrade", "waves", "max_parallel", "max_failures", "not_before", "not_after", "window", "force", "skip_prechecks", "soak_seconds")

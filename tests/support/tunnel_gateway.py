@@ -98,11 +98,14 @@ def start_gateway(
     udp_tunnels: int = 6,
     tcp_tunnels: int = 2,
     release: Path | None = None,
-    handoff_timeout: float = 5.0,
+    handoff_timeout: float = 20.0,
 ) -> TunnelGateway:
     """Start a gateway (from ``release``, or the installed package) serving a fresh lab,
     provisioned by ``upgrades`` (its identity and trust root; it downloads from there);
-    return once it serves."""
+    return once it serves. ``handoff_timeout`` is its ready deadline: a new version starts
+    two interpreters at idle priority, which took over 5 s on this 2-core machine with two
+    test workers and traffic on a slow day; a test of a version that never gets ready
+    passes a shorter one."""
     tunnels, sites = write_lab(root, udp_tunnels, tcp_tunnels)
     program = (
         [sys.executable, str(release), "gateway-daemon"] if release else [command("gateway-daemon")]
