@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ COMMAND_NICE = 10
 # How long a stopping agent waits for the broker to confirm its last heartbeat (marked
 # stopping); the gateway stops either way.
 FAREWELL_TIMEOUT_S = 2.0
+# How often a wait that a stop must cut short looks at the stop, seconds.
+STOP_POLL_S = 0.1
 
 
 DEFAULT_DEADLINES = parent.Deadlines()
@@ -140,8 +143,8 @@ class AgentProcess:
         logs.bind_process(gateway_id=config.gateway_id, process="agent")
 
     def stop(self, *, farewell: bool = False) -> None:
-        """Stop serving; ``farewell``: the gateway itself stops (not a handover or a
-        restart of the agent), so the agent tells the controller before it goes."""
+        """Stop serving; ``farewell``: the gateway itself stops (not a handover), so the
+        agent tells the controller before it goes."""
         self._farewell = self._farewell or farewell
         self._stop.set()
 
@@ -284,7 +287,7 @@ class AgentProcess:
                 # gateway's queue: the next command (sent once this one reports SUCCEEDED)
                 # must reach this version, not the one that handed over. It also watches
                 # the VPN service until it exits: only one process may restart it.
-                _wait_exited(attached.predecessor, PREDECESSOR_EXIT_TIMEOUT_S)
+                _wait_exited(attached.predecessor, PREDECESSOR_EXIT_TIMEOUT_S, self._stop)
             vpn = self._start_vpn()
             if handed_over is not None:
                 command, outcome = handed_over
@@ -502,22 +505,31 @@ def _release_of(state: AgentState) -> dict[str, str | None] | None:
     return {"version": name, "artifact": str(artifact), "sha256": sha256}
 
 
-def _wait_exited(pid: int, timeout_s: float) -> None:
+def _wait_exited(pid: int, timeout_s: float, stop: threading.Event) -> None:
+    """Until process ``pid`` has exited, ``timeout_s`` seconds have passed, or ``stop``
+    is set (the agent is stopping: it must still have time to say so)."""
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
+    deadline = time.monotonic() + timeout_s
     try:
-        if not select.select([fd], [], [], timeout_s)[0]:
-            log.warning("predecessor_still_running", pid=pid, waited_s=timeout_s)
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("predecessor_still_running", pid=pid, waited_s=timeout_s)
+                return
+            if select.select([fd], [], [], min(left, STOP_POLL_S))[0]:
+                return
     finally:
         os.close(fd)
 
 
 def install_signal_handlers(daemon: AgentProcess) -> None:
     """SIGTERM and SIGINT: the gateway stops (the forwarding process stopping, or a
-    person), so the agent says so to the controller; ``RETIRE_SIGNAL``: the agent alone
-    goes (after a handover, or to be started again), and says nothing."""
+    person), so the agent says so to the controller; ``control.RETIRE_SIGNAL``: the
+    gateway goes on without this agent (its data plane was handed over), and it says
+    nothing."""
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop(farewell=True))
     signal.signal(control.RETIRE_SIGNAL, lambda *_: daemon.stop())

@@ -50,12 +50,13 @@ from hitless import logs
 
 log = logs.get(__name__)
 
+# How the forwarding process stops its agent when the gateway goes on without it (its
+# data plane was handed over). SIGTERM means the gateway stops, and the agent then tells
+# the controller (a heartbeat marked stopping) before it exits.
+RETIRE_SIGNAL: Final = signal.SIGUSR1
+
 # A message is one packet: the largest the two sides send is a handoff's context (a
 # command and the gateway's settings, a few kilobytes).
-# How the forwarding process stops its agent when the gateway itself goes on (after a
-# handover, or to start the agent again): SIGTERM means the gateway stops, and the agent
-# then tells the controller (a heartbeat marked stopping) before it exits.
-RETIRE_SIGNAL: Final = signal.SIGUSR1
 MAX_MESSAGE: Final = 1 << 20
 
 _SO_SNDBUFFORCE: Final = getattr(socket, "SO_SNDBUFFORCE", 32)  # Linux, socket(7)

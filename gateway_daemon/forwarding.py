@@ -175,8 +175,8 @@ class Forwarding:
 
     def stop_agent(self, *, farewell: bool = False) -> int | None:
         """Stop the agent (SIGTERM when ``farewell``: the gateway stops and the agent
-        tells the controller; else ``control.RETIRE_SIGNAL``), then SIGKILL after
-        AGENT_EXIT_S; its exit code."""
+        tells the controller; else ``control.RETIRE_SIGNAL``: the data plane was handed
+        over), then SIGKILL after AGENT_EXIT_S; its exit code."""
         agent, self._agent = self._agent, None
         if agent is None:
             return None

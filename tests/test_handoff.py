@@ -274,3 +274,39 @@ def test_a_send_with_a_deadline_times_out_on_a_silent_reader_and_ticks_meanwhile
             channel.send(wire.SNAPSHOT, b"x" * 1024, deadline=time.monotonic() + 5)
     finally:
         channel.close()
+
+
+def test_a_send_to_a_slow_reader_ticks_while_it_makes_progress() -> None:
+    """The reader empties the socket every 5 ms: it keeps turning writable before the
+    tick's interval is up, and the tick (the old process's guard of the shared sockets)
+    must still run on time."""
+    from gateway_daemon.handoff import wire
+
+    class Ticks:
+        every_s = 0.01
+        count = 0
+
+        def __call__(self) -> None:
+            self.count += 1
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    channel, ticks, done = wire.Channel(ours), Ticks(), threading.Event()
+
+    def read_slowly() -> None:
+        while theirs.recv(1 << 20):
+            if done.wait(0.005):
+                return
+
+    reader = threading.Thread(target=read_slowly, daemon=True)
+    reader.start()
+    try:
+        start = time.monotonic()
+        channel.send(wire.SNAPSHOT, bytes(4 * 1024 * 1024), deadline=start + 30, tick=ticks)
+        took = time.monotonic() - start
+        assert took >= 0.05, f"the reader was not slow enough to show anything ({took:.3f} s)"
+        assert ticks.count >= int(took / Ticks.every_s) // 2, (ticks.count, took)
+    finally:
+        done.set()
+        channel.close()
+        reader.join(5)
+        theirs.close()

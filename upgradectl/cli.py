@@ -1296,9 +1296,10 @@ def _jobs_list(ctx: _Context) -> ExitCode:
 
 def plan_json(plan: UpgradePlan) -> dict[str, Any]:
     """``upgrade --dry-run --json``: the release, the version the controller upgrades
-    itself from first (null: it does not), and each gateway's state when planned (ONLINE,
-    OFFLINE, UPGRADING), change, path through releases between (null: straight there) and
-    pre-check (``precheck`` null: not asked; "": no answer; "ok" or its problems)."""
+    itself from first (null: it does not, or a controller of an earlier release did not
+    say), and each gateway's state when planned (ONLINE, OFFLINE, UPGRADING; null: not
+    said), change, path through releases between (null: straight there) and pre-check
+    (``precheck`` null: not asked; "": no answer; "ok" or its problems)."""
     return {
         "target_version": plan.release.version,
         "controller_from": plan.controller_from or None,

@@ -6,7 +6,7 @@
     wait READY  ........................ deadline (sends too): ready_s; EOF or ABORT = failed
     plane.pause(); CUTOVER(final state) .. on the plane's own loop thread as it parks,
                                          when the plane has cut_over()
-    wait STARTED ....................... deadline: started_s
+    wait STARTED ....................... deadline (the CUTOVER send too): started_s
     done: the caller closes its copy of the plane and exits
 
 Any failure before STARTED kills the new process, waits for it to be gone, and resumes the
@@ -237,7 +237,12 @@ def _run(
 
     def send_cutover(final_state: bytes) -> None:
         marks["encoded"] = time.monotonic_ns()
-        channel.send(wire.CUTOVER, final_state)
+        # Within the STARTED deadline: the plane is paused while a new process that does
+        # not read holds this send.
+        channel.send(
+            wire.CUTOVER, final_state, deadline=time.monotonic() + deadlines.started_s,
+            what="the new process to read the final state",
+        )  # fmt: skip
         marks["sent"] = time.monotonic_ns()
         sent.append(final_state)
 

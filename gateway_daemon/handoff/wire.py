@@ -54,6 +54,7 @@ class Channel:
         self.sock = sock
         self._buffer = bytearray()
         self._fds: list[int] = []
+        self._next_tick = 0.0  # when a waiting send next calls its tick (time.monotonic)
 
     def close(self) -> None:
         self.sock.close()
@@ -68,6 +69,7 @@ class Channel:
         ``Tick.every_s`` meanwhile. A frame larger than the socket's buffer (a large
         snapshot) waits on the reader; a reader that hangs must not hold the sender."""
         frame = _HEADER.pack(kind, len(payload)) + payload
+        self._ticks_from_now(tick)
         try:
             if deadline is None:
                 self.sock.sendall(frame)
@@ -88,6 +90,7 @@ class Channel:
     ) -> None:  # fmt: skip
         """Send every descriptor, in batches the kernel accepts; ``deadline``, ``what``
         and ``tick`` as for ``send``."""
+        self._ticks_from_now(tick)
         for start in range(0, len(fds), MAX_FDS_PER_MESSAGE):
             batch = fds[start : start + MAX_FDS_PER_MESSAGE]
             payload = json.dumps({"count": len(batch)}).encode()
@@ -107,6 +110,9 @@ class Channel:
                         self._send_until(rest, deadline, what, tick)
             except OSError as exc:
                 raise HandoffFailed(f"passing descriptors failed: {exc}") from exc
+
+    def _ticks_from_now(self, tick: Tick | None) -> None:
+        self._next_tick = time.monotonic() + (tick.every_s if tick is not None else 0.0)
 
     def _send_fds_until(
         self, frame: bytes, fds: list[int], deadline: float, what: str, tick: Tick | None
@@ -128,18 +134,22 @@ class Channel:
             data = data[sent:]
 
     def _wait_writable(self, deadline: float, what: str, tick: Tick | None) -> None:
-        """Until the socket takes more bytes; HandoffTimeout at ``deadline``."""
+        """Until the socket takes more bytes; HandoffTimeout at ``deadline``. ``tick``
+        runs whenever ``every_s`` has passed since it last did (or since the send
+        began), whether or not the reader keeps taking bytes meanwhile."""
         poller = select.poll()
         poller.register(self.sock, select.POLLOUT)
         while True:
             now = time.monotonic()
+            if tick is not None and now >= self._next_tick:
+                tick()
+                now = time.monotonic()
+                self._next_tick = now + tick.every_s
             if now >= deadline:
                 raise HandoffTimeout(f"timed out waiting for {what} on the control socket")
-            step = deadline if tick is None else min(deadline, now + tick.every_s)
+            step = deadline if tick is None else min(deadline, self._next_tick)
             if poller.poll(max(0.0, step - now) * 1000):
                 return
-            if tick is not None:
-                tick()
 
     def receive(self, deadline: float, what: str) -> tuple[int, bytes]:
         """The next frame, or HandoffTimeout at ``deadline`` (a time.monotonic value)."""
