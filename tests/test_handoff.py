@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
 from gateway_daemon.errors import HandoffFailed, HandoffTimeout
-from gateway_daemon.handoff import parent
+from gateway_daemon.handoff import parent, wire
 from gateway_daemon.handoff.parent import Deadlines
 from gateway_daemon.listeners import Listeners
 from gateway_daemon.tunnels.lab import make_lab
@@ -235,8 +235,6 @@ def test_sockets_set_blocking_are_made_non_blocking_again_while_the_snapshot_wai
 def test_a_side_that_exits_with_frames_unread_reads_as_closed_not_failed() -> None:
     """A process killed with bytes of the other side unread makes the kernel report
     ECONNRESET, not EOF; the channel says the same as for EOF, whatever the timing."""
-    from gateway_daemon.handoff import wire
-
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     channel = wire.Channel(ours)
     try:
@@ -248,18 +246,21 @@ def test_a_side_that_exits_with_frames_unread_reads_as_closed_not_failed() -> No
         channel.close()
 
 
+class _Ticks:
+    """A send's tick that counts its calls."""
+
+    every_s = 0.01
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
 def test_a_send_with_a_deadline_times_out_on_a_silent_reader_and_ticks_meanwhile() -> None:
-    from gateway_daemon.handoff import wire
-
-    class Ticks:
-        every_s = 0.01
-        count = 0
-
-        def __call__(self) -> None:
-            self.count += 1
-
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    channel, ticks = wire.Channel(ours), Ticks()
+    channel, ticks = wire.Channel(ours), _Ticks()
     try:
         start = time.monotonic()
         with pytest.raises(HandoffTimeout, match="timed out waiting for the reader"):
@@ -280,17 +281,8 @@ def test_a_send_to_a_slow_reader_ticks_while_it_makes_progress() -> None:
     """The reader empties the socket every 5 ms: it keeps turning writable before the
     tick's interval is up, and the tick (the old process's guard of the shared sockets)
     must still run on time."""
-    from gateway_daemon.handoff import wire
-
-    class Ticks:
-        every_s = 0.01
-        count = 0
-
-        def __call__(self) -> None:
-            self.count += 1
-
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    channel, ticks, done = wire.Channel(ours), Ticks(), threading.Event()
+    channel, ticks, done = wire.Channel(ours), _Ticks(), threading.Event()
 
     def read_slowly() -> None:
         while theirs.recv(1 << 20):
@@ -304,7 +296,7 @@ def test_a_send_to_a_slow_reader_ticks_while_it_makes_progress() -> None:
         channel.send(wire.SNAPSHOT, bytes(4 * 1024 * 1024), deadline=start + 30, tick=ticks)
         took = time.monotonic() - start
         assert took >= 0.05, f"the reader was not slow enough to show anything ({took:.3f} s)"
-        assert ticks.count >= int(took / Ticks.every_s) // 2, (ticks.count, took)
+        assert ticks.count >= int(took / _Ticks.every_s) // 2, (ticks.count, took)
     finally:
         done.set()
         channel.close()

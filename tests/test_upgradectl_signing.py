@@ -35,11 +35,16 @@ def keys_dir(tmp_path: Path) -> Path:
     return tmp_path / "keys"
 
 
+@pytest.fixture
+def artifact(tmp_path: Path) -> Path:
+    path = tmp_path / "a.pyz"
+    path.write_bytes(b"release 1.0.0")
+    return path
+
+
 def test_an_artifact_the_targets_list_already_is_not_signed_again(
-    keys_dir: Path, tmp_path: Path
+    keys_dir: Path, artifact: Path
 ) -> None:
-    artifact = tmp_path / "a.pyz"
-    artifact.write_bytes(b"release 1.0.0")
     first = signing.sign_release(_controller(None), keys_dir, "1.0.0", artifact)
     assert (first.previous_version, first.version) == (0, 1)
 
@@ -55,10 +60,8 @@ def test_an_artifact_the_targets_list_already_is_not_signed_again(
 
 
 def test_a_controller_with_no_targets_after_this_directory_published_is_refused(
-    keys_dir: Path, tmp_path: Path
+    keys_dir: Path, artifact: Path
 ) -> None:
-    artifact = tmp_path / "a.pyz"
-    artifact.write_bytes(b"release 1.0.0")
     first = signing.sign_release(_controller(None), keys_dir, "1.0.0", artifact)
     signing.taken(keys_dir, first.data)
 
