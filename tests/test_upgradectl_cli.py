@@ -146,6 +146,10 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     # Cut the first WatchJob stream with UNAVAILABLE after this many events.
     cut_watch_after: int | None = None
     cut_code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    # Seconds the cut stream stays open and quiet before the cut (a controller slow to
+    # hand over): longer than the client's retry budget tests that the budget counts
+    # from the cut, not from the last event.
+    quiet_before_cut_s: float = 0.0
     crash: bool = False
     # While set to an Event that is not set, StartUpgrade does its work only once it is
     # (a controller slower than the caller's deadline).
@@ -417,6 +421,7 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
             if event.seq <= request.after_seq:
                 continue
             if first_call and self.cut_watch_after is not None and sent == self.cut_watch_after:
+                threading.Event().wait(self.quiet_before_cut_s)  # simulates a slow hand-over
                 context.abort(self.cut_code, "controller is restarting")
             yield event
             sent += 1
@@ -795,6 +800,19 @@ def test_watch_cut_midway_resumes_after_the_last_event(
     assert [r.after_seq for r in fake.watch_requests] == [0, 3]
     event_lines = [line for line in out.splitlines() if line.startswith("12:00:")]
     assert [line.split()[0] for line in event_lines] == [f"12:00:0{i}" for i in range(1, 7)]
+
+
+def test_a_watch_quiet_for_longer_than_the_retry_budget_still_resumes(
+    addr: str, fake: FakeController
+) -> None:
+    """A controller that upgrades itself is quiet for a while, then ends the watch: the
+    retry budget starts at the cut, so the client reopens the watch instead of giving up."""
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.cut_watch_after = 3
+    fake.quiet_before_cut_s = FAST_RETRY.budget_s + 0.3
+    code, _, err = cli(addr, "upgrade", "--latest", "--wait")
+    assert (code, err) == (ExitCode.OK, "")
+    assert [r.after_seq for r in fake.watch_requests] == [0, 3]
 
 
 def test_status_watch_of_a_finished_job_does_not_watch(addr: str, fake: FakeController) -> None:

@@ -647,20 +647,20 @@ class ControllerClient:
     def watch_job(self, job_id: str, after_seq: int = 0) -> Iterator[JobEvent]:
         """The job's events after ``after_seq``, until the event that finishes the job.
 
-        A stream cut by UNAVAILABLE (or CANCELLED) is reopened after the last event seen;
-        the retry budget restarts whenever an event arrives, so a long job survives several
-        controller restarts but a controller that stays away ends the watch with
-        ``Unreachable``.
+        A stream cut by UNAVAILABLE (or CANCELLED) is reopened after the last event seen.
+        The retry budget counts from the first failure in a row: an event or a quiet stream
+        reaching its own deadline ends the row. So a long job survives several controller
+        restarts, however long it was quiet before each, but a controller that stays away
+        for the whole budget ends the watch with ``Unreachable``.
         """
         last = after_seq
         attempt = 0
-        give_up_at = self._clock() + self._retry.budget_s
+        give_up_at: float | None = None  # set by the first failure in a row
         while True:
             request = controller_pb2.WatchJobRequest(job_id=job_id, after_seq=last)
             try:
                 for msg in self._stub.WatchJob(request, timeout=WATCH_STREAM_S):
-                    attempt = 0
-                    give_up_at = self._clock() + self._retry.budget_s
+                    attempt, give_up_at = 0, None
                     if msg.seq <= last:
                         continue  # a duplicate from an overlap after resuming
                     last = msg.seq
@@ -669,11 +669,14 @@ class ControllerClient:
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    attempt, give_up_at = 0, None
                     continue  # our own periodic reopen, not a failure
                 # A controller that stops mid-stream may end it CANCELLED rather than
                 # UNAVAILABLE; we never cancel our own calls, so both mean "it went away".
                 if code not in _RETRIED or _tls_refused(exc):
                     raise self._translate("WatchJob", exc) from exc
+                if give_up_at is None:
+                    give_up_at = self._clock() + self._retry.budget_s
                 delay = self._retry.delay(attempt)
                 if self._clock() + delay > give_up_at:
                     raise self._translate("WatchJob", exc) from exc
