@@ -1012,6 +1012,36 @@ def test_usage_errors(args: list[str], expected: str) -> None:
     assert "upgradectl: error: " in err.getvalue()
 
 
+@pytest.mark.parametrize(
+    ("args", "usage", "expected"),
+    [
+        (
+            ["upgrade", "--latest", "--wiat"],
+            "usage: upgradectl upgrade ",
+            "--wiat (did you mean --wait?)",
+        ),
+        (
+            ["status", "job-1", "extra"],
+            "usage: upgradectl status ",
+            "unrecognized arguments: extra",
+        ),
+        (
+            ["releases", "list", "--jsn"],
+            "usage: upgradectl releases list ",
+            "--jsn (did you mean --json?)",
+        ),
+    ],
+)
+def test_an_unknown_argument_is_shown_with_its_commands_usage(
+    args: list[str], usage: str, expected: str
+) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    code = run(args, env={}, out=out, err=err, retry=FAST_RETRY)
+    assert code == ExitCode.USAGE
+    assert err.getvalue().startswith(usage), err.getvalue()
+    assert expected in err.getvalue()
+
+
 def test_python_dash_m_runs_the_cli_without_tracebacks(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "upgradectl", "--controller", "bad", "status"],

@@ -158,6 +158,10 @@ class _Parser(argparse.ArgumentParser):
         self._given = tuple(sys.argv[1:] if args is None else args)
         return super().parse_known_args(args, namespace)
 
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        kwargs.setdefault("parser_class", _CommandParser)
+        return super().add_subparsers(**kwargs)
+
     def error(self, message: str) -> NoReturn:
         if "required" in message:
             message = self._unknown_option() or message
@@ -178,6 +182,20 @@ class _Parser(argparse.ArgumentParser):
                 f" (did you mean {close[0]}?)" if close else ""
             )
         return None
+
+
+class _CommandParser(_Parser):
+    """A command's parser. Whatever it is given and does not know is an error of its own,
+    shown with its usage: argparse would hand it back to the top-level parser, which
+    would show the usage of upgradectl as a whole."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(self._unknown_option() or f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 @dataclass
