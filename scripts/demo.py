@@ -40,7 +40,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from gateway_daemon.tunnels.lab import write_lab
 
@@ -134,7 +134,9 @@ class Demo:
             self.amqp = f"{url.scheme}://{url.netloc}/{quote(vhost, safe='')}"
             print(f"broker: {host}:{port}, vhost {vhost} (removed at the end)")
         else:
-            print(f"broker: {host}:{port}, vhost {url.path or '/'}")
+            # The URI's path, less its leading slash, is the vhost; none means "/"
+            # (RabbitMQ's URI spec).
+            print(f"broker: {host}:{port}, vhost {unquote(url.path[1:]) or '/'}")
 
     def management(self, method: str, path: str, body: object = None) -> bool:
         url = urlsplit(self.amqp)
