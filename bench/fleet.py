@@ -980,12 +980,18 @@ def summarize_simulated(
     api: dict[str, Any] = {}
     for method in ("ListGateways", "GetJob"):
         ms = [(c.end - c.start) * 1000 for c in during if c.method == method and not c.error]
+        failed = [c.error for c in during if c.method == method and c.error]
         api[method] = {
             "calls": len(ms),
-            "errors": sum(1 for c in during if c.method == method and c.error),
+            # GetJob of the latest job is NOT_FOUND until StartUpgrade has recorded it.
+            "not_found": failed.count("NOT_FOUND"),
+            "errors": len(failed) - failed.count("NOT_FOUND"),
             "p50_ms": rounded(percentile(ms, 50), 1),
             "p99_ms": rounded(percentile(ms, 99), 1),
         }
+    # The slowest calls, and when each began (seconds from the upgrade call): where in the
+    # job the p99 comes from.
+    slowest = sorted((c for c in during if not c.error), key=lambda c: c.start - c.end)[:8]
     p99s = [v["p99_ms"] for v in api.values() if v["p99_ms"] is not None]
     downloads = [d for s in summaries for d in s["downloads"]]
     good = [d for d in downloads if not d["error"]]
@@ -1022,6 +1028,14 @@ def summarize_simulated(
         "events": len(events),
         "api": api,
         "api_p99_ms": max(p99s, default=None),
+        "api_slowest": [
+            {
+                "method": c.method,
+                "ms": round((c.end - c.start) * 1000, 1),
+                "at_s": round(c.start - call.started, 2),
+            }
+            for c in slowest
+        ],
         "sample_downloads": len(downloads),
         "sample_download_errors": [d["error"] for d in downloads if d["error"]][:5],
         "sample_download_s_median": rounded(median([d["seconds"] for d in good]), 3),
@@ -1029,6 +1043,7 @@ def summarize_simulated(
         "sim_failures": sum(s["failure_count"] for s in summaries),
         "sim_failure_examples": [f for s in summaries for f in s["failures"]][:5],
         "duplicate_commands": sum(s["duplicate_commands"] for s in summaries),
+        "prechecks_answered": sum(s.get("prechecks_answered", 0) for s in summaries),
         "sim_controller_cpu_s": round(cpu, 2),
         "sim_controller_rss_mb": round(rss / 1e6, 1),
     }

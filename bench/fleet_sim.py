@@ -10,6 +10,10 @@ What each gateway does, as a real gateway does it on the bus:
 
 - at start, a hello (``GatewayHello``) and then a heartbeat every ``--heartbeat-interval``
   seconds (the heartbeats of all the process's gateways spread evenly over the interval);
+- on a pre-check from its queue (header ``x-hitless-kind: precheck``; the controller asks
+  every gateway whose hello announces the feature, as the gateway's ``Reporter`` does): a
+  ``PreCheckResult`` with no problem, on the gateway's lane. A real gateway measures its free
+  space and calls the controller's download service first; a simulated one does neither.
 - on an upgrade command from its queue (``hitless.gateway.<id>``, declared here with the
   topology's arguments, consumed with manual acks): the status reports DOWNLOADING,
   VERIFYING, SWAPPING and SUCCEEDED, built and published by the gateway's own
@@ -70,6 +74,8 @@ from hitless.v1 import bus_pb2  # noqa: E402
 CONNECT_TIMEOUT_S = 30.0
 LANE_JOIN_S = 10.0
 STATES = ("DOWNLOADING", "VERIFYING", "SWAPPING", "SUCCEEDED")
+# Free space a simulated gateway reports beyond what a release needs, in bytes.
+SIMULATED_FREE_BYTES = 10 * 1024**3
 EXIT_OK, EXIT_NO_BROKER = 0, 1
 
 
@@ -122,6 +128,7 @@ class SimulatedFleet:
         self.seen: dict[str, dict[str, float]] = {gid: {} for gid in self.ids}
         self.commands: set[str] = set()
         self.duplicates = 0
+        self.prechecks = 0
         self.downloads: list[dict[str, Any]] = []
         self.failures: list[str] = []
         self.heartbeats = 0
@@ -172,7 +179,7 @@ class SimulatedFleet:
                 channel.basic_consume(
                     topology.gateway_queue(gid).name,
                     lambda ch, method, props, body, gid=gid: self._on_command(
-                        ch, method.delivery_tag, gid, body
+                        ch, method.delivery_tag, gid, props.headers or {}, body
                     ),
                 )
             self._write(self.ready_file, {"gateways": len(self.ids), "pid": os.getpid()})
@@ -188,9 +195,14 @@ class SimulatedFleet:
             if connection.is_open:
                 connection.close()
 
-    def _on_command(self, channel: BlockingChannel, tag: int, gid: str, body: bytes) -> None:
+    def _on_command(
+        self, channel: BlockingChannel, tag: int, gid: str, headers: dict[str, Any], body: bytes
+    ) -> None:
         arrived = time.time()
         channel.basic_ack(tag)
+        if headers.get(topology.KIND_HEADER) == topology.PRECHECK:
+            self._lane(gid).submit(functools.partial(self._precheck, gid, body))
+            return
         try:
             command = codec.decode(bus_pb2.UpgradeCommand, body, strict=False)
         except DecodeError as exc:
@@ -203,6 +215,26 @@ class SimulatedFleet:
             self.commands.add(command.command_id)
             self.seen[gid]["command"] = arrived
         self._lane(gid).submit(lambda: self._upgrade(gid, command))
+
+    def _precheck(self, gid: str, body: bytes) -> None:
+        """Answer a pre-check as a gateway with room and a reachable controller does."""
+        try:
+            request = codec.decode(bus_pb2.PreCheckRequest, body, strict=False)
+        except DecodeError as exc:
+            self._fail(f"{gid}: undecodable pre-check: {exc}")
+            return
+        needed = 2 * max(0, request.artifact_size)  # the download and the staged copy
+        result = bus_pb2.PreCheckResult(
+            check_id=request.check_id,
+            gateway_id=gid,
+            version=self.version[gid],
+            free_bytes=needed + SIMULATED_FREE_BYTES,
+            needed_bytes=needed,
+            controller_reachable=True,
+        )
+        if self._safely(f"pre-check answer of {gid}", lambda: self.reporters[gid].precheck(result)):
+            with self._lock:
+                self.prechecks += 1
 
     # One gateway's upgrade ---------------------------------------------------------------
 
@@ -326,6 +358,7 @@ class SimulatedFleet:
                 "pid": os.getpid(),
                 "seen": self.seen,
                 "duplicate_commands": self.duplicates,
+                "prechecks_answered": self.prechecks,
                 "downloads": self.downloads,
                 "heartbeats": self.heartbeats,
                 "failures": self.failures[:50],
