@@ -3,6 +3,7 @@ same run.
 
     python bench/fleet.py [--real N] [--simulated M] [--db sqlite|postgresql|both]
                           [--real-db sqlite|postgresql] [--sample K] [--sim-processes P]
+                          [--handoff-timeout S]
 
 Part 1, real gateways (default N = 100). A real controller process (``controller-svc
 serve``, TLS, ``--no-self-upgrade``, its own broker vhost) and N real ``gateway-daemon run``
@@ -36,6 +37,9 @@ imports (``python ARTIFACT gateway-daemon --help``: the zipapp's entry point imp
 ``gateway_daemon.cli``, what the forwarding process loads, then argparse prints its help;
 and the release's ``gateway_daemon.agent_process`` imported from the zipapp, what the
 agent loads). The floor is (a) + (b); the target is the real upgrade within 1.5x of it.
+(b) is measured first: the real gateways' ready deadline (``--handoff-timeout``) is, unless
+given, the gateway's own (30 s, for one new version on its own gateway) plus twice (b),
+since here every gateway's new version starts at once on the same few cores.
 
 Part 2, simulated gateways (default M = 1,000), once per database: a controller of its own
 on SQLite, then on a PostgreSQL database that the bench creates and drops (127.0.0.1:5432,
@@ -106,6 +110,7 @@ import grpc  # noqa: E402
 
 from gateway_daemon import identity  # noqa: E402
 from gateway_daemon.cli import ENV_ENROLL_CODE  # noqa: E402
+from gateway_daemon.handoff.parent import Deadlines  # noqa: E402
 from hitless import logs  # noqa: E402
 from hitless.config import HostPort  # noqa: E402
 from hitless.trust import keys as trust_keys  # noqa: E402
@@ -769,6 +774,14 @@ def part_real(
     }
 
 
+def real_handoff_timeout(starts_s: float) -> float:
+    """The real gateways' ready deadline (``--handoff-timeout``), in seconds: the gateway's
+    own (``Deadlines.ready_s``, for one new version starting on its own gateway) plus
+    twice what the floor's ``starts_s`` took: here every gateway's new version starts at
+    once on this machine's few cores, which no real gateway has to share."""
+    return float(math.ceil(Deadlines.ready_s + 2 * starts_s))
+
+
 def floor(artifact: Path, n: int, stream: dict[str, Any]) -> dict[str, Any]:
     """The floor of Part 1 (module docstring): the fleet's bytes at the raw TCP rate
     measured with the same concurrency, plus ``n`` interpreter starts at once."""
@@ -1105,6 +1118,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
             f"{_fmt(r['floor_seconds'])} ({_fmt(r['floor_tcp_seconds'])} + "
             f"{_fmt(r['floor_starts_seconds'])})" if "floor_seconds" in r else None), ""),
         ("  real / floor", ratio, TARGETS["real_floor_ratio"]),
+        ("  gateways' ready deadline s", key("real_handoff_timeout_s"), ""),
         ("  median queued -> downloading s", phase("queued_to_downloading"), ""),
         ("  median download s", phase("download"), ""),
         ("  median verify s", phase("verify"), ""),
@@ -1218,11 +1232,19 @@ def run(args: argparse.Namespace, work: Path, mgmt: Management) -> dict[str, Any
     for db in dbs:
         row: dict[str, Any] = {"db": db, **common}
         if args.real and db == real_db:
-            print(f"Part 1 on {db}: {args.real} real gateways ...", flush=True)
-            with running_controller(work / f"real-{db}", db, mgmt) as ctl:
-                row.update(part_real(ctl, artifact, args.real, args.handoff_timeout))
             print(f"  the floor: {args.real} interpreter starts at once ...", flush=True)
             row.update(floor(artifact, args.real, stream))
+            handoff_timeout = args.handoff_timeout or real_handoff_timeout(
+                row["floor_starts_seconds"]
+            )
+            row["real_handoff_timeout_s"] = handoff_timeout
+            print(
+                f"Part 1 on {db}: {args.real} real gateways (ready deadline "
+                f"{handoff_timeout:g} s) ...",
+                flush=True,
+            )
+            with running_controller(work / f"real-{db}", db, mgmt) as ctl:
+                row.update(part_real(ctl, artifact, args.real, handoff_timeout))
             if row.get("real_seconds") and row["floor_seconds"]:
                 row["real_floor_ratio"] = round(row["real_seconds"] / row["floor_seconds"], 2)
         if args.simulated:
@@ -1309,7 +1331,8 @@ def _parser() -> argparse.ArgumentParser:
         "--handoff-timeout",
         type=float,
         metavar="S",
-        help="the real gateways' --handoff-timeout (default: the gateway's own): N new "
+        help="the real gateways' --handoff-timeout (default: the gateway's own, "
+        f"{Deadlines.ready_s:g} s, plus twice the floor's N interpreter starts): N new "
         "versions starting at once on this machine's cores take longer to say ready than "
         "one does on its own gateway",
     )
