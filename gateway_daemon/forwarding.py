@@ -23,8 +23,9 @@ sockets and state, starts its own agent and waits until that agent reaches the b
 (the part of the self-check that needs the network), checks itself (``selfcheck``), says
 READY, takes the cutover on its data plane's loop thread, and then tells its agent what
 the handoff brought: the agent records and reports the outcome. A new version whose
-agent cannot start or reach the broker within ``AGENT_READY_S`` is not ready: the old
-one serves on (ROLLED_BACK).
+agent cannot start or reach the broker by ``AGENT_READY_MARGIN_S`` before the old
+process's ready deadline is not ready: it says why, and the old one serves on
+(ROLLED_BACK).
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ AGENT_EXIT_S: Final = 10.0
 # Between starts of an agent that keeps exiting; reset once one has run this long.
 AGENT_RESTART: Final = Backoff(initial_s=0.5, max_s=30.0)
 AGENT_STABLE_S: Final = 60.0
-# After a handoff, the new agent's time to start and reach the broker before this
-# version counts as not ready (the old process's ready deadline applies as well).
+# After a handoff, the new agent must start and reach the broker this long before the
+# old process's ready deadline (--handoff-timeout from the spawn), or this version is
+# not ready: the rest is for the self-check and for telling the old process why, before
+# its own deadline cuts the handoff with a bare timeout.
+AGENT_READY_MARGIN_S: Final = 3.0
+# The same when the old process does not say when its deadline is (an older release).
 AGENT_READY_S: Final = 20.0
 # READY to CUTOVER: the old process only parks its loop and encodes the final state.
 CUTOVER_TIMEOUT_S: Final = 10.0
@@ -75,6 +80,16 @@ PAUSE_MARGIN_S: Final = 2.0
 def greeting(gateway_id: str) -> bytes:
     """What the plain ``--listen`` listeners say to each connection."""
     return f"hitless-gateway {gateway_id} {version.current()}\n".encode()
+
+
+def agent_deadline(ready_by: float | None, now: float | None = None) -> float:
+    """When the new agent must have reached the broker after a handoff (time.monotonic):
+    ``AGENT_READY_MARGIN_S`` before ``ready_by``, the old process's ready deadline; from
+    ``now`` plus ``AGENT_READY_S`` when the old process did not say (None)."""
+    now = time.monotonic() if now is None else now
+    if ready_by is None:
+        return now + AGENT_READY_S
+    return max(now, ready_by - AGENT_READY_MARGIN_S)
 
 
 def deadlines_from_context(context: dict[str, Any]) -> Deadlines:
@@ -227,9 +242,10 @@ class Forwarding:
                 self.restore_agent_priority()
             left = deadline - time.monotonic()
             if left <= 0:
+                waited_s = time.monotonic() - agent.started
                 raise HandoffTimeout(
                     f"the new version's agent did not reach the broker within "
-                    f"{AGENT_READY_S:g} s{': ' + said if said else ''}"
+                    f"{waited_s:.0f} s{': ' + said if said else ''}"
                 )
             for fd, _ in poller.poll(min(left, 0.05) * 1000):
                 if fd == predecessor:
@@ -519,7 +535,7 @@ def take_over(inheritance: child.Inheritance, gateway_id: str, state_dir: Path) 
             handover=context, predecessor=predecessor,
         )  # fmt: skip
         forwarding.start_agent()
-        forwarding.wait_attach(time.monotonic() + AGENT_READY_S, inheritance.predecessor)
+        forwarding.wait_attach(agent_deadline(inheritance.ready_by), inheritance.predecessor)
         selfcheck.run(plane, inheritance.sockets)
         inheritance.say_ready()
         if plane.tunnels is not None:

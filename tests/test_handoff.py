@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 
+from gateway_daemon import forwarding
 from gateway_daemon.errors import HandoffFailed, HandoffTimeout
 from gateway_daemon.handoff import parent, wire
 from gateway_daemon.handoff.parent import Deadlines
@@ -74,6 +75,31 @@ def test_more_than_253_sockets_are_handed_over(spawned: list[subprocess.Popen[by
         plane.close()  # the parent's copies; the child's stay open
     assert report.descriptors == 300
     assert [_greeting(port) for port in ports] == [b"child\n"] * 300
+
+
+def test_the_new_process_learns_when_the_old_one_stops_waiting_for_ready(
+    spawned: list[subprocess.Popen[bytes]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The HELLO carries the ready deadline, so the new process can give its own steps
+    (its agent reaching the broker) less time than that, whatever --handoff-timeout is."""
+    ready_in = tmp_path / "ready-in"
+    monkeypatch.setenv("HANDOFF_CHILD_READY_IN", str(ready_in))
+    slow = Deadlines(ready_s=140.0, started_s=3.0)
+    plane = _plane(1)
+    try:
+        parent.hand_off(plane, _argv("ok"), {}, spawn=_spawner(spawned), deadlines=slow)
+    finally:
+        plane.close()
+    left = float(ready_in.read_text())
+    assert 100.0 < left <= 140.0
+    agent_by = forwarding.agent_deadline(time.monotonic() + left)
+    assert agent_by - time.monotonic() > 100.0  # not AGENT_READY_S, 20 s
+
+
+def test_the_new_agent_deadline_comes_before_the_old_process_stops_waiting() -> None:
+    assert forwarding.agent_deadline(1000.0, now=10.0) == 1000.0 - forwarding.AGENT_READY_MARGIN_S
+    assert forwarding.agent_deadline(None, now=10.0) == 10.0 + forwarding.AGENT_READY_S
+    assert forwarding.agent_deadline(11.0, now=10.0) == 10.0  # already late: no time at all
 
 
 def test_260_established_tcp_tunnel_connections_are_handed_over_and_relay_on(

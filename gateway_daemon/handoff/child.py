@@ -55,6 +55,9 @@ class Inheritance:
     predecessor: int = -1
     # Set once the old process is gone: this one finishes the takeover alone.
     alone: bool = False
+    # When the old process stops waiting for READY (time.monotonic), as its HELLO said;
+    # None from an old process that does not say.
+    ready_by: float | None = None
 
     def ready(self, timeout_s: float = 10.0) -> bytes:
         """Say ready; return the final state once the old process has paused."""
@@ -138,6 +141,8 @@ def accept(control_fd: int, timeout_s: float = 10.0) -> Inheritance:
         if kind != wire.HELLO:
             raise HandoffFailed(f"protocol error: expected HELLO, got frame kind {kind}")
         hello = json.loads(payload)
+        ready_in_s = hello.get("ready_in_s")
+        ready_by = time.monotonic() + float(ready_in_s) if ready_in_s is not None else None
         fds = channel.receive_fds(int(hello["fds"]), deadline)
         sockets = [wrap(fd) for fd in fds]
         kind, snapshot = channel.receive(deadline, "the data plane's snapshot")
@@ -157,7 +162,7 @@ def accept(control_fd: int, timeout_s: float = 10.0) -> Inheritance:
         raise
     return Inheritance(
         hello["description"], sockets, snapshot, hello["context"], channel,
-        predecessor=predecessor,
+        predecessor=predecessor, ready_by=ready_by,
     )  # fmt: skip
 
 

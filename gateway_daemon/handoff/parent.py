@@ -219,11 +219,12 @@ def _run(
     ready_by = started_at + deadlines.ready_s
     watch = _Watch(child, shared, started_at + deadlines.idle_until_s)
     reading = "the new process to read the handoff"
-    channel.send_json(
-        wire.HELLO,
-        {"description": plane.describe(), "fds": len(sockets), "context": context},
-        deadline=ready_by, what=reading, tick=watch,
-    )  # fmt: skip
+    hello = {
+        "description": plane.describe(), "fds": len(sockets), "context": context,
+        # Seconds left to say READY: the new process gives its own steps less.
+        "ready_in_s": max(0.0, ready_by - clock()),
+    }  # fmt: skip
+    channel.send_json(wire.HELLO, hello, deadline=ready_by, what=reading, tick=watch)
     fds_at = clock()
     channel.send_fds([s.fileno() for s in sockets], deadline=ready_by, what=reading, tick=watch)
     state_at = clock()

@@ -6,6 +6,8 @@ MODE crash: exit 3 at once.  MODE hang: never answer.  MODE abort: refuse (a fai
 self-check).  MODE die-after-ready: say ready, then SIGKILL itself before starting.
 MODE blocking-hang: take the descriptors, set every socket to blocking mode, touch the
 file named by HANDOFF_CHILD_MARK, then hang without reading the snapshot.
+Every MODE that accepts the handoff writes the seconds it had left to say ready
+(``Inheritance.ready_by``) to the file named by HANDOFF_CHILD_READY_IN, when set.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main() -> int:
     if mode == "blocking-hang":
         _block_and_hang(fd)
     inheritance = child.accept(fd)
+    if (ready_in := os.environ.get("HANDOFF_CHILD_READY_IN")) and inheritance.ready_by:
+        Path(ready_in).write_text(str(inheritance.ready_by - time.monotonic()))
     if mode == "abort":
         inheritance.abort("self-check failed: config checksum mismatch")
         return 1
