@@ -51,6 +51,8 @@ from hitless.v1 import bus_pb2
 
 log = logs.get(__name__)
 
+# After a handoff, how long the agent may take to reach the broker when its forwarding
+# process does not say (it says how long is left before its own deadline for the agent).
 BUS_READY_TIMEOUT_S = 20.0
 # How long a new version waits for the old forwarding process to exit (it waits for its
 # agent first, ``forwarding.AGENT_EXIT_S``) before it reports and consumes.
@@ -118,8 +120,8 @@ def vpn_from_context(context: dict[str, Any]) -> VpnConfig | None:
 
 class AgentProcess:
     """The agent of one gateway, beside the forwarding process ``plane`` reaches.
-    ``takeover``: it starts after a handoff, and must reach the broker before the new
-    version may say ready."""
+    ``takeover``: it starts after a handoff, and must reach the broker within
+    ``ready_timeout_s`` seconds before the new version may say ready."""
 
     def __init__(
         self,
@@ -129,11 +131,13 @@ class AgentProcess:
         deadlines: parent.Deadlines = DEFAULT_DEADLINES,
         vpn: VpnConfig | None = None,
         takeover: bool = False,
+        ready_timeout_s: float = BUS_READY_TIMEOUT_S,
     ) -> None:
         self.config = config
         self._plane = plane
         self._vpn_config = vpn
         self._takeover = takeover
+        self._ready_timeout_s = ready_timeout_s
         self.version = version.current()
         self.state = AgentState(config.state_dir)
         self._deadlines = deadlines
@@ -153,8 +157,11 @@ class AgentProcess:
         forwarding process is gone; the exit code."""
         self._plane.start(on_gone=self.stop)
         publisher = self._publisher()
-        if self._takeover and not publisher.wait_connected(BUS_READY_TIMEOUT_S):
-            reason = f"cannot reach the broker at {self.config.bus.safe_url}"
+        if self._takeover and not publisher.wait_connected(self._ready_timeout_s):
+            reason = (
+                f"cannot reach the broker at {self.config.bus.safe_url} within "
+                f"{self._ready_timeout_s:.0f} s"
+            )
             log.error("agent_not_ready", reason=reason)
             self._plane.fail(reason)
             publisher.close()

@@ -158,9 +158,11 @@ class Forwarding:
 
     # The agent ---------------------------------------------------------------------
 
-    def start_agent(self) -> None:
+    def start_agent(self, ready_by: float | None = None) -> None:
         """Start the agent (this version's ``gateway-daemon agent``) and send it its start
-        message. Raises OSError when it cannot be started."""
+        message; before this process serves (a takeover), with ``ready_by``
+        (time.monotonic, default ``AGENT_READY_S`` from now), when the agent must have
+        reached the broker. Raises OSError when it cannot be started."""
         ours, theirs = control.pair()
         try:
             argv = [
@@ -186,7 +188,13 @@ class Forwarding:
         log.info("agent_started", agent_pid=proc.pid, starts=self._agents_started)
         # Before this process serves (a takeover), the agent must reach the broker first:
         # a version that cannot is not ready. A restarted agent attaches at once.
-        control.send(ours, {**self._start, "ready_check": not self._serving})
+        ready_in_s = None
+        if not self._serving:
+            now = time.monotonic()
+            ready_in_s = max(0.0, (now + AGENT_READY_S if ready_by is None else ready_by) - now)
+        control.send(
+            ours, {**self._start, "ready_check": not self._serving, "ready_in_s": ready_in_s}
+        )
 
     def stop_agent(self, *, farewell: bool = False) -> int | None:
         """Stop the agent (SIGTERM when ``farewell``: the gateway stops and the agent
@@ -534,8 +542,9 @@ def take_over(inheritance: child.Inheritance, gateway_id: str, state_dir: Path) 
             deadlines=deadlines_from_context(context), start={"context": context},
             handover=context, predecessor=predecessor,
         )  # fmt: skip
-        forwarding.start_agent()
-        forwarding.wait_attach(agent_deadline(inheritance.ready_by), inheritance.predecessor)
+        attach_by = agent_deadline(inheritance.ready_by)
+        forwarding.start_agent(attach_by)
+        forwarding.wait_attach(attach_by, inheritance.predecessor)
         selfcheck.run(plane, inheritance.sockets)
         inheritance.say_ready()
         if plane.tunnels is not None:

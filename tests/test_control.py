@@ -6,13 +6,17 @@ and the forwarding process going away seen by every waiting call."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway_daemon import control
+from gateway_daemon import agent_process, control
 from gateway_daemon.control import HandOffBroken, PlaneClient, PlaneGone
 from gateway_daemon.errors import HandoffFailed
 from gateway_daemon.handoff.parent import ResumeFailed
@@ -142,3 +146,47 @@ def test_a_side_that_exits_with_a_message_unread_reads_as_gone() -> None:
         control.send(ours, {"op": "start"})
         theirs.close()  # the agent exited before it read its start message
         assert control.receive(ours) is None
+
+
+def test_an_agent_after_a_handoff_that_cannot_reach_the_broker_gives_up_in_its_time(
+    tmp_path: Path,
+) -> None:
+    """A new version's agent (the real process) has what its forwarding process says is
+    left before the old process's deadline (``ready_in_s``), no more, and says why it
+    gives up."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = closed.getsockname()[1]
+    context = {
+        "gateway_id": "gw-1",
+        "controller": "127.0.0.1:1",
+        "amqp_url": f"amqp://guest:guest@127.0.0.1:{port}/%2F",
+        "state_dir": str(tmp_path / "state"),
+        "listen": [],
+        "heartbeat_interval_s": 5.0,
+    }
+    ours, theirs = control.pair()
+    ours.settimeout(30)
+    try:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "gateway_daemon", "agent", "--control-fd", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        theirs.close()
+        began = time.monotonic()
+        control.send(ours, {"op": "start", "context": context, "ready_check": True,
+                            "ready_in_s": 2.0})  # fmt: skip
+        said = control.receive(ours)
+        took = time.monotonic() - began
+        assert agent.wait(timeout=30) == 1
+    finally:
+        closed.close()
+        ours.close()
+        theirs.close()
+    assert 2.0 <= took < agent_process.BUS_READY_TIMEOUT_S
+    assert said is not None and said["op"] == "failed"
+    assert f"cannot reach the broker at amqp://guest@127.0.0.1:{port}" in said["reason"]
+    assert said["reason"].endswith("within 2 s")
