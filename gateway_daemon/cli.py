@@ -295,9 +295,7 @@ def _agent(args: argparse.Namespace) -> int:
                 deadlines=forwarding.deadlines_from_context(context),
                 vpn=agent_process.vpn_from_context(context),
                 takeover=bool(start.get("ready_check")),
-                ready_timeout_s=float(
-                    start.get("ready_in_s") or agent_process.BUS_READY_TIMEOUT_S
-                ),
+                ready_by=start.get("ready_by"),
             )  # fmt: skip
         else:
             run = _parser().parse_args(list(start["run_args"]))

@@ -67,8 +67,12 @@ AGENT_STABLE_S: Final = 60.0
 # After a handoff, the new agent must start and reach the broker this long before the
 # old process's ready deadline (--handoff-timeout from the spawn), or this version is
 # not ready: the rest is for the self-check and for telling the old process why, before
-# its own deadline cuts the handoff with a bare timeout.
+# its own deadline cuts the handoff with a bare timeout. At most a tenth of a short
+# deadline.
 AGENT_READY_MARGIN_S: Final = 3.0
+# How much sooner than its forwarding process the agent gives up, so that its reason
+# arrives before the forwarding process stops waiting for it.
+AGENT_REASON_MARGIN_S: Final = 0.5
 # The same when the old process does not say when its deadline is (an older release).
 AGENT_READY_S: Final = 20.0
 # READY to CUTOVER: the old process only parks its loop and encodes the final state.
@@ -82,14 +86,25 @@ def greeting(gateway_id: str) -> bytes:
     return f"hitless-gateway {gateway_id} {version.current()}\n".encode()
 
 
-def agent_deadline(ready_by: float | None, now: float | None = None) -> float:
+def agent_deadline(
+    ready_by: float | None, ready_s: float | None = None, now: float | None = None
+) -> float:
     """When the new agent must have reached the broker after a handoff (time.monotonic):
-    ``AGENT_READY_MARGIN_S`` before ``ready_by``, the old process's ready deadline; from
-    ``now`` plus ``AGENT_READY_S`` when the old process did not say (None)."""
+    ``AGENT_READY_MARGIN_S`` (at most a tenth of ``ready_s``, the old process's whole
+    deadline in seconds) before ``ready_by``, the old process's ready deadline; from
+    ``now`` plus ``AGENT_READY_S`` when the old process did not say (None). Raises
+    HandoffTimeout when that time has passed already: the new version's own start took
+    what the deadline left."""
     now = time.monotonic() if now is None else now
     if ready_by is None:
         return now + AGENT_READY_S
-    return max(now, ready_by - AGENT_READY_MARGIN_S)
+    margin = AGENT_READY_MARGIN_S if ready_s is None else min(AGENT_READY_MARGIN_S, ready_s / 10)
+    if ready_by - margin <= now:
+        raise HandoffTimeout(
+            "the new version took so long to start that no time was left for its agent "
+            f"before the old process's deadline ({ready_s or 0:g} s from the spawn)"
+        )
+    return ready_by - margin
 
 
 def deadlines_from_context(context: dict[str, Any]) -> Deadlines:
@@ -188,12 +203,14 @@ class Forwarding:
         log.info("agent_started", agent_pid=proc.pid, starts=self._agents_started)
         # Before this process serves (a takeover), the agent must reach the broker first:
         # a version that cannot is not ready. A restarted agent attaches at once.
-        ready_in_s = None
+        # When it must have: CLOCK_MONOTONIC, the host's, less a margin for its reason to
+        # arrive while this process still waits for it.
+        agent_by = None
         if not self._serving:
-            now = time.monotonic()
-            ready_in_s = max(0.0, (now + AGENT_READY_S if ready_by is None else ready_by) - now)
+            ready_by = time.monotonic() + AGENT_READY_S if ready_by is None else ready_by
+            agent_by = ready_by - AGENT_REASON_MARGIN_S
         control.send(
-            ours, {**self._start, "ready_check": not self._serving, "ready_in_s": ready_in_s}
+            ours, {**self._start, "ready_check": not self._serving, "ready_by": agent_by}
         )
 
     def stop_agent(self, *, farewell: bool = False) -> int | None:
@@ -542,7 +559,7 @@ def take_over(inheritance: child.Inheritance, gateway_id: str, state_dir: Path) 
             deadlines=deadlines_from_context(context), start={"context": context},
             handover=context, predecessor=predecessor,
         )  # fmt: skip
-        attach_by = agent_deadline(inheritance.ready_by)
+        attach_by = agent_deadline(inheritance.ready_by, inheritance.ready_s)
         forwarding.start_agent(attach_by)
         forwarding.wait_attach(attach_by, inheritance.predecessor)
         selfcheck.run(plane, inheritance.sockets)

@@ -97,9 +97,14 @@ def test_the_new_process_learns_when_the_old_one_stops_waiting_for_ready(
 
 
 def test_the_new_agent_deadline_comes_before_the_old_process_stops_waiting() -> None:
-    assert forwarding.agent_deadline(1000.0, now=10.0) == 1000.0 - forwarding.AGENT_READY_MARGIN_S
+    margin = forwarding.AGENT_READY_MARGIN_S
+    assert forwarding.agent_deadline(1000.0, 990.0, now=10.0) == 1000.0 - margin
     assert forwarding.agent_deadline(None, now=10.0) == 10.0 + forwarding.AGENT_READY_S
-    assert forwarding.agent_deadline(11.0, now=10.0) == 10.0  # already late: no time at all
+    # A short deadline keeps most of itself for the agent: a tenth is the margin.
+    assert forwarding.agent_deadline(15.0, 5.0, now=10.0) == 14.5
+    # The new version's own start took what the deadline left: said, not waited for.
+    with pytest.raises(HandoffTimeout, match="no time was left for its agent"):
+        forwarding.agent_deadline(11.0, 30.0, now=10.0)
 
 
 def test_260_established_tcp_tunnel_connections_are_handed_over_and_relay_on(

@@ -55,9 +55,11 @@ class Inheritance:
     predecessor: int = -1
     # Set once the old process is gone: this one finishes the takeover alone.
     alone: bool = False
-    # When the old process stops waiting for READY (time.monotonic), as its HELLO said;
-    # None from an old process that does not say.
+    # When the old process stops waiting for READY (time.monotonic), as its HELLO said,
+    # and how long its whole deadline was, in seconds; None from an old process that
+    # does not say.
     ready_by: float | None = None
+    ready_s: float | None = None
 
     def ready(self, timeout_s: float = 10.0) -> bytes:
         """Say ready; return the final state once the old process has paused."""
@@ -141,8 +143,7 @@ def accept(control_fd: int, timeout_s: float = 10.0) -> Inheritance:
         if kind != wire.HELLO:
             raise HandoffFailed(f"protocol error: expected HELLO, got frame kind {kind}")
         hello = json.loads(payload)
-        ready_in_s = hello.get("ready_in_s")
-        ready_by = time.monotonic() + float(ready_in_s) if ready_in_s is not None else None
+        ready_by, ready_s = _ready_deadline(hello)
         fds = channel.receive_fds(int(hello["fds"]), deadline)
         sockets = [wrap(fd) for fd in fds]
         kind, snapshot = channel.receive(deadline, "the data plane's snapshot")
@@ -162,8 +163,19 @@ def accept(control_fd: int, timeout_s: float = 10.0) -> Inheritance:
         raise
     return Inheritance(
         hello["description"], sockets, snapshot, hello["context"], channel,
-        predecessor=predecessor, ready_by=ready_by,
+        predecessor=predecessor, ready_by=ready_by, ready_s=ready_s,
     )  # fmt: skip
+
+
+def _ready_deadline(hello: dict[str, Any]) -> tuple[float | None, float | None]:
+    """From the old process's HELLO: when it stops waiting for READY (time.monotonic)
+    and how long it waits in all, in seconds; (None, None) when it does not say."""
+    ready_in_s = hello.get("ready_in_s")
+    if ready_in_s is None:
+        return None, None
+    # CLOCK_MONOTONIC is the host's; seconds left would start counting only now.
+    ready_by = hello.get("ready_by_monotonic", time.monotonic() + float(ready_in_s))
+    return float(ready_by), float(ready_in_s)
 
 
 def _exited(pidfd: int, timeout_s: float) -> bool:

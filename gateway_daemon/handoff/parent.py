@@ -219,10 +219,15 @@ def _run(
     ready_by = started_at + deadlines.ready_s
     watch = _Watch(child, shared, started_at + deadlines.idle_until_s)
     reading = "the new process to read the handoff"
+    left_s = max(0.0, ready_by - clock())
     hello = {
         "description": plane.describe(), "fds": len(sockets), "context": context,
-        # Seconds left to say READY: the new process gives its own steps less.
-        "ready_in_s": max(0.0, ready_by - clock()),
+        # When this process stops waiting for READY, so that the new one gives its own
+        # steps less: on CLOCK_MONOTONIC, which every process of the host shares (the
+        # HELLO waits in the socket while the new interpreter starts), and as the
+        # seconds left now, for the length of the whole deadline.
+        "ready_by_monotonic": time.monotonic() + left_s,
+        "ready_in_s": left_s,
     }  # fmt: skip
     channel.send_json(wire.HELLO, hello, deadline=ready_by, what=reading, tick=watch)
     fds_at = clock()
