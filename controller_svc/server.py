@@ -74,7 +74,7 @@ from controller_svc.rejections import Rejections
 from controller_svc.selfupgrade import ControllerUpgrader
 from controller_svc.store import ArtifactStore, stamped_as
 from controller_svc.users import Users
-from hitless import logs, names, pki, semver, version
+from hitless import api, logs, names, pki, semver, version
 from hitless.config import HostPort
 from hitless.errors import BusError, ConfigError, HitlessError
 from hitless.pki import CertificateAuthority
@@ -625,8 +625,12 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
     def WatchJob(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         """The job's events after ``after_seq``, until the one that finishes the job. Ends
         UNAVAILABLE, naming the last event sent, when the controller stops or the stream
-        reaches its lifetime (``Limits.watch``): the client watches again from there."""
+        reaches its lifetime (``Limits.watch``): the client watches again from there.
+        Starts with the initial metadata ``hitless.api.WATCH_OPEN`` unless the controller
+        is stopping."""
         job_id = self._job(request.job_id).id
+        if not self._stopping.is_set():
+            context.send_initial_metadata((api.WATCH_OPEN,))
         seq = request.after_seq
         lifetime = self._watch_lifetime_s
         ends_at = None if lifetime is None else time.monotonic() + lifetime

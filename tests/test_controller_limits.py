@@ -44,6 +44,7 @@ from gateway_daemon import identity
 from gateway_daemon.download import download
 from gateway_daemon.errors import DownloadFailed
 from gateway_daemon.identity import Identity
+from hitless import api
 from hitless.backoff import Backoff
 from hitless.config import BusConfig, ControllerConfig, HostPort
 from hitless.trust import keys, release
@@ -403,6 +404,8 @@ def test_a_watch_ends_at_its_lifetime_saying_where_to_resume(
             next(resumed)
         assert resumed.code() == grpc.StatusCode.UNAVAILABLE
         assert f"resume after event {seen[-1]}" in (resumed.details() or "")
+        # Each stream said the controller took it: a client counts its retries from the cut.
+        assert api.WATCH_OPEN in tuple(resumed.initial_metadata() or ())
 
 
 def stalled_downloads(stack: ExitStack, ctl: Controller, sha: str, count: int) -> list[Any]:

@@ -37,6 +37,7 @@ import grpc
 import pytest
 from tuf.api.metadata import Targets
 
+from hitless import api
 from hitless.config import ENV_CA_CERT, ENV_CONTROLLER
 from hitless.pki import CertificateAuthority
 from hitless.trust import keys as trust_keys
@@ -150,6 +151,11 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
     # hand over): longer than the client's retry budget tests that the budget counts
     # from the cut, not from the last event.
     quiet_before_cut_s: float = 0.0
+    # Per WatchJob call, in order: the events it sends before it is cut (beyond the list,
+    # cut_watch_after for the first call, else no cut).
+    cut_plan: list[int] = field(default_factory=list)
+    # Whether a WatchJob stream starts with hitless.api.WATCH_OPEN, as the controller's do.
+    watch_opens: bool = True
     crash: bool = False
     # While set to an Event that is not set, StartUpgrade does its work only once it is
     # (a controller slower than the caller's deadline).
@@ -413,14 +419,19 @@ class FakeController(controller_pb2_grpc.ControllerServicer):  # type: ignore[mi
 
     def WatchJob(self, request: Any, context: Any) -> Iterator[Any]:
         with self.lock:
-            first_call = not self.watch_requests
+            call = len(self.watch_requests)
             self.watch_requests.append(request)
         self._maybe_unavailable("WatchJob", context)
+        if self.watch_opens:
+            context.send_initial_metadata((api.WATCH_OPEN,))
+        cut_after = self.cut_watch_after if call == 0 else None
+        if call < len(self.cut_plan):
+            cut_after = self.cut_plan[call]
         sent = 0
         for event in self.events:
             if event.seq <= request.after_seq:
                 continue
-            if first_call and self.cut_watch_after is not None and sent == self.cut_watch_after:
+            if sent == cut_after:
                 threading.Event().wait(self.quiet_before_cut_s)  # simulates a slow hand-over
                 context.abort(self.cut_code, "controller is restarting")
             yield event
@@ -815,6 +826,26 @@ def test_a_watch_quiet_for_longer_than_the_retry_budget_still_resumes(
     assert [r.after_seq for r in fake.watch_requests] == [0, 3]
 
 
+@pytest.mark.parametrize("opens", [True, False])
+def test_a_watch_cut_twice_each_after_a_quiet_spell_resumes_when_the_controller_took_it(
+    addr: str, fake: FakeController, opens: bool
+) -> None:
+    """Two cuts, each after a stream quiet for longer than the retry budget: a stream the
+    controller took (WATCH_OPEN) starts the budget again, so the second cut is retried.
+    From a controller that does not say so (an older one), the second cut ends the watch."""
+    _running_job(fake, gw2_final=GS.GATEWAY_JOB_STATE_SUCCEEDED)
+    fake.cut_plan = [3, 0]  # the second stream is cut before it sends anything
+    fake.quiet_before_cut_s = FAST_RETRY.budget_s + 0.3
+    fake.watch_opens = opens
+    code, _, err = cli(addr, "upgrade", "--latest", "--wait")
+    if opens:
+        assert (code, err) == (ExitCode.OK, "")
+        assert [r.after_seq for r in fake.watch_requests] == [0, 3, 3]
+    else:
+        assert code == ExitCode.UNREACHABLE
+        assert [r.after_seq for r in fake.watch_requests] == [0, 3]
+
+
 def test_status_watch_of_a_finished_job_does_not_watch(addr: str, fake: FakeController) -> None:
     fake.final = _job(JS.JOB_STATE_SUCCEEDED, [("gw-1", GS.GATEWAY_JOB_STATE_SUCCEEDED, "")])
     code, out, _ = cli(addr, "status", "job-1", "--watch", "--json")
@@ -1029,6 +1060,11 @@ def test_usage_errors(args: list[str], expected: str) -> None:
             ["releases", "list", "--jsn"],
             "usage: upgradectl releases list ",
             "--jsn (did you mean --json?)",
+        ),
+        (
+            ["upgrade", "--latest", "--controller", "h:1"],
+            "usage: upgradectl upgrade ",
+            "--controller is an option of upgradectl itself: give it before the command",
         ),
     ],
 )

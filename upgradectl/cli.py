@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import os
 import re
@@ -151,6 +152,8 @@ class _Parser(argparse.ArgumentParser):
     it is closest to."""
 
     _given: tuple[str, ...] = ()
+    # The options of upgradectl itself, which its commands do not take (set on commands).
+    _top_level: frozenset[str] = frozenset()
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -159,7 +162,8 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
     def add_subparsers(self, **kwargs: Any) -> Any:
-        kwargs.setdefault("parser_class", _CommandParser)
+        top_level = self._top_level or frozenset(self._option_string_actions)
+        kwargs.setdefault("parser_class", functools.partial(_CommandParser, top_level=top_level))
         return super().add_subparsers(**kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -177,6 +181,11 @@ class _Parser(argparse.ArgumentParser):
             name = arg.split("=", 1)[0]
             if not name.startswith("--") or any(option.startswith(name) for option in known):
                 continue
+            if name in self._top_level:
+                return (
+                    f"{name} is an option of upgradectl itself: give it before the command "
+                    f"(upgradectl {name} ... COMMAND ...)"
+                )
             close = difflib.get_close_matches(name, known, n=1)
             return f"unrecognized argument {name}" + (
                 f" (did you mean {close[0]}?)" if close else ""
@@ -188,6 +197,10 @@ class _CommandParser(_Parser):
     """A command's parser. Whatever it is given and does not know is an error of its own,
     shown with its usage: argparse would hand it back to the top-level parser, which
     would show the usage of upgradectl as a whole."""
+
+    def __init__(self, *args: Any, top_level: frozenset[str] = frozenset(), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._top_level = top_level
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None

@@ -55,6 +55,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from hitless import api
 from hitless.config import ENV_CA_CERT, ENV_CONTROLLER, HostPort
 from hitless.digest import file_sha256
 from hitless.v1 import controller_pb2, controller_pb2_grpc
@@ -648,10 +649,11 @@ class ControllerClient:
         """The job's events after ``after_seq``, until the event that finishes the job.
 
         A stream cut by UNAVAILABLE (or CANCELLED) is reopened after the last event seen.
-        The retry budget counts from the first failure in a row: an event or a quiet stream
-        reaching its own deadline ends the row. So a long job survives several controller
-        restarts, however long it was quiet before each, but a controller that stays away
-        for the whole budget ends the watch with ``Unreachable``.
+        The retry budget counts from the first failure in a row. A stream the controller
+        took (its initial metadata ``hitless.api.WATCH_OPEN``), an event, or a quiet
+        stream reaching its own deadline ends the row. So a long job survives several
+        controller restarts, however long it was quiet before each, but a controller that
+        stays away for the whole budget ends the watch with ``Unreachable``.
         """
         last = after_seq
         attempt = 0
@@ -659,7 +661,10 @@ class ControllerClient:
         while True:
             request = controller_pb2.WatchJobRequest(job_id=job_id, after_seq=last)
             try:
-                for msg in self._stub.WatchJob(request, timeout=WATCH_STREAM_S):
+                stream = self._stub.WatchJob(request, timeout=WATCH_STREAM_S)
+                if api.WATCH_OPEN in tuple(stream.initial_metadata() or ()):
+                    attempt, give_up_at = 0, None
+                for msg in stream:
                     attempt, give_up_at = 0, None
                     if msg.seq <= last:
                         continue  # a duplicate from an overlap after resuming
