@@ -200,7 +200,8 @@ class SimulatedFleet:
     ) -> None:
         arrived = time.time()
         channel.basic_ack(tag)
-        if headers.get(topology.KIND_HEADER) == topology.PRECHECK:
+        kind = headers.get(topology.KIND_HEADER)
+        if (kind.decode() if isinstance(kind, bytes) else kind) == topology.PRECHECK:
             self._lane(gid).submit(functools.partial(self._precheck, gid, body))
             return
         try:
