@@ -197,6 +197,8 @@ class Consumer:
         self._max_taking = [1] * len(self._pools) if lane is not None else [workers]
         self._thread = threading.Thread(target=self._run, name=f"bus-{name}", daemon=True)
         self._dead_letters: BlockingChannel | None = None
+        # The I/O thread's connection while it has one (``stop`` wakes it through it).
+        self._connection: pika.BlockingConnection | None = None
         # Messages that could not be dead-lettered (and were acked, with a log line).
         self.dead_letter_failures = 0
 
@@ -210,6 +212,12 @@ class Consumer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking messages, let handlers in flight finish, send their acks, close."""
         self._stop.set()
+        connection = self._connection
+        if connection is not None:
+            # Wakes the I/O thread from its pump (PUMP_S) to see the stop now. A
+            # connection closed or closing meanwhile ends its thread's pump anyway.
+            with contextlib.suppress(*CONNECT_ERRORS):
+                connection.add_callback_threadsafe(_nothing)
         self._thread.join(timeout)
         for pool in self._pools:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -229,6 +237,7 @@ class Consumer:
             connection = None
             try:
                 connection, channel = connect(self._bus, self._queues, passive=self._passive)
+                self._connection = connection
                 self._dead_letters = connection.channel()
                 self._dead_letters.confirm_delivery()
                 channel.basic_qos(prefetch_count=self._prefetch)
@@ -251,6 +260,7 @@ class Consumer:
                 attempt += 1
             finally:
                 self._consuming.clear()
+                self._connection = None
                 close_quietly(connection)
 
     def _drain(self, connection: pika.BlockingConnection, timeout: float = 10.0) -> None:
@@ -504,3 +514,7 @@ class Consumer:
                 reason=cut(reason, MAX_REASON_CHARS),
             )
         channel.basic_ack(tag)
+
+
+def _nothing() -> None:
+    """Does nothing: scheduled on a connection only to wake its I/O thread."""

@@ -33,8 +33,8 @@ from hitless.backoff import Backoff
 from hitless.bus import codec, topology
 from hitless.bus.amqp.channel import (
     CONNECT_ERRORS,
+    IDLE_PUMP_S,
     MAX_EXPIRATION_MS,
-    PUMP_S,
     REFUSED_BY_CLIENT,
     back_off,
     check_properties,
@@ -127,7 +127,8 @@ class Publisher:
         self._queues_lock = threading.Lock()
         self._name = name
         self._backoff = backoff
-        self._requests: queue.Queue[_Request] = queue.Queue()
+        # None: a wake-up from ``close``, so that a lane waiting for work sees the stop.
+        self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._stop = threading.Event()
         self._connected = threading.Event()
         self._lanes_up = 0  # lanes holding a connection (guarded by _queues_lock)
@@ -148,6 +149,8 @@ class Publisher:
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()
+        for _ in self._threads:
+            self._requests.put(None)
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             if thread.ident is not None:  # started
@@ -334,9 +337,11 @@ class Publisher:
                 while not self._stop.is_set():
                     if pending is None:
                         try:
-                            pending = self._requests.get(timeout=PUMP_S)
+                            pending = self._requests.get(timeout=IDLE_PUMP_S)
                         except queue.Empty:
                             connection.process_data_events(time_limit=0)
+                            continue
+                        if pending is None:  # woken by close()
                             continue
                     if not pending.abandoned:
                         executing = True
@@ -406,5 +411,7 @@ class Publisher:
                 request = self._requests.get_nowait()
             except queue.Empty:
                 return
+            if request is None:
+                continue
             request.error = BusUnavailable(f"the {self._name} was closed")
             request.done.set()
