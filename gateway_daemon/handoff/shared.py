@@ -8,9 +8,10 @@ process's socket too, and its data plane, which reads until ``EAGAIN``, then blo
 is undone by its death.
 
 So the old process records each passed socket's state before it sends it
-(``SharedState.record``), puts ``O_NONBLOCK`` back at once while it waits for the new
-process (``guard``: the plane stalls for one guard interval at most, not until the
-deadline), and after a failed handoff, once the new process is dead, restores all of it
+(``SharedState.record``), puts ``O_NONBLOCK`` back every ``parent.GUARD_S`` while it
+waits for the new process (``guard``: so the plane's reads do not block until the
+deadline; a read that had already begun to block still waits for its next datagram or
+connection), and after a failed handoff, once the new process is dead, restores all of it
 (``restore``) and lists what it cannot repair (``problems``) before the plane resumes.
 
 Recorded and restored: the file status flags ``F_SETFL`` can change (``O_NONBLOCK``,

@@ -45,7 +45,8 @@ REFUSED_BY_CLIENT = (
 # stop (a stop wakes it at once, a delivery or a settled batch too).
 PUMP_S = 0.2
 # How long a publisher's idle lane waits for a request before it services its connection
-# (heartbeats, a close from the broker); a request or a close wakes it at once. Each of
+# (heartbeats; a close from the broker is seen then, or when the next request runs on
+# it); a request or ``Publisher.close`` wakes it at once. Each of
 # these wake-ups costs an idle gateway CPU: measured here, an idle publisher took about
 # 1.7 ms of CPU a second at 0.2 s and 0.36 ms at 1 s, which a hundred gateways
 # upgrading on one machine's two cores (``bench/fleet.py``) pay a hundredfold. (A
