@@ -1027,6 +1027,16 @@ class Repository:
                     stage(session, self._insert, announce(record), _outbox_now())
             return records
 
+    def job_id(self, job_id: str | None) -> str | None:
+        """The id of the job ``job_id`` (None: the most recently created), or None when
+        there is no such job; reads no gateway."""
+        with self._read() as session:
+            if job_id is None:
+                stmt = select(Job.id).order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
+            else:
+                stmt = select(Job.id).where(Job.id == job_id)
+            return session.scalar(stmt)
+
     def job_state(self, job_id: str) -> JobState | None:
         """The job's state alone (none of its gateways), or None when there is no such job."""
         with self._read() as session:

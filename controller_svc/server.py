@@ -610,6 +610,16 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
             token = paging.encode(paging.Cursor("job-gateways", page.job.id, (last,)))
         return convert.job(page.job, gateway_count=page.gateway_count, next_page_token=token)
 
+    def _job_id(self, job_id: str) -> str:
+        """The id of the job ``job_id`` ("": the latest), without reading its gateways;
+        NotFound as ``_job``."""
+        found = self._repo.job_id(job_id or None)
+        if found is None:
+            if not job_id:
+                raise NotFound("no upgrade job has run yet: start one with `upgradectl upgrade`")
+            raise NotFound(f"no job with id {names.shown(job_id)}")
+        return found
+
     def _job(self, job_id: str) -> Any:
         if not job_id:
             job = self._repo.latest_job()
@@ -628,7 +638,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         reaches its lifetime (``Limits.watch``): the client watches again from there.
         Starts with the initial metadata ``hitless.api.WATCH_OPEN`` unless the controller
         is stopping."""
-        job_id = self._job(request.job_id).id
+        job_id = self._job_id(request.job_id)
         if not self._stopping.is_set():
             context.send_initial_metadata((api.WATCH_OPEN,))
         seq = request.after_seq

@@ -438,6 +438,30 @@ def test_a_watcher_with_nothing_new_reads_the_job_state_alone(
     assert statements and not [s for s in statements if "job_gateways" in s], statements
 
 
+def test_a_watch_finds_its_job_without_reading_its_gateways(
+    repo: Repository, sql: SqlEngine
+) -> None:
+    """WatchJob needs only the job's id (given, or the latest job's): one row, not the
+    job's thousand gateways."""
+    first = _job(repo, 20)
+    later, _ = repo.create_job(
+        TARGET, [("gw-1", "1.0.0")], deadline=T0 + timedelta(hours=2),
+        now=T0 + timedelta(seconds=1),
+    )  # fmt: skip
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(sql, "before_cursor_execute", record)
+    try:
+        found = (repo.job_id(first.id), repo.job_id(None), repo.job_id("no-such-job"))
+    finally:
+        event.remove(sql, "before_cursor_execute", record)
+    assert found == (first.id, later.id, None)
+    assert statements and not [s for s in statements if "job_gateways" in s], statements
+
+
 def test_reports_wake_the_watchers_of_their_own_job(repo: Repository, trust: Trust) -> None:
     job = _job(repo, 2)
     # Never started: no job ends here, so nothing is published.
