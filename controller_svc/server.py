@@ -601,9 +601,7 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
         job_id = cursor.scope if cursor else request.job_id or None
         page = self._repo.job_page(job_id, cursor.after[0] if cursor else None, size)
         if page is None:
-            if job_id is None:
-                raise NotFound("no upgrade job has run yet: start one with `upgradectl upgrade`")
-            raise NotFound(f"no job with id {names.shown(job_id)}")
+            raise _no_such_job(job_id)
         token = ""
         if page.more:
             last = page.job.gateways[-1].gateway_id
@@ -612,23 +610,18 @@ class ControllerService(controller_pb2_grpc.ControllerServicer):  # type: ignore
 
     def _job_id(self, job_id: str) -> str:
         """The id of the job ``job_id`` ("": the latest), without reading its gateways;
-        NotFound as ``_job``."""
+        NotFound when there is none."""
         found = self._repo.job_id(job_id or None)
         if found is None:
-            if not job_id:
-                raise NotFound("no upgrade job has run yet: start one with `upgradectl upgrade`")
-            raise NotFound(f"no job with id {names.shown(job_id)}")
+            raise _no_such_job(job_id)
         return found
 
     def _job(self, job_id: str) -> Any:
-        if not job_id:
-            job = self._repo.latest_job()
-            if job is None:
-                raise NotFound("no upgrade job has run yet: start one with `upgradectl upgrade`")
-            return job
-        job = self._repo.get_job(job_id)
+        """The job ``job_id`` ("": the latest) with every gateway; NotFound when there is
+        none."""
+        job = self._repo.get_job(job_id) if job_id else self._repo.latest_job()
         if job is None:
-            raise NotFound(f"no job with id {names.shown(job_id)}")
+            raise _no_such_job(job_id)
         return job
 
     @_translated_stream
@@ -754,6 +747,13 @@ class ArtifactsService(artifacts_pb2_grpc.ArtifactsServicer):  # type: ignore[mi
                     )
                 yield chunk_bytes(offset, data, total)
                 offset += len(data)
+
+
+def _no_such_job(job_id: str | None) -> NotFound:
+    """NotFound for the job ``job_id`` (empty or None: the latest, when no job has run)."""
+    if not job_id:
+        return NotFound("no upgrade job has run yet: start one with `upgradectl upgrade`")
+    return NotFound(f"no job with id {names.shown(job_id)}")
 
 
 def chunk_bytes(offset: int, data: bytes, total_size: int) -> bytes:

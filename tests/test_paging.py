@@ -249,6 +249,16 @@ def test_a_fleet_of_1000_is_listed_and_watched_whole(
             stub.ListJobs(request, timeout=30)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+    # WatchJob finds its job by id alone: an unknown id is NOT_FOUND, none is the latest.
+    with pytest.raises(grpc.RpcError) as caught:
+        next(stub.WatchJob(controller_pb2.WatchJobRequest(job_id="no-such-job"), timeout=30))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no job with id" in (caught.value.details() or "")
+    latest = stub.WatchJob(controller_pb2.WatchJobRequest(), timeout=30)
+    first_event = next(latest)
+    latest.cancel()
+    assert (first_event.seq, first_event.gateway_id) == (1, "")
+
     # The CLI shows every gateway, in pages (500 a call).
     code, out, err = _cli(fleet, "gateways", "list", "--json")
     assert (code, err) == (ExitCode.OK, "")
