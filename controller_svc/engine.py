@@ -36,6 +36,7 @@ from controller_svc.outbox import OutboxEntry
 from controller_svc.planner import Plan, check, make_plan
 from controller_svc.prechecks import Answer, PreChecks
 from controller_svc.records import JobRecord, ReleaseRecord, ReportIn
+from controller_svc.report_rounds import ReportRounds
 from controller_svc.repository import (
     MAX_HEARTBEAT_INTERVAL,
     Announce,
@@ -729,55 +730,41 @@ class Engine:
         one outcome per delivery, in order: None when handled (applied, or ignored as a
         duplicate or an illegal move), DeadLetter or Requeue for that delivery alone.
 
-        Status reports are applied in one transaction (``Repository.apply_reports``),
-        and hellos and heartbeats in another (``Repository.record_gateways_seen``, those
-        of one gateway merged into one row change); any other kind goes through
-        ``on_report`` in its place, after what came before it. Where order changes what
-        is written, a gateway's messages are applied in the order it sent them: a status
-        report that ends its gateway's command (SUCCEEDED writes the gateway's version,
-        as a hello or heartbeat does) is applied after the hellos and heartbeats its
-        gateway sent before it, and before those it sent after. Progress reports write
-        only the job's rows, which no hello or heartbeat touches, so they stay in the
-        batch whatever comes between. Raises whatever else fails (StorageError, ...): the
-        consumer then hands each delivery alone.
+        Status reports are applied together (``Repository.apply_reports``), and hellos
+        and heartbeats together (``Repository.record_gateways_seen``, those of one
+        gateway merged into one row change), in rounds that keep each gateway's order
+        where it changes what is written (``controller_svc.report_rounds``): usually two
+        rounds of two transactions, however many gateways the batch holds. Any other
+        kind goes through ``on_report`` in its place, after what came before it. Raises
+        whatever else fails (StorageError, ...): the consumer then hands each delivery
+        alone.
         """
         outcomes: list[BaseException | None] = [None] * len(deliveries)
-        statuses: list[ReportIn] = []
-        announced: list[GatewaySeen] = []
-        # The gateways (by routing key and by the id in the body) with a hello or heartbeat
-        # waiting, and those with a status report waiting that ends their command.
-        announcing: set[str] = set()
-        ending: set[str] = set()
+        rounds = ReportRounds()
         for index, delivery in enumerate(deliveries):
             kind = delivery.routing_key.rsplit(".", 1)[-1]
             try:
                 if kind == topology.STATUS:
                     report = self._status_report(delivery)
-                    if report.state.terminal:
-                        senders = _senders(delivery, report.gateway_id)
-                        if not announcing.isdisjoint(senders):
-                            self._record_seen(announced)
-                            announced, announcing = [], set()
-                        ending |= senders
-                    statuses.append(report)
+                    rounds.add_status(report, _senders(delivery, report.gateway_id))
                 elif kind in (topology.HELLO, topology.HEARTBEAT):
                     seen = self._announcement(kind, delivery)
-                    senders = _senders(delivery, seen.gateway_id)
-                    if not ending.isdisjoint(senders):
-                        self._apply_statuses(statuses)
-                        statuses, ending = [], set()
-                    announced.append(seen)
-                    announcing |= senders
+                    rounds.add_announcement(seen, _senders(delivery, seen.gateway_id))
                 else:
-                    self._apply_statuses(statuses)
-                    self._record_seen(announced)
-                    statuses, ending, announced, announcing = [], set(), [], set()
+                    self._apply_rounds(rounds)
+                    rounds = ReportRounds()
                     self.on_report(delivery)
             except (DeadLetter, Requeue) as exc:
                 outcomes[index] = exc
-        self._apply_statuses(statuses)
-        self._record_seen(announced)
+        self._apply_rounds(rounds)
         return outcomes
+
+    def _apply_rounds(self, rounds: ReportRounds) -> None:
+        """Apply each round's status reports, then its announcements (two transactions a
+        round, ``controller_svc.report_rounds``)."""
+        for batch in rounds:
+            self._apply_statuses(batch.statuses)
+            self._record_seen(batch.announcements)
 
     def on_report(self, delivery: Delivery) -> None:
         """Consumer handler for the controller's reports queue, one delivery at a time."""

@@ -681,9 +681,9 @@ def test_a_batch_records_announcements_together_in_each_gateways_order(
         "gw-2": GatewayState.SUCCEEDED,
         "gw-3": GatewayState.DOWNLOADING,
     }
-    # Three transactions for nine deliveries: gw-1's SUCCEEDED waits for the
-    # announcements before it, gw-2's hello for the reports before it.
-    assert repo.calls == [("seen", 2), ("reports", 3), ("seen", 3)]
+    # Three transactions for nine deliveries: gw-2's hello waits for the reports before
+    # it (its SUCCEEDED), gw-1's SUCCEEDED for the announcements before it (its heartbeat).
+    assert repo.calls == [("reports", 2), ("seen", 5), ("reports", 1)]
 
     # One delivery at a time still works, and still refuses alone.
     engine.on_report(_beat("gw-3", "1.0.1", 6))
@@ -691,6 +691,42 @@ def test_a_batch_records_announcements_together_in_each_gateways_order(
         engine.on_report(_hello("gw-3", "1.0.1", -1))
     gw3 = repo.get_gateway("gw-3")
     assert gw3 is not None and (gw3.version, gw3.vpn_sessions, gw3.pid) == ("1.0.1", 6, 7)
+
+
+def test_a_fleets_batch_takes_two_rounds_however_many_gateways_it_holds(
+    sql: SqlEngine, trust: Trust, bus: BusConfig
+) -> None:
+    """Each gateway's messages come together, as they do while a fleet upgrades: a
+    heartbeat, its progress, SUCCEEDED, then the new version's hello and heartbeat. Each
+    SUCCEEDED follows its own gateway's heartbeat and precedes its hello, yet the batch
+    is applied in four transactions, not two for every gateway."""
+    repo, engine = _counting_engine(sql, trust, bus)
+    gateways = 50
+    job = _job(repo, gateways)
+    repo.calls.clear()
+    downloading = common_pb2.GATEWAY_JOB_STATE_DOWNLOADING
+    succeeded = common_pb2.GATEWAY_JOB_STATE_SUCCEEDED
+    deliveries: list[Delivery] = []
+    for n in range(1, gateways + 1):
+        gid = f"gw-{n}"
+        deliveries += [
+            _beat(gid, "1.0.0", 1),
+            _status(job, gid, downloading, f"{gid}-progress"),
+            _status(job, gid, succeeded, f"{gid}-done"),
+            _hello(gid, TARGET, 1000 + n),
+            _beat(gid, TARGET, 2),
+        ]
+
+    assert engine.on_reports(deliveries) == [None] * len(deliveries)
+
+    n = gateways
+    assert repo.calls == [("reports", n), ("seen", n), ("reports", n), ("seen", 2 * n)]
+    after = repo.get_job(job.id)
+    assert after is not None and after.state is JobState.SUCCEEDED
+    for number in range(1, gateways + 1):
+        gateway = repo.get_gateway(f"gw-{number}")
+        assert gateway is not None
+        assert (gateway.version, gateway.pid, gateway.vpn_sessions) == (TARGET, 1000 + number, 2)
 
 
 def test_announcements_from_the_reports_queue_are_recorded_in_batches(
