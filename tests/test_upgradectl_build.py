@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import subprocess
 import sys
 import zipfile
@@ -11,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from hitless.errors import ConfigError
-from upgradectl.build import PACKAGES, build_release
+from upgradectl.build import PACKAGES, build_release, compile_sources
 from upgradectl.cli import main
-from upgradectl.errors import ExitCode
+from upgradectl.errors import BuildError, ExitCode
 
 VERSION = "7.3.1"
 
@@ -44,8 +45,62 @@ def test_artifact_holds_every_package_the_stamp_and_an_entry_point(artifact: Pat
     assert "upgradectl/cli.py" in names
     assert "__main__.py" in names
     assert release.strip() == VERSION
-    compiled = [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
-    assert compiled == []
+    assert not [n for n in names if "__pycache__" in n]
+    # Each module's bytecode beside its source, and no other: unchecked hash-based pycs
+    # (PEP 552 flags 0b01) of this interpreter's Python version.
+    sources = {n for n in names if n.endswith(".py")}
+    assert {n for n in names if n.endswith(".pyc")} == {n + "c" for n in sources}
+    with zipfile.ZipFile(artifact) as zf:
+        headers = {zf.read(n + "c")[:8] for n in sources}
+    assert headers == {importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little")}
+
+
+def test_a_release_runs_its_modules_from_their_bytecode_and_shows_their_source(
+    artifact: Path, tmp_path: Path
+) -> None:
+    code = (
+        f"import sys, traceback; sys.path.insert(0, {str(artifact)!r})\n"
+        "import gateway_daemon.agent as agent\n"
+        "print(agent.__file__, agent.Agent.handle.__code__.co_filename)\n"
+        "from hitless import semver\n"
+        "try:\n"
+        "    semver.parse('not-a-version')\n"
+        "except Exception:\n"
+        "    traceback.print_exc()\n"
+    )
+    proc = _python("-c", code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    where, compiled_as = proc.stdout.split()
+    assert where == f"{artifact}/gateway_daemon/agent.pyc"
+    assert compiled_as == "gateway_daemon/agent.py"
+    # A traceback names the module by its path in the release and quotes its source.
+    lines = proc.stderr.splitlines()
+    frame = next(i for i, line in enumerate(lines) if 'File "hitless/semver.py"' in line)
+    assert lines[frame + 1].strip(), proc.stderr
+
+
+def test_another_python_version_runs_a_release_from_its_sources(
+    artifact: Path, tmp_path: Path
+) -> None:
+    """Bytecode of another Python version (another magic number) is passed over, and the
+    modules are compiled from their sources as before."""
+    other = tmp_path / "other-python.pyz"
+    with zipfile.ZipFile(artifact) as src, zipfile.ZipFile(other, "w") as out:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith(".pyc"):
+                data = b"\x00\x00\r\n" + data[4:]
+            out.writestr(info, data)
+    code = (
+        f"import sys; sys.path.insert(0, {str(other)!r})\n"
+        "import gateway_daemon.agent as agent\n"
+        "print(agent.Agent.handle.__code__.co_filename)\n"
+    )
+    proc = _python("-c", code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"{other}/gateway_daemon/agent.py"
+    proc = _python(str(other), "--version", cwd=tmp_path)
+    assert (proc.returncode, proc.stdout.strip()) == (0, VERSION), proc.stderr
 
 
 def test_artifact_runs_upgradectl(artifact: Path, tmp_path: Path) -> None:
@@ -87,8 +142,15 @@ def test_builds_are_reproducible_from_source_and_from_inside_a_release(
     # The release builds its successor from its own zipped code: same code, same bytes.
     from_release = tmp_path / "from-release.pyz"
     proc = _python(
-        str(artifact), "upgradectl", "releases", "build", "--version", VERSION,
-        "-o", str(from_release), cwd=tmp_path,
+        str(artifact),
+        "upgradectl",
+        "releases",
+        "build",
+        "--version",
+        VERSION,
+        "-o",
+        str(from_release),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     assert from_release.read_bytes() == artifact.read_bytes()
@@ -140,3 +202,8 @@ def test_build_says_the_artifact_is_not_signed_yet_and_how_it_gets_signed(
     assert lines[2] == (
         f"  upgradectl releases publish --version {VERSION} --artifact '{out}' --keys DIR"
     )
+
+
+def test_a_module_that_does_not_compile_fails_the_build_and_says_which() -> None:
+    with pytest.raises(BuildError, match=r"gateway_daemon/broken\.py"):
+        compile_sources({"gateway_daemon/broken.py": b"def broken(:\n"})

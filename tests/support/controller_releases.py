@@ -51,6 +51,8 @@ def build(version: str, output: Path, broken: str) -> Path:
         fh.write(original[: original.index(b"PK\x03\x04")])  # the shebang line
         with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as dst:
             for info, data in entries:
+                if info.filename.endswith(".pyc") and info.filename[:-1] in BROKEN[broken]:
+                    continue  # its bytecode would shadow the changed source
                 dst.writestr(info, data + additions.pop(info.filename, "").encode())
             for name, text in additions.items():
                 dst.writestr(name, text)

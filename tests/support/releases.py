@@ -50,6 +50,8 @@ def build(version: str, output: Path, broken: str | None = None) -> Path:
         fh.write(original[: original.index(b"PK\x03\x04")])  # the shebang line
         with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as dst:
             for info, data in entries:
+                if info.filename == module + "c":
+                    continue  # its bytecode would shadow the changed source
                 if info.filename == module:
                     data += code.encode()
                 dst.writestr(info, data)
