@@ -762,9 +762,9 @@ class Engine:
     def _apply_rounds(self, rounds: ReportRounds) -> None:
         """Apply each round's status reports, then its announcements (two transactions a
         round, ``controller_svc.report_rounds``)."""
-        for batch in rounds:
-            self._apply_statuses(batch.statuses)
-            self._record_seen(batch.announcements)
+        for round_ in rounds:
+            self._apply_statuses(round_.statuses)
+            self._record_seen(round_.announcements)
 
     def on_report(self, delivery: Delivery) -> None:
         """Consumer handler for the controller's reports queue, one delivery at a time."""

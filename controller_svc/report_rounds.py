@@ -3,20 +3,21 @@ gateway's order allows (``Engine.on_reports``).
 
 Two kinds of message write to the controller's tables from the reports queue: status
 reports (a gateway's progress in a job) and announcements (its hellos and heartbeats).
-Status reports are applied together in one transaction (``Repository.apply_reports``),
+Status reports are applied together in a transaction (``Repository.apply_reports``),
 announcements in another (``Repository.record_gateways_seen``). Their order matters in
 one case only: a status report that ends a gateway's command (SUCCEEDED writes the
 gateway's version, as an announcement does) must be applied after the announcements that
-gateway sent before it, and before those it sent after. A progress report writes only
-the job's rows, which no announcement touches, so it may move past them.
+gateway sent before it, and before those it sent after; every report that ends a command
+is kept in that order, whatever its state. A progress report writes only the job's rows,
+which no announcement touches, so it may move past them.
 
 So a batch is split into rounds, each a transaction of status reports followed by one of
-announcements. A message joins the round of its gateway's previous message, except a
-status report that ends a command after an announcement of the same round: that one, and
-all its gateway sends after it, go to the next round. The number of transactions depends
-on how often one gateway alternates within the batch, not on how many gateways the batch
-holds: a fleet's batch of a thousand gateways, each with heartbeats, progress, SUCCEEDED
-and the new version's hello, takes two rounds.
+announcements. A message joins the latest round of its gateways (see ``ReportRounds``),
+except a status report that ends a command after an announcement of that round: it goes
+to the next round, and what its gateways send after it goes there or later. The number
+of transactions depends on how often one gateway alternates within the batch, not on how
+many gateways the batch holds: a fleet's batch of a thousand gateways, each with
+heartbeats, progress, SUCCEEDED and the new version's hello, takes two rounds.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ class ReportRounds:
         self._announced: dict[str, int] = {}
 
     def add_status(self, report: ReportIn, senders: Iterable[str]) -> None:
-        """Add a status report after what its gateways sent before it."""
+        """Add a status report after what ``senders`` (one or two gateway ids) sent before
+        it: to their latest round, or the one after when it ends a command
+        (``GatewayState.terminal``) and they have an announcement in that round."""
         senders = tuple(senders)
         index = self._latest(senders)
         if report.state.terminal and any(self._announced.get(s) == index for s in senders):
@@ -57,7 +60,8 @@ class ReportRounds:
         self._at(index, senders).statuses.append(report)
 
     def add_announcement(self, seen: GatewaySeen, senders: Iterable[str]) -> None:
-        """Add a hello or heartbeat after what its gateways sent before it."""
+        """Add a hello or heartbeat after what ``senders`` (one or two gateway ids) sent
+        before it: to their latest round, after that round's status reports."""
         senders = tuple(senders)
         index = self._latest(senders)
         self._at(index, senders).announcements.append(seen)

@@ -72,10 +72,10 @@ def test_a_release_runs_its_modules_from_their_bytecode_and_shows_their_source(
     assert proc.returncode == 0, proc.stderr
     where, compiled_as = proc.stdout.split()
     assert where == f"{artifact}/gateway_daemon/agent.pyc"
-    assert compiled_as == "gateway_daemon/agent.py"
+    assert compiled_as == "<release>/gateway_daemon/agent.py"
     # A traceback names the module by its path in the release and quotes its source.
     lines = proc.stderr.splitlines()
-    frame = next(i for i, line in enumerate(lines) if 'File "hitless/semver.py"' in line)
+    frame = next(i for i, line in enumerate(lines) if 'File "<release>/hitless/semver.py"' in line)
     assert lines[frame + 1].strip(), proc.stderr
 
 
@@ -207,3 +207,12 @@ def test_build_says_the_artifact_is_not_signed_yet_and_how_it_gets_signed(
 def test_a_module_that_does_not_compile_fails_the_build_and_says_which() -> None:
     with pytest.raises(BuildError, match=r"gateway_daemon/broken\.py"):
         compile_sources({"gateway_daemon/broken.py": b"def broken(:\n"})
+
+
+def test_modules_in_the_working_directory_do_not_reach_the_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "tempfile.py").write_text("raise RuntimeError('a local tempfile.py ran')\n")
+    monkeypatch.chdir(tmp_path)
+    compiled = compile_sources({"hitless/example.py": b"X = 1\n"})
+    assert list(compiled) == ["hitless/example.pyc"]

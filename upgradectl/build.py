@@ -22,14 +22,20 @@ it again each time: on a gateway every upgrade starts two of them at once, and c
 the modules they import from source took about a third of their start (the README's
 "Bytecode in the release"). The ``.pyc`` files are unchecked hash-based pycs (PEP 552),
 written by ``py_compile`` with ``optimize=0``: ``zipimport`` takes them without reading
-the source again. They carry the building interpreter's magic number; an interpreter of
-another Python version finds the number different and compiles the source as before
-(``zipimport``'s ``_unmarshal_code`` returns no code for a bad magic number).
+the source again (nor checking it: a ``.py`` changed inside a built artifact is not what
+runs; a published artifact is checked against its signed sha256 anyway). They carry the
+building interpreter's magic number; an interpreter of another Python version finds the
+number different and compiles the source as before (``zipimport`` passes over bytecode
+whose magic number is not its own). The code objects name their file ``<release>/pkg/mod.py``
+(``RELEASE_FILES``): a path that exists nowhere, so a traceback's source lines come from
+the release itself (``linecache`` asks the module's loader), never from a file of the
+same relative name in the working directory.
 
 The build is reproducible: entries are sorted and carry a fixed timestamp and mode, and the
-bytecode is compiled in a fresh interpreter with a fixed hash seed (set and frozenset
-constants are marshalled in hash order), so the same version built from the same code by
-the same Python version has the same sha256 wherever it is built.
+bytecode is compiled in a fresh interpreter (marshal marks the objects it meets more than
+once by their reference counts, so its bytes depend on the state of the process that
+compiles), so the same version built from the same code by the same CPython release has
+the same sha256 wherever it is built.
 """
 
 from __future__ import annotations
@@ -108,7 +114,8 @@ def build_release(version: str, output: Path) -> Built:
     """Write the release artifact for ``version`` to ``output``, atomically.
 
     Raises ConfigError for a malformed version and BuildError when a package of the product
-    is missing from the running code or the file cannot be written.
+    is missing from the running code, a module does not compile (``compile_sources``) or
+    the file cannot be written.
     """
     stamped = str(semver.parse(version))
     entries = dict(_collect())
@@ -148,7 +155,8 @@ def build_release(version: str, output: Path) -> Built:
 
 # Run by ``compile_sources`` in a fresh interpreter: sources in (a marshalled dict of path
 # -> bytes on stdin), pycs out (the same on stdout). ``-S``: no site packages, so every
-# build starts from the same interpreter state.
+# build starts from the same interpreter state; ``-P``: nothing imported from the working
+# directory (a local tempfile.py would otherwise shadow the standard library's).
 _COMPILER = """\
 import marshal, os, py_compile, sys, tempfile
 sources = marshal.load(sys.stdin.buffer)
@@ -160,7 +168,7 @@ with tempfile.TemporaryDirectory() as tmp:
             fh.write(sources[name])
         try:
             py_compile.compile(
-                source, cfile=pyc, dfile=name, doraise=True, optimize=0,
+                source, cfile=pyc, dfile=sys.argv[1] + name, doraise=True, optimize=0,
                 invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
             )
         except py_compile.PyCompileError as exc:
@@ -169,23 +177,29 @@ with tempfile.TemporaryDirectory() as tmp:
             compiled[name[:-3] + ".pyc"] = fh.read()
 marshal.dump(compiled, sys.stdout.buffer)
 """
+# How long compiling every module of a release may take (about a second here).
 COMPILE_TIMEOUT_S = 120.0
+# What the release's code objects name their files under (module docstring).
+RELEASE_FILES = "<release>/"
 
 
 def compile_sources(sources: dict[str, bytes]) -> dict[str, bytes]:
     """The bytecode of each Python source in ``sources`` (archive path -> source), keyed by
     the path of its ``.pyc`` beside it: compiled by this interpreter's ``py_compile`` in a
-    fresh process with PYTHONHASHSEED=0 (module docstring). The code objects name the
-    archive path (``pkg/mod.py``) as their file, as tracebacks show it.
+    fresh process (module docstring), with this environment less its PYTHON* variables
+    and PYTHONHASHSEED=0. The code objects name their file ``RELEASE_FILES`` + the
+    archive path (``<release>/pkg/mod.py``).
 
     Raises BuildError when a source does not compile or the compiler cannot run.
     """
     try:
         proc = subprocess.run(
-            [sys.executable, "-S", "-c", _COMPILER],
+            [sys.executable, "-S", "-P", "-c", _COMPILER, RELEASE_FILES],
             input=marshal.dumps(sources),
             capture_output=True,
-            env={"PYTHONHASHSEED": "0"},
+            cwd=tempfile.gettempdir(),
+            env={k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+            | {"PYTHONHASHSEED": "0"},
             timeout=COMPILE_TIMEOUT_S,
             check=False,
         )
