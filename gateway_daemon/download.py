@@ -220,7 +220,8 @@ def download(
     Streams that break are resumed, up to ``max_attempts`` attempts that fail; refusals
     because the controller is busy (RESOURCE_EXHAUSTED) are retried with ``busy_backoff``
     for up to ``busy_timeout_s`` seconds in a row. Raises DownloadFailed when either runs
-    out, or at once on an error retrying cannot fix (e.g. NOT_FOUND); ValueError when
+    out, or at once on an error retrying cannot fix (e.g. NOT_FOUND, or the file cannot be
+    written: its part is removed then); ValueError when
     neither ``channel`` nor ``credentials`` is given, or ``stall_timeout_s`` is not above 0.
     ``command_id`` names the command the download is for: the controller refuses it
     (FAILED_PRECONDITION, never retried) once that command was withdrawn, its job
@@ -295,6 +296,15 @@ def _download(
                 channel.get(), sha256, offset, size, part, progress, stall_timeout_s, command_id
             )
             break
+        except OSError as exc:
+            # The gateway's disk, not the link (ENOSPC, EACCES...): no retry fixes it, and
+            # the part kept would hold the space the gateway needs to run.
+            part.unlink(missing_ok=True)
+            raise DownloadFailed(
+                f"cannot write the download of {sha256[:12]} to {part.parent}: "
+                f"{exc.strerror or exc}; free space there (or move the gateway's "
+                "--state-dir) and start the job again"
+            ) from exc
         except (grpc.RpcError, _Stalled) as exc:
             code, error = _described(exc)
             if code == grpc.StatusCode.RESOURCE_EXHAUSTED:

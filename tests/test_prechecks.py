@@ -69,6 +69,10 @@ def test_a_gateway_whose_precheck_fails_is_left_out_unless_forced(fleet: Fleet) 
         )  # fmt: skip
         (row,) = json.loads(forced.stdout)["gateways"]
         assert row["state"] in ("SUCCEEDED", "FAILED"), row
+        if row["state"] == "FAILED":
+            # The disk filled during the download: the gateway says so, it is not retried.
+            assert "No space left on device" in row["error"], row
+            assert "free space there" in row["error"], row
         serving = "1.1.0" if row["state"] == "SUCCEEDED" else BASE
         wait_for(
             lambda: fleet.greeting("gw-small").endswith(serving),
