@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 
 from alembic.script import ScriptDirectory
 
 from controller_svc.db import alembic_config
+from tests.support import releases
 from upgradectl.build import build_release
 
 
@@ -43,17 +43,5 @@ BROKEN = {
 def build(version: str, output: Path, broken: str) -> Path:
     """Release ``version`` at ``output`` whose controller breaks as ``broken`` says."""
     build_release(version, output)
-    additions = dict(BROKEN[broken])
-    original = output.read_bytes()
-    with zipfile.ZipFile(output) as src:
-        entries = [(info, src.read(info)) for info in src.infolist()]
-    with output.open("wb") as fh:
-        fh.write(original[: original.index(b"PK\x03\x04")])  # the shebang line
-        with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as dst:
-            for info, data in entries:
-                if info.filename.endswith(".pyc") and info.filename[:-1] in BROKEN[broken]:
-                    continue  # its bytecode would shadow the changed source
-                dst.writestr(info, data + additions.pop(info.filename, "").encode())
-            for name, text in additions.items():
-                dst.writestr(name, text)
+    releases.append(output, BROKEN[broken])
     return output

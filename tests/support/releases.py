@@ -9,6 +9,7 @@ releases fail: at start, by hanging, or in its own self-check
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -40,19 +41,26 @@ BROKEN: Final[dict[str, tuple[str, str]]] = {
 def build(version: str, output: Path, broken: str | None = None) -> Path:
     """Build release ``version`` at ``output``; ``broken`` names a way from BROKEN."""
     build_release(version, output)
-    if broken is None:
-        return output
-    module, code = BROKEN[broken]
+    if broken is not None:
+        module, code = BROKEN[broken]
+        append(output, {module: code})
+    return output
+
+
+def append(output: Path, additions: Mapping[str, str]) -> None:
+    """Append to files of the built release at ``output``: archive path -> text (a file it
+    does not have is created). A changed module's bytecode is left out, so the changed
+    source is what runs (``upgradectl.build``: the bytecode is never checked against it)."""
     original = output.read_bytes()
     with zipfile.ZipFile(output) as src:
         entries = [(info, src.read(info)) for info in src.infolist()]
+    left = dict(additions)
     with output.open("wb") as fh:
         fh.write(original[: original.index(b"PK\x03\x04")])  # the shebang line
         with zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED) as dst:
             for info, data in entries:
-                if info.filename == module + "c":
-                    continue  # its bytecode would shadow the changed source
-                if info.filename == module:
-                    data += code.encode()
-                dst.writestr(info, data)
-    return output
+                if info.filename.endswith(".pyc") and info.filename[:-1] in additions:
+                    continue
+                dst.writestr(info, data + left.pop(info.filename, "").encode())
+            for name, text in left.items():
+                dst.writestr(name, text)
