@@ -29,7 +29,7 @@ from typing import Any, Final
 from gateway_daemon import health, listeners
 from gateway_daemon.errors import HandoffFailed
 from gateway_daemon.health import Health
-from gateway_daemon.plane import Handle, Passable, Plane, PredecessorGone
+from gateway_daemon.plane import Handle, Passable, Plane, PredecessorGone, ReadySignal
 from gateway_daemon.tunnels import plane as tunnels
 from gateway_daemon.tunnels.config import TunnelsConfig
 from hitless import logs
@@ -143,6 +143,18 @@ class DataPlane:
         else:
             last.pause()
             send_all(last_name, last.final_state())
+
+    def cut_over_when(self, ready: ReadySignal, send: Callable[[bytes], None]) -> None:
+        """``cut_over(send)`` once READY arrives. With the tunnels alone, their loop
+        thread reads the READY itself and parks from there
+        (``TunnelPlane.cut_over_when``); with other parts, which pause from this
+        thread, this thread waits for READY first."""
+        plane = self.tunnels
+        if plane is not None and len(self._parts) == 1:
+            plane.cut_over_when(ready, lambda data: send(_pack([(TUNNELS, data)])))
+            return
+        ready.wait()
+        self.cut_over(send)
 
     def final_state(self) -> bytes:
         return _pack([(name, part.final_state()) for name, part in self._parts])

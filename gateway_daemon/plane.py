@@ -69,6 +69,37 @@ def wrap(fd: int) -> Handle:
     return SharedFile(fd)
 
 
+class ReadySignal(Protocol):
+    """The new process's READY, for a plane that waits for it on its own loop thread
+    (``cut_over_when``): the old process's plane goes on forwarding until the very round
+    in which READY arrives, and parks from there with no other thread to wake."""
+
+    def fileno(self) -> int:
+        """The control socket: readable when READY (or anything else) has arrived."""
+
+    def take(self) -> bool:
+        """Loop thread, the socket readable: True once READY has arrived whole, False
+        while it has not. Raises HandoffFailed for anything else (the other side gone,
+        its ABORT with the reason, another frame)."""
+
+    def wait(self) -> None:
+        """Block the calling thread until READY (for a plane whose loop cannot wait);
+        raises as ``take`` does, and HandoffTimeout at the deadline."""
+
+    def deadline(self) -> float:
+        """When to stop waiting (time.monotonic)."""
+
+    def tick(self) -> None:
+        """What the waiting thread does every ``every_s`` seconds meanwhile."""
+
+    @property
+    def every_s(self) -> float:
+        """How often ``tick`` runs."""
+
+    def timed_out(self) -> HandoffFailed:
+        """The error to raise when the deadline passed without READY."""
+
+
 class Plane(Protocol):
     def sockets(self) -> Sequence[Passable]:
         """Every descriptor to pass (sockets, shared memory), in the order

@@ -4,9 +4,11 @@
     spawn new version (exec, with one end of a socketpair)
     HELLO (description, context) + descriptors in batches + SNAPSHOT
     wait READY  ........................ deadline (sends too): ready_s; EOF or ABORT = failed
-    plane.pause(); CUTOVER(final state) .. on the plane's own loop thread as it parks,
-                                         when the plane has cut_over()
-    wait STARTED ....................... deadline (the CUTOVER send too): started_s
+    plane.pause(); CUTOVER(final state) .. when the plane has cut_over_when(): READY read,
+    wait STARTED                           the pause, the send and the wait for STARTED
+                                           all on its own loop thread, which forwards
+                                           until READY arrives; deadline (the CUTOVER
+                                           send, and then STARTED): started_s
     done: the caller closes its copy of the plane and exits
 
 Any failure before STARTED kills the new process, waits for it to be gone, and resumes the
@@ -112,8 +114,8 @@ class HandoffReport:
     snapshot_bytes: int
     final_state_bytes: int
     # The old process's side of the cutover, in microseconds from its last forward
-    # (when the plane reports one): READY read and the pause asked, loop parked, final
-    # state encoded, CUTOVER written, and this thread back.
+    # (when the plane reports one): READY read, loop parked, final state encoded,
+    # CUTOVER written, and this thread back (once STARTED has come).
     cutover_marks_us: dict[str, float] = field(default_factory=dict)
 
 
@@ -240,12 +242,14 @@ def _run(
     snapshot = plane.snapshot()
     channel.send(wire.SNAPSHOT, snapshot, deadline=ready_by, what=reading, tick=watch)
     snapshot_done = clock()
-    _expect(channel, wire.READY, ready_by, "the new process to say ready", watch)
-    ready_at = clock()
-    marks = {"ready": time.monotonic_ns()}
+    ready = _Ready(channel, ready_by, watch, clock)
+    marks: dict[str, int] = {}
     sent: list[bytes] = []
 
-    def send_cutover(final_state: bytes) -> None:
+    def cut_over(final_state: bytes) -> None:
+        # On the plane's loop thread, parked (``cut_over_when``): it sends the final
+        # state and waits for STARTED itself, so that no other thread of this process
+        # wakes, for a CPU or the GIL, before the new process serves.
         marks["encoded"] = time.monotonic_ns()
         # Within the STARTED deadline: the plane is paused while a new process that does
         # not read holds this send.
@@ -255,18 +259,23 @@ def _run(
         )  # fmt: skip
         marks["sent"] = time.monotonic_ns()
         sent.append(final_state)
+        _expect(
+            channel, wire.STARTED, time.monotonic() + deadlines.started_s,
+            "the new process to start",
+        )  # fmt: skip
 
-    cut_over = getattr(plane, "cut_over", None)
-    if cut_over is not None:
-        # The plane pauses and sends from its own loop thread the moment it parks.
-        cut_over(send_cutover)
+    cut_over_when = getattr(plane, "cut_over_when", None)
+    if cut_over_when is not None:
+        cut_over_when(ready, cut_over)
     else:
+        ready.wait()
         plane.pause()
-        send_cutover(plane.final_state())
+        cut_over(plane.final_state())
+    started = clock()
+    marks["ready"] = ready.at_ns
+    ready_at = ready.at
     marks["returned"] = time.monotonic_ns()
     final_state = sent[0]
-    _expect(channel, wire.STARTED, clock() + deadlines.started_s, "the new process to start")
-    started = clock()
     report = HandoffReport(
         child_pid=child.pid,
         descriptors=len(sockets),
@@ -287,6 +296,55 @@ def _relative(marks: dict[str, int], plane: Plane) -> dict[str, float]:
     marks = {**plane_marks, **marks}
     base = marks.get("last_forward") or marks["ready"]
     return {k: round((v - base) / 1000, 1) for k, v in marks.items()}
+
+
+class _Ready:
+    """The new process's READY (``plane.ReadySignal``): read by the plane's loop thread
+    when the plane can (``take``), by the handoff's thread otherwise (``wait``)."""
+
+    what = "the new process to say ready"
+
+    def __init__(
+        self, channel: wire.Channel, deadline: float, watch: _Watch, clock: Callable[[], float]
+    ) -> None:
+        self._channel = channel
+        self._deadline = deadline
+        self._watch = watch
+        self._clock = clock
+        self.every_s = watch.every_s
+        self.at = 0.0  # when READY was read (``clock``)
+        self.at_ns = 0  # the same, time.monotonic_ns
+
+    def fileno(self) -> int:
+        return self._channel.sock.fileno()
+
+    def take(self) -> bool:
+        frame = self._channel.receive_now(self.what)
+        if frame is None:
+            return False
+        self._arrived()
+        if frame[0] != wire.READY:
+            raise HandoffFailed(
+                f"protocol error while waiting for {self.what}: got frame kind {frame[0]}"
+            )
+        return True
+
+    def wait(self) -> None:
+        _expect(self._channel, wire.READY, self._deadline, self.what, self._watch)
+        self._arrived()
+
+    def deadline(self) -> float:
+        return self._deadline
+
+    def tick(self) -> None:
+        self._watch()
+
+    def timed_out(self) -> HandoffFailed:
+        return HandoffTimeout(f"timed out waiting for {self.what} on the control socket")
+
+    def _arrived(self) -> None:
+        self.at = self._clock()
+        self.at_ns = time.monotonic_ns()
 
 
 class _Watch:

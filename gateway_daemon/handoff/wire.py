@@ -159,6 +159,21 @@ class Channel:
                 return frame
             self._read(deadline, what)
 
+    def receive_now(self, what: str) -> tuple[int, bytes] | None:
+        """The next frame if it has arrived whole, or None; never waits. Raises
+        HandoffFailed at EOF (``HandoffAborted`` for an ABORT), as ``receive`` does: for
+        a caller woken by the socket being readable (an event loop)."""
+        frame = self._take_frame()
+        if frame is not None:
+            return frame
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        if not poller.poll(0):
+            return None
+        if not self._receive(what):
+            raise HandoffFailed(f"the other side closed the control socket while awaiting {what}")
+        return self._take_frame()
+
     def receive_fds(self, count: int, deadline: float) -> list[int]:
         """Receive ``count`` descriptors sent by send_fds(), consuming their frames."""
         try:

@@ -22,11 +22,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from gateway_daemon.tunnels.errors import PlaneStateError
 from hitless import logs
 
 Handler = Callable[[int], None]
+
+
+class Selectable(Protocol):
+    def fileno(self) -> int: ...
+
 
 EVENT_READ = selectors.EVENT_READ
 EVENT_WRITE = selectors.EVENT_WRITE
@@ -52,6 +58,9 @@ SLOW_ROUND_S = 0.005
 # rest of the process and machine lets it win the CPU whenever it is runnable. Needs
 # CAP_SYS_NICE (root) or RLIMIT_NICE; without either the loop runs at the default.
 LOOP_NICE = -10
+# How long ``pause_when()`` gives the loop to take or drop its watch on a socket, and to
+# park once it saw the signal: a round of events takes well under a millisecond.
+PAUSE_WAIT_S = 2.0
 
 log = logs.get(__name__)
 
@@ -159,6 +168,99 @@ class Reactor:
             error, self._park_error = self._park_error, None
             if error is not None:
                 raise error
+
+    def pause_when(
+        self,
+        sock: Selectable,
+        ready: Callable[[], bool],
+        on_park: Callable[[], None],
+        deadline: float,
+        tick: Callable[[], None],
+        every_s: float,
+    ) -> bool:
+        """Serve until ``ready()``, called on the loop thread whenever ``sock`` is
+        readable, returns True; then park at once and run ``on_park`` there, as
+        ``pause()`` does. The loop needs no other thread to wake it: the round that
+        finds ``sock`` readable is its last. The calling thread waits, and runs
+        ``tick`` every ``every_s`` seconds meanwhile.
+
+        Returns True once parked and ``on_park`` ran (raising what it raised); False
+        at ``deadline`` (time.monotonic) with nothing changed (the loop serves on).
+        What ``ready`` raised is raised here, the loop serving on. Either way ``sock``
+        is no longer watched when this returns, so the caller may read it again.
+        The loop must be running and not parked (PlaneStateError otherwise)."""
+        with self._cond:
+            if not self.running or self._parked or self._want is not _Want.RUN:
+                raise PlaneStateError(f"{self._name}: pause_when() needs a serving loop")
+        trigger = _Trigger()
+
+        def on_readable(_mask: int) -> None:
+            with self._cond:
+                if trigger.withdrawn:
+                    return
+            try:
+                fired = ready()
+            except BaseException as exc:  # raised by pause_when(), in the caller's thread
+                self._selector.unregister(sock)
+                with self._cond:
+                    trigger.error = exc
+                    self._cond.notify_all()
+                return
+            if not fired:
+                return
+            self._selector.unregister(sock)
+            with self._cond:
+                # No notify here: the waiting thread wakes when the loop has parked and
+                # sent (``_hold``), not now, when it would take the GIL and a CPU from
+                # this thread's last steps before the other process can start.
+                trigger.fired = True
+                if self._want is _Want.RUN:
+                    self._want = _Want.PAUSE
+                    self._on_park = on_park
+                    self._park_error = None
+
+        def watch() -> None:
+            self._selector.register(sock, EVENT_READ, on_readable)
+
+        self.call(watch, PAUSE_WAIT_S)
+        next_tick = time.monotonic() + every_s
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                self._cond.wait_for(
+                    lambda: trigger.fired or trigger.error is not None,
+                    timeout=max(0.0, min(deadline, next_tick) - now),
+                )
+                if trigger.fired or trigger.error is not None:
+                    break
+                if time.monotonic() >= deadline:
+                    trigger.withdrawn = True
+                    break
+            tick()
+            next_tick = time.monotonic() + every_s
+        if trigger.withdrawn:
+
+            def forget() -> None:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._selector.unregister(sock)
+
+            self.call(forget, PAUSE_WAIT_S)
+            return False
+        if trigger.error is not None:
+            raise trigger.error
+        with self._cond:
+            parked = self._cond.wait_for(lambda: self._parked, timeout=PAUSE_WAIT_S)
+            if not parked:
+                self._want = _Want.RUN
+                self._on_park = None
+                raise PlaneStateError(
+                    f"{self._name}: the loop did not park within {PAUSE_WAIT_S}s; a handler "
+                    "is stuck, the handoff must be abandoned"
+                )
+            error, self._park_error = self._park_error, None
+        if error is not None:
+            raise error
+        return True
 
     def resume(self, wait_s: float = 0.0) -> None:
         """Undo ``pause()``. With ``wait_s``, return once the loop thread runs again (or
@@ -301,7 +403,6 @@ class Reactor:
                         self.handler_errors += 1
                         log.exception("tunnel_tick_failed", loop=self._name)
 
-
     def _slow_round(self, took: float, now: float) -> None:
         """A round of events took long: the loop waited for the GIL (another thread of
         the process computing) or for a CPU. Counted, and logged at most once a second."""
@@ -316,6 +417,15 @@ class Reactor:
                 at=round(now, 6),  # time.monotonic, machine-wide
                 slow_rounds=self.slow_rounds,
             )
+
+
+@dataclass
+class _Trigger:
+    """How a ``pause_when()`` went: READY seen, ``ready()`` raised, or given up."""
+
+    fired: bool = False
+    error: BaseException | None = None
+    withdrawn: bool = False
 
 
 @dataclass

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
-from gateway_daemon.plane import Handle, Passable, SharedFile
+from gateway_daemon.plane import Handle, Passable, ReadySignal, SharedFile
 from gateway_daemon.tunnels import state as st
 from gateway_daemon.tunnels.config import Address, TunnelsConfig, format_address
 from gateway_daemon.tunnels.counters import TCP_SLOTS, CounterTable
@@ -297,6 +297,30 @@ class TunnelPlane:
         # on_park sets PAUSED before anything in it can fail; if the loop does not park
         # in time it never runs, and the plane stays SERVING, as after pause() fails.
         self._reactor.pause(PAUSE_TIMEOUT_S, on_park)
+
+    def cut_over_when(self, ready: ReadySignal, send: Callable[[bytes], None]) -> None:
+        """``cut_over(send)`` the moment READY arrives, with the READY read on the loop
+        thread too (``Reactor.pause_when``): the loop forwards until the round that
+        finds it, parks there, encodes the final state and sends it, with no other
+        thread to wake anywhere in between. Raises what ``ready`` raises (the plane
+        then serves on, as when READY never came), ``ready.timed_out()`` at its
+        deadline, and what ``send`` raised (the plane is then paused)."""
+        self._require(Phase.SERVING, what="cut_over_when()")
+        if not self._reactor.running:
+            ready.wait()
+            self.cut_over(send)
+            return
+
+        def on_park() -> None:
+            self._phase = Phase.PAUSED
+            self._final_taken = False
+            send(self.final_state())
+
+        parked = self._reactor.pause_when(
+            ready, ready.take, on_park, ready.deadline(), ready.tick, ready.every_s
+        )
+        if not parked:
+            raise ready.timed_out()
 
     def final_state(self) -> bytes:
         self._require(Phase.PAUSED, what="final_state()")

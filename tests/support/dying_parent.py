@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway_daemon.dataplane import TUNNELS, DataPlane
 from gateway_daemon.handoff import parent
-from gateway_daemon.plane import Passable
+from gateway_daemon.plane import Passable, ReadySignal
 from gateway_daemon.tunnels.config import TunnelsConfig
 from gateway_daemon.tunnels.plane import TunnelPlane
 
@@ -58,10 +58,11 @@ class _DiesAt:
     def endpoints(self) -> list[str]:
         return self._plane.endpoints()
 
-    def cut_over(self, send: Callable[[bytes], None]) -> None:
+    def cut_over_when(self, ready: ReadySignal, send: Callable[[bytes], None]) -> None:
         if self._step == "after-ready":
+            ready.wait()
             os.kill(os.getpid(), signal.SIGKILL)
-        self._plane.cut_over(send)
+        self._plane.cut_over_when(ready, send)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -39,16 +39,16 @@ def _after_receive_fds(fault: str, then: str) -> str:
 
 
 def _cut_over_dies(fault: str, *, after: bool) -> str:
-    """Code for dataplane.py: the plane's cut_over kills its process, before pausing or
-    once the final state is sent (``after``)."""
+    """Code for dataplane.py: the plane's cut_over_when kills its process once READY
+    has arrived, before pausing, or once the final state is sent (``after``)."""
     return (
-        "\n\n_real_cut_over = DataPlane.cut_over\n\n\n"
-        "def _cut_over_dies(self, send):\n"
+        "\n\n_real_cut_over_when = DataPlane.cut_over_when\n\n\n"
+        "def _cut_over_dies(self, ready, send):\n"
         "    import os, signal, sys\n"
-        + ("    _real_cut_over(self, send)\n" if after else "")
+        + ("    _real_cut_over_when(self, ready, send)\n" if after else "    ready.wait()\n")
         + f"    print({mark(fault)!r}, file=sys.stderr, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n\n\n"
-        "DataPlane.cut_over = _cut_over_dies\n"
+        "DataPlane.cut_over_when = _cut_over_dies\n"
     )
 
 
