@@ -293,7 +293,7 @@ class Repository:
         """Every gateway ever seen, sorted by id."""
         with self._read() as session:
             pending = _pending_versions(session)
-            rows = session.execute(select(*GATEWAY_COLUMNS).order_by(Gateway.id)).all()
+            rows = self.sessions.rows(session, select(*GATEWAY_COLUMNS), Gateway.id)
             return [gateway_record(row, pending.get(row[0])) for row in rows]
 
     def gateways_page(self, after: str | None, limit: int) -> tuple[list[GatewayRecord], bool]:
@@ -304,12 +304,16 @@ class Repository:
             raise InvalidRequest(f"invalid limit {limit}: must be a positive number")
         with self._read() as session:
             # Tuples: no ORM object per gateway on a call a console makes over and over.
-            stmt = select(*GATEWAY_COLUMNS).order_by(Gateway.id).limit(limit + 1)
+            stmt = select(*GATEWAY_COLUMNS).limit(limit + 1)
             if after is not None:
                 stmt = stmt.where(Gateway.id > after)
-            rows = session.execute(stmt).all()
+            rows = self.sessions.rows(session, stmt, Gateway.id)
             page = rows[:limit]
-            pending = _pending_versions_between(session, page[0][0], page[-1][0]) if page else {}
+            pending = (
+                _pending_versions_between(self.sessions, session, page[0][0], page[-1][0])
+                if page
+                else {}
+            )
             return [gateway_record(row, pending.get(row[0])) for row in page], len(rows) > limit
 
     def get_gateway(self, gateway_id: str) -> GatewayRecord | None:
@@ -872,15 +876,10 @@ class Repository:
                 job = session.get(Job, job_id)
             if job is None:
                 return None
-            stmt = (
-                select(*JOB_GATEWAY_COLUMNS)
-                .where(JobGateway.job_id == job.id)
-                .order_by(JobGateway.gateway_id)
-                .limit(limit + 1)
-            )
+            stmt = select(*JOB_GATEWAY_COLUMNS).where(JobGateway.job_id == job.id).limit(limit + 1)
             if after is not None:
                 stmt = stmt.where(JobGateway.gateway_id > after)
-            rows = session.execute(stmt).all()
+            rows = self.sessions.rows(session, stmt, JobGateway.gateway_id)
             count, waves, current = session.execute(
                 select(
                     func.count(),
@@ -1217,9 +1216,13 @@ def _pending_versions(session: Session, gateway_id: str | None = None) -> dict[s
     return {gid: target for gid, target in session.execute(stmt).all()}
 
 
-def _pending_versions_between(session: Session, first: str, last: str) -> dict[str, str]:
+def _pending_versions_between(
+    sessions: Sessions, session: Session, first: str, last: str
+) -> dict[str, str]:
     """``_pending_versions`` for the gateways whose id is from ``first`` to ``last`` (one
-    page of them): a range on the gateway_id index, cheaper than a list of 1000 ids."""
+    page of them): a range on the gateway_id index, cheaper than a list of 1000 ids;
+    in one step of the database (``Sessions.rows``): during a job, it is one row per
+    gateway of the page."""
     stmt = (
         select(JobGateway.gateway_id, Job.target_version)
         .join(Job, Job.id == JobGateway.job_id)
@@ -1228,6 +1231,5 @@ def _pending_versions_between(session: Session, first: str, last: str) -> dict[s
             JobGateway.state.in_(_ACTIVE_GATEWAY),
             Job.state.in_(_ACTIVE_JOB),
         )
-        .order_by(Job.created_at)
     )
-    return {gid: target for gid, target in session.execute(stmt).all()}
+    return {gid: target for gid, target in sessions.rows(session, stmt, Job.created_at)}

@@ -3,16 +3,18 @@ isolation for each database, and SQLAlchemy errors translated at this boundary."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from operator import itemgetter
 from typing import Any
 
 import psycopg
 from psycopg import sql
-from sqlalchemy import JSON, Engine, insert
+from sqlalchemy import JSON, ColumnElement, Engine, Select, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import QueryableAttribute, Session
 
 from controller_svc.db import SQLITE_BEGIN, Base
 from controller_svc.errors import StorageError
@@ -115,6 +117,49 @@ class Sessions:
                     copy.write_row(row_values)
         except psycopg.Error as exc:
             raise storage_error(exc) from exc
+
+    def rows(
+        self,
+        session: Session,
+        stmt: Select[*tuple[Any, ...]],
+        *order_by: ColumnElement[Any] | QueryableAttribute[Any],
+    ) -> list[tuple[Any, ...]]:
+        """Every row of ``stmt.order_by(*order_by)``, as tuples in that order, for the
+        API's lists (a page of up to 1,000 gateways).
+
+        On SQLite the rows come in one step of the database: one row holding them all as
+        JSON (``json_group_array``, https://sqlite.org/json1.html), each row numbered by
+        ``row_number()`` in the wanted order (SQLite before 3.44 does not keep an order
+        inside an aggregate) and each value then taken through its column type's result
+        processing, as SQLAlchemy does for a row. Python's sqlite3 releases the GIL for
+        every row it steps and must win it back after each: while another thread of the
+        controller computes (a batch of reports), every row then waits up to a switch
+        interval (5 ms), and 1,000 rows took 230 ms beside one busy thread against 6 ms
+        in one step. For columns JSON can carry (text, numbers, NULL; no BLOB). Elsewhere
+        (PostgreSQL's driver receives a result whole) a plain query."""
+        ordered = stmt.order_by(*order_by)
+        if self.dialect != "sqlite":
+            return [tuple(row) for row in session.execute(ordered).all()]
+        numbered = ordered.add_columns(
+            func.row_number().over(order_by=order_by).label("row_number")
+        ).subquery()
+        *columns, number = numbered.c
+        text = session.execute(
+            select(func.json_group_array(func.json_array(number, *columns)))
+        ).scalar_one()
+        dialect = session.get_bind().dialect
+        processors = [
+            column.type.dialect_impl(dialect).result_processor(dialect, None)
+            for column in stmt.selected_columns
+        ]
+        decoded = sorted(json.loads(text), key=itemgetter(0))
+        return [
+            tuple(
+                value if process is None else process(value)
+                for value, process in zip(row[1:], processors, strict=True)
+            )
+            for row in decoded
+        ]
 
 
 def storage_error(exc: Exception) -> StorageError:
