@@ -41,8 +41,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # before bench/, whose hitless.py would shadow the package
+sys.path.insert(0, str(ROOT))  # before bench/, whose hitless.py would shadow the package
 
 import pika  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
