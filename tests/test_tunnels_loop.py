@@ -178,3 +178,31 @@ def test_pause_when_needs_a_serving_loop(lab: _Lab) -> None:
         )
     lab.reactor.resume()
     lab.round_trip(b"serving again")
+
+
+def test_a_signal_taken_as_the_deadline_passes_still_parks_the_loop(lab: _Lab) -> None:
+    """READY is being read on the loop thread while the caller's deadline passes: it
+    counts (True, ``on_park`` ran, the loop parked), never a timeout with the loop
+    parking behind the caller's back."""
+    deadline = time.monotonic() + 0.15
+    parked_on: list[str] = []
+
+    def slow_ready() -> bool:
+        lab.control.recv(1)
+        # The slowness under test, not synchronisation: the read straddles the deadline.
+        threading.Event().wait(max(0.0, deadline - time.monotonic()) + 0.15)
+        return True
+
+    lab.peer.send(b"R")
+    parked = lab.reactor.pause_when(
+        lab.control,
+        slow_ready,
+        lambda: parked_on.append(threading.current_thread().name),
+        deadline=deadline,
+        tick=lambda: None,
+        every_s=0.05,
+    )
+    assert parked
+    assert parked_on == ["pause-when-test"]
+    lab.reactor.resume()
+    lab.round_trip(b"serving after the cutover was abandoned")

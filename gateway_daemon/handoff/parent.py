@@ -7,8 +7,8 @@
     plane.pause(); CUTOVER(final state) .. when the plane has cut_over_when(): READY read,
     wait STARTED                           the pause, the send and the wait for STARTED
                                            all on its own loop thread, which forwards
-                                           until READY arrives; deadline (the CUTOVER
-                                           send, and then STARTED): started_s
+                                           until READY arrives; one deadline for the
+                                           CUTOVER send and STARTED: started_s
     done: the caller closes its copy of the plane and exits
 
 Any failure before STARTED kills the new process, waits for it to be gone, and resumes the
@@ -251,18 +251,16 @@ def _run(
         # state and waits for STARTED itself, so that no other thread of this process
         # wakes, for a CPU or the GIL, before the new process serves.
         marks["encoded"] = time.monotonic_ns()
-        # Within the STARTED deadline: the plane is paused while a new process that does
-        # not read holds this send.
+        # One deadline for the send and STARTED: the plane is paused from here, and a
+        # new process that does not read (or never starts) holds it.
+        started_by = time.monotonic() + deadlines.started_s
         channel.send(
-            wire.CUTOVER, final_state, deadline=time.monotonic() + deadlines.started_s,
+            wire.CUTOVER, final_state, deadline=started_by,
             what="the new process to read the final state",
         )  # fmt: skip
         marks["sent"] = time.monotonic_ns()
         sent.append(final_state)
-        _expect(
-            channel, wire.STARTED, time.monotonic() + deadlines.started_s,
-            "the new process to start",
-        )  # fmt: skip
+        _expect(channel, wire.STARTED, started_by, "the new process to start")
 
     cut_over_when = getattr(plane, "cut_over_when", None)
     if cut_over_when is not None:

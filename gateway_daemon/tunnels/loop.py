@@ -194,10 +194,12 @@ class Reactor:
                 raise PlaneStateError(f"{self._name}: pause_when() needs a serving loop")
         trigger = _Trigger()
 
+        # on_readable, watch and withdraw all run on the loop thread (withdraw also runs
+        # while it is parked): a signal is either taken, and the loop parks whatever
+        # the waiting thread does, or withdrawn from, never both.
         def on_readable(_mask: int) -> None:
-            with self._cond:
-                if trigger.withdrawn:
-                    return
+            if trigger.withdrawn:
+                return  # withdrawn earlier in this round of events
             try:
                 fired = ready()
             except BaseException as exc:  # raised by pause_when(), in the caller's thread
@@ -210,19 +212,59 @@ class Reactor:
                 return
             self._selector.unregister(sock)
             with self._cond:
+                if self._want is not _Want.RUN:
+                    trigger.error = PlaneStateError(
+                        f"{self._name}: the loop was paused or stopped while it waited for "
+                        "the signal"
+                    )
+                    self._cond.notify_all()
+                    return
                 # No notify here: the waiting thread wakes when the loop has parked and
-                # sent (``_hold``), not now, when it would take the GIL and a CPU from
-                # this thread's last steps before the other process can start.
+                # run on_park (``_hold``), not now, when it would take the GIL and a CPU
+                # from this thread's last steps before the other process can start.
                 trigger.fired = True
-                if self._want is _Want.RUN:
-                    self._want = _Want.PAUSE
-                    self._on_park = on_park
-                    self._park_error = None
+                self._want = _Want.PAUSE
+                self._on_park = on_park
+                self._park_error = None
 
         def watch() -> None:
-            self._selector.register(sock, EVENT_READ, on_readable)
+            if not trigger.withdrawn:
+                self._selector.register(sock, EVENT_READ, on_readable)
 
-        self.call(watch, PAUSE_WAIT_S)
+        def withdraw() -> None:
+            if trigger.fired or trigger.error is not None or trigger.withdrawn:
+                return
+            trigger.withdrawn = True
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(sock)
+
+        try:
+            self.call(watch, PAUSE_WAIT_S)
+        except PlaneStateError:
+            trigger.withdrawn = True  # a watch still queued must not register late
+            raise
+        try:
+            self._wait_for_signal(trigger, deadline, tick, every_s)
+        except BaseException:
+            self.call(withdraw, PAUSE_WAIT_S)
+            if trigger.fired:
+                self._until_parked()  # paused, as the caller's failure path expects
+            raise
+        self.call(withdraw, PAUSE_WAIT_S)
+        if trigger.error is not None:
+            raise trigger.error
+        if not trigger.fired:
+            return False
+        error = self._until_parked()
+        if error is not None:
+            raise error
+        return True
+
+    def _wait_for_signal(
+        self, trigger: _Trigger, deadline: float, tick: Callable[[], None], every_s: float
+    ) -> None:
+        """Until ``pause_when``'s signal is taken or refused, or ``deadline``; ``tick``
+        every ``every_s`` meanwhile."""
         next_tick = time.monotonic() + every_s
         while True:
             with self._cond:
@@ -232,35 +274,25 @@ class Reactor:
                     timeout=max(0.0, min(deadline, next_tick) - now),
                 )
                 if trigger.fired or trigger.error is not None:
-                    break
-                if time.monotonic() >= deadline:
-                    trigger.withdrawn = True
-                    break
+                    return
+            if time.monotonic() >= deadline:
+                return
             tick()
             next_tick = time.monotonic() + every_s
-        if trigger.withdrawn:
 
-            def forget() -> None:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._selector.unregister(sock)
-
-            self.call(forget, PAUSE_WAIT_S)
-            return False
-        if trigger.error is not None:
-            raise trigger.error
+    def _until_parked(self) -> BaseException | None:
+        """After ``pause_when``'s signal: wait for the loop to park; what ``on_park``
+        raised, or PlaneStateError (and the pause withdrawn) when it does not park."""
         with self._cond:
-            parked = self._cond.wait_for(lambda: self._parked, timeout=PAUSE_WAIT_S)
-            if not parked:
+            if not self._cond.wait_for(lambda: self._parked, timeout=PAUSE_WAIT_S):
                 self._want = _Want.RUN
                 self._on_park = None
-                raise PlaneStateError(
+                return PlaneStateError(
                     f"{self._name}: the loop did not park within {PAUSE_WAIT_S}s; a handler "
                     "is stuck, the handoff must be abandoned"
                 )
             error, self._park_error = self._park_error, None
-        if error is not None:
-            raise error
-        return True
+        return error
 
     def resume(self, wait_s: float = 0.0) -> None:
         """Undo ``pause()``. With ``wait_s``, return once the loop thread runs again (or

@@ -6,7 +6,8 @@ then hands its plane to ``tests.support.survivor_child`` and SIGKILLs itself at 
 
 - ``after-ready``: the new process said ready; killed before it pauses or sends the
   final state (the new one must start from the snapshot);
-- ``after-cutover``: killed right after the final state went out, before STARTED.
+- ``after-cutover``: killed right after the final state went out, as it waits for
+  STARTED (``parent._expect`` replaced for this process).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway_daemon.dataplane import TUNNELS, DataPlane
-from gateway_daemon.handoff import parent
+from gateway_daemon.handoff import parent, wire
 from gateway_daemon.plane import Passable, ReadySignal
 from gateway_daemon.tunnels.config import TunnelsConfig
 from gateway_daemon.tunnels.plane import TunnelPlane
@@ -63,7 +64,20 @@ class _DiesAt:
             ready.wait()
             os.kill(os.getpid(), signal.SIGKILL)
         self._plane.cut_over_when(ready, send)
+        raise AssertionError("not reached: the process dies awaiting STARTED")
+
+
+def _dies_awaiting_started(
+    channel: wire.Channel, kind: int, deadline: float, what: str, watch: Any = None
+) -> None:
+    """``parent._expect`` that kills this process instead of waiting for STARTED: the
+    final state has gone out, on the parked loop thread."""
+    if kind == wire.STARTED:
         os.kill(os.getpid(), signal.SIGKILL)
+    real_expect(channel, kind, deadline, what, watch)
+
+
+real_expect = parent._expect
 
 
 def main() -> int:
@@ -75,6 +89,8 @@ def main() -> int:
     def argv_for(fd: int) -> list[str]:
         return [sys.executable, "-m", "tests.support.survivor_child", str(fd)]
 
+    if step == "after-cutover":
+        parent._expect = _dies_awaiting_started
     parent.hand_off(_DiesAt(plane, step), argv_for, {}, deadlines=parent.Deadlines(ready_s=30))
     return 1  # not reached: it died at its step
 

@@ -38,17 +38,31 @@ def _after_receive_fds(fault: str, then: str) -> str:
     )
 
 
-def _cut_over_dies(fault: str, *, after: bool) -> str:
-    """Code for dataplane.py: the plane's cut_over_when kills its process once READY
-    has arrived, before pausing, or once the final state is sent (``after``)."""
+def _cut_over_dies(fault: str) -> str:
+    """Code for dataplane.py: the plane's cut_over_when kills its process once READY has
+    arrived, before it pauses."""
     return (
         "\n\n_real_cut_over_when = DataPlane.cut_over_when\n\n\n"
         "def _cut_over_dies(self, ready, send):\n"
         "    import os, signal, sys\n"
-        + ("    _real_cut_over_when(self, ready, send)\n" if after else "    ready.wait()\n")
-        + f"    print({mark(fault)!r}, file=sys.stderr, flush=True)\n"
+        "    ready.wait()\n"
+        f"    print({mark(fault)!r}, file=sys.stderr, flush=True)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n\n\n"
         "DataPlane.cut_over_when = _cut_over_dies\n"
+    )
+
+
+def _dies_awaiting_started(fault: str) -> str:
+    """Code for handoff/parent.py: the old process kills itself once the final state
+    has gone out, as it starts to wait for STARTED (on its parked loop thread)."""
+    return (
+        "\n\n_real_expect = _expect\n\n\n"
+        "def _expect(channel, kind, deadline, what, watch=None):\n"
+        "    import os, signal, sys\n"
+        "    if kind == wire.STARTED:\n"
+        f"        print({mark(fault)!r}, file=sys.stderr, flush=True)\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return _real_expect(channel, kind, deadline, what, watch)\n"
     )
 
 
@@ -119,11 +133,11 @@ FAULTS: Final[dict[str, tuple[str, str]]] = {
     # right after it has paused and sent the final state (before STARTED).
     "old-dies-at-cutover": (
         "gateway_daemon/dataplane.py",
-        _cut_over_dies("old-dies-at-cutover", after=False),
+        _cut_over_dies("old-dies-at-cutover"),
     ),
     "old-dies-after-cutover": (
-        "gateway_daemon/dataplane.py",
-        _cut_over_dies("old-dies-after-cutover", after=True),
+        "gateway_daemon/handoff/parent.py",
+        _dies_awaiting_started("old-dies-after-cutover"),
     ),
     # Its agent cannot start: the agent's module exits as it is imported (as a release
     # with a broken dependency of the agent would), so the new version never gets ready.
