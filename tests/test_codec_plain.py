@@ -129,3 +129,21 @@ def test_a_status_report_as_a_gateway_writes_it_is_read_plainly() -> None:
         text = codec.encode(message).decode()
         assert codec._plain(type(message), text, True) == message
         assert codec.decode(type(message), text.encode()) == message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"gateway_id": "gw-1", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+        '{"gateway_id": "gw-1", "at": "1970-01-01T00:00:00.5e400Z"}',
+        '{"gateway_id": "gw-1", "vpnSessions": "' + "1" * 5000 + '"}',
+    ],
+    ids=["nested-deeper-than-the-recursion-limit", "exponent-in-a-timestamp", "5000-digits"],
+)
+def test_bodies_the_plain_reader_chokes_on_are_decode_errors_as_before(text: str) -> None:
+    """What makes the plain reader raise (RecursionError, OverflowError, Python's limit
+    on digits) is json_format's to judge: a DecodeError, as it always was, never an
+    exception the consumer does not expect."""
+    assert _reference(bus_pb2.GatewayHeartbeat, text, False) == "error"
+    with pytest.raises(DecodeError):
+        codec.decode(bus_pb2.GatewayHeartbeat, text.encode(), strict=False)

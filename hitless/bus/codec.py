@@ -101,8 +101,15 @@ def _pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
 def _plain(cls: type[M], text: str, strict: bool) -> M | None:
     """``cls`` read from ``text`` when every value in it is of a plain kind; None when
     ``json_format`` must read it (any other kind, an unknown field in strict mode, a
-    value out of range, non-ASCII text, or anything malformed): what this accepts, it
-    reads as ``json_format`` does."""
+    value out of range, non-ASCII text, or anything malformed, whatever it raised here:
+    json_format then gives the error): what this accepts, it reads as json_format does."""
+    try:
+        return _plain_values(cls, text, strict)
+    except Exception:  # json_format.Parse turns any of them into its ParseError
+        return None
+
+
+def _plain_values(cls: type[M], text: str, strict: bool) -> M | None:
     try:
         value = json.loads(text, object_pairs_hook=_pairs)
     except (ValueError, _Duplicate):
