@@ -31,7 +31,8 @@ Handler = Callable[[int], None]
 
 
 class Selectable(Protocol):
-    def fileno(self) -> int: ...
+    def fileno(self) -> int:
+        """The descriptor the selector watches."""
 
 
 EVENT_READ = selectors.EVENT_READ
