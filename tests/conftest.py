@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from controller_svc.db import make_engine, migrate
+from controller_svc.sessions import Sessions
 from hitless.bus import topology
 from hitless.config import BusConfig
 from tests.support.browser import browser  # noqa: F401  (the fixture, for every test)
@@ -60,6 +62,17 @@ def bus(vhost: str) -> BusConfig:
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A database of each kind the controller runs on: SQLite, and PostgreSQL."""
     return database_url(request, tmp_path)
+
+
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[Sessions]:
+    """The controller's sessions on a fresh, migrated database of each kind."""
+    engine = make_engine(db_url)
+    migrate(engine)
+    try:
+        yield Sessions(engine)
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture

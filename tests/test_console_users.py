@@ -6,14 +6,13 @@ sent in parallel getting no more tries than guesses sent one by one."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select, update
 
 from controller_svc.access import Caller, Role
-from controller_svc.db import ConsoleUser, make_engine, migrate
+from controller_svc.db import ConsoleUser
 from controller_svc.errors import Conflict, InvalidRequest, NotFound
 from controller_svc.sessions import Sessions
 from controller_svc.users import (
@@ -29,16 +28,6 @@ from controller_svc.users import (
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 PASSWORD = "correct horse battery staple"
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[Sessions]:
-    engine = make_engine(db_url)
-    migrate(engine)
-    try:
-        yield Sessions(engine)
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture

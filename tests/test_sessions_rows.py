@@ -4,26 +4,14 @@ query, in the asked order; on a real SQLite file and a real PostgreSQL database.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from sqlalchemy import event, select
 
-from controller_svc.db import Gateway, make_engine, migrate
+from controller_svc.db import Gateway, make_engine
 from controller_svc.records import GATEWAY_COLUMNS
 from controller_svc.repository import Repository
 from controller_svc.sessions import Sessions
-
-
-@pytest.fixture
-def sessions(db_url: str) -> Iterator[Sessions]:
-    engine = make_engine(db_url)
-    migrate(engine)
-    try:
-        yield Sessions(engine)
-    finally:
-        engine.dispose()
 
 
 def _fill(sessions: Sessions, count: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -55,7 +55,7 @@ def lab() -> Iterator[_Lab]:
         made.close()
 
 
-def _ready_on(channel: wire.Channel, calls: list[int]) -> object:
+def _ready_on(channel: wire.Channel, calls: list[int]) -> Callable[[], bool]:
     """A ``ready`` callable over ``channel``: True once a READY frame has arrived."""
 
     def ready() -> bool:
@@ -89,7 +89,7 @@ def test_the_loop_serves_until_ready_arrives_then_parks_and_runs_on_park_itself(
 
     parked = lab.reactor.pause_when(
         lab.control,
-        _ready_on(channel, calls),  # type: ignore[arg-type]
+        _ready_on(channel, calls),
         lambda: parked_on.append(threading.current_thread().name),
         deadline=time.monotonic() + 10,
         tick=tick,
@@ -114,7 +114,7 @@ def test_a_peer_that_closes_fails_the_wait_and_the_loop_serves_on(lab: _Lab) -> 
     with pytest.raises(HandoffFailed, match="closed the control socket"):
         lab.reactor.pause_when(
             lab.control,
-            _ready_on(channel, calls),  # type: ignore[arg-type]
+            _ready_on(channel, calls),
             lambda: pytest.fail("on_park ran without READY"),
             deadline=time.monotonic() + 10,
             tick=lambda: None,
@@ -134,7 +134,7 @@ def test_an_abort_reaches_the_caller_with_its_reason(lab: _Lab) -> None:
     with pytest.raises(wire.HandoffAborted, match="self-check failed: KAT"):
         lab.reactor.pause_when(
             lab.control,
-            _ready_on(channel, []),  # type: ignore[arg-type]
+            _ready_on(channel, []),
             lambda: pytest.fail("on_park ran without READY"),
             deadline=time.monotonic() + 10,
             tick=lambda: None,
@@ -153,7 +153,7 @@ def test_past_the_deadline_nothing_changes_and_the_socket_is_the_callers_again(
     calls: list[int] = []
     parked = lab.reactor.pause_when(
         lab.control,
-        _ready_on(channel, calls),  # type: ignore[arg-type]
+        _ready_on(channel, calls),
         lambda: pytest.fail("on_park ran without READY"),
         deadline=time.monotonic() + 0.2,
         tick=lambda: ticks.append(time.monotonic()),
