@@ -29,17 +29,18 @@ and the bench measures:
 
 The floor, in the same run: (a) the fleet's bytes over plain loopback TCP with the same
 concurrency (N connections at once, ``bench/stream.py``'s ``measure``, which also gives
-the artifact stream's own throughput through a controller; without that module, a raw
-TCP measurement here and no stream figure), and (b) the interpreter starts of N swaps: a
-swap starts the new release's two processes, its forwarding process and its agent, so
-2N interpreters, all started at once on the same cores, each importing what its process
-imports (``python ARTIFACT gateway-daemon --help``: the zipapp's entry point imports
-``gateway_daemon.cli``, what the forwarding process loads, then argparse prints its help;
-and the release's ``gateway_daemon.agent_process`` imported from the zipapp, what the
-agent loads). The floor is (a) + (b); the target is the real upgrade within 1.5x of it.
-(b) is measured first: the real gateways' ready deadline (``--handoff-timeout``) is, unless
-given, the gateway's own (30 s, for one new version on its own gateway) plus twice (b),
-since here every gateway's new version starts at once on the same few cores.
+the artifact stream's own throughput through a controller, and grpcio's own ceiling with
+the same TLS; without that module, a raw TCP measurement here and no stream figure), and
+(b) the interpreter starts of N swaps: a swap starts the new release's two processes,
+its forwarding process and its agent, so 2N interpreters, all started at once on the
+same cores, each importing what its process imports (``python ARTIFACT gateway-daemon
+--help``: the zipapp's entry point imports ``gateway_daemon.cli``, what the forwarding
+process loads, then argparse prints its help; and the release's
+``gateway_daemon.agent_process`` imported from the zipapp, what the agent loads). The
+floor is (a) + (b); the target is the real upgrade within 1.5x of it. (b) is measured
+first: the real gateways' ready deadline (``--handoff-timeout``) is, unless given, the
+gateway's own (30 s, for one new version on its own gateway) plus twice (b), since here
+every gateway's new version starts at once on the same few cores.
 
 Part 2, simulated gateways (default M = 1,000), once per database: a controller of its own
 on SQLite, then on a PostgreSQL database that the bench creates and drops (127.0.0.1:5432,
@@ -1107,6 +1108,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         ("stream / raw TCP MB/s", lambda r: (
             f"{_fmt(r.get('stream_mbps'))} / {_fmt(r.get('raw_tcp_mbps'))}"), ""),
         ("stream ratio", key("stream_ratio"), TARGETS["stream_ratio"]),
+        ("  grpcio alone, same TLS: MB/s (ratio)", lambda r: (
+            f"{_fmt(r.get('bare_grpc_tls_mbps'))} ({_fmt(r.get('bare_grpc_tls_ratio'))})"), ""),
         ("CLI start-up ms (--help, median)", key("cli_start_ms"), ""),
         ("Part 1: real gateways", key("real_gateways"), ""),
         ("  job state (succeeded)", lambda r: (
@@ -1225,6 +1228,9 @@ def run(args: argparse.Namespace, work: Path, mgmt: Management) -> dict[str, Any
         "stream_mbps": rounded(stream.get("stream_mbps"), 1),
         "raw_tcp_mbps": rounded(stream.get("raw_tcp_mbps"), 1),
         "stream_ratio": rounded(stream.get("stream_ratio"), 3),
+        # grpcio's own ceiling with the same TLS (bench/support/bare_stream.py), same run.
+        "bare_grpc_tls_mbps": rounded(stream.get("bare_grpc_tls_mbps"), 1),
+        "bare_grpc_tls_ratio": rounded(stream.get("bare_grpc_tls_ratio"), 3),
         "stream_concurrency": concurrency,
         "cli_start_ms": cli_ms,
     }

@@ -17,6 +17,13 @@ round releases every worker from a barrier at once:
   not timed; then the stream, the file written;
 - gRPC, new channel: the same download over a channel of its own, its TLS handshake timed
   (what every download cost before the channel was shared);
+- bare gRPC, TLS and plaintext: the same bytes in the same chunks from a grpcio server
+  that does nothing else (``bench/support/bare_stream.py``, a process of its own; raw
+  ``bytes`` messages, no protobuf, nothing written), over a channel connected before the
+  barrier, with the gateway port's TLS (client certificate) and without. No stream built
+  on grpcio moves bytes faster here: these are the library's ceiling, and what the gRPC
+  round lacks beside them is the product's own cost (the ``Chunk`` framing, the file
+  written);
 - raw TCP: each worker connects to a socket server in this process, which sends the same
   bytes with ``socket.sendfile`` (the kernel copies from the page cache; no TLS, no
   framing), and reads them with ``recv_into`` into one buffer, writing nothing. This is the
@@ -58,9 +65,12 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # before bench/, whose hitless.py would shadow the package
 
+from bench.support import bare_stream  # noqa: E402
 from bench.verify import cpu_seconds, enroll, publish, stamped_zip  # noqa: E402
 from gateway_daemon import identity  # noqa: E402
 from gateway_daemon.download import ControllerChannel, download  # noqa: E402
@@ -86,7 +96,8 @@ RECV_BUFFER = 1 << 20
 RESULTS = ROOT / "bench" / "results" / "stream.json"
 EXIT_OK, EXIT_BROKEN, EXIT_NO_BROKER = 0, 1, 2
 GRPC, GRPC_NEW_CHANNEL, TCP = "grpc", "grpc-new-channel", "tcp"
-KINDS = (GRPC, GRPC_NEW_CHANNEL, TCP)
+BARE_TLS, BARE_PLAIN = "bare-grpc-tls", "bare-grpc-plain"
+KINDS = (GRPC, GRPC_NEW_CHANNEL, BARE_TLS, BARE_PLAIN, TCP)
 
 
 # Raw TCP ---------------------------------------------------------------------------------
@@ -140,6 +151,8 @@ class Task:
     identity_dir: str
     controller: str  # the gateway port
     raw_port: int
+    bare_tls_port: int
+    bare_plain_port: int
     sha256: str
     size: int
     dest: str
@@ -161,6 +174,7 @@ def worker(barrier: Barrier, tasks: Any, results: Any) -> None:
         error = ""
         dest = Path(task.dest)
         channel: ControllerChannel | None = None
+        bare: grpc.Channel | None = None
         try:
             enrolled = identity.load(Path(task.identity_dir))
             if enrolled is None:
@@ -172,6 +186,9 @@ def worker(barrier: Barrier, tasks: Any, results: Any) -> None:
                 # As in an upgrade: the metadata update opened the channel the download uses.
                 channel = ControllerChannel(controller, credentials)
                 ControllerSource(controller, credentials, channel).fetch_metadata("timestamp.json")
+            elif task.kind in (BARE_TLS, BARE_PLAIN):
+                bare = _bare_channel(task, credentials)
+                grpc.channel_ready_future(bare).result(timeout=BARRIER_TIMEOUT_S)
         except Exception as exc:  # reported with the outcome; the barrier still needs us
             error = f"prepare: {type(exc).__name__}: {exc}"
         barrier.wait(BARRIER_TIMEOUT_S)
@@ -182,15 +199,26 @@ def worker(barrier: Barrier, tasks: Any, results: Any) -> None:
                     download(controller, task.sha256, task.size, dest, channel=channel)
                 elif task.kind == GRPC_NEW_CHANNEL:
                     download(controller, task.sha256, task.size, dest, credentials=credentials)
+                elif bare is not None:
+                    if (got := bare_stream.fetch(bare)) != task.size:
+                        raise RuntimeError(f"the bare server sent {got} bytes, not {task.size}")
                 else:
                     receive_all(task.raw_port, task.size)
             except Exception as exc:  # counted per round
                 error = f"{type(exc).__name__}: {exc}"
         ended, cpu = time.monotonic(), time.process_time() - cpu
-        if channel is not None:
-            channel.close()
+        for opened in (channel, bare):
+            if opened is not None:
+                opened.close()
         dest.unlink(missing_ok=True)
         results.put(Outcome(started, ended, cpu, error))
+
+
+def _bare_channel(task: Task, credentials: grpc.ChannelCredentials) -> grpc.Channel:
+    if task.kind == BARE_PLAIN:
+        return grpc.insecure_channel(f"127.0.0.1:{task.bare_plain_port}")
+    # The gateway port's certificate names the controller's listen address, 127.0.0.1.
+    return grpc.secure_channel(f"127.0.0.1:{task.bare_tls_port}", credentials)
 
 
 @dataclass
@@ -239,6 +267,8 @@ class Stand:
 
     work: Path
     controller_pid: int
+    bare_pid: int
+    bare_ports: tuple[int, int]  # TLS, plaintext
     gateway: HostPort
     identities: list[Path]
     sha256: str
@@ -258,12 +288,16 @@ class Stand:
                 for kind in KINDS:
                     tasks = [
                         Task(kind, str(self.identities[n]), str(self.gateway), self.raw.port,
-                             self.sha256, self.size, str(self.work / "dl" / f"{kind}-{n}.pyz"))
+                             *self.bare_ports, self.sha256, self.size,
+                             str(self.work / "dl" / f"{kind}-{n}.pyz"))
                         for n in range(concurrency)
                     ]  # fmt: skip
-                    cpu0 = cpu_seconds(self.controller_pid)
+                    server = (
+                        self.bare_pid if kind in (BARE_TLS, BARE_PLAIN) else self.controller_pid
+                    )
+                    cpu0 = cpu_seconds(server)
                     outcomes = fleet.run(tasks)
-                    cpu = cpu_seconds(self.controller_pid) - cpu0
+                    cpu = cpu_seconds(server) - cpu0
                     failed = sorted({o.error[:200] for o in outcomes if o.error})
                     if failed:
                         raise RuntimeError(f"{kind} round failed: {failed[:3]}")
@@ -281,6 +315,7 @@ class Stand:
             return statistics.median(r[key] for r in per_kind[kind])
 
         grpc_mbps, raw_mbps = median(GRPC, "mbps"), median(TCP, "mbps")
+        bare_tls, bare_plain = median(BARE_TLS, "mbps"), median(BARE_PLAIN, "mbps")
         return {
             "concurrency": concurrency,
             "artifact_bytes": self.size,
@@ -290,6 +325,13 @@ class Stand:
             "stream_ratio": round(grpc_mbps / raw_mbps, 3),
             "stream_new_channel_mbps": round(median(GRPC_NEW_CHANNEL, "mbps"), 1),
             "stream_new_channel_ratio": round(median(GRPC_NEW_CHANNEL, "mbps") / raw_mbps, 3),
+            "bare_grpc_tls_mbps": round(bare_tls, 1),
+            "bare_grpc_tls_ratio": round(bare_tls / raw_mbps, 3),
+            "bare_grpc_plain_mbps": round(bare_plain, 1),
+            "bare_grpc_plain_ratio": round(bare_plain / raw_mbps, 3),
+            "stream_of_bare_tls": round(grpc_mbps / bare_tls, 3),
+            "bare_server_cpu_s": round(median(BARE_TLS, "controller_cpu_s"), 2),
+            "bare_client_cpu_ms": round(1000 * median(BARE_TLS, "client_cpu_s"), 1),
             "stream_wall_s": round(median(GRPC, "wall_s"), 3),
             "raw_tcp_wall_s": round(median(TCP, "wall_s"), 3),
             "controller_cpu_s": round(median(GRPC, "controller_cpu_s"), 2),
@@ -366,9 +408,10 @@ def stand(artifact_bytes: int, gateways: int, vhost: str | None = None) -> Itera
             identities = [work / "identities" / f"gw-{n}" for n in range(gateways)]
             enrolled = [enroll(client, api, ca_pem, p.name, p) for p in identities]
             raw = RawServer(artifact)
+            bare_pid, bare_ports = _start_bare(procs, work, artifact)
             yield Stand(
-                work, controller.popen.pid, enrolled[0].download_address(api), identities,
-                sha256, size, raw,
+                work, controller.popen.pid, bare_pid, bare_ports,
+                enrolled[0].download_address(api), identities, sha256, size, raw,
             )  # fmt: skip
         finally:
             if raw is not None:
@@ -381,6 +424,23 @@ def stand(artifact_bytes: int, gateways: int, vhost: str | None = None) -> Itera
                     mgmt.delete_vhost(vhost)
             except OSError as exc:
                 print(f"bench-stream: vhost {vhost} left behind: {exc}", file=sys.stderr)
+
+
+def _start_bare(procs: Procs, work: Path, artifact: Path) -> tuple[int, tuple[int, int]]:
+    """``bench/support/bare_stream.py`` serving ``artifact`` with the controller's TLS
+    material; returns its pid and its (TLS, plaintext) ports."""
+    ports_file = work / "bare-ports.json"
+    bare = procs.start(
+        "bare-grpc",
+        [sys.executable, "-m", "bench.support.bare_stream",
+         "--pki", str(work / "controller" / "pki"), "--file", str(artifact),
+         "--ports-file", str(ports_file)],
+        env={"PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    wait_for(ports_file.exists, timeout=60, what="the bare gRPC server's ports", interval=0.1,
+             describe=procs.dump_logs)  # fmt: skip
+    ports = json.loads(ports_file.read_text())
+    return bare.popen.pid, (int(ports["tls_port"]), int(ports["plain_port"]))
 
 
 def measure(
@@ -408,21 +468,29 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"artifact {result['artifact_bytes']} B, median of {result['rounds']} rounds after a "
         f"warm-up, {result['cpus']} CPUs shared by clients and server",
-        f"  {'downloaders':>11}{'gRPC MB/s':>11}{'raw TCP MB/s':>14}{'ratio':>7}"
-        f"{'new-channel MB/s':>18}{'ratio':>7}{'ctl CPU s':>11}{'client CPU ms':>15}",
+        "                  ---------------- MB/s ----------------  ----- ÷ raw TCP -----  gRPC"
+        "      ctl   client",
+        f"  {'downloaders':>11}{'gRPC':>7}{'new ch':>8}{'bare TLS':>9}{'bare':>6}{'raw TCP':>9}"
+        f"{'gRPC':>7}{'new ch':>7}{'bare TLS':>9}{'bare':>5}{'÷ bare TLS':>11}{'CPU s':>6}"
+        f"{'CPU ms':>8}",
     ]
     for r in result["runs"]:
         lines.append(
-            f"  {r['concurrency']:>11}{r['stream_mbps']:>11.1f}{r['raw_tcp_mbps']:>14.1f}"
-            f"{r['stream_ratio']:>7.3f}{r['stream_new_channel_mbps']:>18.1f}"
-            f"{r['stream_new_channel_ratio']:>7.3f}{r['controller_cpu_s']:>11.2f}"
-            f"{r['client_cpu_ms']:>15.1f}"
+            f"  {r['concurrency']:>11}{r['stream_mbps']:>7.0f}"
+            f"{r['stream_new_channel_mbps']:>8.0f}{r['bare_grpc_tls_mbps']:>9.0f}"
+            f"{r['bare_grpc_plain_mbps']:>6.0f}{r['raw_tcp_mbps']:>9.0f}"
+            f"{r['stream_ratio']:>7.3f}{r['stream_new_channel_ratio']:>7.3f}"
+            f"{r['bare_grpc_tls_ratio']:>9.3f}{r['bare_grpc_plain_ratio']:>5.2f}"
+            f"{r['stream_of_bare_tls']:>11.2f}{r['controller_cpu_s']:>6.2f}"
+            f"{r['client_cpu_ms']:>8.1f}"
         )
     lines += [
         "  gRPC: gateway_daemon.download.download per downloader (TLS, client certificate, "
-        "file written) over the channel its metadata fetch opened; new-channel: over a",
-        "  channel of its own (TLS handshake timed); raw TCP: sendfile to recv_into, nothing "
-        "written.",
+        "file written) over the channel its metadata fetch opened; new ch: over a",
+        "  channel of its own (TLS handshake timed); bare TLS / bare: the same chunks from a "
+        "grpcio server doing nothing else (bench/support/bare_stream.py),",
+        "  with the same TLS / in plaintext, nothing written: grpcio's own ceiling; raw TCP: "
+        "sendfile to recv_into, nothing written.",
         "  MB/s: all downloaders' bytes over the round's wall time. ctl CPU s: the "
         "controller's CPU per gRPC round. client CPU ms: one downloader's, median.",
         f"  load average start / end: {result['load_start']} / {result['load_end']}",
