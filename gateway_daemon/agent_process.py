@@ -45,6 +45,7 @@ from gateway_daemon.vpn.supervisor import VpnSupervisor
 from hitless import logs, staged, version
 from hitless.bus import codec, topology
 from hitless.bus.amqp import Consumer, Delivery, Publisher
+from hitless.bus.amqp.channel import IDLE_PUMP_S
 from hitless.config import BusConfig, GatewayConfig, HostPort
 from hitless.errors import BusError, ConfigError
 from hitless.v1 import bus_pb2
@@ -288,6 +289,8 @@ class AgentProcess:
             lambda delivery: _in_background(agent.handle, delivery),
             queues=[topology.CONTROLLER_REPORTS],
             name="gateway-commands",
+            # Idle but for a command now and then: a delivery wakes it at once anyway.
+            pump_s=IDLE_PUMP_S,
         )
         log.info("agent_serving", pid=attached.pid, agent_pid=os.getpid())
         try:

@@ -4,6 +4,7 @@ handler, dead-lettering with the reason, a poison message not stalling the queue
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -194,3 +195,33 @@ def test_requeue_puts_a_message_back_without_dead_lettering_it(
     finally:
         publisher.close()
         consumer.stop()
+
+
+def test_a_long_pump_delays_no_delivery_ack_or_stop(bus: BusConfig) -> None:
+    """A consumer whose I/O thread waits a minute for the broker between looks at its
+    stop flag (``pump_s``; a gateway's idle command consumer waits 1 s): a delivery, the
+    ack that lets the next one come (prefetch 1) and ``stop`` each wake it at once."""
+    pump_s = 60.0
+    handled: list[str] = []
+
+    def handle(delivery: Delivery) -> None:
+        handled.append(codec.decode(bus_pb2.GatewayHeartbeat, delivery.body).gateway_id)
+
+    consumer = Consumer(
+        bus, topology.CONTROLLER_REPORTS, handle, name="idle-consumer", prefetch=1, pump_s=pump_s
+    ).start()
+    publisher = Publisher(bus, queues=[topology.CONTROLLER_REPORTS]).start()
+    try:
+        assert consumer.wait_consuming(10)
+        key = topology.report_key("gw", topology.HEARTBEAT)
+        for gid in ("a", "b", "c"):
+            publisher.publish(topology.REPORTS, key, _heartbeat(gid))
+        # With prefetch 1 the broker sends b only once a is acked, and c once b is: each
+        # ack is sent by the I/O thread, which the settled handler must wake.
+        wait_for(lambda: handled == ["a", "b", "c"], timeout=10, what="three messages handled")
+    finally:
+        publisher.close()
+    started = time.monotonic()
+    consumer.stop()
+    assert time.monotonic() - started < 5, "stop() waited for the pump"
+    assert not consumer.wait_consuming(0), "the I/O thread is still in its pump"

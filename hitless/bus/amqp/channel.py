@@ -42,16 +42,19 @@ REFUSED_BY_CLIENT = (
     struct.error,
 )
 # How long a consumer's I/O thread waits for the broker before it looks whether it must
-# stop (a stop wakes it at once, a delivery or a settled batch too).
+# stop (a stop wakes it at once, a delivery or a settled batch too), unless the consumer
+# is given another (``Consumer(pump_s=...)``).
 PUMP_S = 0.2
 # How long a publisher's idle lane waits for a request before it services its connection
 # (heartbeats; a close from the broker is seen then, or when the next request runs on
 # it); a request or ``Publisher.close`` wakes it at once. Each of
 # these wake-ups costs an idle gateway CPU: measured here, an idle publisher took about
 # 1.7 ms of CPU a second at 0.2 s and 0.36 ms at 1 s, which a hundred gateways
-# upgrading on one machine's two cores (``bench/fleet.py``) pay a hundredfold. (A
-# consumer pumping every 1 s instead of 0.2 s saved as much, but slowed the controller's
-# report path, ``bench/controller_reporters.py``, by about a tenth.)
+# upgrading on one machine's two cores (``bench/fleet.py``) pay a hundredfold. A
+# gateway's command consumer, idle but for a command every few weeks, pumps this often
+# too. (The controller's consumers keep ``PUMP_S``: pumping every 1 s slowed its report
+# path, ``bench/controller_reporters.py``, by about a tenth in three of four pairs of
+# runs; why is not known.)
 IDLE_PUMP_S = 1.0
 # Message properties (headers included) must fit one frame with room to spare; RabbitMQ's
 # default frame_max is 131072 bytes.

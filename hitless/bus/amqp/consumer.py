@@ -148,6 +148,12 @@ class Consumer:
     never declared or bound (``channel.declare``): for a broker user with no configure
     permission, which can still consume and dead-letter. Until their owner has declared
     them, connecting fails and is retried like a lost connection.
+
+    ``pump_s`` (seconds, default ``PUMP_S``) is how long the I/O thread waits for the
+    broker before it looks again whether it must stop. A delivery, a settled message and
+    ``stop`` wake it at once, and pika's own timers (the connection's heartbeats) still
+    run on time, so it only sets how often an idle consumer wakes for nothing: a longer
+    one costs a mostly idle consumer (a gateway's commands) less CPU.
     """
 
     def __init__(
@@ -163,8 +169,10 @@ class Consumer:
         backoff: Backoff = Backoff(),
         lane: Callable[[Delivery], str] | None = None,
         passive: bool | None = None,
+        pump_s: float = PUMP_S,
     ) -> None:
         self._bus = bus
+        self._pump_s = pump_s
         self._passive = bus.passive if passive is None else passive
         self._source = source
         self._batched: Batched | None = None
@@ -214,7 +222,7 @@ class Consumer:
         self._stop.set()
         connection = self._connection
         if connection is not None:
-            # Wakes the I/O thread from its pump (PUMP_S) to see the stop now. A
+            # Wakes the I/O thread from its pump (``pump_s``) to see the stop now. A
             # connection closed or closing meanwhile ends its thread's pump anyway.
             with contextlib.suppress(*CONNECT_ERRORS):
                 connection.add_callback_threadsafe(_nothing)
@@ -250,7 +258,7 @@ class Consumer:
                 self._consuming.set()
                 log.info("bus_consuming", role=self._name, queue=self._source.name)
                 while not self._stop.is_set():
-                    connection.process_data_events(time_limit=PUMP_S)
+                    connection.process_data_events(time_limit=self._pump_s)
                     self._hand_over()
                 # No new deliveries from here; those in flight finish and are settled.
                 channel.basic_cancel(tag)
