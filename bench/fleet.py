@@ -29,7 +29,7 @@ and the bench measures:
 
 The floor, in the same run: (a) the fleet's bytes over plain loopback TCP with the same
 concurrency (N connections at once, ``bench/stream.py``'s ``measure``, which also gives
-the artifact stream's own throughput through a controller, and grpcio's own ceiling with
+the artifact stream's own throughput through a controller, and a bare grpcio stream with
 the same TLS; without that module, a raw TCP measurement here and no stream figure), and
 (b) the interpreter starts of N swaps: a swap starts the new release's two processes,
 its forwarding process and its agent, so 2N interpreters, all started at once on the
@@ -1108,7 +1108,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         ("stream / raw TCP MB/s", lambda r: (
             f"{_fmt(r.get('stream_mbps'))} / {_fmt(r.get('raw_tcp_mbps'))}"), ""),
         ("stream ratio", key("stream_ratio"), TARGETS["stream_ratio"]),
-        ("  grpcio alone, same TLS: MB/s (ratio)", lambda r: (
+        ("  bare grpcio, same TLS: MB/s (ratio)", lambda r: (
             f"{_fmt(r.get('bare_grpc_tls_mbps'))} ({_fmt(r.get('bare_grpc_tls_ratio'))})"), ""),
         ("CLI start-up ms (--help, median)", key("cli_start_ms"), ""),
         ("Part 1: real gateways", key("real_gateways"), ""),
@@ -1228,7 +1228,7 @@ def run(args: argparse.Namespace, work: Path, mgmt: Management) -> dict[str, Any
         "stream_mbps": rounded(stream.get("stream_mbps"), 1),
         "raw_tcp_mbps": rounded(stream.get("raw_tcp_mbps"), 1),
         "stream_ratio": rounded(stream.get("stream_ratio"), 3),
-        # grpcio's own ceiling with the same TLS (bench/support/bare_stream.py), same run.
+        # Bare grpcio with the same TLS, no admission limit (bench/support/bare_stream.py).
         "bare_grpc_tls_mbps": rounded(stream.get("bare_grpc_tls_mbps"), 1),
         "bare_grpc_tls_ratio": rounded(stream.get("bare_grpc_tls_ratio"), 3),
         "stream_concurrency": concurrency,

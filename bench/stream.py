@@ -19,11 +19,11 @@ round releases every worker from a barrier at once:
   (what every download cost before the channel was shared);
 - bare gRPC, TLS and plaintext: the same bytes in the same chunks from a grpcio server
   that does nothing else (``bench/support/bare_stream.py``, a process of its own; raw
-  ``bytes`` messages, no protobuf, nothing written), over a channel connected before the
-  barrier, with the gateway port's TLS (client certificate) and without. No stream built
-  on grpcio moves bytes faster here: these are the library's ceiling, and what the gRPC
-  round lacks beside them is the product's own cost (the ``Chunk`` framing, the file
-  written);
+  ``bytes`` messages, no protobuf, no admission limit, nothing written), over a channel
+  connected before the barrier, with the gateway port's TLS (client certificate) and
+  without: grpcio in the product's configuration with none of the product's work, a
+  reference point for the gRPC rounds (when it cannot start, the bench says so and runs
+  without these rounds);
 - raw TCP: each worker connects to a socket server in this process, which sends the same
   bytes with ``socket.sendfile`` (the kernel copies from the page cache; no TLS, no
   framing), and reads them with ``recv_into`` into one buffer, writing nothing. This is the
@@ -267,8 +267,8 @@ class Stand:
 
     work: Path
     controller_pid: int
-    bare_pid: int
-    bare_ports: tuple[int, int]  # TLS, plaintext
+    bare_pid: int | None  # None: the bare server did not start, no bare rounds
+    bare_ports: tuple[int, int] | None  # TLS, plaintext
     gateway: HostPort
     identities: list[Path]
     sha256: str
@@ -277,24 +277,27 @@ class Stand:
 
     def measure(self, concurrency: int, rounds: int = ROUNDS) -> dict[str, Any]:
         """Throughput of ``concurrency`` downloaders at once: gRPC over the channel the
-        metadata update opened, gRPC over a new channel, and raw TCP, alternating,
-        ``rounds`` rounds each after a warm-up round of each; medians."""
+        metadata update opened, gRPC over a new channel, the bare gRPC server with TLS and
+        in plaintext (when it runs), and raw TCP, alternating, ``rounds`` rounds each after
+        a warm-up round of each; medians (the bare ones None without the bare server)."""
         if concurrency > len(self.identities):
             raise ValueError(f"{concurrency} downloaders, but {len(self.identities)} enrolled")
         fleet = Downloaders.start(concurrency)
-        per_kind: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+        bare = self.bare_pid is not None and self.bare_ports is not None
+        kinds = KINDS if bare else tuple(k for k in KINDS if k not in (BARE_TLS, BARE_PLAIN))
+        per_kind: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
         try:
             for i in range(rounds + 1):
-                for kind in KINDS:
+                for kind in kinds:
                     tasks = [
                         Task(kind, str(self.identities[n]), str(self.gateway), self.raw.port,
-                             *self.bare_ports, self.sha256, self.size,
+                             *(self.bare_ports or (0, 0)), self.sha256, self.size,
                              str(self.work / "dl" / f"{kind}-{n}.pyz"))
                         for n in range(concurrency)
                     ]  # fmt: skip
-                    server = (
-                        self.bare_pid if kind in (BARE_TLS, BARE_PLAIN) else self.controller_pid
-                    )
+                    server = self.controller_pid
+                    if kind in (BARE_TLS, BARE_PLAIN) and self.bare_pid is not None:
+                        server = self.bare_pid
                     cpu0 = cpu_seconds(server)
                     outcomes = fleet.run(tasks)
                     cpu = cpu_seconds(server) - cpu0
@@ -314,8 +317,12 @@ class Stand:
         def median(kind: str, key: str) -> float:
             return statistics.median(r[key] for r in per_kind[kind])
 
+        def bare_median(kind: str, key: str, scale: float = 1.0, digits: int = 1) -> float | None:
+            return round(scale * median(kind, key), digits) if bare else None
+
         grpc_mbps, raw_mbps = median(GRPC, "mbps"), median(TCP, "mbps")
-        bare_tls, bare_plain = median(BARE_TLS, "mbps"), median(BARE_PLAIN, "mbps")
+        bare_tls = median(BARE_TLS, "mbps") if bare else None
+        bare_plain = median(BARE_PLAIN, "mbps") if bare else None
         return {
             "concurrency": concurrency,
             "artifact_bytes": self.size,
@@ -325,13 +332,16 @@ class Stand:
             "stream_ratio": round(grpc_mbps / raw_mbps, 3),
             "stream_new_channel_mbps": round(median(GRPC_NEW_CHANNEL, "mbps"), 1),
             "stream_new_channel_ratio": round(median(GRPC_NEW_CHANNEL, "mbps") / raw_mbps, 3),
-            "bare_grpc_tls_mbps": round(bare_tls, 1),
-            "bare_grpc_tls_ratio": round(bare_tls / raw_mbps, 3),
-            "bare_grpc_plain_mbps": round(bare_plain, 1),
-            "bare_grpc_plain_ratio": round(bare_plain / raw_mbps, 3),
-            "stream_of_bare_tls": round(grpc_mbps / bare_tls, 3),
-            "bare_server_cpu_s": round(median(BARE_TLS, "controller_cpu_s"), 2),
-            "bare_client_cpu_ms": round(1000 * median(BARE_TLS, "client_cpu_s"), 1),
+            "bare_grpc_tls_mbps": bare_median(BARE_TLS, "mbps"),
+            "bare_grpc_tls_ratio": None if bare_tls is None else round(bare_tls / raw_mbps, 3),
+            "bare_grpc_plain_mbps": bare_median(BARE_PLAIN, "mbps"),
+            "bare_grpc_plain_ratio": (
+                None if bare_plain is None else round(bare_plain / raw_mbps, 3)
+            ),
+            "stream_of_bare_tls": None if bare_tls is None else round(grpc_mbps / bare_tls, 3),
+            # The server's CPU per round: the bare server's, in these rounds.
+            "bare_server_cpu_s": bare_median(BARE_TLS, "controller_cpu_s", digits=2),
+            "bare_client_cpu_ms": bare_median(BARE_TLS, "client_cpu_s", scale=1000),
             "stream_wall_s": round(median(GRPC, "wall_s"), 3),
             "raw_tcp_wall_s": round(median(TCP, "wall_s"), 3),
             "controller_cpu_s": round(median(GRPC, "controller_cpu_s"), 2),
@@ -408,7 +418,12 @@ def stand(artifact_bytes: int, gateways: int, vhost: str | None = None) -> Itera
             identities = [work / "identities" / f"gw-{n}" for n in range(gateways)]
             enrolled = [enroll(client, api, ca_pem, p.name, p) for p in identities]
             raw = RawServer(artifact)
-            bare_pid, bare_ports = _start_bare(procs, work, artifact)
+            bare_pid: int | None = None
+            bare_ports: tuple[int, int] | None = None
+            try:
+                bare_pid, bare_ports = _start_bare(procs, work, artifact)
+            except (AssertionError, RuntimeError, OSError, ValueError, KeyError) as exc:
+                print(f"bench-stream: no bare gRPC rounds: {exc}", file=sys.stderr)
             yield Stand(
                 work, controller.popen.pid, bare_pid, bare_ports,
                 enrolled[0].download_address(api), identities, sha256, size, raw,
@@ -437,7 +452,14 @@ def _start_bare(procs: Procs, work: Path, artifact: Path) -> tuple[int, tuple[in
          "--ports-file", str(ports_file)],
         env={"PYTHONPATH": str(ROOT)},
     )  # fmt: skip
-    wait_for(ports_file.exists, timeout=60, what="the bare gRPC server's ports", interval=0.1,
+
+    def ready() -> bool:
+        if bare.popen.poll() is not None:
+            raise RuntimeError(f"the bare gRPC server exited {bare.popen.returncode}: "
+                               f"{bare.log()[-2000:]}")  # fmt: skip
+        return ports_file.exists()
+
+    wait_for(ready, timeout=60, what="the bare gRPC server's ports", interval=0.1,
              describe=procs.dump_logs)  # fmt: skip
     ports = json.loads(ports_file.read_text())
     return bare.popen.pid, (int(ports["tls_port"]), int(ports["plain_port"]))
@@ -465,32 +487,41 @@ def measure(
 
 
 def table(result: dict[str, Any]) -> str:
+    def cell(value: float | None, width: int, spec: str) -> str:
+        return f"{'-' if value is None else format(value, spec):>{width}}"
+
+    mbps = ("stream_mbps", "stream_new_channel_mbps", "bare_grpc_tls_mbps",
+            "bare_grpc_plain_mbps", "raw_tcp_mbps")  # fmt: skip
+    ratios = ("stream_ratio", "stream_new_channel_ratio", "bare_grpc_tls_ratio",
+              "bare_grpc_plain_ratio")  # fmt: skip
+    names = ("gRPC", "new ch", "bare TLS", "bare", "raw TCP")
+    widths = (8, 8, 9, 8, 9)
     lines = [
         f"artifact {result['artifact_bytes']} B, median of {result['rounds']} rounds after a "
         f"warm-up, {result['cpus']} CPUs shared by clients and server",
-        "                  ---------------- MB/s ----------------  ----- ÷ raw TCP -----  gRPC"
-        "      ctl   client",
-        f"  {'downloaders':>11}{'gRPC':>7}{'new ch':>8}{'bare TLS':>9}{'bare':>6}{'raw TCP':>9}"
-        f"{'gRPC':>7}{'new ch':>7}{'bare TLS':>9}{'bare':>5}{'÷ bare TLS':>11}{'CPU s':>6}"
-        f"{'CPU ms':>8}",
+        f"  {'':>11}{' MB/s ':-^{sum(widths)}}{' ÷ raw TCP ':-^{sum(widths[:4])}}"
+        f"{'gRPC ÷':>12}{'ctl':>7}{'client':>8}",
+        f"  {'downloaders':>11}"
+        + "".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))
+        + "".join(f"{n:>{w}}" for n, w in zip(names[:4], widths[:4], strict=True))
+        + f"{'bare TLS':>12}{'CPU s':>7}{'CPU ms':>8}",
     ]
     for r in result["runs"]:
         lines.append(
-            f"  {r['concurrency']:>11}{r['stream_mbps']:>7.0f}"
-            f"{r['stream_new_channel_mbps']:>8.0f}{r['bare_grpc_tls_mbps']:>9.0f}"
-            f"{r['bare_grpc_plain_mbps']:>6.0f}{r['raw_tcp_mbps']:>9.0f}"
-            f"{r['stream_ratio']:>7.3f}{r['stream_new_channel_ratio']:>7.3f}"
-            f"{r['bare_grpc_tls_ratio']:>9.3f}{r['bare_grpc_plain_ratio']:>5.2f}"
-            f"{r['stream_of_bare_tls']:>11.2f}{r['controller_cpu_s']:>6.2f}"
-            f"{r['client_cpu_ms']:>8.1f}"
+            f"  {r['concurrency']:>11}"
+            + "".join(cell(r.get(k), w, ".0f") for k, w in zip(mbps, widths, strict=True))
+            + "".join(cell(r.get(k), w, ".3f") for k, w in zip(ratios, widths[:4], strict=True))
+            + cell(r.get("stream_of_bare_tls"), 12, ".2f")
+            + cell(r["controller_cpu_s"], 7, ".2f")
+            + cell(r["client_cpu_ms"], 8, ".1f")
         )
     lines += [
         "  gRPC: gateway_daemon.download.download per downloader (TLS, client certificate, "
         "file written) over the channel its metadata fetch opened; new ch: over a",
         "  channel of its own (TLS handshake timed); bare TLS / bare: the same chunks from a "
         "grpcio server doing nothing else (bench/support/bare_stream.py),",
-        "  with the same TLS / in plaintext, nothing written: grpcio's own ceiling; raw TCP: "
-        "sendfile to recv_into, nothing written.",
+        "  with the same TLS / in plaintext, nothing written; raw TCP: sendfile to recv_into, "
+        "nothing written.",
         "  MB/s: all downloaders' bytes over the round's wall time. ctl CPU s: the "
         "controller's CPU per gRPC round. client CPU ms: one downloader's, median.",
         f"  load average start / end: {result['load_start']} / {result['load_end']}",

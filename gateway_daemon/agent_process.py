@@ -44,8 +44,7 @@ from gateway_daemon.vpn.config import VpnConfig
 from gateway_daemon.vpn.supervisor import VpnSupervisor
 from hitless import logs, staged, version
 from hitless.bus import codec, topology
-from hitless.bus.amqp import Consumer, Delivery, Publisher
-from hitless.bus.amqp.channel import IDLE_PUMP_S
+from hitless.bus.amqp import IDLE_PUMP_S, Consumer, Delivery, Publisher
 from hitless.config import BusConfig, GatewayConfig, HostPort
 from hitless.errors import BusError, ConfigError
 from hitless.v1 import bus_pb2

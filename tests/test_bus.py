@@ -3,8 +3,12 @@ handler, dead-lettering with the reason, a poison message not stalling the queue
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 import time
+import urllib.error
+from urllib.parse import quote
 
 import pytest
 
@@ -197,20 +201,32 @@ def test_requeue_puts_a_message_back_without_dead_lettering_it(
         consumer.stop()
 
 
+def _waiting_in_pump(consumer: Consumer) -> bool:
+    """Whether the consumer's I/O thread is blocked in its pump, waiting for the broker
+    with no callback of its own running: only a wake-up (or the pump's end) frees it."""
+    frame = sys._current_frames().get(consumer._thread.ident or -1)
+    names = []
+    while frame is not None:
+        names.append(frame.f_code.co_name)
+        frame = frame.f_back
+    dispatching = {"_dispatch_connection_events", "_dispatch_channel_events"} & set(names)
+    return bool(names) and names[0] == "poll" and "process_data_events" in names and not dispatching
+
+
 def test_a_long_pump_delays_no_delivery_ack_or_stop(bus: BusConfig) -> None:
     """A consumer whose I/O thread waits a minute for the broker between looks at its
     stop flag (``pump_s``; a gateway's idle command consumer waits 1 s): a delivery, the
     ack that lets the next one come (prefetch 1) and ``stop`` each wake it at once."""
-    pump_s = 60.0
     handled: list[str] = []
 
     def handle(delivery: Delivery) -> None:
         handled.append(codec.decode(bus_pb2.GatewayHeartbeat, delivery.body).gateway_id)
 
     consumer = Consumer(
-        bus, topology.CONTROLLER_REPORTS, handle, name="idle-consumer", prefetch=1, pump_s=pump_s
+        bus, topology.CONTROLLER_REPORTS, handle, name="idle-consumer", prefetch=1, pump_s=60
     ).start()
     publisher = Publisher(bus, queues=[topology.CONTROLLER_REPORTS]).start()
+    stopped = False
     try:
         assert consumer.wait_consuming(10)
         key = topology.report_key("gw", topology.HEARTBEAT)
@@ -219,9 +235,87 @@ def test_a_long_pump_delays_no_delivery_ack_or_stop(bus: BusConfig) -> None:
         # With prefetch 1 the broker sends b only once a is acked, and c once b is: each
         # ack is sent by the I/O thread, which the settled handler must wake.
         wait_for(lambda: handled == ["a", "b", "c"], timeout=10, what="three messages handled")
+        wait_for(lambda: _waiting_in_pump(consumer), timeout=10, what="the I/O thread in its pump")
+        started = time.monotonic()
+        consumer.stop()
+        stopped = True
+        assert time.monotonic() - started < 5, "stop() waited for the pump"
+        assert not consumer.wait_consuming(0), "the I/O thread is still in its pump"
     finally:
         publisher.close()
-    started = time.monotonic()
-    consumer.stop()
-    assert time.monotonic() - started < 5, "stop() waited for the pump"
-    assert not consumer.wait_consuming(0), "the I/O thread is still in its pump"
+        if not stopped:
+            consumer.stop()
+
+
+def test_a_long_pump_still_sends_heartbeats(vhost: str, rabbit: Management) -> None:
+    """pika's heartbeat timers run inside the pump: a consumer idle in a minute's pump, on
+    a connection with 1 s heartbeats, keeps that connection for three heartbeat timeouts
+    (a starved one is closed by the broker, and the consumer comes back on a new one)."""
+    bus = BusConfig(amqp_url(vhost) + "?heartbeat=1")
+    handled: list[str] = []
+
+    def handle(delivery: Delivery) -> None:
+        handled.append(codec.decode(bus_pb2.GatewayHeartbeat, delivery.body).gateway_id)
+
+    def connections() -> set[str]:
+        listed = rabbit.request("GET", f"/vhosts/{quote(vhost, safe='')}/connections")
+        return {c["name"] for c in listed}
+
+    consumer = Consumer(
+        bus, topology.CONTROLLER_REPORTS, handle, name="idle-heartbeats", pump_s=60
+    ).start()
+    try:
+        assert consumer.wait_consuming(10)
+        first = wait_for(connections, timeout=10, what="the consumer's connection listed")
+        threading.Event().wait(3.5)  # the idle time under test: three heartbeat timeouts
+        with contextlib.closing(Publisher(bus).start()) as publisher:
+            key = topology.report_key("gw", topology.HEARTBEAT)
+            publisher.publish(topology.REPORTS, key, _heartbeat("after"))
+            wait_for(lambda: handled == ["after"], timeout=10, what="the message handled")
+        assert first <= connections(), "the consumer's connection was closed and replaced"
+    finally:
+        consumer.stop()
+
+
+def test_a_consumer_whose_queue_is_deleted_declares_it_and_consumes_again(
+    bus: BusConfig, vhost: str, rabbit: Management
+) -> None:
+    """The broker cancels the consumers of a deleted queue (``basic.cancel``). The consumer
+    then connects again, as after a lost connection, declaring its queue again: it does
+    not stay on a connection where nothing will come. Its pump is a minute long, so the
+    cancel itself must wake it."""
+    handled: list[str] = []
+
+    def handle(delivery: Delivery) -> None:
+        handled.append(codec.decode(bus_pb2.GatewayHeartbeat, delivery.body).gateway_id)
+
+    path = f"/queues/{quote(vhost, safe='')}/{quote(topology.CONTROLLER_REPORTS.name, safe='')}"
+
+    def queue_exists() -> bool:
+        try:
+            rabbit.request("GET", path)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return False
+            raise
+        return True
+
+    consumer = Consumer(
+        bus, topology.CONTROLLER_REPORTS, handle, name="deleted-queue", pump_s=60
+    ).start()
+    try:
+        assert consumer.wait_consuming(10)
+        rabbit.request("DELETE", path)
+        # Declared again by the consumer alone: the publisher below declares nothing.
+        wait_for(queue_exists, timeout=30, what="the consumer to declare its queue again")
+        with contextlib.closing(Publisher(bus).start()) as publisher:
+            key = topology.report_key("gw", topology.HEARTBEAT)
+            publisher.publish(topology.REPORTS, key, _heartbeat("again"))
+            wait_for(lambda: handled == ["again"], timeout=30, what="the message handled")
+    finally:
+        consumer.stop()
+
+
+def test_a_pump_of_no_time_is_refused(bus: BusConfig) -> None:
+    with pytest.raises(ValueError, match="pump_s"):
+        Consumer(bus, topology.CONTROLLER_REPORTS, lambda _d: None, pump_s=0)

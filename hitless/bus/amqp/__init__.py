@@ -27,6 +27,7 @@ connection down for everything queued behind it: only a lost connection is retri
 """
 
 from hitless.bus.amqp.channel import (
+    IDLE_PUMP_S,
     MAX_EXPIRATION_MS,
     MAX_PROPERTIES_BYTES,
     MAX_REASON_CHARS,
@@ -41,6 +42,7 @@ from hitless.bus.amqp.publisher import Publisher
 from hitless.bus.handling import DeadLetter, Requeue
 
 __all__ = [
+    "IDLE_PUMP_S",
     "MAX_EXPIRATION_MS",
     "MAX_PROPERTIES_BYTES",
     "MAX_REASON_CHARS",

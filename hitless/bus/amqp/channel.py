@@ -52,9 +52,10 @@ PUMP_S = 0.2
 # 1.7 ms of CPU a second at 0.2 s and 0.36 ms at 1 s, which a hundred gateways
 # upgrading on one machine's two cores (``bench/fleet.py``) pay a hundredfold. A
 # gateway's command consumer, idle but for a command every few weeks, pumps this often
-# too. (The controller's consumers keep ``PUMP_S``: pumping every 1 s slowed its report
-# path, ``bench/controller_reporters.py``, by about a tenth in three of four pairs of
-# runs; why is not known.)
+# too. (The controller's consumers keep ``PUMP_S``: pumping every 1 s looked slower on
+# its report path, ``bench/controller_reporters.py``: 4,259-5,040 reports/s against
+# 5,040-5,630 in three alternating runs each, then slower in three of four pairs with
+# overlapping ranges; why is not known.)
 IDLE_PUMP_S = 1.0
 # Message properties (headers included) must fit one frame with room to spare; RabbitMQ's
 # default frame_max is 131072 bytes.

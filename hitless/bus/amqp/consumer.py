@@ -149,11 +149,16 @@ class Consumer:
     permission, which can still consume and dead-letter. Until their owner has declared
     them, connecting fails and is retried like a lost connection.
 
-    ``pump_s`` (seconds, default ``PUMP_S``) is how long the I/O thread waits for the
-    broker before it looks again whether it must stop. A delivery, a settled message and
-    ``stop`` wake it at once, and pika's own timers (the connection's heartbeats) still
-    run on time, so it only sets how often an idle consumer wakes for nothing: a longer
-    one costs a mostly idle consumer (a gateway's commands) less CPU.
+    ``pump_s`` (seconds, default ``PUMP_S``, > 0) is how long the I/O thread waits for the
+    broker before it looks again whether it must stop. A delivery, a settled message,
+    ``stop``, a lost connection and a consumer the broker cancelled each end the wait at
+    once, and pika's own timers (the connection's heartbeats) still run on time, so it
+    only sets how often an idle consumer wakes for nothing: a longer one costs a mostly
+    idle consumer (a gateway's commands) less CPU. Raises ValueError for ``pump_s`` <= 0.
+
+    A consumer the broker cancels (its queue deleted; RabbitMQ sends ``basic.cancel``),
+    or whose channel it closes, connects again as after a lost connection, declaring the
+    queue again unless ``passive``.
     """
 
     def __init__(
@@ -171,6 +176,8 @@ class Consumer:
         passive: bool | None = None,
         pump_s: float = PUMP_S,
     ) -> None:
+        if not pump_s > 0:
+            raise ValueError(f"pump_s must be more than 0 seconds, not {pump_s!r}")
         self._bus = bus
         self._pump_s = pump_s
         self._passive = bus.passive if passive is None else passive
@@ -260,6 +267,13 @@ class Consumer:
                 while not self._stop.is_set():
                     connection.process_data_events(time_limit=self._pump_s)
                     self._hand_over()
+                    if not channel.is_open or tag not in channel.consumer_tags:
+                        # Nothing more would come here: start again, as after a lost
+                        # connection (messages in flight come back when it closes).
+                        raise pika.exceptions.ConsumerCancelled(
+                            f"the broker cancelled the consumer of {self._source.name} "
+                            "(its queue deleted?) or closed its channel"
+                        )
                 # No new deliveries from here; those in flight finish and are settled.
                 channel.basic_cancel(tag)
                 self._drain(connection)
