@@ -499,7 +499,7 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"artifact {result['artifact_bytes']} B, median of {result['rounds']} rounds after a "
         f"warm-up, {result['cpus']} CPUs shared by clients and server",
-        f"  {'':>11}{' MB/s ':-^{sum(widths)}}{' ÷ raw TCP ':-^{sum(widths[:4])}}"
+        f"  {'':>11} {' MB/s ':-^{sum(widths) - 1}} {' ÷ raw TCP ':-^{sum(widths[:4]) - 1}}"
         f"{'gRPC ÷':>12}{'ctl':>7}{'client':>8}",
         f"  {'downloaders':>11}"
         + "".join(f"{n:>{w}}" for n, w in zip(names, widths, strict=True))

@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 import pytest
 
+from hitless.backoff import Backoff
 from hitless.bus import codec, topology
 from hitless.bus.amqp import Consumer, DeadLetter, Delivery, Publisher, Requeue
 from hitless.config import BusConfig
@@ -201,14 +202,20 @@ def test_requeue_puts_a_message_back_without_dead_lettering_it(
         consumer.stop()
 
 
-def _waiting_in_pump(consumer: Consumer) -> bool:
-    """Whether the consumer's I/O thread is blocked in its pump, waiting for the broker
-    with no callback of its own running: only a wake-up (or the pump's end) frees it."""
+def _io_thread_frames(consumer: Consumer) -> list[str]:
+    """The names of the functions the consumer's I/O thread is in, innermost first."""
     frame = sys._current_frames().get(consumer._thread.ident or -1)
     names = []
     while frame is not None:
         names.append(frame.f_code.co_name)
         frame = frame.f_back
+    return names
+
+
+def _waiting_in_pump(consumer: Consumer) -> bool:
+    """Whether the consumer's I/O thread is blocked in its pump, waiting for the broker
+    with no callback of its own running: only a wake-up (or the pump's end) frees it."""
+    names = _io_thread_frames(consumer)
     dispatching = {"_dispatch_connection_events", "_dispatch_channel_events"} & set(names)
     return bool(names) and names[0] == "poll" and "process_data_events" in names and not dispatching
 
@@ -308,6 +315,7 @@ def test_a_consumer_whose_queue_is_deleted_declares_it_and_consumes_again(
         rabbit.request("DELETE", path)
         # Declared again by the consumer alone: the publisher below declares nothing.
         wait_for(queue_exists, timeout=30, what="the consumer to declare its queue again")
+        assert consumer.wait_consuming(30), "declared, then not consuming"  # bound too
         with contextlib.closing(Publisher(bus).start()) as publisher:
             key = topology.report_key("gw", topology.HEARTBEAT)
             publisher.publish(topology.REPORTS, key, _heartbeat("again"))
@@ -319,3 +327,53 @@ def test_a_consumer_whose_queue_is_deleted_declares_it_and_consumes_again(
 def test_a_pump_of_no_time_is_refused(bus: BusConfig) -> None:
     with pytest.raises(ValueError, match="pump_s"):
         Consumer(bus, topology.CONTROLLER_REPORTS, lambda _d: None, pump_s=0)
+
+
+class _FixedBackoff(Backoff):
+    def delay(self, attempt: int) -> float:
+        return 3.0
+
+
+def test_a_handler_done_while_its_consumer_reconnects_does_not_hold_up_stop(
+    bus: BusConfig, vhost: str, rabbit: Management
+) -> None:
+    """A handler that finishes after its consumer was cancelled, while the old connection
+    still waits to be closed (the consumer backing off): its settle, queued there, never
+    runs. The consumer must not count it in flight for good, or ``stop`` would wait for it
+    (and give up after 10 s with the I/O thread still running)."""
+    started, release = threading.Event(), threading.Event()
+
+    def handle(_delivery: Delivery) -> None:
+        started.set()
+        release.wait(30)  # the handler's work under test, ended by the test
+
+    path = f"/queues/{quote(vhost, safe='')}/{quote(topology.CONTROLLER_REPORTS.name, safe='')}"
+    consumer = Consumer(
+        bus, topology.CONTROLLER_REPORTS, handle, name="slow-handler", backoff=_FixedBackoff()
+    ).start()
+    stopped = False
+    try:
+        assert consumer.wait_consuming(10)
+        with contextlib.closing(Publisher(bus).start()) as publisher:
+            key = topology.report_key("gw", topology.HEARTBEAT)
+            publisher.publish(topology.REPORTS, key, _heartbeat("slow"))
+        assert started.wait(10), "the message never reached the handler"
+        rabbit.request("DELETE", path)
+        wait_for(
+            lambda: "back_off" in _io_thread_frames(consumer), timeout=10,
+            what="the consumer backing off, its old connection not yet closed",
+        )  # fmt: skip
+        release.set()
+        # Back in a pump after the backoff: on a new connection, the old one closed.
+        wait_for(
+            lambda: _waiting_in_pump(consumer), timeout=15, what="the consumer consuming again"
+        )
+        began = time.monotonic()
+        consumer.stop()
+        stopped = True
+        assert time.monotonic() - began < 5, "stop() waited for a settle that never runs"
+        assert not consumer.wait_consuming(0), "the I/O thread is still running"
+    finally:
+        release.set()
+        if not stopped:
+            consumer.stop()

@@ -201,7 +201,9 @@ class Consumer:
             if lane is not None
             else [pool(workers, thread_name_prefix=name)]
         )
-        self._in_flight: set[concurrent.futures.Future[None]] = set()
+        # Handlers running or not yet settled, each with the connection it must be settled
+        # on (I/O thread and workers, under _lock).
+        self._in_flight: dict[concurrent.futures.Future[None], pika.BlockingConnection] = {}
         self._lock = threading.Lock()
         # Batch mode: deliveries received in the current pump (I/O thread only), then per
         # pool those waiting for a worker and how many workers are taking them (_lock).
@@ -269,7 +271,8 @@ class Consumer:
                     self._hand_over()
                     if not channel.is_open or tag not in channel.consumer_tags:
                         # Nothing more would come here: start again, as after a lost
-                        # connection (messages in flight come back when it closes).
+                        # connection (unacked messages come back when it closes, unless
+                        # their queue is gone).
                         raise pika.exceptions.ConsumerCancelled(
                             f"the broker cancelled the consumer of {self._source.name} "
                             "(its queue deleted?) or closed its channel"
@@ -284,6 +287,11 @@ class Consumer:
                 self._consuming.clear()
                 self._connection = None
                 close_quietly(connection)
+                with self._lock:
+                    # Their settles, queued on the closed connection, never run: the
+                    # broker has their messages back (or their queue is gone).
+                    for future in [f for f, c in self._in_flight.items() if c is connection]:
+                        del self._in_flight[future]
 
     def _drain(self, connection: pika.BlockingConnection, timeout: float = 10.0) -> None:
         """After stop: wait for handlers in flight so their acks go out before closing."""
@@ -321,7 +329,7 @@ class Consumer:
             return
         future = self._pool_for(delivery).submit(self._handler, delivery)
         with self._lock:
-            self._in_flight.add(future)
+            self._in_flight[future] = connection
 
         def settle(done: concurrent.futures.Future[None]) -> None:
             try:
@@ -331,7 +339,7 @@ class Consumer:
             except CONNECT_ERRORS:
                 # The connection is gone: the broker redelivers the message.
                 with self._lock:
-                    self._in_flight.discard(done)
+                    self._in_flight.pop(done, None)
 
         future.add_done_callback(settle)
 
@@ -479,7 +487,7 @@ class Consumer:
                 channel.basic_nack(tag, requeue=True)
         finally:
             with self._lock:
-                self._in_flight.discard(done)
+                self._in_flight.pop(done, None)
 
     def _dead_letter(
         self, channel: BlockingChannel, tag: int, delivery: Delivery, reason: str
