@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 import urllib.error
+from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
@@ -220,14 +221,35 @@ def _waiting_in_pump(consumer: Consumer) -> bool:
     return bool(names) and names[0] == "poll" and "process_data_events" in names and not dispatching
 
 
-def test_a_long_pump_delays_no_delivery_ack_or_stop(bus: BusConfig) -> None:
-    """A consumer whose I/O thread waits a minute for the broker between looks at its
-    stop flag (``pump_s``; a gateway's idle command consumer waits 1 s): a delivery, the
-    ack that lets the next one come (prefetch 1) and ``stop`` each wake it at once."""
+def _stop_promptly(consumer: Consumer, why: str) -> None:
+    """Stop ``consumer``; fail with ``why`` unless it stops within 5 s with its I/O thread
+    ended (a missed wake-up makes ``stop`` give up after 10 s with the thread running)."""
+    began = time.monotonic()
+    consumer.stop()
+    assert time.monotonic() - began < 5, why
+    assert not consumer.wait_consuming(0), "the I/O thread is still running"
+
+
+def _recorder() -> tuple[list[str], Callable[[Delivery], None]]:
+    """A handler that records each heartbeat's gateway id, and the list it records in."""
     handled: list[str] = []
 
     def handle(delivery: Delivery) -> None:
         handled.append(codec.decode(bus_pb2.GatewayHeartbeat, delivery.body).gateway_id)
+
+    return handled, handle
+
+
+def _reports_queue_path(vhost: str) -> str:
+    """The management API's path of the controller's reports queue in ``vhost``."""
+    return f"/queues/{quote(vhost, safe='')}/{quote(topology.CONTROLLER_REPORTS.name, safe='')}"
+
+
+def test_a_long_pump_delays_no_delivery_ack_or_stop(bus: BusConfig) -> None:
+    """A consumer whose I/O thread waits a minute for the broker between looks at its
+    stop flag (``pump_s``; a gateway's idle command consumer waits 1 s): a delivery, the
+    ack that lets the next one come (prefetch 1) and ``stop`` each wake it at once."""
+    handled, handle = _recorder()
 
     consumer = Consumer(
         bus, topology.CONTROLLER_REPORTS, handle, name="idle-consumer", prefetch=1, pump_s=60
@@ -243,11 +265,8 @@ def test_a_long_pump_delays_no_delivery_ack_or_stop(bus: BusConfig) -> None:
         # ack is sent by the I/O thread, which the settled handler must wake.
         wait_for(lambda: handled == ["a", "b", "c"], timeout=10, what="three messages handled")
         wait_for(lambda: _waiting_in_pump(consumer), timeout=10, what="the I/O thread in its pump")
-        started = time.monotonic()
-        consumer.stop()
         stopped = True
-        assert time.monotonic() - started < 5, "stop() waited for the pump"
-        assert not consumer.wait_consuming(0), "the I/O thread is still in its pump"
+        _stop_promptly(consumer, "stop() waited for the pump")
     finally:
         publisher.close()
         if not stopped:
@@ -259,10 +278,7 @@ def test_a_long_pump_still_sends_heartbeats(vhost: str, rabbit: Management) -> N
     a connection with 1 s heartbeats, keeps that connection for three heartbeat timeouts
     (a starved one is closed by the broker, and the consumer comes back on a new one)."""
     bus = BusConfig(amqp_url(vhost) + "?heartbeat=1")
-    handled: list[str] = []
-
-    def handle(delivery: Delivery) -> None:
-        handled.append(codec.decode(bus_pb2.GatewayHeartbeat, delivery.body).gateway_id)
+    handled, handle = _recorder()
 
     def connections() -> set[str]:
         listed = rabbit.request("GET", f"/vhosts/{quote(vhost, safe='')}/connections")
@@ -291,12 +307,9 @@ def test_a_consumer_whose_queue_is_deleted_declares_it_and_consumes_again(
     then connects again, as after a lost connection, declaring its queue again: it does
     not stay on a connection where nothing will come. Its pump is a minute long, so the
     cancel itself must wake it."""
-    handled: list[str] = []
+    handled, handle = _recorder()
 
-    def handle(delivery: Delivery) -> None:
-        handled.append(codec.decode(bus_pb2.GatewayHeartbeat, delivery.body).gateway_id)
-
-    path = f"/queues/{quote(vhost, safe='')}/{quote(topology.CONTROLLER_REPORTS.name, safe='')}"
+    path = _reports_queue_path(vhost)
 
     def queue_exists() -> bool:
         try:
@@ -347,7 +360,7 @@ def test_a_handler_done_while_its_consumer_reconnects_does_not_hold_up_stop(
         started.set()
         release.wait(30)  # the handler's work under test, ended by the test
 
-    path = f"/queues/{quote(vhost, safe='')}/{quote(topology.CONTROLLER_REPORTS.name, safe='')}"
+    path = _reports_queue_path(vhost)
     consumer = Consumer(
         bus, topology.CONTROLLER_REPORTS, handle, name="slow-handler", backoff=_FixedBackoff()
     ).start()
@@ -368,11 +381,8 @@ def test_a_handler_done_while_its_consumer_reconnects_does_not_hold_up_stop(
         wait_for(
             lambda: _waiting_in_pump(consumer), timeout=15, what="the consumer consuming again"
         )
-        began = time.monotonic()
-        consumer.stop()
         stopped = True
-        assert time.monotonic() - began < 5, "stop() waited for a settle that never runs"
-        assert not consumer.wait_consuming(0), "the I/O thread is still running"
+        _stop_promptly(consumer, "stop() waited for a settle that never runs")
     finally:
         release.set()
         if not stopped:
