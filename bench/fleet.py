@@ -36,7 +36,8 @@ its forwarding process and its agent, so 2N interpreters, all started at once on
 same cores, each importing what its process imports (``python ARTIFACT gateway-daemon
 --help``: the zipapp's entry point imports ``gateway_daemon.cli``, what the forwarding
 process loads, then argparse prints its help; and the release's
-``gateway_daemon.agent_process`` imported from the zipapp, what the agent loads). The
+``gateway_daemon.agent_process`` imported from the zipapp, what the agent loads; both
+exit without the interpreter's final collections, as the product's commands do). The
 floor is (a) + (b); the target is the real upgrade within 1.5x of it. (b) is measured
 first: the real gateways' ready deadline (``--handoff-timeout``) is, unless given, the
 gateway's own (30 s, for one new version on its own gateway) plus twice (b), since here
@@ -287,11 +288,15 @@ def cli_start_ms(runs: int = CLI_RUNS) -> float:
 def interpreter_starts(artifact: Path, n: int) -> float:
     """Wall seconds for the interpreters of ``n`` swaps started at once: per swap, the new
     release's forwarding process (``python ARTIFACT gateway-daemon --help``) and its agent
-    (``gateway_daemon.agent_process`` imported from the release file)."""
+    (``gateway_daemon.agent_process`` imported from the release file). Both exit as the
+    product's commands do, without the interpreter's final collections
+    (``hitless.heap.freeze_at_exit``): the floor counts starts, and a new version that
+    takes over does not exit."""
     forwarding = [sys.executable, str(artifact), "gateway-daemon", "--help"]
     agent = [
         sys.executable, "-c",
-        f"import sys; sys.path.insert(0, {str(artifact)!r}); import gateway_daemon.agent_process",
+        f"import sys; sys.path.insert(0, {str(artifact)!r}); import gateway_daemon.agent_process; "
+        "from hitless import heap; heap.freeze_at_exit()",
     ]  # fmt: skip
     started = time.perf_counter()
     children = [

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from controller_svc import broker_access, takeover
 from controller_svc.selfupgrade import exec_recorded_release
-from hitless import config, logs, pki
+from hitless import config, heap, logs, pki
 from hitless.errors import ConfigError, HitlessError
 
 # Where the web console listens (HTTPS), unless --http says otherwise; "off": no console.
@@ -249,6 +249,7 @@ def _http(args: argparse.Namespace) -> config.HostPort | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    heap.freeze_at_exit()
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     logs.configure("controller-svc", json=True)

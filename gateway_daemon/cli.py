@@ -32,7 +32,7 @@ from gateway_daemon.tunnels import traffic
 from gateway_daemon.tunnels.config import TunnelsConfig
 from gateway_daemon.vpn import service as vpn_service
 from gateway_daemon.vpn.config import DEFAULT_KEEPALIVE_TIMEOUT_S, VpnConfig
-from hitless import config, logs
+from hitless import config, heap, logs
 from hitless.errors import ConfigError, HitlessError
 
 ENV_ENROLL_CODE = "HITLESS_ENROLL_CODE"
@@ -224,6 +224,7 @@ def _vpn_config(args: argparse.Namespace, state_dir: Path) -> VpnConfig | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    heap.freeze_at_exit()
     argv = sys.argv[1:] if argv is None else argv
     args = _parser().parse_args(argv)
     if args.command == "traffic":

@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from hitless import config, logs
+from hitless import config, heap, logs
 from hitless.errors import ConfigError
 from notifier import config as notifier_config
 from notifier.errors import LedgerError
@@ -122,6 +122,7 @@ def build_config(
 
 
 def main(argv: list[str] | None = None) -> int:
+    heap.freeze_at_exit()
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = build_config(args, dict(os.environ))

@@ -87,7 +87,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from hitless import names, semver
+from hitless import heap, names, semver
 from hitless.config import DEFAULT_CONTROLLER, ENV_CONTROLLER, HostPort
 from hitless.errors import ConfigError, HitlessError, InvalidName
 from hitless.trust.roles import ROLES
@@ -240,6 +240,7 @@ class _Context:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``upgradectl`` with ``argv`` (default: the process's arguments); the exit code."""
+    heap.freeze_at_exit()
     return run(argv)
 
 
