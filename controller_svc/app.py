@@ -7,6 +7,8 @@ import sys
 import threading
 from datetime import UTC, datetime, timedelta
 
+import sqlalchemy
+
 from controller_svc import db, takeover
 from controller_svc.access import Audit, Tokens
 from controller_svc.admins import Admins
@@ -120,6 +122,17 @@ class ControllerApp:
                     file=sys.stderr,
                 )
         engine_db = db.make_engine(config.db_url)
+        try:
+            return self._serve(engine_db, trust, ca)
+        finally:
+            # Here, whatever failed: a process exits without collecting its objects
+            # (hitless.heap), so a pooled connection is closed only by this.
+            engine_db.dispose()
+
+    def _serve(self, engine_db: sqlalchemy.Engine, trust: Trust, ca: CertificateAuthority) -> int:
+        """Migrate the database on ``engine_db``, start every part and serve until stopped;
+        the exit code."""
+        config = self.config
         migrated = db.migrate(engine_db)
         log.info("database_ready", migrated=migrated)
         store = ArtifactStore(config.artifact_dir)
@@ -278,7 +291,6 @@ class ControllerApp:
             consumer.stop()
             engine.stop()
             publisher.close()
-            engine_db.dispose()
         return 0
 
 

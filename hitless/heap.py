@@ -20,14 +20,20 @@ def freeze_at_exit() -> None:
 
     At exit, as an ``atexit`` handler (so after the interpreter has joined the non-daemon
     threads, and before it clears the modules), every tracked object moves to the permanent
-    generation (``gc.freeze``), which the interpreter's final collections pass over. What
-    an exit must do still happens: threads joined, the other ``atexit`` handlers run
-    (logging's flush among them), files closed as their last reference goes. Cyclic
-    garbage alive at that moment is not collected; nothing of it outlives the process.
+    generation (``gc.freeze``), which the interpreter's final collections pass over.
 
-    Call it at the start of a command's ``main``. Calling it again changes nothing (one
-    handler). In a process that goes on after ``main`` returns (a test calling ``main``),
-    nothing happens until that process exits.
+    What an exit still does: join the non-daemon threads, run the other ``atexit`` handlers
+    (``logging``'s flush and close, ``weakref.finalize`` callbacks) and flush stdout and
+    stderr. What it no longer does: finalize the objects only a collection would free,
+    among them the globals of most modules (a module's dict and its functions refer to
+    each other) and cyclic garbage not yet collected. A file left open there is not
+    flushed, a temporary file not removed, a database connection not closed. So whatever
+    must happen at exit is done explicitly, as the product's processes do: files are
+    flushed or closed where they are written, connections closed in ``finally`` blocks.
+
+    Call it at the start of a command's ``main``; a second call registers no second
+    handler. In a process that goes on after ``main`` returns (a test calling ``main``),
+    the freeze happens when that process exits, with the same effect on it.
     """
     atexit.unregister(gc.freeze)
     atexit.register(gc.freeze)

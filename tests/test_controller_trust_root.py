@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from hitless.trust import keys
 from hitless.v1 import controller_pb2
 from tests.support.fleet import Fleet
 from tests.support.procs import command, free_port
@@ -77,3 +78,25 @@ def test_the_controller_refuses_to_move_to_a_yanked_or_altered_release(fleet: Fl
     info = fleet.stub().GetController(controller_pb2.GetControllerRequest(), timeout=10)
     assert info.version == BASE
     assert not list((fleet.data_dir / "releases").glob("1.2.0-*.pyz"))
+
+
+def test_a_controller_that_fails_to_start_closes_its_database(vhost: str, tmp_path: Path) -> None:
+    # It migrates its database, then finds no broker management API where it was told:
+    # its exit must still close the database (SQLite then removes its -wal and -shm
+    # files). Exiting without the interpreter's final collections (hitless.heap), only
+    # an explicit close does.
+    data = tmp_path / "data"
+    argv = [
+        command("controller-svc"), "serve",
+        "--listen", f"127.0.0.1:{free_port()}",
+        "--data-dir", str(data),
+        "--amqp", amqp_url(vhost),
+        "--trust-root", str(keys.init(tmp_path / "keys").root_json),
+        "--broker-api", f"http://guest:guest@127.0.0.1:{free_port()}/",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stderr
+    assert "management" in done.stderr, done.stderr
+    assert (data / "controller.db").exists()
+    left = sorted(p.name for p in data.iterdir() if p.name.startswith("controller.db"))
+    assert left == ["controller.db"], left
