@@ -3,10 +3,10 @@
 When CPython exits (``Py_FinalizeEx``) it runs full garbage collections over every object
 still alive while it tears its modules down: work for a process about to be gone, and most
 of what exiting costs here. The product's processes import grpc, protobuf, python-tuf,
-cryptography and pika, tens of thousands of tracked objects; in ``make bench-fleet`` an
-old gateway agent spent about half of its CPU of the whole upgrade in these collections
-after the handoff, while the fleet's new versions were starting on the same cores (README,
-"Benchmark: fleet scale").
+cryptography and pika, tens of thousands of tracked objects. In ``bench/fleet.py`` with 30
+gateways, ``perf`` put about half of an old gateway agent's CPU in these collections,
+after its handoff, while the fleet's new versions were starting on the same cores (README,
+"An exit without the final collections"; docs/benchmarks.md).
 """
 
 from __future__ import annotations
