@@ -23,13 +23,7 @@ BASE = "1.0.0"  # the version of the installed package
 def test_a_controller_without_a_trust_root_does_not_start(vhost: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "HITLESS_TRUST_ROOT"}
     data = tmp_path / "data"
-    argv = [
-        command("controller-svc"), "serve",
-        "--listen", f"127.0.0.1:{free_port()}",
-        "--data-dir", str(data),
-        "--amqp", amqp_url(vhost),
-    ]  # fmt: skip
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    done = _serve(vhost, data, env=env)
     assert done.returncode == 2, done.stderr
     assert "the controller needs a trust root: give --trust-root FILE" in done.stderr
     assert "or set HITLESS_TRUST_ROOT" in done.stderr
@@ -86,17 +80,28 @@ def test_a_controller_that_fails_to_start_closes_its_database(vhost: str, tmp_pa
     # files). Exiting without the interpreter's final collections (hitless.heap), only
     # an explicit close does.
     data = tmp_path / "data"
-    argv = [
-        command("controller-svc"), "serve",
-        "--listen", f"127.0.0.1:{free_port()}",
-        "--data-dir", str(data),
-        "--amqp", amqp_url(vhost),
+    done = _serve(
+        vhost, data,
         "--trust-root", str(keys.init(tmp_path / "keys").root_json),
         "--broker-api", f"http://guest:guest@127.0.0.1:{free_port()}/",
-    ]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "management" in done.stderr, done.stderr
     assert (data / "controller.db").exists()
     left = sorted(p.name for p in data.iterdir() if p.name.startswith("controller.db"))
     assert left == ["controller.db"], left
+
+
+def _serve(
+    vhost: str, data: Path, *extra: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``controller-svc serve`` on ``data`` with ``extra`` arguments, run until it exits
+    (the tests here give it what makes it exit)."""
+    argv = [
+        command("controller-svc"), "serve",
+        "--listen", f"127.0.0.1:{free_port()}",
+        "--data-dir", str(data),
+        "--amqp", amqp_url(vhost),
+        *extra,
+    ]  # fmt: skip
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
